@@ -330,6 +330,79 @@ class LoRATransformer(nn.Module):
         with disable_adapter(self):
             yield
 
+    # ----------------------------------------------------------------------------------------------------
+    # Saving, loading and switching adapters: thin wrappers over lora/adapters.py (which does the file I/O)
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write the base model (``config.json`` + ``model.safetensors``, no LoRA tensors) to ``path``."""
+        from lora.adapters import save_pretrained
+
+        return save_pretrained(self, path)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **lora_options: object) -> LoRATransformer:
+        """A model with the architecture and weights saved in ``path``; ``lora_options`` as ``__init__``."""
+        from lora.adapters import from_pretrained
+
+        return from_pretrained(path, **lora_options)
+
+    def base_fingerprint(self) -> str:
+        """Short sha256 hex digest of the frozen base tensors (unmerged; no LoRA tensors, no head)."""
+        from lora.adapters import base_fingerprint
+
+        return base_fingerprint(self)
+
+    def save_adapter(
+        self, path: str | Path, adapter_name: str | None = None, extra: dict | None = None
+    ) -> Path:
+        """Write adapter ``adapter_name`` (default: the active one) to the folder ``path``."""
+        from lora.adapters import save_adapter
+
+        return save_adapter(self, path, adapter_name, extra)
+
+    def load_adapter(self, path: str | Path, adapter_name: str = "default", force: bool = False) -> str:
+        """Load the adapter in ``path`` as ``adapter_name`` and make it active (base checked first)."""
+        from lora.adapters import load_adapter
+
+        return load_adapter(self, path, adapter_name, force)
+
+    def set_adapter(self, name: str) -> None:
+        """Make adapter ``name`` the active one; the base weights are not reloaded or changed."""
+        from lora.adapters import set_adapter
+
+        set_adapter(self, name)
+
+    def delete_adapter(self, name: str) -> None:
+        """Forget adapter ``name`` (if active, the model is left with no adapter)."""
+        from lora.adapters import delete_adapter
+
+        delete_adapter(self, name)
+
+    def list_adapters(self) -> list[str]:
+        """Adapter names, the active one first."""
+        from lora.adapters import list_adapters
+
+        return list_adapters(self)
+
+    @property
+    def active_adapter(self) -> str | None:
+        """Name of the active adapter, ``None`` if there is none."""
+        from lora.adapters import active_adapter
+
+        return active_adapter(self)
+
+    def add_weighted_adapter(self, weights: Mapping[str, float], name: str) -> str:
+        """Add adapter ``name`` with ``ΔW = Σ_i w_i s_i B_i A_i`` exactly (ranks concatenated)."""
+        from lora.adapters import add_weighted_adapter
+
+        return add_weighted_adapter(self, weights, name)
+
+    def merge_and_export(self, path: str | Path) -> Path:
+        """Write a LoRA-free model folder with the active adapter merged; this model is left unchanged."""
+        from lora.adapters import merge_and_export
+
+        return merge_and_export(self, path)
+
 
 def _demo() -> None:
     torch.manual_seed(0)
