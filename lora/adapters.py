@@ -41,16 +41,22 @@ __all__ = [
     "ADAPTER_WEIGHTS_NAME",
     "CONFIG_NAME",
     "WEIGHTS_NAME",
+    "active_adapter",
     "add_weighted_adapter",
     "atomic_save_safetensors",
     "atomic_write_bytes",
     "base_fingerprint",
     "base_state_dict",
+    "check_adapter_fits",
     "delete_adapter",
     "from_pretrained",
     "list_adapters",
     "load_adapter",
     "merge_and_export",
+    "merged_model",
+    "merged_state_dict",
+    "parse_adapter",
+    "read_adapter",
     "read_json",
     "read_safetensors",
     "save_adapter",
@@ -565,7 +571,7 @@ def check_adapter_fits(model: LoRATransformer, config: dict, force: bool = False
     return []
 
 
-def _adapter_from_files(model: LoRATransformer, config: dict, tensors: dict, path: Path) -> Adapter:
+def parse_adapter(model: LoRATransformer, config: dict, tensors: dict, path: Path) -> Adapter:
     """Check the tensors against ``model``'s layers and the config's ranks; build an :class:`Adapter`."""
     where = path / ADAPTER_WEIGHTS_NAME
     layers_by_name = dict(lora_modules(model))
@@ -617,7 +623,7 @@ def load_adapter(
     config, tensors = read_adapter(path)
     for w in check_adapter_fits(model, config, force):
         warnings.warn(w, stacklevel=2)
-    adapter = _adapter_from_files(model, config, tensors, path)
+    adapter = parse_adapter(model, config, tensors, path)
     state = _state(model)
     was_merged = any(layer.merged for _, layer in lora_modules(model))
     _deactivate(model)
@@ -647,6 +653,17 @@ def merged_state_dict(model: LoRATransformer) -> dict[str, torch.Tensor]:
     if model.cls_head is not None:
         tensors.update({f"cls_head.{k}": v.detach() for k, v in model.cls_head.state_dict().items()})
     return tensors
+
+
+def merged_model(model: LoRATransformer) -> LoRATransformer:
+    """A LoRA-free copy of ``model`` (``lora_r = 0``, eval mode) with the active adapter merged in."""
+    tensors = merged_state_dict(model)
+    with torch.random.fork_rng(devices=[]):  # the fresh init is overwritten; leave the caller's RNG alone
+        plain = LoRATransformer(**{k: model.config[k] for k in ARCH_KEYS}, lora_r=0)
+    plain.to(device=model.wte.weight.device, dtype=model.wte.weight.dtype)
+    missing, unexpected = plain.load_state_dict(tensors, strict=False)
+    assert missing == ["lm_head.weight"] and not unexpected, (missing, unexpected)  # lm_head is tied to wte
+    return plain.eval()
 
 
 def merge_and_export(model: LoRATransformer, path: str | Path, extra: dict | None = None) -> Path:

@@ -1,0 +1,157 @@
+"""scripts/generate.py, merge_adapter.py, inspect_adapter.py end to end on a tiny model."""
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lora.adapters import read_safetensors
+from lora.lora_transformer import LoRATransformer
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"vocab_size": 260, "d_model": 32, "num_heads": 4, "num_layers": 2, "max_seq_len": 32, "dropout": 0.0}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models; thread start-up would dominate
+
+
+def script(name: str):
+    """Import ``scripts/<name>.py`` as a module, to call its ``main`` in-process."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(name: str, *args: str | Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "scripts" / f"{name}.py"), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> Path:
+    """``base/``, ``other/`` (same shapes, other weights), adapters ``a/`` (q, v) and ``b/`` (q, k, v, o, MLP)."""
+    root = tmp_path_factory.mktemp("scripts")
+    torch.manual_seed(0)
+    LoRATransformer(**TINY, lora_r=0).save_pretrained(root / "base")
+    torch.manual_seed(1)
+    LoRATransformer(**TINY, lora_r=0).save_pretrained(root / "other")
+    for name, opts in (("a", {}), ("b", {"lora_r": 4, "lora_targets": "q,k,v,o", "adapt_feedforward": True})):
+        model = LoRATransformer.from_pretrained(root / "base", **opts)
+        with torch.no_grad():
+            for _, layer in model.lora_layers():
+                layer.lora_B.normal_(std=0.3)
+        model.save_adapter(root / name, extra={"task": f"task-{name}"})
+    return root
+
+
+def greedy(folder: Path, adapter: Path | None, prompt: bytes, n: int) -> str:
+    model = LoRATransformer.from_pretrained(folder, lora_r=0).eval()
+    if adapter is not None:
+        model.load_adapter(adapter)
+    out = model.generate(torch.tensor([list(prompt)]), n, temperature=0)[0, len(prompt) :]
+    return bytes(i for i in out.tolist() if i < 256).decode("utf-8", errors="replace")
+
+
+def test_generate_shows_base_and_adapters_side_by_side(folders):
+    res = run("generate", "--base", folders / "base", "--adapter", folders / "a", "--adapter", folders / "b",
+              "--prompt", "héllo", "--max_new_tokens", "12", "--temperature", "0")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    sections = re.split(r"^=== (.+) ===$", res.stdout, flags=re.M)[1:]
+    labels, texts = sections[0::2], [t.strip("\n") for t in sections[1::2]]
+    assert labels == ["base", f"adapter {folders / 'a'}", f"adapter {folders / 'b'}"]
+    for text, adapter in zip(texts, (None, folders / "a", folders / "b"), strict=True):
+        assert text == "héllo" + greedy(folders / "base", adapter, "héllo".encode(), 12)
+    assert len(set(texts)) == 3  # the adapters change the output
+
+
+def test_generate_sampling_is_seeded(folders):
+    gen = script("generate")
+    args = ["--base", str(folders / "base"), "--prompt", "ab", "--max_new_tokens", "16", "--top_k", "50"]
+    first = gen.run(gen.parse_args([*args, "--seed", "3"]))
+    assert first == gen.run(gen.parse_args([*args, "--seed", "3"]))
+    assert first != gen.run(gen.parse_args([*args, "--seed", "4"]))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--base", "{root}/nowhere", "--prompt", "x"], "nowhere: no such model folder"),
+        (["--base", "{root}/base", "--prompt", ""], "--prompt must not be empty"),
+        (["--base", "{root}/base", "--prompt", "x", "--temperature", "-1"], "--temperature must be >= 0"),
+        (["--base", "{root}/other", "--adapter", "{root}/a", "--prompt", "x"], "other base weights"),
+    ],
+)
+def test_generate_bad_input_is_one_line_and_exit_2(folders, capsys, args, message):
+    rc = script("generate").main([a.format(root=folders) for a in args])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_merge_adapter_writes_an_equivalent_plain_model(folders, tmp_path):
+    res = run(
+        "merge_adapter", "--base", folders / "base", "--adapter", folders / "b", "--out", tmp_path / "m"
+    )
+    assert res.returncode == 0, res.stderr
+    diff = float(re.search(r"max \|merged - unmerged\| logits on a random batch: (\S+)", res.stdout).group(1))
+    assert diff <= 1e-5
+    assert not any("lora_" in k for k in read_safetensors(tmp_path / "m" / "model.safetensors"))
+    merged = LoRATransformer.from_pretrained(tmp_path / "m", lora_r=0).eval()
+    model = LoRATransformer.from_pretrained(folders / "base", lora_r=0).eval()
+    model.load_adapter(folders / "b")
+    idx = torch.randint(0, 260, (3, 32))
+    assert (merged(idx) - model(idx)).abs().max() <= 1e-5
+
+    again = run(
+        "merge_adapter", "--base", folders / "base", "--adapter", folders / "b", "--out", tmp_path / "m"
+    )
+    assert again.returncode == 2 and "already holds a model; pass --overwrite" in again.stderr
+
+
+def test_merge_adapter_refuses_above_tolerance_and_writes_nothing(folders, tmp_path, capsys):
+    merge = script("merge_adapter")
+    out = tmp_path / "m"
+    rc = merge.main(["--base", str(folders / "base"), "--adapter", str(folders / "a"), "--out", str(out),
+                     "--tolerance", "1e-30"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and "> tolerance 1e-30" in err and "Traceback" not in err
+    assert not out.exists()
+    rc = merge.main(["--base", str(folders / "other"), "--adapter", str(folders / "a"), "--out", str(out)])
+    assert rc == 2 and "--force" in capsys.readouterr().err and not out.exists()
+
+
+def test_inspect_adapter_reports_modules_norms_and_fit(folders):
+    res = run("inspect_adapter", "--adapter", folders / "b", "--base", folders / "base")
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert "task-b" in out and "adapter_model.safetensors" in out
+    assert re.search(r"base .*: fits: architecture and shapes match, fingerprint [0-9a-f]{16} matches", out)
+    tensors = read_safetensors(folders / "b" / "adapter_model.safetensors")
+    A, B = tensors["blocks.1.mlp.fc1.lora_A"], tensors["blocks.1.mlp.fc1.lora_B"]  # (4, 32), (128, 4)
+    norm = torch.linalg.matrix_norm(B @ A).item()
+    row = re.search(r"^blocks\.1\.mlp\.fc1\s+(\d+)\s+([\d,]+)\s+(\S+)\s+(\S+)$", out, flags=re.M)
+    assert row.group(1) == "4" and row.group(2) == f"{4 * (32 + 128):,}"
+    assert float(row.group(3)) == pytest.approx(norm, rel=1e-3)
+    assert float(row.group(4)) == pytest.approx(norm * 16 / 4, rel=1e-3)  # scaling = alpha / r
+    total = 2 * (4 * 4 * (32 + 32) + 2 * 4 * (32 + 128))  # layers x (attention q k v o + MLP fc1 fc2)
+    assert re.search(rf"^total\s+{total:,}$", out, flags=re.M)
+
+
+def test_inspect_adapter_says_when_it_does_not_fit(folders, tmp_path, capsys):
+    inspect = script("inspect_adapter")
+    assert inspect.main(["--adapter", str(folders / "a"), "--base", str(folders / "other")]) == 1
+    assert "shapes fit, but adapter was trained on other base weights" in capsys.readouterr().out
+    torch.manual_seed(0)
+    LoRATransformer(**{**TINY, "d_model": 64}, lora_r=0).save_pretrained(tmp_path / "wide")
+    assert inspect.main(["--adapter", str(folders / "a"), "--base", str(tmp_path / "wide")]) == 1
+    assert (
+        "does not fit: adapter was trained on a base of another architecture: d_model"
+        in capsys.readouterr().out
+    )
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "adapter_config.json").write_text("{")
+    assert inspect.main(["--adapter", str(tmp_path / "broken")]) == 2
+    assert "adapter_config.json: not valid JSON" in capsys.readouterr().err
