@@ -307,7 +307,7 @@ class AdapterState:
     """Which adapter is active (``None``: none) and the inactive ones, kept as a plain model attribute."""
 
     active: str | None
-    info: dict[str, dict] = field(default_factory=dict)  # settings and extra fields of the active adapter
+    active_extra: dict = field(default_factory=dict)  # the active adapter's fields other than LORA_KEYS
     inactive: dict[str, Adapter] = field(default_factory=dict)
 
 
@@ -316,8 +316,6 @@ def _state(model: LoRATransformer) -> AdapterState:
     if state is None:
         has = any(layer.r > 0 for _, layer in lora_modules(model)) or model.cls_head is not None
         state = AdapterState(active="default" if has else None)
-        if has:
-            state.info["default"] = {}
         model._adapter_state = state
     return state
 
@@ -344,8 +342,7 @@ def _lora_settings(model: LoRATransformer) -> dict:
 
 
 def _install(model: LoRATransformer, adapter: Adapter | None) -> None:
-    """Make ``adapter`` (``None``: no adapter) the one in the layers; base weights are not touched."""
-    was_merged = any(layer.merged for _, layer in lora_modules(model))
+    """Put ``adapter`` (``None``: no adapter) in the layers, unmerged; base weights are not touched."""
     model.unmerge_lora()
     layers = {} if adapter is None else adapter.layers
     with torch.no_grad():
@@ -371,8 +368,6 @@ def _install(model: LoRATransformer, adapter: Adapter | None) -> None:
         model.lora_config.update({k: adapter.info[k] for k in LORA_KEYS if k in adapter.info})
     else:
         model.lora_config.update(lora_r=0, lora_targets=[], adapt_feedforward=False)
-    if was_merged:
-        model.merge_lora()
 
 
 def list_adapters(model: LoRATransformer) -> list[str]:
@@ -386,34 +381,32 @@ def active_adapter(model: LoRATransformer) -> str | None:
     return _state(model).active
 
 
-def _deactivate(model: LoRATransformer) -> None:
-    """Move the active adapter (if any) to the inactive ones; the layers then have none."""
-    state = _state(model)
-    if state.active is not None:
-        model.unmerge_lora()
-        state.inactive[state.active] = _capture(model, state.info.pop(state.active, {}))
-        state.active = None
-    _install(model, None)
-
-
-def set_adapter(model: LoRATransformer, name: str) -> None:
-    """Make adapter ``name`` active (no reload of the base; base weights untouched if unmerged).
+def _activate(model: LoRATransformer, name: str, adapter: Adapter) -> None:
+    """Park the active adapter with the inactive ones and put ``adapter`` in the layers as ``name``.
 
     A merged model is unmerged, switched and merged again (float rounding of that round trip applies).
     """
+    state = _state(model)
+    was_merged = any(layer.merged for _, layer in lora_modules(model))
+    model.unmerge_lora()
+    if state.active is not None:
+        state.inactive[state.active] = _capture(model, state.active_extra)
+    state.inactive.pop(name, None)
+    _install(model, adapter)
+    state.active = name
+    state.active_extra = {k: v for k, v in adapter.info.items() if k not in LORA_KEYS}
+    if was_merged:
+        model.merge_lora()
+
+
+def set_adapter(model: LoRATransformer, name: str) -> None:
+    """Make adapter ``name`` active: no reload of the base, and (unmerged) base weights untouched."""
     state = _state(model)
     if name == state.active:
         return
     if name not in state.inactive:
         raise ValueError(f"no adapter named {name!r}; the adapters are {list_adapters(model)}")
-    was_merged = any(layer.merged for _, layer in lora_modules(model))
-    _deactivate(model)
-    adapter = state.inactive.pop(name)
-    _install(model, adapter)
-    state.active = name
-    state.info[name] = {k: v for k, v in adapter.info.items() if k not in LORA_KEYS}
-    if was_merged:
-        model.merge_lora()
+    _activate(model, name, state.inactive[name])
 
 
 def delete_adapter(model: LoRATransformer, name: str) -> None:
@@ -421,8 +414,7 @@ def delete_adapter(model: LoRATransformer, name: str) -> None:
     state = _state(model)
     if name == state.active:
         _install(model, None)
-        state.info.pop(name, None)
-        state.active = None
+        state.active, state.active_extra = None, {}
     elif name in state.inactive:
         del state.inactive[name]
     else:
@@ -433,7 +425,7 @@ def _get(model: LoRATransformer, name: str | None) -> tuple[str, Adapter]:
     state = _state(model)
     name = state.active if name is None else name
     if name is not None and name == state.active:
-        return name, _capture(model, state.info.get(name, {}))
+        return name, _capture(model, state.active_extra)
     if name in state.inactive:
         return name, state.inactive[name]
     raise ValueError(f"no adapter named {name!r}; the adapters are {list_adapters(model)}")
@@ -624,15 +616,7 @@ def load_adapter(
     for w in check_adapter_fits(model, config, force):
         warnings.warn(w, stacklevel=2)
     adapter = parse_adapter(model, config, tensors, path)
-    state = _state(model)
-    was_merged = any(layer.merged for _, layer in lora_modules(model))
-    _deactivate(model)
-    state.inactive.pop(adapter_name, None)
-    _install(model, adapter)
-    state.active = adapter_name
-    state.info[adapter_name] = {k: v for k, v in adapter.info.items() if k not in LORA_KEYS}
-    if was_merged:
-        model.merge_lora()
+    _activate(model, adapter_name, adapter)
     return adapter_name
 
 

@@ -309,6 +309,28 @@ def test_switching_adapters_gives_each_ones_outputs_back_and_keeps_the_base(tmp_
         model.set_adapter("c")
 
 
+def test_switching_a_merged_model_keeps_it_merged(tmp_path, base):
+    model, out_a, out_b = two_adapters(tmp_path, base)
+    before = base_copy(model)
+    model.merge_lora()
+    model.set_adapter("a")
+    assert all(layer.merged for _, layer in model.lora_layers())
+    assert (model(IDX) - out_a).abs().max() <= 1e-5
+    model.set_adapter("b")
+    model.unmerge_lora()
+    assert (model(IDX) - out_b).abs().max() <= 1e-5
+    now = model.state_dict()
+    assert max((now[k] - v).abs().max().item() for k, v in before.items()) <= 1e-6  # merge rounding only
+
+
+def test_a_refused_adapter_leaves_the_model_as_it_was(tmp_path, base):
+    model, _, out_b = two_adapters(tmp_path, base)
+    tiny(seed=5).save_adapter(tmp_path / "foreign")
+    with pytest.raises(ValueError, match="other base weights"):
+        model.load_adapter(tmp_path / "foreign", "a")
+    assert model.list_adapters() == ["b", "a", "default"] and torch.equal(model(IDX), out_b)
+
+
 def test_disable_adapter_gives_the_base_outputs(tmp_path, base):
     model, _, out_b = two_adapters(tmp_path, base)
     plain = on_base(base, lora_r=0)
