@@ -1,7 +1,8 @@
 """Merge an adapter into its base and write a plain model folder (no LoRA tensors).
 
 Before writing, the merged model's logits are compared with base + adapter (unmerged) on a random batch;
-the largest absolute difference is reported and the merge is refused if it exceeds ``--tolerance``.
+the largest absolute difference is reported and the merge is refused if it exceeds ``--tolerance`` times
+``max(1, max |logit|)`` (float32 rounding grows with the size of the logits).
 The result loads with ``LoRATransformer.from_pretrained(out, lora_r=0)``.
 
     python scripts/merge_adapter.py --base runs/base --adapter runs/copy/adapter --out runs/copy/merged
@@ -25,15 +26,17 @@ from lora.lora_transformer import LoRATransformer
 
 
 @torch.no_grad()
-def max_logit_difference(model: LoRATransformer, batch: int = 4, seq_len: int = 64, seed: int = 0) -> float:
-    """``max |merged(x) - unmerged(x)|`` over a random ``(batch, seq_len)`` batch of token ids."""
+def max_logit_difference(
+    model: LoRATransformer, batch: int = 4, seq_len: int = 64, seed: int = 0
+) -> tuple[float, float]:
+    """``(max |merged(x) - unmerged(x)|, max |unmerged(x)|)`` over a random ``(batch, seq_len)`` batch."""
     g = torch.Generator().manual_seed(seed)
     T = min(seq_len, model.config["max_seq_len"])
     idx = torch.randint(0, model.config["vocab_size"], (batch, T), generator=g).to(model.wte.weight.device)
     model.eval()
     unmerged = model(idx).float()
     merged = merged_model(model)(idx).float()
-    return (merged - unmerged).abs().max().item()
+    return (merged - unmerged).abs().max().item(), unmerged.abs().max().item()
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -41,15 +44,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--base", required=True, help="model folder (config.json + model.safetensors)")
     p.add_argument("--adapter", required=True, help="adapter folder")
     p.add_argument("--out", required=True, help="folder for the merged model")
-    p.add_argument("--tolerance", type=float, default=1e-5, help="largest logit difference accepted")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=1e-5,
+        help="largest logit difference accepted, relative to max(1, max |logit|)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the random check batch")
     p.add_argument("--force", action="store_true", help="merge an adapter trained on other base weights")
     p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
     return p.parse_args(argv)
 
 
-def run(args: argparse.Namespace) -> tuple[float, Path]:
-    """Check and write; returns ``(largest logit difference, out folder)``."""
+def run(args: argparse.Namespace) -> tuple[float, float, Path]:
+    """Check and write; returns ``(largest logit difference, largest |logit|, out folder)``."""
     out = Path(args.out)
     if not args.overwrite and ((out / CONFIG_NAME).exists() or (out / WEIGHTS_NAME).exists()):
         raise ValueError(f"{out} already holds a model; pass --overwrite to replace it")
@@ -57,22 +65,32 @@ def run(args: argparse.Namespace) -> tuple[float, Path]:
         raise ValueError(f"--tolerance must be > 0, got {args.tolerance}")
     model = LoRATransformer.from_pretrained(args.base, lora_r=0)
     model.load_adapter(args.adapter, force=args.force)
-    diff = max_logit_difference(model, seed=args.seed)
-    if not diff <= args.tolerance:
-        raise ValueError(f"merged logits differ from unmerged by {diff:.3e} > tolerance {args.tolerance:g}")
-    merge_and_export(model, out, extra={"adapter": str(args.adapter), "max_logit_difference": diff})
-    return diff, out
+    diff, largest = max_logit_difference(model, seed=args.seed)
+    if not diff <= args.tolerance * max(1.0, largest):
+        raise ValueError(
+            f"merged logits differ from unmerged by {diff:.3e} > tolerance {args.tolerance:g} x {max(1.0, largest):.3g}"
+        )
+    merge_and_export(
+        model,
+        out,
+        extra={"adapter": str(args.adapter), "max_logit_difference": diff, "max_abs_logit": largest},
+    )
+    return diff, largest, out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        diff, out = run(args)
+        diff, largest, out = run(args)
     except (ValueError, RuntimeError) as e:
         print(f"merge_adapter.py: error: {e}", file=sys.stderr)
         return 2
     size = (out / WEIGHTS_NAME).stat().st_size
-    print(f"max |merged - unmerged| logits on a random batch: {diff:.3e} (tolerance {args.tolerance:g})")
+    limit = args.tolerance * max(1.0, largest)
+    print(
+        f"max |merged - unmerged| logits on a random batch: {diff:.3e} "
+        f"(max |logit| {largest:.3g}; accepted up to {args.tolerance:g} x {max(1.0, largest):.3g} = {limit:.2e})"
+    )
     print(f"wrote {out}/{CONFIG_NAME} and {WEIGHTS_NAME} ({size / 1e6:.2f} MB, no LoRA tensors)")
     return 0
 

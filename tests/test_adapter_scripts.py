@@ -117,7 +117,7 @@ def test_merge_adapter_refuses_above_tolerance_and_writes_nothing(folders, tmp_p
     rc = merge.main(["--base", str(folders / "base"), "--adapter", str(folders / "a"), "--out", str(out),
                      "--tolerance", "1e-30"])  # fmt: skip
     err = capsys.readouterr().err
-    assert rc == 2 and "> tolerance 1e-30" in err and "Traceback" not in err
+    assert rc == 2 and "> tolerance 1e-30 x" in err and "Traceback" not in err
     assert not out.exists()
     rc = merge.main(["--base", str(folders / "other"), "--adapter", str(folders / "a"), "--out", str(out)])
     assert rc == 2 and "--force" in capsys.readouterr().err and not out.exists()
