@@ -326,15 +326,16 @@ def _dropout_p(layer: LoRALinear) -> float:
 
 
 def _capture(model: LoRATransformer, info: dict) -> Adapter:
-    """The active adapter as an :class:`Adapter`, unmerged (tensors detached, not copied)."""
+    """A copy of the active adapter as an :class:`Adapter` (an optimizer still holding the old
+    parameters cannot change it)."""
     layers = {}
     for name, layer in lora_modules(model):
         if layer.r > 0:
             layers[name] = LayerAdapter(
                 layer.r, layer.lora_alpha, _dropout_p(layer), layer.use_rslora,
-                layer.lora_A.detach(), layer.lora_B.detach(),
+                layer.lora_A.detach().clone(), layer.lora_B.detach().clone(),
             )  # fmt: skip
-    head = None if model.cls_head is None else {k: v.detach() for k, v in model.cls_head.state_dict().items()}
+    head = None if model.cls_head is None else {k: v.clone() for k, v in model.cls_head.state_dict().items()}
     return Adapter(layers, head, {**_lora_settings(model), **info})
 
 
@@ -449,11 +450,12 @@ def add_weighted_adapter(model: LoRATransformer, weights: Mapping[str, float], n
     if heads:
         raise ValueError(f"adapters {heads} have classification heads, which cannot be combined exactly")
     modules = sorted({m for a in sources.values() for m in a.layers})
+    kw = {"device": model.wte.weight.device, "dtype": torch.float32}  # parked adapters may be elsewhere
     layers = {}
     for m in modules:
         parts = [(float(weights[n]), a.layers[m]) for n, a in sources.items() if m in a.layers]
-        A = torch.cat([s.lora_A.float() for _, s in parts], dim=0)  # (Σ r_i, in)
-        B = torch.cat([w * _scaling(s) * s.lora_B.float() for w, s in parts], dim=1)  # (out, Σ r_i)
+        A = torch.cat([s.lora_A.to(**kw) for _, s in parts], dim=0)  # (Σ r_i, in)
+        B = torch.cat([w * _scaling(s) * s.lora_B.to(**kw) for w, s in parts], dim=1)  # (out, Σ r_i)
         r = A.shape[0]
         dtype = parts[0][1].lora_A.dtype
         layers[m] = LayerAdapter(r, float(r), 0.0, False, A.to(dtype), B.to(dtype))

@@ -435,6 +435,9 @@ def test_bf16_export_merges_in_float32(tmp_path):
     layer = model.blocks[0].attn.q_proj
     by_hand = (layer.weight.float() + layer.delta_weight()).to(torch.bfloat16)
     assert torch.equal(merged.blocks[0].attn.q_proj.weight, by_hand)
+    model.save_pretrained(tmp_path / "bf16")  # a bf16 base round-trips with its dtype and fingerprint
+    again = LoRATransformer.from_pretrained(tmp_path / "bf16")
+    assert again.wte.weight.dtype == torch.bfloat16 and again.base_fingerprint() == model.base_fingerprint()
 
 
 def test_nn_module_bookkeeping_ignores_inactive_adapters(tmp_path, base):
