@@ -1,0 +1,135 @@
+"""Training checkpoints: everything needed to continue a run exactly, written atomically, no pickle.
+
+A checkpoint is one ``checkpoint-<step>.safetensors`` file. Its tensors are the trainable weights
+(``model.<name>``), the AdamW moments (``optim.<i>.<key>``) and the torch RNG states (``rng.*``); its
+header metadata holds the step, the epoch, the position inside the epoch, the history so far, the
+optimizer's hyper-parameters and the Python / NumPy RNG states, as JSON. Loading goes through safetensors
+and JSON only, so a crafted file cannot run code.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from lora.adapters import atomic_save_safetensors
+from lora.config import LoRAError
+
+__all__ = ["CheckpointError", "find_latest", "load_checkpoint", "save_checkpoint"]
+
+_NAME = re.compile(r"^checkpoint-(\d+)\.safetensors$")
+
+
+class CheckpointError(LoRAError):
+    """A missing, truncated, corrupted or mismatched checkpoint."""
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    version, state, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    meta = {"python": [version, list(state), gauss], "numpy": [kind, keys.tolist(), pos, has_gauss, cached]}
+    return tensors, meta
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+    version, state, gauss = meta["python"]
+    random.setstate((version, tuple(state), gauss))
+    kind, keys, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def save_checkpoint(
+    folder: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    keep: int,
+) -> Path:
+    """Write ``folder/checkpoint-<step>.safetensors`` atomically and keep only the newest ``keep``."""
+    names = {p: n for n, p in model.named_parameters()}
+    tensors = {
+        f"model.{n}": p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad
+    }
+    opt = optimizer.state_dict()
+    for i, s in opt["state"].items():
+        for key, value in s.items():
+            tensors[f"optim.{i}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    rng_tensors, rng_meta = _rng_state()
+    tensors.update(rng_tensors)
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in opt["param_groups"]]
+    params = [[names[p] for p in g["params"]] for g in optimizer.param_groups]
+    meta = {**state, "rng": rng_meta, "param_groups": groups, "param_names": params}
+    path = folder / f"checkpoint-{state['step']:07d}.safetensors"
+    atomic_save_safetensors(tensors, path, metadata={"trainer_state": json.dumps(meta)})
+    for old in sorted(_checkpoints(folder))[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def _checkpoints(folder: Path) -> list[Path]:
+    return [p for p in folder.glob("checkpoint-*.safetensors") if _NAME.match(p.name)]
+
+
+def find_latest(folder: Path) -> Path | None:
+    """The newest checkpoint in ``folder`` (by step), or ``None``."""
+    found = sorted(_checkpoints(folder))
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore weights, optimizer and RNG states from ``path``; return the trainer state (step, history...)."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        tensors = load_file(str(path))
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})["trainer_state"])
+    except (SafetensorError, OSError, KeyError, ValueError, json.JSONDecodeError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupted ({reason})") from None
+    params = dict(model.named_parameters())
+    wanted = {f"model.{n}" for n, p in params.items() if p.requires_grad}
+    present = {k for k in tensors if k.startswith("model.")}
+    if wanted != present:
+        diff = sorted(wanted ^ present)[:3]
+        raise CheckpointError(f"checkpoint {path} does not match this run's trainable weights (e.g. {diff})")
+    with torch.no_grad():
+        for key in wanted:
+            target = params[key[len("model.") :]]
+            if target.shape != tensors[key].shape:
+                raise CheckpointError(f"checkpoint {path}: {key} has shape {tuple(tensors[key].shape)}, "
+                                      f"expected {tuple(target.shape)}")  # fmt: skip
+            target.copy_(tensors[key])
+    names = {p: n for n, p in model.named_parameters()}
+    if [[names[p] for p in g["params"]] for g in optimizer.param_groups] != meta["param_names"]:
+        raise CheckpointError(f"checkpoint {path} was written for other optimizer parameters")
+    opt = optimizer.state_dict()
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, i, name = key.split(".", 2)
+            state.setdefault(int(i), {})[name] = value
+    groups = [
+        {**g, "params": og["params"]} for g, og in zip(meta["param_groups"], opt["param_groups"], strict=True)
+    ]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    _set_rng_state(tensors, meta["rng"])
+    return {k: v for k, v in meta.items() if k not in ("rng", "param_groups", "param_names")}

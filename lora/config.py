@@ -1,0 +1,282 @@
+"""The training configuration: one typed dataclass, YAML files and command-line flags.
+
+Precedence is ``TrainConfig`` defaults < YAML (``--config``) < flags actually given on the command line.
+A YAML key, a dataclass field and a flag are the same word (``lora_r``, ``--lora_r``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lora.lora_transformer import ATTENTION_TARGETS
+
+__all__ = ["ConfigError", "LoRAError", "TrainConfig", "build_parser", "load_config", "resolve_config"]
+
+TASKS = ("rot13", "atbash", "code", "text", "jsonl")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+class LoRAError(Exception):
+    """A problem with the user's input: reported as one line, exit code ``exit_code``."""
+
+    exit_code = 2
+
+
+class ConfigError(LoRAError):
+    """A bad configuration value, key or file."""
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run, with its default. Edit a YAML file or pass ``--key value``."""
+
+    # --- the run
+    task: str = field(default="rot13", metadata=_help(f"built-in task or your data: {', '.join(TASKS)}"))
+    run_name: str | None = field(
+        default=None, metadata=_help("run folder name (default: <task>-<method>-r<r>)")
+    )
+    output_dir: str = field(default="runs", metadata=_help("where run folders are written"))
+    overwrite: bool = field(default=False, metadata=_help("replace an existing run folder of the same name"))
+    seed: int = field(default=0, metadata=_help("seed for data order, initialisation and dropout"))
+    device: str = field(default="auto", metadata=_help("auto (cuda if available), cpu, cuda or mps"))
+    precision: str = field(default="auto", metadata=_help("auto (bf16 autocast on CUDA), fp32 or bf16"))
+    compile: bool = field(default=False, metadata=_help("torch.compile the model (useful on GPUs)"))
+    debug: bool = field(default=False, metadata=_help("show full tracebacks on errors"))
+    # --- data
+    train_file: str | None = field(default=None, metadata=_help("your data: UTF-8 text (task text) or JSONL"))
+    val_file: str | None = field(default=None, metadata=_help("validation data (default: split off train)"))
+    val_fraction: float = field(default=0.1, metadata=_help("share of train_file held out when no val_file"))
+    seq_len: int = field(default=128, metadata=_help("tokens per training sequence (<= max_seq_len)"))
+    num_examples: int = field(
+        default=20000, metadata=_help("generated training examples (algorithmic tasks)")
+    )
+    # --- model (used when a base is pretrained; a fine-tune takes the base's architecture)
+    d_model: int = field(default=256, metadata=_help("model width (pretraining a base)"))
+    num_heads: int = field(default=4, metadata=_help("attention heads (pretraining a base)"))
+    num_layers: int = field(default=2, metadata=_help("transformer blocks (pretraining a base)"))
+    max_seq_len: int = field(default=128, metadata=_help("longest sequence the model accepts (pretraining)"))
+    dropout: float = field(default=0.0, metadata=_help("dropout in the model"))
+    # --- the base
+    base_checkpoint: str = field(
+        default="auto", metadata=_help("base model folder; auto: pretrain once, reuse")
+    )
+    base_steps: int = field(default=300, metadata=_help("optimizer steps when pretraining a base"))
+    base_learning_rate: float = field(default=2e-3, metadata=_help("learning rate when pretraining a base"))
+    # --- LoRA
+    method: str = field(default="lora", metadata=_help("lora (adapters only) or full (all weights)"))
+    lora_r: int = field(default=8, metadata=_help("LoRA rank r"))
+    lora_alpha: float = field(default=16.0, metadata=_help("LoRA alpha; scaling = alpha / r"))
+    lora_dropout: float = field(default=0.0, metadata=_help("dropout on the LoRA branch input"))
+    lora_targets: list[str] = field(default_factory=lambda: ["q", "v"], metadata=_help("of q,k,v,o"))
+    adapt_feedforward: bool = field(default=False, metadata=_help("also adapt the MLP (fc1, fc2)"))
+    use_rslora: bool = field(default=False, metadata=_help("rank-stabilised scaling alpha / sqrt(r)"))
+    # --- optimisation
+    epochs: int = field(default=1, metadata=_help("passes over the training data"))
+    max_steps: int | None = field(default=None, metadata=_help("stop after this many optimizer steps"))
+    batch_size: int = field(default=64, metadata=_help("sequences per optimizer step"))
+    learning_rate: float = field(default=3e-3, metadata=_help("peak AdamW learning rate"))
+    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay"))
+    warmup_steps: int = field(default=20, metadata=_help("linear warmup steps"))
+    lr_schedule: str = field(default="cosine", metadata=_help("cosine (to 10% of peak) or constant"))
+    grad_clip: float = field(default=1.0, metadata=_help("clip the gradient norm to this (0: off)"))
+    eval_every: int = field(default=50, metadata=_help("evaluate every N steps (and at the end)"))
+    eval_batches: int = field(default=8, metadata=_help("validation batches per evaluation (0: all)"))
+    # --- checkpoints
+    save_every: int = field(default=0, metadata=_help("write a training checkpoint every N steps (0: off)"))
+    keep_checkpoints: int = field(default=2, metadata=_help("how many recent checkpoints to keep"))
+    resume: str | None = field(default=None, metadata=_help("checkpoint file, run folder, or auto"))
+
+    def validate(self) -> TrainConfig:
+        """Raise :class:`ConfigError` naming the first out-of-range value."""
+        checks: list[tuple[bool, str]] = [
+            (self.task in TASKS, f"task must be one of {', '.join(TASKS)}, got {self.task!r}"),
+            (self.method in ("lora", "full"), f"method must be 'lora' or 'full', got {self.method!r}"),
+            (self.device in DEVICES, f"device must be one of {', '.join(DEVICES)}, got {self.device!r}"),
+            (self.precision in ("auto", "fp32", "bf16"), f"precision must be auto, fp32 or bf16, got {self.precision!r}"),
+            (self.lr_schedule in ("cosine", "constant"), f"lr_schedule must be cosine or constant, got {self.lr_schedule!r}"),
+            (self.method == "full" or self.lora_r >= 1, f"lora_r must be >= 1 for method lora, got {self.lora_r}"),
+            (self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}"),
+            (0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout}"),
+            (0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}"),
+            (self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}"),
+            (self.base_learning_rate > 0, f"base_learning_rate must be > 0, got {self.base_learning_rate}"),
+            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.d_model >= 1 and self.num_heads >= 1, "d_model and num_heads must be >= 1"),
+            (self.d_model % max(self.num_heads, 1) == 0,
+             f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})"),
+            (self.num_layers >= 1, f"num_layers must be >= 1, got {self.num_layers}"),
+            (self.seq_len >= 2, f"seq_len must be >= 2, got {self.seq_len}"),
+            (self.seq_len <= self.max_seq_len,
+             f"seq_len ({self.seq_len}) must not exceed max_seq_len ({self.max_seq_len})"),
+            (0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), got {self.val_fraction}"),
+            (self.num_examples >= 1, f"num_examples must be >= 1, got {self.num_examples}"),
+            (self.base_steps >= 1, f"base_steps must be >= 1, got {self.base_steps}"),
+            (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}"),
+            (self.eval_every >= 1, f"eval_every must be >= 1, got {self.eval_every}"),
+            (self.eval_batches >= 0, f"eval_batches must be >= 0, got {self.eval_batches}"),
+            (self.save_every >= 0, f"save_every must be >= 0, got {self.save_every}"),
+            (self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}"),
+        ]  # fmt: skip
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        bad = [t for t in self.lora_targets if t not in ATTENTION_TARGETS]
+        if bad or not self.lora_targets:
+            raise ConfigError(
+                f"lora_targets must be a non-empty subset of q,k,v,o, got {','.join(self.lora_targets)}"
+            )
+        if self.task in ("text", "jsonl") and not self.train_file:
+            raise ConfigError(f"task {self.task} needs --train_file")
+        if self.run_name is not None and (
+            not self.run_name or "/" in self.run_name or "\\" in self.run_name or ".." in self.run_name
+        ):
+            raise ConfigError(
+                f"run_name must be a plain folder name (no '/', '\\' or '..'), got {self.run_name!r}"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_FIELDS = {f.name: f for f in fields(TrainConfig)}
+
+
+def _type_name(f: dataclasses.Field) -> str:
+    return str(f.type).replace(" | None", " or null")
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Check (and gently convert) one value against the field's declared type."""
+    kind = str(_FIELDS[key].type)
+    optional = kind.endswith("| None")
+    base = kind.replace(" | None", "")
+    if value is None and optional:
+        return None
+    wrong = ConfigError(f"{key} must be {_type_name(_FIELDS[key])}, got {value!r} ({type(value).__name__})")
+    if base == "bool":
+        if isinstance(value, bool):
+            return value
+        raise wrong
+    if base == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise wrong
+    if base == "float":
+        if isinstance(value, bool):
+            raise wrong
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                number = float(value)
+            except ValueError:
+                raise wrong from None
+            if math.isfinite(number):
+                return number
+        raise wrong
+    if base == "str":
+        if isinstance(value, str):
+            return value
+        raise wrong
+    if base == "list[str]":
+        if isinstance(value, str):
+            return [t.strip().lower() for t in value.split(",") if t.strip()]
+        if isinstance(value, list) and all(isinstance(t, str) for t in value):
+            return [t.strip().lower() for t in value]
+        raise wrong
+    raise AssertionError(f"unhandled field type {kind}")
+
+
+def _unknown_key(key: str, where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, list(_FIELDS), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"unknown key {key!r} in {where}{hint}")
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping of config keys; errors name the file (and the line for syntax errors)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {path}: {e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"YAML syntax error in {path}{line}: {problem}") from None
+    if data is None:
+        raise ConfigError(f"config file {path} is empty")
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must be a mapping of key: value, got a {type(data).__name__}")
+    return data
+
+
+def resolve_config(yaml_values: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None,
+                   where: str = "config") -> TrainConfig:  # fmt: skip
+    """Defaults < ``yaml_values`` < ``overrides``; every key checked, then the whole config validated."""
+    values: dict[str, Any] = {}
+    for source, label in ((yaml_values or {}, where), (overrides or {}, "arguments")):
+        for key, value in source.items():
+            if key not in _FIELDS or key == "config":
+                raise _unknown_key(str(key), label)
+            values[key] = _coerce(key, value)
+    return TrainConfig(**values).validate()
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error on one line."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser(prog: str = "train_lora.py", description: str | None = None) -> argparse.ArgumentParser:
+    """One flag per field; defaults are ``None`` so that only flags actually given override YAML."""
+    parser = _Parser(prog=prog, description=description, argument_default=argparse.SUPPRESS,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--config", help="YAML file of settings (flags given here override it)")
+    defaults = TrainConfig()
+    for f in fields(TrainConfig):
+        default = getattr(defaults, f.name)
+        shown = ",".join(default) if isinstance(default, list) else default
+        text = f"{f.metadata.get('help', '')} (default: {shown})".replace("%", "%%")
+        kind = str(f.type).replace(" | None", "")
+        if kind == "bool":
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=text)
+        else:
+            convert = {"int": int, "float": float}.get(kind, str)
+            parser.add_argument(
+                f"--{f.name}", type=convert, metavar=kind.upper().replace("[STR]", ""), help=text
+            )
+    return parser
+
+
+def load_config(argv: Sequence[str] | None = None) -> TrainConfig:
+    """Parse ``argv`` (``--config`` plus flags) into a validated :class:`TrainConfig`."""
+    args = vars(build_parser().parse_args(argv))
+    path = args.pop("config", None)
+    yaml_values = load_yaml(path) if path else {}
+    return resolve_config(yaml_values, args, where=str(path or "config"))

@@ -1,0 +1,287 @@
+"""Built-in tasks and user data, all local: nothing is downloaded.
+
+Every task is byte-level (vocabulary 256: token id = byte value), so one base architecture serves all.
+
+- ``rot13`` / ``atbash``: letter ciphers of random 8-letter words, read and written letter by letter
+  (``h u e r l y l y o b ...``: each plain letter is followed by its cipher). Their base is pretrained on
+  the Caesar cipher (each letter + 1), so the frozen base scores ~0% exact match and LoRA must adapt it.
+- ``code``: language modelling of Python source (the standard library's own ``*.py`` files); its base is
+  pretrained on English prose (the standard library's ``pydoc_data`` documentation text).
+- ``text``: your UTF-8 text file (``train_file``), on the English base.
+- ``jsonl``: classification of ``{"text": ..., "label": ...}`` lines, on the English base.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lora.config import LoRAError, TrainConfig
+
+__all__ = ["BASE_TASKS", "DataError", "TaskData", "base_task_of", "load_task"]
+
+VOCAB_SIZE = 256
+N_LETTERS = 8
+IGNORE = -100
+BASE_TASKS = {"rot13": "caesar", "atbash": "caesar", "code": "english", "text": "english", "jsonl": "english"}
+
+
+class DataError(LoRAError):
+    """Unusable data: the message names the file, the line and what was expected."""
+
+
+@dataclass
+class TaskData:
+    """Tensors of one split.
+
+    Language modelling: ``x`` (N, T) inputs, ``y`` (N, T) next-token targets with ``-100`` where the loss
+    is not taken. Classification: ``x`` (N, T) right-padded inputs, ``lengths`` (N,), ``y`` (N,) labels.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    lengths: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def batch(self, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = {"x": self.x[index].long(), "y": self.y[index].long()}
+        if self.lengths is not None:
+            out["lengths"] = self.lengths[index]
+        return out
+
+
+@dataclass
+class Task:
+    """A task's splits and how it is scored."""
+
+    name: str
+    train: TaskData
+    val: TaskData
+    metric_name: str  # exact_match | bits_per_byte | accuracy
+    higher_is_better: bool
+    num_classes: int | None = None
+    labels: list | None = None
+    description: str = ""
+
+    @property
+    def is_classification(self) -> bool:
+        return self.num_classes is not None
+
+
+def base_task_of(task: str) -> str:
+    """The task a task's default base is pretrained on."""
+    return BASE_TASKS[task]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Algorithmic tasks: letter ciphers
+
+CIPHERS = {"caesar": "each letter + 1", "rot13": "each letter + 13", "atbash": "a<->z, b<->y, ..."}
+
+
+def encipher(kind: str, letters: torch.Tensor) -> torch.Tensor:
+    """Letters as 0..25 -> their cipher: ``caesar`` (+1), ``rot13`` (+13) or ``atbash`` (25 - x)."""
+    return {"caesar": (letters + 1) % 26, "rot13": (letters + 13) % 26, "atbash": 25 - letters}[kind]
+
+
+def _cipher_task(kind: str, n: int, seed: int) -> TaskData:
+    """``n`` words of 8 letters, interleaved with their cipher: ``h i e f l m l m o p ...`` (caesar).
+
+    The sequence is ``p1 c1 p2 c2 ... p8 c8``; x = all but the last byte (n, 15), y = the next bytes with the
+    loss taken only on the cipher letters (each predicted while reading its plain letter).
+    """
+    g = torch.Generator().manual_seed(seed)
+    plain = torch.randint(0, 26, (n, N_LETTERS), generator=g)
+    seq = torch.stack([plain, encipher(kind, plain)], dim=2).view(n, 2 * N_LETTERS) + ord("a")  # (n, 16)
+    y = seq[:, 1:].clone()
+    y[:, 1::2] = IGNORE  # the next plain letter is random: not scored
+    return TaskData(seq[:, :-1].to(torch.uint8), y.to(torch.int16))
+
+
+def cipher_task(kind: str, num_examples: int, seed: int) -> Task:
+    n_val = max(512, num_examples // 10)
+    return Task(
+        name=kind,
+        train=_cipher_task(kind, num_examples, seed),
+        val=_cipher_task(kind, n_val, seed + 1_000_003),
+        metric_name="exact_match",
+        higher_is_better=True,
+        description=f"{kind} cipher of 8-letter words ({CIPHERS[kind]})",
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Language modelling
+
+
+def _chunks(data: bytes, seq_len: int) -> TaskData:
+    """Non-overlapping windows: x = bytes[i T : (i + 1) T], y = the same shifted by one."""
+    n = (len(data) - 1) // seq_len
+    t = torch.frombuffer(bytearray(data[: n * seq_len + 1]), dtype=torch.uint8)
+    x = t[:-1].view(n, seq_len)
+    y = t[1:].view(n, seq_len).to(torch.int16)
+    return TaskData(x, y)
+
+
+def english_text() -> bytes:
+    """The standard library's documentation topics (pydoc_data): ~0.5 MB of English prose."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics)).encode("utf-8")
+
+
+def python_source(limit: int = 1_200_000) -> tuple[bytes, bytes]:
+    """(train, val) bytes of the standard library's top-level ``*.py`` files; every 10th file is val."""
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    train, val = bytearray(), bytearray()
+    for i, f in enumerate(files):
+        target = val if i % 10 == 5 else train
+        if len(target) < (limit // 10 if target is val else limit):
+            target += f.read_bytes() + b"\n"
+    return bytes(train), bytes(val)
+
+
+def _split(data: bytes, fraction: float) -> tuple[bytes, bytes]:
+    cut = int(len(data) * (1 - fraction))
+    return data[:cut], data[cut:]
+
+
+def lm_task(name: str, train: bytes, val: bytes, seq_len: int, description: str) -> Task:
+    return Task(name, _chunks(train, seq_len), _chunks(val, seq_len), "bits_per_byte", False,
+                description=description)  # fmt: skip
+
+
+def read_text_file(path: str | Path) -> str:
+    """A UTF-8 text file; missing, empty, binary or non-UTF-8 files raise :class:`DataError`."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"data file not found: {path}") from None
+    except IsADirectoryError:
+        raise DataError(f"data file is a folder, expected a file: {path}") from None
+    except OSError as e:
+        raise DataError(f"cannot read data file {path}: {e.strerror}") from None
+    if not raw.strip():
+        raise DataError(f"data file is empty: {path}")
+    if b"\x00" in raw:
+        line = raw[: raw.index(b"\x00")].count(b"\n") + 1
+        raise DataError(f"{path} line {line}: looks binary (NUL byte); expected UTF-8 text")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(
+            f"{path} line {line}: not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})"
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Classification
+
+
+def read_jsonl(path: str | Path) -> list[tuple[str, object]]:
+    """``(text, label)`` pairs; every malformed line raises :class:`DataError` with its number."""
+    rows: list[tuple[str, object]] = []
+    for i, line in enumerate(read_text_file(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} line {i}: invalid JSON ({e.msg})") from None
+        if not isinstance(obj, dict) or "text" not in obj or "label" not in obj:
+            raise DataError(f'{path} line {i}: expected an object with "text" and "label"')
+        text, label = obj["text"], obj["label"]
+        if not isinstance(text, str):
+            raise DataError(f'{path} line {i}: "text" must be a string, got {type(text).__name__}')
+        if isinstance(label, bool) or not isinstance(label, (int, str)):
+            raise DataError(f'{path} line {i}: "label" must be an integer or a string, got {label!r}')
+        if rows and type(label) is not type(rows[0][1]):
+            raise DataError(f"{path} line {i}: label {label!r} is not of the same type as the first label")
+        rows.append((text, label))
+    return rows
+
+
+def _encode_rows(rows: list[tuple[str, object]], labels: list, seq_len: int) -> TaskData:
+    x = torch.zeros(len(rows), seq_len, dtype=torch.uint8)
+    lengths = torch.zeros(len(rows), dtype=torch.long)
+    y = torch.tensor([labels.index(label) for _, label in rows], dtype=torch.long)
+    for i, (text, _) in enumerate(rows):
+        b = text.encode("utf-8")[:seq_len] or b" "
+        x[i, : len(b)] = torch.frombuffer(bytearray(b), dtype=torch.uint8)
+        lengths[i] = len(b)
+    return TaskData(x, y, lengths)
+
+
+def jsonl_task(cfg: TrainConfig) -> Task:
+    train = read_jsonl(cfg.train_file)
+    if cfg.val_file:
+        val = read_jsonl(cfg.val_file)
+    else:
+        random.Random(cfg.seed).shuffle(train)
+        n_val = max(1, round(len(train) * cfg.val_fraction))
+        train, val = train[n_val:], train[:n_val]
+    labels = sorted({label for _, label in train})
+    unseen = sorted({label for _, label in val} - set(labels), key=str)
+    if unseen:
+        raise DataError(f"validation labels {unseen} never occur in the training data")
+    if len(labels) < 2:
+        raise DataError(f"{cfg.train_file}: classification needs at least 2 distinct labels, found {labels}")
+    return Task("jsonl", _encode_rows(train, labels, cfg.seq_len), _encode_rows(val, labels, cfg.seq_len),
+                "accuracy", True, num_classes=len(labels), labels=labels,
+                description=f"classify {cfg.train_file} into {len(labels)} labels")  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def load_task(cfg: TrainConfig, name: str | None = None) -> Task:
+    """Build the task ``name`` (default ``cfg.task``; ``caesar`` and ``english`` are the base tasks)."""
+    name = name or cfg.task
+    if name in CIPHERS:
+        task = cipher_task(name, cfg.num_examples, cfg.seed)
+    elif name == "english":
+        train, val = _split(english_text(), 0.05)
+        task = lm_task(name, train, val, cfg.seq_len, "English prose: the standard library's pydoc topics")
+    elif name == "code":
+        train, val = python_source()
+        task = lm_task(name, train, val, cfg.seq_len, "Python source: the standard library's own *.py files")
+    elif name == "text":
+        train_text = read_text_file(cfg.train_file).encode("utf-8")
+        if cfg.val_file:
+            val_text = read_text_file(cfg.val_file).encode("utf-8")
+        else:
+            train_text, val_text = _split(train_text, cfg.val_fraction)
+        task = lm_task(name, train_text, val_text, cfg.seq_len, f"your text: {cfg.train_file}")
+        for split, data, path in (
+            ("training", task.train, cfg.train_file),
+            ("validation", task.val, cfg.val_file),
+        ):
+            if len(data) == 0:
+                need = cfg.seq_len + 1
+                raise DataError(f"{path or cfg.train_file}: too little {split} text for one sequence of "
+                                f"{need} bytes (seq_len {cfg.seq_len})")  # fmt: skip
+    elif name == "jsonl":
+        task = jsonl_task(cfg)
+    else:
+        raise DataError(f"unknown task {name!r}")
+    if len(task.train) < cfg.batch_size:
+        raise DataError(
+            f"the training data of task {name} has {len(task.train)} sequences, fewer than one batch "
+            f"(batch_size {cfg.batch_size})"
+        )
+    return task
+
+
+def bits_per_byte(loss_nats: float) -> float:
+    """Mean cross-entropy in nats per byte -> bits per byte."""
+    return loss_nats / math.log(2)
