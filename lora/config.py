@@ -46,7 +46,7 @@ class TrainConfig:
     # --- the run
     task: str = field(default="rot13", metadata=_help(f"built-in task or your data: {', '.join(TASKS)}"))
     run_name: str | None = field(
-        default=None, metadata=_help("run folder name (default: <task>-<method>-r<r>)")
+        default=None, metadata=_help("run folder name (default: <task>-lora-r<r> or <task>-full)")
     )
     output_dir: str = field(default="runs", metadata=_help("where run folders are written"))
     overwrite: bool = field(default=False, metadata=_help("replace an existing run folder of the same name"))
@@ -80,7 +80,9 @@ class TrainConfig:
     lora_r: int = field(default=8, metadata=_help("LoRA rank r"))
     lora_alpha: float = field(default=16.0, metadata=_help("LoRA alpha; scaling = alpha / r"))
     lora_dropout: float = field(default=0.0, metadata=_help("dropout on the LoRA branch input"))
-    lora_targets: list[str] = field(default_factory=lambda: ["q", "v"], metadata=_help("of q,k,v,o"))
+    lora_targets: list[str] = field(
+        default_factory=lambda: ["q", "v"], metadata=_help("attention projections to adapt, of q,k,v,o")
+    )
     adapt_feedforward: bool = field(default=False, metadata=_help("also adapt the MLP (fc1, fc2)"))
     use_rslora: bool = field(default=False, metadata=_help("rank-stabilised scaling alpha / sqrt(r)"))
     # --- optimisation

@@ -21,7 +21,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ from lora.data import IGNORE, VOCAB_SIZE, Task, TaskData, base_task_of, load_tas
 from lora.lora_transformer import LoRATransformer
 from lora.plotting import render_history
 
-__all__ = ["BatchLoader", "LoRATrainer", "RunOutput", "get_lr", "main", "run"]
+__all__ = ["BatchLoader", "LoRATrainer", "RunOutput", "batch_loss", "evaluate_model", "get_lr", "main", "run"]
 
 
 class DivergenceError(LoRAError):
@@ -139,6 +139,62 @@ class RunOutput:
             save_adapter(model, self.folder, extra=extra)
 
 
+def batch_loss(
+    forward: Callable[..., torch.Tensor],
+    batch: dict[str, torch.Tensor],
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy (mean over scored tokens, in float32) and the logits of one batch."""
+    x = batch["x"].to(device, non_blocking=True)
+    y = batch["y"].to(device, non_blocking=True)
+    extra = {"lengths": batch["lengths"].to(device)} if "lengths" in batch else {}
+    with autocast():
+        logits = forward(x, **extra).float()  # (B, T, vocab) or, classifying, (B, classes)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=IGNORE)
+    return loss, logits
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: torch.nn.Module,
+    loader: BatchLoader,
+    metric_name: str,
+    device: torch.device | str = "cpu",
+    max_batches: int = 0,
+    forward: Callable[..., torch.Tensor] | None = None,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> dict[str, float]:
+    """``val_loss`` (nats per scored token) and ``metric`` over ``loader`` (``max_batches`` 0: all).
+
+    ``exact_match`` counts rows whose scored tokens are all right (greedy decoding then gets them right
+    too); ``accuracy`` counts right labels; ``bits_per_byte`` is the loss over ln 2 (byte-level tokens).
+    """
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    loss_sum, tokens, correct, rows = 0.0, 0, 0, 0
+    for b, batch in enumerate(loader.batches()):
+        if max_batches and b >= max_batches:
+            break
+        loss, logits = batch_loss(forward or model, batch, device, autocast)
+        y = batch["y"].to(device)
+        scored = (y != IGNORE).sum().item()
+        loss_sum += loss.item() * scored
+        tokens += scored
+        pred = logits.argmax(dim=-1)
+        if metric_name == "exact_match":
+            correct += ((pred == y) | (y == IGNORE)).all(dim=1).sum().item()
+        else:
+            correct += (pred == y).sum().item()
+        rows += y.shape[0]
+    model.train(was_training)
+    val_loss = loss_sum / max(tokens, 1)
+    metric = {"bits_per_byte": val_loss / math.log(2), "exact_match": correct / max(rows, 1),
+              "accuracy": correct / max(rows, 1)}[metric_name]  # fmt: skip
+    return {"val_loss": val_loss, "metric": metric}
+
+
 class LoRATrainer:
     """AdamW over the trainable parameters only, warmup + cosine (or constant) schedule, gradient clipping,
     bf16 autocast on CUDA, periodic evaluation, atomic checkpoints and exact resume.
@@ -210,43 +266,13 @@ class LoRATrainer:
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
     def _loss_and_logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        x = batch["x"].to(self.device, non_blocking=True)
-        y = batch["y"].to(self.device, non_blocking=True)
-        with self._autocast():
-            if "lengths" in batch:
-                logits = self.forward(x, lengths=batch["lengths"].to(self.device))  # (B, classes)
-            else:
-                logits = self.forward(x)  # (B, T, vocab)
-        logits = logits.float()
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=IGNORE)
-        return loss, logits
+        return batch_loss(self.forward, batch, self.device, self._autocast)
 
-    @torch.no_grad()
     def evaluate(self, max_batches: int | None = None) -> dict[str, float]:
         """Validation loss (mean nats per scored token) and the task metric."""
-        was_training = self.model.training
-        self.model.eval()
         limit = self.eval_batches if max_batches is None else max_batches
-        loss_sum, tokens, correct, rows = 0.0, 0, 0, 0
-        for b, batch in enumerate(self.val_loader.batches()):
-            if limit and b >= limit:
-                break
-            loss, logits = self._loss_and_logits(batch)
-            y = batch["y"].to(self.device)
-            scored = (y != IGNORE).sum().item()
-            loss_sum += loss.item() * scored
-            tokens += scored
-            pred = logits.argmax(dim=-1)
-            if self.metric_name == "exact_match":  # every scored token right: greedy decoding gets it too
-                correct += ((pred == y) | (y == IGNORE)).all(dim=1).sum().item()
-            else:
-                correct += (pred == y).sum().item()
-            rows += y.shape[0]
-        self.model.train(was_training)
-        val_loss = loss_sum / max(tokens, 1)
-        metric = {"bits_per_byte": val_loss / math.log(2), "exact_match": correct / max(rows, 1),
-                  "accuracy": correct / max(rows, 1)}[self.metric_name]  # fmt: skip
-        return {"val_loss": val_loss, "metric": metric}
+        return evaluate_model(self.model, self.val_loader, self.metric_name, self.device, limit,
+                              forward=self.forward, autocast=self._autocast)  # fmt: skip
 
     def _state(self) -> dict[str, Any]:
         epoch, batch = self.epoch, self.batch_in_epoch
