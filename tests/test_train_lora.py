@@ -143,3 +143,9 @@ def test_lora_run_leaves_the_base_file_untouched(tiny_flags, tmp_path):
     before = base.read_bytes(), os.stat(base).st_mtime_ns
     assert main([*tiny_flags, "--run_name", "b", "--max_steps", "3"]) == 0
     assert (base.read_bytes(), os.stat(base).st_mtime_ns) == before
+
+
+def test_readme_configuration_table_lists_every_key():
+    readme = (ROOT / "README.md").read_text()
+    for name in TrainConfig().to_dict():
+        assert f"| `{name}` / `--{name}` |" in readme, name
