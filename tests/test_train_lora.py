@@ -149,3 +149,42 @@ def test_readme_configuration_table_lists_every_key():
     readme = (ROOT / "README.md").read_text()
     for name in TrainConfig().to_dict():
         assert f"| `{name}` / `--{name}` |" in readme, name
+
+
+def test_own_text_file_language_modelling(tiny_flags, tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 200, encoding="utf-8")
+    assert main([*tiny_flags, "--task", "text", "--train_file", str(text), "--run_name", "t"]) == 0
+    folder = tmp_path / "runs" / "t"
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["metric_name"] == "bits_per_byte" and metrics["higher_is_better"] is False
+    assert metrics["final_metric"] < metrics["base_metric"]  # a repetitive text is quickly learned
+    assert "--- adapted:" in (folder / "samples.txt").read_text()
+    assert (tmp_path / "runs" / "bases").glob("english-*")
+
+
+def test_own_jsonl_classification(tiny_flags, tmp_path):
+    rows = [{"text": f"{'good great fine' if i % 2 else 'bad awful poor'} {i}", "label": ["neg", "pos"][i % 2]}
+            for i in range(200)]  # fmt: skip
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    flags = [
+        *tiny_flags,
+        "--task",
+        "jsonl",
+        "--train_file",
+        str(data),
+        "--run_name",
+        "c",
+        "--epochs",
+        "10",
+        "--max_steps",
+        "40",
+    ]
+    assert main(flags) == 0
+    folder = tmp_path / "runs" / "c"
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["metric_name"] == "accuracy" and metrics["final_metric"] >= 0.9
+    adapter = json.loads((folder / "adapter_config.json").read_text())
+    assert adapter["num_classes"] == 2 and adapter["labels"] == ["neg", "pos"]
+    assert not (folder / "samples.txt").exists()
