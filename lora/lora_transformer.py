@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 if __package__ in (None, ""):  # `python lora/lora_transformer.py` without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -117,6 +118,8 @@ class LoRATransformer(nn.Module):
     ``lora_targets`` picks among the attention projections q, k, v, o (used when ``adapt_attention``);
     ``adapt_feedforward`` adapts ``fc1`` and ``fc2`` too. ``lora_r = 0`` builds a LoRA-free model.
     With ``num_classes`` the model also has a classification head over the last token's hidden state.
+    Setting ``model.gradient_checkpointing = True`` stores only each block's input in training and
+    recomputes the rest in backward: less activation memory for long sequences, about one more forward.
     """
 
     def __init__(
@@ -167,6 +170,8 @@ class LoRATransformer(nn.Module):
         lora = {"r": lora_r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout, "use_rslora": use_rslora}
 
         self.max_seq_len = max_seq_len
+        # Recompute each block's activations in backward instead of storing them (long sequences).
+        self.gradient_checkpointing = False
         self.wte = nn.Embedding(vocab_size, d_model)
         self.wpe = nn.Embedding(max_seq_len, d_model)
         self.drop = nn.Dropout(dropout)
@@ -201,7 +206,11 @@ class LoRATransformer(nn.Module):
         pos = torch.arange(T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
         for block in self.blocks:
-            x = block(x)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                # non-reentrant: LoRA grads flow even though x (frozen embeddings) needs no grad
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
         return self.ln_f(x)
 
     def forward(self, idx: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:

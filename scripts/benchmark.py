@@ -1,0 +1,524 @@
+"""Speed and peak memory of LoRA against full fine-tuning and against transformers + PEFT.
+
+Each configuration runs in a fresh subprocess, so its peak memory is its own (CPU: peak RSS from
+``getrusage``; CUDA: ``torch.cuda.max_memory_allocated``). A run does ``--warmup`` untimed steps, then
+``--steps`` timed ones, and reports the median. Training is forward, cross-entropy on random tokens,
+backward and AdamW over the trainable parameters only (``foreach`` on CPU, ``fused`` on CUDA); inference
+is one forward pass of the batch under ``torch.inference_mode``. Dropout is 0 in every model. The peer is
+transformers' ``GPT2LMHeadModel`` of the same shape (random init, nothing downloaded, SDPA attention) with
+PEFT LoRA r 8 on the fused ``c_attn``: it adapts q, k and v with as many parameters as our q+v adapter.
+
+    python scripts/benchmark.py --quick                                    # tiny model, seconds
+    python scripts/benchmark.py --sizes small --threads 2 --rounds 3 --out benchmarks/cpu
+    python scripts/benchmark.py --sizes small,gpt2 --device cuda --dtype bf16 --out benchmarks/h100
+    python scripts/benchmark.py --sizes small,gpt2 --device cuda --dtype bf16 --compile --out ...
+
+Writes ``results.json``, ``results.md`` (table, targets, machine) and ``results.png`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if __package__ in (None, ""):  # `python scripts/benchmark.py` without installing
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lora.lora_transformer import LoRATransformer
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A GPT-2-layout model and the batch it is timed on (``d_ff = 4 d_model``)."""
+
+    d_model: int
+    num_layers: int
+    num_heads: int
+    seq_len: int
+    batch: int
+    vocab_size: int
+
+
+@dataclass(frozen=True)
+class Config:
+    """One thing to time: ``task`` "train" or "infer"; ``impl`` "ours" or "peft"; LoRA ``targets``."""
+
+    name: str
+    task: str
+    impl: str = "ours"
+    targets: tuple[str, ...] = ()
+    merged: bool = False
+    checkpointing: bool = False
+
+
+SIZES = {
+    "tiny": Shape(d_model=64, num_layers=2, num_heads=2, seq_len=64, batch=4, vocab_size=256),
+    "small": Shape(d_model=512, num_layers=8, num_heads=8, seq_len=256, batch=8, vocab_size=256),
+    "gpt2": Shape(d_model=768, num_layers=12, num_heads=12, seq_len=128, batch=4, vocab_size=50257),
+}
+CONFIGS = (
+    Config("full", "train"),
+    Config("lora_qv", "train", targets=("q", "v")),
+    Config("lora_qkvo", "train", targets=("q", "k", "v", "o")),
+    Config("peft_qv", "train", impl="peft", targets=("q", "v")),
+    Config("infer_base", "infer"),
+    Config("infer_lora_unmerged", "infer", targets=("q", "v")),
+    Config("infer_lora_merged", "infer", targets=("q", "v"), merged=True),
+)
+CHECKPOINTED = Config("lora_qv_ckpt", "train", targets=("q", "v"), checkpointing=True)
+LORA_R, LORA_ALPHA = 8, 16.0
+# Dense bf16 peak FLOP/s by GPU name (first match wins); the H100 PCIe card is slower than the SXM one.
+PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
+FLOPS_NOTE = (
+    "Model FLOPs per token, no causal discount: N = weights used in matmuls (blocks + LM head), "
+    "attention 4 L T d forward (QK^T and AV). Full fine-tuning 6N + 12 L T d; LoRA with a frozen base "
+    "4N + 12 L T d + 6 N_lora (no weight gradients for the base); inference 2N + 4 L T d (+ 2 N_lora "
+    "unmerged). MFU = FLOPs per token x tokens/s / the GPU's dense bf16 peak."
+)
+
+
+# -------------------------------------------------------------------------------------------------------
+# Pure helpers
+
+
+def flops_per_token(shape: Shape, config: Config) -> float:
+    """Model FLOPs per token as in :data:`FLOPS_NOTE` (the peer counts as our LoRA q+v)."""
+    d, L, T = shape.d_model, shape.num_layers, shape.seq_len
+    n = L * (4 * d * d + 2 * d * 4 * d) + d * shape.vocab_size  # (q, k, v, o, fc1, fc2) x L + LM head
+    n_lora = L * len(config.targets) * LORA_R * 2 * d
+    attn = 4 * L * T * d
+    if config.task == "infer":
+        return 2 * n + attn + (0 if config.merged else 2 * n_lora)
+    if not config.targets:
+        return 6 * n + 3 * attn
+    return 4 * n + 3 * attn + 6 * n_lora
+
+
+def peak_flops(device_name: str) -> float | None:
+    """Dense bf16 peak FLOP/s of a known GPU, else ``None``."""
+    return next((f for key, f in PEAK_BF16_FLOPS if key in device_name), None)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: peak allocated by tensors; CPU: peak resident set size of this process (MiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+def median_seconds(fn: Callable[[], object], warmup: int, steps: int, device: torch.device) -> list[float]:
+    """Run ``fn`` ``warmup`` times untimed, then ``steps`` times; return each timed step's seconds."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def machine_info(device: str) -> dict:
+    """CPU model, threads, versions and the GPU, for the report."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), cpu)
+    info = {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,
+        "cuda": torch.version.cuda if device == "cuda" else None,
+    }
+    for pkg in ("transformers", "peft"):
+        try:
+            info[pkg] = __import__(pkg).__version__
+        except Exception:  # not installed, or broken: either way, no version to report
+            info[pkg] = None
+    return info
+
+
+# -------------------------------------------------------------------------------------------------------
+# One configuration (runs inside its own subprocess)
+
+
+def build_ours(shape: Shape, config: Config, device: torch.device) -> nn.Module:
+    """Our model: LoRA on ``config.targets`` (frozen base), or, with no targets, everything trainable."""
+    torch.manual_seed(0)
+    model = LoRATransformer(
+        shape.vocab_size, shape.d_model, shape.num_heads, shape.num_layers, max_seq_len=shape.seq_len,
+        dropout=0.0, lora_r=LORA_R if config.targets else 0, lora_alpha=LORA_ALPHA,
+        lora_targets=config.targets or ("q",), adapt_attention=bool(config.targets),
+    ).to(device)  # fmt: skip
+    model.gradient_checkpointing = config.checkpointing
+    if config.targets:
+        model.configure_lora_training()
+    else:
+        model.requires_grad_(True)  # full fine-tuning: LoRALinear froze its base weights
+    return model
+
+
+def build_peer(shape: Shape, device: torch.device) -> nn.Module:
+    """transformers GPT-2 of the same shape, random init, with PEFT LoRA r 8 on the fused q/k/v."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(
+        vocab_size=shape.vocab_size, n_positions=shape.seq_len, n_embd=shape.d_model,
+        n_layer=shape.num_layers, n_head=shape.num_heads, resid_pdrop=0.0, embd_pdrop=0.0,
+        attn_pdrop=0.0, use_cache=False, bos_token_id=0, eos_token_id=0, attn_implementation="sdpa",
+    )  # fmt: skip
+    lora = LoraConfig(
+        r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=["c_attn"],
+        fan_in_fan_out=True, bias="none",
+    )  # fmt: skip
+    return get_peft_model(GPT2LMHeadModel(cfg), lora).to(device)
+
+
+def run_config(shape: Shape, config: Config, opts: dict) -> dict:
+    """Time one configuration in this process; return its measurements."""
+    device = torch.device(opts["device"])
+    if opts["threads"]:
+        torch.set_num_threads(opts["threads"])
+    base_mb = peak_memory_mb(device)
+    with device:  # parameters are made (and initialised) where they will live
+        model = build_peer(shape, device) if config.impl == "peft" else build_ours(shape, config, device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    g = torch.Generator().manual_seed(1)
+    B, T, V = shape.batch, shape.seq_len, shape.vocab_size
+    idx = torch.randint(0, V, (B, T), generator=g).to(device)  # made once: no data loading in the loop
+    targets = torch.randint(0, V, (B, T), generator=g).to(device)
+    peer = config.impl == "peft"
+    forward = (lambda m, x: m(input_ids=x).logits) if peer else (lambda m, x: m(x))
+    bf16 = opts["dtype"] == "bf16"
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
+    extra: dict = {}
+
+    if config.task == "infer":
+        model.eval()
+        if config.targets:
+            for _, layer in model.lora_layers():  # a trained-looking adapter, not B = 0
+                nn.init.normal_(layer.lora_B, std=0.02)
+        if config.merged:
+            with torch.inference_mode(), autocast():
+                before = forward(model, idx).float()
+                model.merge_lora()
+                after = forward(model, idx).float()
+            extra["merged_vs_unmerged_max_abs_diff"] = (after - before).abs().max().item()
+        run = torch.compile(model) if opts["compile"] else model
+
+        def step() -> None:
+            with torch.inference_mode(), autocast():
+                forward(run, idx)
+    else:
+        model.train()
+        fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+        opt = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.0, **fast)
+        run = torch.compile(model) if opts["compile"] else model
+        losses = []
+
+        def step() -> None:
+            with autocast():
+                logits = forward(run, idx)
+            loss = F.cross_entropy(logits.float().reshape(-1, V), targets.reshape(-1))
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+
+    times = median_seconds(step, opts["warmup"], opts["steps"], device)
+    if config.task == "train":
+        extra["final_loss"] = losses[-1].item()
+    step_s = statistics.median(times)
+    tokens_per_s = B * T / step_s
+    fpt = flops_per_token(shape, config)
+    peak = peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" and bf16 else None
+    return {
+        "status": "ok",
+        "step_ms": 1e3 * step_s,
+        "step_ms_all": [round(1e3 * t, 2) for t in times],
+        "tokens_per_s": tokens_per_s,
+        "peak_mem_mb": peak_memory_mb(device),
+        "mem_before_model_mb": base_mb,
+        "trainable_params": sum(p.numel() for p in trainable) if config.task == "train" else 0,
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "threads": torch.get_num_threads(),
+        "flops_per_token": fpt,
+        "mfu": fpt * tokens_per_s / peak if peak else None,
+        **extra,
+    }
+
+
+def run_in_subprocess(shape: Shape, config: Config, opts: dict) -> dict:
+    """Run one configuration in a fresh Python process and parse its JSON reply."""
+    if config.impl == "peft":
+        try:
+            import peft  # noqa: F401
+            import transformers  # noqa: F401
+        except ImportError as exc:
+            return {"status": "skipped", "reason": f"{exc} (install the `bench` extra)"}
+    job = json.dumps({"shape": asdict(shape), "config": asdict(config), "opts": opts})
+    env = dict(os.environ)
+    if opts["threads"]:
+        env["OMP_NUM_THREADS"] = str(opts["threads"])
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", job]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()
+        return {"status": "error", "reason": tail[-1] if tail else f"exit code {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def merge_rounds(runs: list[dict]) -> dict:
+    """Several fresh-process runs of one configuration -> one record (medians over the runs)."""
+    ok = [r for r in runs if r["status"] == "ok"]
+    if not ok:
+        return runs[0]
+    out = dict(ok[0])
+    for key in ("step_ms", "peak_mem_mb", "mem_before_model_mb"):
+        out[key] = statistics.median(r[key] for r in ok)
+    out["tokens_per_s"] = statistics.median(r["tokens_per_s"] for r in ok)
+    if out["mfu"] is not None:
+        out["mfu"] = statistics.median(r["mfu"] for r in ok)
+    out["step_ms_rounds"] = [round(r["step_ms"], 2) for r in ok]
+    return out
+
+
+# -------------------------------------------------------------------------------------------------------
+# Report
+
+
+def summarise(rows: dict[str, dict]) -> dict:
+    """The target ratios for one size (``None`` where a configuration did not run)."""
+
+    def val(name: str, key: str) -> float | None:
+        r = rows.get(name, {})
+        return r.get(key) if r.get("status") == "ok" else None
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a is not None and b else None
+
+    return {
+        "lora_qv_step_vs_full": ratio(val("lora_qv", "step_ms"), val("full", "step_ms")),
+        "lora_qkvo_step_vs_full": ratio(val("lora_qkvo", "step_ms"), val("full", "step_ms")),
+        "lora_qv_tokens_vs_peft": ratio(val("lora_qv", "tokens_per_s"), val("peft_qv", "tokens_per_s")),
+        "merged_vs_base_latency": ratio(val("infer_lora_merged", "step_ms"), val("infer_base", "step_ms")),
+        "unmerged_vs_base_latency": ratio(
+            val("infer_lora_unmerged", "step_ms"), val("infer_base", "step_ms")
+        ),
+        "lora_qv_mem_vs_full": ratio(val("lora_qv", "peak_mem_mb"), val("full", "peak_mem_mb")),
+    }
+
+
+TARGETS = (  # (summary key, label, limit, "max" or "min")
+    ("lora_qv_step_vs_full", "LoRA q+v training step time / full fine-tuning", 0.75, "max"),
+    ("lora_qv_tokens_vs_peft", "LoRA q+v tokens/s / transformers + PEFT", 1.3, "min"),
+    ("merged_vs_base_latency", "merged inference time / base", 1.02, "max"),
+    ("unmerged_vs_base_latency", "unmerged inference time / base", 1.05, "max"),
+    ("lora_qv_mem_vs_full", "LoRA q+v peak memory / full fine-tuning", 1.0, "max"),
+)
+
+
+def markdown(result: dict) -> str:
+    """The Markdown report: one table per size, the targets, the machine."""
+    m, s = result["machine"], result["settings"]
+    mem = "peak allocated (MiB)" if s["device"] == "cuda" else "peak RSS (MiB)"
+    rounds = f", median over {s['rounds']} rounds" if s["rounds"] > 1 else ""
+    load = [f"{la[0]:.2f}" if la else "?" for la in (m["load_average_start"], m["load_average_end"])]
+    lines = [
+        f"# Benchmark: {s['device']}, {s['dtype']}{', compiled' if s['compile'] else ''}",
+        "",
+        f"Machine: {m['gpu'] or m['cpu']}; {s['threads_used']} threads of {m['cpu_count']} CPUs; "
+        f"torch {m['torch']}; transformers {m['transformers']}, peft {m['peft']}; load average "
+        f"{load[0]} at the start, {load[1]} at the end.",
+        f"Median of {s['steps']} steps after {s['warmup']} warm-up, each configuration in a fresh "
+        f"process{rounds}.",
+    ]
+    for size, rows in result["results"].items():
+        sh = result["shapes"][size]
+        lines += [
+            "",
+            f"## {size}: d_model {sh['d_model']}, {sh['num_layers']} layers, {sh['num_heads']} heads, "
+            f"vocab {sh['vocab_size']}, batch {sh['batch']} x seq {sh['seq_len']}",
+            "",
+            f"| configuration | step (ms) | tokens/s | vs full | {mem} | trainable params | MFU |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        full = rows.get("full", {})
+        for name, r in rows.items():
+            if r["status"] != "ok":
+                lines.append(f"| {name} | {r['status']}: {r['reason']} | | | | | |")
+                continue
+            vs = f"{r['step_ms'] / full['step_ms']:.2f}x" if full.get("status") == "ok" else ""
+            vs = vs if r["trainable_params"] else ""
+            mfu = f"{100 * r['mfu']:.1f} %" if r["mfu"] is not None else "-"
+            lines.append(
+                f"| {name} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {vs} | {r['peak_mem_mb']:,.0f} "
+                f"| {r['trainable_params']:,} | {mfu} |"
+            )
+        summary = result["summary"][size]
+        lines += ["", "| target | limit | measured | met |", "|---|---:|---:|:---:|"]
+        for key, label, limit, kind in TARGETS:
+            v = summary[key]
+            met = "-" if v is None else "yes" if (v <= limit if kind == "max" else v >= limit) else "no"
+            shown = "-" if v is None else f"{v:.3f}"
+            lines.append(f"| {label} | {'<=' if kind == 'max' else '>='} {limit} | {shown} | {met} |")
+    lines += ["", FLOPS_NOTE if s["device"] == "cuda" else "", ""]
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    """Bars of tokens/s and peak memory per configuration, one row per size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = list(result["results"])
+    fig, axes = plt.subplots(len(sizes), 2, figsize=(11, 3.2 * len(sizes)), squeeze=False)
+    for row, size in zip(axes, sizes, strict=True):
+        rows = {n: r for n, r in result["results"][size].items() if r["status"] == "ok"}
+        names = list(rows)
+        colours = ["tab:blue" if rows[n]["trainable_params"] else "tab:green" for n in names]
+        colours = ["tab:orange" if n.startswith("peft") else c for n, c in zip(names, colours, strict=True)]
+        for ax, key, label in ((row[0], "tokens_per_s", "tokens/s"), (row[1], "peak_mem_mb", "peak MiB")):
+            ax.barh(names, [rows[n][key] for n in names], color=colours)
+            ax.invert_yaxis()
+            ax.set_xlabel(label)
+            ax.set_title(f"{size}: {label}", fontsize=10)
+            ax.grid(axis="x", alpha=0.3)
+    s = result["settings"]
+    fig.suptitle(f"{result['machine']['gpu'] or result['machine']['cpu']}, {s['device']} {s['dtype']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+# -------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="small", help=f"comma-separated, from {', '.join(SIZES)}")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="bf16 = autocast (cuda default)")
+    p.add_argument("--compile", action="store_true", help="torch.compile every model")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--rounds", type=int, default=1, help="fresh processes per configuration, interleaved")
+    p.add_argument("--configs", default=None, help="comma-separated subset of the configurations")
+    p.add_argument("--gradient_checkpointing", action="store_true", help="also time LoRA q+v checkpointed")
+    p.add_argument("--skip_peer", action="store_true", help="do not run transformers + PEFT")
+    p.add_argument("--out", default="runs/benchmark", help="folder for results.{json,md,png}")
+    p.add_argument("--quick", action="store_true", help="tiny model, 3 steps, 1 thread: seconds")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.sizes, args.steps, args.warmup, args.rounds = "tiny", 3, 1, 1
+        args.threads = args.threads or 1  # a tiny model: thread start-up and contention would dominate
+    args.sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    bad = [s for s in args.sizes if s not in SIZES]
+    if bad or not args.sizes:
+        p.error(f"unknown --sizes {bad}: choose among {', '.join(SIZES)}")
+    for name in ("steps", "rounds"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0 or (args.threads is not None and args.threads < 1):
+        p.error("--warmup must be >= 0 and --threads >= 1")
+    names = [c.name for c in (*CONFIGS, CHECKPOINTED)]
+    args.configs = [c.strip() for c in args.configs.split(",") if c.strip()] if args.configs else None
+    if args.configs is not None and (not args.configs or set(args.configs) - set(names)):
+        p.error(f"unknown --configs {args.configs}: choose among {', '.join(names)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda, but torch sees no CUDA device")
+    args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Run every configuration of every size; write results.{json,md,png}; return the results."""
+    args = parse_args(argv)
+    if args.worker:
+        job = json.loads(args.worker)
+        shape, config = (
+            Shape(**job["shape"]),
+            Config(**{**job["config"], "targets": tuple(job["config"]["targets"])}),
+        )
+        print(json.dumps(run_config(shape, config, job["opts"])))
+        return {}
+    opts = {k: getattr(args, k) for k in ("device", "dtype", "compile", "threads", "steps", "warmup")}
+    configs = [c for c in CONFIGS if not (args.skip_peer and c.impl == "peft")]
+    if args.gradient_checkpointing:
+        configs.insert(3, CHECKPOINTED)
+    if args.configs:
+        configs = [c for c in (*CONFIGS, CHECKPOINTED) if c.name in args.configs]
+    info = machine_info(args.device)
+    results: dict[str, dict[str, dict]] = {}
+    for size in args.sizes:
+        runs: dict[str, list[dict]] = {c.name: [] for c in configs}
+        for rnd in range(args.rounds):
+            for config in configs:
+                r = run_in_subprocess(SIZES[size], config, opts)
+                runs[config.name].append(r)
+                shown = f"{r['step_ms']:.1f} ms, {r['peak_mem_mb']:.0f} MiB" if r["status"] == "ok" else r
+                print(f"[{size} round {rnd + 1}/{args.rounds}] {config.name}: {shown}", flush=True)
+                results[size] = {name: merge_rounds(rs) for name, rs in runs.items() if rs}
+                # written after every run, so a run cut off by a time limit keeps what it measured
+                result = write_report(Path(args.out), info, args, argv, results)
+    print(f"\nwrote {args.out}/results.{{json,md,png}}\n\n" + markdown(result))
+    return result
+
+
+def write_report(
+    out: Path, info: dict, args: argparse.Namespace, argv: Sequence[str] | None, results: dict
+) -> dict:
+    """Assemble the result record and write ``results.json``, ``results.md`` and ``results.png``."""
+    info["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    threads = next((r["threads"] for rows in results.values() for r in rows.values() if "threads" in r), None)
+    opts = {k: getattr(args, k) for k in ("device", "dtype", "compile", "threads", "steps", "warmup")}
+    argv = list(sys.argv[1:] if argv is None else argv)
+    result = {
+        "machine": info,
+        "settings": {**opts, "rounds": args.rounds, "threads_used": threads, "argv": argv},
+        "shapes": {s: asdict(SIZES[s]) for s in results},
+        "results": results,
+        "summary": {s: summarise(rows) for s, rows in results.items()},
+        "flops_note": FLOPS_NOTE,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "results.md").write_text(markdown(result))
+    plot(result, out / "results.png")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""scripts/benchmark.py end to end (--quick), its FLOP counts and flags; and the two speed features it
+measures: LoRALinear's hand-written backward and gradient checkpointing, checked against plain autograd."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lora.lora_layer import LoRALinear
+from lora.lora_transformer import LoRATransformer
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("benchmark", ROOT / "scripts" / "benchmark.py")
+benchmark = importlib.util.module_from_spec(spec)
+sys.modules["benchmark"] = benchmark  # its dataclasses look their module up there
+spec.loader.exec_module(benchmark)
+
+
+def test_quick_run_writes_json_markdown_and_png(tmp_path):
+    cmd = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--quick", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "results.json").read_text())
+    rows = result["results"]["tiny"]
+    assert list(rows) == [c.name for c in benchmark.CONFIGS]
+    for name, r in rows.items():
+        if name == "peft_qv" and r["status"] == "skipped":  # the `bench` extra is not installed
+            assert "bench" in r["reason"]
+            continue
+        assert r["status"] == "ok", (name, r)
+        for key in ("step_ms", "tokens_per_s", "peak_mem_mb", "flops_per_token", "total_params"):
+            assert r[key] > 0, (name, key, r[key])
+        assert (r["trainable_params"] > 0) == (name in ("full", "lora_qv", "lora_qkvo", "peft_qv"))
+    assert rows["lora_qv"]["trainable_params"] == 2 * 2 * 8 * (64 + 64)  # layers x (q, v) x r x (in + out)
+    assert rows["full"]["trainable_params"] == rows["full"]["total_params"]
+    assert rows["infer_lora_merged"]["merged_vs_unmerged_max_abs_diff"] < 1e-4
+    assert result["machine"]["torch"] == torch.__version__ and result["machine"]["cpu"]
+    md = (tmp_path / "results.md").read_text()
+    assert "| lora_qv |" in md and "| target |" in md
+    assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_flops_per_token_by_hand():
+    shape = benchmark.Shape(d_model=4, num_layers=1, num_heads=1, seq_len=2, batch=1, vocab_size=10)
+    n = 12 * 4 * 4 + 4 * 10  # q, k, v, o (4 d^2) + fc1, fc2 (8 d^2) + LM head (d V) = 232
+    attn = 4 * 1 * 2 * 4  # 4 L T d = 32
+    n_lora = 1 * 2 * 8 * 2 * 4  # L x (q, v) x r x (d + d) = 128
+    cfg = {c.name: c for c in benchmark.CONFIGS}
+    assert benchmark.flops_per_token(shape, cfg["full"]) == 6 * n + 3 * attn
+    assert benchmark.flops_per_token(shape, cfg["lora_qv"]) == 4 * n + 3 * attn + 6 * n_lora
+    assert benchmark.flops_per_token(shape, cfg["infer_base"]) == 2 * n + attn
+    assert benchmark.flops_per_token(shape, cfg["infer_lora_unmerged"]) == 2 * n + attn + 2 * n_lora
+    assert benchmark.flops_per_token(shape, cfg["infer_lora_merged"]) == 2 * n + attn
+
+
+def test_peak_flops_known_gpus():
+    assert benchmark.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert benchmark.peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert benchmark.peak_flops("Some other card") is None
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--sizes", "huge"], "unknown --sizes"),
+        (["--steps", "0"], "--steps must be >= 1"),
+        (["--threads", "0"], "--threads >= 1"),
+    ],
+)
+def test_bad_flags_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_gradient_checkpointing_keeps_lora_gradients():
+    """Checkpointed blocks (non-reentrant) give the same loss and LoRA gradients as plain ones."""
+    torch.manual_seed(0)
+    model = LoRATransformer(50, 32, 4, 2, max_seq_len=16, dropout=0.1, lora_targets=("q", "v"))
+    model.configure_lora_training()
+    for _, layer in model.lora_layers():
+        torch.nn.init.normal_(layer.lora_B, std=0.05)
+    idx = torch.randint(0, 50, (3, 16))
+    grads = []
+    for flag in (False, True):
+        model.gradient_checkpointing = flag
+        torch.manual_seed(1)  # same dropout masks
+        loss = F.cross_entropy(model(idx).reshape(-1, 50), idx.reshape(-1))
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+        model.zero_grad(set_to_none=True)
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 2 * 2 * 2
+    for name, g in grads[0].items():
+        assert g.abs().sum() > 0, name
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("trainable_base", [False, True])
+@pytest.mark.parametrize("x_requires_grad", [False, True])
+def test_hand_written_backward_equals_autograd(trainable_base, x_requires_grad):
+    """The fast path (no dropout, no autocast, eager) against the plain-autograd path, in float64."""
+    torch.manual_seed(0)
+    layer = LoRALinear(16, 12, r=4, lora_alpha=8.0, dtype=torch.float64)
+    nn.init.normal_(layer.lora_B)
+    layer.weight.requires_grad_(trainable_base)
+    layer.bias.requires_grad_(trainable_base)
+    x = torch.randn(2, 7, 16, dtype=torch.float64, requires_grad=x_requires_grad)
+    params = [p for p in (layer.weight, layer.bias, layer.lora_A, layer.lora_B) if p.requires_grad]
+    inputs = [x, *params] if x_requires_grad else params
+    g = torch.randn(2, 7, 12, dtype=torch.float64)
+    fast = layer(x)
+    fast_grads = torch.autograd.grad(fast, inputs, g)
+    layer.lora_dropout = nn.Dropout(0.0)  # same maths, plain autograd
+    plain = layer(x)
+    plain_grads = torch.autograd.grad(plain, inputs, g)
+    torch.testing.assert_close(fast, plain)
+    for a, b in zip(fast_grads, plain_grads, strict=True):
+        torch.testing.assert_close(a, b)
