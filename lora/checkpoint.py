@@ -17,15 +17,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from lora.adapters import atomic_save_safetensors
 from lora.config import LoRAError
 
-__all__ = ["CheckpointError", "find_latest", "load_checkpoint", "save_checkpoint"]
+__all__ = ["CheckpointError", "find_latest", "load_checkpoint", "read_trainer_state", "save_checkpoint"]
 
 _NAME = re.compile(r"^checkpoint-(\d+)\.safetensors$")
+_STATE_KEYS = ("step", "epoch", "batch_in_epoch", "history", "rng", "param_groups", "param_names")
 
 
 class CheckpointError(LoRAError):
@@ -79,6 +80,8 @@ def save_checkpoint(
     atomic_save_safetensors(tensors, path, metadata={"trainer_state": json.dumps(meta)})
     for old in sorted(_checkpoints(folder))[:-keep]:
         old.unlink(missing_ok=True)
+    for stale in folder.glob(".checkpoint-*.tmp"):  # left by a process killed while writing a checkpoint
+        stale.unlink(missing_ok=True)
     return path
 
 
@@ -92,19 +95,38 @@ def find_latest(folder: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore weights, optimizer and RNG states from ``path``; return the trainer state (step, history...)."""
+def _corrupted(path: Path, e: Exception) -> CheckpointError:
+    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return CheckpointError(f"checkpoint {path} is truncated or corrupted ({reason})")
+
+
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    """The JSON trainer state in ``path``'s header, checked without reading the tensors.
+
+    safetensors checks that the header covers the whole file, so a truncated or padded file, or one that is
+    not safetensors at all (a pickle, say), raises :class:`CheckpointError` here, before any output is made.
+    """
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        tensors = load_file(str(path))
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {})["trainer_state"])
-    except (SafetensorError, OSError, KeyError, ValueError, json.JSONDecodeError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupted ({reason})") from None
+            raw = (f.metadata() or {}).get("trainer_state")
+        meta = json.loads(raw) if raw is not None else None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise _corrupted(path, e) from None
+    missing = [k for k in _STATE_KEYS if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise CheckpointError(f"{path} is not a training checkpoint (its header lacks {', '.join(missing)})")
+    return meta
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore weights, optimizer and RNG states from ``path``; return the trainer state (step, history...)."""
+    meta = read_trainer_state(path)
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise _corrupted(path, e) from None
     params = dict(model.named_parameters())
     wanted = {f"model.{n}" for n, p in params.items() if p.requires_grad}
     present = {k for k in tensors if k.startswith("model.")}
@@ -112,7 +134,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         diff = sorted(wanted ^ present)[:3]
         raise CheckpointError(f"checkpoint {path} does not match this run's trainable weights (e.g. {diff})")
     with torch.no_grad():
-        for key in wanted:
+        for key in sorted(wanted):  # the same first complaint every time
             target = params[key[len("model.") :]]
             if target.shape != tensors[key].shape:
                 raise CheckpointError(f"checkpoint {path}: {key} has shape {tuple(tensors[key].shape)}, "
@@ -127,9 +149,13 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         if key.startswith("optim."):
             _, i, name = key.split(".", 2)
             state.setdefault(int(i), {})[name] = value
-    groups = [
-        {**g, "params": og["params"]} for g, og in zip(meta["param_groups"], opt["param_groups"], strict=True)
-    ]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
-    _set_rng_state(tensors, meta["rng"])
+    try:
+        groups = [
+            {**g, "params": og["params"]}
+            for g, og in zip(meta["param_groups"], opt["param_groups"], strict=True)
+        ]
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+        _set_rng_state(tensors, meta["rng"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise _corrupted(path, e) from None
     return {k: v for k, v in meta.items() if k not in ("rng", "param_groups", "param_names")}

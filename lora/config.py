@@ -252,6 +252,13 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error on one line."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
+        if message.startswith("unrecognized arguments:"):  # --lora_rank: did you mean --lora_r?
+            flags = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
+            for word in message.split(":", 1)[1].split():
+                close = difflib.get_close_matches(word.split("=")[0], flags, n=1, cutoff=0.6)
+                if word.startswith("--") and close:
+                    message += f"; did you mean {close[0]}?"
+                    break
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 

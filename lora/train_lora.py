@@ -17,6 +17,7 @@ import contextlib
 import json
 import math
 import os
+import shlex
 import shutil
 import signal
 import sys
@@ -34,7 +35,7 @@ if __package__ in (None, ""):  # `python lora/train_lora.py` or `cd lora && pyth
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lora.adapters import atomic_write_bytes, save_adapter
-from lora.checkpoint import CheckpointError, find_latest, load_checkpoint, save_checkpoint
+from lora.checkpoint import CheckpointError, find_latest, load_checkpoint, read_trainer_state, save_checkpoint
 from lora.config import ConfigError, LoRAError, TrainConfig, build_parser, load_yaml, resolve_config
 from lora.data import IGNORE, VOCAB_SIZE, Task, TaskData, base_task_of, load_task
 from lora.lora_transformer import LoRATransformer
@@ -334,10 +335,10 @@ class LoRATrainer:
                     if not torch.isfinite(loss):
                         raise self._diverged("loss", loss.item())
                     loss.backward()
-                    if self.grad_clip > 0:
-                        norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
-                        if not torch.isfinite(norm):
-                            raise self._diverged("gradient norm", norm.item())
+                    # with clipping off, max_norm inf only measures (the grads are scaled by exactly 1)
+                    norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip or math.inf)
+                    if not torch.isfinite(norm):
+                        raise self._diverged("gradient norm", norm.item())
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
                     loss_value = loss.item()  # waits for the device: the step's time is complete
@@ -430,6 +431,10 @@ def ensure_base(cfg: TrainConfig, device: torch.device, out: RunOutput) -> Path:
         return folder
     if cfg.base_checkpoint != "auto":
         raise LoRAError(f"base checkpoint not found: {folder} (expected config.json and model.safetensors)")
+    try:  # an output_dir that cannot be written fails now, not after pretraining
+        folder.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LoRAError(f"cannot create the folder {folder.parent}: {e.strerror}") from None
     base_task = load_task(cfg, base_task_of(cfg.task))
     out.say(f"No base model yet: pretraining one on '{base_task.name}' ({base_task.description}), "
             f"{cfg.base_steps} steps, once; it is saved to {folder} and reused by later runs.")  # fmt: skip
@@ -506,9 +511,10 @@ def _find_resume(cfg: TrainConfig) -> Path | None:
         latest = find_latest(target)
         if latest is None:
             raise CheckpointError(f"no checkpoint to resume from in {target}")
-        return latest
-    if not target.is_file():
+        target = latest
+    elif not target.is_file():
         raise CheckpointError(f"checkpoint not found: {target}")
+    read_trainer_state(target)  # truncated, corrupted or not a checkpoint: one line, before any output
     return target
 
 
@@ -548,20 +554,23 @@ def run(cfg: TrainConfig, out_enabled: bool = True) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     task = load_task(cfg)
     resume = _find_resume(cfg)
-    folder = prepare_run_folder(cfg, resume)
-    out = RunOutput(folder, out_enabled)
-    out.say(f"run folder: {folder}")
-    if resume is None:
-        out.write("config.yaml", yaml.safe_dump({**cfg.to_dict(), "run_name": folder.name}, sort_keys=False))
-    base_dir = ensure_base(cfg, device, out)
+    base_dir = ensure_base(cfg, device, RunOutput(None, out_enabled))
 
     from lora.adapters import base_fingerprint
 
     torch.manual_seed(cfg.seed)
-    model = LoRATransformer.from_pretrained(base_dir, num_classes=task.num_classes, **_lora_options(cfg))
+    try:
+        model = LoRATransformer.from_pretrained(base_dir, num_classes=task.num_classes, **_lora_options(cfg))
+    except ValueError as e:  # a missing, truncated or corrupted base: one line
+        raise LoRAError(f"cannot load the base model: {e}") from None
     width = task.train.x.shape[1]
     if width > model.max_seq_len:
         raise ConfigError(f"seq_len {width} exceeds the base model's max_seq_len {model.max_seq_len}")
+    folder = prepare_run_folder(cfg, resume)  # only now that every input is checked: a typo touches no folder
+    out = RunOutput(folder, out_enabled)
+    out.say(f"run folder: {folder}")
+    if resume is None:
+        out.write("config.yaml", yaml.safe_dump({**cfg.to_dict(), "run_name": folder.name}, sort_keys=False))
     if cfg.method == "lora":
         model.configure_lora_training()
     else:
@@ -637,8 +646,17 @@ def _config_from_argv(argv: Sequence[str] | None) -> TrainConfig:
     return resolve_config(yaml_values, args, where=str(path or "config"))
 
 
+def resume_command(folder: Path) -> str:
+    """The shell command that continues the run in ``folder`` (run from the current folder)."""
+    script = Path(__file__).resolve()
+    with contextlib.suppress(ValueError):
+        script = script.relative_to(Path.cwd())
+    return f"python {shlex.quote(str(script))} --resume {shlex.quote(str(folder))}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit code (0 ok, 2 bad input, 3 diverged, 130 interrupted)."""
+    """Command-line entry point; returns the exit code (0 ok, 1 I/O failure, 2 bad input, 3 diverged,
+    130 interrupted)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
@@ -646,16 +664,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         run(cfg)
         return 0
     except Interrupted as e:
-        where = e.checkpoint.parent if e.checkpoint else None
-        print(f"interrupted; checkpoint {e.checkpoint}", file=sys.stderr)
-        if where is not None:
-            print(f"resume with: python lora/train_lora.py --resume {where}", file=sys.stderr)
+        if e.checkpoint is None:
+            print("interrupted; no checkpoint was written", file=sys.stderr)
+        else:
+            print(f"interrupted; checkpoint {e.checkpoint}", file=sys.stderr)
+            print(f"resume with: {resume_command(e.checkpoint.parent)}", file=sys.stderr)
         return 130
     except LoRAError as e:
         if debug:
             raise
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # a write failed (disk full, say); the checkpoints written so far are whole
+        if debug:
+            raise
+        print(f"error: {e.filename or 'I/O'}: {e.strerror or e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
