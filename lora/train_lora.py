@@ -258,6 +258,7 @@ class LoRATrainer:
                                                         "lr", "tokens_per_s", "elapsed_s")}  # fmt: skip
         self._stop_signal: int | None = None
         self.last_checkpoint: Path | None = None
+        self.run_info: dict[str, Any] = {}  # JSON kept in every checkpoint: run() puts the base fingerprint
 
     # ----------------------------------------------------------------------------------------------------
 
@@ -279,7 +280,8 @@ class LoRATrainer:
         epoch, batch = self.epoch, self.batch_in_epoch
         if batch >= len(self.train_loader):
             epoch, batch = epoch + 1, 0
-        return {"step": self.step, "epoch": epoch, "batch_in_epoch": batch, "history": self.history}
+        return {"step": self.step, "epoch": epoch, "batch_in_epoch": batch, "history": self.history,
+                **self.run_info}  # fmt: skip
 
     def save_checkpoint(self) -> Path | None:
         path = self.out.checkpoint(self.model, self.optimizer, self._state(), self.keep)
@@ -566,6 +568,11 @@ def run(cfg: TrainConfig, out_enabled: bool = True) -> dict[str, Any]:
     width = task.train.x.shape[1]
     if width > model.max_seq_len:
         raise ConfigError(f"seq_len {width} exceeds the base model's max_seq_len {model.max_seq_len}")
+    fingerprint = base_fingerprint(model)
+    saved = read_trainer_state(resume).get("base_fingerprint") if resume is not None else None
+    if saved not in (None, fingerprint):
+        raise CheckpointError(f"checkpoint {resume} was trained on other base weights (fingerprint {saved}, "
+                              f"this base {fingerprint}); resume with the run's own base_checkpoint")  # fmt: skip
     folder = prepare_run_folder(cfg, resume)  # only now that every input is checked: a typo touches no folder
     out = RunOutput(folder, out_enabled)
     out.say(f"run folder: {folder}")
@@ -575,7 +582,6 @@ def run(cfg: TrainConfig, out_enabled: bool = True) -> dict[str, Any]:
         model.configure_lora_training()
     else:
         model.requires_grad_(True)
-    fingerprint = base_fingerprint(model)
     stats = model.get_parameter_stats()
     out.say(f"{cfg.method}: training {stats['trainable_params']:,} of {stats['total_params']:,} parameters "
             f"({stats['trainable_percent']:.2f}%, {stats['reduction_factor']:.0f}x fewer) on {device}")  # fmt: skip
@@ -592,6 +598,7 @@ def run(cfg: TrainConfig, out_enabled: bool = True) -> dict[str, Any]:
         compile=cfg.compile, save_every=cfg.save_every, keep_checkpoints=cfg.keep_checkpoints, output=out,
         label=label,
     )  # fmt: skip
+    trainer.run_info["base_fingerprint"] = fingerprint
     base_eval = trainer.evaluate(max_batches=0)
     out.say(f"frozen base on '{task.name}': {task.metric_name} {base_eval['metric']:.4f}")
     if resume is not None:

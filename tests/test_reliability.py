@@ -326,6 +326,16 @@ def test_bad_checkpoints_are_one_line_and_damage_nothing(finished, tmp_path, cap
     # a checkpoint of another run's shape: refused when loading, after the progress messages
     assert main(["--resume", str(finished), "--lora_r", "4"]) == 2
     one_error_line(capsys, "q_proj.lora_A has shape (8, 32), expected (4, 32)", alone=False)
+    # a checkpoint resumed on another base (same shapes, other weights)
+    fingerprint = json.loads((finished / "adapter_config.json").read_text())["base_fingerprint"]
+    assert read_trainer_state(find_latest(finished))["base_fingerprint"] == fingerprint
+    torch.manual_seed(1)
+    other = tmp_path / "other-base"
+    LoRATransformer(256, d_model=32, num_heads=2, num_layers=1, max_seq_len=32, lora_r=0).save_pretrained(
+        other
+    )
+    assert main(["--resume", str(finished), "--base_checkpoint", str(other)]) == 2
+    one_error_line(capsys, "was trained on other base weights", f"fingerprint {fingerprint}", alone=False)
     assert snapshot(finished) == before
     assert sorted(p.name for p in finished.parent.iterdir()) == ["done"]
 
