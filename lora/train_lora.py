@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 if __package__ in (None, ""):  # `python lora/train_lora.py` or `cd lora && python train_lora.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lora.adapters import atomic_write_bytes, save_adapter
+from lora.adapters import atomic_write_bytes, save_adapter, save_pretrained
 from lora.checkpoint import CheckpointError, find_latest, load_checkpoint, read_trainer_state, save_checkpoint
 from lora.config import ConfigError, LoRAError, TrainConfig, build_parser, load_yaml, resolve_config
 from lora.data import IGNORE, VOCAB_SIZE, Task, TaskData, base_task_of, load_task
@@ -134,6 +134,16 @@ class RunOutput:
         if not (self.enabled and self.folder):
             return None
         return save_checkpoint(self.folder, model, optimizer, state, keep)
+
+    def model(self, model: LoRATransformer, path: Path) -> None:
+        """A whole model folder, written to a temporary folder and renamed: it appears complete or not at all."""
+        if not self.enabled:
+            return
+        tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_pretrained(model, tmp)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, path)
 
     def adapter(self, model: LoRATransformer, extra: dict) -> None:
         if self.enabled and self.folder:
@@ -455,13 +465,7 @@ def ensure_base(cfg: TrainConfig, device: torch.device, out: RunOutput) -> Path:
         trainer.train()
     result = trainer.evaluate(max_batches=0)
     out.say(f"base model on '{base_task.name}': {base_task.metric_name} {result['metric']:.4f}")
-    from lora.adapters import save_pretrained
-
-    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_pretrained(model.cpu(), tmp)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, folder)  # the folder appears complete or not at all
+    out.model(model.cpu(), folder)
     return folder
 
 
@@ -616,10 +620,8 @@ def run(cfg: TrainConfig, out_enabled: bool = True) -> dict[str, Any]:
              "labels": task.labels}  # fmt: skip
     if cfg.method == "lora":
         out.adapter(model, extra)
-    elif out.enabled:
-        from lora.adapters import save_pretrained
-
-        save_pretrained(model, folder / "model")
+    else:
+        out.model(model, folder / "model")
     out.write("history.json", trainer.history)
     trainer.plot_training_history(base_metric=base_eval["metric"])
     tps = trainer.history["tokens_per_s"]
