@@ -34,7 +34,7 @@ from torch import nn
 
 from lora import __version__
 from lora.lora_layer import LoRALinear, lora_modules
-from lora.lora_transformer import LoRATransformer, parse_targets
+from lora.lora_transformer import LoRATransformer, describe_mismatch, parse_targets
 
 __all__ = [
     "ADAPTER_CONFIG_NAME",
@@ -257,25 +257,9 @@ def from_pretrained(path: str | Path, **lora_options: object) -> LoRATransformer
 
 
 def _check_tensors(got: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], path: Path) -> None:
-    problems = []
-    missing = sorted(set(expected) - set(got))
-    unexpected = sorted(set(got) - set(expected))
-    shapes = [
-        f"{k} {_shape(got[k])} (expected {_shape(expected[k])})"
-        for k in sorted(set(got) & set(expected))
-        if got[k].shape != expected[k].shape
-    ]
-    for label, items in (
-        ("missing tensors", missing),
-        ("unexpected tensors", unexpected),
-        ("wrong shapes", shapes),
-    ):
-        if items:
-            problems.append(
-                f"{label}: " + ", ".join(items[:4]) + (f" (+{len(items) - 4} more)" if len(items) > 4 else "")
-            )
-    if problems:
-        raise ValueError(f"{path}: " + "; ".join(problems))
+    problem = describe_mismatch(got, expected)
+    if problem:
+        raise ValueError(f"{path}: {problem}")
 
 
 # ---------------------------------------------------------------------------------------------------------

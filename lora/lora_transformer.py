@@ -41,6 +41,28 @@ ATTENTION_TARGETS = ("q", "k", "v", "o")
 _PROJ = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "fc1": "fc1", "fc2": "fc2"}
 
 
+def describe_mismatch(
+    got: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], noun: str = "tensors"
+) -> str:
+    """One line naming what ``got`` lacks, has in excess, or has in the wrong shape; ``""`` if it fits."""
+    common = sorted(set(got) & set(expected))
+    found = {
+        f"missing {noun}": sorted(set(expected) - set(got)),
+        f"unexpected {noun}": sorted(set(got) - set(expected)),
+        "wrong shapes": [
+            f"{k} {tuple(got[k].shape)} (expected {tuple(expected[k].shape)})"
+            for k in common
+            if got[k].shape != expected[k].shape
+        ],
+    }
+    parts = []
+    for label, items in found.items():
+        if items:
+            extra = f" (+{len(items) - 4} more)" if len(items) > 4 else ""
+            parts.append(f"{label}: {', '.join(items[:4])}{extra}")
+    return "; ".join(parts)
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with separate Q, K, V and output projections."""
 
@@ -298,24 +320,9 @@ class LoRATransformer(nn.Module):
     def load_lora_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         """Load tensors from :meth:`lora_state_dict`; missing, unexpected or mis-shaped keys raise."""
         own = self.lora_state_dict()
-        missing = sorted(set(own) - set(state_dict))
-        unexpected = sorted(set(state_dict) - set(own))
-        shapes = [
-            f"{k}: expected {tuple(own[k].shape)}, got {tuple(state_dict[k].shape)}"
-            for k in sorted(set(own) & set(state_dict))
-            if own[k].shape != state_dict[k].shape
-        ]
-        problems = []
-        for label, items in (
-            ("missing keys", missing),
-            ("unexpected keys", unexpected),
-            ("wrong shapes", shapes),
-        ):
-            if items:
-                shown = ", ".join(items[:5]) + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
-                problems.append(f"{label}: {shown}")
-        if problems:
-            raise ValueError("adapter does not fit this model: " + "; ".join(problems))
+        problem = describe_mismatch(state_dict, own, noun="keys")
+        if problem:
+            raise ValueError(f"adapter does not fit this model: {problem}")
         merged = [layer for _, layer in self.lora_layers() if layer.merged]
         for layer in merged:
             layer.unmerge()
