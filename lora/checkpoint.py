@@ -46,7 +46,7 @@ def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     torch.set_rng_state(tensors["rng.torch"])
-    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+    cuda = [tensors[f"rng.cuda.{i}"] for i in range(sum(k.startswith("rng.cuda.") for k in tensors))]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
     version, state, gauss = meta["python"]
@@ -78,7 +78,7 @@ def save_checkpoint(
     meta = {**state, "rng": rng_meta, "param_groups": groups, "param_names": params}
     path = folder / f"checkpoint-{state['step']:07d}.safetensors"
     atomic_save_safetensors(tensors, path, metadata={"trainer_state": json.dumps(meta)})
-    for old in sorted(_checkpoints(folder))[:-keep]:
+    for old in _checkpoints(folder)[:-keep]:
         old.unlink(missing_ok=True)
     for stale in folder.glob(".checkpoint-*.tmp"):  # left by a process killed while writing a checkpoint
         stale.unlink(missing_ok=True)
@@ -86,12 +86,14 @@ def save_checkpoint(
 
 
 def _checkpoints(folder: Path) -> list[Path]:
-    return [p for p in folder.glob("checkpoint-*.safetensors") if _NAME.match(p.name)]
+    """The checkpoints in ``folder``, oldest first (by step, as a number: step 10**7 sorts after 9999999)."""
+    found = [(int(m[1]), p) for p in folder.glob("checkpoint-*.safetensors") if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
 
 
 def find_latest(folder: Path) -> Path | None:
     """The newest checkpoint in ``folder`` (by step), or ``None``."""
-    found = sorted(_checkpoints(folder))
+    found = _checkpoints(folder)
     return found[-1] if found else None
 
 

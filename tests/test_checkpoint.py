@@ -56,6 +56,9 @@ def test_keeps_the_newest_k_and_finds_the_latest_by_step(tmp_path):
     assert names == ["checkpoint-0000015.safetensors", "checkpoint-0000100.safetensors"]
     assert find_latest(tmp_path).name == "checkpoint-0000100.safetensors"
     assert find_latest(tmp_path / "nothing-here") is None
+    save_checkpoint(tmp_path, model, optimizer, {**state(1), "step": 12_345_678}, keep=2)  # past 7 digits
+    assert find_latest(tmp_path).name == "checkpoint-12345678.safetensors"
+    assert sorted(p.name for p in tmp_path.iterdir())[0] == "checkpoint-0000100.safetensors"
 
 
 def test_a_failed_write_leaves_the_previous_checkpoint_whole_and_loadable(tmp_path, monkeypatch):
