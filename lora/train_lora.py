@@ -188,7 +188,7 @@ def evaluate_model(
     for b, batch in enumerate(loader.batches()):
         if max_batches and b >= max_batches:
             break
-        loss, logits = batch_loss(forward or model, batch, device, autocast)
+        loss, logits = batch_loss(forward if forward is not None else model, batch, device, autocast)
         y = batch["y"].to(device)
         scored = (y != IGNORE).sum().item()
         loss_sum += loss.item() * scored

@@ -188,3 +188,21 @@ def test_own_jsonl_classification(tiny_flags, tmp_path):
     adapter = json.loads((folder / "adapter_config.json").read_text())
     assert adapter["num_classes"] == 2 and adapter["labels"] == ["neg", "pos"]
     assert not (folder / "samples.txt").exists()
+
+
+def test_evaluate_accepts_a_forward_without_truth_value():
+    """torch.compile's wrapper raises on len() (so on bool()); evaluate must not test its truth."""
+
+    class Wrapped:
+        def __init__(self, model):
+            self.model = model
+
+        def __call__(self, *args, **kwargs):
+            return self.model(*args, **kwargs)
+
+        def __len__(self):
+            raise TypeError("no len()")
+
+    trainer = _tiny_trainer("lora", max_steps=1)
+    trainer.forward = Wrapped(trainer.model)
+    assert 0.0 <= trainer.evaluate()["metric"] <= 1.0
