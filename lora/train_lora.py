@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 if __package__ in (None, ""):  # `python lora/train_lora.py` or `cd lora && python train_lora.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lora.adapters import atomic_write_bytes, save_adapter, save_pretrained
+from lora.adapters import atomic_write_bytes, base_fingerprint, save_adapter, save_pretrained
 from lora.checkpoint import CheckpointError, find_latest, load_checkpoint, read_trainer_state, save_checkpoint
 from lora.config import ConfigError, LoRAError, TrainConfig, build_parser, load_yaml, resolve_config
 from lora.data import IGNORE, VOCAB_SIZE, Task, TaskData, base_task_of, load_task
@@ -478,12 +478,17 @@ def _dropping_signals_as_errors() -> Iterator[None]:
         raise LoRAError("interrupted while pretraining the base model; nothing was saved") from None
 
 
+def run_folder_name(cfg: TrainConfig) -> str:
+    """``cfg.run_name``, or by default ``<task>-lora-r<r>`` (``<task>-full`` for full fine-tuning)."""
+    return cfg.run_name or (f"{cfg.task}-full" if cfg.method == "full" else f"{cfg.task}-lora-r{cfg.lora_r}")
+
+
 def prepare_run_folder(cfg: TrainConfig, resume: Path | None) -> Path:
     """The run folder: the resumed run's, or a new one (an existing name gets a suffix unless --overwrite)."""
     if resume is not None:
         return resume.parent if resume.is_file() else resume
     root = Path(cfg.output_dir)
-    name = cfg.run_name or (f"{cfg.task}-full" if cfg.method == "full" else f"{cfg.task}-lora-r{cfg.lora_r}")
+    name = run_folder_name(cfg)
     folder = root / name
     if folder.exists() and cfg.overwrite:
         if any(folder.iterdir()) and not (folder / "config.yaml").is_file():
@@ -506,13 +511,7 @@ def _find_resume(cfg: TrainConfig) -> Path | None:
     """``--resume``: a checkpoint file, a run folder (its newest checkpoint) or ``auto`` (this run's)."""
     if cfg.resume is None:
         return None
-    if cfg.resume == "auto":
-        name = cfg.run_name or (
-            f"{cfg.task}-full" if cfg.method == "full" else f"{cfg.task}-lora-r{cfg.lora_r}"
-        )
-        target = Path(cfg.output_dir) / name
-    else:
-        target = Path(cfg.resume)
+    target = Path(cfg.output_dir) / run_folder_name(cfg) if cfg.resume == "auto" else Path(cfg.resume)
     if target.is_dir():
         latest = find_latest(target)
         if latest is None:
@@ -561,9 +560,6 @@ def run(cfg: TrainConfig, out_enabled: bool = True) -> dict[str, Any]:
     task = load_task(cfg)
     resume = _find_resume(cfg)
     base_dir = ensure_base(cfg, device, RunOutput(None, out_enabled))
-
-    from lora.adapters import base_fingerprint
-
     torch.manual_seed(cfg.seed)
     try:
         model = LoRATransformer.from_pretrained(base_dir, num_classes=task.num_classes, **_lora_options(cfg))
