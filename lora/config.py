@@ -54,6 +54,9 @@ class TrainConfig:
     device: str = field(default="auto", metadata=_help("auto (cuda if available), cpu, cuda or mps"))
     precision: str = field(default="auto", metadata=_help("auto (bf16 autocast on CUDA), fp32 or bf16"))
     compile: bool = field(default=False, metadata=_help("torch.compile the model (useful on GPUs)"))
+    gradient_checkpointing: bool = field(
+        default=False, metadata=_help("recompute block activations in backward: less memory, ~1 more forward")
+    )
     debug: bool = field(default=False, metadata=_help("show full tracebacks on errors"))
     # --- data
     train_file: str | None = field(default=None, metadata=_help("your data: UTF-8 text (task text) or JSONL"))

@@ -582,6 +582,7 @@ def run(cfg: TrainConfig, out_enabled: bool = True) -> dict[str, Any]:
         model.configure_lora_training()
     else:
         model.requires_grad_(True)
+    model.gradient_checkpointing = cfg.gradient_checkpointing
     stats = model.get_parameter_stats()
     out.say(f"{cfg.method}: training {stats['trainable_params']:,} of {stats['total_params']:,} parameters "
             f"({stats['trainable_percent']:.2f}%, {stats['reduction_factor']:.0f}x fewer) on {device}")  # fmt: skip
