@@ -95,7 +95,8 @@ _LEAVES = ("lora_A", "lora_B")
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically: a temporary file in the same folder, fsync, ``os.replace``.
 
-    A reader sees the old file or the new one, never half of one, even if the process dies mid-write.
+    A reader sees the old file or the new one, never half of one, even if the process dies mid-write;
+    the folder is fsynced after the rename so that the rename survives a power cut too.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -110,6 +111,16 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    try:  # make the rename itself durable (a power cut after this keeps the new file)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:  # a platform that cannot open folders (Windows): the rename is still atomic
+        return path
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
     return path
 
 
