@@ -206,3 +206,10 @@ def test_evaluate_accepts_a_forward_without_truth_value():
     trainer = _tiny_trainer("lora", max_steps=1)
     trainer.forward = Wrapped(trainer.model)
     assert 0.0 <= trainer.evaluate()["metric"] <= 1.0
+
+
+def test_default_yaml_is_the_main_job_and_every_config_loads():
+    assert load_config(["--config", str(ROOT / "configs" / "default.yaml")]) == TrainConfig()
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        cfg = load_config(["--config", str(path), "--train_file", "x.txt"])
+        assert cfg.method in ("lora", "full"), path
