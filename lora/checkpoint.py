@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from lora.adapters import atomic_save_safetensors
 from lora.config import LoRAError
+from lora.lora_transformer import describe_mismatch
 
 __all__ = ["CheckpointError", "find_latest", "load_checkpoint", "read_trainer_state", "save_checkpoint"]
 
@@ -129,18 +130,13 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise _corrupted(path, e) from None
-    params = dict(model.named_parameters())
-    wanted = {f"model.{n}" for n, p in params.items() if p.requires_grad}
-    present = {k for k in tensors if k.startswith("model.")}
-    if wanted != present:
-        diff = sorted(wanted ^ present)[:3]
-        raise CheckpointError(f"checkpoint {path} does not match this run's trainable weights (e.g. {diff})")
+    trainable = {f"model.{n}": p for n, p in model.named_parameters() if p.requires_grad}
+    saved = {k: v for k, v in tensors.items() if k.startswith("model.")}
+    problem = describe_mismatch(saved, trainable, noun="weights")
+    if problem:
+        raise CheckpointError(f"checkpoint {path} does not match this run's trainable weights: {problem}")
     with torch.no_grad():
-        for key in sorted(wanted):  # the same first complaint every time
-            target = params[key[len("model.") :]]
-            if target.shape != tensors[key].shape:
-                raise CheckpointError(f"checkpoint {path}: {key} has shape {tuple(tensors[key].shape)}, "
-                                      f"expected {tuple(target.shape)}")  # fmt: skip
+        for key, target in trainable.items():
             target.copy_(tensors[key])
     names = {p: n for n, p in model.named_parameters()}
     if [[names[p] for p in g["params"]] for g in optimizer.param_groups] != meta["param_names"]:

@@ -325,7 +325,7 @@ def test_bad_checkpoints_are_one_line_and_damage_nothing(finished, tmp_path, cap
         one_error_line(capsys, *needles)
     # a checkpoint of another run's shape: refused when loading, after the progress messages
     assert main(["--resume", str(finished), "--lora_r", "4"]) == 2
-    one_error_line(capsys, "q_proj.lora_A has shape (8, 32), expected (4, 32)", alone=False)
+    one_error_line(capsys, "q_proj.lora_A (8, 32) (expected (4, 32))", alone=False)
     # a checkpoint resumed on another base (same shapes, other weights)
     fingerprint = json.loads((finished / "adapter_config.json").read_text())["base_fingerprint"]
     assert read_trainer_state(find_latest(finished))["base_fingerprint"] == fingerprint
