@@ -363,11 +363,10 @@ class LoRATrainer:
                     evaluation = {"val_loss": None, "metric": None}
                     if self.step % self.eval_every == 0 or self.step == self.total_steps:
                         evaluation = self.evaluate()
-                    self._record(loss_value, lr, tokens / max(train_time, 1e-9), elapsed, evaluation)
+                    tps = tokens / max(train_time, 1e-9)
+                    self._record(loss_value, lr, tps, elapsed, evaluation)
                     bar.update(1)
-                    bar.set_postfix(
-                        self._postfix(loss_value, lr, tokens / max(train_time, 1e-9)), refresh=False
-                    )
+                    bar.set_postfix(self._postfix(loss_value, lr, tps), refresh=False)
                     if self.save_every and self.step % self.save_every == 0:
                         self.save_checkpoint()
                     if self._stop_signal is not None:
@@ -399,9 +398,10 @@ class LoRATrainer:
 
     def _postfix(self, loss: float, lr: float, tps: float) -> dict[str, str]:
         post = {"loss": f"{loss:.3f}", "lr": f"{lr:.1e}", "tok/s": f"{tps:,.0f}"}
-        done = [m for m in self.history["metric"] if m is not None]
-        if done:
-            post[self.metric_name] = f"{done[-1]:.3f}"
+        # the newest evaluation is at most eval_every entries back: no scan of the whole history
+        last = next((m for m in reversed(self.history["metric"]) if m is not None), None)
+        if last is not None:
+            post[self.metric_name] = f"{last:.3f}"
         return post
 
     def plot_training_history(self, path: str | Path | None = None, title: str | None = None,
@@ -507,10 +507,13 @@ def prepare_run_folder(cfg: TrainConfig, resume: Path | None) -> Path:
     return folder
 
 
-def _find_resume(cfg: TrainConfig) -> Path | None:
-    """``--resume``: a checkpoint file, a run folder (its newest checkpoint) or ``auto`` (this run's)."""
+def _find_resume(cfg: TrainConfig) -> tuple[Path | None, dict[str, Any]]:
+    """``--resume``: a checkpoint file, a run folder (its newest checkpoint) or ``auto`` (this run's).
+
+    Returns the checkpoint and its trainer state, or ``(None, {})`` when not resuming.
+    """
     if cfg.resume is None:
-        return None
+        return None, {}
     target = Path(cfg.output_dir) / run_folder_name(cfg) if cfg.resume == "auto" else Path(cfg.resume)
     if target.is_dir():
         latest = find_latest(target)
@@ -519,8 +522,7 @@ def _find_resume(cfg: TrainConfig) -> Path | None:
         target = latest
     elif not target.is_file():
         raise CheckpointError(f"checkpoint not found: {target}")
-    read_trainer_state(target)  # truncated, corrupted or not a checkpoint: one line, before any output
-    return target
+    return target, read_trainer_state(target)  # truncated, corrupted or not one: one line, before any output
 
 
 def _samples(model: LoRATransformer, task: Task, device: torch.device) -> str:
@@ -558,7 +560,7 @@ def run(cfg: TrainConfig, out_enabled: bool = True) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     task = load_task(cfg)
-    resume = _find_resume(cfg)
+    resume, resume_state = _find_resume(cfg)
     base_dir = ensure_base(cfg, device, RunOutput(None, out_enabled))
     torch.manual_seed(cfg.seed)
     try:
@@ -569,7 +571,7 @@ def run(cfg: TrainConfig, out_enabled: bool = True) -> dict[str, Any]:
     if width > model.max_seq_len:
         raise ConfigError(f"seq_len {width} exceeds the base model's max_seq_len {model.max_seq_len}")
     fingerprint = base_fingerprint(model)
-    saved = read_trainer_state(resume).get("base_fingerprint") if resume is not None else None
+    saved = resume_state.get("base_fingerprint")
     if saved not in (None, fingerprint):
         raise CheckpointError(f"checkpoint {resume} was trained on other base weights (fingerprint {saved}, "
                               f"this base {fingerprint}); resume with the run's own base_checkpoint")  # fmt: skip
