@@ -286,9 +286,17 @@ def build_parser(prog: str = "train_lora.py", description: str | None = None) ->
     return parser
 
 
-def load_config(argv: Sequence[str] | None = None) -> TrainConfig:
-    """Parse ``argv`` (``--config`` plus flags) into a validated :class:`TrainConfig`."""
-    args = vars(build_parser().parse_args(argv))
+def load_config(argv: Sequence[str] | None = None, description: str | None = None) -> TrainConfig:
+    """Parse ``argv`` (``--config`` plus flags) into a validated :class:`TrainConfig`.
+
+    ``--resume <run folder or checkpoint>`` without ``--config`` reuses that run's saved ``config.yaml``.
+    """
+    args = vars(build_parser(description=description).parse_args(argv))
     path = args.pop("config", None)
+    resume = args.get("resume")
+    if path is None and resume not in (None, "auto"):
+        folder = Path(resume).parent if Path(resume).is_file() else Path(resume)
+        if (folder / "config.yaml").is_file():
+            path = folder / "config.yaml"
     yaml_values = load_yaml(path) if path else {}
     return resolve_config(yaml_values, args, where=str(path or "config"))

@@ -14,7 +14,6 @@ Every task is byte-level (vocabulary 256: token id = byte value), so one base ar
 from __future__ import annotations
 
 import json
-import math
 import random
 import sysconfig
 from dataclasses import dataclass
@@ -280,8 +279,3 @@ def load_task(cfg: TrainConfig, name: str | None = None) -> Task:
             f"(batch_size {cfg.batch_size})"
         )
     return task
-
-
-def bits_per_byte(loss_nats: float) -> float:
-    """Mean cross-entropy in nats per byte -> bits per byte."""
-    return loss_nats / math.log(2)

@@ -36,7 +36,7 @@ if __package__ in (None, ""):  # `python lora/train_lora.py` or `cd lora && pyth
 
 from lora.adapters import atomic_write_bytes, base_fingerprint, save_adapter, save_pretrained
 from lora.checkpoint import CheckpointError, find_latest, load_checkpoint, read_trainer_state, save_checkpoint
-from lora.config import ConfigError, LoRAError, TrainConfig, build_parser, load_yaml, resolve_config
+from lora.config import ConfigError, LoRAError, TrainConfig, load_config
 from lora.data import IGNORE, VOCAB_SIZE, Task, TaskData, base_task_of, load_task
 from lora.lora_transformer import LoRATransformer
 from lora.plotting import render_history
@@ -641,19 +641,6 @@ def run(cfg: TrainConfig, out_enabled: bool = True) -> dict[str, Any]:
     return metrics
 
 
-def _config_from_argv(argv: Sequence[str] | None) -> TrainConfig:
-    """Flags over YAML over defaults; ``--resume <run folder or checkpoint>`` alone reuses the run's config."""
-    args = vars(build_parser(description=__doc__).parse_args(argv))
-    path = args.pop("config", None)
-    resume = args.get("resume")
-    if path is None and resume not in (None, "auto"):
-        folder = Path(resume).parent if Path(resume).is_file() else Path(resume)
-        if (folder / "config.yaml").is_file():
-            path = folder / "config.yaml"
-    yaml_values = load_yaml(path) if path else {}
-    return resolve_config(yaml_values, args, where=str(path or "config"))
-
-
 def resume_command(folder: Path) -> str:
     """The shell command that continues the run in ``folder`` (run from the current folder)."""
     script = Path(__file__).resolve()
@@ -668,7 +655,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
-        cfg = _config_from_argv(argv)
+        cfg = load_config(argv, description=__doc__)
         run(cfg)
         return 0
     except Interrupted as e:
