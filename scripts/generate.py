@@ -4,10 +4,10 @@ The project's language models are byte-level: token id = byte value (ids above 2
 decoding; invalid UTF-8 shows as U+FFFD). Every variant starts from the same seed, so differences come
 from the adapters.
 
-    python scripts/generate.py --base runs/base --prompt "Once upon a time"
-    python scripts/generate.py --base runs/base --adapter runs/copy/adapter --adapter runs/reverse/adapter \\
-        --prompt "abc" --max_new_tokens 40 --temperature 0
-    python scripts/generate.py --base runs/base --adapter runs/copy/adapter --no_base --top_k 20 --seed 1
+    python scripts/generate.py --base runs/bases/english-d256-h4-l2-s128-steps800-seed0 --prompt "The "
+    python scripts/generate.py --base runs/bases/english-d256-h4-l2-s128-steps800-seed0 --adapter runs/code-lora-r8 --prompt "def " --top_k 40
+    python scripts/generate.py --base runs/bases/caesar-d256-h4-l2-s128-steps300-seed0 --adapter runs/multitask-rot13 \\
+        --adapter runs/multitask-atbash --prompt "h" --max_new_tokens 1 --temperature 0 --no_base
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ Prints the adapter's settings, its files' sizes and, per module, the rank, the p
 ``W0``). With ``--base`` it checks the architecture, the tensor shapes and the base fingerprint; the exit
 status is then 1 if the adapter does not fit (0 if it fits, 2 on bad input).
 
-    python scripts/inspect_adapter.py --adapter runs/copy/adapter
-    python scripts/inspect_adapter.py --adapter runs/copy/adapter --base runs/base
+    python scripts/inspect_adapter.py --adapter runs/rot13-lora-r8
+    python scripts/inspect_adapter.py --adapter runs/code-lora-r8 --base runs/bases/english-d256-h4-l2-s128-steps800-seed0
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ the largest absolute difference is reported and the merge is refused if it excee
 ``max(1, max |logit|)`` (float32 rounding grows with the size of the logits).
 The result loads with ``LoRATransformer.from_pretrained(out, lora_r=0)``.
 
-    python scripts/merge_adapter.py --base runs/base --adapter runs/copy/adapter --out runs/copy/merged
-    python scripts/merge_adapter.py --base runs/base --adapter runs/copy/adapter --out merged --tolerance 1e-4
+    python scripts/merge_adapter.py --base runs/bases/english-d256-h4-l2-s128-steps800-seed0 --adapter runs/code-lora-r8 --out runs/code-merged
+    python scripts/merge_adapter.py --base runs/bases/caesar-d256-h4-l2-s128-steps300-seed0 --adapter runs/rot13-lora-r8 --out rot13-merged --tolerance 1e-4
 """
 
 from __future__ import annotations
