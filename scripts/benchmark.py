@@ -296,7 +296,11 @@ def run_in_subprocess(shape: Shape, config: Config, opts: dict) -> dict:
 
 
 def merge_rounds(runs: list[dict]) -> dict:
-    """Several fresh-process runs of one configuration -> one record (medians over the runs)."""
+    """Several fresh-process runs of one configuration -> one record (medians over the runs).
+
+    ``step_ms_rounds`` and ``peak_mem_mb_rounds`` keep each round's value (``None`` where that round's
+    process failed), so that ratios can be taken within a round (see :func:`summarise`).
+    """
     ok = [r for r in runs if r["status"] == "ok"]
     if not ok:
         return runs[0]
@@ -306,7 +310,8 @@ def merge_rounds(runs: list[dict]) -> dict:
     out["tokens_per_s"] = statistics.median(r["tokens_per_s"] for r in ok)
     if out["mfu"] is not None:
         out["mfu"] = statistics.median(r["mfu"] for r in ok)
-    out["step_ms_rounds"] = [round(r["step_ms"], 2) for r in ok]
+    for key in ("step_ms", "peak_mem_mb"):
+        out[f"{key}_rounds"] = [round(r[key], 2) if r["status"] == "ok" else None for r in runs]
     return out
 
 
@@ -315,25 +320,34 @@ def merge_rounds(runs: list[dict]) -> dict:
 
 
 def summarise(rows: dict[str, dict]) -> dict:
-    """The target ratios for one size (``None`` where a configuration did not run)."""
+    """The target ratios for one size (``None`` where a configuration did not run).
 
-    def val(name: str, key: str) -> float | None:
-        r = rows.get(name, {})
-        return r.get(key) if r.get("status") == "ok" else None
+    Each ratio is the median over rounds of the ratio *within* a round: the two configurations of a round
+    ran minutes apart, so a slow drift in the machine's speed (other tenants, clock changes) cancels,
+    where a ratio of two medians would carry it. ``<key>_rounds`` lists the per-round ratios.
+    """
 
-    def ratio(a: float | None, b: float | None) -> float | None:
-        return a / b if a is not None and b else None
+    def per_round(a: str, b: str, key: str, invert: bool = False) -> list[float]:
+        ra, rb = rows.get(a, {}), rows.get(b, {})
+        if ra.get("status") != "ok" or rb.get("status") != "ok":
+            return []
+        pairs = zip(ra[f"{key}_rounds"], rb[f"{key}_rounds"], strict=False)  # a round may be running
+        return [(y / x if invert else x / y) for x, y in pairs if x is not None and y is not None]
 
-    return {
-        "lora_qv_step_vs_full": ratio(val("lora_qv", "step_ms"), val("full", "step_ms")),
-        "lora_qkvo_step_vs_full": ratio(val("lora_qkvo", "step_ms"), val("full", "step_ms")),
-        "lora_qv_tokens_vs_peft": ratio(val("lora_qv", "tokens_per_s"), val("peft_qv", "tokens_per_s")),
-        "merged_vs_base_latency": ratio(val("infer_lora_merged", "step_ms"), val("infer_base", "step_ms")),
-        "unmerged_vs_base_latency": ratio(
-            val("infer_lora_unmerged", "step_ms"), val("infer_base", "step_ms")
-        ),
-        "lora_qv_mem_vs_full": ratio(val("lora_qv", "peak_mem_mb"), val("full", "peak_mem_mb")),
+    pairs = {  # summary key -> (numerator config, denominator config, measured key, tokens/s = 1/step)
+        "lora_qv_step_vs_full": ("lora_qv", "full", "step_ms", False),
+        "lora_qkvo_step_vs_full": ("lora_qkvo", "full", "step_ms", False),
+        "lora_qv_tokens_vs_peft": ("lora_qv", "peft_qv", "step_ms", True),
+        "merged_vs_base_latency": ("infer_lora_merged", "infer_base", "step_ms", False),
+        "unmerged_vs_base_latency": ("infer_lora_unmerged", "infer_base", "step_ms", False),
+        "lora_qv_mem_vs_full": ("lora_qv", "full", "peak_mem_mb", False),
     }
+    out: dict = {}
+    for name, (a, b, key, invert) in pairs.items():
+        ratios = per_round(a, b, key, invert)
+        out[name] = statistics.median(ratios) if ratios else None
+        out[f"{name}_rounds"] = [round(r, 4) for r in ratios]
+    return out
 
 
 TARGETS = (  # (summary key, label, limit, "max" or "min")
@@ -383,12 +397,21 @@ def markdown(result: dict) -> str:
                 f"| {r['trainable_params']:,} | {mfu} |"
             )
         summary = result["summary"][size]
-        lines += ["", "| target | limit | measured | met |", "|---|---:|---:|:---:|"]
+        lines += [
+            "",
+            "Each target ratio is the median over rounds of the ratio within a round; the last column "
+            "gives the lowest and highest round.",
+            "",
+            "| target | limit | measured | met | rounds (min-max) |",
+            "|---|---:|---:|:---:|---:|",
+        ]
         for key, label, limit, kind in TARGETS:
-            v = summary[key]
+            v, rounds = summary[key], summary[f"{key}_rounds"]
             met = "-" if v is None else "yes" if (v <= limit if kind == "max" else v >= limit) else "no"
             shown = "-" if v is None else f"{v:.3f}"
-            lines.append(f"| {label} | {'<=' if kind == 'max' else '>='} {limit} | {shown} | {met} |")
+            spread = f"{min(rounds):.3f}-{max(rounds):.3f}" if len(rounds) > 1 else ""
+            sign = "<=" if kind == "max" else ">="
+            lines.append(f"| {label} | {sign} {limit} | {shown} | {met} | {spread} |")
     lines += ["", FLOPS_NOTE if s["device"] == "cuda" else "", ""]
     return "\n".join(lines)
 
@@ -485,7 +508,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for size in args.sizes:
         runs: dict[str, list[dict]] = {c.name: [] for c in configs}
         for rnd in range(args.rounds):
-            for config in configs:
+            # every other round in reverse order, so no configuration always runs first or last
+            for config in configs if rnd % 2 == 0 else configs[::-1]:
                 r = run_in_subprocess(SIZES[size], config, opts)
                 runs[config.name].append(r)
                 shown = f"{r['step_ms']:.1f} ms, {r['peak_mem_mb']:.0f} MiB" if r["status"] == "ok" else r

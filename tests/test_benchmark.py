@@ -46,6 +46,34 @@ def test_quick_run_writes_json_markdown_and_png(tmp_path):
     assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_target_ratios_are_taken_within_rounds():
+    """A machine that slows down between rounds moves both configurations of a round together: the
+    per-round ratios (0.9, 0.7, 0.7) have median 0.7, where the ratio of medians (90 / 100) says 0.9.
+    A round whose process failed is left out of the pairs."""
+
+    def runs(steps: list[float | None]) -> list[dict]:
+        return [
+            {"status": "ok", "step_ms": t, "peak_mem_mb": 10.0, "mem_before_model_mb": 1.0,
+             "tokens_per_s": 1e3 / t, "mfu": None}
+            if t is not None else {"status": "error", "reason": "killed"}
+            for t in steps
+        ]  # fmt: skip
+
+    rows = {
+        "full": benchmark.merge_rounds(runs([100.0, 100.0, 300.0, 50.0])),
+        "lora_qv": benchmark.merge_rounds(runs([90.0, 70.0, 210.0, None])),
+        "peft_qv": benchmark.merge_rounds(runs([120.0, 140.0, 210.0, 60.0])),
+    }
+    assert rows["lora_qv"]["step_ms_rounds"] == [90.0, 70.0, 210.0, None]
+    summary = benchmark.summarise(rows)
+    assert summary["lora_qv_step_vs_full_rounds"] == [0.9, 0.7, 0.7]
+    assert summary["lora_qv_step_vs_full"] == pytest.approx(0.7)
+    assert summary["lora_qv_tokens_vs_peft_rounds"] == [round(120 / 90, 4), 2.0, 1.0]
+    assert summary["lora_qv_tokens_vs_peft"] == pytest.approx(120 / 90)
+    assert summary["lora_qv_mem_vs_full"] == pytest.approx(1.0)
+    assert summary["merged_vs_base_latency"] is None and summary["merged_vs_base_latency_rounds"] == []
+
+
 def test_flops_per_token_by_hand():
     shape = benchmark.Shape(d_model=4, num_layers=1, num_heads=1, seq_len=2, batch=1, vocab_size=10)
     n = 12 * 4 * 4 + 4 * 10  # q, k, v, o (4 d^2) + fc1, fc2 (8 d^2) + LM head (d V) = 232
