@@ -400,7 +400,12 @@ def markdown(result: dict) -> str:
         lines += [
             "",
             "Each target ratio is the median over rounds of the ratio within a round; the last column "
-            "gives the lowest and highest round.",
+            "gives the lowest and highest round."
+            + (
+                ""
+                if size == "small"
+                else " The targets are set for the small shape; here they are only a guide."
+            ),
             "",
             "| target | limit | measured | met | rounds (min-max) |",
             "|---|---:|---:|:---:|---:|",
