@@ -389,8 +389,11 @@ def markdown(result: dict) -> str:
             if r["status"] != "ok":
                 lines.append(f"| {name} | {r['status']}: {r['reason']} | | | | | |")
                 continue
-            vs = f"{r['step_ms'] / full['step_ms']:.2f}x" if full.get("status") == "ok" else ""
-            vs = vs if r["trainable_params"] else ""
+            vs = ""
+            if full.get("status") == "ok" and r["trainable_params"]:  # within-round, as the targets
+                pairs = zip(r["step_ms_rounds"], full["step_ms_rounds"], strict=False)
+                ratios = [a / b for a, b in pairs if a and b]
+                vs = f"{statistics.median(ratios):.2f}x" if ratios else ""
             mfu = f"{100 * r['mfu']:.1f} %" if r["mfu"] is not None else "-"
             lines.append(
                 f"| {name} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {vs} | {r['peak_mem_mb']:,.0f} "
@@ -399,8 +402,8 @@ def markdown(result: dict) -> str:
         summary = result["summary"][size]
         lines += [
             "",
-            "Each target ratio is the median over rounds of the ratio within a round; the last column "
-            "gives the lowest and highest round."
+            "The vs-full column and each target ratio are medians over rounds of the ratio within a round; "
+            "the last column gives the lowest and highest round."
             + (
                 ""
                 if size == "small"
