@@ -9,6 +9,7 @@ transformers' ``GPT2LMHeadModel`` of the same shape (random init, nothing downlo
 PEFT LoRA r 8 on the fused ``c_attn``: it adapts q, k and v with as many parameters as our q+v adapter.
 
     python scripts/benchmark.py --quick                                    # tiny model, seconds
+    python scripts/benchmark.py --sizes small --threads 1 --configs lora_qv,peft_qv --profile   # where time goes
     python scripts/benchmark.py --sizes small --threads 2 --rounds 3 --out benchmarks/cpu
     python scripts/benchmark.py --sizes small,gpt2 --device cuda --dtype bf16 --out benchmarks/h100
     python scripts/benchmark.py --sizes small,gpt2 --device cuda --dtype bf16 --compile --out ...
@@ -137,6 +138,30 @@ def median_seconds(fn: Callable[[], object], warmup: int, steps: int, device: to
     return times
 
 
+def profile_step(fn: Callable[[], object], device: torch.device, top: int = 8) -> list[dict]:
+    """One more step under ``torch.profiler``: the ``top`` operators by self time (device time on CUDA).
+
+    Each entry is ``{"op", "self_ms", "share", "calls"}``, ``share`` being the fraction of all operators'
+    self time in that step: where a step's time goes, before anyone optimises it.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, key) > 0]
+    total = sum(getattr(e, key) for e in events) or 1.0
+    events.sort(key=lambda e: getattr(e, key), reverse=True)
+    return [
+        {"op": e.key, "self_ms": getattr(e, key) / 1e3, "share": getattr(e, key) / total, "calls": e.count}
+        for e in events[:top]
+    ]
+
+
 def machine_info(device: str) -> dict:
     """CPU model, threads, versions and the GPU, for the report."""
     cpu = platform.processor() or platform.machine()
@@ -251,6 +276,8 @@ def run_config(shape: Shape, config: Config, opts: dict) -> dict:
             losses.append(loss.detach())
 
     times = median_seconds(step, opts["warmup"], opts["steps"], device)
+    if opts.get("profile"):
+        extra["profile"] = profile_step(step, device)
     if config.task == "train":
         extra["final_loss"] = losses[-1].item()
     step_s = statistics.median(times)
@@ -420,6 +447,12 @@ def markdown(result: dict) -> str:
             spread = f"{min(rounds):.3f}-{max(rounds):.3f}" if len(rounds) > 1 else ""
             sign = "<=" if kind == "max" else ">="
             lines.append(f"| {label} | {sign} {limit} | {shown} | {met} | {spread} |")
+        profiled = {name: r["profile"] for name, r in rows.items() if r.get("profile")}
+        if profiled:
+            lines += ["", "Top operators of one profiled step (self time, first round):", ""]
+            for name, ops in profiled.items():
+                shown = ", ".join(f"{o['op']} {o['self_ms']:.1f} ms ({100 * o['share']:.0f} %)" for o in ops)
+                lines.append(f"- {name}: {shown}")
     lines += ["", FLOPS_NOTE if s["device"] == "cuda" else "", ""]
     return "\n".join(lines)
 
@@ -468,6 +501,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--configs", default=None, help="comma-separated subset of the configurations")
     p.add_argument("--gradient_checkpointing", action="store_true", help="also time LoRA q+v checkpointed")
     p.add_argument("--skip_peer", action="store_true", help="do not run transformers + PEFT")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="after timing, profile one step: its top operators by self time",
+    )
     p.add_argument("--out", default="runs/benchmark", help="folder for results.{json,md,png}")
     p.add_argument("--quick", action="store_true", help="tiny model, 3 steps, 1 thread: seconds")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -505,7 +543,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         )
         print(json.dumps(run_config(shape, config, job["opts"])))
         return {}
-    opts = {k: getattr(args, k) for k in ("device", "dtype", "compile", "threads", "steps", "warmup")}
+    opts = {
+        k: getattr(args, k) for k in ("device", "dtype", "compile", "threads", "steps", "warmup", "profile")
+    }
     configs = [c for c in CONFIGS if not (args.skip_peer and c.impl == "peft")]
     if args.gradient_checkpointing:
         configs.insert(3, CHECKPOINTED)
@@ -535,7 +575,9 @@ def write_report(
     """Assemble the result record and write ``results.json``, ``results.md`` and ``results.png``."""
     info["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     threads = next((r["threads"] for rows in results.values() for r in rows.values() if "threads" in r), None)
-    opts = {k: getattr(args, k) for k in ("device", "dtype", "compile", "threads", "steps", "warmup")}
+    opts = {
+        k: getattr(args, k) for k in ("device", "dtype", "compile", "threads", "steps", "warmup", "profile")
+    }
     argv = list(sys.argv[1:] if argv is None else argv)
     result = {
         "machine": info,

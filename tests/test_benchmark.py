@@ -46,6 +46,30 @@ def test_quick_run_writes_json_markdown_and_png(tmp_path):
     assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_profile_names_the_step_s_top_operators():
+    """``--profile``: one extra step under torch.profiler, its top operators by self time."""
+    cfg = {c.name: c for c in benchmark.CONFIGS}["lora_qv"]
+    opts = {"device": "cpu", "dtype": "fp32", "compile": False, "threads": None, "steps": 1, "warmup": 0}
+    row = benchmark.run_config(benchmark.SIZES["tiny"], cfg, {**opts, "profile": True})
+    ops = row["profile"]
+    assert 0 < len(ops) <= 8 and all(o["self_ms"] > 0 and o["calls"] >= 1 for o in ops)
+    assert [o["self_ms"] for o in ops] == sorted((o["self_ms"] for o in ops), reverse=True)
+    assert 0 < sum(o["share"] for o in ops) <= 1 + 1e-9
+    assert any(o["op"] in ("aten::mm", "aten::addmm") for o in ops)  # the products are always among them
+    assert "profile" not in benchmark.run_config(benchmark.SIZES["tiny"], cfg, opts)
+    md = benchmark.markdown(
+        {
+            "machine": {"gpu": None, "cpu": "x", "cpu_count": 1, "torch": "t", "transformers": None,
+                        "peft": None, "load_average_start": None, "load_average_end": None},
+            "settings": {**opts, "rounds": 1, "threads_used": 1},
+            "shapes": {"tiny": vars(benchmark.SIZES["tiny"])},
+            "results": {"tiny": {"lora_qv": benchmark.merge_rounds([row])}},
+            "summary": {"tiny": benchmark.summarise({"lora_qv": benchmark.merge_rounds([row])})},
+        }
+    )  # fmt: skip
+    assert f"- lora_qv: {ops[0]['op']} " in md
+
+
 def test_target_ratios_are_taken_within_rounds():
     """A machine that slows down between rounds moves both configurations of a round together: the
     per-round ratios (0.9, 0.7, 0.7) have median 0.7, where the ratio of medians (90 / 100) says 0.9.
