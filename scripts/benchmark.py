@@ -346,6 +346,14 @@ def merge_rounds(runs: list[dict]) -> dict:
 # Report
 
 
+def within_round_ratios(num: dict, den: dict, key: str) -> list[float]:
+    """``num[key] / den[key]`` for each round both configurations completed (``[]`` if either failed)."""
+    if num.get("status") != "ok" or den.get("status") != "ok":
+        return []
+    pairs = zip(num[f"{key}_rounds"], den[f"{key}_rounds"], strict=False)  # a round may still be running
+    return [a / b for a, b in pairs if a is not None and b is not None]
+
+
 def summarise(rows: dict[str, dict]) -> dict:
     """The target ratios for one size (``None`` where a configuration did not run).
 
@@ -354,24 +362,17 @@ def summarise(rows: dict[str, dict]) -> dict:
     where a ratio of two medians would carry it. ``<key>_rounds`` lists the per-round ratios.
     """
 
-    def per_round(a: str, b: str, key: str, invert: bool = False) -> list[float]:
-        ra, rb = rows.get(a, {}), rows.get(b, {})
-        if ra.get("status") != "ok" or rb.get("status") != "ok":
-            return []
-        pairs = zip(ra[f"{key}_rounds"], rb[f"{key}_rounds"], strict=False)  # a round may be running
-        return [(y / x if invert else x / y) for x, y in pairs if x is not None and y is not None]
-
-    pairs = {  # summary key -> (numerator config, denominator config, measured key, tokens/s = 1/step)
-        "lora_qv_step_vs_full": ("lora_qv", "full", "step_ms", False),
-        "lora_qkvo_step_vs_full": ("lora_qkvo", "full", "step_ms", False),
-        "lora_qv_tokens_vs_peft": ("lora_qv", "peft_qv", "step_ms", True),
-        "merged_vs_base_latency": ("infer_lora_merged", "infer_base", "step_ms", False),
-        "unmerged_vs_base_latency": ("infer_lora_unmerged", "infer_base", "step_ms", False),
-        "lora_qv_mem_vs_full": ("lora_qv", "full", "peak_mem_mb", False),
+    pairs = {  # summary key -> (numerator config, denominator config, measured key); tokens/s = 1 / step
+        "lora_qv_step_vs_full": ("lora_qv", "full", "step_ms"),
+        "lora_qkvo_step_vs_full": ("lora_qkvo", "full", "step_ms"),
+        "lora_qv_tokens_vs_peft": ("peft_qv", "lora_qv", "step_ms"),
+        "merged_vs_base_latency": ("infer_lora_merged", "infer_base", "step_ms"),
+        "unmerged_vs_base_latency": ("infer_lora_unmerged", "infer_base", "step_ms"),
+        "lora_qv_mem_vs_full": ("lora_qv", "full", "peak_mem_mb"),
     }
     out: dict = {}
-    for name, (a, b, key, invert) in pairs.items():
-        ratios = per_round(a, b, key, invert)
+    for name, (a, b, key) in pairs.items():
+        ratios = within_round_ratios(rows.get(a, {}), rows.get(b, {}), key)
         out[name] = statistics.median(ratios) if ratios else None
         out[f"{name}_rounds"] = [round(r, 4) for r in ratios]
     return out
@@ -416,11 +417,8 @@ def markdown(result: dict) -> str:
             if r["status"] != "ok":
                 lines.append(f"| {name} | {r['status']}: {r['reason']} | | | | | |")
                 continue
-            vs = ""
-            if full.get("status") == "ok" and r["trainable_params"]:  # within-round, as the targets
-                pairs = zip(r["step_ms_rounds"], full["step_ms_rounds"], strict=False)
-                ratios = [a / b for a, b in pairs if a and b]
-                vs = f"{statistics.median(ratios):.2f}x" if ratios else ""
+            ratios = within_round_ratios(r, full, "step_ms") if r["trainable_params"] else []
+            vs = f"{statistics.median(ratios):.2f}x" if ratios else ""  # within rounds, as the targets
             mfu = f"{100 * r['mfu']:.1f} %" if r["mfu"] is not None else "-"
             lines.append(
                 f"| {name} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {vs} | {r['peak_mem_mb']:,.0f} "
@@ -488,6 +486,10 @@ def plot(result: dict, path: Path) -> None:
 # Command line
 
 
+# the flags each worker process needs, also recorded in the report's settings
+WORKER_OPTIONS = ("device", "dtype", "compile", "threads", "steps", "warmup", "profile")
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="small", help=f"comma-separated, from {', '.join(SIZES)}")
@@ -543,9 +545,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         )
         print(json.dumps(run_config(shape, config, job["opts"])))
         return {}
-    opts = {
-        k: getattr(args, k) for k in ("device", "dtype", "compile", "threads", "steps", "warmup", "profile")
-    }
+    opts = {k: getattr(args, k) for k in WORKER_OPTIONS}
     configs = [c for c in CONFIGS if not (args.skip_peer and c.impl == "peft")]
     if args.gradient_checkpointing:
         configs.insert(3, CHECKPOINTED)
@@ -575,9 +575,7 @@ def write_report(
     """Assemble the result record and write ``results.json``, ``results.md`` and ``results.png``."""
     info["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     threads = next((r["threads"] for rows in results.values() for r in rows.values() if "threads" in r), None)
-    opts = {
-        k: getattr(args, k) for k in ("device", "dtype", "compile", "threads", "steps", "warmup", "profile")
-    }
+    opts = {k: getattr(args, k) for k in WORKER_OPTIONS}
     argv = list(sys.argv[1:] if argv is None else argv)
     result = {
         "machine": info,
