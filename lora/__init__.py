@@ -1,5 +1,6 @@
-"""LoRA fine-tuning of GPT-2-layout transformers: the layer, the model, the trainer."""
+"""LoRA fine-tuning of GPT-2-layout transformers: the layer, the model, the trainer (``lora.trainer``)."""
 
+from lora._version import __version__
 from lora.lora_layer import (
     LinearWithLoRA,
     LoRALinear,
@@ -11,8 +12,6 @@ from lora.lora_layer import (
     unmerge_lora,
 )
 from lora.lora_transformer import LoRATransformer
-
-__version__ = "0.1.0"
 
 __all__ = [
     "LinearWithLoRA",

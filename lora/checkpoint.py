@@ -20,18 +20,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from lora.adapters import atomic_save_safetensors
-from lora.config import LoRAError
-from lora.lora_transformer import describe_mismatch
+from lora.errors import CheckpointError
+from lora.files import atomic_save_safetensors, describe_mismatch
 
-__all__ = ["CheckpointError", "find_latest", "load_checkpoint", "read_trainer_state", "save_checkpoint"]
+__all__ = ["find_latest", "load_checkpoint", "read_trainer_state", "save_checkpoint"]
 
 _NAME = re.compile(r"^checkpoint-(\d+)\.safetensors$")
 _STATE_KEYS = ("step", "epoch", "batch_in_epoch", "history", "rng", "param_groups", "param_names")
-
-
-class CheckpointError(LoRAError):
-    """A missing, truncated, corrupted or mismatched checkpoint."""
 
 
 def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -1,7 +1,8 @@
 """The training configuration: one typed dataclass, YAML files and command-line flags.
 
 Precedence is ``TrainConfig`` defaults < YAML (``--config``) < flags actually given on the command line.
-A YAML key, a dataclass field and a flag are the same word (``lora_r``, ``--lora_r``).
+A YAML key, a dataclass field and a flag are the same word (``lora_r``, ``--lora_r``). Every option given
+either takes effect or is refused: :meth:`TrainConfig.validate` names the ones the run would ignore.
 """
 
 from __future__ import annotations
@@ -10,29 +11,26 @@ import argparse
 import dataclasses
 import difflib
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from lora.lora_transformer import ATTENTION_TARGETS
+from lora.errors import ConfigError
+from lora.model_config import LoRAConfig, ModelConfig, parse_targets
 
-__all__ = ["ConfigError", "LoRAError", "TrainConfig", "build_parser", "load_config", "resolve_config"]
+__all__ = ["TASKS", "TrainConfig", "build_parser", "load_config", "load_yaml", "resolve_config"]
 
-TASKS = ("rot13", "atbash", "code", "text", "jsonl")
+# Every task, and the task its default base is pretrained on (the one list of tasks).
+TASKS = {"rot13": "caesar", "atbash": "caesar", "code": "english", "text": "english", "jsonl": "english"}
+GENERATED_TASKS = ("rot13", "atbash")  # data made here, sized by num_examples
+CIPHER_WIDTH = 15  # tokens in a sequence of the generated tasks (8 letters and their cipher, less one)
+FILE_TASKS = ("text", "jsonl")  # the user's own data in train_file (and val_file)
 DEVICES = ("auto", "cpu", "cuda", "mps")
-
-
-class LoRAError(Exception):
-    """A problem with the user's input: reported as one line, exit code ``exit_code``."""
-
-    exit_code = 2
-
-
-class ConfigError(LoRAError):
-    """A bad configuration value, key or file."""
+ARCHITECTURE_KEYS = ("d_model", "num_heads", "num_layers", "max_seq_len")  # of a base pretrained here
+LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "adapt_feedforward", "use_rslora")
 
 
 def _help(text: str) -> dict:
@@ -48,7 +46,10 @@ class TrainConfig:
     run_name: str | None = field(
         default=None, metadata=_help("run folder name (default: <task>-lora-r<r> or <task>-full)")
     )
-    output_dir: str = field(default="runs", metadata=_help("where run folders are written"))
+    output_dir: str = field(
+        default="runs",
+        metadata=_help("where run folders are written (run from inside lora/: the project's runs/)"),
+    )
     overwrite: bool = field(default=False, metadata=_help("replace an existing run folder of the same name"))
     seed: int = field(default=0, metadata=_help("seed for data order, initialisation and dropout"))
     device: str = field(default="auto", metadata=_help("auto (cuda if available), cpu, cuda or mps"))
@@ -104,30 +105,28 @@ class TrainConfig:
     keep_checkpoints: int = field(default=2, metadata=_help("how many recent checkpoints to keep"))
     resume: str | None = field(default=None, metadata=_help("checkpoint file, run folder, or auto"))
 
-    def validate(self) -> TrainConfig:
-        """Raise :class:`ConfigError` naming the first out-of-range value."""
+    def validate(self, given: Collection[str] = ()) -> TrainConfig:
+        """Raise :class:`ConfigError` naming the first out-of-range value, or the first option in ``given``
+        (the keys the user set) that this run would ignore."""
         checks: list[tuple[bool, str]] = [
             (self.task in TASKS, f"task must be one of {', '.join(TASKS)}, got {self.task!r}"),
             (self.method in ("lora", "full"), f"method must be 'lora' or 'full', got {self.method!r}"),
             (self.device in DEVICES, f"device must be one of {', '.join(DEVICES)}, got {self.device!r}"),
             (self.precision in ("auto", "fp32", "bf16"), f"precision must be auto, fp32 or bf16, got {self.precision!r}"),
             (self.lr_schedule in ("cosine", "constant"), f"lr_schedule must be cosine or constant, got {self.lr_schedule!r}"),
-            (self.method == "full" or self.lora_r >= 1, f"lora_r must be >= 1 for method lora, got {self.lora_r}"),
-            (self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}"),
-            (0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout}"),
-            (0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}"),
+            (self.method == "full" or self.lora_r >= 1,
+             f"lora_r must be >= 1 for method lora, got {self.lora_r} (method full trains without an adapter)"),
             (self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}"),
             (self.base_learning_rate > 0, f"base_learning_rate must be > 0, got {self.base_learning_rate}"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
-            (self.d_model >= 1 and self.num_heads >= 1, "d_model and num_heads must be >= 1"),
-            (self.d_model % max(self.num_heads, 1) == 0,
-             f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})"),
-            (self.num_layers >= 1, f"num_layers must be >= 1, got {self.num_layers}"),
             (self.seq_len >= 2, f"seq_len must be >= 2, got {self.seq_len}"),
-            (self.seq_len <= self.max_seq_len,
+            (self.base_checkpoint != "auto" or self.task in GENERATED_TASKS or self.seq_len <= self.max_seq_len,
              f"seq_len ({self.seq_len}) must not exceed max_seq_len ({self.max_seq_len})"),
+            (self.base_checkpoint != "auto" or self.task not in GENERATED_TASKS or self.max_seq_len >= CIPHER_WIDTH,
+             f"max_seq_len ({self.max_seq_len}) must be at least {CIPHER_WIDTH} for task {self.task} "
+             "(the length of its sequences)"),
             (0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), got {self.val_fraction}"),
             (self.num_examples >= 1, f"num_examples must be >= 1, got {self.num_examples}"),
             (self.base_steps >= 1, f"base_steps must be >= 1, got {self.base_steps}"),
@@ -142,12 +141,11 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
-        bad = [t for t in self.lora_targets if t not in ATTENTION_TARGETS]
-        if bad or not self.lora_targets:
-            raise ConfigError(
-                f"lora_targets must be a non-empty subset of q,k,v,o, got {','.join(self.lora_targets)}"
-            )
-        if self.task in ("text", "jsonl") and not self.train_file:
+        self.lora_config()  # the LoRA rules: lora_alpha > 0, lora_dropout in [0, 1), targets of q,k,v,o
+        self.model_config(vocab_size=256)  # the architecture rules: positive sizes, heads dividing d_model
+        if not self.lora_targets and not self.adapt_feedforward:
+            raise ConfigError("lora_targets must name at least one of q,k,v,o (or set adapt_feedforward)")
+        if self.task in FILE_TASKS and not self.train_file:
             raise ConfigError(f"task {self.task} needs --train_file")
         if self.run_name is not None and (
             not self.run_name or "/" in self.run_name or "\\" in self.run_name or ".." in self.run_name
@@ -155,7 +153,62 @@ class TrainConfig:
             raise ConfigError(
                 f"run_name must be a plain folder name (no '/', '\\' or '..'), got {self.run_name!r}"
             )
+        for key, why in self._ignored():
+            if key in given:
+                raise ConfigError(f"{key} {why}")
         return self
+
+    def _ignored(self) -> list[tuple[str, str]]:
+        """``(key, why)`` for every option this configuration does not use, with what to do instead."""
+        out = []
+        if self.method == "full":
+            why = "has no effect with method full (every weight trains, no adapter): drop it or use --method lora"
+            out += [(k, why) for k in LORA_KEYS]
+        if self.task not in GENERATED_TASKS:
+            out.append(
+                (
+                    "num_examples",
+                    f"has no effect on task {self.task}: it sizes the generated data of "
+                    f"{' and '.join(GENERATED_TASKS)}; drop it",
+                )
+            )
+        else:
+            out.append(
+                (
+                    "seq_len",
+                    f"has no effect on task {self.task}: its sequences are {CIPHER_WIDTH} tokens long; drop it",
+                )
+            )
+        if self.task not in FILE_TASKS:
+            why = (
+                f"has no effect on task {self.task}, which uses built-in data: for your own file use "
+                f"--task {' or --task '.join(FILE_TASKS)}"
+            )
+            out += [(k, why) for k in ("train_file", "val_file", "val_fraction")]
+        elif self.val_file:
+            out.append(
+                (
+                    "val_fraction",
+                    "has no effect with --val_file (that file is the validation data); drop one of them",
+                )
+            )
+        if self.base_checkpoint != "auto":
+            why = (
+                f"has no effect with --base_checkpoint {self.base_checkpoint} (nothing is pretrained): "
+                "drop it or use --base_checkpoint auto"
+            )
+            out += [(k, why) for k in ("base_steps", "base_learning_rate")]
+        return out  # fmt: skip
+
+    def lora_config(self) -> LoRAConfig:
+        """The LoRA settings as the model takes them (checked by :class:`LoRAConfig`'s one rule)."""
+        return LoRAConfig(self.lora_r, self.lora_alpha, self.lora_dropout, tuple(self.lora_targets),
+                          self.adapt_feedforward, self.use_rslora)  # fmt: skip
+
+    def model_config(self, vocab_size: int, num_classes: int | None = None) -> ModelConfig:
+        """The architecture of a base pretrained here."""
+        return ModelConfig(vocab_size, self.d_model, self.num_heads, self.num_layers, None, self.max_seq_len,
+                           self.dropout, num_classes)  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -201,11 +254,9 @@ def _coerce(key: str, value: Any) -> Any:
         if isinstance(value, str):
             return value
         raise wrong
-    if base == "list[str]":
-        if isinstance(value, str):
-            return [t.strip().lower() for t in value.split(",") if t.strip()]
-        if isinstance(value, list) and all(isinstance(t, str) for t in value):
-            return [t.strip().lower() for t in value]
+    if base == "list[str]":  # lora_targets, the only list
+        if isinstance(value, (str, list)):
+            return list(parse_targets(value))
         raise wrong
     raise AssertionError(f"unhandled field type {kind}")
 
@@ -240,15 +291,24 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def resolve_config(yaml_values: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None,
-                   where: str = "config") -> TrainConfig:  # fmt: skip
-    """Defaults < ``yaml_values`` < ``overrides``; every key checked, then the whole config validated."""
+                   where: str = "config", yaml_is_a_run: bool = False) -> TrainConfig:  # fmt: skip
+    """Defaults < ``yaml_values`` < ``overrides``; every key checked, then the whole config validated.
+
+    The options the user set are every override and every YAML value other than its default; each must
+    take effect. ``yaml_is_a_run``: the YAML is a run folder's own resolved ``config.yaml`` (resuming),
+    which lists every key, so only the overrides count as set.
+    """
     values: dict[str, Any] = {}
+    given: set[str] = set()
+    defaults = TrainConfig()
     for source, label in ((yaml_values or {}, where), (overrides or {}, "arguments")):
         for key, value in source.items():
             if key not in _FIELDS or key == "config":
                 raise _unknown_key(str(key), label)
             values[key] = _coerce(key, value)
-    return TrainConfig(**values).validate()
+            if source is overrides or (not yaml_is_a_run and values[key] != getattr(defaults, key)):
+                given.add(key)
+    return TrainConfig(**values).validate(given)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -294,9 +354,10 @@ def load_config(argv: Sequence[str] | None = None, description: str | None = Non
     args = vars(build_parser(description=description).parse_args(argv))
     path = args.pop("config", None)
     resume = args.get("resume")
+    run_config = False
     if path is None and resume not in (None, "auto"):
         folder = Path(resume).parent if Path(resume).is_file() else Path(resume)
         if (folder / "config.yaml").is_file():
-            path = folder / "config.yaml"
+            path, run_config = folder / "config.yaml", True
     yaml_values = load_yaml(path) if path else {}
-    return resolve_config(yaml_values, args, where=str(path or "config"))
+    return resolve_config(yaml_values, args, where=str(path or "config"), yaml_is_a_run=run_config)

@@ -14,25 +14,23 @@ Every task is byte-level (vocabulary 256: token id = byte value), so one base ar
 from __future__ import annotations
 
 import json
+import math
 import random
 import sysconfig
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from lora.config import LoRAError, TrainConfig
+from lora.config import CIPHER_WIDTH, TASKS, TrainConfig
+from lora.errors import DataError
 
-__all__ = ["BASE_TASKS", "DataError", "TaskData", "base_task_of", "load_task"]
+__all__ = ["IGNORE", "VOCAB_SIZE", "BatchLoader", "Task", "TaskData", "base_task_of", "load_task"]
 
 VOCAB_SIZE = 256
-N_LETTERS = 8
-IGNORE = -100
-BASE_TASKS = {"rot13": "caesar", "atbash": "caesar", "code": "english", "text": "english", "jsonl": "english"}
-
-
-class DataError(LoRAError):
-    """Unusable data: the message names the file, the line and what was expected."""
+N_LETTERS = (CIPHER_WIDTH + 1) // 2  # 8: a word and its cipher, interleaved, less the last letter
+IGNORE = -100  # target id that takes no loss (cross-entropy's ignore_index)
 
 
 @dataclass
@@ -77,7 +75,35 @@ class Task:
 
 def base_task_of(task: str) -> str:
     """The task a task's default base is pretrained on."""
-    return BASE_TASKS[task]
+    return TASKS[task]
+
+
+class BatchLoader:
+    """Batches of a :class:`TaskData` in an order fixed by ``(seed, epoch)``, so a run can resume mid-epoch.
+
+    Iterating gives epoch 0's batches; :meth:`batches` any epoch's, from any batch on. Training loaders
+    shuffle and drop the last partial batch; evaluation loaders keep the order and all rows.
+    """
+
+    def __init__(self, data: TaskData, batch_size: int, shuffle: bool = True, seed: int = 0) -> None:
+        self.data, self.batch_size, self.shuffle, self.seed = data, batch_size, shuffle, seed
+
+    def __len__(self) -> int:
+        n = len(self.data)
+        return n // self.batch_size if self.shuffle else math.ceil(n / self.batch_size)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return self.batches()
+
+    def batches(self, epoch: int = 0, start: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        """Batch ``start``, ``start + 1``, ... of epoch ``epoch``: ``{"x", "y"[, "lengths"]}``."""
+        n = len(self.data)
+        if self.shuffle:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        else:
+            order = torch.arange(n)
+        for b in range(start, len(self)):
+            yield self.data.batch(order[b * self.batch_size : (b + 1) * self.batch_size])
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ __all__ = [
     "disable_adapter",
     "inject_lora",
     "lora_modules",
+    "lora_scaling",
     "lora_state_dict",
     "mark_only_lora_as_trainable",
     "merge_lora",
@@ -38,15 +39,25 @@ __all__ = [
 
 
 def validate_lora_args(r: int, lora_alpha: float, lora_dropout: float) -> None:
-    """Raise ``ValueError`` naming the bad value; ``r == 0`` is allowed (no adapter)."""
+    """The one rule for LoRA arguments: ``r >= 0`` (0: no adapter), ``alpha > 0``, dropout in [0, 1).
+
+    Raises ``ValueError`` naming the bad value.
+    """
     if isinstance(r, bool) or not isinstance(r, int) or r < 0:
-        raise ValueError(f"lora_r must be a non-negative integer, got {r!r}")
+        raise ValueError(f"lora_r must be an integer >= 0, got {r!r}")
     if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not lora_alpha > 0:
-        raise ValueError(f"lora_alpha must be a number > 0, got {lora_alpha!r}")
+        raise ValueError(f"lora_alpha must be > 0, got {lora_alpha!r}")
     if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float)):
         raise ValueError(f"lora_dropout must be a number in [0, 1), got {lora_dropout!r}")
     if not 0.0 <= lora_dropout < 1.0:
         raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+
+
+def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
+    """The one scaling rule: ``alpha / r`` (Hu et al.), or ``alpha / sqrt(r)`` with rsLoRA; 0 for ``r == 0``."""
+    if r == 0:
+        return 0.0
+    return float(lora_alpha) / (math.sqrt(r) if use_rslora else r)
 
 
 class _LoRALinearFunction(torch.autograd.Function):
@@ -175,7 +186,7 @@ class LoRALinear(nn.Module):
         self.r = r
         self.lora_alpha = float(lora_alpha)
         self.use_rslora = use_rslora
-        self.scaling = (self.lora_alpha / math.sqrt(r) if use_rslora else self.lora_alpha / r) if r else 0.0
+        self.scaling = lora_scaling(r, self.lora_alpha, use_rslora)
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         if r == 0:
             self.lora_A = None
@@ -246,7 +257,11 @@ class LoRALinear(nn.Module):
 def LinearWithLoRA(  # noqa: N802 - the seed documents' spelling of LoRALinear.from_linear
     linear: nn.Linear, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0, use_rslora: bool = False
 ) -> LoRALinear:
-    """``LinearWithLoRA(nn.Linear(512, 256), rank=4, alpha=8)``: the same as ``LoRALinear.from_linear``."""
+    """``LinearWithLoRA(nn.Linear(512, 256), rank=4, alpha=8)``: the same as ``LoRALinear.from_linear``.
+
+    The scaling is the paper's ``alpha / rank`` (2 here), not ``alpha`` itself as in the seed document
+    that introduced this name: with ``alpha = rank`` the update is applied unscaled.
+    """
     return LoRALinear.from_linear(
         linear, r=rank, lora_alpha=alpha, lora_dropout=dropout, use_rslora=use_rslora
     )

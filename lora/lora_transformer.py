@@ -11,8 +11,11 @@ demonstration.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import math
 import sys
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +28,15 @@ from torch.utils.checkpoint import checkpoint
 if __package__ in (None, ""):  # `python lora/lora_transformer.py` without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lora.adapter import Adapter, LayerAdapter, weighted_sum
+from lora.files import describe_mismatch
+from lora.formats import (
+    AdapterFolder,
+    read_adapter_folder,
+    read_model_folder,
+    write_adapter_folder,
+    write_model_folder,
+)
 from lora.lora_layer import (
     LoRALinear,
     disable_adapter,
@@ -32,51 +44,36 @@ from lora.lora_layer import (
     lora_state_dict,
     merge_lora,
     unmerge_lora,
-    validate_lora_args,
 )
+from lora.model_config import LoRAConfig, ModelConfig
 
-__all__ = ["ATTENTION_TARGETS", "LoRATransformer"]
+__all__ = ["LoRATransformer"]
 
-ATTENTION_TARGETS = ("q", "k", "v", "o")
-_PROJ = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "fc1": "fc1", "fc2": "fc2"}
+_PROJ = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}
+_LEAVES = ("lora_A", "lora_B")
+# the keyword arguments from_pretrained passes on to the constructor (the architecture comes from the folder)
+FROM_PRETRAINED_OPTIONS = (
+    "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "adapt_attention", "adapt_feedforward",
+    "use_rslora", "num_classes", "dropout",
+)  # fmt: skip
 
 
-def describe_mismatch(
-    got: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], noun: str = "tensors"
-) -> str:
-    """One line naming what ``got`` lacks, has in excess, or has in the wrong shape; ``""`` if it fits."""
-    common = sorted(set(got) & set(expected))
-    found = {
-        f"missing {noun}": sorted(set(expected) - set(got)),
-        f"unexpected {noun}": sorted(set(got) - set(expected)),
-        "wrong shapes": [
-            f"{k} {tuple(got[k].shape)} (expected {tuple(expected[k].shape)})"
-            for k in common
-            if got[k].shape != expected[k].shape
-        ],
-    }
-    parts = []
-    for label, items in found.items():
-        if items:
-            extra = f" (+{len(items) - 4} more)" if len(items) > 4 else ""
-            parts.append(f"{label}: {', '.join(items[:4])}{extra}")
-    return "; ".join(parts)
+def _linear(d_in: int, d_out: int, lora: LoRAConfig, adapted: bool) -> LoRALinear:
+    """A linear layer with ``lora``'s adapter if ``adapted``, else a plain one (``r = 0``)."""
+    r = lora.lora_r if adapted else 0
+    return LoRALinear(d_in, d_out, r, lora.lora_alpha, lora.lora_dropout, use_rslora=lora.use_rslora)
 
 
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with separate Q, K, V and output projections."""
 
-    def __init__(
-        self, d_model: int, num_heads: int, dropout: float, lora: dict, targets: Sequence[str]
-    ) -> None:
+    def __init__(self, config: ModelConfig, lora: LoRAConfig) -> None:
         super().__init__()
-        self.num_heads = num_heads
-        self.dropout = dropout
-        for t in ATTENTION_TARGETS:
-            r = lora["r"] if t in targets else 0
-            opts = {**lora, "r": r}
-            setattr(self, _PROJ[t], LoRALinear(d_model, d_model, **opts))
-        self.resid_drop = nn.Dropout(dropout)
+        self.num_heads = config.num_heads
+        self.dropout = config.dropout
+        for t, name in _PROJ.items():
+            setattr(self, name, _linear(config.d_model, config.d_model, lora, t in lora.lora_targets))
+        self.resid_drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, T, C) -> (B, T, C)``."""
@@ -95,12 +92,11 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     """``fc2(gelu(fc1(x)))`` with GPT-2's tanh-approximated GELU."""
 
-    def __init__(self, d_model: int, d_ff: int, dropout: float, lora: dict, adapt: bool) -> None:
+    def __init__(self, config: ModelConfig, lora: LoRAConfig) -> None:
         super().__init__()
-        opts = {**lora, "r": lora["r"] if adapt else 0}
-        self.fc1 = LoRALinear(d_model, d_ff, **opts)
-        self.fc2 = LoRALinear(d_ff, d_model, **opts)
-        self.drop = nn.Dropout(dropout)
+        self.fc1 = _linear(config.d_model, config.d_ff, lora, lora.adapt_feedforward)
+        self.fc2 = _linear(config.d_ff, config.d_model, lora, lora.adapt_feedforward)
+        self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, T, C) -> (B, T, C)``."""
@@ -110,28 +106,16 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-LayerNorm block: ``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``."""
 
-    def __init__(
-        self, d_model: int, num_heads: int, d_ff: int, dropout: float, lora: dict, targets, adapt_ff
-    ):
+    def __init__(self, config: ModelConfig, lora: LoRAConfig) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(d_model, eps=1e-5)
-        self.attn = CausalSelfAttention(d_model, num_heads, dropout, lora, targets)
-        self.ln_2 = nn.LayerNorm(d_model, eps=1e-5)
-        self.mlp = MLP(d_model, d_ff, dropout, lora, adapt_ff)
+        self.ln_1 = nn.LayerNorm(config.d_model, eps=1e-5)
+        self.attn = CausalSelfAttention(config, lora)
+        self.ln_2 = nn.LayerNorm(config.d_model, eps=1e-5)
+        self.mlp = MLP(config, lora)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
-
-
-def parse_targets(lora_targets: Sequence[str] | str) -> tuple[str, ...]:
-    """``"q,v"`` or ``["q", "v"]`` -> ``("q", "v")``, in q, k, v, o order; unknown names raise."""
-    items = lora_targets.split(",") if isinstance(lora_targets, str) else list(lora_targets)
-    items = [str(t).strip().lower() for t in items if str(t).strip()]
-    bad = [t for t in items if t not in ATTENTION_TARGETS]
-    if bad:
-        raise ValueError(f"unknown lora_targets {bad}: choose among q, k, v, o")
-    return tuple(t for t in ATTENTION_TARGETS if t in items)
 
 
 class LoRATransformer(nn.Module):
@@ -140,8 +124,13 @@ class LoRATransformer(nn.Module):
     ``lora_targets`` picks among the attention projections q, k, v, o (used when ``adapt_attention``);
     ``adapt_feedforward`` adapts ``fc1`` and ``fc2`` too. ``lora_r = 0`` builds a LoRA-free model.
     With ``num_classes`` the model also has a classification head over the last token's hidden state.
+    ``model.config`` (:class:`ModelConfig`) and ``model.lora_config`` (:class:`LoRAConfig`) say what it is.
     Setting ``model.gradient_checkpointing = True`` stores only each block's input in training and
     recomputes the rest in backward: less activation memory for long sequences, about one more forward.
+
+    The model owns its adapters: the active one lives in the ``LoRALinear`` parameters (so ``state_dict``
+    and an optimizer see only it), the others wait as :class:`Adapter` values. ``load_adapter``,
+    ``set_adapter``, ``save_adapter`` ... switch and move them; switching never touches the base weights.
     """
 
     def __init__(
@@ -163,49 +152,38 @@ class LoRATransformer(nn.Module):
         use_rslora: bool = False,
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("vocab_size", vocab_size),
-            ("d_model", d_model),
-            ("num_heads", num_heads),
-            ("num_layers", num_layers),
-            ("max_seq_len", max_seq_len),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if d_model % num_heads:
-            raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads})")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 2):
-            raise ValueError(f"num_classes must be an integer >= 2 or None, got {num_classes!r}")
-        validate_lora_args(lora_r, lora_alpha, lora_dropout)
-        targets = parse_targets(lora_targets) if adapt_attention else ()
-        d_ff = d_ff or 4 * d_model
-        self.config = {
-            "vocab_size": vocab_size, "d_model": d_model, "num_heads": num_heads, "num_layers": num_layers,
-            "d_ff": d_ff, "max_seq_len": max_seq_len, "dropout": dropout, "num_classes": num_classes,
-        }  # fmt: skip
-        self.lora_config = {
-            "lora_r": lora_r, "lora_alpha": float(lora_alpha), "lora_dropout": lora_dropout,
-            "lora_targets": list(targets), "adapt_feedforward": adapt_feedforward, "use_rslora": use_rslora,
-        }  # fmt: skip
-        lora = {"r": lora_r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout, "use_rslora": use_rslora}
-
-        self.max_seq_len = max_seq_len
+        config = ModelConfig(
+            vocab_size, d_model, num_heads, num_layers, d_ff, max_seq_len, dropout, num_classes
+        )
+        lora = LoRAConfig(lora_r, lora_alpha, lora_dropout, lora_targets if adapt_attention else (),
+                          adapt_feedforward, use_rslora)  # fmt: skip
+        self.config, self.lora_config = config, lora
         # Recompute each block's activations in backward instead of storing them (long sequences).
         self.gradient_checkpointing = False
-        self.wte = nn.Embedding(vocab_size, d_model)
-        self.wpe = nn.Embedding(max_seq_len, d_model)
-        self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(
-            Block(d_model, num_heads, d_ff, dropout, lora, targets, adapt_feedforward)
-            for _ in range(num_layers)
-        )
-        self.ln_f = nn.LayerNorm(d_model, eps=1e-5)
-        self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
+        self.wte = nn.Embedding(config.vocab_size, config.d_model)
+        self.wpe = nn.Embedding(config.max_seq_len, config.d_model)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, lora) for _ in range(config.num_layers))
+        self.ln_f = nn.LayerNorm(config.d_model, eps=1e-5)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied, as GPT-2
-        self.cls_head = nn.Linear(d_model, num_classes) if num_classes else None
-        self._init_weights(num_layers)
+        self.cls_head = nn.Linear(config.d_model, num_classes) if num_classes else None
+        self._init_weights(config.num_layers)
+        # the adapter set: the active adapter's name (None: no adapter), its extra facts, the parked ones
+        has_adapter = any(layer.r > 0 for _, layer in lora_modules(self)) or self.cls_head is not None
+        self._active: str | None = "default" if has_adapter else None
+        self._active_extra: dict = {}
+        self._parked: dict[str, Adapter] = {}
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, lora: LoRAConfig | None = None) -> LoRATransformer:
+        """The model for typed settings (``lora`` ``None``: no adapter)."""
+        lora = lora or LoRAConfig(lora_r=0)
+        return cls(**config.to_dict(), **{**lora.to_dict(), "lora_targets": lora.lora_targets})
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.config.max_seq_len
 
     @torch.no_grad()
     def _init_weights(self, num_layers: int) -> None:
@@ -286,7 +264,7 @@ class LoRATransformer(nn.Module):
     def configure_lora_training(self) -> dict:
         """Freeze everything but the LoRA tensors (and a classification head); return the statistics."""
         for name, p in self.named_parameters():
-            p.requires_grad_(name.rsplit(".", 1)[-1] in ("lora_A", "lora_B") or name.startswith("cls_head."))
+            p.requires_grad_(name.rsplit(".", 1)[-1] in _LEAVES or name.startswith("cls_head."))
         return self.get_parameter_stats()
 
     def get_parameter_stats(self) -> dict:
@@ -347,77 +325,319 @@ class LoRATransformer(nn.Module):
             yield
 
     # ----------------------------------------------------------------------------------------------------
-    # Saving, loading and switching adapters: thin wrappers over lora/adapters.py (which does the file I/O)
+    # The base: its tensors and fingerprint, merged copies
 
-    def save_pretrained(self, path: str | Path) -> Path:
-        """Write the base model (``config.json`` + ``model.safetensors``, no LoRA tensors) to ``path``."""
-        from lora.adapters import save_pretrained
+    def base_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every frozen base tensor, unmerged: no LoRA tensors, no ``cls_head``, the tied ``lm_head`` once.
 
-        return save_pretrained(self, path)
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, **lora_options: object) -> LoRATransformer:
-        """A model with the architecture and weights saved in ``path``; ``lora_options`` as ``__init__``."""
-        from lora.adapters import from_pretrained
-
-        return from_pretrained(path, **lora_options)
+        A merged layer's weight is returned as ``W - scaling B A`` (computed in float32, as ``unmerge()``).
+        """
+        layers = dict(lora_modules(self))
+        out = {}
+        for key, value in self.state_dict().items():
+            module, _, leaf = key.rpartition(".")
+            if leaf in _LEAVES or key.startswith("cls_head.") or key == "lm_head.weight":
+                continue
+            layer = layers.get(module)
+            if leaf == "weight" and layer is not None and layer.merged:
+                value = (value.float() - layer.delta_weight()).to(value.dtype)
+            out[key] = value.detach()
+        return out
 
     def base_fingerprint(self) -> str:
-        """Short sha256 hex digest of the frozen base tensors (unmerged; no LoRA tensors, no head)."""
-        from lora.adapters import base_fingerprint
+        """First 16 hex digits of a sha256 over the names, shapes, dtypes and bytes of the base tensors.
 
-        return base_fingerprint(self)
+        Deterministic (sorted names, unmerged values); independent of the adapters and of a classification head.
+        """
+        h = hashlib.sha256()
+        for key, value in sorted(self.base_state_dict().items()):
+            t = value.detach().to("cpu").contiguous()
+            h.update(f"{key}|{tuple(t.shape)}|{t.dtype}\n".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()[:16]
 
-    def save_adapter(
-        self, path: str | Path, adapter_name: str | None = None, extra: dict | None = None
-    ) -> Path:
-        """Write adapter ``adapter_name`` (default: the active one) to the folder ``path``."""
-        from lora.adapters import save_adapter
+    def _head_state(self) -> dict[str, torch.Tensor]:
+        if self.cls_head is None:
+            return {}
+        return {f"cls_head.{k}": v.detach() for k, v in self.cls_head.state_dict().items()}
 
-        return save_adapter(self, path, adapter_name, extra)
+    def merged_state_dict(self) -> dict[str, torch.Tensor]:
+        """Base tensors with the active adapter folded in (``W0 + scaling B A`` in float32, cast once)."""
+        layers = dict(lora_modules(self))
+        tensors = self.base_state_dict()
+        for key in tensors:
+            module, _, leaf = key.rpartition(".")
+            layer = layers.get(module)
+            if leaf == "weight" and layer is not None and layer.r > 0 and layer._adapter_enabled:
+                w = tensors[key]
+                tensors[key] = (w.float() + layer.delta_weight()).to(w.dtype)
+        return {**tensors, **self._head_state()}
 
-    def load_adapter(self, path: str | Path, adapter_name: str = "default", force: bool = False) -> str:
-        """Load the adapter in ``path`` as ``adapter_name`` and make it active (base checked first)."""
-        from lora.adapters import load_adapter
+    def merged_model(self) -> LoRATransformer:
+        """A LoRA-free copy (``lora_r = 0``, eval mode) with the active adapter merged in."""
+        tensors = self.merged_state_dict()
+        with torch.random.fork_rng(devices=[]):  # the fresh init is overwritten; leave the caller's RNG alone
+            plain = LoRATransformer.from_config(self.config)
+        plain.to(device=self.wte.weight.device, dtype=self.wte.weight.dtype)
+        missing, unexpected = plain.load_state_dict(tensors, strict=False)
+        assert missing == ["lm_head.weight"] and not unexpected, (missing, unexpected)  # lm_head is tied
+        return plain.eval()
 
-        return load_adapter(self, path, adapter_name, force)
-
-    def set_adapter(self, name: str) -> None:
-        """Make adapter ``name`` the active one; the base weights are not reloaded or changed."""
-        from lora.adapters import set_adapter
-
-        set_adapter(self, name)
-
-    def delete_adapter(self, name: str) -> None:
-        """Forget adapter ``name`` (if active, the model is left with no adapter)."""
-        from lora.adapters import delete_adapter
-
-        delete_adapter(self, name)
+    # ----------------------------------------------------------------------------------------------------
+    # The adapter set, in memory
 
     def list_adapters(self) -> list[str]:
         """Adapter names, the active one first."""
-        from lora.adapters import list_adapters
-
-        return list_adapters(self)
+        return ([self._active] if self._active else []) + sorted(self._parked)
 
     @property
     def active_adapter(self) -> str | None:
         """Name of the active adapter, ``None`` if there is none."""
-        from lora.adapters import active_adapter
+        return self._active
 
-        return active_adapter(self)
+    def get_adapter(self, name: str | None = None) -> Adapter:
+        """Adapter ``name`` (default: the active one) as an :class:`Adapter`; the active one is copied."""
+        name = self._active if name is None else name
+        if name is not None and name == self._active:
+            return self._capture()
+        if name in self._parked:
+            return self._parked[name]
+        raise ValueError(f"no adapter named {name!r}; the adapters are {self.list_adapters()}")
+
+    def add_adapter(self, name: str, adapter: Adapter, activate: bool = True) -> str:
+        """Add ``adapter`` as ``name`` (replacing one of that name) and, with ``activate``, make it active.
+
+        Its modules and tensor shapes are checked against this model's layers first.
+        """
+        ranks = {m: spec.r for m, spec in adapter.layers.items()}
+        self._check_adapter_tensors(adapter.tensors(), ranks, adapter.num_classes, f"adapter {name!r}")
+        if not activate:
+            if name == self._active:
+                raise ValueError(f"adapter {name!r} is active; activate=False cannot replace it")
+            self._parked[name] = adapter
+            return name
+        self._activate(name, adapter)
+        return name
+
+    def set_adapter(self, name: str) -> None:
+        """Make adapter ``name`` active: no reload of the base, and (unmerged) base weights untouched."""
+        if name == self._active:
+            return
+        if name not in self._parked:
+            raise ValueError(f"no adapter named {name!r}; the adapters are {self.list_adapters()}")
+        self._activate(name, self._parked[name])
+
+    def delete_adapter(self, name: str) -> None:
+        """Forget adapter ``name``; deleting the active one leaves the model with no adapter (the base)."""
+        if name == self._active:
+            self._install(None)
+            self._active, self._active_extra = None, {}
+        elif name in self._parked:
+            del self._parked[name]
+        else:
+            raise ValueError(f"no adapter named {name!r}; the adapters are {self.list_adapters()}")
 
     def add_weighted_adapter(self, weights: Mapping[str, float], name: str) -> str:
-        """Add adapter ``name`` with ``ΔW = Σ_i w_i s_i B_i A_i`` exactly (ranks concatenated)."""
-        from lora.adapters import add_weighted_adapter
+        """Add (not activate) adapter ``name`` with ``ΔW = Σ_i w_i s_i B_i A_i`` exactly (ranks concatenated)."""
+        if name in self.list_adapters():
+            raise ValueError(
+                f"an adapter named {name!r} exists already; delete it first or pick another name"
+            )
+        if not weights:
+            raise ValueError("add_weighted_adapter needs at least one adapter and weight")
+        sources = {n: self.get_adapter(n) for n in weights}
+        self._parked[name] = weighted_sum(sources, weights, self.wte.weight.device)
+        return name
 
-        return add_weighted_adapter(self, weights, name)
+    def _capture(self) -> Adapter:
+        """A copy of the active adapter (an optimizer still holding the old parameters cannot change it)."""
+        layers = {
+            name: LayerAdapter(layer.r, layer.lora_alpha, _dropout_p(layer), layer.use_rslora,
+                               layer.lora_A.detach().clone(), layer.lora_B.detach().clone())
+            for name, layer in self.lora_layers()
+        }  # fmt: skip
+        head = {k[len("cls_head.") :]: v.clone() for k, v in self._head_state().items()} or None
+        return Adapter(layers, head, self.lora_config, dict(self._active_extra))
 
-    def merge_and_export(self, path: str | Path) -> Path:
-        """Write a LoRA-free model folder with the active adapter merged; this model is left unchanged."""
-        from lora.adapters import merge_and_export
+    def _install(self, adapter: Adapter | None) -> None:
+        """Put ``adapter`` (``None``: no adapter) in the layers, unmerged; base weights are not touched."""
+        self.unmerge_lora()
+        layers = {} if adapter is None else adapter.layers
+        with torch.no_grad():
+            for name, layer in lora_modules(self):
+                spec = layers.get(name)
+                if spec is None:
+                    layer.reset_lora(0)
+                    continue
+                layer.reset_lora(spec.r, spec.lora_alpha, spec.lora_dropout, spec.use_rslora)
+                layer.lora_A.copy_(spec.lora_A)
+                layer.lora_B.copy_(spec.lora_B)
+            head = None if adapter is None else adapter.cls_head
+            if head is None:
+                self.cls_head = None
+            else:
+                n, d = head["weight"].shape
+                if self.cls_head is None or self.cls_head.weight.shape != (n, d):
+                    w = self.wte.weight
+                    self.cls_head = nn.Linear(d, n, device=w.device, dtype=w.dtype)
+                self.cls_head.load_state_dict(head)
+        self.config = dataclasses.replace(
+            self.config, num_classes=None if head is None else int(head["weight"].shape[0])
+        )
+        self.lora_config = LoRAConfig(lora_r=0, lora_targets=()) if adapter is None else adapter.settings
 
-        return merge_and_export(self, path)
+    def _activate(self, name: str, adapter: Adapter) -> None:
+        """Park the active adapter and put ``adapter`` in the layers as ``name``.
+
+        A merged model is unmerged, switched and merged again (float rounding of that round trip applies).
+        """
+        was_merged = any(layer.merged for _, layer in lora_modules(self))
+        self.unmerge_lora()
+        if self._active is not None:
+            self._parked[self._active] = self._capture()
+        self._parked.pop(name, None)
+        self._install(adapter)
+        self._active, self._active_extra = name, dict(adapter.extra)
+        if was_merged:
+            self.merge_lora()
+
+    def _check_adapter_tensors(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        ranks: Mapping[str, int],
+        num_classes: int | None,
+        where: object,
+        modules_where: object = None,
+    ) -> None:
+        """Refuse adapter ``tensors`` unless they are exactly ``ranks``' modules (LoRA layers of this model)
+        with ``A: (r, in)``, ``B: (out, r)``, plus a head for ``num_classes``. Messages start with ``where``
+        (``modules_where`` for a module this model lacks)."""
+        layers = dict(lora_modules(self))
+        expected = {}
+        for m, r in ranks.items():
+            layer = layers.get(m)
+            if layer is None:
+                raise ValueError(f"{modules_where or where}: module {m!r} is not a LoRA layer of this model")
+            expected[f"{m}.lora_A"] = torch.empty(r, layer.in_features)
+            expected[f"{m}.lora_B"] = torch.empty(layer.out_features, r)
+        if num_classes is not None:
+            d = self.config.d_model
+            expected.update(
+                {"cls_head.weight": torch.empty(num_classes, d), "cls_head.bias": torch.empty(num_classes)}
+            )
+        problem = describe_mismatch(tensors, expected)
+        if problem:
+            raise ValueError(f"{where}: {problem}")
+
+    def check_adapter_fits(self, folder: AdapterFolder, force: bool = False) -> list[str]:
+        """Raise ``ValueError`` if the adapter's base differs from this one; return warnings (with ``force``).
+
+        Other shapes always refuse; the same shapes with other weights (fingerprint) refuse unless ``force``.
+        """
+        own = self.config.shape()
+        diff = [
+            f"{k}: adapter {folder.base.get(k)!r}, model {v!r}"
+            for k, v in own.items()
+            if folder.base.get(k) != v
+        ]
+        if diff:
+            raise ValueError("adapter was trained on a base of another architecture: " + "; ".join(diff))
+        fingerprint = self.base_fingerprint()
+        if folder.base_fingerprint != fingerprint:
+            msg = (f"adapter was trained on other base weights (fingerprint {folder.base_fingerprint}, "
+                   f"this base {fingerprint})")  # fmt: skip
+            if not force:
+                raise ValueError(msg + "; pass force=True (--force) to load it anyway")
+            return [msg + "; loaded anyway (force)"]
+        return []
+
+    def adapter_from_folder(self, folder: AdapterFolder) -> Adapter:
+        """The adapter a folder holds, its modules and tensor shapes checked against this model."""
+        ranks = {m: r for m, (r, _) in folder.modules.items()}
+        # a module this model lacks is the config's fault; a missing or mis-shaped tensor the weights file's
+        self._check_adapter_tensors(
+            folder.tensors, ranks, folder.num_classes, folder.weights_path, folder.config_path
+        )
+        return folder.to_adapter()
+
+    # ----------------------------------------------------------------------------------------------------
+    # On disk (the formats are lora/formats.py's)
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write the base model (``config.json`` + ``model.safetensors``, no LoRA tensors) to ``path``."""
+        return write_model_folder(path, self.config, {**self.base_state_dict(), **self._head_state()})
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **lora_options: object) -> LoRATransformer:
+        """A model with the architecture and weights saved in ``path`` and the given LoRA options.
+
+        ``lora_options`` are any of ``lora_r, lora_alpha, lora_dropout, lora_targets, adapt_attention,
+        adapt_feedforward, use_rslora, num_classes, dropout``. A saved classification head is loaded when
+        ``num_classes`` matches it; another ``num_classes`` gets a fresh head. The model takes the file's
+        dtype when all its floating tensors share one.
+        """
+        unknown = sorted(set(lora_options) - set(FROM_PRETRAINED_OPTIONS))
+        if unknown:
+            raise ValueError(
+                f"unknown from_pretrained options {unknown}; expected some of {list(FROM_PRETRAINED_OPTIONS)}"
+            )
+        arch, tensors = read_model_folder(path)
+        model = cls(**{**arch.to_dict(), **lora_options})
+        expected = model.base_state_dict()
+        saved_head = {k: v for k, v in tensors.items() if k.startswith("cls_head.")}
+        if model.cls_head is not None and model.config.num_classes == arch.num_classes:
+            expected.update(model._head_state())
+        else:
+            tensors = {k: v for k, v in tensors.items() if k not in saved_head}
+        problem = describe_mismatch(tensors, expected)
+        if problem:
+            raise ValueError(f"{Path(path) / 'model.safetensors'}: {problem}")
+        dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
+        if len(dtypes) == 1 and (dtype := dtypes.pop()) != torch.float32:
+            model.to(dtype)
+        own = model.state_dict()
+        with torch.no_grad():
+            for key, value in tensors.items():
+                own[key].copy_(value)
+        return model
+
+    def save_adapter(
+        self, path: str | Path, adapter_name: str | None = None, extra: dict | None = None
+    ) -> Path:
+        """Write adapter ``adapter_name`` (default: the active one) to the folder ``path``.
+
+        ``extra`` facts (task, run, ...) go into ``adapter_config.json`` beside the settings, the per-module
+        ranks, the base's architecture and fingerprint and the project's version.
+        """
+        name = self._active if adapter_name is None else adapter_name
+        adapter = self.get_adapter(name)
+        adapter = dataclasses.replace(adapter, extra={**adapter.extra, **(extra or {})})
+        return write_adapter_folder(path, adapter, name, self.config, self.base_fingerprint())
+
+    def load_adapter(self, path: str | Path, adapter_name: str = "default", force: bool = False) -> str:
+        """Load the adapter in ``path`` as ``adapter_name`` and make it active; returns the name.
+
+        Refuses (``ValueError`` saying what differs) an adapter made for a base of another architecture, or
+        for other base weights (fingerprint); ``force=True`` skips only the fingerprint check. The adapter
+        may have another rank, targets or head than the model had: layers are reconfigured.
+        """
+        folder = read_adapter_folder(path)
+        for w in self.check_adapter_fits(folder, force):
+            warnings.warn(w, stacklevel=2)
+        self._activate(adapter_name, self.adapter_from_folder(folder))
+        return adapter_name
+
+    def merge_and_export(self, path: str | Path, extra: dict | None = None) -> Path:
+        """Write a LoRA-free model folder with the active adapter merged; this model is left unchanged.
+
+        ``from_pretrained(path)`` gives a model whose logits equal base + adapter (to float rounding).
+        """
+        merged = {"merged_adapter": {"name": self._active, **(extra or {})}}
+        return write_model_folder(path, self.config, self.merged_state_dict(), merged)
+
+
+def _dropout_p(layer: LoRALinear) -> float:
+    return float(layer.lora_dropout.p) if isinstance(layer.lora_dropout, nn.Dropout) else 0.0
 
 
 def _demo() -> None:
@@ -430,7 +650,7 @@ def _demo() -> None:
     print(
         "LoRATransformer(vocab_size=10000, d_model=512, num_heads=8, num_layers=6, lora_r=8, lora_alpha=16)"
     )
-    print(f"LoRA on {model.lora_config['lora_targets']} of every attention block\n")
+    print(f"LoRA on {list(model.lora_config.lora_targets)} of every attention block\n")
     rows = [
         ("total parameters", f"{stats['total_params']:,}"),
         ("frozen", f"{stats['frozen_params']:,}"),

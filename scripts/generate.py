@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> list[tuple[str, str]]:
     if args.no_base and not args.adapter:
         raise ValueError("--no_base needs at least one --adapter")
     model = LoRATransformer.from_pretrained(args.base, lora_r=0, num_classes=None).eval()
-    prompt = encode(args.prompt, model.config["vocab_size"])
+    prompt = encode(args.prompt, model.config.vocab_size)
     gen = (args.max_new_tokens, args.temperature, args.top_k, args.seed)
     rows = [] if args.no_base else [("base", sample(model, prompt, *gen))]
     for i, folder in enumerate(args.adapter):

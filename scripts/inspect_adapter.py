@@ -12,7 +12,6 @@ status is then 1 if the adapter does not fit (0 if it fits, 2 on bad input).
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,13 +21,7 @@ if __package__ in (None, ""):  # `python scripts/inspect_adapter.py` from a chec
 
 import torch
 
-from lora.adapters import (
-    ADAPTER_CONFIG_NAME,
-    ADAPTER_WEIGHTS_NAME,
-    check_adapter_fits,
-    parse_adapter,
-    read_adapter,
-)
+from lora.formats import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, AdapterFolder, read_adapter_folder
 from lora.lora_transformer import LoRATransformer
 
 _SHOWN = (
@@ -42,28 +35,28 @@ _SHOWN = (
 )
 
 
-def module_rows(config: dict, tensors: dict[str, torch.Tensor]) -> list[tuple[str, int, int, float, float]]:
+def module_rows(folder: AdapterFolder) -> list[tuple[str, int, int, float, float]]:
     """``(module, r, parameters, ||B A||_F, scaling ||B A||_F)`` per adapted module."""
+    missing = [
+        f"{m}.{k}" for m in folder.modules for k in ("lora_A", "lora_B") if f"{m}.{k}" not in folder.tensors
+    ]
+    if missing:
+        raise ValueError(f"{ADAPTER_WEIGHTS_NAME} lacks {missing} listed in {ADAPTER_CONFIG_NAME}")
     rows = []
-    for name, spec in sorted(config["modules"].items()):
-        missing = [k for k in (f"{name}.lora_A", f"{name}.lora_B") if k not in tensors]
-        if missing:
-            raise ValueError(f"{ADAPTER_WEIGHTS_NAME} lacks {missing} listed in {ADAPTER_CONFIG_NAME}")
-        A, B = tensors[f"{name}.lora_A"].float(), tensors[f"{name}.lora_B"].float()  # (r, in), (out, r)
-        r = A.shape[0]
-        alpha = float(spec.get("lora_alpha", config["lora_alpha"]))
-        scaling = alpha / (math.sqrt(r) if config["use_rslora"] else r)
-        norm = torch.linalg.matrix_norm(B @ A).item()  # Frobenius norm of the (out, in) update
-        rows.append((name, r, A.numel() + B.numel(), norm, scaling * norm))
+    for name, spec in sorted(folder.to_adapter().layers.items()):
+        norm = torch.linalg.matrix_norm(
+            spec.lora_B.float() @ spec.lora_A.float()
+        ).item()  # Frobenius, (out, in)
+        rows.append((name, spec.r, spec.lora_A.numel() + spec.lora_B.numel(), norm, spec.scaling * norm))
     return rows
 
 
-def fits(base: str, config: dict, tensors: dict[str, torch.Tensor], folder: Path) -> tuple[bool, str]:
+def fits(base: str, folder: AdapterFolder) -> tuple[bool, str]:
     """``(fits, explanation)``: architecture and tensor shapes, then the base fingerprint."""
     model = LoRATransformer.from_pretrained(base, lora_r=0, num_classes=None)
     try:
-        warnings = check_adapter_fits(model, config, force=True)
-        parse_adapter(model, config, tensors, folder)
+        warnings = model.check_adapter_fits(folder, force=True)
+        model.adapter_from_folder(folder)
     except ValueError as e:
         return False, f"does not fit: {e}"
     if warnings:
@@ -71,31 +64,30 @@ def fits(base: str, config: dict, tensors: dict[str, torch.Tensor], folder: Path
             False,
             f"shapes fit, but {warnings[0].removesuffix('; loaded anyway (force)')}; load only with --force",
         )
-    return True, f"fits: architecture and shapes match, fingerprint {config['base_fingerprint']} matches"
+    return True, f"fits: architecture and shapes match, fingerprint {folder.base_fingerprint} matches"
 
 
 def report(adapter: str, base: str | None) -> tuple[bool, list[str]]:
-    folder = Path(adapter)
-    config, tensors = read_adapter(folder)
-    lines = [f"adapter: {folder}"]
+    folder = read_adapter_folder(adapter)
+    config = folder.config
+    lines = [f"adapter: {folder.path}"]
     lines += [f"  {k:<18} {config.get(k)}" for k in _SHOWN]
-    lines.append(f"  {'num_classes':<18} {config.get('num_classes')}")
-    lines.append(f"  {'base':<18} {config['base']}")
-    lines.append(f"  {'base_fingerprint':<18} {config['base_fingerprint']}")
+    lines.append(f"  {'num_classes':<18} {folder.num_classes}")
+    lines.append(f"  {'base':<18} {folder.base}")
+    lines.append(f"  {'base_fingerprint':<18} {folder.base_fingerprint}")
     lines.append(f"  {'version':<18} {config.get('version')}")
-    reserved = {*_SHOWN, "num_classes", "base", "base_fingerprint", "version", "modules", "adapter_name"}
-    lines += [f"  {k:<18} {config[k]}" for k in sorted(config) if k not in reserved]
-    for name in (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME):
-        lines.append(f"  {name:<28} {(folder / name).stat().st_size:>10,} bytes")
+    lines += [f"  {k:<18} {v}" for k, v in sorted(folder.extra.items())]
+    for path in (folder.weights_path, folder.config_path):
+        lines.append(f"  {path.name:<28} {path.stat().st_size:>10,} bytes")
 
-    rows = module_rows(config, tensors)
+    rows = module_rows(folder)
     width = max([len("module"), *(len(r[0]) for r in rows)])
     lines.append(
         f"\n{'module':<{width}}  {'r':>3}  {'params':>8}  {'||BA||_F':>10}  {'scaling*||BA||_F':>16}"
     )
     for name, r, n, norm, scaled in rows:
         lines.append(f"{name:<{width}}  {r:>3}  {n:>8,}  {norm:>10.4g}  {scaled:>16.4g}")
-    head = sum(v.numel() for k, v in tensors.items() if k.startswith("cls_head."))
+    head = sum(v.numel() for k, v in folder.tensors.items() if k.startswith("cls_head."))
     total = sum(r[2] for r in rows)
     lines.append(
         f"{'total':<{width}}  {'':>3}  {total:>8,}"
@@ -103,7 +95,7 @@ def report(adapter: str, base: str | None) -> tuple[bool, list[str]]:
     )
     ok = True
     if base is not None:
-        ok, text = fits(base, config, tensors, folder)
+        ok, text = fits(base, folder)
         lines.append(f"\nbase {base}: {text}")
     return ok, lines
 

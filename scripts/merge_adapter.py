@@ -21,7 +21,7 @@ if __package__ in (None, ""):  # `python scripts/merge_adapter.py` from a checko
 
 import torch
 
-from lora.adapters import CONFIG_NAME, WEIGHTS_NAME, merge_and_export, merged_model
+from lora.formats import CONFIG_NAME, WEIGHTS_NAME
 from lora.lora_transformer import LoRATransformer
 
 
@@ -31,11 +31,11 @@ def max_logit_difference(
 ) -> tuple[float, float]:
     """``(max |merged(x) - unmerged(x)|, max |unmerged(x)|)`` over a random ``(batch, seq_len)`` batch."""
     g = torch.Generator().manual_seed(seed)
-    T = min(seq_len, model.config["max_seq_len"])
-    idx = torch.randint(0, model.config["vocab_size"], (batch, T), generator=g).to(model.wte.weight.device)
+    T = min(seq_len, model.config.max_seq_len)
+    idx = torch.randint(0, model.config.vocab_size, (batch, T), generator=g).to(model.wte.weight.device)
     model.eval()
     unmerged = model(idx).float()
-    merged = merged_model(model)(idx).float()
+    merged = model.merged_model()(idx).float()
     return (merged - unmerged).abs().max().item(), unmerged.abs().max().item()
 
 
@@ -70,8 +70,7 @@ def run(args: argparse.Namespace) -> tuple[float, float, Path]:
         raise ValueError(
             f"merged logits differ from unmerged by {diff:.3e} > tolerance {args.tolerance:g} x {max(1.0, largest):.3g}"
         )
-    merge_and_export(
-        model,
+    model.merge_and_export(
         out,
         extra={"adapter": str(args.adapter), "max_logit_difference": diff, "max_abs_logit": largest},
     )

@@ -22,11 +22,12 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python scripts/multitask_demo.py` from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lora.adapters import base_fingerprint
-from lora.config import LoRAError, load_yaml, resolve_config
-from lora.data import load_task
+from lora.application import run
+from lora.config import load_yaml, resolve_config
+from lora.data import BatchLoader, load_task
+from lora.errors import LoRAError
 from lora.lora_transformer import LoRATransformer
-from lora.train_lora import BatchLoader, evaluate_model, run
+from lora.trainer import evaluate_model
 
 TASKS = ("rot13", "atbash")
 
@@ -53,7 +54,7 @@ def _demo(shared: dict, out_dir: Path) -> int:
 
     base_dir = Path(runs[TASKS[0]][2]["base_checkpoint"])
     model = LoRATransformer.from_pretrained(base_dir, lora_r=0).eval()
-    before = base_fingerprint(model)
+    before = model.base_fingerprint()
     for task in TASKS:
         model.load_adapter(runs[task][1], task)
     rows: dict[str, dict[str, float]] = {}
@@ -63,7 +64,7 @@ def _demo(shared: dict, out_dir: Path) -> int:
             model.set_adapter(name)  # no reload of the base: only the small LoRA tensors change
         with model.disable_adapter() if name == "base" else contextlib.nullcontext():
             rows[name] = {t: evaluate_model(model, loaders[t], "exact_match")["metric"] for t in TASKS}
-    after = base_fingerprint(model)
+    after = model.base_fingerprint()
 
     base_bytes = (base_dir / "model.safetensors").stat().st_size
     sizes = {t: (runs[t][1] / "adapter_model.safetensors").stat().st_size for t in TASKS}

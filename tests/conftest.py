@@ -1,15 +1,40 @@
-"""Shared fixtures: a tiny configuration that trains in about a second."""
+"""Shared fixtures: tiny configurations that train in about a second.
+
+Every flag given must take effect (options a run would ignore are refused), so the flags depend on the
+run: the architecture and ``base_steps`` only when a base is pretrained here, ``num_examples`` only for
+the generated tasks, ``seq_len`` only for tasks that read text.
+"""
 
 import pytest
 
-TINY_FLAGS = [
-    "--d_model", "32", "--num_heads", "2", "--num_layers", "1", "--max_seq_len", "32", "--seq_len", "16",
-    "--base_steps", "30", "--max_steps", "12", "--num_examples", "512", "--batch_size", "32",
-    "--eval_every", "4", "--eval_batches", "2", "--device", "cpu",
-]  # fmt: skip
+TINY_ARCH = ["--d_model", "32", "--num_heads", "2", "--num_layers", "1", "--max_seq_len", "32",
+             "--base_steps", "30"]  # fmt: skip
+TINY_RUN = [
+    "--max_steps",
+    "12",
+    "--batch_size",
+    "32",
+    "--eval_every",
+    "4",
+    "--eval_batches",
+    "2",
+    "--device",
+    "cpu",
+]
+CIPHER_DATA = ["--num_examples", "512"]
+TINY_FLAGS = [*TINY_ARCH, *TINY_RUN, *CIPHER_DATA]  # rot13 on a base pretrained here (--base_checkpoint auto)
+ON_BASE_FLAGS = [*TINY_RUN, *CIPHER_DATA]  # rot13 on a given --base_checkpoint of TINY_ARCH's shape
+
+
+def task_flags(flags: list[str], task: str) -> list[str]:
+    """``flags`` (for rot13) changed for ``task``: text tasks take ``seq_len``, not ``num_examples``."""
+    if task in ("rot13", "atbash"):
+        return [*flags, "--task", task]
+    i = flags.index("--num_examples")
+    return [*flags[:i], *flags[i + 2 :], "--seq_len", "16", "--task", task]
 
 
 @pytest.fixture
 def tiny_flags(tmp_path):
-    """Flags for a tiny run writing into a fresh temporary output folder."""
+    """Flags for a tiny rot13 run (its base pretrained here) writing into a fresh temporary output folder."""
     return [*TINY_FLAGS, "--output_dir", str(tmp_path / "runs")]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora.adapters import read_safetensors
+from lora.files import read_safetensors
 from lora.lora_transformer import LoRATransformer
 
 ROOT = Path(__file__).resolve().parents[1]

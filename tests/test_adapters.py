@@ -8,12 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from lora.adapters import (
-    atomic_save_safetensors,
-    atomic_write_bytes,
-    base_fingerprint,
-    read_safetensors,
-)
+from lora.files import atomic_save_safetensors, atomic_write_bytes, read_safetensors
 from lora.lora_transformer import LoRATransformer
 
 TINY = {"vocab_size": 260, "d_model": 32, "num_heads": 4, "num_layers": 2, "max_seq_len": 16, "dropout": 0.0}
@@ -117,12 +112,12 @@ def test_from_pretrained_passes_lora_options(tmp_path):
 
 def test_fingerprint_is_deterministic_and_sees_one_changed_weight():
     a, b = tiny(), tiny()
-    assert base_fingerprint(a) == base_fingerprint(b)
+    assert a.base_fingerprint() == b.base_fingerprint()
     randomise(b, 3)  # adapters and heads do not count
-    assert base_fingerprint(a) == base_fingerprint(b)
+    assert a.base_fingerprint() == b.base_fingerprint()
     with torch.no_grad():
         b.blocks[1].mlp.fc2.weight[0, 0] += 1e-3
-    assert base_fingerprint(a) != base_fingerprint(b)
+    assert a.base_fingerprint() != b.base_fingerprint()
 
 
 @pytest.mark.parametrize(
@@ -200,7 +195,7 @@ def test_adapter_round_trip_is_bit_for_bit(tmp_path):
     fresh = LoRATransformer.from_pretrained(tmp_path / "base", lora_r=2).eval()  # another rank and targets
     fresh.load_adapter(tmp_path / "ad")
     assert torch.equal(fresh(IDX), model(IDX))
-    assert fresh.lora_config["lora_targets"] == ["q", "v", "o"] and fresh.lora_config["adapt_feedforward"]
+    assert fresh.lora_config.lora_targets == ("q", "v", "o") and fresh.lora_config.adapt_feedforward
     assert fresh.list_adapters() == ["default"]
 
 
@@ -212,7 +207,7 @@ def test_classification_head_travels_with_the_adapter(tmp_path):
     lm = LoRATransformer.from_pretrained(tmp_path / "base", num_classes=None).eval()
     assert lm.cls_head is None
     lm.load_adapter(tmp_path / "ad", "cls")
-    assert lm.config["num_classes"] == 3
+    assert lm.config.num_classes == 3
     assert torch.equal(lm(IDX), model(IDX))
 
 
@@ -418,7 +413,7 @@ def test_merge_and_export_matches_and_leaves_the_model_unchanged(tmp_path, base,
     tensors = read_safetensors(tmp_path / "merged" / "model.safetensors")
     assert not any("lora_" in k for k in tensors)
     merged = LoRATransformer.from_pretrained(tmp_path / "merged", lora_r=0).eval()
-    assert merged.config["num_classes"] == num_classes
+    assert merged.config.num_classes == num_classes
     assert (merged(IDX) - expected).abs().max() <= 1e-5
     assert model.list_adapters() == adapters
     assert not any(layer.merged for _, layer in model.lora_layers())

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from lora.checkpoint import CheckpointError, find_latest, load_checkpoint, read_trainer_state, save_checkpoint
+from lora.checkpoint import find_latest, load_checkpoint, read_trainer_state, save_checkpoint
+from lora.errors import CheckpointError
 from lora.lora_transformer import LoRATransformer
 
 

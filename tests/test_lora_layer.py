@@ -143,11 +143,11 @@ def test_base_state_dict_loads_with_only_lora_keys_missing():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"r": -1}, "lora_r must be a non-negative integer"),
-        ({"r": 2.5}, "lora_r must be a non-negative integer"),
-        ({"r": True}, "lora_r must be a non-negative integer"),
-        ({"lora_alpha": 0}, "lora_alpha must be a number > 0"),
-        ({"lora_alpha": -1.0}, "lora_alpha must be a number > 0"),
+        ({"r": -1}, "lora_r must be an integer >= 0"),
+        ({"r": 2.5}, "lora_r must be an integer >= 0"),
+        ({"r": True}, "lora_r must be an integer >= 0"),
+        ({"lora_alpha": 0}, "lora_alpha must be > 0"),
+        ({"lora_alpha": -1.0}, "lora_alpha must be > 0"),
         ({"lora_dropout": 1.0}, r"lora_dropout must be in \[0, 1\)"),
         ({"lora_dropout": -0.1}, r"lora_dropout must be in \[0, 1\)"),
         ({"lora_dropout": "0.1"}, "lora_dropout must be a number"),

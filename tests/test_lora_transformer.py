@@ -162,7 +162,7 @@ def test_generate_shapes_and_greedy_determinism():
     ("kwargs", "match"),
     [
         ({"d_model": 30}, "d_model .30. must be divisible by num_heads .4."),
-        ({"lora_targets": "q,x"}, r"unknown lora_targets \['x'\]"),
+        ({"lora_targets": "q,x"}, "lora_targets must be a subset of q,k,v,o, got q,x"),
         ({"lora_r": -1}, "lora_r must be"),
         ({"lora_alpha": 0}, "lora_alpha must be"),
         ({"num_layers": 0}, "num_layers must be a positive integer"),

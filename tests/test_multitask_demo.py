@@ -11,7 +11,6 @@ TINY = """d_model: 32
 num_heads: 2
 num_layers: 1
 max_seq_len: 32
-seq_len: 16
 base_steps: 60
 max_steps: 30
 num_examples: 512

@@ -22,10 +22,12 @@ import pytest
 import torch
 
 import lora.train_lora as tl
-from lora.adapters import read_safetensors
+import lora.trainer as trainer_module
 from lora.checkpoint import find_latest, read_trainer_state
+from lora.files import read_safetensors
 from lora.lora_transformer import LoRATransformer
 from lora.train_lora import main
+from tests.conftest import ON_BASE_FLAGS, task_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}  # tiny models: one thread is fastest
@@ -37,14 +39,15 @@ PAUSE = 0.05  # seconds the harness sleeps after each step, so that a kill can l
 HARNESS = r"""
 import os, signal, sys, time
 import lora.train_lora as tl
+import lora.trainer as trainer_module
 pause = float(os.environ.get("TEST_STEP_PAUSE", "0"))
 if pause:
-    record = tl.LoRATrainer._record
+    record = trainer_module.Trainer._record
     def _record(self, *args):
         record(self, *args)
         print(f"step {self.step}", flush=True)
         time.sleep(pause)
-    tl.LoRATrainer._record = _record
+    trainer_module.Trainer._record = _record
 die = os.environ.get("TEST_DIE_WRITING")
 if die:
     fsync = os.fsync
@@ -93,17 +96,16 @@ def base(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def flags(tiny_flags, base) -> list[str]:
-    return [*tiny_flags, "--base_checkpoint", str(base)]
+def flags(tmp_path, base) -> list[str]:
+    """A tiny rot13 run on the random base."""
+    return [*ON_BASE_FLAGS, "--output_dir", str(tmp_path / "runs"), "--base_checkpoint", str(base)]
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, base) -> Path:
     """A finished run folder (adapter, two checkpoints) that the bad inputs below must leave alone."""
-    from tests.conftest import TINY_FLAGS
-
     root = tmp_path_factory.mktemp("finished") / "runs"
-    assert main([*TINY_FLAGS, "--output_dir", str(root), "--base_checkpoint", str(base), "--run_name", "done",
+    assert main([*ON_BASE_FLAGS, "--output_dir", str(root), "--base_checkpoint", str(base), "--run_name", "done",
                  "--save_every", "4"]) == 0  # fmt: skip
     return root / "done"
 
@@ -170,7 +172,16 @@ CONFIG_CASES = {
     "batch_size 0": (None, ["--batch_size", "0"], ["batch_size must be >= 1, got 0"]),
     "d_model % heads": (None, ["--d_model", "30", "--num_heads", "4"], ["d_model (30)", "num_heads (4)"]),
     "lora_targets": (None, ["--lora_targets", "q,x"], ["lora_targets", "q,k,v,o", "got q,x"]),
-    "seq_len > max": (None, ["--seq_len", "64"], ["seq_len (64) must not exceed max_seq_len (32)"]),
+    "seq_len > max": (
+        None,
+        ["--task", "text", "--train_file", "t.txt", "--seq_len", "64"],
+        ["seq_len (64) must not exceed max_seq_len (32)"],
+    ),
+    "max_seq_len < cipher": (
+        None,
+        ["--max_seq_len", "8"],
+        ["max_seq_len (8) must be at least 15 for task rot13"],
+    ),
     "run_name /": (None, ["--run_name", "a/b"], ["run_name", "'a/b'"]),
     "run_name \\": (None, ["--run_name", "a\\b"], ["run_name", "'a\\\\b'"]),
     "run_name ..": (None, ["--run_name", ".."], ["run_name", "'..'"]),
@@ -242,7 +253,7 @@ def test_bad_data_is_one_line_exit_2(case, tiny_flags, tmp_path, capsys):
     path = tmp_path / ("data.txt" if task == "text" else "data.jsonl")
     if content is not None:
         path.write_bytes(content)
-    assert main([*tiny_flags, "--task", task, "--train_file", str(path)]) == 2
+    assert main([*task_flags(tiny_flags, task), "--train_file", str(path)]) == 2
     one_error_line(capsys, *(n.format(path=path) for n in needles))
     assert not (tmp_path / "runs").exists()
 
@@ -250,7 +261,7 @@ def test_bad_data_is_one_line_exit_2(case, tiny_flags, tmp_path, capsys):
 def test_data_smaller_than_one_batch_and_a_folder_as_data(tiny_flags, tmp_path, capsys):
     assert main([*tiny_flags, "--num_examples", "10"]) == 2
     one_error_line(capsys, "task rot13 has 10 sequences, fewer than one batch (batch_size 32)")
-    assert main([*tiny_flags, "--task", "text", "--train_file", str(tmp_path)]) == 2
+    assert main([*task_flags(tiny_flags, "text"), "--train_file", str(tmp_path)]) == 2
     one_error_line(capsys, f"data file is a folder, expected a file: {tmp_path}")
 
 
@@ -343,9 +354,7 @@ def test_bad_checkpoints_are_one_line_and_damage_nothing(finished, tmp_path, cap
 def test_later_errors_damage_no_run_folder(finished, base, capsys, monkeypatch):
     """Even with --overwrite, a run that stops on bad input leaves the existing folder as it was."""
     before = snapshot(finished)
-    from tests.conftest import TINY_FLAGS
-
-    same = [*TINY_FLAGS, "--output_dir", str(finished.parent), "--run_name", "done", "--overwrite"]
+    same = [*ON_BASE_FLAGS, "--output_dir", str(finished.parent), "--run_name", "done", "--overwrite"]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for argv, needle in (
         ([*same, "--base_checkpoint", str(base.parent / "missing")], "base checkpoint not found"),
@@ -360,7 +369,7 @@ def test_later_errors_damage_no_run_folder(finished, base, capsys, monkeypatch):
         assert sorted(p.name for p in finished.parent.iterdir()) == ["done"]
 
 
-def test_bad_base_models_are_one_line_exit_2(base, tiny_flags, tmp_path, capsys):
+def test_bad_base_models_are_one_line_exit_2(base, flags, tmp_path, capsys):
     import shutil
 
     def broken(name: str, file: str, data: bytes) -> Path:
@@ -384,15 +393,15 @@ def test_bad_base_models_are_one_line_exit_2(base, tiny_flags, tmp_path, capsys)
         ),
     }
     for name, (folder, needle) in cases.items():
-        assert main([*tiny_flags, "--base_checkpoint", str(folder)]) == 2, name
+        assert main([*flags, "--base_checkpoint", str(folder)]) == 2, name
         one_error_line(capsys, "cannot load the base model", str(folder), needle, alone=False)
-    assert main([*tiny_flags, "--base_checkpoint", str(tmp_path / "none")]) == 2
+    assert main([*flags, "--base_checkpoint", str(tmp_path / "none")]) == 2
     one_error_line(capsys, f"base checkpoint not found: {tmp_path / 'none'}")
     # a base shorter than the data's sequences: caught when the model is built
     text = tmp_path / "t.txt"
     text.write_text("some words of English text. " * 200)
-    argv = [*tiny_flags, "--base_checkpoint", str(base), "--task", "text", "--train_file", str(text)]
-    assert main([*argv, "--max_seq_len", "64", "--seq_len", "48"]) == 2
+    argv = [*task_flags(flags, "text"), "--train_file", str(text)]
+    assert main([*argv, "--seq_len", "48"]) == 2
     one_error_line(capsys, "seq_len 48 exceeds the base model's max_seq_len 32", alone=False)
     assert not (tmp_path / "runs").exists()
 
@@ -504,7 +513,7 @@ def test_no_code_path_unpickles():
 def test_a_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     flags, tmp_path, capsys, monkeypatch
 ):
-    real, calls = tl.batch_loss, []
+    real, calls = trainer_module.batch_loss, []
 
     def nan_at_step_5(*args, **kwargs):
         loss, logits = real(*args, **kwargs)
@@ -514,7 +523,7 @@ def test_a_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
                 loss = loss * float("nan")
         return loss, logits
 
-    monkeypatch.setattr(tl, "batch_loss", nan_at_step_5)
+    monkeypatch.setattr(trainer_module, "batch_loss", nan_at_step_5)
     assert main([*flags, "--run_name", "nan", "--save_every", "2"]) == 3
     line = one_error_line(capsys, "loss is nan at step 5", alone=False)
     folder = tmp_path / "runs" / "nan"
@@ -526,7 +535,7 @@ def test_a_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
 
 
 def test_a_non_finite_gradient_stops_even_without_clipping(flags, tmp_path, capsys, monkeypatch):
-    real, calls = tl.batch_loss, []
+    real, calls = trainer_module.batch_loss, []
 
     def nan_gradient_at_step_3(forward, *args, **kwargs):
         loss, logits = real(forward, *args, **kwargs)
@@ -537,7 +546,7 @@ def test_a_non_finite_gradient_stops_even_without_clipping(flags, tmp_path, caps
                 loss = loss + 0 * torch.sqrt(p.sum() - p.sum())
         return loss, logits
 
-    monkeypatch.setattr(tl, "batch_loss", nan_gradient_at_step_3)
+    monkeypatch.setattr(trainer_module, "batch_loss", nan_gradient_at_step_3)
     assert main([*flags, "--run_name", "nan-grad", "--save_every", "1", "--grad_clip", "0"]) == 3
     one_error_line(capsys, "gradient norm is nan at step 3", "checkpoint-0000002", alone=False)
     latest = find_latest(tmp_path / "runs" / "nan-grad")
@@ -573,11 +582,9 @@ def finish(proc: subprocess.Popen, log: Path, expected: int) -> None:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, base) -> Path:
     """The uninterrupted run that every interrupted one must reproduce."""
-    from tests.conftest import TINY_FLAGS
-
     root = tmp_path_factory.mktemp("reference")
     argv = [
-        *TINY_FLAGS,
+        *ON_BASE_FLAGS,
         *RESUME_FLAGS,
         "--output_dir",
         str(root),
@@ -590,14 +597,14 @@ def reference(tmp_path_factory, base) -> Path:
     return root / "ref"
 
 
-def test_kill_9_at_random_steps_then_resume_is_bit_exact(reference, tiny_flags, base, tmp_path):
+def test_kill_9_at_random_steps_then_resume_is_bit_exact(reference, flags, tmp_path):
     seed = random.randrange(10**6)
     rng = random.Random(seed)
     first, second, third = sorted(rng.sample(range(2, 13), 3))  # of 14 steps, 3 per epoch
     delays = rng.uniform(0, PAUSE), rng.uniform(0, PAUSE)
     note = f"seed {seed}: kills at steps {first} (mid-write), {second}, {third}"
     folder, log = tmp_path / "runs" / "killed", tmp_path / "log"
-    argv = [*tiny_flags, *RESUME_FLAGS, "--base_checkpoint", str(base), "--run_name", "killed"]
+    argv = [*flags, *RESUME_FLAGS, "--run_name", "killed"]
 
     # 1. killed halfway through writing checkpoint `first`: the previous one stays whole and loadable
     finish(start(argv, log, TEST_DIE_WRITING=str(first)), log, -signal.SIGKILL)
@@ -620,15 +627,11 @@ def test_kill_9_at_random_steps_then_resume_is_bit_exact(reference, tiny_flags, 
     assert not list(folder.glob(".*.tmp")), "the stale temporary file is cleaned up"
 
 
-def test_sigint_finishes_the_step_checkpoints_and_prints_the_resume_command(
-    reference, tiny_flags, base, tmp_path
-):
+def test_sigint_finishes_the_step_checkpoints_and_prints_the_resume_command(reference, flags, tmp_path):
     folder, log = tmp_path / "runs" / "stopped", tmp_path / "log"
     argv = [
-        *tiny_flags,
+        *flags,
         *RESUME_FLAGS,
-        "--base_checkpoint",
-        str(base),
         "--run_name",
         "stopped",
         "--save_every",
@@ -657,7 +660,7 @@ def test_sigint_finishes_the_step_checkpoints_and_prints_the_resume_command(
 
 
 def test_sigterm_in_process_checkpoints_and_exits_130(flags, tmp_path, capsys, monkeypatch):
-    real, calls = tl.batch_loss, []
+    real, calls = trainer_module.batch_loss, []
 
     def terminate_during_step_3(*args, **kwargs):
         if torch.is_grad_enabled():
@@ -666,7 +669,7 @@ def test_sigterm_in_process_checkpoints_and_exits_130(flags, tmp_path, capsys, m
                 os.kill(os.getpid(), signal.SIGTERM)  # arrives mid-step: the step still completes
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(tl, "batch_loss", terminate_during_step_3)
+    monkeypatch.setattr(trainer_module, "batch_loss", terminate_during_step_3)
     handler = signal.getsignal(signal.SIGTERM)
     assert main([*flags, "--run_name", "term"]) == 130
     assert signal.getsignal(signal.SIGTERM) is handler  # the trainer's handler is removed again
@@ -681,7 +684,7 @@ def test_sigterm_in_process_checkpoints_and_exits_130(flags, tmp_path, capsys, m
 
 
 def test_debug_shows_the_traceback(tiny_flags):
-    from lora.config import ConfigError
+    from lora.errors import ConfigError
 
     with pytest.raises(ConfigError, match="lora_r must be >= 1"):
         main([*tiny_flags, "--lora_r", "0", "--debug"])

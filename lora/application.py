@@ -1,0 +1,178 @@
+"""The training application: one run from a :class:`TrainConfig`, from the data to the run folder.
+
+It checks every input first (config, data, base, checkpoint to resume), only then creates the run folder,
+trains (LoRA, or full fine-tuning), and writes config.yaml, history.json, metrics.json,
+training_curves.png, the adapter or model, and samples.txt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from lora.base_model import ensure_base
+from lora.checkpoint import find_latest, read_trainer_state
+from lora.config import TrainConfig
+from lora.data import IGNORE, BatchLoader, Task, load_task
+from lora.errors import CheckpointError, ConfigError, Interrupted, LoRAError
+from lora.lora_transformer import LoRATransformer
+from lora.run_folder import RunFolder, output_root, prepare_run_folder, run_folder_name
+from lora.trainer import LoRATrainer, Trainer, resolve_device
+
+__all__ = ["find_resume", "run", "say"]
+
+
+def say(message: str) -> None:
+    """A progress message on stderr (kept apart from the progress bar)."""
+    tqdm.write(message, file=sys.stderr)
+
+
+def find_resume(cfg: TrainConfig) -> tuple[Path | None, dict[str, Any]]:
+    """``--resume``: a checkpoint file, a run folder (its newest checkpoint) or ``auto`` (this run's).
+
+    Returns the checkpoint and its trainer state, or ``(None, {})`` when not resuming.
+    """
+    if cfg.resume is None:
+        return None, {}
+    auto = cfg.resume == "auto"
+    target = output_root(cfg.output_dir) / run_folder_name(cfg) if auto else Path(cfg.resume)
+    if target.is_dir():
+        latest = find_latest(target)
+        if latest is None:
+            raise CheckpointError(f"no checkpoint to resume from in {target}")
+        target = latest
+    elif not target.is_file():
+        raise CheckpointError(f"checkpoint not found: {target}")
+    return target, read_trainer_state(target)  # truncated, corrupted or not one: one line, before any output
+
+
+def samples(model: LoRATransformer, task: Task, device: torch.device) -> str:
+    """What the frozen base and the adapted model produce on the same inputs, side by side."""
+    model.eval()
+    lines = [f"# {task.description}", "# the frozen base vs base + adapter, on the same inputs", ""]
+    if task.metric_name == "exact_match":  # read the inputs, show the predicted answer letters
+        x, y = task.val.x[:12].long().to(device), task.val.y[:12].long().to(device)
+        scored = y != IGNORE
+        with torch.no_grad(), model.disable_adapter():
+            base = model(x).argmax(-1)
+        with torch.no_grad():
+            adapted = model(x).argmax(-1)
+        lines.append(f"{'input':<10} {'expected':<10} {'base':<10} {'adapted':<10}")
+        for i in range(x.shape[0]):
+            row = [bytes(t[i][scored[i]].tolist()).decode("utf-8", "replace") for t in (x, y, base, adapted)]
+            lines.append(" ".join(f"{c:<10}" for c in row) + (" ok" if row[1] == row[3] else ""))
+        return "\n".join(lines) + "\n"
+    for prompt in (b"def ", b"import ", b"class ", b"The "):
+        lines.append(f"=== prompt {prompt.decode()!r} (temperature 0.8, top-k 40, seed 0)")
+        for adapted in (False, True):
+            g = torch.Generator(device=device).manual_seed(0)
+            idx = torch.tensor([list(prompt)], device=device)
+            with contextlib.nullcontext() if adapted else model.disable_adapter():
+                out = model.generate(idx, 160, temperature=0.8, top_k=40, generator=g)
+            text = bytes(out[0].tolist()).decode("utf-8", errors="replace")
+            lines += ["--- adapted:" if adapted else "--- base:", text]
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def _load_base(cfg: TrainConfig, base_dir: Path, task: Task) -> LoRATransformer:
+    """The base with this run's adapter (none for full fine-tuning) and head."""
+    lora = cfg.lora_config().to_dict() if cfg.method == "lora" else {"lora_r": 0}
+    try:
+        return LoRATransformer.from_pretrained(
+            base_dir, num_classes=task.num_classes, dropout=cfg.dropout, **lora
+        )
+    except ValueError as e:  # a missing, truncated or corrupted base: one line
+        raise LoRAError(f"cannot load the base model: {e}") from None
+
+
+def run(cfg: TrainConfig) -> dict[str, Any]:
+    """The whole job: data, base, model, training, and the run folder. Returns metrics.json's content."""
+    t_start = time.perf_counter()
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    task = load_task(cfg)
+    resume, resume_state = find_resume(cfg)
+    base_dir = ensure_base(cfg, device, say)
+    torch.manual_seed(cfg.seed)
+    model = _load_base(cfg, base_dir, task)
+    width = task.train.x.shape[1]
+    if width > model.max_seq_len:
+        raise ConfigError(f"seq_len {width} exceeds the base model's max_seq_len {model.max_seq_len}")
+    fingerprint = model.base_fingerprint()
+    saved = resume_state.get("base_fingerprint")
+    if saved not in (None, fingerprint):
+        raise CheckpointError(f"checkpoint {resume} was trained on other base weights (fingerprint {saved}, "
+                              f"this base {fingerprint}); resume with the run's own base_checkpoint")  # fmt: skip
+    folder = prepare_run_folder(cfg, resume)  # only now that every input is checked: a typo touches no folder
+    out = RunFolder(folder)
+    say(f"run folder: {folder}")
+    if resume is None:
+        out.write("config.yaml", yaml.safe_dump({**cfg.to_dict(), "run_name": folder.name}, sort_keys=False))
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+
+    targets = ",".join(cfg.lora_targets) + (",ff" if cfg.adapt_feedforward else "")
+    if cfg.method == "lora":
+        kind, label = (
+            LoRATrainer,
+            f"{folder.name}: r={cfg.lora_r}, alpha={cfg.lora_alpha:g}, targets={targets}",
+        )
+    else:
+        kind, label = Trainer, f"{folder.name}: full fine-tuning"
+        model.requires_grad_(True)
+    trainer = kind(model, BatchLoader(task.train, cfg.batch_size, seed=cfg.seed),
+                   BatchLoader(task.val, cfg.batch_size, shuffle=False), cfg, device=str(device),
+                   metric_name=task.metric_name, run_dir=folder, label=label)  # fmt: skip
+    stats = model.get_parameter_stats()
+    say(f"{cfg.method}: training {stats['trainable_params']:,} of {stats['total_params']:,} parameters "
+        f"({stats['trainable_percent']:.2f}%, {stats['reduction_factor']:.0f}x fewer) on {device}")  # fmt: skip
+    trainer.run_info["base_fingerprint"] = fingerprint
+    base_eval = trainer.evaluate(max_batches=0)
+    say(f"frozen base on '{task.name}': {task.metric_name} {base_eval['metric']:.4f}")
+    if resume is not None:
+        trainer.resume_from(resume)
+    try:
+        trainer.train()
+    except Interrupted as e:
+        e.checkpoint = e.checkpoint or trainer.last_checkpoint
+        raise
+    final = trainer.evaluate(max_batches=0)
+    say(
+        f"adapted on '{task.name}': {task.metric_name} {final['metric']:.4f} (frozen base {base_eval['metric']:.4f})"
+    )
+
+    extra = {
+        "task": task.name,
+        "run_name": folder.name,
+        "base_checkpoint": str(base_dir),
+        "labels": task.labels,
+    }
+    if cfg.method == "lora":
+        model.save_adapter(folder, extra=extra)
+    else:
+        out.write_model(model, "model")
+    out.write("history.json", trainer.history)
+    trainer.plot_training_history(base_metric=base_eval["metric"])
+    tps = trainer.history["tokens_per_s"]
+    metrics = {
+        "method": cfg.method, "task": task.name, "metric_name": task.metric_name,
+        "higher_is_better": task.higher_is_better, "base_metric": base_eval["metric"],
+        "final_metric": final["metric"], "base_val_loss": base_eval["val_loss"], "final_val_loss": final["val_loss"],
+        "total_params": stats["total_params"], "trainable_params": stats["trainable_params"],
+        "lora_params": stats["lora_params"], "reduction_factor": stats["reduction_factor"],
+        "steps": trainer.step, "wall_time_s": time.perf_counter() - t_start,
+        "tokens_per_s": tps[-1] if tps else None, "device": str(device), "base_checkpoint": str(base_dir),
+        "base_fingerprint": fingerprint,
+    }  # fmt: skip
+    out.write("metrics.json", metrics)
+    if not task.is_classification:
+        out.write("samples.txt", samples(model, task, device))
+    say(f"done in {metrics['wall_time_s']:.1f} s; outputs in {folder}")
+    return metrics

@@ -1,0 +1,72 @@
+"""The default base model: pretrained here once per recipe (full training of every weight), then reused.
+
+``--base_checkpoint auto`` names the base by its recipe, ``<output root>/bases/<task>-d<d>-h<h>-l<l>-s<s>
+-steps<n>-seed<seed>``; the first run that needs it pretrains it and writes the folder atomically.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from lora.config import TrainConfig
+from lora.data import VOCAB_SIZE, BatchLoader, base_task_of, load_task
+from lora.errors import ConfigError, Interrupted, LoRAError
+from lora.files import atomic_folder
+from lora.lora_transformer import LoRATransformer
+from lora.run_folder import output_root
+from lora.trainer import Trainer
+
+__all__ = ["base_dir_for", "ensure_base", "pretrain_base"]
+
+
+def base_dir_for(cfg: TrainConfig) -> Path:
+    """The base checkpoint folder: ``cfg.base_checkpoint``, or for ``auto`` a name from its recipe."""
+    if cfg.base_checkpoint != "auto":
+        return Path(cfg.base_checkpoint)
+    name = (f"{base_task_of(cfg.task)}-d{cfg.d_model}-h{cfg.num_heads}-l{cfg.num_layers}-s{cfg.max_seq_len}"
+            f"-steps{cfg.base_steps}-seed{cfg.seed}")  # fmt: skip
+    return output_root(cfg.output_dir) / "bases" / name
+
+
+def pretrain_base(cfg: TrainConfig, device: torch.device, say: Callable[[str], None]) -> LoRATransformer:
+    """Pretrain a LoRA-free model of ``cfg``'s architecture on the task's base task (every weight trains)."""
+    base_task = load_task(cfg, base_task_of(cfg.task))
+    say(f"No base model yet: pretraining one on '{base_task.name}' ({base_task.description}), "
+        f"{cfg.base_steps} steps, once; it is saved to {base_dir_for(cfg)} and reused by later runs.")  # fmt: skip
+    torch.manual_seed(cfg.seed)
+    model = LoRATransformer.from_config(cfg.model_config(VOCAB_SIZE))
+    trainer = Trainer(
+        model, BatchLoader(base_task.train, cfg.batch_size, seed=cfg.seed),
+        BatchLoader(base_task.val, cfg.batch_size, shuffle=False), cfg, learning_rate=cfg.base_learning_rate,
+        epochs=10**6, max_steps=cfg.base_steps, warmup_steps=min(100, cfg.base_steps // 10), grad_clip=1.0,
+        weight_decay=0.01, eval_every=max(cfg.base_steps // 5, 1), lr_schedule="cosine", save_every=0,
+        device=str(device), metric_name=base_task.metric_name, label=f"pretraining base ({base_task.name})",
+    )  # fmt: skip
+    try:
+        trainer.train()
+    except Interrupted:
+        raise LoRAError("interrupted while pretraining the base model; nothing was saved") from None
+    result = trainer.evaluate(max_batches=0)
+    say(f"base model on '{base_task.name}': {base_task.metric_name} {result['metric']:.4f}")
+    return model.cpu()
+
+
+def ensure_base(cfg: TrainConfig, device: torch.device, say: Callable[[str], None]) -> Path:
+    """Return the base folder, pretraining (once) when the default base is missing."""
+    folder = base_dir_for(cfg)
+    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+        say(f"base model: {folder} (reused)")
+        return folder
+    if cfg.base_checkpoint != "auto":
+        raise ConfigError(f"base checkpoint not found: {folder} (expected config.json and model.safetensors)")
+    try:  # an output_dir that cannot be written fails now, not after pretraining
+        folder.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create the folder {folder.parent}: {e.strerror}") from None
+    model = pretrain_base(cfg, device, say)
+    with atomic_folder(folder) as tmp:
+        model.save_pretrained(tmp)
+    return folder

@@ -1,0 +1,172 @@
+"""The disk formats: model folders and adapter folders, safetensors + JSON only (nothing is unpickled).
+
+* A model folder: ``config.json`` (a :class:`ModelConfig`, plus facts such as which adapter was merged in)
+  and ``model.safetensors`` (every non-LoRA tensor, unmerged; the tied LM head stored once as
+  ``wte.weight``; ``cls_head.*`` if the model has one).
+* An adapter folder: ``adapter_config.json`` (the :class:`LoRAConfig` keys, the scaling rule, the rank and
+  alpha of every module, the base's architecture and fingerprint, this project's version, and extra facts
+  such as the task) and ``adapter_model.safetensors`` (``<module>.lora_A`` ``(r, in)``, ``<module>.lora_B``
+  ``(out, r)``, and ``cls_head.*`` if any).
+
+These functions read and write the files; whether an adapter fits a model is the model's question.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora._version import __version__
+from lora.adapter import Adapter, LayerAdapter
+from lora.files import (
+    atomic_save_safetensors,
+    atomic_write_json,
+    existing_folder,
+    read_json,
+    read_safetensors,
+)
+from lora.model_config import LoRAConfig, ModelConfig
+
+__all__ = [
+    "ADAPTER_CONFIG_NAME",
+    "ADAPTER_WEIGHTS_NAME",
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "AdapterFolder",
+    "read_adapter_folder",
+    "read_model_folder",
+    "write_adapter_folder",
+    "write_model_folder",
+]
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+_LORA_KEYS = tuple(f.name for f in fields(LoRAConfig))
+# the keys of adapter_config.json that this module writes; any other key is an extra fact
+RESERVED_KEYS = frozenset(
+    {"adapter_name", "scaling", "num_classes", "modules", "base", "base_fingerprint", "version", *_LORA_KEYS}
+)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model folders
+
+
+def write_model_folder(
+    folder: str | Path, config: ModelConfig, tensors: Mapping[str, torch.Tensor], extra: dict | None = None
+) -> Path:
+    """Write ``model.safetensors`` and ``config.json`` (``config`` plus ``extra`` keys), each atomically."""
+    folder = Path(folder)
+    atomic_save_safetensors(tensors, folder / WEIGHTS_NAME)
+    atomic_write_json(folder / CONFIG_NAME, {**config.to_dict(), **(extra or {})})
+    return folder
+
+
+def read_model_folder(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """The architecture and the tensors of a model folder; a bad folder raises a one-line ``ValueError``."""
+    folder = existing_folder(path, "model")
+    config_path = folder / CONFIG_NAME
+    config = ModelConfig.from_dict(read_json(config_path), where=str(config_path))
+    return config, read_safetensors(folder / WEIGHTS_NAME)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Adapter folders
+
+
+@dataclass
+class AdapterFolder:
+    """What an adapter folder holds: the adapter's tensors as saved, and its ``adapter_config.json``.
+
+    ``modules`` maps each adapted module to ``(r, lora_alpha)``; ``base`` is the base's architecture
+    (:meth:`ModelConfig.shape`) and ``base_fingerprint`` the hash of its weights.
+    """
+
+    path: Path
+    settings: LoRAConfig
+    modules: dict[str, tuple[int, float]]
+    num_classes: int | None
+    base: dict[str, Any]
+    base_fingerprint: str
+    extra: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+    config: dict[str, Any]  # adapter_config.json as read
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / ADAPTER_CONFIG_NAME
+
+    @property
+    def weights_path(self) -> Path:
+        return self.path / ADAPTER_WEIGHTS_NAME
+
+    def to_adapter(self) -> Adapter:
+        """The :class:`Adapter` (its tensors' presence and shapes checked by the model loading it)."""
+        s = self.settings
+        layers = {
+            m: LayerAdapter(r, alpha, s.lora_dropout, s.use_rslora, self.tensors[f"{m}.lora_A"],
+                            self.tensors[f"{m}.lora_B"])
+            for m, (r, alpha) in self.modules.items()
+        }  # fmt: skip
+        head = None
+        if self.num_classes is not None:
+            head = {k: self.tensors[f"cls_head.{k}"] for k in ("weight", "bias")}
+        return Adapter(layers, head, s, dict(self.extra))
+
+
+def write_adapter_folder(
+    folder: str | Path, adapter: Adapter, name: str, base: ModelConfig, base_fingerprint: str
+) -> Path:
+    """Write ``adapter_model.safetensors`` and ``adapter_config.json`` for ``adapter`` on ``base``."""
+    clash = sorted(set(adapter.extra) & RESERVED_KEYS)
+    if clash:
+        raise ValueError(f"extra keys {clash} would overwrite adapter settings")
+    config = {
+        **adapter.extra,
+        **adapter.settings.to_dict(),
+        "adapter_name": name,
+        "scaling": "alpha/sqrt(r)" if adapter.settings.use_rslora else "alpha/r",
+        "num_classes": adapter.num_classes,
+        "modules": {m: {"r": s.r, "lora_alpha": s.lora_alpha} for m, s in sorted(adapter.layers.items())},
+        "base": base.shape(),
+        "base_fingerprint": base_fingerprint,
+        "version": __version__,
+    }
+    folder = Path(folder)
+    atomic_save_safetensors(adapter.tensors(), folder / ADAPTER_WEIGHTS_NAME, {"adapter_name": name})
+    atomic_write_json(folder / ADAPTER_CONFIG_NAME, config)
+    return folder
+
+
+def read_adapter_folder(path: str | Path) -> AdapterFolder:
+    """Read and check ``adapter_config.json`` (required keys, ranks) and the tensors of an adapter folder."""
+    folder = existing_folder(path, "adapter")
+    config_path = folder / ADAPTER_CONFIG_NAME
+    config = read_json(config_path)
+    missing = [k for k in ("modules", "base", "base_fingerprint", *_LORA_KEYS) if k not in config]
+    if missing:
+        raise ValueError(f"{config_path}: missing keys {missing}")
+    settings = LoRAConfig.from_dict(config, where=str(config_path))
+    if not isinstance(config["modules"], dict) or not isinstance(config["base"], dict):
+        raise ValueError(f"{config_path}: 'modules' and 'base' must be JSON objects")
+    modules = {}
+    for m, spec in config["modules"].items():
+        r = spec.get("r") if isinstance(spec, dict) else None
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"{config_path}: module {m!r} has bad rank {r!r}")
+        alpha = spec.get("lora_alpha", settings.lora_alpha)
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+            raise ValueError(f"{config_path}: module {m!r} has bad lora_alpha {alpha!r}")
+        modules[m] = (r, float(alpha))
+    num_classes = config.get("num_classes")
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)):
+        raise ValueError(f"{config_path}: num_classes must be an integer or null, got {num_classes!r}")
+    extra = {k: v for k, v in config.items() if k not in RESERVED_KEYS}
+    return AdapterFolder(folder, settings, modules, num_classes, config["base"], str(config["base_fingerprint"]),
+                         extra, read_safetensors(folder / ADAPTER_WEIGHTS_NAME), config)  # fmt: skip

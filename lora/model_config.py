@@ -1,0 +1,140 @@
+"""The model's typed settings: its architecture (:class:`ModelConfig`) and its LoRA (:class:`LoRAConfig`).
+
+The same words from the command line to the layer: ``lora_r`` is ``lora_r`` here, in ``TrainConfig``,
+in YAML and in ``adapter_config.json``, until it becomes the layer's ``r``. The rules are checked once,
+here (and the LoRA arguments by :func:`lora.lora_layer.validate_lora_args`, the layer's own rule).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from lora.errors import ConfigError
+from lora.lora_layer import lora_scaling, validate_lora_args
+
+__all__ = ["ATTENTION_TARGETS", "LoRAConfig", "ModelConfig", "parse_targets"]
+
+ATTENTION_TARGETS = ("q", "k", "v", "o")
+
+
+def parse_targets(lora_targets: Sequence[str] | str) -> tuple[str, ...]:
+    """``"q,v"`` or ``["v", "q"]`` -> ``("q", "v")``: in q, k, v, o order, once each; others raise."""
+    if isinstance(lora_targets, str):
+        items = lora_targets.split(",")
+    elif isinstance(lora_targets, Sequence) and all(isinstance(t, str) for t in lora_targets):
+        items = list(lora_targets)
+    else:
+        raise ConfigError(f"lora_targets must be a list of q, k, v, o, got {lora_targets!r}")
+    items = [t.strip().lower() for t in items if t.strip()]
+    bad = [t for t in items if t not in ATTENTION_TARGETS]
+    if bad:
+        raise ConfigError(f"lora_targets must be a subset of q,k,v,o, got {','.join(items)}")
+    return tuple(t for t in ATTENTION_TARGETS if t in items)
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The architecture of a GPT-2-layout model; ``d_ff`` defaults to ``4 d_model``."""
+
+    vocab_size: int
+    d_model: int = 512
+    num_heads: int = 8
+    num_layers: int = 6
+    d_ff: int | None = None
+    max_seq_len: int = 512
+    dropout: float = 0.1
+    num_classes: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "num_heads", "num_layers", "max_seq_len"):
+            _positive_int(name, getattr(self, name))
+        if self.d_ff is None:
+            object.__setattr__(self, "d_ff", 4 * self.d_model)
+        _positive_int("d_ff", self.d_ff)
+        if self.d_model % self.num_heads:
+            raise ConfigError(f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
+            raise ConfigError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.num_classes is not None and (
+            isinstance(self.num_classes, bool)
+            or not isinstance(self.num_classes, int)
+            or self.num_classes < 2
+        ):
+            raise ConfigError(f"num_classes must be an integer >= 2 or None, got {self.num_classes!r}")
+
+    # the keys an adapter must agree on with its base (dropout is a training setting; a head is the adapter's)
+    SHAPE_KEYS = ("vocab_size", "d_model", "num_heads", "num_layers", "d_ff", "max_seq_len")
+
+    def shape(self) -> dict[str, int]:
+        """The architecture keys that fix every base tensor's shape."""
+        return {k: getattr(self, k) for k in self.SHAPE_KEYS}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], where: str = "config") -> ModelConfig:
+        """From a ``config.json`` mapping: the shape keys are required, other known keys optional."""
+        missing = [k for k in cls.SHAPE_KEYS if k not in values]
+        if missing:
+            raise ConfigError(f"{where}: missing architecture keys {missing}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        try:
+            return cls(**{k: v for k, v in values.items() if k in known})
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """Which projections carry adapters and how: ``scaling = lora_alpha / lora_r`` (rsLoRA: ``/ sqrt``).
+
+    ``lora_targets`` are among the attention projections q, k, v, o; ``adapt_feedforward`` adds the MLP's
+    ``fc1`` and ``fc2``. ``lora_r = 0`` means no adapter at all.
+    """
+
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ("q", "v")
+    adapt_feedforward: bool = False
+    use_rslora: bool = False
+
+    def __post_init__(self) -> None:
+        try:
+            validate_lora_args(self.lora_r, self.lora_alpha, self.lora_dropout)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        object.__setattr__(self, "lora_alpha", float(self.lora_alpha))
+        object.__setattr__(self, "lora_targets", parse_targets(self.lora_targets))
+        for name in ("adapt_feedforward", "use_rslora"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+
+    @property
+    def scaling(self) -> float:
+        return lora_scaling(self.lora_r, self.lora_alpha, self.use_rslora)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "lora_targets": list(self.lora_targets)}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], where: str = "config") -> LoRAConfig:
+        """From a mapping holding (at least) every field, as ``adapter_config.json`` does."""
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in values]
+        if missing:
+            raise ConfigError(f"{where}: missing keys {missing}")
+        try:
+            return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None

@@ -1,0 +1,433 @@
+"""Training loops for any model that maps token ids to logits: nothing here is specific to one model.
+
+:class:`Trainer` trains the parameters that require grad (base pretraining, full fine-tuning);
+:class:`LoRATrainer` freezes everything but the LoRA tensors first. Both run AdamW with warmup + cosine
+(or constant) learning rate, gradient clipping, bf16 autocast on CUDA, periodic evaluation, atomic
+checkpoints with exact resume, and SIGINT/SIGTERM handling. Their settings are :class:`TrainConfig`'s
+fields, with its defaults: ``LoRATrainer(model=m, train_loader=t, val_loader=v, learning_rate=1e-4)``.
+
+A loader is any iterable of batches with a length (or ``max_steps`` set): a :class:`BatchLoader`, or a
+``torch.utils.data.DataLoader`` over ``(input_ids, labels)`` tuples or ``{"input_ids", "labels"}`` dicts.
+``labels`` are the targets at each position (the next tokens for language modelling, already shifted;
+``-100`` where no loss is taken), or one class per row for classification.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import itertools
+import math
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from lora.checkpoint import load_checkpoint, save_checkpoint
+from lora.config import TrainConfig
+from lora.data import IGNORE
+from lora.errors import ConfigError, DivergenceError, Interrupted
+from lora.files import atomic_write_bytes
+from lora.lora_layer import mark_only_lora_as_trainable
+from lora.plotting import render_history
+
+__all__ = [
+    "TRAINER_SETTINGS",
+    "LoRATrainer",
+    "Trainer",
+    "as_batch",
+    "batch_loss",
+    "evaluate_model",
+    "get_lr",
+    "resolve_device",
+]
+
+# the TrainConfig fields a trainer reads; the others (task, data, model size, LoRA) are the application's
+TRAINER_SETTINGS = (
+    "learning_rate", "weight_decay", "epochs", "max_steps", "warmup_steps", "lr_schedule", "grad_clip",
+    "eval_every", "eval_batches", "device", "precision", "compile", "save_every", "keep_checkpoints",
+)  # fmt: skip
+HISTORY_KEYS = ("step", "epoch", "train_loss", "val_loss", "metric", "lr", "tokens_per_s", "elapsed_s")
+
+
+def get_lr(step: int, peak: float, warmup: int, total: int, schedule: str = "cosine") -> float:
+    """Learning rate for optimizer step ``step`` (1-based): linear warmup, then cosine to 10% or constant."""
+    if warmup and step <= warmup:
+        return peak * step / warmup
+    if schedule == "constant" or total <= warmup:
+        return peak
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available; asking for a missing device is a :class:`ConfigError`."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device cuda was asked for, but no CUDA GPU is available (try --device cpu)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device mps was asked for, but MPS is not available (try --device cpu)")
+    return torch.device(name)
+
+
+def as_batch(batch: Any) -> dict[str, torch.Tensor]:
+    """Any loader's batch as ``{"x", "y"[, "lengths"]}``.
+
+    Accepted: this project's dicts (``x``, ``y``, ``lengths``), dicts with ``input_ids`` and ``labels``
+    (and ``lengths``), and tuples or lists ``(input_ids, labels[, lengths])``.
+    """
+    if isinstance(batch, Mapping):
+        if "x" in batch and "y" in batch:
+            return dict(batch)
+        if "input_ids" in batch and "labels" in batch:
+            out = {"x": batch["input_ids"], "y": batch["labels"]}
+            return {**out, "lengths": batch["lengths"]} if "lengths" in batch else out
+        raise ValueError(
+            f"a batch dict needs 'input_ids' and 'labels' (or 'x' and 'y'), got keys {sorted(batch)}"
+        )
+    if isinstance(batch, (tuple, list)) and len(batch) in (2, 3):
+        return dict(zip(("x", "y", "lengths"), batch, strict=False))
+    raise ValueError(f"a batch must be (input_ids, labels[, lengths]) or a dict, got {type(batch).__name__}")
+
+
+def batch_loss(
+    forward: Callable[..., torch.Tensor],
+    batch: dict[str, torch.Tensor],
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy (mean over scored tokens, in float32) and the logits of one batch."""
+    x = batch["x"].to(device, non_blocking=True).long()
+    y = batch["y"].to(device, non_blocking=True).long()
+    extra = {"lengths": batch["lengths"].to(device)} if "lengths" in batch else {}
+    with autocast():
+        logits = forward(x, **extra).float()  # (B, T, vocab) or, classifying, (B, classes)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=IGNORE)
+    return loss, logits
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: nn.Module,
+    loader: Iterable,
+    metric_name: str,
+    device: torch.device | str = "cpu",
+    max_batches: int = 0,
+    forward: Callable[..., torch.Tensor] | None = None,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> dict[str, float]:
+    """``val_loss`` (nats per scored token) and ``metric`` over ``loader`` (``max_batches`` 0: all).
+
+    ``exact_match`` counts rows whose scored tokens are all right (greedy decoding then gets them right
+    too); ``accuracy`` counts right labels; ``bits_per_byte`` is the loss over ln 2 (byte-level tokens).
+    """
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    loss_sum, tokens, correct, rows = 0.0, 0, 0, 0
+    for b, raw in enumerate(loader):
+        if max_batches and b >= max_batches:
+            break
+        batch = as_batch(raw)
+        loss, logits = batch_loss(forward if forward is not None else model, batch, device, autocast)
+        y = batch["y"].to(device).long()
+        scored = (y != IGNORE).sum().item()
+        loss_sum += loss.item() * scored
+        tokens += scored
+        pred = logits.argmax(dim=-1)
+        if metric_name == "exact_match":
+            correct += ((pred == y) | (y == IGNORE)).all(dim=1).sum().item()
+        else:
+            correct += (pred == y).sum().item()
+        rows += y.shape[0]
+    model.train(was_training)
+    val_loss = loss_sum / max(tokens, 1)
+    metric = {"bits_per_byte": val_loss / math.log(2), "exact_match": correct / max(rows, 1),
+              "accuracy": correct / max(rows, 1)}[metric_name]  # fmt: skip
+    return {"val_loss": val_loss, "metric": metric}
+
+
+def _trainer_config(config: TrainConfig | None, settings: dict[str, Any]) -> TrainConfig:
+    """``config`` (default: ``TrainConfig()``) with the keyword ``settings`` applied and checked."""
+    for key in settings:
+        if key not in TRAINER_SETTINGS:
+            close = difflib.get_close_matches(key, TRAINER_SETTINGS, n=1, cutoff=0.6)
+            hint = (
+                f"; did you mean {close[0]!r}?"
+                if close
+                else f"; the settings are {', '.join(TRAINER_SETTINGS)}"
+            )
+            raise TypeError(f"unexpected trainer setting {key!r}{hint}")
+    if isinstance(settings.get("device"), torch.device):
+        settings["device"] = str(settings["device"])
+    return dataclasses.replace(config or TrainConfig(), **settings).validate()
+
+
+class Trainer:
+    """Trains the parameters of ``model`` that require grad; the others get no gradient and no state.
+
+    ``model(x)`` maps token ids ``(B, T)`` to logits ``(B, T, vocab)`` (or ``(B, classes)``; classification
+    batches with ``lengths`` call ``model(x, lengths=...)``). Settings are :class:`TrainConfig` fields
+    (:data:`TRAINER_SETTINGS`), from ``config`` and keyword arguments, with ``TrainConfig``'s defaults.
+    ``run_dir``: where checkpoints and the training-curve PNG go (``None``: no checkpoints).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_loader: Iterable,
+        val_loader: Iterable,
+        config: TrainConfig | None = None,
+        *,
+        metric_name: str = "bits_per_byte",
+        run_dir: str | Path | None = None,
+        label: str = "training",
+        quiet: bool = False,
+        **settings: Any,
+    ) -> None:
+        self.config = cfg = _trainer_config(config, settings)
+        self.device = resolve_device(cfg.device)
+        self.model = model.to(self.device)
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self.metric_name, self.label, self.quiet = metric_name, label, quiet
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.epochs = cfg.epochs
+        self.total_steps = self._total_steps()
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the model has no trainable parameters")
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                           betas=(0.9, 0.999), fused=fused or None)  # fmt: skip
+        use_bf16 = cfg.precision == "bf16" or (
+            cfg.precision == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        )
+        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
+        self.forward = torch.compile(model) if cfg.compile else model
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.history: dict[str, list] = {k: [] for k in HISTORY_KEYS}
+        self._stop_signal: int | None = None
+        self.last_checkpoint: Path | None = None
+        self.run_info: dict[
+            str, Any
+        ] = {}  # JSON kept in every checkpoint (the application's base fingerprint)
+
+    # ----------------------------------------------------------------------------------------------------
+
+    def _total_steps(self) -> int:
+        """``epochs x len(train_loader)``, capped by ``max_steps``; a loader without a length needs it."""
+        max_steps = self.config.max_steps
+        try:
+            per_epoch = len(self.train_loader)  # type: ignore[arg-type]
+        except TypeError:
+            if max_steps is None:
+                raise ValueError("the training loader has no len(): set max_steps") from None
+            return max_steps
+        if per_epoch < 1:
+            raise ValueError("the training loader yields no batch (fewer rows than one batch?)")
+        total = self.epochs * per_epoch
+        return total if max_steps is None else min(total, max_steps)
+
+    def say(self, message: str) -> None:
+        """A message on stderr that does not break the progress bar."""
+        if not self.quiet:
+            tqdm.write(message, file=sys.stderr)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def _loss_and_logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return batch_loss(self.forward, batch, self.device, self._autocast)
+
+    def evaluate(self, max_batches: int | None = None) -> dict[str, float]:
+        """Validation loss (mean nats per scored token) and the task metric."""
+        limit = self.config.eval_batches if max_batches is None else max_batches
+        return evaluate_model(self.model, self.val_loader, self.metric_name, self.device, limit,
+                              forward=self.forward, autocast=self._autocast)  # fmt: skip
+
+    def _epoch_batches(self) -> Iterator[Any]:
+        """This epoch's batches from ``batch_in_epoch`` on (exactly reproducible with a ``BatchLoader``)."""
+        loader = self.train_loader
+        if hasattr(loader, "batches"):
+            return loader.batches(self.epoch, self.batch_in_epoch)
+        sampler = getattr(loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):  # DistributedSampler and friends: a new order every epoch
+            sampler.set_epoch(self.epoch)
+        return itertools.islice(iter(loader), self.batch_in_epoch, None)
+
+    def _state(self) -> dict[str, Any]:
+        epoch, batch = self.epoch, self.batch_in_epoch
+        with contextlib.suppress(TypeError):
+            if batch >= len(self.train_loader):  # type: ignore[arg-type]
+                epoch, batch = epoch + 1, 0
+        return {"step": self.step, "epoch": epoch, "batch_in_epoch": batch, "history": self.history,
+                **self.run_info}  # fmt: skip
+
+    def save_checkpoint(self) -> Path | None:
+        """Write a checkpoint into ``run_dir`` (none without one); return its path."""
+        if self.run_dir is None:
+            return None
+        path = save_checkpoint(
+            self.run_dir, self.model, self.optimizer, self._state(), self.config.keep_checkpoints
+        )
+        self.last_checkpoint = path
+        return path
+
+    def resume_from(self, path: Path) -> None:
+        """Continue exactly where the checkpoint at ``path`` left off."""
+        state = load_checkpoint(path, self.model, self.optimizer)
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.history = state["history"]
+        self.last_checkpoint = path
+        self.say(
+            f"resumed from {path} at step {self.step} (epoch {self.epoch + 1}, batch {self.batch_in_epoch})"
+        )
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._stop_signal is not None:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self._stop_signal = signum
+        self.say(f"{signal.Signals(signum).name}: finishing this step, then writing a checkpoint ...")
+
+    def train(self, epochs: int | None = None) -> dict[str, list]:
+        """Train for ``epochs`` passes over the data (default: the configured ``epochs``), or until
+        ``max_steps`` if that is set and comes first; return the history (a dict of per-step lists)."""
+        if epochs is not None:
+            if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+                raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
+            self.epochs = epochs
+            self.total_steps = self._total_steps()
+        handlers = {}
+        if torch.multiprocessing.current_process().name == "MainProcess":
+            with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+                handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            self._train_loop()
+        finally:
+            for s, h in handlers.items():
+                signal.signal(s, h)
+        return self.history
+
+    def _train_loop(self) -> None:
+        self.model.train()
+        cfg = self.config
+        interval = 0.5 if sys.stderr.isatty() else 15.0  # a log file gets a line every 15 s, not a flood
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=self.label, disable=self.quiet,
+                   dynamic_ncols=True, mininterval=interval, leave=True)  # fmt: skip
+        elapsed = self.history["elapsed_s"][-1] if self.history["elapsed_s"] else 0.0
+        tokens, train_time = 0, 0.0
+        try:
+            while self.step < self.total_steps and self.epoch < self.epochs:
+                for raw in self._epoch_batches():
+                    batch = as_batch(raw)
+                    t0 = time.perf_counter()
+                    lr = get_lr(
+                        self.step + 1, cfg.learning_rate, cfg.warmup_steps, self.total_steps, cfg.lr_schedule
+                    )
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = lr
+                    loss, _ = self._loss_and_logits(batch)
+                    if not torch.isfinite(loss):
+                        raise self._diverged("loss", loss.item())
+                    loss.backward()
+                    # with clipping off, max_norm inf only measures (the grads are scaled by exactly 1)
+                    norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip or math.inf)
+                    if not torch.isfinite(norm):
+                        raise self._diverged("gradient norm", norm.item())
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss_value = loss.item()  # waits for the device: the step's time is complete
+                    dt = time.perf_counter() - t0
+                    self.step += 1
+                    self.batch_in_epoch += 1
+                    tokens += batch["x"].numel()
+                    train_time += dt
+                    elapsed += dt
+                    evaluation = {"val_loss": None, "metric": None}
+                    if self.step % cfg.eval_every == 0 or self.step == self.total_steps:
+                        evaluation = self.evaluate()
+                    tps = tokens / max(train_time, 1e-9)
+                    self._record(loss_value, lr, tps, elapsed, evaluation)
+                    bar.update(1)
+                    bar.set_postfix(self._postfix(loss_value, lr, tps), refresh=False)
+                    if cfg.save_every and self.step % cfg.save_every == 0:
+                        self.save_checkpoint()
+                    if self._stop_signal is not None:
+                        raise Interrupted(self.save_checkpoint())
+                    if self.step >= self.total_steps:
+                        break
+                else:
+                    self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                    continue
+                break
+        finally:
+            bar.close()
+
+    def _diverged(self, what: str, value: float) -> DivergenceError:
+        kept = f"; the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else ""
+        return DivergenceError(f"{what} is {value} at step {self.step + 1}: training stopped{kept} "
+                               "(try a lower --learning_rate)")  # fmt: skip
+
+    def _record(self, loss: float, lr: float, tps: float, elapsed: float, evaluation: dict) -> None:
+        h = self.history
+        try:
+            epoch = self.epoch + self.batch_in_epoch / len(self.train_loader)  # type: ignore[arg-type]
+        except TypeError:
+            epoch = float(self.epoch)
+        for key, value in zip(HISTORY_KEYS, (self.step, epoch, loss, evaluation["val_loss"], evaluation["metric"],
+                                             lr, tps, elapsed), strict=True):  # fmt: skip
+            h[key].append(value)
+
+    def _postfix(self, loss: float, lr: float, tps: float) -> dict[str, str]:
+        post = {"loss": f"{loss:.3f}", "lr": f"{lr:.1e}", "tok/s": f"{tps:,.0f}"}
+        # the newest evaluation is at most eval_every entries back: no scan of the whole history
+        last = next((m for m in reversed(self.history["metric"]) if m is not None), None)
+        if last is not None:
+            post[self.metric_name] = f"{last:.3f}"
+        return post
+
+    def plot_training_history(self, path: str | Path | None = None, title: str | None = None,
+                              base_metric: float | None = None) -> Path:  # fmt: skip
+        """Write the training curves as a PNG and return its path.
+
+        ``path`` defaults to ``training_curves.png`` in the run folder, or, outside a run,
+        ``training_history.png`` in the working directory. ``base_metric`` draws the frozen base's metric.
+        """
+        if path is None:
+            path = self.run_dir / "training_curves.png" if self.run_dir else Path("training_history.png")
+        png = render_history(self.history, title or self.label, self.metric_name, base_metric)
+        return atomic_write_bytes(Path(path), png)
+
+
+class LoRATrainer(Trainer):
+    """A :class:`Trainer` for a model with LoRA adapters: only the adapters train, the base stays frozen.
+
+    At construction it freezes every non-LoRA weight: ``model.configure_lora_training()`` if the model has
+    one (a :class:`~lora.lora_transformer.LoRATransformer` also trains its classification head, which has
+    no pretrained weights), else :func:`~lora.lora_layer.mark_only_lora_as_trainable`.
+    """
+
+    def __init__(self, model: nn.Module, train_loader: Iterable, val_loader: Iterable,
+                 config: TrainConfig | None = None, **kwargs: Any) -> None:  # fmt: skip
+        if not any(n.rsplit(".", 1)[-1] in ("lora_A", "lora_B") for n, _ in model.named_parameters()):
+            raise ValueError(
+                "LoRATrainer needs a model with LoRA adapters (lora_r >= 1, or inject_lora()); "
+                "Trainer trains every weight"
+            )
+        configure = getattr(model, "configure_lora_training", None)
+        if callable(configure):
+            configure()
+        else:
+            mark_only_lora_as_trainable(model)
+        super().__init__(model, train_loader, val_loader, config, **kwargs)
