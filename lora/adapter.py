@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from lora.lora_layer import lora_scaling
-from lora.model_config import LoRAConfig, parse_targets
+from lora.model_config import LoRAConfig, parse_targets, target_of
 
 __all__ = ["Adapter", "LayerAdapter", "weighted_sum"]
 
@@ -86,8 +86,8 @@ def weighted_sum(
         r, dtype = A.shape[0], parts[0][1].lora_A.dtype
         layers[m] = LayerAdapter(r, float(r), 0.0, False, A.to(dtype), B.to(dtype))
     r_max = max((s.r for s in layers.values()), default=0)
-    targets = parse_targets([m.rsplit(".", 1)[-1][0] for m in modules if m.endswith("_proj")])
-    settings = LoRAConfig(r_max, float(max(r_max, 1)), 0.0, targets,
-                          any(m.endswith(("fc1", "fc2")) for m in modules), False)  # fmt: skip
+    kinds = {target_of(m) for m in modules}
+    settings = LoRAConfig(r_max, float(max(r_max, 1)), 0.0, parse_targets(sorted(kinds - {"ff", None})),
+                          "ff" in kinds, False)  # fmt: skip
     made_from = {"method": "add_weighted_adapter", "weights": {n: float(w) for n, w in weights.items()}}
     return Adapter(layers, None, settings, {"made_from": made_from})

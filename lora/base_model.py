@@ -1,7 +1,8 @@
 """The default base model: pretrained here once per recipe (full training of every weight), then reused.
 
-``--base_checkpoint auto`` names the base by its recipe, ``<output root>/bases/<task>-d<d>-h<h>-l<l>-s<s>
--steps<n>-seed<seed>``; the first run that needs it pretrains it and writes the folder atomically.
+``--base_checkpoint auto`` names the base by its recipe, ``<output root>/bases/<base task>-d<d>-h<h>-l<l>
+-s<max_seq_len>-steps<n>-seed<seed>`` (the base task is caesar for the ciphers, english for text); the first
+run that needs it pretrains it and writes the folder atomically, with the recipe in ``pretraining.json``.
 """
 
 from __future__ import annotations
@@ -13,13 +14,16 @@ import torch
 
 from lora.config import TrainConfig
 from lora.data import VOCAB_SIZE, BatchLoader, base_task_of, load_task
-from lora.errors import ConfigError, Interrupted, LoRAError
-from lora.files import atomic_folder
+from lora.errors import ConfigError, Interrupted
+from lora.files import atomic_folder, atomic_write_json, read_json
+from lora.formats import CONFIG_NAME, WEIGHTS_NAME
 from lora.lora_transformer import LoRATransformer
 from lora.run_folder import output_root
 from lora.trainer import Trainer
 
-__all__ = ["base_dir_for", "ensure_base", "pretrain_base"]
+__all__ = ["RECIPE_NAME", "base_dir_for", "ensure_base", "pretrain_base"]
+
+RECIPE_NAME = "pretraining.json"
 
 
 def base_dir_for(cfg: TrainConfig) -> Path:
@@ -48,20 +52,37 @@ def pretrain_base(cfg: TrainConfig, device: torch.device, say: Callable[[str], N
     try:
         trainer.train()
     except Interrupted:
-        raise LoRAError("interrupted while pretraining the base model; nothing was saved") from None
+        say("interrupted while pretraining the base model; nothing of it was saved")
+        raise
     result = trainer.evaluate(max_batches=0)
     say(f"base model on '{base_task.name}': {base_task.metric_name} {result['metric']:.4f}")
     return model.cpu()
 
 
+def _recipe(cfg: TrainConfig) -> dict:
+    """What made a base beyond its folder name: the settings only pretraining reads."""
+    return {"base_learning_rate": cfg.base_learning_rate}
+
+
 def ensure_base(cfg: TrainConfig, device: torch.device, say: Callable[[str], None]) -> Path:
-    """Return the base folder, pretraining (once) when the default base is missing."""
+    """Return the base folder, pretraining (once) when the default base is missing.
+
+    A default base made with another ``base_learning_rate`` than asked for is refused, not reused.
+    """
     folder = base_dir_for(cfg)
-    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+    if (folder / CONFIG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file():
+        recipe = folder / RECIPE_NAME
+        if cfg.base_checkpoint == "auto" and recipe.is_file():
+            made = read_json(recipe)
+            differ = {k: (made.get(k), v) for k, v in _recipe(cfg).items() if made.get(k) != v}
+            if differ:
+                (key, (was, now)), *_ = differ.items()
+                raise ConfigError(f"the base {folder} was pretrained with {key} {was}, not {now} as asked: set "
+                                  f"--{key} {was} to reuse it, or delete that folder to pretrain it again")  # fmt: skip
         say(f"base model: {folder} (reused)")
         return folder
     if cfg.base_checkpoint != "auto":
-        raise ConfigError(f"base checkpoint not found: {folder} (expected config.json and model.safetensors)")
+        raise ConfigError(f"base checkpoint not found: {folder} (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
     try:  # an output_dir that cannot be written fails now, not after pretraining
         folder.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -69,4 +90,5 @@ def ensure_base(cfg: TrainConfig, device: torch.device, say: Callable[[str], Non
     model = pretrain_base(cfg, device, say)
     with atomic_folder(folder) as tmp:
         model.save_pretrained(tmp)
+        atomic_write_json(tmp / RECIPE_NAME, _recipe(cfg))
     return folder

@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from lora.errors import CheckpointError
+from lora.errors import CheckpointError, first_line
 from lora.files import atomic_save_safetensors, describe_mismatch
 
 __all__ = ["find_latest", "load_checkpoint", "read_trainer_state", "save_checkpoint"]
@@ -94,8 +94,7 @@ def find_latest(folder: Path) -> Path | None:
 
 
 def _corrupted(path: Path, e: Exception) -> CheckpointError:
-    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return CheckpointError(f"checkpoint {path} is truncated or corrupted ({reason})")
+    return CheckpointError(f"checkpoint {path} is truncated or corrupted ({first_line(e)})")
 
 
 def read_trainer_state(path: Path) -> dict[str, Any]:

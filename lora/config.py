@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import math
+import re
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from lora.errors import ConfigError
+from lora.errors import ConfigError, did_you_mean
 from lora.model_config import LoRAConfig, ModelConfig, parse_targets
 
 __all__ = ["TASKS", "TrainConfig", "build_parser", "load_config", "load_yaml", "resolve_config"]
@@ -28,9 +28,9 @@ TASKS = {"rot13": "caesar", "atbash": "caesar", "code": "english", "text": "engl
 GENERATED_TASKS = ("rot13", "atbash")  # data made here, sized by num_examples
 CIPHER_WIDTH = 15  # tokens in a sequence of the generated tasks (8 letters and their cipher, less one)
 FILE_TASKS = ("text", "jsonl")  # the user's own data in train_file (and val_file)
-DEVICES = ("auto", "cpu", "cuda", "mps")
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")  # cuda:1 picks a GPU
 ARCHITECTURE_KEYS = ("d_model", "num_heads", "num_layers", "max_seq_len")  # of a base pretrained here
-LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "adapt_feedforward", "use_rslora")
+LORA_KEYS = tuple(f.name for f in fields(LoRAConfig))
 
 
 def _help(text: str) -> dict:
@@ -52,7 +52,9 @@ class TrainConfig:
     )
     overwrite: bool = field(default=False, metadata=_help("replace an existing run folder of the same name"))
     seed: int = field(default=0, metadata=_help("seed for data order, initialisation and dropout"))
-    device: str = field(default="auto", metadata=_help("auto (cuda if available), cpu, cuda or mps"))
+    device: str = field(
+        default="auto", metadata=_help("auto (cuda if available), cpu, cuda, cuda:<index> or mps")
+    )
     precision: str = field(default="auto", metadata=_help("auto (bf16 autocast on CUDA), fp32 or bf16"))
     compile: bool = field(default=False, metadata=_help("torch.compile the model (useful on GPUs)"))
     gradient_checkpointing: bool = field(
@@ -111,7 +113,8 @@ class TrainConfig:
         checks: list[tuple[bool, str]] = [
             (self.task in TASKS, f"task must be one of {', '.join(TASKS)}, got {self.task!r}"),
             (self.method in ("lora", "full"), f"method must be 'lora' or 'full', got {self.method!r}"),
-            (self.device in DEVICES, f"device must be one of {', '.join(DEVICES)}, got {self.device!r}"),
+            (DEVICE.fullmatch(self.device) is not None,
+             f"device must be auto, cpu, cuda, cuda:<index> or mps, got {self.device!r}"),
             (self.precision in ("auto", "fp32", "bf16"), f"precision must be auto, fp32 or bf16, got {self.precision!r}"),
             (self.lr_schedule in ("cosine", "constant"), f"lr_schedule must be cosine or constant, got {self.lr_schedule!r}"),
             (self.method == "full" or self.lora_r >= 1,
@@ -142,7 +145,9 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(message)
         self.lora_config()  # the LoRA rules: lora_alpha > 0, lora_dropout in [0, 1), targets of q,k,v,o
-        self.model_config(vocab_size=256)  # the architecture rules: positive sizes, heads dividing d_model
+        self.model_config(
+            vocab_size=1
+        )  # the architecture rules (any vocabulary): sizes, heads dividing d_model
         if not self.lora_targets and not self.adapt_feedforward:
             raise ConfigError("lora_targets must name at least one of q,k,v,o (or set adapt_feedforward)")
         if self.task in FILE_TASKS and not self.train_file:
@@ -160,45 +165,38 @@ class TrainConfig:
 
     def _ignored(self) -> list[tuple[str, str]]:
         """``(key, why)`` for every option this configuration does not use, with what to do instead."""
-        out = []
+        rules: list[tuple[Sequence[str], str]] = []
+        task, base = self.task, self.base_checkpoint
+        # fmt: off
         if self.method == "full":
-            why = "has no effect with method full (every weight trains, no adapter): drop it or use --method lora"
-            out += [(k, why) for k in LORA_KEYS]
-        if self.task not in GENERATED_TASKS:
-            out.append(
-                (
-                    "num_examples",
-                    f"has no effect on task {self.task}: it sizes the generated data of "
-                    f"{' and '.join(GENERATED_TASKS)}; drop it",
-                )
-            )
+            rules.append((LORA_KEYS, "has no effect with method full (every weight trains, no adapter): "
+                                     "drop it or use --method lora"))
+        if task in GENERATED_TASKS:
+            rules.append((["seq_len"], f"has no effect on task {task}: its sequences are {CIPHER_WIDTH} tokens "
+                                       "long; drop it"))
         else:
-            out.append(
-                (
-                    "seq_len",
-                    f"has no effect on task {self.task}: its sequences are {CIPHER_WIDTH} tokens long; drop it",
-                )
-            )
-        if self.task not in FILE_TASKS:
-            why = (
-                f"has no effect on task {self.task}, which uses built-in data: for your own file use "
-                f"--task {' or --task '.join(FILE_TASKS)}"
-            )
-            out += [(k, why) for k in ("train_file", "val_file", "val_fraction")]
+            rules.append((["num_examples"], f"has no effect on task {task}: it sizes the generated data of "
+                                            f"{' and '.join(GENERATED_TASKS)}; drop it"))
+        if task not in FILE_TASKS:
+            rules.append((["train_file", "val_file", "val_fraction"],
+                          f"has no effect on task {task}, which uses built-in data: for your own file use "
+                          f"--task {' or --task '.join(FILE_TASKS)}"))
         elif self.val_file:
-            out.append(
-                (
-                    "val_fraction",
-                    "has no effect with --val_file (that file is the validation data); drop one of them",
-                )
-            )
-        if self.base_checkpoint != "auto":
-            why = (
-                f"has no effect with --base_checkpoint {self.base_checkpoint} (nothing is pretrained): "
-                "drop it or use --base_checkpoint auto"
-            )
-            out += [(k, why) for k in ("base_steps", "base_learning_rate")]
-        return out  # fmt: skip
+            rules.append((["val_fraction"], "has no effect with --val_file (that file is the validation data); "
+                                            "drop one of them"))
+        if base != "auto":
+            rules.append((["base_steps", "base_learning_rate"],
+                          f"has no effect with --base_checkpoint {base} (nothing is pretrained): drop it or use "
+                          "--base_checkpoint auto"))
+            rules.append((ARCHITECTURE_KEYS, f"has no effect with --base_checkpoint {base}: the architecture is "
+                                             "the base's (its config.json); drop it"))
+        if self.resume is not None:
+            rules.append((["overwrite"], "has no effect with --resume: a resumed run continues in its own folder"))
+        if self.resume not in (None, "auto"):
+            rules.append((["run_name", "output_dir"], f"has no effect with --resume {self.resume}: the run "
+                                                      "continues in that folder; drop it"))
+        # fmt: on
+        return [(key, why) for keys, why in rules for key in keys]
 
     def lora_config(self) -> LoRAConfig:
         """The LoRA settings as the model takes them (checked by :class:`LoRAConfig`'s one rule)."""
@@ -262,9 +260,7 @@ def _coerce(key: str, value: Any) -> Any:
 
 
 def _unknown_key(key: str, where: str) -> ConfigError:
-    close = difflib.get_close_matches(key, list(_FIELDS), n=1, cutoff=0.6)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return ConfigError(f"unknown key {key!r} in {where}{hint}")
+    return ConfigError(f"unknown key {key!r} in {where}{did_you_mean(key, _FIELDS)}")
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -318,9 +314,9 @@ class _Parser(argparse.ArgumentParser):
         if message.startswith("unrecognized arguments:"):  # --lora_rank: did you mean --lora_r?
             flags = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
             for word in message.split(":", 1)[1].split():
-                close = difflib.get_close_matches(word.split("=")[0], flags, n=1, cutoff=0.6)
-                if word.startswith("--") and close:
-                    message += f"; did you mean {close[0]}?"
+                hint = did_you_mean(word.split("=")[0], flags)
+                if word.startswith("--") and hint:
+                    message += hint.replace("'", "")
                     break
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 

@@ -7,6 +7,8 @@ Input errors are also ``ValueError`` s, so library callers can catch them as suc
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
 from pathlib import Path
 
 __all__ = [
@@ -16,6 +18,7 @@ __all__ = [
     "DivergenceError",
     "Interrupted",
     "LoRAError",
+    "did_you_mean",
     "first_line",
 ]
 
@@ -57,3 +60,9 @@ class Interrupted(Exception):  # noqa: N818 - a control signal, not an error
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message (its type name if it has none)."""
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """``"; did you mean 'x'?"`` for the closest of ``choices`` to ``word``, or ``""`` if none is close."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""

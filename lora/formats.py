@@ -29,6 +29,7 @@ from lora.files import (
     read_json,
     read_safetensors,
 )
+from lora.lora_layer import validate_lora_args
 from lora.model_config import LoRAConfig, ModelConfig
 
 __all__ = [
@@ -107,7 +108,13 @@ class AdapterFolder:
         return self.path / ADAPTER_WEIGHTS_NAME
 
     def to_adapter(self) -> Adapter:
-        """The :class:`Adapter` (its tensors' presence and shapes checked by the model loading it)."""
+        """The :class:`Adapter`; a tensor the config lists but the file lacks raises (shapes are checked by the
+        model that loads it)."""
+        names = [f"{m}.{k}" for m in self.modules for k in ("lora_A", "lora_B")]
+        names += [f"cls_head.{k}" for k in ("weight", "bias")] if self.num_classes is not None else []
+        missing = [n for n in names if n not in self.tensors]
+        if missing:
+            raise ValueError(f"{self.weights_path} lacks {missing} listed in {ADAPTER_CONFIG_NAME}")
         s = self.settings
         layers = {
             m: LayerAdapter(r, alpha, s.lora_dropout, s.use_rslora, self.tensors[f"{m}.lora_A"],
@@ -158,15 +165,21 @@ def read_adapter_folder(path: str | Path) -> AdapterFolder:
     modules = {}
     for m, spec in config["modules"].items():
         r = spec.get("r") if isinstance(spec, dict) else None
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise ValueError(f"{config_path}: module {m!r} has bad rank {r!r}")
-        alpha = spec.get("lora_alpha", settings.lora_alpha)
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
-            raise ValueError(f"{config_path}: module {m!r} has bad lora_alpha {alpha!r}")
+        alpha = spec.get("lora_alpha", settings.lora_alpha) if isinstance(spec, dict) else None
+        try:
+            validate_lora_args(
+                r, alpha, settings.lora_dropout
+            )  # the layer's rule; and a saved module has r >= 1
+        except ValueError as e:
+            raise ValueError(f"{config_path}: module {m!r}: {e}") from None
+        if r == 0:
+            raise ValueError(f"{config_path}: module {m!r} has rank 0 (no adapter); drop it from 'modules'")
         modules[m] = (r, float(alpha))
     num_classes = config.get("num_classes")
-    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)):
-        raise ValueError(f"{config_path}: num_classes must be an integer or null, got {num_classes!r}")
+    if num_classes is not None and (
+        isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2
+    ):
+        raise ValueError(f"{config_path}: num_classes must be an integer >= 2 or null, got {num_classes!r}")
     extra = {k: v for k, v in config.items() if k not in RESERVED_KEYS}
     return AdapterFolder(folder, settings, modules, num_classes, config["base"], str(config["base_fingerprint"]),
                          extra, read_safetensors(folder / ADAPTER_WEIGHTS_NAME), config)  # fmt: skip

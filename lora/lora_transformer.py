@@ -5,8 +5,8 @@ separate ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``; a GELU MLP ``fc1``/``fc
 and an LM head tied to the token embedding; optionally a classification head. Every linear layer is a
 :class:`~lora.lora_layer.LoRALinear`; the ones not adapted have ``r = 0`` and are plain linear layers.
 
-No training, no file I/O and no argument parsing here. Run ``python lora/lora_transformer.py`` for a
-demonstration.
+No training and no argument parsing here; the file formats the model is saved in and loaded from are
+``lora/formats.py``'s. Run ``python lora/lora_transformer.py`` for a demonstration.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ if __package__ in (None, ""):  # `python lora/lora_transformer.py` without insta
 from lora.adapter import Adapter, LayerAdapter, weighted_sum
 from lora.files import describe_mismatch
 from lora.formats import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
     AdapterFolder,
     read_adapter_folder,
     read_model_folder,
@@ -45,17 +47,18 @@ from lora.lora_layer import (
     merge_lora,
     unmerge_lora,
 )
-from lora.model_config import LoRAConfig, ModelConfig
+from lora.model_config import PROJECTIONS, LoRAConfig, ModelConfig, target_of
 
 __all__ = ["LoRATransformer"]
 
-_PROJ = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}
 _LEAVES = ("lora_A", "lora_B")
 # the keyword arguments from_pretrained passes on to the constructor (the architecture comes from the folder)
 FROM_PRETRAINED_OPTIONS = (
-    "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "adapt_attention", "adapt_feedforward",
-    "use_rslora", "num_classes", "dropout",
-)  # fmt: skip
+    *(f.name for f in dataclasses.fields(LoRAConfig)),
+    "adapt_attention",
+    "num_classes",
+    "dropout",
+)
 
 
 def _linear(d_in: int, d_out: int, lora: LoRAConfig, adapted: bool) -> LoRALinear:
@@ -71,7 +74,7 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.num_heads = config.num_heads
         self.dropout = config.dropout
-        for t, name in _PROJ.items():
+        for t, name in PROJECTIONS.items():
             setattr(self, name, _linear(config.d_model, config.d_model, lora, t in lora.lora_targets))
         self.resid_drop = nn.Dropout(config.dropout)
 
@@ -274,9 +277,7 @@ class LoRATransformer(nn.Module):
         trainable = sum(p.numel() for p in params.values() if p.requires_grad)
         per_proj = dict.fromkeys(("q", "k", "v", "o", "ff"), 0)
         for name, layer in self.lora_layers():
-            leaf = name.rsplit(".", 1)[-1]
-            key = "ff" if leaf in ("fc1", "fc2") else leaf[0]
-            per_proj[key] += layer.lora_A.numel() + layer.lora_B.numel()
+            per_proj[target_of(name)] += layer.lora_A.numel() + layer.lora_B.numel()
         lora = sum(per_proj.values())
         return {
             "total_params": total,
@@ -388,36 +389,25 @@ class LoRATransformer(nn.Module):
 
     def list_adapters(self) -> list[str]:
         """Adapter names, the active one first."""
-        return ([self._active] if self._active else []) + sorted(self._parked)
+        active = self.active_adapter
+        return ([active] if active else []) + sorted(self._parked)
 
     @property
     def active_adapter(self) -> str | None:
-        """Name of the active adapter, ``None`` if there is none."""
+        """Name of the active adapter, ``None`` if there is none (layers given an adapter by hand, with
+        ``reset_lora``, count as the adapter ``"default"``)."""
+        if self._active is None and any(True for _ in self.lora_layers()):
+            self._active = "default"
         return self._active
 
     def get_adapter(self, name: str | None = None) -> Adapter:
         """Adapter ``name`` (default: the active one) as an :class:`Adapter`; the active one is copied."""
-        name = self._active if name is None else name
-        if name is not None and name == self._active:
+        name = self.active_adapter if name is None else name
+        if name is not None and name == self.active_adapter:
             return self._capture()
         if name in self._parked:
             return self._parked[name]
         raise ValueError(f"no adapter named {name!r}; the adapters are {self.list_adapters()}")
-
-    def add_adapter(self, name: str, adapter: Adapter, activate: bool = True) -> str:
-        """Add ``adapter`` as ``name`` (replacing one of that name) and, with ``activate``, make it active.
-
-        Its modules and tensor shapes are checked against this model's layers first.
-        """
-        ranks = {m: spec.r for m, spec in adapter.layers.items()}
-        self._check_adapter_tensors(adapter.tensors(), ranks, adapter.num_classes, f"adapter {name!r}")
-        if not activate:
-            if name == self._active:
-                raise ValueError(f"adapter {name!r} is active; activate=False cannot replace it")
-            self._parked[name] = adapter
-            return name
-        self._activate(name, adapter)
-        return name
 
     def set_adapter(self, name: str) -> None:
         """Make adapter ``name`` active: no reload of the base, and (unmerged) base weights untouched."""
@@ -429,7 +419,7 @@ class LoRATransformer(nn.Module):
 
     def delete_adapter(self, name: str) -> None:
         """Forget adapter ``name``; deleting the active one leaves the model with no adapter (the base)."""
-        if name == self._active:
+        if name == self.active_adapter:
             self._install(None)
             self._active, self._active_extra = None, {}
         elif name in self._parked:
@@ -461,6 +451,8 @@ class LoRATransformer(nn.Module):
 
     def _install(self, adapter: Adapter | None) -> None:
         """Put ``adapter`` (``None``: no adapter) in the layers, unmerged; base weights are not touched."""
+        num_classes = None if adapter is None else adapter.num_classes
+        config = dataclasses.replace(self.config, num_classes=num_classes)  # checked before anything changes
         self.unmerge_lora()
         layers = {} if adapter is None else adapter.layers
         with torch.no_grad():
@@ -481,25 +473,28 @@ class LoRATransformer(nn.Module):
                     w = self.wte.weight
                     self.cls_head = nn.Linear(d, n, device=w.device, dtype=w.dtype)
                 self.cls_head.load_state_dict(head)
-        self.config = dataclasses.replace(
-            self.config, num_classes=None if head is None else int(head["weight"].shape[0])
-        )
+        self.config = config
         self.lora_config = LoRAConfig(lora_r=0, lora_targets=()) if adapter is None else adapter.settings
 
     def _activate(self, name: str, adapter: Adapter) -> None:
-        """Park the active adapter and put ``adapter`` in the layers as ``name``.
-
-        A merged model is unmerged, switched and merged again (float rounding of that round trip applies).
-        """
+        """Park the active adapter and put ``adapter`` in the layers as ``name``; if that fails, the model is
+        left as it was. A merged model is unmerged, switched and merged again (float rounding applies)."""
         was_merged = any(layer.merged for _, layer in lora_modules(self))
         self.unmerge_lora()
-        if self._active is not None:
-            self._parked[self._active] = self._capture()
+        active = self.active_adapter
+        previous = self._capture() if active is not None else None
+        try:
+            self._install(adapter)
+        except BaseException:
+            self._install(previous)
+            raise
+        finally:
+            if was_merged:
+                self.merge_lora()
+        if active is not None:
+            self._parked[active] = previous
         self._parked.pop(name, None)
-        self._install(adapter)
         self._active, self._active_extra = name, dict(adapter.extra)
-        if was_merged:
-            self.merge_lora()
 
     def _check_adapter_tensors(
         self,
@@ -582,7 +577,10 @@ class LoRATransformer(nn.Module):
                 f"unknown from_pretrained options {unknown}; expected some of {list(FROM_PRETRAINED_OPTIONS)}"
             )
         arch, tensors = read_model_folder(path)
-        model = cls(**{**arch.to_dict(), **lora_options})
+        try:
+            model = cls(**{**arch.to_dict(), **lora_options})
+        except ValueError as e:
+            raise ValueError(f"{Path(path) / CONFIG_NAME}: cannot build the model ({e})") from None
         expected = model.base_state_dict()
         saved_head = {k: v for k, v in tensors.items() if k.startswith("cls_head.")}
         if model.cls_head is not None and model.config.num_classes == arch.num_classes:
@@ -591,7 +589,7 @@ class LoRATransformer(nn.Module):
             tensors = {k: v for k, v in tensors.items() if k not in saved_head}
         problem = describe_mismatch(tensors, expected)
         if problem:
-            raise ValueError(f"{Path(path) / 'model.safetensors'}: {problem}")
+            raise ValueError(f"{Path(path) / WEIGHTS_NAME}: {problem}")
         dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
         if len(dtypes) == 1 and (dtype := dtypes.pop()) != torch.float32:
             model.to(dtype)
@@ -609,7 +607,7 @@ class LoRATransformer(nn.Module):
         ``extra`` facts (task, run, ...) go into ``adapter_config.json`` beside the settings, the per-module
         ranks, the base's architecture and fingerprint and the project's version.
         """
-        name = self._active if adapter_name is None else adapter_name
+        name = self.active_adapter if adapter_name is None else adapter_name
         adapter = self.get_adapter(name)
         adapter = dataclasses.replace(adapter, extra={**adapter.extra, **(extra or {})})
         return write_adapter_folder(path, adapter, name, self.config, self.base_fingerprint())

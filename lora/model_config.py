@@ -15,9 +15,19 @@ from typing import Any
 from lora.errors import ConfigError
 from lora.lora_layer import lora_scaling, validate_lora_args
 
-__all__ = ["ATTENTION_TARGETS", "LoRAConfig", "ModelConfig", "parse_targets"]
+__all__ = ["ATTENTION_TARGETS", "PROJECTIONS", "LoRAConfig", "ModelConfig", "parse_targets", "target_of"]
 
 ATTENTION_TARGETS = ("q", "k", "v", "o")
+PROJECTIONS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}  # target -> the module's name
+FEEDFORWARD = ("fc1", "fc2")
+
+
+def target_of(module_name: str) -> str | None:
+    """``"blocks.0.attn.v_proj"`` -> ``"v"``; an MLP layer -> ``"ff"``; anything else -> ``None``."""
+    leaf = module_name.rsplit(".", 1)[-1]
+    if leaf in FEEDFORWARD:
+        return "ff"
+    return next((t for t, name in PROJECTIONS.items() if name == leaf), None)
 
 
 def parse_targets(lora_targets: Sequence[str] | str) -> tuple[str, ...]:

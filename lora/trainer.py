@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 import itertools
 import math
 import signal
@@ -34,7 +33,7 @@ from tqdm.auto import tqdm
 from lora.checkpoint import load_checkpoint, save_checkpoint
 from lora.config import TrainConfig
 from lora.data import IGNORE
-from lora.errors import ConfigError, DivergenceError, Interrupted
+from lora.errors import ConfigError, DivergenceError, Interrupted, did_you_mean
 from lora.files import atomic_write_bytes
 from lora.lora_layer import mark_only_lora_as_trainable
 from lora.plotting import render_history
@@ -72,8 +71,8 @@ def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA when available; asking for a missing device is a :class:`ConfigError`."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device cuda was asked for, but no CUDA GPU is available (try --device cpu)")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name} was asked for, but no CUDA GPU is available (try --device cpu)")
     if name == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("device mps was asked for, but MPS is not available (try --device cpu)")
     return torch.device(name)
@@ -160,15 +159,11 @@ def _trainer_config(config: TrainConfig | None, settings: dict[str, Any]) -> Tra
     """``config`` (default: ``TrainConfig()``) with the keyword ``settings`` applied and checked."""
     for key in settings:
         if key not in TRAINER_SETTINGS:
-            close = difflib.get_close_matches(key, TRAINER_SETTINGS, n=1, cutoff=0.6)
-            hint = (
-                f"; did you mean {close[0]!r}?"
-                if close
-                else f"; the settings are {', '.join(TRAINER_SETTINGS)}"
-            )
+            hint = did_you_mean(key, TRAINER_SETTINGS) or f"; the settings are {', '.join(TRAINER_SETTINGS)}"
             raise TypeError(f"unexpected trainer setting {key!r}{hint}")
-    if isinstance(settings.get("device"), torch.device):
-        settings["device"] = str(settings["device"])
+    if isinstance(settings.get("device"), torch.device):  # cpu:0 is cpu; cuda:1 stays cuda:1
+        device = settings["device"]
+        settings["device"] = "cpu" if device.type == "cpu" else str(device)
     return dataclasses.replace(config or TrainConfig(), **settings).validate()
 
 
@@ -200,7 +195,7 @@ class Trainer:
         self.train_loader, self.val_loader = train_loader, val_loader
         self.metric_name, self.label, self.quiet = metric_name, label, quiet
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.epochs = cfg.epochs
+        self.epochs = cfg.epochs  # train(epochs=...) may change it
         self.total_steps = self._total_steps()
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
@@ -217,9 +212,8 @@ class Trainer:
         self.history: dict[str, list] = {k: [] for k in HISTORY_KEYS}
         self._stop_signal: int | None = None
         self.last_checkpoint: Path | None = None
-        self.run_info: dict[
-            str, Any
-        ] = {}  # JSON kept in every checkpoint (the application's base fingerprint)
+        # JSON kept in every checkpoint (the application puts the base fingerprint there)
+        self.run_info: dict[str, Any] = {}
 
     # ----------------------------------------------------------------------------------------------------
 
@@ -301,12 +295,14 @@ class Trainer:
         self.say(f"{signal.Signals(signum).name}: finishing this step, then writing a checkpoint ...")
 
     def train(self, epochs: int | None = None) -> dict[str, list]:
-        """Train for ``epochs`` passes over the data (default: the configured ``epochs``), or until
-        ``max_steps`` if that is set and comes first; return the history (a dict of per-step lists)."""
+        """Train until ``epochs`` epochs in all have passed (default: the configured ``epochs``; a fresh
+        trainer's ``train(epochs=10)`` trains ten), or until ``max_steps`` if that is set and comes first.
+        Returns the history: a dict of per-step lists."""
         if epochs is not None:
             if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
                 raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
             self.epochs = epochs
+            self.config = dataclasses.replace(self.config, epochs=epochs)
             self.total_steps = self._total_steps()
         handlers = {}
         if torch.multiprocessing.current_process().name == "MainProcess":
@@ -328,7 +324,8 @@ class Trainer:
         elapsed = self.history["elapsed_s"][-1] if self.history["elapsed_s"] else 0.0
         tokens, train_time = 0, 0.0
         try:
-            while self.step < self.total_steps and self.epoch < self.epochs:
+            while self.step < self.total_steps:
+                start = self.step
                 for raw in self._epoch_batches():
                     batch = as_batch(raw)
                     t0 = time.perf_counter()
@@ -368,6 +365,8 @@ class Trainer:
                     if self.step >= self.total_steps:
                         break
                 else:
+                    if self.step == start:
+                        raise ValueError("the training loader yielded no batch in an epoch")
                     self.epoch, self.batch_in_epoch = self.epoch + 1, 0
                     continue
                 break

@@ -21,7 +21,7 @@ if __package__ in (None, ""):  # `python scripts/inspect_adapter.py` from a chec
 
 import torch
 
-from lora.formats import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, AdapterFolder, read_adapter_folder
+from lora.formats import AdapterFolder, read_adapter_folder
 from lora.lora_transformer import LoRATransformer
 
 _SHOWN = (
@@ -37,16 +37,9 @@ _SHOWN = (
 
 def module_rows(folder: AdapterFolder) -> list[tuple[str, int, int, float, float]]:
     """``(module, r, parameters, ||B A||_F, scaling ||B A||_F)`` per adapted module."""
-    missing = [
-        f"{m}.{k}" for m in folder.modules for k in ("lora_A", "lora_B") if f"{m}.{k}" not in folder.tensors
-    ]
-    if missing:
-        raise ValueError(f"{ADAPTER_WEIGHTS_NAME} lacks {missing} listed in {ADAPTER_CONFIG_NAME}")
     rows = []
     for name, spec in sorted(folder.to_adapter().layers.items()):
-        norm = torch.linalg.matrix_norm(
-            spec.lora_B.float() @ spec.lora_A.float()
-        ).item()  # Frobenius, (out, in)
+        norm = torch.linalg.matrix_norm(spec.delta_weight()).item() / spec.scaling  # ||B A||_F of (out, in)
         rows.append((name, spec.r, spec.lora_A.numel() + spec.lora_B.numel(), norm, spec.scaling * norm))
     return rows
 

@@ -1,4 +1,5 @@
-"""lora/adapters.py: model and adapter round trips, base checks, several adapters, weighted sums, export."""
+"""The model's adapters (lora/lora_transformer.py, lora/adapter.py, lora/formats.py): round trips, base checks,
+several adapters, weighted sums, export."""
 
 import json
 import pickle
@@ -444,3 +445,45 @@ def test_nn_module_bookkeeping_ignores_inactive_adapters(tmp_path, base):
         == model.get_parameter_stats()["lora_params"]
     )
     assert not any(isinstance(v, nn.Module) for v in vars(model).values() if not isinstance(v, dict))
+
+
+def test_an_adapter_with_a_bad_head_is_refused_and_the_model_is_unchanged(tmp_path):
+    model = tiny(num_classes=3)
+    randomise(model, 1)
+    model.save_adapter(tmp_path / "good")
+    config = json.loads((tmp_path / "good" / "adapter_config.json").read_text())
+    config["num_classes"] = 1
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text(json.dumps(config))
+    (bad / "adapter_model.safetensors").write_bytes(
+        (tmp_path / "good" / "adapter_model.safetensors").read_bytes()
+    )
+    before, adapters = model(IDX), model.list_adapters()
+    with pytest.raises(ValueError, match=r"num_classes must be an integer >= 2 or null, got 1"):
+        model.load_adapter(bad, "bad")
+    assert model.list_adapters() == adapters and torch.equal(model(IDX), before)
+
+
+def test_a_switch_that_fails_halfway_puts_the_previous_adapter_back(tmp_path, monkeypatch):
+    lm = tiny(num_classes=None)
+    randomise(lm, 1)
+    classifier = tiny(num_classes=3, lora_r=4)
+    randomise(classifier, 2)
+    classifier.save_adapter(tmp_path / "cls")
+    before = lm(IDX)
+    calls = []
+
+    def fail_once(self, *args, **kwargs):  # the head is loaded last: the layers have already changed
+        calls.append(1)
+        raise RuntimeError("simulated failure while loading the head")
+
+    monkeypatch.setattr(nn.Linear, "load_state_dict", fail_once)
+    with (
+        pytest.raises(RuntimeError, match="simulated failure"),
+        pytest.warns(UserWarning, match="loaded anyway"),
+    ):
+        lm.load_adapter(tmp_path / "cls", "cls", force=True)  # another seed: other base weights
+    monkeypatch.undo()
+    assert calls and lm.list_adapters() == ["default"] and lm.cls_head is None
+    assert lm.lora_config.lora_r == 8 and torch.equal(lm(IDX), before)

@@ -1,6 +1,7 @@
 """LoRALinear and the model-level helpers: exact math, freezing, validation."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -122,6 +123,20 @@ def test_linear_with_lora_wraps_and_keeps_weights():
     assert (layer.r, layer.lora_alpha, layer.scaling) == (4, 8.0, 2.0)
     trainable = sum(p.numel() for p in layer.parameters() if p.requires_grad)
     assert trainable == 4 * (512 + 256)
+
+
+def test_linear_with_lora_scales_by_alpha_over_rank_and_the_readme_says_so():
+    """The seed document that named LinearWithLoRA multiplied by alpha itself; the paper's alpha / r is kept."""
+    torch.manual_seed(0)
+    base = nn.Linear(512, 256)
+    layer = LinearWithLoRA(base, rank=4, alpha=8)
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(3, 512)
+    by_hand = base(x) + 2.0 * (x @ layer.lora_A.T @ layer.lora_B.T)  # alpha / r = 8 / 4
+    torch.testing.assert_close(layer(x), by_hand, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(layer(x), base(x) + 8.0 * (x @ layer.lora_A.T @ layer.lora_B.T), atol=1e-3)
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    assert "`LinearWithLoRA(nn.Linear(512, 256), rank=4, alpha=8)` has scaling 2, not 8" in readme
 
 
 def test_rank_zero_is_a_plain_linear_layer():

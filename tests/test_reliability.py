@@ -688,3 +688,27 @@ def test_debug_shows_the_traceback(tiny_flags):
 
     with pytest.raises(ConfigError, match="lora_r must be >= 1"):
         main([*tiny_flags, "--lora_r", "0", "--debug"])
+
+
+def test_an_interrupt_while_pretraining_the_base_exits_130_and_keeps_no_base(
+    tiny_flags, tmp_path, capsys, monkeypatch
+):
+    real, calls = trainer_module.batch_loss, []
+
+    def terminate_during_step_2(*args, **kwargs):
+        if torch.is_grad_enabled():
+            calls.append(1)
+            if len(calls) == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "batch_loss", terminate_during_step_2)
+    assert main(tiny_flags) == 130
+    err = capsys.readouterr().err
+    assert (
+        "interrupted while pretraining the base model; nothing of it was saved" in err
+        and "Traceback" not in err
+    )
+    assert "interrupted; no checkpoint was written" in err
+    bases = tmp_path / "runs" / "bases"
+    assert not bases.exists() or not any(bases.iterdir())  # no half-pretrained base, no temporary folder

@@ -1,21 +1,21 @@
 """The training application: CLI end to end, configuration precedence and errors, the trainer."""
 
 import json
-import math
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
-from lora.config import TrainConfig, load_config
-from lora.data import BatchLoader, load_task
-from lora.lora_transformer import LoRATransformer
-from lora.train_lora import LoRATrainer, Trainer, get_lr, main
-from tests.conftest import task_flags
+import lora.train_lora as train_lora_module
+from lora.config import TASKS, TrainConfig, load_config
+from lora.run_folder import run_folder_name
+from lora.train_lora import main
+from tests.conftest import TINY_FLAGS, task_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_FILES = {"config.yaml", "history.json", "metrics.json", "training_curves.png", "adapter_config.json",
@@ -98,35 +98,6 @@ def test_unknown_key_and_wrong_type_are_one_line_errors(tmp_path, capsys):
     assert "lora_r must be int, got 'four'" in capsys.readouterr().err
 
 
-def test_get_lr_warmup_then_cosine_to_a_tenth():
-    assert get_lr(1, 1.0, 10, 100) == pytest.approx(0.1)
-    assert get_lr(10, 1.0, 10, 100) == pytest.approx(1.0)
-    assert get_lr(55, 1.0, 10, 100) == pytest.approx(0.1 + 0.9 * 0.5)
-    assert get_lr(100, 1.0, 10, 100) == pytest.approx(0.1)
-    assert get_lr(50, 1.0, 0, 100, "constant") == 1.0
-
-
-def _tiny_trainer(method: str = "lora", **kw) -> Trainer:
-    cfg = TrainConfig(num_examples=512, batch_size=32)
-    task = load_task(cfg, "caesar")
-    torch.manual_seed(0)
-    model = LoRATransformer(256, d_model=32, num_heads=2, num_layers=1, max_seq_len=32, dropout=0.0,
-                            lora_r=0 if method == "full" else 4)  # fmt: skip
-    kind = LoRATrainer if method == "lora" else Trainer
-    return kind(model, BatchLoader(task.train, 32), BatchLoader(task.val, 32, shuffle=False),
-                learning_rate=1e-2, device="cpu", eval_every=10, metric_name="exact_match", quiet=True, **kw)  # fmt: skip
-
-
-def test_loss_decreases_on_a_tiny_task():
-    trainer = _tiny_trainer("full", max_steps=60, warmup_steps=5)
-    before = trainer.evaluate()["val_loss"]
-    history = trainer.train()
-    after = trainer.evaluate()["val_loss"]
-    assert after < 0.5 * before
-    assert sum(history["train_loss"][-5:]) < sum(history["train_loss"][:5])
-    assert all(math.isfinite(v) for v in history["train_loss"])
-
-
 def test_method_full_trains_every_parameter(tiny_flags, tmp_path):
     assert main([*tiny_flags, "--method", "full", "--run_name", "full"]) == 0
     folder = tmp_path / "runs" / "full"
@@ -187,27 +158,88 @@ def test_own_jsonl_classification(tiny_flags, tmp_path):
     assert not (folder / "samples.txt").exists()
 
 
-def test_evaluate_accepts_a_forward_without_truth_value():
-    """torch.compile's wrapper raises on len() (so on bool()); evaluate must not test its truth."""
-
-    class Wrapped:
-        def __init__(self, model):
-            self.model = model
-
-        def __call__(self, *args, **kwargs):
-            return self.model(*args, **kwargs)
-
-        def __len__(self):
-            raise TypeError("no len()")
-
-    trainer = _tiny_trainer("lora", max_steps=1)
-    trainer.forward = Wrapped(trainer.model)
-    assert 0.0 <= trainer.evaluate()["metric"] <= 1.0
-
-
 def test_default_yaml_is_the_main_job_and_every_config_loads():
     assert load_config(["--config", str(ROOT / "configs" / "default.yaml")]) == TrainConfig()
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         needs_data = yaml.safe_load(path.read_text()).get("task") in ("text", "jsonl")
         cfg = load_config(["--config", str(path), *(["--train_file", "x.txt"] if needs_data else [])])
         assert cfg.method in ("lora", "full"), path
+
+
+def test_run_from_inside_lora_lands_in_the_top_level_runs(tmp_path):
+    """`cd lora && python train_lora.py ...` writes the project's runs/, not lora/runs/ (a copy of the
+    project in a temporary folder, so that the real runs/ is left alone)."""
+    project = tmp_path / "project"
+    shutil.copytree(ROOT / "lora", project / "lora", ignore=shutil.ignore_patterns("__pycache__", "runs"))
+    proc = subprocess.run([sys.executable, "train_lora.py", *TINY_FLAGS, "--max_steps", "2", "--run_name", "inside"],
+                          cwd=project / "lora", capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (project / "runs" / "inside" / "adapter_model.safetensors").is_file()
+    assert len(list((project / "runs" / "bases").iterdir())) == 1
+    assert not (project / "lora" / "runs").exists()
+    assert f"run folder: {project / 'runs' / 'inside'}" in proc.stderr
+
+
+def test_help_names_only_tasks_configs_and_runs_that_exist():
+    doc = train_lora_module.__doc__
+    assert "reverse" not in doc
+    tasks = re.findall(r"--task (\w+)", doc)
+    assert tasks and set(tasks) <= set(TASKS)
+    configs = re.findall(r"configs/[\w.-]+\.yaml", doc)
+    assert configs and all((ROOT / c).is_file() for c in configs)
+    assert set(re.findall(r"runs/([\w.-]+)", doc)) == {run_folder_name(TrainConfig()), "bases"}
+    assert "(rot13 on a Caesar base)" in doc
+
+
+IGNORED = {  # the task's tiny flags, the flags under test, what the refusal must say
+    "data file, built-in task": ("rot13", ["--train_file", "mine.txt"], "train_file has no effect on task rot13"),
+    "seq_len, cipher task": ("rot13", ["--seq_len", "16"], "seq_len has no effect on task rot13: its sequences are 15"),
+    "num_examples, text task": ("text", ["--train_file", "t.txt", "--num_examples", "512"],
+                                "num_examples has no effect on task text"),
+    "LoRA option, full": ("rot13", ["--method", "full", "--lora_alpha", "32"],
+                          "lora_alpha has no effect with method full"),
+    "val_fraction beside val_file": ("text", ["--train_file", "t.txt", "--val_file", "v.txt", "--val_fraction", "0.2"],
+                                     "val_fraction has no effect with --val_file"),
+    "base_steps, given base": ("rot13", ["--base_checkpoint", "B"], "base_steps has no effect with --base_checkpoint B"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", IGNORED, ids=list(IGNORED))
+def test_an_option_the_run_would_ignore_is_refused_and_nothing_is_written(case, tiny_flags, tmp_path, capsys):
+    task, extra, message = IGNORED[case]
+    flags = tiny_flags if task == "rot13" else task_flags(tiny_flags, task)
+    assert main([*flags, *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+    assert "drop it" in err or "use --" in err or "drop one" in err  # says what to do instead
+    assert not (tmp_path / "runs").exists()
+
+
+def test_an_ignored_yaml_key_is_refused_but_a_run_s_own_config_yaml_reruns(tiny_flags, tmp_path, capsys):
+    yaml_path = tmp_path / "mine.yaml"
+    yaml_path.write_text("task: rot13\nseq_len: 64\n")
+    assert main([*tiny_flags, "--config", str(yaml_path)]) == 2
+    assert "seq_len has no effect on task rot13" in capsys.readouterr().err
+    # a run folder's config.yaml lists every key (at its default where unused): it reruns as it is
+    assert main([*tiny_flags, "--run_name", "first", "--max_steps", "2"]) == 0
+    saved = tmp_path / "runs" / "first" / "config.yaml"
+    assert main(["--config", str(saved), "--run_name", "second"]) == 0
+    assert (tmp_path / "runs" / "second" / "metrics.json").is_file()
+
+
+def test_a_default_base_made_with_another_learning_rate_is_refused_not_reused(tiny_flags, tmp_path, capsys):
+    assert main([*tiny_flags, "--run_name", "a", "--max_steps", "2"]) == 0
+    base = next((tmp_path / "runs" / "bases").iterdir())
+    assert json.loads((base / "pretraining.json").read_text()) == {"base_learning_rate": 0.002}
+    capsys.readouterr()
+    assert main([*tiny_flags, "--run_name", "b", "--base_learning_rate", "0.01"]) == 2
+    err = capsys.readouterr().err
+    assert f"the base {base} was pretrained with base_learning_rate 0.002, not 0.01 as asked" in err
+    assert not (tmp_path / "runs" / "b").exists()
+
+
+def test_resume_refuses_the_options_it_would_ignore(tiny_flags, tmp_path, capsys):
+    assert main(["--resume", str(tmp_path / "x"), "--overwrite"]) == 2
+    assert "overwrite has no effect with --resume" in capsys.readouterr().err
+    assert main(["--resume", str(tmp_path / "x"), "--run_name", "y"]) == 2
+    assert "run_name has no effect with --resume" in capsys.readouterr().err

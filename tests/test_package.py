@@ -1,0 +1,84 @@
+"""The package's shape: data flows one way, config -> data -> model -> trainer -> run folder.
+
+Every module of ``lora/`` has a place in ``LAYERS`` (bottom first) and imports only modules below it:
+no import circle, no upward import, and no import of the package's ``__init__`` from inside it.
+"""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "lora"
+
+LAYERS = [
+    "_version",  # the version, written once
+    "errors",  # errors and exit codes
+    "files",  # atomic writes, checked reads
+    "lora_layer",  # LoRA for one linear layer; helpers for any nn.Module
+    "model_config",  # ModelConfig, LoRAConfig
+    "config",  # TrainConfig: YAML and flags
+    "data",  # tasks, BatchLoader
+    "plotting",  # the training-curve figure
+    "adapter",  # one adapter as data
+    "formats",  # model and adapter folders on disk
+    "lora_transformer",  # the model, owning its adapters
+    "checkpoint",  # training checkpoints
+    "trainer",  # Trainer, LoRATrainer
+    "run_folder",  # where a run's outputs go
+    "base_model",  # the default base, pretrained once
+    "application",  # one run from a TrainConfig
+    "train_lora",  # the command line
+]
+
+
+def lora_imports(path: Path) -> list[tuple[int, str]]:
+    """``(line, module)`` for every import of ``lora`` or ``lora.<module>`` anywhere in the file
+    (inside functions too)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [
+                (node.lineno, a.name) for a in node.names if a.name == "lora" or a.name.startswith("lora.")
+            ]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            if node.module == "lora":
+                found += [(node.lineno, f"lora.{a.name}") if f"lora.{a.name}" in _modules() else (node.lineno, "lora")
+                          for a in node.names]  # fmt: skip
+            elif node.module.startswith("lora."):
+                found.append((node.lineno, node.module))
+        elif isinstance(node, ast.ImportFrom) and node.level > 0:
+            found.append((node.lineno, "relative import"))
+    return found
+
+
+def _modules() -> set[str]:
+    return {f"lora.{p.stem}" for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
+
+
+def test_every_module_has_a_layer():
+    assert _modules() == {f"lora.{m}" for m in LAYERS}, "place a new module in LAYERS"
+
+
+@pytest.mark.parametrize("module", LAYERS)
+def test_a_module_imports_only_modules_below_it(module):
+    below = {f"lora.{m}" for m in LAYERS[: LAYERS.index(module)]}
+    for line, name in lora_imports(PACKAGE / f"{module}.py"):
+        assert name != "lora", f"lora/{module}.py:{line} imports the package's __init__"
+        assert name != "relative import", f"lora/{module}.py:{line}: use absolute imports"
+        assert name in below, f"lora/{module}.py:{line} imports {name}, which is not below it"
+
+
+def test_the_walk_finds_imports_inside_functions(tmp_path):
+    """The test can fail: an upward import hidden in a function body is seen."""
+    path = tmp_path / "m.py"
+    path.write_text("def f():\n    from lora.trainer import Trainer\n    import lora\n")
+    assert lora_imports(path) == [(2, "lora.trainer"), (3, "lora")]
+
+
+def test_the_version_is_written_once():
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert 'dynamic = ["version"]' in pyproject and 'attr = "lora._version.__version__"' in pyproject
+    sources = [p for p in PACKAGE.glob("*.py") if "__version__ = " in p.read_text()]
+    assert sources == [PACKAGE / "_version.py"]

@@ -1,0 +1,252 @@
+"""lora/trainer.py: the trainer as a library, called the way the seed documents call it.
+
+``LoRATrainer(model=model, train_loader=train_loader, val_loader=val_loader, learning_rate=1e-4)``,
+``history = trainer.train(epochs=10)``, ``trainer.plot_training_history()``; any loader of batches
+(a standard ``DataLoader`` over tuples or dicts); any model with LoRA layers.
+"""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lora.config import TrainConfig
+from lora.data import BatchLoader, load_task
+from lora.lora_layer import inject_lora
+from lora.lora_transformer import LoRATransformer
+from lora.train_lora import LoRATrainer, Trainer, get_lr
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def task():
+    """ROT13 words: 256 training rows (4 batches of 64), 512 validation rows."""
+    return load_task(TrainConfig(num_examples=256), "rot13")
+
+
+def tiny_model(seed: int = 0, **kw) -> LoRATransformer:
+    torch.manual_seed(seed)
+    return LoRATransformer(vocab_size=256, d_model=32, num_heads=2, num_layers=1, max_seq_len=32, dropout=0.0,
+                           **{"lora_r": 4, "lora_alpha": 8, **kw})  # fmt: skip
+
+
+def tuples(data, batch_size: int, shuffle: bool = False) -> DataLoader:
+    """A standard DataLoader over (input_ids, labels) tuples."""
+    return DataLoader(TensorDataset(data.x.long(), data.y.long()), batch_size=batch_size, shuffle=shuffle)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The seed's calls
+
+
+def test_the_seed_calls_train_ten_epochs_and_write_the_picture(task, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # outside a run: the picture goes to the working directory
+    model = tiny_model()
+    train_loader, val_loader = tuples(task.train, 64, shuffle=True), tuples(task.val, 256)
+    trainer = LoRATrainer(model=model, train_loader=train_loader, val_loader=val_loader, learning_rate=1e-4)
+    history = trainer.train(epochs=10)
+    assert len(train_loader) == 4
+    assert history["step"] == list(range(1, 41))  # ten epochs of four batches, not one epoch
+    assert history["epoch"][-1] == pytest.approx(10.0)
+    assert history["val_loss"][-1] is not None and all(math.isfinite(v) for v in history["train_loss"])
+    path = trainer.plot_training_history()
+    assert path == Path("training_history.png")
+    assert (tmp_path / "training_history.png").read_bytes()[:8] == PNG_MAGIC
+    assert trainer.plot_training_history(tmp_path / "sub" / "curves.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_train_epochs_is_capped_only_by_an_explicit_max_steps(task):
+    loader = tuples(task.train, 64)
+    trainer = LoRATrainer(tiny_model(), loader, loader, max_steps=6, quiet=True)
+    assert trainer.train(epochs=10)["step"] == list(range(1, 7))
+    trainer = LoRATrainer(tiny_model(), loader, loader, epochs=3, quiet=True)
+    assert trainer.total_steps == 12
+    assert trainer.train(epochs=2)["step"] == list(range(1, 9))  # epochs given to train() wins, both ways
+    with pytest.raises(ValueError, match="epochs must be an integer >= 1, got 0"):
+        trainer.train(epochs=0)
+
+
+def test_in_a_run_the_picture_goes_to_the_run_folder(task, tmp_path):
+    loader = tuples(task.train, 64)
+    trainer = LoRATrainer(tiny_model(), loader, loader, max_steps=2, run_dir=tmp_path / "run", quiet=True)
+    trainer.train()
+    assert trainer.plot_training_history() == tmp_path / "run" / "training_curves.png"
+    assert (tmp_path / "run" / "training_curves.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_a_dataloader_of_tuples_or_dicts_trains_exactly_as_a_batch_loader(task):
+    """The same rows in the same order give bit-for-bit the same losses, whatever the loader."""
+
+    class Dicts(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(task.train)
+
+        def __getitem__(self, i):
+            return {"input_ids": task.train.x[i].long(), "labels": task.train.y[i].long()}
+
+    loaders = {
+        "BatchLoader": BatchLoader(task.train, 64, shuffle=False),
+        "DataLoader of tuples": tuples(task.train, 64),
+        "DataLoader of dicts": DataLoader(Dicts(), batch_size=64),
+    }
+    val = BatchLoader(task.val, 256, shuffle=False)
+    histories = {}
+    for name, loader in loaders.items():
+        trainer = LoRATrainer(
+            tiny_model(), loader, val, learning_rate=1e-2, epochs=2, eval_every=4, quiet=True
+        )
+        histories[name] = trainer.train()
+    reference = histories["BatchLoader"]
+    assert len(reference["step"]) == 8
+    for name, history in histories.items():
+        for key in ("train_loss", "val_loss", "metric", "lr"):
+            assert history[key] == reference[key], (name, key)
+
+
+def test_a_loader_without_a_length_needs_max_steps(task):
+    def stream():
+        while True:
+            yield from tuples(task.train, 64)
+
+    class Endless:
+        def __iter__(self):
+            return stream()
+
+    with pytest.raises(ValueError, match="no len\\(\\): set max_steps"):
+        LoRATrainer(tiny_model(), Endless(), tuples(task.val, 256), quiet=True)
+    history = LoRATrainer(tiny_model(), Endless(), tuples(task.val, 256), max_steps=5, quiet=True).train()
+    assert history["step"] == [1, 2, 3, 4, 5]
+
+
+def test_lora_trainer_trains_only_the_adapters_and_leaves_the_base_bit_for_bit(task):
+    model = tiny_model()
+    model.requires_grad_(True)  # as if the user forgot to freeze: LoRATrainer freezes the base itself
+    base = {k: v.clone() for k, v in model.base_state_dict().items()}
+    loader = tuples(task.train, 64)
+    trainer = LoRATrainer(model, loader, loader, learning_rate=1e-2, max_steps=4, quiet=True)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n in dict(model.named_parameters()) if n.endswith(("lora_A", "lora_B"))}
+    trainer.train()
+    assert all(torch.equal(v, base[k]) for k, v in model.base_state_dict().items())
+    assert any(layer.lora_B.abs().sum() > 0 for _, layer in model.lora_layers())
+    with pytest.raises(ValueError, match="LoRATrainer needs a model with LoRA adapters"):
+        LoRATrainer(tiny_model(lora_r=0), loader, loader)
+
+
+def test_any_model_with_lora_layers_trains_model_agnostically(task):
+    """Not only LoRATransformer: an embedding + linear model with an injected adapter."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(256, 32), nn.Linear(32, 256))
+    inject_lora(model, ["1"], r=4, lora_alpha=4)
+    frozen = model[0].weight.clone()
+    loader = tuples(task.train, 64)
+    history = LoRATrainer(model, loader, loader, learning_rate=1e-2, epochs=3, quiet=True).train()
+    assert sorted(n for n, p in model.named_parameters() if p.requires_grad) == ["1.lora_A", "1.lora_B"]
+    assert torch.equal(model[0].weight, frozen)
+    assert history["train_loss"][-1] < history["train_loss"][0]
+
+
+def test_trainer_settings_are_train_config_fields_with_its_defaults():
+    loader = [(torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, 4, dtype=torch.long))]
+    trainer = Trainer(tiny_model(lora_r=0).requires_grad_(True), loader, loader, quiet=True)
+    defaults = TrainConfig()
+    assert (trainer.config.learning_rate, trainer.config.warmup_steps) == (
+        defaults.learning_rate,
+        defaults.warmup_steps,
+    )
+    with pytest.raises(
+        TypeError, match=r"unexpected trainer setting 'learning_rte'; did you mean 'learning_rate'\?"
+    ):
+        Trainer(tiny_model(), loader, loader, learning_rte=1e-3)
+    with pytest.raises(TypeError, match="unexpected trainer setting 'lr'; the settings are learning_rate, "):
+        Trainer(tiny_model(), loader, loader, lr=1e-3)
+    with pytest.raises(TypeError, match="unexpected trainer setting 'lora_r'"):
+        Trainer(tiny_model(), loader, loader, lora_r=4)
+    with pytest.raises(ValueError, match="learning_rate must be > 0, got -1"):
+        Trainer(tiny_model(), loader, loader, learning_rate=-1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Schedule, loss, evaluation
+
+
+def test_get_lr_warmup_then_cosine_to_a_tenth():
+    assert get_lr(1, 1.0, 10, 100) == pytest.approx(0.1)
+    assert get_lr(10, 1.0, 10, 100) == pytest.approx(1.0)
+    assert get_lr(55, 1.0, 10, 100) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert get_lr(100, 1.0, 10, 100) == pytest.approx(0.1)
+    assert get_lr(50, 1.0, 0, 100, "constant") == 1.0
+
+
+def _tiny_trainer(method: str = "lora", **kw) -> Trainer:
+    cfg = TrainConfig(num_examples=512, batch_size=32)
+    task = load_task(cfg, "caesar")
+    torch.manual_seed(0)
+    model = LoRATransformer(256, d_model=32, num_heads=2, num_layers=1, max_seq_len=32, dropout=0.0,
+                            lora_r=0 if method == "full" else 4)  # fmt: skip
+    kind = LoRATrainer if method == "lora" else Trainer
+    return kind(model, BatchLoader(task.train, 32), BatchLoader(task.val, 32, shuffle=False),
+                learning_rate=1e-2, device="cpu", eval_every=10, metric_name="exact_match", quiet=True, **kw)  # fmt: skip
+
+
+def test_loss_decreases_on_a_tiny_task():
+    trainer = _tiny_trainer("full", max_steps=60, warmup_steps=5)
+    before = trainer.evaluate()["val_loss"]
+    history = trainer.train()
+    after = trainer.evaluate()["val_loss"]
+    assert after < 0.5 * before
+    assert sum(history["train_loss"][-5:]) < sum(history["train_loss"][:5])
+    assert all(math.isfinite(v) for v in history["train_loss"])
+
+
+def test_evaluate_accepts_a_forward_without_truth_value():
+    """torch.compile's wrapper raises on len() (so on bool()); evaluate must not test its truth."""
+
+    class Wrapped:
+        def __init__(self, model):
+            self.model = model
+
+        def __call__(self, *args, **kwargs):
+            return self.model(*args, **kwargs)
+
+        def __len__(self):
+            raise TypeError("no len()")
+
+    trainer = _tiny_trainer("lora", max_steps=1)
+    trainer.forward = Wrapped(trainer.model)
+    assert 0.0 <= trainer.evaluate()["metric"] <= 1.0
+
+
+def test_a_finite_loader_without_a_length_is_passed_over_until_max_steps(task):
+    batches = list(tuples(task.train, 64))
+
+    class NoLength:
+        def __iter__(self):
+            return iter(batches)
+
+    history = LoRATrainer(tiny_model(), NoLength(), batches, max_steps=10, eval_every=100, quiet=True).train()
+    assert history["step"] == list(range(1, 11))  # 4 batches a pass: two and a half passes
+    assert history["val_loss"][-1] is not None  # the last step is evaluated
+
+
+def test_devices_with_an_index_are_accepted(task):
+    loader = tuples(task.train, 64)
+    trainer = LoRATrainer(
+        tiny_model(), loader, loader, device=torch.device("cpu", 0), max_steps=1, quiet=True
+    )
+    assert trainer.device == torch.device("cpu")
+    assert TrainConfig(device="cuda:1").validate().device == "cuda:1"
+    with pytest.raises(ValueError, match="device must be auto, cpu, cuda, cuda:<index> or mps, got 'gpu'"):
+        TrainConfig(device="gpu").validate()
