@@ -18,7 +18,8 @@ from typing import Any
 
 import yaml
 
-from lora.errors import ConfigError, did_you_mean
+from lora.errors import ConfigError, did_you_mean, first_line, quote
+from lora.files import MAX_SETTINGS_BYTES, read_limited
 from lora.model_config import LoRAConfig, ModelConfig, parse_targets
 
 __all__ = ["TASKS", "TrainConfig", "build_parser", "load_config", "load_yaml", "resolve_config"]
@@ -111,14 +112,15 @@ class TrainConfig:
         """Raise :class:`ConfigError` naming the first out-of-range value, or the first option in ``given``
         (the keys the user set) that this run would ignore."""
         checks: list[tuple[bool, str]] = [
-            (self.task in TASKS, f"task must be one of {', '.join(TASKS)}, got {self.task!r}"),
-            (self.method in ("lora", "full"), f"method must be 'lora' or 'full', got {self.method!r}"),
+            (self.task in TASKS, f"task must be one of {', '.join(TASKS)}, got {quote(self.task)}"),
+            (self.method in ("lora", "full"), f"method must be 'lora' or 'full', got {quote(self.method)}"),
             (DEVICE.fullmatch(self.device) is not None,
-             f"device must be auto, cpu, cuda, cuda:<index> or mps, got {self.device!r}"),
-            (self.precision in ("auto", "fp32", "bf16"), f"precision must be auto, fp32 or bf16, got {self.precision!r}"),
-            (self.lr_schedule in ("cosine", "constant"), f"lr_schedule must be cosine or constant, got {self.lr_schedule!r}"),
+             f"device must be auto, cpu, cuda, cuda:<index> or mps, got {quote(self.device)}"),
+            (self.precision in ("auto", "fp32", "bf16"), f"precision must be auto, fp32 or bf16, got {quote(self.precision)}"),
+            (self.lr_schedule in ("cosine", "constant"), f"lr_schedule must be cosine or constant, got {quote(self.lr_schedule)}"),
             (self.method == "full" or self.lora_r >= 1,
              f"lora_r must be >= 1 for method lora, got {self.lora_r} (method full trains without an adapter)"),
+            (0 <= self.seed < 2**63, f"seed must be in [0, 2**63), got {self.seed}"),
             (self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}"),
             (self.base_learning_rate > 0, f"base_learning_rate must be > 0, got {self.base_learning_rate}"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
@@ -141,6 +143,10 @@ class TrainConfig:
             (self.save_every >= 0, f"save_every must be >= 0, got {self.save_every}"),
             (self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}"),
         ]  # fmt: skip
+        for f in fields(self):  # the Python API skips _coerce: the types and NaN/inf checked here too
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name} must be a finite number, got {value}")
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
@@ -156,7 +162,7 @@ class TrainConfig:
             not self.run_name or "/" in self.run_name or "\\" in self.run_name or ".." in self.run_name
         ):
             raise ConfigError(
-                f"run_name must be a plain folder name (no '/', '\\' or '..'), got {self.run_name!r}"
+                f"run_name must be a plain folder name (no '/', '\\' or '..'), got {quote(self.run_name)}"
             )
         for key, why in self._ignored():
             if key in given:
@@ -226,7 +232,9 @@ def _coerce(key: str, value: Any) -> Any:
     base = kind.replace(" | None", "")
     if value is None and optional:
         return None
-    wrong = ConfigError(f"{key} must be {_type_name(_FIELDS[key])}, got {value!r} ({type(value).__name__})")
+    wrong = ConfigError(
+        f"{key} must be {_type_name(_FIELDS[key])}, got {quote(value)} ({type(value).__name__})"
+    )
     if base == "bool":
         if isinstance(value, bool):
             return value
@@ -238,18 +246,20 @@ def _coerce(key: str, value: Any) -> Any:
     if base == "float":
         if isinstance(value, bool):
             raise wrong
-        if isinstance(value, (int, float)):
-            return float(value)
         if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
             try:
-                number = float(value)
+                value = float(value)
             except ValueError:
                 raise wrong from None
-            if math.isfinite(number):
-                return number
+        if isinstance(value, (int, float)):
+            if not math.isfinite(value):
+                raise ConfigError(f"{key} must be a finite number, got {value}")
+            return float(value)
         raise wrong
     if base == "str":
         if isinstance(value, str):
+            if "\x00" in value:
+                raise ConfigError(f"{key} must not contain a NUL byte, got {quote(value)}")
             return value
         raise wrong
     if base == "list[str]":  # lora_targets, the only list
@@ -263,17 +273,60 @@ def _unknown_key(key: str, where: str) -> ConfigError:
     return ConfigError(f"unknown key {key!r} in {where}{did_you_mean(key, _FIELDS)}")
 
 
+MAX_YAML_DEPTH = 16  # a config is a flat mapping; a list of targets nests one level
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a mapping that sets the same key twice (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            if key is not None and key in seen:
+                raise ConfigError(f"key {quote(key)} is set twice (line {key_node.start_mark.line + 1})")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _check_structure(text: str) -> None:
+    """Refuse aliases (a "billion laughs" expands them without end) and deep nesting, from the event stream:
+    bounded time and memory, before anything is built."""
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        line = event.start_mark.line + 1
+        if isinstance(event, yaml.AliasEvent):
+            raise ConfigError(f"line {line}: YAML aliases (*{event.anchor}) are not allowed in a config file")
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_YAML_DEPTH:
+                raise ConfigError(f"line {line}: nested more than {MAX_YAML_DEPTH} levels deep; a config is "
+                                  "a mapping of key: value")  # fmt: skip
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping of config keys; errors name the file (and the line for syntax errors)."""
+    """Read a YAML mapping of config keys; errors name the file (and the line). At most 1 MiB, a regular
+    file, no aliases, no deep nesting, no key set twice."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_limited(path, MAX_SETTINGS_BYTES, "config file").decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read config file {path}: {e}") from None
+    except ValueError as e:  # too large, not a regular file, a NUL in the path, not UTF-8
+        raise ConfigError(f"cannot read config file {path}: {first_line(e)}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
     try:
-        data = yaml.safe_load(text)
+        _check_structure(text)
+        loader = _StrictLoader(text)  # a SafeLoader: plain data only, never Python objects
+        try:
+            data = loader.get_single_data()
+        finally:
+            loader.dispose()
+    except ConfigError as e:
+        raise ConfigError(f"{path} {e}" if str(e).startswith("line") else f"{path}: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark is not None else ""

@@ -25,6 +25,7 @@ import torch
 
 from lora.config import CIPHER_WIDTH, TASKS, TrainConfig
 from lora.errors import DataError
+from lora.files import MAX_DATA_BYTES, read_limited
 
 __all__ = ["IGNORE", "VOCAB_SIZE", "BatchLoader", "Task", "TaskData", "base_task_of", "load_task"]
 
@@ -185,14 +186,17 @@ def lm_task(name: str, train: bytes, val: bytes, seq_len: int, description: str)
 
 
 def read_text_file(path: str | Path) -> str:
-    """A UTF-8 text file; missing, empty, binary or non-UTF-8 files raise :class:`DataError`."""
+    """A UTF-8 text file; missing, empty, binary, non-UTF-8, oversized or non-regular files raise
+    :class:`DataError` (a FIFO or a device is refused before it is opened: it could block or never end)."""
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        raw = read_limited(path, MAX_DATA_BYTES, "data file")
     except FileNotFoundError:
         raise DataError(f"data file not found: {path}") from None
     except IsADirectoryError:
         raise DataError(f"data file is a folder, expected a file: {path}") from None
+    except ValueError as e:
+        raise DataError(str(e)) from None
     except OSError as e:
         raise DataError(f"cannot read data file {path}: {e.strerror}") from None
     if not raw.strip():

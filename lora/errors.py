@@ -1,8 +1,8 @@
 """The project's errors and their exit codes: the bottom of the package, importing nothing of it.
 
-The command line prints a :class:`LoRAError` as one line and exits with its ``exit_code``:
-0 done, 1 a write failed (``OSError``), 2 bad input, 3 training diverged, 130 interrupted.
-Input errors are also ``ValueError`` s, so library callers can catch them as such.
+The command line prints an error as one line and exits with its code: 0 done, 1 a write failed
+(``OSError``), 2 bad input, 3 training diverged, 4 an unexpected error (a bug: ``--debug`` shows the
+traceback), 130 interrupted. Input errors are also ``ValueError`` s, so library callers can catch them as such.
 """
 
 from __future__ import annotations
@@ -19,7 +19,10 @@ __all__ = [
     "Interrupted",
     "LoRAError",
     "did_you_mean",
+    "exit_code",
     "first_line",
+    "one_line",
+    "quote",
 ]
 
 
@@ -66,3 +69,35 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """``"; did you mean 'x'?"`` for the closest of ``choices`` to ``word``, or ``""`` if none is close."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def quote(value: object, limit: int = 60) -> str:
+    """``repr(value)``, shortened to about ``limit`` characters: a message never echoes megabytes back."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[: limit - 20]}...{text[-8:]} ({len(text):,} characters)"
+
+
+def exit_code(e: BaseException) -> int:
+    """The command line's exit code for ``e`` (see the module docstring)."""
+    if isinstance(e, (LoRAError, Interrupted)):
+        return e.exit_code
+    if isinstance(e, KeyboardInterrupt):
+        return 130
+    if isinstance(e, OSError):
+        return 1
+    if isinstance(e, (ValueError, MemoryError, RecursionError)):
+        return 2
+    return 4
+
+
+def one_line(e: BaseException) -> str:
+    """``e`` as the one line the command line prints after ``error: ``."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.filename or 'I/O'}: {e.strerror}"
+    if isinstance(e, MemoryError):
+        return "out of memory: try a smaller model, batch or data"
+    if exit_code(e) == 4:
+        return f"unexpected {type(e).__name__}: {first_line(e)} (a bug: rerun with --debug for the traceback)"
+    return first_line(e)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -22,15 +23,52 @@ from safetensors.torch import save as safetensors_bytes
 from lora.errors import first_line
 
 __all__ = [
+    "MAX_DATA_BYTES",
+    "MAX_SETTINGS_BYTES",
     "atomic_folder",
     "atomic_save_safetensors",
     "atomic_write_bytes",
     "atomic_write_json",
+    "check_regular_file",
     "describe_mismatch",
     "existing_folder",
     "read_json",
+    "read_limited",
     "read_safetensors",
 ]
+
+
+MAX_SETTINGS_BYTES = 1 << 20  # a YAML or JSON settings file: 1 MiB
+MAX_DATA_BYTES = 512 << 20  # a text or JSONL data file: 512 MiB (read whole, then tokenized)
+
+
+def check_regular_file(path: str | Path, limit: int, what: str = "file") -> int:
+    """The size of ``path`` if it is a regular file of at most ``limit`` bytes, found without opening it.
+
+    A FIFO, a device (``/dev/zero``) or a socket would block or stream without end: ``ValueError``. A missing
+    path raises ``FileNotFoundError`` and a folder ``IsADirectoryError``, for the caller to word.
+    """
+    try:
+        st = os.stat(path)
+    except ValueError:  # an embedded NUL byte
+        raise ValueError(f"{what} path {str(path)!r} contains a NUL byte") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(21, "Is a directory", str(path))
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{path}: not a regular file (a FIFO, device or socket); a {what} must be a file")
+    if st.st_size > limit:
+        raise ValueError(f"{path}: {st.st_size:,} bytes, more than the {limit:,} a {what} may have")
+    return st.st_size
+
+
+def read_limited(path: str | Path, limit: int, what: str = "file") -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes (checked before and while reading)."""
+    check_regular_file(path, limit, what)
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:  # it grew since the check
+        raise ValueError(f"{path}: more than the {limit:,} bytes a {what} may have")
+    return data
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -116,11 +154,13 @@ def existing_folder(path: str | Path, what: str) -> Path:
 def read_json(path: str | Path) -> dict:
     """A JSON object from ``path``; a missing or unparseable file raises a one-line ``ValueError``."""
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: file not found")
     try:
-        obj = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
+        raw = read_limited(path, MAX_SETTINGS_BYTES, "JSON file")
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise ValueError(f"{path}: file not found") from None
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise ValueError(f"{path}: not valid JSON ({first_line(e)})") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
@@ -130,8 +170,10 @@ def read_json(path: str | Path) -> dict:
 def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors from a safetensors file (on CPU). Never unpickles; a bad file raises a one-line ``ValueError``."""
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: file not found")
+    try:
+        check_regular_file(path, 1 << 40, "safetensors file")
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise ValueError(f"{path}: file not found") from None
     try:
         return load_file(str(path), device="cpu")
     except Exception as e:  # SafetensorError and friends: truncated, corrupt, or not safetensors at all

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import shlex
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,7 +31,7 @@ if __package__ in (None, ""):  # `python lora/train_lora.py` or `cd lora && pyth
 from lora.application import run
 from lora.config import load_config
 from lora.data import BatchLoader
-from lora.errors import Interrupted, LoRAError
+from lora.errors import Interrupted, exit_code, one_line
 from lora.trainer import LoRATrainer, Trainer, evaluate_model, get_lr
 
 __all__ = [
@@ -52,11 +54,16 @@ def resume_command(folder: Path) -> str:
     return f"python {shlex.quote(str(script))} --resume {shlex.quote(str(folder))}"
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM before (or after) training: the same clean stop as Ctrl-C
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit code (0 ok, 1 I/O failure, 2 bad input, 3 diverged,
-    130 interrupted)."""
+    """Command-line entry point; returns the exit code (0 ok, 1 a write failed, 2 bad input, 3 diverged,
+    4 an unexpected error, 130 interrupted). Every error is one line; ``--debug`` shows the traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    previous = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None
     try:
         cfg = load_config(argv, description=__doc__)
         run(cfg)
@@ -68,19 +75,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"interrupted; checkpoint {e.checkpoint}", file=sys.stderr)
             print(f"resume with: {resume_command(e.checkpoint.parent)}", file=sys.stderr)
         return e.exit_code
-    except LoRAError as e:
-        if debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except OSError as e:  # a write failed (disk full, say); the checkpoints written so far are whole
-        if debug:
-            raise
-        print(f"error: {e.filename or 'I/O'}: {e.strerror or e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if debug:
+            raise
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return exit_code(e)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":
