@@ -19,11 +19,18 @@ from tqdm.auto import tqdm
 
 from lora.base_model import ensure_base
 from lora.checkpoint import find_latest, read_trainer_state
-from lora.config import TrainConfig
+from lora.config import TrainConfig, load_yaml, resolve_config
 from lora.data import IGNORE, BatchLoader, Task, load_task
 from lora.errors import CheckpointError, ConfigError, Interrupted, LoRAError
 from lora.lora_transformer import LoRATransformer
-from lora.run_folder import RunFolder, output_root, prepare_run_folder, run_folder_name
+from lora.run_folder import (
+    RunFolder,
+    discard_unless_resumable,
+    output_root,
+    prepare_run_folder,
+    publish,
+    run_folder_name,
+)
 from lora.trainer import LoRATrainer, Trainer, resolve_device
 
 __all__ = ["find_resume", "run", "say"]
@@ -50,7 +57,14 @@ def find_resume(cfg: TrainConfig) -> tuple[Path | None, dict[str, Any]]:
         target = latest
     elif not target.is_file():
         raise CheckpointError(f"checkpoint not found: {target}")
-    return target, read_trainer_state(target)  # truncated, corrupted or not one: one line, before any output
+    state = read_trainer_state(target)  # truncated, corrupted or not one: one line, before any output
+    saved = target.parent / "config.yaml"
+    if saved.is_file():  # the run's own settings: another task or rank would train something else
+        cfg.check_resume(
+            resolve_config(load_yaml(saved), where=str(saved), yaml_is_a_run=True),
+            f"--resume {target.parent}",
+        )
+    return target, state
 
 
 def samples(model: LoRATransformer, task: Task, device: torch.device) -> str:
@@ -111,21 +125,38 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     if saved not in (None, fingerprint):
         raise CheckpointError(f"checkpoint {resume} was trained on other base weights (fingerprint {saved}, "
                               f"this base {fingerprint}); resume with the run's own base_checkpoint")  # fmt: skip
-    folder = prepare_run_folder(cfg, resume)  # only now that every input is checked: a typo touches no folder
-    out = RunFolder(folder)
-    say(f"run folder: {folder}")
-    if resume is None:
-        out.write("config.yaml", yaml.safe_dump({**cfg.to_dict(), "run_name": folder.name}, sort_keys=False))
-    model.gradient_checkpointing = cfg.gradient_checkpointing
+    # only now that every input is checked: a typo touches no folder
+    folder, final = prepare_run_folder(cfg, resume)
+    say(f"run folder: {folder}" + (f" (replaces {final} when it succeeds)" if final != folder else ""))
+    try:
+        metrics = _train_and_write(
+            cfg, task, model, device, folder, final, resume, base_dir, fingerprint, t_start
+        )
+    except BaseException:
+        if resume is None:  # nothing of a failed new run is left but a checkpoint to resume from
+            discard_unless_resumable(folder)
+        raise
+    publish(folder, final)
+    say(f"done in {metrics['wall_time_s']:.1f} s; outputs in {final}")
+    return metrics
 
+
+def _train_and_write(cfg: TrainConfig, task: Task, model: LoRATransformer, device: torch.device, folder: Path,
+                     final: Path, resume: Path | None, base_dir: Path, fingerprint: str,
+                     t_start: float) -> dict[str, Any]:  # fmt: skip
+    """Train in ``folder`` and write every output there (``final`` is the name the run will have)."""
+    out = RunFolder(folder)
+    if resume is None:
+        out.write("config.yaml", yaml.safe_dump({**cfg.to_dict(), "run_name": final.name}, sort_keys=False))
+    model.gradient_checkpointing = cfg.gradient_checkpointing
     targets = ",".join(cfg.lora_targets) + (",ff" if cfg.adapt_feedforward else "")
     if cfg.method == "lora":
         kind, label = (
             LoRATrainer,
-            f"{folder.name}: r={cfg.lora_r}, alpha={cfg.lora_alpha:g}, targets={targets}",
+            f"{final.name}: r={cfg.lora_r}, alpha={cfg.lora_alpha:g}, targets={targets}",
         )
     else:
-        kind, label = Trainer, f"{folder.name}: full fine-tuning"
+        kind, label = Trainer, f"{final.name}: full fine-tuning"
         model.requires_grad_(True)
     trainer = kind(model, BatchLoader(task.train, cfg.batch_size, seed=cfg.seed),
                    BatchLoader(task.val, cfg.batch_size, shuffle=False), cfg, device=str(device),
@@ -143,14 +174,12 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     except Interrupted as e:
         e.checkpoint = e.checkpoint or trainer.last_checkpoint
         raise
-    final = trainer.evaluate(max_batches=0)
-    say(
-        f"adapted on '{task.name}': {task.metric_name} {final['metric']:.4f} (frozen base {base_eval['metric']:.4f})"
-    )
-
+    result = trainer.evaluate(max_batches=0)
+    say(f"adapted on '{task.name}': {task.metric_name} {result['metric']:.4f} "
+        f"(frozen base {base_eval['metric']:.4f})")  # fmt: skip
     extra = {
         "task": task.name,
-        "run_name": folder.name,
+        "run_name": final.name,
         "base_checkpoint": str(base_dir),
         "labels": task.labels,
     }
@@ -164,7 +193,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     metrics = {
         "method": cfg.method, "task": task.name, "metric_name": task.metric_name,
         "higher_is_better": task.higher_is_better, "base_metric": base_eval["metric"],
-        "final_metric": final["metric"], "base_val_loss": base_eval["val_loss"], "final_val_loss": final["val_loss"],
+        "final_metric": result["metric"], "base_val_loss": base_eval["val_loss"], "final_val_loss": result["val_loss"],
         "total_params": stats["total_params"], "trainable_params": stats["trainable_params"],
         "lora_params": stats["lora_params"], "reduction_factor": stats["reduction_factor"],
         "steps": trainer.step, "wall_time_s": time.perf_counter() - t_start,
@@ -174,5 +203,4 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     out.write("metrics.json", metrics)
     if not task.is_classification:
         out.write("samples.txt", samples(model, task, device))
-    say(f"done in {metrics['wall_time_s']:.1f} s; outputs in {folder}")
     return metrics

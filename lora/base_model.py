@@ -15,7 +15,7 @@ import torch
 from lora.config import TrainConfig
 from lora.data import VOCAB_SIZE, BatchLoader, base_task_of, load_task
 from lora.errors import ConfigError, Interrupted
-from lora.files import atomic_folder, atomic_write_json, read_json
+from lora.files import atomic_folder, atomic_write_json, file_lock, read_json
 from lora.formats import CONFIG_NAME, WEIGHTS_NAME
 from lora.lora_transformer import LoRATransformer
 from lora.run_folder import output_root
@@ -67,28 +67,40 @@ def _recipe(cfg: TrainConfig) -> dict:
 def ensure_base(cfg: TrainConfig, device: torch.device, say: Callable[[str], None]) -> Path:
     """Return the base folder, pretraining (once) when the default base is missing.
 
-    A default base made with another ``base_learning_rate`` than asked for is refused, not reused.
+    A default base made with another ``base_learning_rate`` than asked for is refused, not reused. Runs
+    that need the same missing base at the same time pretrain it once: the others wait and reuse it.
     """
     folder = base_dir_for(cfg)
-    if (folder / CONFIG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file():
-        recipe = folder / RECIPE_NAME
-        if cfg.base_checkpoint == "auto" and recipe.is_file():
-            made = read_json(recipe)
-            differ = {k: (made.get(k), v) for k, v in _recipe(cfg).items() if made.get(k) != v}
-            if differ:
-                (key, (was, now)), *_ = differ.items()
-                raise ConfigError(f"the base {folder} was pretrained with {key} {was}, not {now} as asked: set "
-                                  f"--{key} {was} to reuse it, or delete that folder to pretrain it again")  # fmt: skip
-        say(f"base model: {folder} (reused)")
-        return folder
-    if cfg.base_checkpoint != "auto":
+    exists = lambda: (folder / CONFIG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file()  # noqa: E731
+    if cfg.base_checkpoint != "auto" and not exists():
         raise ConfigError(f"base checkpoint not found: {folder} (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
-    try:  # an output_dir that cannot be written fails now, not after pretraining
-        folder.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"cannot create the folder {folder.parent}: {e.strerror}") from None
-    model = pretrain_base(cfg, device, say)
-    with atomic_folder(folder) as tmp:
-        model.save_pretrained(tmp)
-        atomic_write_json(tmp / RECIPE_NAME, _recipe(cfg))
+    if not exists():
+        try:  # an output_dir that cannot be written fails now, not after pretraining
+            folder.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot create the folder {folder.parent}: {e.strerror}") from None
+        # Runs that need this base at the same time: one pretrains it, the others wait and reuse it.
+        wait = lambda: say(f"waiting for another run that is pretraining {folder} ...")  # noqa: E731
+        with file_lock(folder.parent / f".{folder.name}.lock", on_wait=wait):
+            if not exists():
+                model = pretrain_base(cfg, device, say)
+                with atomic_folder(folder) as tmp:
+                    model.save_pretrained(tmp)
+                    atomic_write_json(tmp / RECIPE_NAME, _recipe(cfg))
+                return folder
+    if cfg.base_checkpoint == "auto":
+        _check_recipe(cfg, folder)
+    say(f"base model: {folder} (reused)")
     return folder
+
+
+def _check_recipe(cfg: TrainConfig, folder: Path) -> None:
+    """Refuse a default base pretrained with other settings than the ones asked for now."""
+    recipe = folder / RECIPE_NAME
+    if not recipe.is_file():  # made before recipes were recorded
+        return
+    made = read_json(recipe)
+    for key, now in _recipe(cfg).items():
+        if made.get(key) != now:
+            raise ConfigError(f"the base {folder} was pretrained with {key} {made.get(key)}, not {now} as asked: "
+                              f"set --{key} {made.get(key)} to reuse it, or delete that folder to pretrain it again")  # fmt: skip

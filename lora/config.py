@@ -32,6 +32,10 @@ FILE_TASKS = ("text", "jsonl")  # the user's own data in train_file (and val_fil
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")  # cuda:1 picks a GPU
 ARCHITECTURE_KEYS = ("d_model", "num_heads", "num_layers", "max_seq_len")  # of a base pretrained here
 LORA_KEYS = tuple(f.name for f in fields(LoRAConfig))
+# what a resumed run may change: how long it trains, how often it reports and saves, where it runs
+RESUME_MAY_CHANGE = ("max_steps", "epochs", "eval_every", "eval_batches", "save_every", "keep_checkpoints",
+                     "device", "precision", "compile", "gradient_checkpointing", "debug", "resume", "overwrite",
+                     "run_name", "output_dir")  # fmt: skip
 
 
 def _help(text: str) -> dict:
@@ -203,6 +207,14 @@ class TrainConfig:
                                                       "continues in that folder; drop it"))
         # fmt: on
         return [(key, why) for keys, why in rules for key in keys]
+
+    def check_resume(self, saved: TrainConfig, where: str) -> None:
+        """Refuse to resume the run made with ``saved`` with settings that would train something else."""
+        for f in fields(self):
+            now, was = getattr(self, f.name), getattr(saved, f.name)
+            if f.name not in RESUME_MAY_CHANGE and now != was:
+                raise ConfigError(f"{where} was trained with {f.name} {quote(was)}, not {quote(now)}: resuming "
+                                  f"would train something else; drop --{f.name}, or start a new run")  # fmt: skip
 
     def lora_config(self) -> LoRAConfig:
         """The LoRA settings as the model takes them (checked by :class:`LoRAConfig`'s one rule)."""

@@ -1,4 +1,5 @@
-"""The run folder: where a run's outputs go, its name, and atomic writes into it.
+"""The run folder: where a run's outputs go, its name, and atomic writes into it; a run never destroys
+the one it replaces (``--overwrite`` builds aside and swaps on success).
 
 ``runs/<run_name>/`` holds config.yaml, history.json, metrics.json, training_curves.png, the adapter (or,
 for full fine-tuning, ``model/``), samples.txt and checkpoints. A relative ``output_dir`` counts from the
@@ -15,9 +16,17 @@ from pathlib import Path
 
 from lora.config import TrainConfig
 from lora.errors import ConfigError
-from lora.files import atomic_folder, atomic_write_bytes
+from lora.files import atomic_folder, atomic_write_bytes, file_lock
 
-__all__ = ["PACKAGE_DIR", "RunFolder", "output_root", "prepare_run_folder", "run_folder_name"]
+__all__ = [
+    "PACKAGE_DIR",
+    "RunFolder",
+    "discard_unless_resumable",
+    "output_root",
+    "prepare_run_folder",
+    "publish",
+    "run_folder_name",
+]
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -35,28 +44,69 @@ def run_folder_name(cfg: TrainConfig) -> str:
     return cfg.run_name or (f"{cfg.task}-full" if cfg.method == "full" else f"{cfg.task}-lora-r{cfg.lora_r}")
 
 
-def prepare_run_folder(cfg: TrainConfig, resume: Path | None) -> Path:
-    """The run folder: the resumed run's, or a new one (an existing name gets a suffix unless --overwrite)."""
+def prepare_run_folder(cfg: TrainConfig, resume: Path | None) -> tuple[Path, Path]:
+    """``(folder, final)``: the folder this run writes into, and where its outputs end up.
+
+    A new run claims the first free name (``<name>``, ``<name>-2``, ...) with an atomic ``mkdir``, so runs
+    started together never share a folder. With ``--overwrite`` the run is built aside, in
+    ``<name>.incomplete-<pid>``, and :func:`publish` swaps it in only when it has succeeded: until then the
+    run it replaces is untouched. A resumed run continues in its folder (an ``.incomplete`` one still
+    replaces ``<name>`` when it finishes).
+    """
     if resume is not None:
-        return resume.parent if resume.is_file() else resume
+        folder = resume.parent if resume.is_file() else resume
+        staged = cfg.overwrite and folder.name.startswith(f"{cfg.run_name}.incomplete-")
+        return folder, folder.parent / cfg.run_name if staged else folder
     root = output_root(cfg.output_dir)
     name = run_folder_name(cfg)
-    folder = root / name
-    if folder.exists() and cfg.overwrite:
-        if any(folder.iterdir()) and not (folder / "config.yaml").is_file():
-            raise ConfigError(f"--overwrite refused: {folder} is not a run folder (no config.yaml)")
-        shutil.rmtree(folder)
-    suffix = 2
-    while folder.exists():
-        folder = root / f"{name}-{suffix}"
-        suffix += 1
+    final = root / name
+    if cfg.overwrite:
+        if final.exists() and any(final.iterdir()) and not (final / "config.yaml").is_file():
+            raise ConfigError(f"--overwrite refused: {final} is not a run folder (no config.yaml)")
+        return _claim(root / f"{name}.incomplete-{os.getpid()}"), final
+    suffix = 1
+    while True:
+        try:
+            folder = _claim(root / (name if suffix == 1 else f"{name}-{suffix}"))
+            return folder, folder
+        except FileExistsError:
+            suffix += 1
+
+
+def _claim(folder: Path) -> Path:
+    """Create ``folder`` (not existing before: ``FileExistsError``), writable, or refuse in one line."""
     try:
-        folder.mkdir(parents=True)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        folder.mkdir()
+    except FileExistsError:
+        raise
     except OSError as e:
         raise ConfigError(f"cannot create the run folder {folder}: {e.strerror}") from None
     if not os.access(folder, os.W_OK):
         raise ConfigError(f"the run folder {folder} is not writable")
     return folder
+
+
+def publish(folder: Path, final: Path) -> Path:
+    """Put the finished run ``folder`` in place of ``final`` (the run it replaces, if any, is deleted only
+    after the swap; two runs publishing the same name take turns)."""
+    if folder == final:
+        return final
+    with file_lock(final.parent / f".{final.name}.lock"):
+        replaced = None
+        if final.exists():
+            replaced = final.with_name(f".{final.name}.replaced-{os.getpid()}")
+            os.replace(final, replaced)
+        os.replace(folder, final)
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
+    return final
+
+
+def discard_unless_resumable(folder: Path) -> None:
+    """After a failed new run: remove its folder unless it holds a checkpoint to resume from."""
+    if folder.is_dir() and not any(folder.glob("checkpoint-*.safetensors")):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 class RunFolder:

@@ -12,6 +12,7 @@ import pickle
 import random
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import lora.train_lora as tl
 import lora.trainer as trainer_module
@@ -27,7 +29,7 @@ from lora.checkpoint import find_latest, read_trainer_state
 from lora.files import read_safetensors
 from lora.lora_transformer import LoRATransformer
 from lora.train_lora import main
-from tests.conftest import ON_BASE_FLAGS, task_flags
+from tests.conftest import ON_BASE_FLAGS, TINY_FLAGS, task_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}  # tiny models: one thread is fastest
@@ -334,10 +336,23 @@ def test_bad_checkpoints_are_one_line_and_damage_nothing(finished, tmp_path, cap
     for argv, needles in cases:
         assert main(argv) == 2, argv
         one_error_line(capsys, *needles)
-    # a checkpoint of another run's shape: refused when loading, after the progress messages
-    assert main(["--resume", str(finished), "--lora_r", "4"]) == 2
+    # resuming with settings that would train something else: refused before anything is loaded
+    for flag, value, was in (
+        ("--lora_r", "4", "8"),
+        ("--task", "atbash", "'rot13'"),
+        ("--learning_rate", "0.1", "0.003"),
+    ):
+        assert main(["--resume", str(finished), flag, value]) == 2
+        one_error_line(capsys, f"--resume {finished} was trained with {flag[2:]} {was}", f"drop {flag}")
+    # a checkpoint whose run folder was hand-edited to another shape: refused when loading
+    edited = tmp_path / "edited"
+    shutil.copytree(finished, edited)
+    (edited / "config.yaml").write_text(
+        (edited / "config.yaml").read_text().replace("lora_r: 8", "lora_r: 4")
+    )
+    assert main(["--resume", str(edited)]) == 2
     one_error_line(capsys, "q_proj.lora_A (8, 32) (expected (4, 32))", alone=False)
-    # a checkpoint resumed on another base (same shapes, other weights)
+    # a checkpoint resumed on another base (same shapes, other weights: the base folder was replaced)
     fingerprint = json.loads((finished / "adapter_config.json").read_text())["base_fingerprint"]
     assert read_trainer_state(find_latest(finished))["base_fingerprint"] == fingerprint
     torch.manual_seed(1)
@@ -345,7 +360,12 @@ def test_bad_checkpoints_are_one_line_and_damage_nothing(finished, tmp_path, cap
     LoRATransformer(256, d_model=32, num_heads=2, num_layers=1, max_seq_len=32, lora_r=0).save_pretrained(
         other
     )
-    assert main(["--resume", str(finished), "--base_checkpoint", str(other)]) == 2
+    moved = tmp_path / "moved"
+    shutil.copytree(finished, moved)
+    config = (moved / "config.yaml").read_text()
+    base_line = next(line for line in config.splitlines() if line.startswith("base_checkpoint:"))
+    (moved / "config.yaml").write_text(config.replace(base_line, f"base_checkpoint: {other}"))
+    assert main(["--resume", str(moved)]) == 2
     one_error_line(capsys, "was trained on other base weights", f"fingerprint {fingerprint}", alone=False)
     assert snapshot(finished) == before
     assert sorted(p.name for p in finished.parent.iterdir()) == ["done"]
@@ -711,4 +731,108 @@ def test_an_interrupt_while_pretraining_the_base_exits_130_and_keeps_no_base(
     )
     assert "interrupted; no checkpoint was written" in err
     bases = tmp_path / "runs" / "bases"
-    assert not bases.exists() or not any(bases.iterdir())  # no half-pretrained base, no temporary folder
+    assert not bases.exists() or [p.name for p in bases.iterdir()] == [
+        f".{name}.lock" for name in ["caesar-d32-h2-l1-s32-steps30-seed0"]
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A run never destroys the one it replaces; runs at the same time never mix
+
+
+def test_an_overwrite_that_diverges_leaves_the_previous_run_byte_for_byte(
+    flags, tmp_path, capsys, monkeypatch
+):
+    assert main([*flags, "--run_name", "x"]) == 0
+    folder = tmp_path / "runs" / "x"
+    before = snapshot(folder)
+    real, calls = trainer_module.batch_loss, []
+
+    def nan_at_step_5(*args, **kwargs):
+        loss, logits = real(*args, **kwargs)
+        if torch.is_grad_enabled():
+            calls.append(1)
+            if len(calls) == 5:
+                loss = loss * float("nan")
+        return loss, logits
+
+    monkeypatch.setattr(trainer_module, "batch_loss", nan_at_step_5)
+    assert main([*flags, "--run_name", "x", "--overwrite", "--max_steps", "8"]) == 3
+    assert snapshot(folder) == before
+    assert sorted(p.name for p in folder.parent.glob("[!.]*")) == ["x"]  # nothing of the failed run is left
+    calls.clear()
+    assert main([*flags, "--run_name", "x", "--overwrite", "--max_steps", "8", "--save_every", "2"]) == 3
+    assert snapshot(folder) == before
+    staged = sorted(folder.parent.glob("x.incomplete-*"))  # only what is needed to resume it
+    assert len(staged) == 1 and sorted(p.name for p in staged[0].glob("checkpoint-*")) == [
+        "checkpoint-0000002.safetensors", "checkpoint-0000004.safetensors"]  # fmt: skip
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(["--resume", str(staged[0])]) == 0  # resumed and finished: it now replaces x
+    assert not staged[0].exists() and f"outputs in {folder}" in capsys.readouterr().err
+    assert json.loads((folder / "history.json").read_text())["step"] == list(range(1, 9))
+    assert sorted(p.name for p in folder.parent.glob("[!.]*")) == ["x"]
+
+
+def test_an_interrupted_overwrite_keeps_the_previous_run_until_it_is_resumed(
+    flags, tmp_path, capsys, monkeypatch
+):
+    assert main([*flags, "--run_name", "x", "--max_steps", "4"]) == 0
+    folder = tmp_path / "runs" / "x"
+    before = snapshot(folder)
+    real, calls = trainer_module.batch_loss, []
+
+    def terminate_during_step_3(*args, **kwargs):
+        if torch.is_grad_enabled():
+            calls.append(1)
+            if len(calls) == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "batch_loss", terminate_during_step_3)
+    assert main([*flags, "--run_name", "x", "--overwrite"]) == 130
+    err = capsys.readouterr().err
+    assert snapshot(folder) == before
+    staged = next(folder.parent.glob("x.incomplete-*"))
+    assert f"resume with: {tl.resume_command(staged)}" in err
+    monkeypatch.undo()
+    assert main(["--resume", str(staged)]) == 0
+    assert json.loads((folder / "history.json").read_text())["step"] == list(range(1, 13))
+    assert not staged.exists()
+
+
+CONCURRENT = "import sys, lora.train_lora as t; sys.exit(t.main())"
+
+
+def test_two_first_runs_at_once_pretrain_one_base_and_both_finish(tmp_path):
+    out = tmp_path / "runs"
+    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT, *TINY_FLAGS, "--output_dir", str(out),
+                               "--run_name", f"run{i}", "--base_steps", "60"],
+                              cwd=ROOT, env=ENV, stderr=subprocess.PIPE, text=True) for i in (1, 2)]  # fmt: skip
+    errs = [p.communicate(timeout=240)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    assert sum("pretraining one on" in e for e in errs) == 1  # the other waited, then reused it
+    assert sum("(reused)" in e for e in errs) == 1
+    bases = out / "bases"
+    assert [p.name for p in bases.glob("[!.]*")] == ["caesar-d32-h2-l1-s32-steps60-seed0"]
+    assert not list(bases.glob("*.tmp")) and not list(out.glob("*.incomplete-*"))
+    for i in (1, 2):
+        assert (out / f"run{i}" / "metrics.json").is_file()
+
+
+@pytest.mark.parametrize("overwrite", [False, True], ids=["new names", "overwrite"])
+def test_two_runs_of_one_name_at_once_never_mix_their_files(overwrite, flags, tmp_path):
+    out = tmp_path / "runs"
+    extra = ["--overwrite"] if overwrite else []
+    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT, *flags, "--run_name", "same", "--max_steps", str(n),
+                               *extra], cwd=ROOT, env=ENV, stderr=subprocess.PIPE, text=True)
+             for n in (6, 9)]  # fmt: skip
+    errs = [p.communicate(timeout=240)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    folders = sorted(p.name for p in out.glob("[!.]*"))
+    assert folders == (["same"] if overwrite else ["same", "same-2"])
+    for name in folders:  # each folder holds one run: its config, history and metrics agree
+        steps = yaml.safe_load((out / name / "config.yaml").read_text())["max_steps"]
+        assert json.loads((out / name / "history.json").read_text())["step"][-1] == steps
+        assert json.loads((out / name / "metrics.json").read_text())["steps"] == steps
+        assert (out / name / "adapter_model.safetensors").is_file()

@@ -46,7 +46,7 @@ def test_cli_end_to_end_writes_the_run_folder(tiny_flags, tmp_path):
     assert saved["max_steps"] == 12 and saved["run_name"] == "e2e"
     adapter = json.loads((folder / "adapter_config.json").read_text())
     assert adapter["lora_r"] == 8 and adapter["lora_targets"] == ["q", "v"] and adapter["base_fingerprint"]
-    bases = list((tmp_path / "runs" / "bases").iterdir())
+    bases = list((tmp_path / "runs" / "bases").glob("[!.]*"))
     assert len(bases) == 1 and (bases[0] / "model.safetensors").is_file()
     assert "pretraining" in proc.stderr
 
@@ -109,7 +109,7 @@ def test_method_full_trains_every_parameter(tiny_flags, tmp_path):
 
 def test_lora_run_leaves_the_base_file_untouched(tiny_flags, tmp_path):
     assert main([*tiny_flags, "--run_name", "a"]) == 0
-    base = next((tmp_path / "runs" / "bases").iterdir()) / "model.safetensors"
+    base = next((tmp_path / "runs" / "bases").glob("[!.]*")) / "model.safetensors"
     before = base.read_bytes(), os.stat(base).st_mtime_ns
     assert main([*tiny_flags, "--run_name", "b", "--max_steps", "3"]) == 0
     assert (base.read_bytes(), os.stat(base).st_mtime_ns) == before
@@ -175,7 +175,7 @@ def test_run_from_inside_lora_lands_in_the_top_level_runs(tmp_path):
                           cwd=project / "lora", capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (project / "runs" / "inside" / "adapter_model.safetensors").is_file()
-    assert len(list((project / "runs" / "bases").iterdir())) == 1
+    assert len(list((project / "runs" / "bases").glob("[!.]*"))) == 1
     assert not (project / "lora" / "runs").exists()
     assert f"run folder: {project / 'runs' / 'inside'}" in proc.stderr
 
@@ -229,7 +229,7 @@ def test_an_ignored_yaml_key_is_refused_but_a_run_s_own_config_yaml_reruns(tiny_
 
 def test_a_default_base_made_with_another_learning_rate_is_refused_not_reused(tiny_flags, tmp_path, capsys):
     assert main([*tiny_flags, "--run_name", "a", "--max_steps", "2"]) == 0
-    base = next((tmp_path / "runs" / "bases").iterdir())
+    base = next((tmp_path / "runs" / "bases").glob("[!.]*"))
     assert json.loads((base / "pretraining.json").read_text()) == {"base_learning_rate": 0.002}
     capsys.readouterr()
     assert main([*tiny_flags, "--run_name", "b", "--base_learning_rate", "0.01"]) == 2
