@@ -17,12 +17,14 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from lora.base_model import ensure_base
+from lora.base_model import base_dir_for, ensure_base
 from lora.checkpoint import find_latest, read_trainer_state
 from lora.config import TrainConfig, load_yaml, resolve_config
-from lora.data import IGNORE, BatchLoader, Task, load_task
+from lora.data import IGNORE, VOCAB_SIZE, BatchLoader, Task, load_task
 from lora.errors import CheckpointError, ConfigError, Interrupted, LoRAError
+from lora.formats import read_model_config
 from lora.lora_transformer import LoRATransformer
+from lora.memory import check_memory
 from lora.run_folder import (
     RunFolder,
     discard_unless_resumable,
@@ -96,6 +98,22 @@ def samples(model: LoRATransformer, task: Task, device: torch.device) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _check_memory(cfg: TrainConfig, device: torch.device) -> None:
+    """Refuse a run that cannot fit in memory, from the base's architecture (a base to pretrain: the
+    config's; a given one: its config.json, whose problems are reported when it is loaded)."""
+    if cfg.base_checkpoint == "auto":
+        arch, pretraining = (
+            cfg.model_config(VOCAB_SIZE),
+            not (base_dir_for(cfg) / "model.safetensors").is_file(),
+        )
+    else:
+        try:
+            arch, pretraining = read_model_config(cfg.base_checkpoint), False
+        except ValueError:
+            return
+    check_memory(cfg, arch, pretraining, device)
+
+
 def _load_base(cfg: TrainConfig, base_dir: Path, task: Task) -> LoRATransformer:
     """The base with this run's adapter (none for full fine-tuning) and head."""
     lora = cfg.lora_config().to_dict() if cfg.method == "lora" else {"lora_r": 0}
@@ -111,6 +129,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     """The whole job: data, base, model, training, and the run folder. Returns metrics.json's content."""
     t_start = time.perf_counter()
     device = resolve_device(cfg.device)
+    _check_memory(cfg, device)  # before the data or a model is made
     torch.manual_seed(cfg.seed)
     task = load_task(cfg)
     resume, resume_state = find_resume(cfg)

@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from lora.errors import CheckpointError, first_line
+from lora.errors import CheckpointError, first_line, quote
 from lora.files import atomic_save_safetensors, describe_mismatch
 
 __all__ = ["find_latest", "load_checkpoint", "read_trainer_state", "save_checkpoint"]
@@ -114,7 +114,43 @@ def read_trainer_state(path: Path) -> dict[str, Any]:
     missing = [k for k in _STATE_KEYS if not isinstance(meta, dict) or k not in meta]
     if missing:
         raise CheckpointError(f"{path} is not a training checkpoint (its header lacks {', '.join(missing)})")
+    problem = _check_state(meta)
+    if problem:  # a hand-edited header: named, not a crash three functions later
+        raise CheckpointError(f"checkpoint {path}: trainer_state {problem}")
     return meta
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_state(meta: dict[str, Any]) -> str:
+    """What is wrong with a checkpoint's trainer state, key by key (``""`` if nothing)."""
+    for key in ("step", "epoch", "batch_in_epoch"):
+        if not _is_count(meta[key]):
+            return f"{key} must be an integer >= 0, got {quote(meta[key])}"
+    history = meta["history"]
+    if not isinstance(history, dict) or not all(isinstance(v, list) for v in history.values()):
+        return f"history must map names to lists, got {quote(history)}"
+    if len({len(v) for v in history.values()}) > 1 or len(history.get("step", [])) != meta["step"]:
+        return f"history's lists must all have one entry per step ({meta['step']})"
+    groups, names = meta["param_groups"], meta["param_names"]
+    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        return f"param_groups must be a list of objects, got {quote(groups)}"
+    if not isinstance(names, list) or not all(
+        isinstance(n, list) and all(isinstance(x, str) for x in n) for n in names
+    ):
+        return f"param_names must be lists of names, got {quote(names)}"
+    rng = meta["rng"]
+    if (
+        not isinstance(rng, dict)
+        or not isinstance(rng.get("python"), list)
+        or not isinstance(rng.get("numpy"), list)
+    ):
+        return f"rng must hold the python and numpy states, got {quote(rng)}"
+    if "base_fingerprint" in meta and not isinstance(meta["base_fingerprint"], str):
+        return f"base_fingerprint must be a string, got {quote(meta['base_fingerprint'])}"
+    return ""
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -124,6 +160,10 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise _corrupted(path, e) from None
+    for key, t in tensors.items():  # weights and moments are floats, RNG states bytes: nothing converted
+        want = "uint8" if key.startswith("rng.") else "floating point"
+        if (t.dtype != torch.uint8) if key.startswith("rng.") else not t.is_floating_point():
+            raise CheckpointError(f"checkpoint {path}: tensor {key} has dtype {t.dtype}, expected {want}")
     trainable = {f"model.{n}": p for n, p in model.named_parameters() if p.requires_grad}
     saved = {k: v for k, v in tensors.items() if k.startswith("model.")}
     problem = describe_mismatch(saved, trainable, noun="weights")
@@ -148,6 +188,6 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         ]
         optimizer.load_state_dict({"state": state, "param_groups": groups})
         _set_rng_state(tensors, meta["rng"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
         raise _corrupted(path, e) from None
     return {k: v for k, v in meta.items() if k not in ("rng", "param_groups", "param_names")}

@@ -22,7 +22,15 @@ from lora.errors import ConfigError, did_you_mean, first_line, quote
 from lora.files import MAX_SETTINGS_BYTES, read_limited
 from lora.model_config import LoRAConfig, ModelConfig, parse_targets
 
-__all__ = ["TASKS", "TrainConfig", "build_parser", "load_config", "load_yaml", "resolve_config"]
+__all__ = [
+    "TASKS",
+    "CommandLineParser",
+    "TrainConfig",
+    "build_parser",
+    "load_config",
+    "load_yaml",
+    "resolve_config",
+]
 
 # Every task, and the task its default base is pretrained on (the one list of tasks).
 TASKS = {"rot13": "caesar", "atbash": "caesar", "code": "english", "text": "english", "jsonl": "english"}
@@ -372,8 +380,8 @@ def resolve_config(yaml_values: dict[str, Any] | None = None, overrides: dict[st
     return TrainConfig(**values).validate(given)
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a usage error on one line."""
+class CommandLineParser(argparse.ArgumentParser):
+    """argparse that reports a usage error on one line, with a pointer to ``--help`` (exit status 2)."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
         if message.startswith("unrecognized arguments:"):  # --lora_rank: did you mean --lora_r?
@@ -388,7 +396,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser(prog: str = "train_lora.py", description: str | None = None) -> argparse.ArgumentParser:
     """One flag per field; defaults are ``None`` so that only flags actually given override YAML."""
-    parser = _Parser(prog=prog, description=description, argument_default=argparse.SUPPRESS,
+    parser = CommandLineParser(prog=prog, description=description, argument_default=argparse.SUPPRESS,
                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--config", help="YAML file of settings (flags given here override it)")
     defaults = TrainConfig()

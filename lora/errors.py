@@ -8,7 +8,8 @@ traceback), 130 interrupted. Input errors are also ``ValueError`` s, so library 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "did_you_mean",
     "exit_code",
     "first_line",
+    "guarded",
     "one_line",
     "quote",
 ]
@@ -101,3 +103,18 @@ def one_line(e: BaseException) -> str:
     if exit_code(e) == 4:
         return f"unexpected {type(e).__name__}: {first_line(e)} (a bug: rerun with --debug for the traceback)"
     return first_line(e)
+
+
+def guarded(prog: str, body: Callable[[], int], debug: bool = False) -> int:
+    """Run a command line's ``body`` and return its exit code; any error is one line on stderr,
+    ``<prog>: error: ...``, with its code (``debug``: the traceback instead); Ctrl-C is 130."""
+    try:
+        return body()
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug:
+            raise
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        return exit_code(e)

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
@@ -36,6 +37,7 @@ __all__ = [
     "read_json",
     "read_limited",
     "read_safetensors",
+    "read_safetensors_header",
 ]
 
 
@@ -204,6 +206,33 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
         return load_file(str(path), device="cpu")
     except Exception as e:  # SafetensorError and friends: truncated, corrupt, or not safetensors at all
         raise ValueError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
+
+
+FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def read_safetensors_header(path: str | Path) -> dict[str, torch.Tensor]:
+    """The names, shapes and dtypes of a safetensors file's tensors, as empty ``meta`` tensors: its header
+    only, nothing allocated. A bad file raises a one-line ``ValueError``; so does a tensor that is not
+    floating point (integers where weights belong are refused, not converted)."""
+    path = Path(path)
+    try:
+        check_regular_file(path, 1 << 40, "safetensors file")
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise ValueError(f"{path}: file not found") from None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}  # noqa: SIM118
+    except Exception as e:  # truncated, corrupt, or not safetensors at all
+        raise ValueError(f"{path}: not a readable safetensors file ({first_line(e)})") from None
+    out = {}
+    for name, (shape, dtype) in header.items():
+        if dtype not in FLOAT_DTYPES:
+            raise ValueError(
+                f"{path}: tensor {name} has dtype {dtype}, expected floating point ({', '.join(FLOAT_DTYPES)})"
+            )
+        out[name] = torch.empty(shape, dtype=FLOAT_DTYPES[dtype], device="meta")
+    return out
 
 
 def describe_mismatch(

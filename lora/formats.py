@@ -28,6 +28,7 @@ from lora.files import (
     existing_folder,
     read_json,
     read_safetensors,
+    read_safetensors_header,
 )
 from lora.lora_layer import validate_lora_args
 from lora.model_config import LoRAConfig, ModelConfig
@@ -39,7 +40,9 @@ __all__ = [
     "WEIGHTS_NAME",
     "AdapterFolder",
     "read_adapter_folder",
-    "read_model_folder",
+    "read_model_config",
+    "read_model_header",
+    "read_model_weights",
     "write_adapter_folder",
     "write_model_folder",
 ]
@@ -69,12 +72,20 @@ def write_model_folder(
     return folder
 
 
-def read_model_folder(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """The architecture and the tensors of a model folder; a bad folder raises a one-line ``ValueError``."""
-    folder = existing_folder(path, "model")
-    config_path = folder / CONFIG_NAME
-    config = ModelConfig.from_dict(read_json(config_path), where=str(config_path))
-    return config, read_safetensors(folder / WEIGHTS_NAME)
+def read_model_config(path: str | Path) -> ModelConfig:
+    """The architecture in a model folder's ``config.json`` (a bad folder: a one-line ``ValueError``)."""
+    config_path = existing_folder(path, "model") / CONFIG_NAME
+    return ModelConfig.from_dict(read_json(config_path), where=str(config_path))
+
+
+def read_model_header(path: str | Path) -> dict[str, torch.Tensor]:
+    """The weights of a model folder as empty ``meta`` tensors (names, shapes, dtypes): nothing allocated."""
+    return read_safetensors_header(existing_folder(path, "model") / WEIGHTS_NAME)
+
+
+def read_model_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a model folder's ``model.safetensors``, on the CPU."""
+    return read_safetensors(existing_folder(path, "model") / WEIGHTS_NAME)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -181,5 +192,11 @@ def read_adapter_folder(path: str | Path) -> AdapterFolder:
     ):
         raise ValueError(f"{config_path}: num_classes must be an integer >= 2 or null, got {num_classes!r}")
     extra = {k: v for k, v in config.items() if k not in RESERVED_KEYS}
+    tensors = read_safetensors(folder / ADAPTER_WEIGHTS_NAME)
+    for name, t in tensors.items():
+        if not t.is_floating_point():
+            raise ValueError(
+                f"{folder / ADAPTER_WEIGHTS_NAME}: tensor {name} has dtype {t.dtype}, expected floating point"
+            )
     return AdapterFolder(folder, settings, modules, num_classes, config["base"], str(config["base_fingerprint"]),
-                         extra, read_safetensors(folder / ADAPTER_WEIGHTS_NAME), config)  # fmt: skip
+                         extra, tensors, config)  # fmt: skip

@@ -35,7 +35,9 @@ from lora.formats import (
     WEIGHTS_NAME,
     AdapterFolder,
     read_adapter_folder,
-    read_model_folder,
+    read_model_config,
+    read_model_header,
+    read_model_weights,
     write_adapter_folder,
     write_model_folder,
 )
@@ -576,21 +578,25 @@ class LoRATransformer(nn.Module):
             raise ValueError(
                 f"unknown from_pretrained options {unknown}; expected some of {list(FROM_PRETRAINED_OPTIONS)}"
             )
-        arch, tensors = read_model_folder(path)
+        arch = read_model_config(path)
+        header = read_model_header(path)  # names, shapes, dtypes: nothing read or allocated yet
+        options = {**arch.to_dict(), **lora_options}
         try:
-            model = cls(**{**arch.to_dict(), **lora_options})
+            with torch.device("meta"):  # the model's expected tensors, without allocating them
+                probe = cls(**options)
         except ValueError as e:
             raise ValueError(f"{Path(path) / CONFIG_NAME}: cannot build the model ({e})") from None
-        expected = model.base_state_dict()
-        saved_head = {k: v for k, v in tensors.items() if k.startswith("cls_head.")}
-        if model.cls_head is not None and model.config.num_classes == arch.num_classes:
-            expected.update(model._head_state())
-        else:
-            tensors = {k: v for k, v in tensors.items() if k not in saved_head}
-        problem = describe_mismatch(tensors, expected)
-        if problem:
+        expected = probe.base_state_dict()
+        if probe.cls_head is not None and probe.config.num_classes == arch.num_classes:
+            expected.update(probe._head_state())
+        else:  # no head asked for, or another number of classes: a saved head is not loaded
+            header = {k: v for k, v in header.items() if not k.startswith("cls_head.")}
+        problem = describe_mismatch(header, expected)
+        if problem:  # a config.json that disagrees with the weights is refused before the model is built
             raise ValueError(f"{Path(path) / WEIGHTS_NAME}: {problem}")
-        dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
+        model = cls(**options)
+        tensors = {k: v for k, v in read_model_weights(path).items() if k in header}
+        dtypes = {t.dtype for t in tensors.values()}
         if len(dtypes) == 1 and (dtype := dtypes.pop()) != torch.float32:
             model.to(dtype)
         own = model.state_dict()

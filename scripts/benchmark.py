@@ -40,6 +40,8 @@ from torch import nn
 if __package__ in (None, ""):  # `python scripts/benchmark.py` without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lora.config import CommandLineParser
+from lora.errors import guarded
 from lora.lora_transformer import LoRATransformer
 
 
@@ -491,8 +493,11 @@ WORKER_OPTIONS = ("device", "dtype", "compile", "threads", "steps", "warmup", "p
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = CommandLineParser(
+        prog="benchmark.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--sizes", default="small", help=f"comma-separated, from {', '.join(SIZES)}")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="bf16 = autocast (cuda default)")
     p.add_argument("--compile", action="store_true", help="torch.compile every model")
@@ -593,4 +598,4 @@ def write_report(
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(guarded("benchmark.py", lambda: (main(), 0)[1], "--debug" in sys.argv))

@@ -13,6 +13,8 @@ from the adapters.
 from __future__ import annotations
 
 import argparse
+import math
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +24,8 @@ if __package__ in (None, ""):  # `python scripts/generate.py` from a checkout
 
 import torch
 
+from lora.config import CommandLineParser
+from lora.errors import guarded
 from lora.lora_transformer import LoRATransformer
 
 
@@ -29,7 +33,10 @@ def encode(text: str, vocab_size: int) -> list[int]:
     """UTF-8 bytes of ``text`` as token ids; the model's vocabulary must cover all 256 byte values."""
     if vocab_size < 256:
         raise ValueError(f"byte-level prompts need vocab_size >= 256, the model has {vocab_size}")
-    ids = list(text.encode("utf-8"))
+    try:
+        ids = list(text.encode("utf-8"))
+    except UnicodeEncodeError as e:  # bytes that are not UTF-8 reach Python as lone surrogates
+        raise ValueError(f"--prompt is not valid UTF-8 text (position {e.start})") from None
     if not ids:
         raise ValueError("--prompt must not be empty")
     return ids
@@ -47,60 +54,100 @@ def sample(
     temperature: float,
     top_k: int | None,
     seed: int,
+    out: list[int] | None = None,
 ) -> str:
-    """The text generated after ``prompt`` (the prompt itself not included)."""
+    """The text generated after ``prompt`` (the prompt itself not included).
+
+    Tokens are appended to ``out`` as they come, one ``generate`` step at a time (the same tokens as one
+    call for all of them), so that an interrupted run still has what it generated so far.
+    """
+    out = [] if out is None else out
     g = torch.Generator(device=model.wte.weight.device).manual_seed(seed)
     idx = torch.tensor([prompt], device=model.wte.weight.device)  # (1, T)
-    out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=g)
-    return decode(out[0, len(prompt) :].tolist())
+    for _ in range(max_new_tokens):
+        idx = model.generate(idx, 1, temperature=temperature, top_k=top_k, generator=g)
+        out.append(int(idx[0, -1]))
+    return decode(out)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = CommandLineParser(prog="generate.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--base", required=True, help="model folder (config.json + model.safetensors)")
     p.add_argument("--adapter", action="append", default=[], help="adapter folder; repeat for several")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max_new_tokens", type=int, default=64)
+    p.add_argument("--prompt", required=True, help="UTF-8 text to continue")
+    p.add_argument(
+        "--max_new_tokens", type=int, default=64, help="at most the model's context less the prompt"
+    )
     p.add_argument("--temperature", type=float, default=0.8, help="0 decodes greedily")
-    p.add_argument("--top_k", type=int, default=None)
+    p.add_argument("--top_k", type=int, default=None, help="sample among the k most likely tokens (>= 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no_base", action="store_true", help="show the adapters only")
     p.add_argument("--force", action="store_true", help="load adapters trained on other base weights")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     return p.parse_args(argv)
 
 
-def run(args: argparse.Namespace) -> list[tuple[str, str]]:
-    """``[(label, generated text)]`` for the base and each adapter."""
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse options that make no sense, naming them (before any model is loaded)."""
     if args.max_new_tokens < 1:
         raise ValueError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ValueError(f"--temperature must be a finite number >= 0, got {args.temperature}")
     if args.top_k is not None and args.top_k < 1:
         raise ValueError(f"--top_k must be >= 1, got {args.top_k}")
+    if not 0 <= args.seed < 2**63:
+        raise ValueError(f"--seed must be in [0, 2**63), got {args.seed}")
     if args.no_base and not args.adapter:
         raise ValueError("--no_base needs at least one --adapter")
+
+
+def run(args: argparse.Namespace, rows: list[tuple[str, list[int]]] | None = None) -> list[tuple[str, str]]:
+    """``[(label, generated text)]`` for the base and each adapter; ``rows`` receives the tokens as they
+    are generated."""
+    check_args(args)
+    rows = [] if rows is None else rows
     model = LoRATransformer.from_pretrained(args.base, lora_r=0, num_classes=None).eval()
     prompt = encode(args.prompt, model.config.vocab_size)
+    room = model.max_seq_len - len(prompt)
+    if args.max_new_tokens > room:
+        raise ValueError(f"--max_new_tokens {args.max_new_tokens} and the {len(prompt)}-token prompt exceed the "
+                         f"model's context of {model.max_seq_len} tokens: at most {max(room, 0)}")  # fmt: skip
     gen = (args.max_new_tokens, args.temperature, args.top_k, args.seed)
-    rows = [] if args.no_base else [("base", sample(model, prompt, *gen))]
-    for i, folder in enumerate(args.adapter):
-        model.load_adapter(folder, f"adapter{i}", force=args.force)
-        if model.cls_head is not None:
-            raise ValueError(f"{folder}: a classification adapter cannot generate text")
-        rows.append((f"adapter {folder}", sample(model, prompt, *gen)))
-    return rows
+    variants = [] if args.no_base else [("base", None)]
+    variants += [(f"adapter {folder}", folder) for folder in args.adapter]
+    for i, (label, folder) in enumerate(variants):
+        if folder is not None:
+            model.load_adapter(folder, f"adapter{i}", force=args.force)
+            if model.cls_head is not None:
+                raise ValueError(f"{folder}: a classification adapter cannot generate text")
+        rows.append((label, []))
+        sample(model, prompt, *gen, out=rows[-1][1])
+    return [(label, decode(ids)) for label, ids in rows]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    rows: list[tuple[str, list[int]]] = []
+
+    def body() -> int:
+        try:
+            texts = run(args, rows)
+        except KeyboardInterrupt:  # what was generated so far is kept
+            for label, ids in rows:
+                print(f"=== {label} ===\n{args.prompt}{decode(ids)}\n")
+            print(
+                f"generate.py: interrupted after {sum(len(ids) for _, ids in rows)} tokens", file=sys.stderr
+            )
+            return 130
+        for label, text in texts:
+            print(f"=== {label} ===\n{args.prompt}{text}\n")
+        return 0
+
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops like Ctrl-C
     try:
-        rows = run(args)
-    except (ValueError, RuntimeError) as e:
-        print(f"generate.py: error: {e}", file=sys.stderr)
-        return 2
-    for label, text in rows:
-        print(f"=== {label} ===\n{args.prompt}{text}\n")
-    return 0
+        return guarded("generate.py", body, args.debug)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

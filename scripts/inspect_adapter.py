@@ -11,7 +11,6 @@ status is then 1 if the adapter does not fit (0 if it fits, 2 on bad input).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +20,8 @@ if __package__ in (None, ""):  # `python scripts/inspect_adapter.py` from a chec
 
 import torch
 
+from lora.config import CommandLineParser
+from lora.errors import guarded
 from lora.formats import AdapterFolder, read_adapter_folder
 from lora.lora_transformer import LoRATransformer
 
@@ -94,17 +95,18 @@ def report(adapter: str, base: str | None) -> tuple[bool, list[str]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = CommandLineParser(prog="inspect_adapter.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--adapter", required=True, help="adapter folder")
     p.add_argument("--base", default=None, help="model folder to check the adapter against")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     args = p.parse_args(argv)
-    try:
+
+    def body() -> int:
         ok, lines = report(args.adapter, args.base)
-    except (ValueError, RuntimeError) as e:
-        print(f"inspect_adapter.py: error: {e}", file=sys.stderr)
-        return 2
-    print("\n".join(lines))
-    return 0 if ok else 1
+        print("\n".join(lines))
+        return 0 if ok else 1
+
+    return guarded("inspect_adapter.py", body, args.debug)
 
 
 if __name__ == "__main__":

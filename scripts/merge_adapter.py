@@ -21,6 +21,8 @@ if __package__ in (None, ""):  # `python scripts/merge_adapter.py` from a checko
 
 import torch
 
+from lora.config import CommandLineParser
+from lora.errors import guarded
 from lora.formats import CONFIG_NAME, WEIGHTS_NAME
 from lora.lora_transformer import LoRATransformer
 
@@ -40,7 +42,7 @@ def max_logit_difference(
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = CommandLineParser(prog="merge_adapter.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--base", required=True, help="model folder (config.json + model.safetensors)")
     p.add_argument("--adapter", required=True, help="adapter folder")
     p.add_argument("--out", required=True, help="folder for the merged model")
@@ -53,6 +55,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the random check batch")
     p.add_argument("--force", action="store_true", help="merge an adapter trained on other base weights")
     p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     return p.parse_args(argv)
 
 
@@ -79,19 +82,19 @@ def run(args: argparse.Namespace) -> tuple[float, float, Path]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
+
+    def body() -> int:
         diff, largest, out = run(args)
-    except (ValueError, RuntimeError) as e:
-        print(f"merge_adapter.py: error: {e}", file=sys.stderr)
-        return 2
-    size = (out / WEIGHTS_NAME).stat().st_size
-    limit = args.tolerance * max(1.0, largest)
-    print(
-        f"max |merged - unmerged| logits on a random batch: {diff:.3e} "
-        f"(max |logit| {largest:.3g}; accepted up to {args.tolerance:g} x {max(1.0, largest):.3g} = {limit:.2e})"
-    )
-    print(f"wrote {out}/{CONFIG_NAME} and {WEIGHTS_NAME} ({size / 1e6:.2f} MB, no LoRA tensors)")
-    return 0
+        size = (out / WEIGHTS_NAME).stat().st_size
+        limit = args.tolerance * max(1.0, largest)
+        print(
+            f"max |merged - unmerged| logits on a random batch: {diff:.3e} "
+            f"(max |logit| {largest:.3g}; accepted up to {args.tolerance:g} x {max(1.0, largest):.3g} = {limit:.2e})"
+        )
+        print(f"wrote {out}/{CONFIG_NAME} and {WEIGHTS_NAME} ({size / 1e6:.2f} MB, no LoRA tensors)")
+        return 0
+
+    return guarded("merge_adapter.py", body, args.debug)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ checked before and after), and each adapter file is a small fraction of the base
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import sys
@@ -23,9 +22,9 @@ if __package__ in (None, ""):  # `python scripts/multitask_demo.py` from a check
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lora.application import run
-from lora.config import load_yaml, resolve_config
+from lora.config import CommandLineParser, load_yaml, resolve_config
 from lora.data import BatchLoader, load_task
-from lora.errors import LoRAError
+from lora.errors import guarded
 from lora.lora_transformer import LoRATransformer
 from lora.trainer import evaluate_model
 
@@ -33,15 +32,13 @@ TASKS = ("rot13", "atbash")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = CommandLineParser(prog="multitask_demo.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", help="YAML settings shared by both runs (model size, steps, ...)")
     p.add_argument("--output_dir", default="runs", help="where the runs and the summary go (default: runs)")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     args = p.parse_args(argv)
-    try:
-        return _demo(load_yaml(args.config) if args.config else {}, Path(args.output_dir))
-    except LoRAError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+    body = lambda: _demo(load_yaml(args.config) if args.config else {}, Path(args.output_dir))  # noqa: E731
+    return guarded("multitask_demo.py", body, args.debug)
 
 
 def _demo(shared: dict, out_dir: Path) -> int:

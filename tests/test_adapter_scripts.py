@@ -3,6 +3,7 @@
 import importlib.util
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -81,8 +82,21 @@ def test_generate_sampling_is_seeded(folders):
     [
         (["--base", "{root}/nowhere", "--prompt", "x"], "nowhere: no such model folder"),
         (["--base", "{root}/base", "--prompt", ""], "--prompt must not be empty"),
-        (["--base", "{root}/base", "--prompt", "x", "--temperature", "-1"], "--temperature must be >= 0"),
-        (["--base", "{root}/other", "--adapter", "{root}/a", "--prompt", "x"], "other base weights"),
+        (
+            ["--base", "{root}/base", "--prompt", "x", "--temperature", "-1"],
+            "--temperature must be a finite number >= 0",
+        ),
+        (
+            ["--base", "{root}/base", "--prompt", "x", "--temperature", "nan"],
+            "--temperature must be a finite number >= 0",
+        ),
+        (["--base", "{root}/base", "--prompt", "x", "--top_k", "0"], "--top_k must be >= 1, got 0"),
+        (["--base", "{root}/base", "--prompt", "x", "--max_new_tokens", "1000"], "at most"),
+        (["--base", "{root}/base", "--prompt", "\udcff"], "--prompt is not valid UTF-8 text"),
+        (
+            ["--base", "{root}/other", "--adapter", "{root}/a", "--prompt", "x", "--max_new_tokens", "4"],
+            "other base weights",
+        ),
     ],
 )
 def test_generate_bad_input_is_one_line_and_exit_2(folders, capsys, args, message):
@@ -155,3 +169,33 @@ def test_inspect_adapter_says_when_it_does_not_fit(folders, tmp_path, capsys):
     (tmp_path / "broken" / "adapter_config.json").write_text("{")
     assert inspect.main(["--adapter", str(tmp_path / "broken")]) == 2
     assert "adapter_config.json: not valid JSON" in capsys.readouterr().err
+
+
+def test_generation_interrupted_keeps_its_text(folders, capsys, monkeypatch):
+    """SIGTERM (or Ctrl-C) after 7 of 20 tokens: those 7 are printed, exit 130, no traceback."""
+    gen = script("generate")
+    real, calls = LoRATransformer.generate, []
+
+    def stop_at_call_8(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 8:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(LoRATransformer, "generate", stop_at_call_8)
+    args = ["--base", str(folders / "base"), "--prompt", "ab", "--max_new_tokens", "20", "--temperature", "0"]
+    assert gen.main(args) == 130
+    out, err = capsys.readouterr()
+    assert err == "generate.py: interrupted after 7 tokens\n"
+    monkeypatch.undo()
+    full = gen.run(gen.parse_args([*args[:5], "7", *args[6:]]))[0][1]
+    assert out == f"=== base ===\nab{full}\n\n"  # the same 7 tokens an uninterrupted run gives
+
+
+@pytest.mark.parametrize(
+    "name", ["generate", "inspect_adapter", "merge_adapter", "multitask_demo", "benchmark"]
+)
+def test_every_script_s_usage_error_is_one_line_with_a_pointer_to_help(name):
+    res = run(name, "--no-such-option")
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    assert res.stderr.startswith(f"{name}.py: error: ") and res.stderr.endswith("(see --help)\n"), res.stderr

@@ -24,6 +24,7 @@ LAYERS = [
     "adapter",  # one adapter as data
     "formats",  # model and adapter folders on disk
     "lora_transformer",  # the model, owning its adapters
+    "memory",  # what a run will allocate, checked first
     "checkpoint",  # training checkpoints
     "trainer",  # Trainer, LoRATrainer
     "run_folder",  # where a run's outputs go

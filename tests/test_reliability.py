@@ -508,7 +508,8 @@ def test_crafted_pickles_are_refused_unexecuted(finished, base, flags, tmp_path,
         (adapter / "adapter_model.safetensors").write_bytes(payload)
         with pytest.raises(ValueError, match="not a readable safetensors file"):
             LoRATransformer.from_pretrained(base).load_adapter(adapter)
-        assert generate_script()(["--base", str(base), "--adapter", str(adapter), "--prompt", "a"]) == 2
+        assert generate_script()(["--base", str(base), "--adapter", str(adapter), "--prompt", "a",
+                                  "--max_new_tokens", "2"]) == 2  # fmt: skip
         assert "not a readable safetensors file" in capsys.readouterr().err
     assert not marker.exists()
     pickle.loads(payloads["pickle"])  # the payload is live: unpickling it does create the file

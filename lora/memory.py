@@ -1,0 +1,93 @@
+"""What a run will allocate, estimated before anything is allocated, and refused if it cannot fit.
+
+A typo such as ``--d_model 100000`` or ``--num_examples 10000000000`` would otherwise take minutes to fill
+the machine's memory and then die; here it costs one line. The estimate is rough (within a small factor)
+and errs on the large side:
+
+* model: 4 bytes per parameter, plus 12 per trained parameter (its gradient and two AdamW moments); the
+  parameters are counted on a model built on the ``meta`` device (no memory);
+* data: about 400 bytes per generated example, or 10 bytes per byte of a text or JSONL file;
+* activations: ``4 B T (L (16 d + 4 d_ff) + 3 V)`` bytes for a batch of ``B`` sequences of ``T`` tokens.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from lora.config import CIPHER_WIDTH, GENERATED_TASKS, TrainConfig
+from lora.errors import ConfigError
+from lora.lora_transformer import LoRATransformer
+from lora.model_config import ModelConfig
+
+__all__ = ["available_bytes", "check_memory", "estimate_bytes"]
+
+BYTES_PER_EXAMPLE = 400  # a generated cipher example: its tensors and the temporaries that make them
+BYTES_PER_FILE_BYTE = 10  # a byte of a data file: read, decoded, split into windows, int16 targets
+
+
+def available_bytes() -> int | None:
+    """Memory available to a new allocation now (Linux ``MemAvailable``), or ``None`` if unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _file_bytes(path: str | None) -> int:
+    try:
+        return os.stat(path).st_size if path else 0
+    except (OSError, ValueError):
+        return 0  # a missing file is reported when the data are read
+
+
+def estimate_bytes(cfg: TrainConfig, arch: ModelConfig, pretraining: bool) -> dict[str, int]:
+    """``{"model", "data", "activations"}`` in bytes for ``cfg`` on a base of architecture ``arch``."""
+    lora = cfg.lora_config() if cfg.method == "lora" else None
+    with torch.device("meta"):
+        probe = LoRATransformer.from_config(arch, lora)
+    total = sum(p.numel() for p in probe.parameters())
+    lora_params = sum(p.numel() for n, p in probe.named_parameters() if n.endswith(("lora_A", "lora_B")))
+    trained = total if (pretraining or cfg.method == "full") else lora_params
+    if cfg.task in GENERATED_TASKS:
+        examples = cfg.num_examples + max(512, cfg.num_examples // 10)
+        data, width = examples * BYTES_PER_EXAMPLE, CIPHER_WIDTH
+    else:
+        data = (_file_bytes(cfg.train_file) + _file_bytes(cfg.val_file)) * BYTES_PER_FILE_BYTE
+        width = cfg.seq_len
+    d, L = arch.d_model, arch.num_layers
+    activations = 4 * cfg.batch_size * width * (L * (16 * d + 4 * arch.d_ff) + 3 * arch.vocab_size)
+    return {"model": 4 * total + 12 * trained, "data": data, "activations": activations}
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:,.0f} {unit}" if unit == "bytes" else f"{n:,.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def check_memory(cfg: TrainConfig, arch: ModelConfig, pretraining: bool, device: torch.device) -> None:
+    """Refuse (one line, with the estimate) a run that would need more memory than is available.
+
+    On a GPU only the data are held in the machine's memory; the model and activations are the device's
+    business (CUDA reports its own out-of-memory error).
+    """
+    parts = estimate_bytes(cfg, arch, pretraining)
+    if device.type != "cpu":
+        parts = {"data": parts["data"]}
+    need, have = sum(parts.values()), available_bytes()
+    if have is not None and need > have:
+        detail = ", ".join(f"{k} {_size(v)}" for k, v in parts.items())
+        raise ConfigError(f"this run would need about {_size(need)} of memory ({detail}), more than the "
+                          f"{_size(have)} available: use a smaller d_model, num_layers, num_examples, "
+                          "batch_size or data file")  # fmt: skip
