@@ -290,7 +290,7 @@ def _coerce(key: str, value: Any) -> Any:
 
 
 def _unknown_key(key: str, where: str) -> ConfigError:
-    return ConfigError(f"unknown key {key!r} in {where}{did_you_mean(key, _FIELDS)}")
+    return ConfigError(f"unknown key {quote(key)} in {where}{did_you_mean(key, _FIELDS)}")
 
 
 MAX_YAML_DEPTH = 16  # a config is a flat mapping; a list of targets nests one level

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from lora.config import CIPHER_WIDTH, TASKS, TrainConfig
-from lora.errors import DataError
+from lora.errors import DataError, quote
 from lora.files import MAX_DATA_BYTES, read_limited
 
 __all__ = ["IGNORE", "VOCAB_SIZE", "BatchLoader", "Task", "TaskData", "base_task_of", "load_task"]
@@ -233,9 +233,11 @@ def read_jsonl(path: str | Path) -> list[tuple[str, object]]:
         if not isinstance(text, str):
             raise DataError(f'{path} line {i}: "text" must be a string, got {type(text).__name__}')
         if isinstance(label, bool) or not isinstance(label, (int, str)):
-            raise DataError(f'{path} line {i}: "label" must be an integer or a string, got {label!r}')
+            raise DataError(f'{path} line {i}: "label" must be an integer or a string, got {quote(label)}')
         if rows and type(label) is not type(rows[0][1]):
-            raise DataError(f"{path} line {i}: label {label!r} is not of the same type as the first label")
+            raise DataError(
+                f"{path} line {i}: label {quote(label)} is not of the same type as the first label"
+            )
         rows.append((text, label))
     return rows
 
@@ -302,7 +304,7 @@ def load_task(cfg: TrainConfig, name: str | None = None) -> Task:
     elif name == "jsonl":
         task = jsonl_task(cfg)
     else:
-        raise DataError(f"unknown task {name!r}")
+        raise DataError(f"unknown task {quote(name)}")
     if len(task.train) < cfg.batch_size:
         raise DataError(
             f"the training data of task {name} has {len(task.train)} sequences, fewer than one batch "

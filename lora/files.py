@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
-from lora.errors import first_line
+from lora.errors import first_line, quote
 
 __all__ = [
     "MAX_DATA_BYTES",
@@ -54,7 +54,7 @@ def check_regular_file(path: str | Path, limit: int, what: str = "file") -> int:
     try:
         st = os.stat(path)
     except ValueError:  # an embedded NUL byte
-        raise ValueError(f"{what} path {str(path)!r} contains a NUL byte") from None
+        raise ValueError(f"{what} path {quote(str(path))} contains a NUL byte") from None
     if stat.S_ISDIR(st.st_mode):
         raise IsADirectoryError(21, "Is a directory", str(path))
     if not stat.S_ISREG(st.st_mode):

@@ -22,6 +22,7 @@ import torch
 
 from lora._version import __version__
 from lora.adapter import Adapter, LayerAdapter
+from lora.errors import quote
 from lora.files import (
     atomic_save_safetensors,
     atomic_write_json,
@@ -182,15 +183,19 @@ def read_adapter_folder(path: str | Path) -> AdapterFolder:
                 r, alpha, settings.lora_dropout
             )  # the layer's rule; and a saved module has r >= 1
         except ValueError as e:
-            raise ValueError(f"{config_path}: module {m!r}: {e}") from None
+            raise ValueError(f"{config_path}: module {quote(m)}: {e}") from None
         if r == 0:
-            raise ValueError(f"{config_path}: module {m!r} has rank 0 (no adapter); drop it from 'modules'")
+            raise ValueError(
+                f"{config_path}: module {quote(m)} has rank 0 (no adapter); drop it from 'modules'"
+            )
         modules[m] = (r, float(alpha))
     num_classes = config.get("num_classes")
     if num_classes is not None and (
         isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2
     ):
-        raise ValueError(f"{config_path}: num_classes must be an integer >= 2 or null, got {num_classes!r}")
+        raise ValueError(
+            f"{config_path}: num_classes must be an integer >= 2 or null, got {quote(num_classes)}"
+        )
     extra = {k: v for k, v in config.items() if k not in RESERVED_KEYS}
     tensors = read_safetensors(folder / ADAPTER_WEIGHTS_NAME)
     for name, t in tensors.items():

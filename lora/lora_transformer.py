@@ -29,6 +29,7 @@ if __package__ in (None, ""):  # `python lora/lora_transformer.py` without insta
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lora.adapter import Adapter, LayerAdapter, weighted_sum
+from lora.errors import quote
 from lora.files import describe_mismatch
 from lora.formats import (
     CONFIG_NAME,
@@ -514,7 +515,9 @@ class LoRATransformer(nn.Module):
         for m, r in ranks.items():
             layer = layers.get(m)
             if layer is None:
-                raise ValueError(f"{modules_where or where}: module {m!r} is not a LoRA layer of this model")
+                raise ValueError(
+                    f"{modules_where or where}: module {quote(m)} is not a LoRA layer of this model"
+                )
             expected[f"{m}.lora_A"] = torch.empty(r, layer.in_features)
             expected[f"{m}.lora_B"] = torch.empty(layer.out_features, r)
         if num_classes is not None:
@@ -533,7 +536,7 @@ class LoRATransformer(nn.Module):
         """
         own = self.config.shape()
         diff = [
-            f"{k}: adapter {folder.base.get(k)!r}, model {v!r}"
+            f"{k}: adapter {quote(folder.base.get(k))}, model {v!r}"
             for k, v in own.items()
             if folder.base.get(k) != v
         ]

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lora.errors import ConfigError
+from lora.errors import ConfigError, quote
 from lora.lora_layer import lora_scaling, validate_lora_args
 
 __all__ = ["ATTENTION_TARGETS", "PROJECTIONS", "LoRAConfig", "ModelConfig", "parse_targets", "target_of"]
@@ -37,7 +37,7 @@ def parse_targets(lora_targets: Sequence[str] | str) -> tuple[str, ...]:
     elif isinstance(lora_targets, Sequence) and all(isinstance(t, str) for t in lora_targets):
         items = list(lora_targets)
     else:
-        raise ConfigError(f"lora_targets must be a list of q, k, v, o, got {lora_targets!r}")
+        raise ConfigError(f"lora_targets must be a list of q, k, v, o, got {quote(lora_targets)}")
     items = [t.strip().lower() for t in items if t.strip()]
     bad = [t for t in items if t not in ATTENTION_TARGETS]
     if bad:
@@ -47,7 +47,7 @@ def parse_targets(lora_targets: Sequence[str] | str) -> tuple[str, ...]:
 
 def _positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        raise ConfigError(f"{name} must be a positive integer, got {quote(value)}")
 
 
 @dataclass(frozen=True)
@@ -72,15 +72,15 @@ class ModelConfig:
         if self.d_model % self.num_heads:
             raise ConfigError(f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
-            raise ConfigError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
+            raise ConfigError(f"dropout must be a number in [0, 1), got {quote(self.dropout)}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
+            raise ConfigError(f"dropout must be in [0, 1), got {quote(self.dropout)}")
         if self.num_classes is not None and (
             isinstance(self.num_classes, bool)
             or not isinstance(self.num_classes, int)
             or self.num_classes < 2
         ):
-            raise ConfigError(f"num_classes must be an integer >= 2 or None, got {self.num_classes!r}")
+            raise ConfigError(f"num_classes must be an integer >= 2 or None, got {quote(self.num_classes)}")
 
     # the keys an adapter must agree on with its base (dropout is a training setting; a head is the adapter's)
     SHAPE_KEYS = ("vocab_size", "d_model", "num_heads", "num_layers", "d_ff", "max_seq_len")
@@ -129,7 +129,7 @@ class LoRAConfig:
         object.__setattr__(self, "lora_targets", parse_targets(self.lora_targets))
         for name in ("adapt_feedforward", "use_rslora"):
             if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+                raise ConfigError(f"{name} must be true or false, got {quote(getattr(self, name))}")
 
     @property
     def scaling(self) -> float:
