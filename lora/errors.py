@@ -107,14 +107,16 @@ def one_line(e: BaseException) -> str:
 
 def guarded(prog: str, body: Callable[[], int], debug: bool = False) -> int:
     """Run a command line's ``body`` and return its exit code; any error is one line on stderr,
-    ``<prog>: error: ...``, with its code (``debug``: the traceback instead); Ctrl-C is 130."""
+    ``<prog>: error: ...`` (``error: ...`` for an empty ``prog``), with its code (``debug``: the
+    traceback instead); Ctrl-C is 130."""
+    prefix = f"{prog}: " if prog else ""
     try:
         return body()
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
+        print(f"{prefix}interrupted", file=sys.stderr)
         return 130
     except Exception as e:
         if debug:
             raise
-        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        print(f"{prefix}error: {one_line(e)}", file=sys.stderr)
         return exit_code(e)

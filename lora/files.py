@@ -195,13 +195,19 @@ def read_json(path: str | Path) -> dict:
     return obj
 
 
-def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors from a safetensors file (on CPU). Never unpickles; a bad file raises a one-line ``ValueError``."""
+def _safetensors_file(path: str | Path) -> Path:
+    """``path`` if it is a regular file (a FIFO would block the reader); else a one-line ``ValueError``."""
     path = Path(path)
     try:
         check_regular_file(path, 1 << 40, "safetensors file")
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         raise ValueError(f"{path}: file not found") from None
+    return path
+
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors from a safetensors file (on CPU). Never unpickles; a bad file raises a one-line ``ValueError``."""
+    path = _safetensors_file(path)
     try:
         return load_file(str(path), device="cpu")
     except Exception as e:  # SafetensorError and friends: truncated, corrupt, or not safetensors at all
@@ -215,11 +221,7 @@ def read_safetensors_header(path: str | Path) -> dict[str, torch.Tensor]:
     """The names, shapes and dtypes of a safetensors file's tensors, as empty ``meta`` tensors: its header
     only, nothing allocated. A bad file raises a one-line ``ValueError``; so does a tensor that is not
     floating point (integers where weights belong are refused, not converted)."""
-    path = Path(path)
-    try:
-        check_regular_file(path, 1 << 40, "safetensors file")
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        raise ValueError(f"{path}: file not found") from None
+    path = _safetensors_file(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             header = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}  # noqa: SIM118

@@ -31,7 +31,7 @@ if __package__ in (None, ""):  # `python lora/train_lora.py` or `cd lora && pyth
 from lora.application import run
 from lora.config import load_config
 from lora.data import BatchLoader
-from lora.errors import Interrupted, exit_code, one_line
+from lora.errors import Interrupted, guarded
 from lora.trainer import LoRATrainer, Trainer, evaluate_model, get_lr
 
 __all__ = [
@@ -62,27 +62,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit code (0 ok, 1 a write failed, 2 bad input, 3 diverged,
     4 an unexpected error, 130 interrupted). Every error is one line; ``--debug`` shows the traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
+
+    def body() -> int:
+        try:
+            run(load_config(argv, description=__doc__))
+            return 0
+        except Interrupted as e:
+            if e.checkpoint is None:
+                print("interrupted; no checkpoint was written", file=sys.stderr)
+            else:
+                print(f"interrupted; checkpoint {e.checkpoint}", file=sys.stderr)
+                print(f"resume with: {resume_command(e.checkpoint.parent)}", file=sys.stderr)
+            return e.exit_code
+
     previous = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None
     try:
-        cfg = load_config(argv, description=__doc__)
-        run(cfg)
-        return 0
-    except Interrupted as e:
-        if e.checkpoint is None:
-            print("interrupted; no checkpoint was written", file=sys.stderr)
-        else:
-            print(f"interrupted; checkpoint {e.checkpoint}", file=sys.stderr)
-            print(f"resume with: {resume_command(e.checkpoint.parent)}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:
-        if debug:
-            raise
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return exit_code(e)
+        return guarded("", body, "--debug" in argv)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

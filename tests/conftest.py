@@ -1,11 +1,16 @@
-"""Shared fixtures: tiny configurations that train in about a second.
+"""Shared fixtures: tiny configurations that train in about a second, and a random base to train on.
 
 Every flag given must take effect (options a run would ignore are refused), so the flags depend on the
 run: the architecture and ``base_steps`` only when a base is pretrained here, ``num_examples`` only for
 the generated tasks, ``seq_len`` only for tasks that read text.
 """
 
+from pathlib import Path
+
 import pytest
+import torch
+
+from lora.lora_transformer import LoRATransformer
 
 TINY_ARCH = ["--d_model", "32", "--num_heads", "2", "--num_layers", "1", "--max_seq_len", "32",
              "--base_steps", "30"]  # fmt: skip
@@ -38,3 +43,29 @@ def task_flags(flags: list[str], task: str) -> list[str]:
 def tiny_flags(tmp_path):
     """Flags for a tiny rot13 run (its base pretrained here) writing into a fresh temporary output folder."""
     return [*TINY_FLAGS, "--output_dir", str(tmp_path / "runs")]
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models in one thread: several threads only contend (badly, on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """A random base of TINY_ARCH's shape (seed 0): runs on it skip pretraining."""
+    folder = tmp_path_factory.mktemp("base") / "base"
+    torch.manual_seed(0)
+    LoRATransformer(256, d_model=32, num_heads=2, num_layers=1, max_seq_len=32, lora_r=0).save_pretrained(
+        folder
+    )
+    return folder
+
+
+@pytest.fixture
+def flags(tmp_path, base) -> list[str]:
+    """A tiny rot13 run on the random base, writing into a fresh temporary output folder."""
+    return [*ON_BASE_FLAGS, "--output_dir", str(tmp_path / "runs"), "--base_checkpoint", str(base)]

@@ -15,7 +15,6 @@ from safetensors.torch import load_file, save_file
 
 from lora.lora_transformer import LoRATransformer
 from lora.train_lora import main
-from tests.conftest import ON_BASE_FLAGS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,21 +50,6 @@ peak = tracemalloc.get_traced_memory()[1]
 rss = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS:")) // 1024
 print(seconds, peak // 2**20, rss)
 """
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("base") / "base"
-    torch.manual_seed(0)
-    LoRATransformer(256, d_model=32, num_heads=2, num_layers=1, max_seq_len=32, lora_r=0).save_pretrained(
-        folder
-    )
-    return folder
-
-
-@pytest.fixture
-def flags(tmp_path, base) -> list[str]:
-    return [*ON_BASE_FLAGS, "--output_dir", str(tmp_path / "runs"), "--base_checkpoint", str(base)]
 
 
 def refused(capsys, argv, *needles, code=2) -> str:

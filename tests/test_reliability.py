@@ -65,6 +65,7 @@ sys.exit(tl.main())
 # several epochs of 3 batches, ending mid-epoch; dropout everywhere so that restoring the RNG matters
 RESUME_FLAGS = ["--num_examples", "96", "--epochs", "5", "--max_steps", "14", "--eval_every", "3",
                 "--save_every", "1", "--keep_checkpoints", "3", "--lora_dropout", "0.1", "--dropout", "0.1"]  # fmt: skip
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Evil:
@@ -75,32 +76,6 @@ class Evil:
 
     def __reduce__(self):
         return (open, (self.path, "w"))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models in one thread: several threads only contend (badly, on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    """A random base with the tiny_flags architecture: runs skip pretraining."""
-    folder = tmp_path_factory.mktemp("base") / "base"
-    torch.manual_seed(0)
-    LoRATransformer(256, d_model=32, num_heads=2, num_layers=1, max_seq_len=32, lora_r=0).save_pretrained(
-        folder
-    )
-    return folder
-
-
-@pytest.fixture
-def flags(tmp_path, base) -> list[str]:
-    """A tiny rot13 run on the random base."""
-    return [*ON_BASE_FLAGS, "--output_dir", str(tmp_path / "runs"), "--base_checkpoint", str(base)]
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +103,31 @@ def one_error_line(capsys, *needles: str, alone: bool = True) -> str:
     for needle in needles:
         assert needle in lines[-1], (needle, lines[-1])
     return lines[-1]
+
+
+def at_training_step(monkeypatch, step: int, action) -> None:
+    """Make training step ``step`` (of every run from now on, counted together) call ``action(loss)`` and
+    use what it returns as that step's loss."""
+    real, calls = trainer_module.batch_loss, []
+
+    def patched(*args, **kwargs):
+        loss, logits = real(*args, **kwargs)
+        if torch.is_grad_enabled():  # a training step, not an evaluation
+            calls.append(1)
+            if len(calls) == step:
+                loss = action(loss)
+        return loss, logits
+
+    monkeypatch.setattr(trainer_module, "batch_loss", patched)
+
+
+def sigterm(loss: torch.Tensor) -> torch.Tensor:
+    os.kill(os.getpid(), signal.SIGTERM)  # arrives mid-step: the step still completes
+    return loss
+
+
+def nan(loss: torch.Tensor) -> torch.Tensor:
+    return loss * float("nan")
 
 
 def adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -534,17 +534,7 @@ def test_no_code_path_unpickles():
 def test_a_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     flags, tmp_path, capsys, monkeypatch
 ):
-    real, calls = trainer_module.batch_loss, []
-
-    def nan_at_step_5(*args, **kwargs):
-        loss, logits = real(*args, **kwargs)
-        if torch.is_grad_enabled():  # a training step, not an evaluation
-            calls.append(1)
-            if len(calls) == 5:
-                loss = loss * float("nan")
-        return loss, logits
-
-    monkeypatch.setattr(trainer_module, "batch_loss", nan_at_step_5)
+    at_training_step(monkeypatch, 5, nan)
     assert main([*flags, "--run_name", "nan", "--save_every", "2"]) == 3
     line = one_error_line(capsys, "loss is nan at step 5", alone=False)
     folder = tmp_path / "runs" / "nan"
@@ -681,16 +671,7 @@ def test_sigint_finishes_the_step_checkpoints_and_prints_the_resume_command(refe
 
 
 def test_sigterm_in_process_checkpoints_and_exits_130(flags, tmp_path, capsys, monkeypatch):
-    real, calls = trainer_module.batch_loss, []
-
-    def terminate_during_step_3(*args, **kwargs):
-        if torch.is_grad_enabled():
-            calls.append(1)
-            if len(calls) == 3:
-                os.kill(os.getpid(), signal.SIGTERM)  # arrives mid-step: the step still completes
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(trainer_module, "batch_loss", terminate_during_step_3)
+    at_training_step(monkeypatch, 3, sigterm)
     handler = signal.getsignal(signal.SIGTERM)
     assert main([*flags, "--run_name", "term"]) == 130
     assert signal.getsignal(signal.SIGTERM) is handler  # the trainer's handler is removed again
@@ -714,16 +695,7 @@ def test_debug_shows_the_traceback(tiny_flags):
 def test_an_interrupt_while_pretraining_the_base_exits_130_and_keeps_no_base(
     tiny_flags, tmp_path, capsys, monkeypatch
 ):
-    real, calls = trainer_module.batch_loss, []
-
-    def terminate_during_step_2(*args, **kwargs):
-        if torch.is_grad_enabled():
-            calls.append(1)
-            if len(calls) == 2:
-                os.kill(os.getpid(), signal.SIGTERM)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(trainer_module, "batch_loss", terminate_during_step_2)
+    at_training_step(monkeypatch, 2, sigterm)
     assert main(tiny_flags) == 130
     err = capsys.readouterr().err
     assert (
@@ -747,21 +719,11 @@ def test_an_overwrite_that_diverges_leaves_the_previous_run_byte_for_byte(
     assert main([*flags, "--run_name", "x"]) == 0
     folder = tmp_path / "runs" / "x"
     before = snapshot(folder)
-    real, calls = trainer_module.batch_loss, []
-
-    def nan_at_step_5(*args, **kwargs):
-        loss, logits = real(*args, **kwargs)
-        if torch.is_grad_enabled():
-            calls.append(1)
-            if len(calls) == 5:
-                loss = loss * float("nan")
-        return loss, logits
-
-    monkeypatch.setattr(trainer_module, "batch_loss", nan_at_step_5)
+    at_training_step(monkeypatch, 5, nan)
     assert main([*flags, "--run_name", "x", "--overwrite", "--max_steps", "8"]) == 3
     assert snapshot(folder) == before
     assert sorted(p.name for p in folder.parent.glob("[!.]*")) == ["x"]  # nothing of the failed run is left
-    calls.clear()
+    at_training_step(monkeypatch, 5, nan)  # counted afresh for the second run
     assert main([*flags, "--run_name", "x", "--overwrite", "--max_steps", "8", "--save_every", "2"]) == 3
     assert snapshot(folder) == before
     staged = sorted(folder.parent.glob("x.incomplete-*"))  # only what is needed to resume it
@@ -781,16 +743,7 @@ def test_an_interrupted_overwrite_keeps_the_previous_run_until_it_is_resumed(
     assert main([*flags, "--run_name", "x", "--max_steps", "4"]) == 0
     folder = tmp_path / "runs" / "x"
     before = snapshot(folder)
-    real, calls = trainer_module.batch_loss, []
-
-    def terminate_during_step_3(*args, **kwargs):
-        if torch.is_grad_enabled():
-            calls.append(1)
-            if len(calls) == 3:
-                os.kill(os.getpid(), signal.SIGTERM)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(trainer_module, "batch_loss", terminate_during_step_3)
+    at_training_step(monkeypatch, 3, sigterm)
     assert main([*flags, "--run_name", "x", "--overwrite"]) == 130
     err = capsys.readouterr().err
     assert snapshot(folder) == before
