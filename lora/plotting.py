@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt
 
-__all__ = ["render_history"]
+__all__ = ["png_bytes", "render_history"]
 
 METRIC_LABELS = {
     "exact_match": "exact match (validation)",
@@ -44,8 +44,13 @@ def render_history(history: dict[str, list], title: str, metric_name: str,
     for ax in (ax_loss, ax_metric, ax_lr):
         ax.grid(alpha=0.3)
     fig.suptitle(title)
+    return png_bytes(fig)
+
+
+def png_bytes(fig: plt.Figure, dpi: int = 100) -> bytes:
+    """A finished figure as PNG bytes (laid out tightly); the figure is closed."""
     fig.tight_layout()
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
+    fig.savefig(buffer, format="png", dpi=dpi)
     plt.close(fig)
     return buffer.getvalue()

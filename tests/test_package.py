@@ -21,7 +21,9 @@ LAYERS = [
     "config",  # TrainConfig: YAML and flags
     "data",  # tasks, BatchLoader
     "plotting",  # the training-curve figure
+    "figures",  # pictures of weights, spectra, similarity; comparison and sweep charts
     "adapter",  # one adapter as data
+    "analysis",  # spectra, subspace similarity, amplification
     "formats",  # model and adapter folders on disk
     "lora_transformer",  # the model, owning its adapters
     "memory",  # what a run will allocate, checked first

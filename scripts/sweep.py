@@ -1,0 +1,176 @@
+"""The LoRA paper's tables on a laptop: metric against rank and target matrices, several seeds a cell.
+
+    python scripts/sweep.py --mode rank --seeds 0,1        # q+v and q+k+v+o at r = 1 ... 64 (the paper's Table 6)
+    python scripts/sweep.py --mode budget --seeds 0,1      # one budget over 1, 2 or 4 matrix types (Table 5)
+    python scripts/sweep.py --mode grid --ranks 1,2,4,8 --targets q,v,qv,qkvo --mlp both
+    python scripts/sweep.py --mode rank --config configs/code.yaml --max_steps 100
+
+Any ``train_lora.py`` option sets the shared settings. ``lora_alpha`` follows the rank (``alpha = 2 r``,
+the default's scaling of 2), so cells differ in rank and targets only. Every cell is a normal run (its
+folder under ``<output_dir>/sweep-<mode>/runs/``, on the shared base); results.json is written after
+each cell, and an interrupted sweep resumes where it stopped (finished cells are not run again).
+Writes ``<output_dir>/sweep-<mode>/``: results.json, table.md (mean and spread over seeds),
+metric_vs_rank.png and heatmap.png (target set x rank).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python scripts/sweep.py` from a checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tqdm.auto import tqdm
+
+from lora.application import run
+from lora.base_model import ensure_base
+from lora.config import CommandLineParser, TrainConfig, load_config
+from lora.errors import LoRAError, guarded
+from lora.figures import heatmap, lines
+from lora.files import atomic_write_bytes
+from lora.run_folder import output_root
+from lora.trainer import resolve_device
+
+RANK_RANKS = (1, 2, 4, 8, 16, 32, 64)
+BUDGET = (("q", 8), ("k", 8), ("v", 8), ("o", 8), ("qk", 4), ("qv", 4), ("qkvo", 2))  # same parameters each
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One configuration of the sweep: target set (letters of q, k, v, o), MLP too or not, rank, seed."""
+
+    targets: str
+    mlp: bool
+    r: int
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.targets}{'+mlp' if self.mlp else ''}-r{self.r}-s{self.seed}"
+
+    @property
+    def label(self) -> str:
+        return "+".join(self.targets) + (" + MLP" if self.mlp else "")
+
+
+def cells(mode: str, ranks: Sequence[int], targets: Sequence[str], mlp: Sequence[bool],
+          seeds: Sequence[int]) -> list[Cell]:  # fmt: skip
+    if mode == "rank":
+        return [Cell(t, False, r, s) for t in ("qv", "qkvo") for r in ranks for s in seeds]
+    if mode == "budget":
+        return [Cell(t, False, r, s) for t, r in BUDGET for s in seeds]
+    return [Cell(t, m, r, s) for t in targets for m in mlp for r in ranks for s in seeds]
+
+
+def cell_config(shared: TrainConfig, cell: Cell, root: Path, base: Path) -> TrainConfig:
+    """The run of one cell: the shared settings with the cell's targets, rank (alpha = 2 r) and seed."""
+    return dataclasses.replace(
+        shared, lora_targets=list(cell.targets), adapt_feedforward=cell.mlp, lora_r=cell.r,
+        lora_alpha=2.0 * cell.r, seed=cell.seed, run_name=cell.key, output_dir=str(root / "runs"),
+        overwrite=True, resume=None, base_checkpoint=str(base),
+    ).validate()  # fmt: skip
+
+
+def summarise(results: dict[str, dict], todo: list[Cell]) -> dict[tuple[str, int], tuple[float, float, int]]:
+    """``(label, r) -> (mean, spread, params)`` over the seeds (spread: the standard deviation, 0 for one)."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for cell in todo:
+        if cell.key in results:
+            groups.setdefault((cell.label, cell.r), []).append(results[cell.key])
+    out = {}
+    for key, found in groups.items():
+        values = [f["metric"] for f in found]
+        out[key] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0,
+                    found[0]["trainable_params"])  # fmt: skip
+    return out
+
+
+def write_reports(folder: Path, summary: dict, metric: str, mode: str, seeds: int) -> None:
+    labels = list(dict.fromkeys(label for label, _ in summary))
+    ranks = sorted({r for _, r in summary})
+    lines_md = [
+        f"| targets | r | trainable | {metric} (mean) | spread over {seeds} seeds |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for (label, r), (mean, spread, params) in summary.items():
+        lines_md.append(f"| {label} | {r} | {params:,} | {mean:.4f} | {spread:.4f} |")
+    atomic_write_bytes(folder / "table.md", ("\n".join(lines_md) + "\n").encode())
+    series = {}
+    for label in labels:
+        points = sorted((r, m, s) for (lab, r), (m, s, _) in summary.items() if lab == label)
+        series[label] = ([p[0] for p in points], [p[1] for p in points], [p[2] for p in points])
+    atomic_write_bytes(folder / "metric_vs_rank.png", lines(
+        series, f"sweep ({mode}): {metric} against rank, mean and spread over {seeds} seeds", "rank r (log scale)",
+        f"{metric} (validation)", logx=True))  # fmt: skip
+    grid = [[summary.get((label, r), (float("nan"),))[0] for r in ranks] for label in labels]
+    atomic_write_bytes(folder / "heatmap.png", heatmap(
+        grid, labels, [str(r) for r in ranks], f"sweep ({mode}): {metric}, mean over {seeds} seeds",
+        "rank r", "adapted matrices", metric))  # fmt: skip
+
+
+def sweep(shared: TrainConfig, mode: str, todo: list[Cell]) -> Path:
+    root = output_root(shared.output_dir)
+    folder = root / f"sweep-{mode}"
+    results_path = folder / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    base = ensure_base(
+        shared, resolve_device(shared.device), lambda message: tqdm.write(message, file=sys.stderr)
+    )
+    metric = None
+    with tqdm(todo, desc=f"sweep {mode}", unit="cell") as bar:
+        for cell in bar:
+            if cell.key in results:  # finished before an interruption: not run again
+                continue
+            bar.set_postfix_str(cell.key)
+            metrics = run(cell_config(shared, cell, folder, base))
+            results[cell.key] = {"metric": metrics["final_metric"], "metric_name": metrics["metric_name"],
+                                 "trainable_params": metrics["trainable_params"], "steps": metrics["steps"]}  # fmt: skip
+            atomic_write_bytes(results_path, (json.dumps(results, indent=2) + "\n").encode())
+    metric = next(iter(results.values()))["metric_name"] if results else "metric"
+    write_reports(folder, summarise(results, todo), metric, mode, len({c.seed for c in todo}))
+    return folder
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise LoRAError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = CommandLineParser(prog="sweep.py", description=__doc__.split("\n\n")[0], add_help=False)
+    p.add_argument("--mode", choices=("rank", "budget", "grid"), default="rank")
+    p.add_argument("--ranks", default=",".join(map(str, RANK_RANKS)), help="grid and rank modes")
+    p.add_argument(
+        "--targets", default="q,k,v,o,qv,qkvo", help="grid mode: target sets, letters of q, k, v, o"
+    )
+    p.add_argument(
+        "--mlp", choices=("no", "yes", "both"), default="no", help="grid mode: the MLP adapted too"
+    )
+    p.add_argument("--seeds", default="0,1,2")
+    own, rest = p.parse_known_args(argv)
+
+    def body() -> int:
+        shared = load_config(rest)
+        targets = [t.strip() for t in own.targets.split(",") if t.strip()]
+        bad = [t for t in targets if not t or set(t) - set("qkvo")]
+        if bad:
+            raise LoRAError(f"--targets must be sets of the letters q, k, v, o, got {bad}")
+        mlp = {"no": [False], "yes": [True], "both": [False, True]}[own.mlp]
+        todo = cells(own.mode, _ints(own.ranks), targets, mlp, _ints(own.seeds))
+        folder = sweep(shared, own.mode, todo)
+        print((folder / "table.md").read_text(), end="")
+        print(f"wrote results.json, table.md, metric_vs_rank.png and heatmap.png to {folder}")
+        return 0
+
+    return guarded("sweep.py", body, "--debug" in rest)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,137 @@
+"""The scripts that show what LoRA does: visualize_lora.py, compare_methods.py and sweep.py, end to end on
+tiny configurations, and their refusals of bad input (one line, exit 2)."""
+
+import csv
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from lora.train_lora import main as train
+from tests.conftest import TINY_FLAGS
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, base) -> Path:
+    """Two LoRA runs of ranks 8 and 2 on v, one on another base, and a full fine-tuning run."""
+    from tests.conftest import ON_BASE_FLAGS
+
+    root = tmp_path_factory.mktemp("runs")
+    common = [
+        *ON_BASE_FLAGS,
+        "--output_dir",
+        str(root),
+        "--base_checkpoint",
+        str(base),
+        "--lora_targets",
+        "q,v",
+    ]
+    assert train([*common, "--run_name", "r8"]) == 0
+    assert train([*common, "--run_name", "r2", "--lora_r", "2", "--lora_alpha", "4"]) == 0
+    assert train([*ON_BASE_FLAGS, "--output_dir", str(root), "--base_checkpoint", str(base), "--method", "full",
+                  "--run_name", "full"]) == 0  # fmt: skip
+    return root
+
+
+def one_line(capsys, *needles: str) -> None:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1 and err.startswith("visualize_lora.py: error: "), (
+        err
+    )
+    for needle in needles:
+        assert needle in err, (needle, err)
+
+
+def test_visualize_draws_every_picture_and_the_numbers_hold(runs, tmp_path, capsys):
+    out = tmp_path / "pictures"
+    assert script("visualize_lora")(["--run", str(runs / "r8"), "--other", str(runs / "r2"), "--proj", "v",
+                                     "--out", str(out)]) == 0  # fmt: skip
+    for name in ("weights", "spectrum", "update_size", "amplification", "subspace_similarity"):
+        assert (out / f"{name}.png").read_bytes()[:8] == PNG_MAGIC, name
+    result = json.loads((out / "analysis.json").read_text())
+    assert result["module"] == "blocks.0.attn.v_proj"
+    assert {m: v["rank_of_delta"] for m, v in result["modules"].items()} == {
+        "blocks.0.attn.q_proj": 8, "blocks.0.attn.v_proj": 8}  # fmt: skip
+    assert all(v["relative_update"] > 0 and v["amplification"] > 0 for v in result["modules"].values())
+    similarity = result["subspace_similarity"]
+    assert len(similarity["phi_top_row"]) == 2 and all(0 <= v <= 1 for v in similarity["phi_top_row"])
+    assert "blocks.0.attn.v_proj" in capsys.readouterr().out
+
+
+def test_visualize_refuses_bad_input_naming_it(runs, tmp_path, capsys):
+    visualize = script("visualize_lora")
+    assert visualize(["--run", str(runs / "full")]) == 2
+    one_line(capsys, f"{runs / 'full'} has no adapter", "full fine-tuning run has none")
+    assert visualize(["--run", str(runs / "r8"), "--layer", "5"]) == 2
+    one_line(
+        capsys,
+        "no adapted module for layer 5",
+        "the adapted modules are blocks.0.attn.q_proj, blocks.0.attn.v_proj",
+    )
+    assert visualize(["--run", str(runs / "r8"), "--proj", "x"]) == 2
+    one_line(capsys, "--proj must be one of q, k, v, o, fc1, fc2, got 'x'")
+    import torch
+
+    from lora.lora_transformer import LoRATransformer
+
+    torch.manual_seed(7)
+    other = tmp_path / "other"
+    model = LoRATransformer(
+        256, d_model=32, num_heads=2, num_layers=1, max_seq_len=32, lora_r=2, lora_alpha=4
+    )
+    model.save_pretrained(other / "base")
+    model.save_adapter(other / "adapter", extra={"base_checkpoint": str(other / "base")})
+    assert visualize(["--run", str(runs / "r8"), "--other", str(other / "adapter")]) == 2
+    one_line(capsys, "were trained on different bases", "subspace similarity compares adapters of one base")
+
+
+def test_compare_methods_writes_one_table_and_one_picture(tmp_path, capsys):
+    out = tmp_path / "runs"
+    assert script("compare_methods")([*TINY_FLAGS, "--output_dir", str(out)]) == 0
+    with (out / "compare" / "comparison.csv").open() as f:
+        rows = {r["method"]: r for r in csv.DictReader(f)}
+    assert list(rows) == ["frozen base", "LoRA", "full fine-tuning"]
+    assert int(rows["frozen base"]["trainable params"]) == 0
+    assert 0 < int(rows["LoRA"]["trainable params"]) < int(rows["full fine-tuning"]["trainable params"])
+    assert 0 < int(rows["LoRA"]["bytes stored"]) < int(rows["full fine-tuning"]["bytes stored"])
+    assert float(rows["LoRA"]["peak RSS (MiB)"]) > 0 and float(rows["full fine-tuning"]["tokens/s"]) > 0
+    assert (out / "compare" / "comparison.png").read_bytes()[:8] == PNG_MAGIC
+    assert "| LoRA |" in (out / "compare" / "comparison.md").read_text()
+    assert json.loads((out / "compare-full" / "metrics.json").read_text())["method"] == "full"
+
+
+def test_sweep_writes_its_tables_and_resumes_without_rerunning_finished_cells(tmp_path):
+    out = tmp_path / "runs"
+    argv = ["--mode", "grid", "--ranks", "1,4", "--targets", "v,qv", "--seeds", "0,1", *TINY_FLAGS,
+            "--max_steps", "4", "--output_dir", str(out)]  # fmt: skip
+    assert script("sweep")(argv) == 0
+    folder = out / "sweep-grid"
+    results = json.loads((folder / "results.json").read_text())
+    assert sorted(results) == sorted(f"{t}-r{r}-s{s}" for t in ("v", "qv") for r in (1, 4) for s in (0, 1))
+    assert results["qv-r4-s0"]["trainable_params"] == 2 * results["v-r4-s0"]["trainable_params"]
+    table = (folder / "table.md").read_text()
+    assert "| q+v | 4 |" in table and "spread over 2 seeds" in table
+    for name in ("metric_vs_rank.png", "heatmap.png"):
+        assert (folder / name).read_bytes()[:8] == PNG_MAGIC
+    # as after an interruption: one cell missing from results.json; only that one runs again
+    del results["v-r1-s1"]
+    (folder / "results.json").write_text(json.dumps(results))
+    stamps = {p.name: p.stat().st_mtime_ns for p in (folder / "runs").glob("[!.]*")}
+    assert script("sweep")(argv) == 0
+    changed = [p.name for p in (folder / "runs").glob("[!.]*") if p.stat().st_mtime_ns != stamps[p.name]]
+    assert changed == ["v-r1-s1"]
+    assert len(json.loads((folder / "results.json").read_text())) == 8
