@@ -22,9 +22,9 @@ from lora.checkpoint import find_latest, read_trainer_state
 from lora.config import TrainConfig, load_yaml, resolve_config
 from lora.data import IGNORE, VOCAB_SIZE, BatchLoader, Task, load_task
 from lora.errors import CheckpointError, ConfigError, Interrupted, LoRAError
-from lora.formats import read_model_config
 from lora.lora_transformer import LoRATransformer
 from lora.memory import check_memory
+from lora.model_config import ModelConfig
 from lora.run_folder import (
     RunFolder,
     discard_unless_resumable,
@@ -32,6 +32,7 @@ from lora.run_folder import (
     prepare_run_folder,
     publish,
     run_folder_name,
+    run_lock,
 )
 from lora.trainer import LoRATrainer, Trainer, resolve_device
 
@@ -50,8 +51,12 @@ def find_resume(cfg: TrainConfig) -> tuple[Path | None, dict[str, Any]]:
     """
     if cfg.resume is None:
         return None, {}
-    auto = cfg.resume == "auto"
-    target = output_root(cfg.output_dir) / run_folder_name(cfg) if auto else Path(cfg.resume)
+    if cfg.resume == "auto":  # this config's run; an unfinished --overwrite of it comes first
+        final = output_root(cfg.output_dir) / run_folder_name(cfg)
+        staged = [p for p in final.parent.glob(f"{final.name}.incomplete-*") if find_latest(p) is not None]
+        target = max(staged, key=lambda p: find_latest(p).stat().st_mtime) if staged else final
+    else:
+        target = Path(cfg.resume)
     if target.is_dir():
         latest = find_latest(target)
         if latest is None:
@@ -100,7 +105,8 @@ def samples(model: LoRATransformer, task: Task, device: torch.device) -> str:
 
 def _check_memory(cfg: TrainConfig, device: torch.device) -> None:
     """Refuse a run that cannot fit in memory, from the base's architecture (a base to pretrain: the
-    config's; a given one: its config.json, whose problems are reported when it is loaded)."""
+    config's; a given one: its config.json once checked against its weights, whose problems are reported
+    when it is loaded)."""
     if cfg.base_checkpoint == "auto":
         arch, pretraining = (
             cfg.model_config(VOCAB_SIZE),
@@ -108,9 +114,10 @@ def _check_memory(cfg: TrainConfig, device: torch.device) -> None:
         )
     else:
         try:
-            arch, pretraining = read_model_config(cfg.base_checkpoint), False
+            options, _ = LoRATransformer.check_pretrained(cfg.base_checkpoint, lora_r=0)
         except ValueError:
             return
+        arch, pretraining = ModelConfig(**{k: options[k] for k in ModelConfig.__dataclass_fields__}), False
     check_memory(cfg, arch, pretraining, device)
 
 
@@ -147,10 +154,16 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     # only now that every input is checked: a typo touches no folder
     folder, final = prepare_run_folder(cfg, resume)
     say(f"run folder: {folder}" + (f" (replaces {final} when it succeeds)" if final != folder else ""))
+    if final != folder:
+        say(f"if this run stops, continue it with --resume {folder}")
+    # a run writing in place holds its folder's lock: an --overwrite of the same name waits to swap in
+    wait = lambda: say(f"waiting for another run that is writing {final} ...")  # noqa: E731
+    in_place = run_lock(final, wait) if folder == final else contextlib.nullcontext()
     try:
-        metrics = _train_and_write(
-            cfg, task, model, device, folder, final, resume, base_dir, fingerprint, t_start
-        )
+        with in_place:
+            metrics = _train_and_write(
+                cfg, task, model, device, folder, final, resume, base_dir, fingerprint, t_start
+            )
     except BaseException:
         if resume is None:  # nothing of a failed new run is left but a checkpoint to resume from
             discard_unless_resumable(folder)
@@ -166,7 +179,7 @@ def _train_and_write(cfg: TrainConfig, task: Task, model: LoRATransformer, devic
     """Train in ``folder`` and write every output there (``final`` is the name the run will have)."""
     out = RunFolder(folder)
     if resume is None:
-        out.write("config.yaml", yaml.safe_dump({**cfg.to_dict(), "run_name": final.name}, sort_keys=False))
+        out.write("config.yaml", yaml.safe_dump({**cfg.to_saved(), "run_name": final.name}, sort_keys=False))
     model.gradient_checkpointing = cfg.gradient_checkpointing
     targets = ",".join(cfg.lora_targets) + (",ff" if cfg.adapt_feedforward else "")
     if cfg.method == "lora":

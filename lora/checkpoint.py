@@ -10,6 +10,7 @@ and JSON only, so a crafted file cannot run code.
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 from pathlib import Path
@@ -124,6 +125,25 @@ def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+def _is_number(value: Any, low: float, high: float = math.inf) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value < high
+
+
+def _check_group(group: dict[str, Any]) -> str:
+    """What is wrong with one AdamW parameter group (``""`` if nothing)."""
+    checks = {
+        "lr": _is_number(group.get("lr"), 0.0) and math.isfinite(group["lr"]),
+        "eps": _is_number(group.get("eps"), 1e-300),
+        "weight_decay": _is_number(group.get("weight_decay"), 0.0),
+        "betas": isinstance(group.get("betas"), list) and len(group["betas"]) == 2
+        and all(_is_number(b, 0.0, 1.0) for b in group["betas"]),
+    }  # fmt: skip
+    for key, ok in checks.items():
+        if not ok:
+            return f"{key} is out of range or of the wrong type: {quote(group.get(key))}"
+    return ""
+
+
 def _check_state(meta: dict[str, Any]) -> str:
     """What is wrong with a checkpoint's trainer state, key by key (``""`` if nothing)."""
     for key in ("step", "epoch", "batch_in_epoch"):
@@ -134,9 +154,15 @@ def _check_state(meta: dict[str, Any]) -> str:
         return f"history must map names to lists, got {quote(history)}"
     if len({len(v) for v in history.values()}) > 1 or len(history.get("step", [])) != meta["step"]:
         return f"history's lists must all have one entry per step ({meta['step']})"
+    if meta["epoch"] > meta["step"] or meta["batch_in_epoch"] > meta["step"]:
+        return f"epoch {meta['epoch']} and batch_in_epoch {meta['batch_in_epoch']} cannot exceed step {meta['step']}"
     groups, names = meta["param_groups"], meta["param_names"]
     if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
         return f"param_groups must be a list of objects, got {quote(groups)}"
+    for i, group in enumerate(groups):
+        problem = _check_group(group)
+        if problem:
+            return f"param_groups[{i}].{problem}"
     if not isinstance(names, list) or not all(
         isinstance(n, list) and all(isinstance(x, str) for x in n) for n in names
     ):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import re
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, fields
@@ -18,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from lora.errors import ConfigError, did_you_mean, first_line, quote
+from lora.errors import ConfigError, did_you_mean, first_line, quote, shorten
 from lora.files import MAX_SETTINGS_BYTES, read_limited
 from lora.model_config import LoRAConfig, ModelConfig, parse_targets
 
@@ -40,10 +41,18 @@ FILE_TASKS = ("text", "jsonl")  # the user's own data in train_file (and val_fil
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")  # cuda:1 picks a GPU
 ARCHITECTURE_KEYS = ("d_model", "num_heads", "num_layers", "max_seq_len")  # of a base pretrained here
 LORA_KEYS = tuple(f.name for f in fields(LoRAConfig))
+PATH_KEYS = ("train_file", "val_file", "base_checkpoint")  # saved absolute in a run's config.yaml
 # what a resumed run may change: how long it trains, how often it reports and saves, where it runs
 RESUME_MAY_CHANGE = ("max_steps", "epochs", "eval_every", "eval_batches", "save_every", "keep_checkpoints",
                      "device", "precision", "compile", "gradient_checkpointing", "debug", "resume", "overwrite",
                      "run_name", "output_dir")  # fmt: skip
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return Path(a).resolve() == Path(b).resolve() or os.path.samefile(a, b)
+    except (OSError, ValueError):
+        return False
 
 
 def _help(text: str) -> dict:
@@ -217,9 +226,12 @@ class TrainConfig:
         return [(key, why) for keys, why in rules for key in keys]
 
     def check_resume(self, saved: TrainConfig, where: str) -> None:
-        """Refuse to resume the run made with ``saved`` with settings that would train something else."""
+        """Refuse to resume the run made with ``saved`` with settings that would train something else
+        (paths compare as the files they name: ``data.txt`` and ``./data.txt`` are one file)."""
         for f in fields(self):
             now, was = getattr(self, f.name), getattr(saved, f.name)
+            if f.name in PATH_KEYS and now and was and _same_file(now, was):
+                continue
             if f.name not in RESUME_MAY_CHANGE and now != was:
                 raise ConfigError(f"{where} was trained with {f.name} {quote(was)}, not {quote(now)}: resuming "
                                   f"would train something else; drop --{f.name}, or start a new run")  # fmt: skip
@@ -236,6 +248,15 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def to_saved(self) -> dict[str, Any]:
+        """What a run folder's config.yaml holds: the settings, with the paths made absolute (a resumed run
+        finds its data and base wherever it is started from)."""
+        out = self.to_dict()
+        for key in PATH_KEYS:
+            if out[key] not in (None, "auto"):
+                out[key] = str(Path(out[key]).resolve())
+        return out
 
 
 _FIELDS = {f.name: f for f in fields(TrainConfig)}
@@ -391,7 +412,7 @@ class CommandLineParser(argparse.ArgumentParser):
                 if word.startswith("--") and hint:
                     message += hint.replace("'", "")
                     break
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(2, f"{self.prog}: error: {shorten(message)} (see --help)\n")
 
 
 def build_parser(prog: str = "train_lora.py", description: str | None = None) -> argparse.ArgumentParser:

@@ -150,7 +150,11 @@ def cipher_task(kind: str, num_examples: int, seed: int) -> Task:
 
 def _chunks(data: bytes, seq_len: int) -> TaskData:
     """Non-overlapping windows: x = bytes[i T : (i + 1) T], y = the same shifted by one."""
-    n = (len(data) - 1) // seq_len
+    n = max(0, (len(data) - 1) // seq_len)
+    if n == 0:  # too little text for one window: an empty split, reported by the caller with its file
+        return TaskData(
+            torch.zeros(0, seq_len, dtype=torch.uint8), torch.zeros(0, seq_len, dtype=torch.int16)
+        )
     t = torch.frombuffer(bytearray(data[: n * seq_len + 1]), dtype=torch.uint8)
     x = t[:-1].view(n, seq_len)
     y = t[1:].view(n, seq_len).to(torch.int16)
@@ -227,6 +231,10 @@ def read_jsonl(path: str | Path) -> list[tuple[str, object]]:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path} line {i}: invalid JSON ({e.msg})") from None
+        except RecursionError:
+            raise DataError(
+                f'{path} line {i}: nested too deeply; expected an object with "text" and "label"'
+            ) from None
         if not isinstance(obj, dict) or "text" not in obj or "label" not in obj:
             raise DataError(f'{path} line {i}: expected an object with "text" and "label"')
         text, label = obj["text"], obj["label"]

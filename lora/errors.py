@@ -8,6 +8,8 @@ traceback), 130 interrupted. Input errors are also ``ValueError`` s, so library 
 from __future__ import annotations
 
 import difflib
+import errno
+import signal
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -21,10 +23,12 @@ __all__ = [
     "LoRAError",
     "did_you_mean",
     "exit_code",
+    "exit_on_signals",
     "first_line",
     "guarded",
     "one_line",
     "quote",
+    "shorten",
 ]
 
 
@@ -81,28 +85,53 @@ def quote(value: object, limit: int = 60) -> str:
     return f"{text[: limit - 20]}...{text[-8:]} ({len(text):,} characters)"
 
 
+_BAD_PATH = {errno.ENAMETOOLONG, errno.ENOTDIR, errno.ENOENT, errno.EINVAL, errno.ELOOP}
+MAX_LINE = 400  # characters of an error line; longer ones are cut in the middle
+
+
 def exit_code(e: BaseException) -> int:
     """The command line's exit code for ``e`` (see the module docstring)."""
     if isinstance(e, (LoRAError, Interrupted)):
         return e.exit_code
     if isinstance(e, KeyboardInterrupt):
         return 130
-    if isinstance(e, OSError):
-        return 1
+    if isinstance(e, OSError):  # a path that cannot be one is bad input; a write that failed is not
+        return 2 if e.errno in _BAD_PATH else 1
     if isinstance(e, (ValueError, MemoryError, RecursionError)):
         return 2
     return 4
 
 
 def one_line(e: BaseException) -> str:
-    """``e`` as the one line the command line prints after ``error: ``."""
+    """``e`` as the one line the command line prints after ``error: ``, at most ``MAX_LINE`` characters."""
     if isinstance(e, OSError) and e.strerror:
-        return f"{e.filename or 'I/O'}: {e.strerror}"
-    if isinstance(e, MemoryError):
-        return "out of memory: try a smaller model, batch or data"
-    if exit_code(e) == 4:
-        return f"unexpected {type(e).__name__}: {first_line(e)} (a bug: rerun with --debug for the traceback)"
-    return first_line(e)
+        line = f"{e.filename or 'I/O'}: {e.strerror}"
+    elif isinstance(e, MemoryError):
+        line = "out of memory: try a smaller model, batch or data"
+    elif exit_code(e) == 4:
+        line = f"unexpected {type(e).__name__}: {first_line(e)} (a bug: rerun with --debug for the traceback)"
+    else:
+        line = first_line(e)
+    return shorten(line)
+
+
+def shorten(line: str, limit: int = MAX_LINE) -> str:
+    """``line`` cut in the middle to at most about ``limit`` characters, saying how long it was."""
+    if len(line) <= limit:
+        return line
+    return f"{line[: limit - 80]} ... {line[-40:]} ({len(line):,} characters)"
+
+
+def exit_on_signals() -> None:
+    """Until a command line installs its own handlers: Ctrl-C or SIGTERM print one line and exit 130 at
+    once (also while torch is still being imported, which takes a second or two)."""
+
+    def stop(signum: int, frame: object) -> None:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130)
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, stop)
 
 
 def guarded(prog: str, body: Callable[[], int], debug: bool = False) -> int:

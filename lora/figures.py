@@ -79,7 +79,7 @@ def spectra(modules: Mapping[str, tuple[torch.Tensor, torch.Tensor]], r: int) ->
 
 def bars(values: Mapping[str, float], title: str, ylabel: str, reference: float | None = None) -> bytes:
     """One bar per module (a horizontal line at ``reference`` if given)."""
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(values) + 2), 4.2))
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.55 * len(values) + 2), 4.6))
     names = list(values)
     ax.bar(range(len(names)), [values[k] for k in names], color="tab:purple", label=ylabel)
     if reference is not None:

@@ -45,8 +45,12 @@ def validate_lora_args(r: int, lora_alpha: float, lora_dropout: float) -> None:
     """
     if isinstance(r, bool) or not isinstance(r, int) or r < 0:
         raise ValueError(f"lora_r must be an integer >= 0, got {r!r}")
-    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not lora_alpha > 0:
-        raise ValueError(f"lora_alpha must be > 0, got {lora_alpha!r}")
+    if (
+        isinstance(lora_alpha, bool)
+        or not isinstance(lora_alpha, (int, float))
+        or not 0 < lora_alpha < math.inf
+    ):
+        raise ValueError(f"lora_alpha must be > 0 and finite, got {lora_alpha!r}")
     if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float)):
         raise ValueError(f"lora_dropout must be a number in [0, 1), got {lora_dropout!r}")
     if not 0.0 <= lora_dropout < 1.0:

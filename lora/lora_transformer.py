@@ -249,6 +249,10 @@ class LoRATransformer(nn.Module):
         for _ in range(max_new_tokens):
             ctx = idx[:, -self.max_seq_len :]
             logits = self.lm_head(self.hidden_states(ctx)[:, -1, :]).float()  # (B, vocab)
+            if not torch.isfinite(logits).all():
+                raise ValueError(
+                    "the model's logits are not finite (inf or nan): check the adapter's weights and lora_alpha"
+                )
             if temperature == 0:
                 nxt = logits.argmax(dim=-1, keepdim=True)
             else:
@@ -576,6 +580,26 @@ class LoRATransformer(nn.Module):
         ``num_classes`` matches it; another ``num_classes`` gets a fresh head. The model takes the file's
         dtype when all its floating tensors share one.
         """
+        options, header = cls.check_pretrained(path, **lora_options)
+        model = cls(**options)
+        tensors = {k: v for k, v in read_model_weights(path).items() if k in header}
+        dtypes = {t.dtype for t in tensors.values()}
+        if len(dtypes) == 1 and (dtype := dtypes.pop()) != torch.float32:
+            model.to(dtype)
+        own = model.state_dict()
+        with torch.no_grad():
+            for key, value in tensors.items():
+                own[key].copy_(value)
+        return model
+
+    @classmethod
+    def check_pretrained(
+        cls, path: str | Path, **lora_options: object
+    ) -> tuple[dict, dict[str, torch.Tensor]]:
+        """Check a model folder before anything is allocated: its ``config.json`` against its weights file's
+        header (names, shapes, dtypes), on a model built on the ``meta`` device. Returns the constructor's
+        options and the header of the tensors to load; a folder that does not fit raises a one-line
+        ``ValueError``."""
         unknown = sorted(set(lora_options) - set(FROM_PRETRAINED_OPTIONS))
         if unknown:
             raise ValueError(
@@ -583,6 +607,11 @@ class LoRATransformer(nn.Module):
             )
         arch = read_model_config(path)
         header = read_model_header(path)  # names, shapes, dtypes: nothing read or allocated yet
+        # the blocks first: even on the meta device, a model of 10**8 blocks would take minutes to build
+        blocks = {k.split(".")[1] for k in header if k.startswith("blocks.")}
+        if len(blocks) != arch.num_layers:
+            raise ValueError(f"{Path(path) / WEIGHTS_NAME} holds {len(blocks)} blocks, but {CONFIG_NAME} says "
+                             f"num_layers {arch.num_layers}")  # fmt: skip
         options = {**arch.to_dict(), **lora_options}
         try:
             with torch.device("meta"):  # the model's expected tensors, without allocating them
@@ -597,16 +626,7 @@ class LoRATransformer(nn.Module):
         problem = describe_mismatch(header, expected)
         if problem:  # a config.json that disagrees with the weights is refused before the model is built
             raise ValueError(f"{Path(path) / WEIGHTS_NAME}: {problem}")
-        model = cls(**options)
-        tensors = {k: v for k, v in read_model_weights(path).items() if k in header}
-        dtypes = {t.dtype for t in tensors.values()}
-        if len(dtypes) == 1 and (dtype := dtypes.pop()) != torch.float32:
-            model.to(dtype)
-        own = model.state_dict()
-        with torch.no_grad():
-            for key, value in tensors.items():
-                own[key].copy_(value)
-        return model
+        return options, header
 
     def save_adapter(
         self, path: str | Path, adapter_name: str | None = None, extra: dict | None = None

@@ -5,13 +5,15 @@ the machine's memory and then die; here it costs one line. The estimate is rough
 and errs on the large side:
 
 * model: 4 bytes per parameter, plus 12 per trained parameter (its gradient and two AdamW moments); the
-  parameters are counted on a model built on the ``meta`` device (no memory);
+  parameters are counted on one block built on the ``meta`` device (no memory, bounded time), times the
+  number of blocks;
 * data: about 400 bytes per generated example, or 10 bytes per byte of a text or JSONL file;
 * activations: ``4 B T (L (16 d + 4 d_ff) + 3 V)`` bytes for a batch of ``B`` sequences of ``T`` tokens.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -52,10 +54,12 @@ def _file_bytes(path: str | None) -> int:
 def estimate_bytes(cfg: TrainConfig, arch: ModelConfig, pretraining: bool) -> dict[str, int]:
     """``{"model", "data", "activations"}`` in bytes for ``cfg`` on a base of architecture ``arch``."""
     lora = cfg.lora_config() if cfg.method == "lora" else None
-    with torch.device("meta"):
-        probe = LoRATransformer.from_config(arch, lora)
-    total = sum(p.numel() for p in probe.parameters())
-    lora_params = sum(p.numel() for n, p in probe.named_parameters() if n.endswith(("lora_A", "lora_B")))
+    with torch.device("meta"):  # one block on the meta device: counted, not allocated, in bounded time
+        probe = LoRATransformer.from_config(dataclasses.replace(arch, num_layers=1), lora)
+    per_block = [sum(p.numel() for n, p in probe.blocks[0].named_parameters() if lora_only is None or
+                     n.endswith(("lora_A", "lora_B")) == lora_only) for lora_only in (None, True)]  # fmt: skip
+    total = sum(p.numel() for p in probe.parameters()) + (arch.num_layers - 1) * per_block[0]
+    lora_params = per_block[1] * arch.num_layers
     trained = total if (pretraining or cfg.method == "full") else lora_params
     if cfg.task in GENERATED_TASKS:
         examples = cfg.num_examples + max(512, cfg.num_examples // 10)

@@ -9,9 +9,13 @@ where it counts from the project folder, so runs land in the top-level ``runs/``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from lora.config import TrainConfig
@@ -26,6 +30,7 @@ __all__ = [
     "prepare_run_folder",
     "publish",
     "run_folder_name",
+    "run_lock",
 ]
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -49,7 +54,7 @@ def prepare_run_folder(cfg: TrainConfig, resume: Path | None) -> tuple[Path, Pat
 
     A new run claims the first free name (``<name>``, ``<name>-2``, ...) with an atomic ``mkdir``, so runs
     started together never share a folder. With ``--overwrite`` the run is built aside, in
-    ``<name>.incomplete-<pid>``, and :func:`publish` swaps it in only when it has succeeded: until then the
+    ``<name>.incomplete-<random>``, and :func:`publish` swaps it in only when it has succeeded: until then the
     run it replaces is untouched. A resumed run continues in its folder (an ``.incomplete`` one still
     replaces ``<name>`` when it finishes).
     """
@@ -61,9 +66,12 @@ def prepare_run_folder(cfg: TrainConfig, resume: Path | None) -> tuple[Path, Pat
     name = run_folder_name(cfg)
     final = root / name
     if cfg.overwrite:
-        if final.exists() and any(final.iterdir()) and not (final / "config.yaml").is_file():
+        if final.exists() and not final.is_dir():
+            raise ConfigError(f"--overwrite refused: {final} is a file, not a run folder")
+        visible = [p for p in final.iterdir() if not p.name.startswith(".")] if final.is_dir() else []
+        if visible and not (final / "config.yaml").is_file():
             raise ConfigError(f"--overwrite refused: {final} is not a run folder (no config.yaml)")
-        return _claim(root / f"{name}.incomplete-{os.getpid()}"), final
+        return _claim(root / f"{name}.incomplete-{uuid.uuid4().hex[:8]}"), final
     suffix = 1
     while True:
         try:
@@ -92,15 +100,36 @@ def publish(folder: Path, final: Path) -> Path:
     after the swap; two runs publishing the same name take turns)."""
     if folder == final:
         return final
-    with file_lock(final.parent / f".{final.name}.lock"):
+    with run_lock(final), _signals_held():
         replaced = None
         if final.exists():
-            replaced = final.with_name(f".{final.name}.replaced-{os.getpid()}")
+            replaced = final.with_name(f".{final.name}.replaced-{uuid.uuid4().hex[:8]}")
             os.replace(final, replaced)
         os.replace(folder, final)
     if replaced is not None:
         shutil.rmtree(replaced, ignore_errors=True)
     return final
+
+
+def run_lock(final: Path, on_wait: Callable[[], None] | None = None) -> contextlib.AbstractContextManager:
+    """The lock of the run folder ``final``: held by a run writing in place for its whole life and by a
+    run swapping its folder in, so that an ``--overwrite`` never lands in the middle of another run."""
+    return file_lock(final.parent / f".{final.name}.lock", on_wait)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the block is done (the two renames of a swap), where possible."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    try:
+        signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    except (AttributeError, ValueError, OSError):  # not POSIX, or not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
 
 
 def discard_unless_resumable(folder: Path) -> None:

@@ -27,6 +27,10 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # `python lora/train_lora.py` or `cd lora && python train_lora.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    if __name__ == "__main__":  # Ctrl-C or SIGTERM while torch is imported: one line, exit 130
+        from lora.errors import exit_on_signals
+
+        exit_on_signals()
 
 from lora.application import run
 from lora.config import load_config
@@ -75,12 +79,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"resume with: {resume_command(e.checkpoint.parent)}", file=sys.stderr)
             return e.exit_code
 
-    previous = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None
+    handlers = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: _terminate}
+    previous = {s: signal.signal(s, h) for s, h in handlers.items()} if _main_thread() else {}
     try:
         return guarded("", body, "--debug" in argv)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def _main_thread() -> bool:

@@ -39,6 +39,10 @@ from torch import nn
 
 if __package__ in (None, ""):  # `python scripts/benchmark.py` without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    if __name__ == "__main__":  # Ctrl-C or SIGTERM while torch is imported: one line, exit 130
+        from lora.errors import exit_on_signals
+
+        exit_on_signals()
 
 from lora.config import CommandLineParser
 from lora.errors import guarded

@@ -21,12 +21,18 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # `python scripts/generate.py` from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    if __name__ == "__main__":  # Ctrl-C or SIGTERM while torch is imported: one line, exit 130
+        from lora.errors import exit_on_signals
+
+        exit_on_signals()
 
 import torch
 
 from lora.config import CommandLineParser
 from lora.errors import guarded
 from lora.lora_transformer import LoRATransformer
+
+MIN_TEMPERATURE = 1e-4
 
 
 def encode(text: str, vocab_size: int) -> list[int]:
@@ -93,6 +99,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise ValueError(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    if 0 < args.temperature < MIN_TEMPERATURE:  # logits / 1e-45 overflow to inf
+        raise ValueError(
+            f"--temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {args.temperature:g}"
+        )
     if args.top_k is not None and args.top_k < 1:
         raise ValueError(f"--top_k must be >= 1, got {args.top_k}")
     if not 0 <= args.seed < 2**63:
@@ -109,6 +119,9 @@ def run(args: argparse.Namespace, rows: list[tuple[str, list[int]]] | None = Non
     model = LoRATransformer.from_pretrained(args.base, lora_r=0, num_classes=None).eval()
     prompt = encode(args.prompt, model.config.vocab_size)
     room = model.max_seq_len - len(prompt)
+    if room < 1:
+        raise ValueError(f"--prompt is {len(prompt)} tokens, the model's whole context is {model.max_seq_len}: "
+                         "shorten it")  # fmt: skip
     if args.max_new_tokens > room:
         raise ValueError(f"--max_new_tokens {args.max_new_tokens} and the {len(prompt)}-token prompt exceed the "
                          f"model's context of {model.max_seq_len} tokens: at most {max(room, 0)}")  # fmt: skip
@@ -143,11 +156,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"=== {label} ===\n{args.prompt}{text}\n")
         return 0
 
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops like Ctrl-C
+    # Ctrl-C and SIGTERM raise KeyboardInterrupt: body keeps what was generated
+    previous = {s: signal.signal(s, signal.default_int_handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         return guarded("generate.py", body, args.debug)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,10 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # `python scripts/inspect_adapter.py` from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    if __name__ == "__main__":  # Ctrl-C or SIGTERM while torch is imported: one line, exit 130
+        from lora.errors import exit_on_signals
+
+        exit_on_signals()
 
 import torch
 

@@ -19,6 +19,10 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # `python scripts/visualize_lora.py` from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    if __name__ == "__main__":  # Ctrl-C or SIGTERM while torch is imported: one line, exit 130
+        from lora.errors import exit_on_signals
+
+        exit_on_signals()
 
 import torch
 
@@ -96,12 +100,12 @@ def draw(run: Path, other: Path | None, base: str | None, layer: int | None, pro
         "spectrum.png": spectra(spectrum, spec.r),
         "update_size.png": bars(
             {n: v["relative_update"] for n, v in stats.items()},
-            "How large the update is: ||ΔW||_F / ||W0||_F per module",
+            "How large the update is against the weight:\n||ΔW||_F / ||W0||_F per module",
             "||ΔW||_F / ||W0||_F",
         ),
         "amplification.png": bars(
             {n: v["amplification"] for n, v in stats.items()},
-            "Amplification ||ΔW||_F / ||U^T W0 V^T||_F (Hu et al. 2021, Section 7.3)",
+            "Amplification factor ||ΔW||_F / ||U^T W0 V^T||_F\n(Hu et al. 2021, Section 7.3; 1: no amplification)",
             "amplification factor",
             reference=1.0,
         ),

@@ -135,7 +135,7 @@ def test_fingerprint_is_deterministic_and_sees_one_changed_weight():
         ),
         (
             lambda d: atomic_save_safetensors({"wte.weight": torch.zeros(3, 3)}, d / "model.safetensors"),
-            r"missing tensors: .*wrong shapes: wte.weight \(3, 3\) \(expected \(260, 32\)\)",
+            r"model.safetensors holds 0 blocks, but config.json says num_layers 2",
         ),
     ],
 )

@@ -142,6 +142,28 @@ def test_a_config_json_that_disagrees_with_its_weights_is_refused_before_allocat
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_config_json_claiming_10_8_layers_is_refused_at_once(base, tmp_path, capsys, flags):
+    edited = tmp_path / "edited"
+    shutil.copytree(base, edited)
+    config = json.loads((edited / "config.json").read_text())
+    (edited / "config.json").write_text(json.dumps({**config, "num_layers": 10**8}))
+    t = time.perf_counter()
+    refused(
+        capsys,
+        [*flags, "--base_checkpoint", str(edited)],
+        "holds 1 blocks, but config.json says num_layers 100000000",
+    )
+    refused(capsys, [*flags, "--base_checkpoint", str(tmp_path / "runs"), "--num_layers", str(10**8)],
+            "num_layers has no effect with --base_checkpoint")  # fmt: skip
+    assert time.perf_counter() - t < 5
+    refused(
+        capsys,
+        ["--output_dir", str(tmp_path / "runs"), "--num_layers", str(10**8)],
+        "this run would need about",
+    )
+    assert time.perf_counter() - t < 10
+
+
 @pytest.mark.parametrize(("edit", "needle"), [
     (lambda c: {**c, "d_model": None}, "d_model must be a positive integer, got None"),
     (lambda c: {**c, "num_layers": "2"}, "num_layers must be a positive integer, got '2'"),
@@ -209,6 +231,13 @@ def test_a_rank_0_tensor_in_an_adapter_is_one_line(finished, base, tmp_path):
     ("history", [1, 2], "history must map names to lists"),
     ("param_names", {"a": 1}, "param_names must be lists of names"),
     ("rng", None, "rng must hold the python and numpy states"),
+    ("epoch", 10**30, "epoch 1000000000000000000000000000000 and batch_in_epoch 6 cannot exceed step 6"),
+    ("param_groups", [{"lr": "x", "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0}],
+     "param_groups[0].lr is out of range or of the wrong type: 'x'"),
+    ("param_groups", [{"lr": 1e-3, "betas": 5, "eps": 1e-8, "weight_decay": 0.0}],
+     "param_groups[0].betas is out of range or of the wrong type: 5"),
+    ("param_groups", [{"lr": 1e-3, "betas": [0.9, 0.999], "eps": None, "weight_decay": -1}],
+     "param_groups[0].eps is out of range or of the wrong type: None"),
 ])  # fmt: skip
 def test_a_hand_edited_checkpoint_header_is_one_line(key, value, needle, finished, tmp_path, capsys):
     from safetensors import safe_open

@@ -163,8 +163,8 @@ CONFIG_CASES = {
     "yaml scalar": ("lora_r\n", [], ["{yaml} must be a mapping", "str"]),
     "missing yaml": (None, [], ["config file not found: {yaml}"]),
     "lora_r 0": (None, ["--lora_r", "0"], ["lora_r must be >= 1", "got 0"]),
-    "lora_alpha 0": (None, ["--lora_alpha", "0"], ["lora_alpha must be > 0, got 0.0"]),
-    "lora_alpha < 0": ("lora_alpha: -2\n", [], ["lora_alpha must be > 0, got -2.0"]),
+    "lora_alpha 0": (None, ["--lora_alpha", "0"], ["lora_alpha must be > 0 and finite, got 0.0"]),
+    "lora_alpha < 0": ("lora_alpha: -2\n", [], ["lora_alpha must be > 0 and finite, got -2.0"]),
     "lora_dropout 1": (None, ["--lora_dropout", "1"], ["lora_dropout must be in [0, 1), got 1.0"]),
     "lora_dropout < 0": (None, ["--lora_dropout", "-0.1"], ["lora_dropout must be in [0, 1), got -0.1"]),
     "dropout 1.5": (None, ["--dropout", "1.5"], ["dropout must be in [0, 1), got 1.5"]),
@@ -368,7 +368,7 @@ def test_bad_checkpoints_are_one_line_and_damage_nothing(finished, tmp_path, cap
     assert main(["--resume", str(moved)]) == 2
     one_error_line(capsys, "was trained on other base weights", f"fingerprint {fingerprint}", alone=False)
     assert snapshot(finished) == before
-    assert sorted(p.name for p in finished.parent.iterdir()) == ["done"]
+    assert sorted(p.name for p in finished.parent.glob("[!.]*")) == ["done"]
 
 
 def test_later_errors_damage_no_run_folder(finished, base, capsys, monkeypatch):
@@ -386,7 +386,7 @@ def test_later_errors_damage_no_run_folder(finished, base, capsys, monkeypatch):
         assert main(argv) == 2
         one_error_line(capsys, needle, alone=False)
         assert snapshot(finished) == before, argv
-        assert sorted(p.name for p in finished.parent.iterdir()) == ["done"]
+        assert sorted(p.name for p in finished.parent.glob("[!.]*")) == ["done"]
 
 
 def test_bad_base_models_are_one_line_exit_2(base, flags, tmp_path, capsys):
@@ -774,17 +774,20 @@ def test_two_first_runs_at_once_pretrain_one_base_and_both_finish(tmp_path):
         assert (out / f"run{i}" / "metrics.json").is_file()
 
 
-@pytest.mark.parametrize("overwrite", [False, True], ids=["new names", "overwrite"])
+@pytest.mark.parametrize("overwrite", [(False, False), (True, True), (False, True)],
+                         ids=["new names", "overwrite", "one of each"])  # fmt: skip
 def test_two_runs_of_one_name_at_once_never_mix_their_files(overwrite, flags, tmp_path):
     out = tmp_path / "runs"
-    extra = ["--overwrite"] if overwrite else []
     procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT, *flags, "--run_name", "same", "--max_steps", str(n),
-                               *extra], cwd=ROOT, env=ENV, stderr=subprocess.PIPE, text=True)
-             for n in (6, 9)]  # fmt: skip
+                               *(["--overwrite"] if o else [])], cwd=ROOT, env=ENV, stderr=subprocess.PIPE, text=True)
+             for n, o in zip((9, 6), overwrite, strict=True)]  # fmt: skip
     errs = [p.communicate(timeout=240)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errs
     folders = sorted(p.name for p in out.glob("[!.]*"))
-    assert folders == (["same"] if overwrite else ["same", "same-2"])
+    if overwrite == (True, True):
+        assert folders == ["same"]
+    else:  # the plain run claims a name of its own (or, one of each, is replaced after it has finished)
+        assert folders in (["same"], ["same", "same-2"]) if overwrite[1] else folders == ["same", "same-2"]
     for name in folders:  # each folder holds one run: its config, history and metrics agree
         steps = yaml.safe_load((out / name / "config.yaml").read_text())["max_steps"]
         assert json.loads((out / name / "history.json").read_text())["step"][-1] == steps
