@@ -96,10 +96,14 @@ def heatmap(matrix: np.ndarray | torch.Tensor, row_labels: Sequence[str], col_la
             annotate: bool = True) -> bytes:  # fmt: skip
     """A labelled heatmap (the values written in the cells when ``annotate`` and there are few)."""
     m = np.asarray(matrix, dtype=float)
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.5 * m.shape[1] + 3), max(3.5, 0.4 * m.shape[0] + 2)))
+    fig, ax = plt.subplots(
+        figsize=(min(12.0, max(5.0, 0.5 * m.shape[1] + 3)), min(8.0, max(3.5, 0.4 * m.shape[0] + 2)))
+    )
     image = ax.imshow(m, cmap="viridis", vmin=vmin, vmax=vmax, aspect="auto", interpolation="nearest")
-    ax.set_xticks(range(m.shape[1]), col_labels, fontsize=8)
-    ax.set_yticks(range(m.shape[0]), row_labels, fontsize=8)
+    for axis, labels, set_ticks in ((1, col_labels, ax.set_xticks), (0, row_labels, ax.set_yticks)):
+        every = max(1, m.shape[axis] // 16)  # at most about 16 labels an axis
+        ticks = range(0, m.shape[axis], every)
+        set_ticks(ticks, [labels[i] for i in ticks], fontsize=8)
     if annotate and m.size <= 200:
         for (i, j), v in np.ndenumerate(m):
             if np.isfinite(v):
