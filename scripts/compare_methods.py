@@ -46,7 +46,9 @@ DRIVER = """
 import sys, yaml
 from lora.application import run
 from lora.config import TrainConfig
-run(TrainConfig(**yaml.safe_load(open(sys.argv[1]))).validate())
+from lora.errors import guarded
+body = lambda: run(TrainConfig(**yaml.safe_load(open(sys.argv[1]))).validate()) and 0
+sys.exit(guarded("", body))
 """
 COLUMNS = (
     "method",

@@ -27,7 +27,7 @@ def script(name: str):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, base) -> Path:
-    """Two LoRA runs of ranks 8 and 2 on v, one on another base, and a full fine-tuning run."""
+    """Two LoRA runs on q and v, of ranks 8 and 2, and a full fine-tuning run, all on the random base."""
     from tests.conftest import ON_BASE_FLAGS
 
     root = tmp_path_factory.mktemp("runs")
