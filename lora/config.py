@@ -436,12 +436,13 @@ def build_parser(prog: str = "train_lora.py", description: str | None = None) ->
     return parser
 
 
-def load_config(argv: Sequence[str] | None = None, description: str | None = None) -> TrainConfig:
+def load_config(argv: Sequence[str] | None = None, description: str | None = None,
+                prog: str = "train_lora.py") -> TrainConfig:  # fmt: skip
     """Parse ``argv`` (``--config`` plus flags) into a validated :class:`TrainConfig`.
 
     ``--resume <run folder or checkpoint>`` without ``--config`` reuses that run's saved ``config.yaml``.
     """
-    args = vars(build_parser(description=description).parse_args(argv))
+    args = vars(build_parser(prog, description=description).parse_args(argv))
     path = args.pop("config", None)
     resume = args.get("resume")
     run_config = False

@@ -14,6 +14,7 @@ folders ``<output_dir>/compare-lora`` and ``<output_dir>/compare-full``.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import dataclasses
 import io
@@ -134,12 +135,13 @@ def compare(cfg: TrainConfig, full_learning_rate: float) -> tuple[list[dict], Pa
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = CommandLineParser(prog="compare_methods.py", description=__doc__.split("\n\n")[0], add_help=False)
+    p = CommandLineParser(prog="compare_methods.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                          epilog="Any option of train_lora.py applies too: python lora/train_lora.py --help")  # fmt: skip
     p.add_argument("--full_learning_rate", type=float, default=1e-3, help="learning rate of full fine-tuning")
     own, rest = p.parse_known_args(argv)
 
     def body() -> int:
-        cfg = load_config(rest)
+        cfg = load_config(rest, prog="compare_methods.py")
         if cfg.method != "lora":
             raise LoRAError("compare_methods.py runs both methods itself: drop --method")
         _, out = compare(cfg, own.full_learning_rate)

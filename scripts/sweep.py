@@ -15,6 +15,7 @@ metric_vs_rank.png and heatmap.png (target set x rank).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import statistics
@@ -148,7 +149,8 @@ def _ints(text: str) -> list[int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = CommandLineParser(prog="sweep.py", description=__doc__.split("\n\n")[0], add_help=False)
+    p = CommandLineParser(prog="sweep.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                          epilog="Any option of train_lora.py applies too: python lora/train_lora.py --help")  # fmt: skip
     p.add_argument("--mode", choices=("rank", "budget", "grid"), default="rank")
     p.add_argument("--ranks", default=",".join(map(str, RANK_RANKS)), help="grid and rank modes")
     p.add_argument(
@@ -161,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     own, rest = p.parse_known_args(argv)
 
     def body() -> int:
-        shared = load_config(rest)
+        shared = load_config(rest, prog="sweep.py")
         targets = [t.strip() for t in own.targets.split(",") if t.strip()]
         bad = [t for t in targets if not t or set(t) - set("qkvo")]
         if bad:

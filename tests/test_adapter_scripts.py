@@ -192,9 +192,11 @@ def test_generation_interrupted_keeps_its_text(folders, capsys, monkeypatch):
     assert out == f"=== base ===\nab{full}\n\n"  # the same 7 tokens an uninterrupted run gives
 
 
-@pytest.mark.parametrize(
-    "name", ["generate", "inspect_adapter", "merge_adapter", "multitask_demo", "benchmark"]
-)
+SCRIPTS = ["generate", "inspect_adapter", "merge_adapter", "multitask_demo", "benchmark", "visualize_lora",
+           "compare_methods", "sweep"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
 def test_every_script_s_usage_error_is_one_line_with_a_pointer_to_help(name):
     res = run(name, "--no-such-option")
     assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
