@@ -8,6 +8,8 @@ Everything is computed in float64.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = [
@@ -35,7 +37,9 @@ def numerical_rank(m: torch.Tensor) -> int:
 
 def relative_update(delta: torch.Tensor, w0: torch.Tensor) -> float:
     """``||ΔW||_F / ||W0||_F``: how large the update is against the weight it changes."""
-    return float(torch.linalg.matrix_norm(delta.double()) / torch.linalg.matrix_norm(w0.double()))
+    return float(
+        torch.linalg.matrix_norm(delta.detach().double()) / torch.linalg.matrix_norm(w0.detach().double())
+    )
 
 
 def subspace_similarity(a1: torch.Tensor, a2: torch.Tensor) -> torch.Tensor:
@@ -58,6 +62,9 @@ def amplification_factor(delta: torch.Tensor, w0: torch.Tensor, r: int) -> float
     """``||ΔW||_F / ||U^T W0 V^T||_F`` with ``U: (d, r)``, ``V^T``'s rows the top ``r`` singular vectors of
     ``ΔW`` (Section 7.3): how much ``ΔW`` amplifies the directions of ``W0`` it works in. The paper finds
     it large (about 20 for r = 4 on GPT-3's W_q): the update boosts directions ``W0`` barely uses."""
-    u, _, vh = torch.linalg.svd(delta.detach().double(), full_matrices=False)
-    projected = u[:, :r].T @ w0.detach().double() @ vh[:r].T  # (r, r)
-    return float(torch.linalg.matrix_norm(delta.double()) / torch.linalg.matrix_norm(projected))
+    delta = delta.detach().double()
+    u, _, vh = torch.linalg.svd(delta, full_matrices=False)
+    projected = torch.linalg.matrix_norm(u[:, :r].T @ w0.detach().double() @ vh[:r].T)  # of an (r, r) matrix
+    if projected == 0:  # W0 has nothing in those directions: unbounded amplification
+        return math.inf
+    return float(torch.linalg.matrix_norm(delta) / projected)

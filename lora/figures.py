@@ -57,9 +57,10 @@ def spectra(modules: Mapping[str, tuple[torch.Tensor, torch.Tensor]], r: int) ->
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
     for ax, (name, (s_delta, s_w0)) in zip(axes.flat, modules.items(), strict=False):
         floor = 1e-12
-        ax.semilogy(np.arange(1, len(s_w0) + 1), np.maximum(s_w0 / s_w0[0], floor), color="gray", label="W0")
-        ax.semilogy(np.arange(1, len(s_delta) + 1), np.maximum(s_delta / s_delta[0], floor), "o-", markersize=2,
-                    color="tab:red", label="ΔW")  # fmt: skip
+        for s, style, colour, label in ((s_w0, "-", "gray", "W0"), (s_delta, "o-", "tab:red", "ΔW")):
+            relative = s / s[0] if s[0] > 0 else np.zeros_like(s)  # an untrained adapter: ΔW = 0
+            ax.semilogy(np.arange(1, len(s) + 1), np.maximum(relative, floor), style, markersize=2, color=colour,
+                        label=label)  # fmt: skip
         ax.axvline(r, color="tab:blue", linestyle="--", label=f"r = {r}")
         ax.set(
             title=name,

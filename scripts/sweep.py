@@ -8,7 +8,8 @@
 Any ``train_lora.py`` option sets the shared settings. ``lora_alpha`` follows the rank (``alpha = 2 r``,
 the default's scaling of 2), so cells differ in rank and targets only. Every cell is a normal run (its
 folder under ``<output_dir>/sweep-<mode>/runs/``, on the shared base); results.json is written after
-each cell, and an interrupted sweep resumes where it stopped (finished cells are not run again).
+each cell, and an interrupted sweep resumes where it stopped (finished cells are not run again; a sweep
+with other shared settings is refused rather than mixed in).
 Writes ``<output_dir>/sweep-<mode>/``: results.json, table.md (mean and spread over seeds),
 metric_vs_rank.png and heatmap.png (target set x rank).
 """
@@ -35,7 +36,7 @@ from tqdm.auto import tqdm
 from lora.application import run
 from lora.base_model import ensure_base
 from lora.config import CommandLineParser, TrainConfig, load_config
-from lora.errors import LoRAError, guarded
+from lora.errors import LoRAError, guarded, quote
 from lora.figures import heatmap, lines
 from lora.files import atomic_write_bytes
 from lora.run_folder import output_root
@@ -118,15 +119,29 @@ def write_reports(folder: Path, summary: dict, metric: str, mode: str, seeds: in
         "rank r", "adapted matrices", metric))  # fmt: skip
 
 
+# what a cell sets itself; every other setting is the sweep's, recorded in results.json
+PER_CELL = ("lora_r", "lora_alpha", "lora_targets", "adapt_feedforward", "seed", "run_name", "output_dir",
+            "overwrite", "resume", "base_checkpoint", "debug")  # fmt: skip
+
+
 def sweep(shared: TrainConfig, mode: str, todo: list[Cell]) -> Path:
     root = output_root(shared.output_dir)
     folder = root / f"sweep-{mode}"
     results_path = folder / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    settings = {k: v for k, v in shared.to_saved().items() if k not in PER_CELL}
+    saved = (
+        json.loads(results_path.read_text())
+        if results_path.is_file()
+        else {"settings": settings, "cells": {}}
+    )
+    if saved.get("settings") != settings:  # resuming another sweep's results would mix two experiments
+        differ = sorted(k for k in settings if saved.get("settings", {}).get(k) != settings[k])
+        raise LoRAError(f"{results_path} holds a sweep made with other settings ({', '.join(differ) or 'unknown'}): "
+                        "use another --output_dir, or delete it to start afresh")  # fmt: skip
+    results = saved["cells"]
     base = ensure_base(
         shared, resolve_device(shared.device), lambda message: tqdm.write(message, file=sys.stderr)
     )
-    metric = None
     with tqdm(todo, desc=f"sweep {mode}", unit="cell") as bar:
         for cell in bar:
             if cell.key in results:  # finished before an interruption: not run again
@@ -135,17 +150,21 @@ def sweep(shared: TrainConfig, mode: str, todo: list[Cell]) -> Path:
             metrics = run(cell_config(shared, cell, folder, base))
             results[cell.key] = {"metric": metrics["final_metric"], "metric_name": metrics["metric_name"],
                                  "trainable_params": metrics["trainable_params"], "steps": metrics["steps"]}  # fmt: skip
-            atomic_write_bytes(results_path, (json.dumps(results, indent=2) + "\n").encode())
+            atomic_write_bytes(results_path, (json.dumps(saved, indent=2) + "\n").encode())
     metric = next(iter(results.values()))["metric_name"] if results else "metric"
     write_reports(folder, summarise(results, todo), metric, mode, len({c.seed for c in todo}))
     return folder
 
 
-def _ints(text: str) -> list[int]:
+def _ints(text: str, name: str, low: int) -> list[int]:
+    """``"1,2,4"`` -> ``[1, 2, 4]``: at least one, each once, none below ``low``."""
     try:
-        return [int(v) for v in text.split(",") if v.strip()]
+        values = list(dict.fromkeys(int(v) for v in text.split(",") if v.strip()))
     except ValueError:
-        raise LoRAError(f"expected comma-separated integers, got {text!r}") from None
+        raise LoRAError(f"--{name} must be comma-separated integers, got {quote(text)}") from None
+    if not values or min(values) < low:
+        raise LoRAError(f"--{name} must list integers >= {low}, got {quote(text)}")
+    return values
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -164,12 +183,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def body() -> int:
         shared = load_config(rest, prog="sweep.py")
-        targets = [t.strip() for t in own.targets.split(",") if t.strip()]
-        bad = [t for t in targets if not t or set(t) - set("qkvo")]
-        if bad:
-            raise LoRAError(f"--targets must be sets of the letters q, k, v, o, got {bad}")
+        targets = list(dict.fromkeys(t.strip() for t in own.targets.split(",") if t.strip()))
+        bad = [t for t in targets if set(t) - set("qkvo") or len(set(t)) != len(t)]
+        if bad or not targets:
+            raise LoRAError(
+                f"--targets must be sets of the letters q, k, v, o, each letter once, got {quote(own.targets)}"
+            )
         mlp = {"no": [False], "yes": [True], "both": [False, True]}[own.mlp]
-        todo = cells(own.mode, _ints(own.ranks), targets, mlp, _ints(own.seeds))
+        todo = cells(own.mode, _ints(own.ranks, "ranks", 1), targets, mlp, _ints(own.seeds, "seeds", 0))
         folder = sweep(shared, own.mode, todo)
         print((folder / "table.md").read_text(), end="")
         print(f"wrote results.json, table.md, metric_vs_rank.png and heatmap.png to {folder}")

@@ -114,13 +114,15 @@ def test_compare_methods_writes_one_table_and_one_picture(tmp_path, capsys):
     assert json.loads((out / "compare-full" / "metrics.json").read_text())["method"] == "full"
 
 
-def test_sweep_writes_its_tables_and_resumes_without_rerunning_finished_cells(tmp_path):
+def test_sweep_writes_its_tables_and_resumes_without_rerunning_finished_cells(tmp_path, capsys):
     out = tmp_path / "runs"
     argv = ["--mode", "grid", "--ranks", "1,4", "--targets", "v,qv", "--seeds", "0,1", *TINY_FLAGS,
             "--max_steps", "4", "--output_dir", str(out)]  # fmt: skip
     assert script("sweep")(argv) == 0
     folder = out / "sweep-grid"
-    results = json.loads((folder / "results.json").read_text())
+    saved = json.loads((folder / "results.json").read_text())
+    results = saved["cells"]
+    assert saved["settings"]["max_steps"] == 4 and "lora_r" not in saved["settings"]
     assert sorted(results) == sorted(f"{t}-r{r}-s{s}" for t in ("v", "qv") for r in (1, 4) for s in (0, 1))
     assert results["qv-r4-s0"]["trainable_params"] == 2 * results["v-r4-s0"]["trainable_params"]
     table = (folder / "table.md").read_text()
@@ -129,9 +131,18 @@ def test_sweep_writes_its_tables_and_resumes_without_rerunning_finished_cells(tm
         assert (folder / name).read_bytes()[:8] == PNG_MAGIC
     # as after an interruption: one cell missing from results.json; only that one runs again
     del results["v-r1-s1"]
-    (folder / "results.json").write_text(json.dumps(results))
+    (folder / "results.json").write_text(json.dumps(saved))
     stamps = {p.name: p.stat().st_mtime_ns for p in (folder / "runs").glob("[!.]*")}
     assert script("sweep")(argv) == 0
     changed = [p.name for p in (folder / "runs").glob("[!.]*") if p.stat().st_mtime_ns != stamps[p.name]]
     assert changed == ["v-r1-s1"]
-    assert len(json.loads((folder / "results.json").read_text())) == 8
+    assert len(json.loads((folder / "results.json").read_text())["cells"]) == 8
+    # the same folder with other shared settings is refused, not mixed in; bad lists are one line
+    sweep = script("sweep")
+    capsys.readouterr()
+    assert sweep([*argv, "--learning_rate", "0.01"]) == 2
+    assert "holds a sweep made with other settings (learning_rate)" in capsys.readouterr().err
+    for bad, needle in ((["--seeds", ""], "--seeds must list integers >= 0"), (["--ranks", "0"], "--ranks must list"),
+                        (["--targets", "qq"], "each letter once")):  # fmt: skip
+        assert sweep([*argv, *bad]) == 2, bad
+        assert needle in capsys.readouterr().err, bad
