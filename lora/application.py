@@ -22,6 +22,7 @@ from lora.checkpoint import find_latest, read_trainer_state
 from lora.config import TrainConfig, load_yaml, resolve_config
 from lora.data import IGNORE, VOCAB_SIZE, BatchLoader, Task, load_task
 from lora.errors import CheckpointError, ConfigError, Interrupted, LoRAError
+from lora.formats import WEIGHTS_NAME
 from lora.lora_transformer import LoRATransformer
 from lora.memory import check_memory
 from lora.model_config import ModelConfig
@@ -53,8 +54,10 @@ def find_resume(cfg: TrainConfig) -> tuple[Path | None, dict[str, Any]]:
         return None, {}
     if cfg.resume == "auto":  # this config's run; an unfinished --overwrite of it comes first
         final = output_root(cfg.output_dir) / run_folder_name(cfg)
-        staged = [p for p in final.parent.glob(f"{final.name}.incomplete-*") if find_latest(p) is not None]
-        target = max(staged, key=lambda p: find_latest(p).stat().st_mtime) if staged else final
+        latest = [
+            c for p in final.parent.glob(f"{final.name}.incomplete-*") if (c := find_latest(p)) is not None
+        ]
+        target = max(latest, key=lambda c: c.stat().st_mtime).parent if latest else final
     else:
         target = Path(cfg.resume)
     if target.is_dir():
@@ -110,7 +113,7 @@ def _check_memory(cfg: TrainConfig, device: torch.device) -> None:
     if cfg.base_checkpoint == "auto":
         arch, pretraining = (
             cfg.model_config(VOCAB_SIZE),
-            not (base_dir_for(cfg) / "model.safetensors").is_file(),
+            not (base_dir_for(cfg) / WEIGHTS_NAME).is_file(),
         )
     else:
         try:

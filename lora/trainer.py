@@ -167,6 +167,14 @@ def _trainer_config(config: TrainConfig | None, settings: dict[str, Any]) -> Tra
     return dataclasses.replace(config or TrainConfig(), **settings).validate()
 
 
+def _length(loader: Iterable) -> int | None:
+    """``len(loader)``, or ``None`` for a loader without one (a generator, an IterableDataset's loader)."""
+    try:
+        return len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
 class Trainer:
     """Trains the parameters of ``model`` that require grad; the others get no gradient and no state.
 
@@ -195,7 +203,7 @@ class Trainer:
         self.train_loader, self.val_loader = train_loader, val_loader
         self.metric_name, self.label, self.quiet = metric_name, label, quiet
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.epochs = cfg.epochs  # train(epochs=...) may change it
+        self.batches_per_epoch = _length(train_loader)  # None: a loader without len()
         self.total_steps = self._total_steps()
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
@@ -219,16 +227,14 @@ class Trainer:
 
     def _total_steps(self) -> int:
         """``epochs x len(train_loader)``, capped by ``max_steps``; a loader without a length needs it."""
-        max_steps = self.config.max_steps
-        try:
-            per_epoch = len(self.train_loader)  # type: ignore[arg-type]
-        except TypeError:
+        max_steps, per_epoch = self.config.max_steps, self.batches_per_epoch
+        if per_epoch is None:
             if max_steps is None:
-                raise ValueError("the training loader has no len(): set max_steps") from None
+                raise ValueError("the training loader has no len(): set max_steps")
             return max_steps
         if per_epoch < 1:
             raise ValueError("the training loader yields no batch (fewer rows than one batch?)")
-        total = self.epochs * per_epoch
+        total = self.config.epochs * per_epoch
         return total if max_steps is None else min(total, max_steps)
 
     def say(self, message: str) -> None:
@@ -262,9 +268,8 @@ class Trainer:
 
     def _state(self) -> dict[str, Any]:
         epoch, batch = self.epoch, self.batch_in_epoch
-        with contextlib.suppress(TypeError):
-            if batch >= len(self.train_loader):  # type: ignore[arg-type]
-                epoch, batch = epoch + 1, 0
+        if self.batches_per_epoch is not None and batch >= self.batches_per_epoch:
+            epoch, batch = epoch + 1, 0
         return {"step": self.step, "epoch": epoch, "batch_in_epoch": batch, "history": self.history,
                 **self.run_info}  # fmt: skip
 
@@ -301,7 +306,6 @@ class Trainer:
         if epochs is not None:
             if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
                 raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
-            self.epochs = epochs
             self.config = dataclasses.replace(self.config, epochs=epochs)
             self.total_steps = self._total_steps()
         handlers = {}
@@ -380,10 +384,8 @@ class Trainer:
 
     def _record(self, loss: float, lr: float, tps: float, elapsed: float, evaluation: dict) -> None:
         h = self.history
-        try:
-            epoch = self.epoch + self.batch_in_epoch / len(self.train_loader)  # type: ignore[arg-type]
-        except TypeError:
-            epoch = float(self.epoch)
+        per_epoch = self.batches_per_epoch
+        epoch = self.epoch + self.batch_in_epoch / per_epoch if per_epoch else float(self.epoch)
         for key, value in zip(HISTORY_KEYS, (self.step, epoch, loss, evaluation["val_loss"], evaluation["metric"],
                                              lr, tps, elapsed), strict=True):  # fmt: skip
             h[key].append(value)

@@ -33,7 +33,7 @@ if __package__ in (None, ""):  # `python scripts/sweep.py` from a checkout
 
 from tqdm.auto import tqdm
 
-from lora.application import run
+from lora.application import run, say
 from lora.base_model import ensure_base
 from lora.config import CommandLineParser, TrainConfig, load_config
 from lora.errors import LoRAError, guarded, quote
@@ -139,9 +139,7 @@ def sweep(shared: TrainConfig, mode: str, todo: list[Cell]) -> Path:
         raise LoRAError(f"{results_path} holds a sweep made with other settings ({', '.join(differ) or 'unknown'}): "
                         "use another --output_dir, or delete it to start afresh")  # fmt: skip
     results = saved["cells"]
-    base = ensure_base(
-        shared, resolve_device(shared.device), lambda message: tqdm.write(message, file=sys.stderr)
-    )
+    base = ensure_base(shared, resolve_device(shared.device), say)
     with tqdm(todo, desc=f"sweep {mode}", unit="cell") as bar:
         for cell in bar:
             if cell.key in results:  # finished before an interruption: not run again
