@@ -18,6 +18,7 @@ import sys
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -42,6 +43,7 @@ from lora.formats import (
     write_adapter_folder,
     write_model_folder,
 )
+from lora.gpt2 import gpt2_model_config, is_hf_folder, read_gpt2_header, read_gpt2_weights
 from lora.lora_layer import (
     LoRALinear,
     disable_adapter,
@@ -95,18 +97,27 @@ class CausalSelfAttention(nn.Module):
         return self.resid_drop(self.o_proj(y))
 
 
+ACTIVATION_FUNCTIONS = {
+    "gelu_tanh": partial(F.gelu, approximate="tanh"),  # GPT-2's "gelu_new"
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
 class MLP(nn.Module):
-    """``fc2(gelu(fc1(x)))`` with GPT-2's tanh-approximated GELU."""
+    """``fc2(act(fc1(x)))``; ``act`` is GPT-2's tanh-approximated GELU unless the config says otherwise."""
 
     def __init__(self, config: ModelConfig, lora: LoRAConfig) -> None:
         super().__init__()
+        self.act = ACTIVATION_FUNCTIONS[config.activation]
         self.fc1 = _linear(config.d_model, config.d_ff, lora, lora.adapt_feedforward)
         self.fc2 = _linear(config.d_ff, config.d_model, lora, lora.adapt_feedforward)
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, T, C) -> (B, T, C)``."""
-        return self.drop(self.fc2(F.gelu(self.fc1(x), approximate="tanh")))
+        return self.drop(self.fc2(self.act(self.fc1(x))))
 
 
 class Block(nn.Module):
@@ -114,9 +125,9 @@ class Block(nn.Module):
 
     def __init__(self, config: ModelConfig, lora: LoRAConfig) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.d_model, eps=1e-5)
+        self.ln_1 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.attn = CausalSelfAttention(config, lora)
-        self.ln_2 = nn.LayerNorm(config.d_model, eps=1e-5)
+        self.ln_2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.mlp = MLP(config, lora)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -156,11 +167,12 @@ class LoRATransformer(nn.Module):
         adapt_feedforward: bool = False,
         num_classes: int | None = None,
         use_rslora: bool = False,
+        layer_norm_eps: float = 1e-5,
+        activation: str = "gelu_tanh",
     ) -> None:
         super().__init__()
-        config = ModelConfig(
-            vocab_size, d_model, num_heads, num_layers, d_ff, max_seq_len, dropout, num_classes
-        )
+        config = ModelConfig(vocab_size, d_model, num_heads, num_layers, d_ff, max_seq_len, dropout, num_classes,
+                             layer_norm_eps, activation)  # fmt: skip
         lora = LoRAConfig(lora_r, lora_alpha, lora_dropout, lora_targets if adapt_attention else (),
                           adapt_feedforward, use_rslora)  # fmt: skip
         self.config, self.lora_config = config, lora
@@ -170,7 +182,7 @@ class LoRATransformer(nn.Module):
         self.wpe = nn.Embedding(config.max_seq_len, config.d_model)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, lora) for _ in range(config.num_layers))
-        self.ln_f = nn.LayerNorm(config.d_model, eps=1e-5)
+        self.ln_f = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied, as GPT-2
         self.cls_head = nn.Linear(config.d_model, num_classes) if num_classes else None
@@ -575,6 +587,8 @@ class LoRATransformer(nn.Module):
     def from_pretrained(cls, path: str | Path, **lora_options: object) -> LoRATransformer:
         """A model with the architecture and weights saved in ``path`` and the given LoRA options.
 
+        ``path`` is a model folder of this project's or a Hugging Face GPT-2 folder (:meth:`from_gpt2`).
+
         ``lora_options`` are any of ``lora_r, lora_alpha, lora_dropout, lora_targets, adapt_attention,
         adapt_feedforward, use_rslora, num_classes, dropout``. A saved classification head is loaded when
         ``num_classes`` matches it; another ``num_classes`` gets a fresh head. The model takes the file's
@@ -582,7 +596,8 @@ class LoRATransformer(nn.Module):
         """
         options, header = cls.check_pretrained(path, **lora_options)
         model = cls(**options)
-        tensors = {k: v for k, v in read_model_weights(path).items() if k in header}
+        weights = read_gpt2_weights(path) if is_hf_folder(path) else read_model_weights(path)
+        tensors = {k: v for k, v in weights.items() if k in header}
         dtypes = {t.dtype for t in tensors.values()}
         if len(dtypes) == 1 and (dtype := dtypes.pop()) != torch.float32:
             model.to(dtype)
@@ -591,6 +606,14 @@ class LoRATransformer(nn.Module):
             for key, value in tensors.items():
                 own[key].copy_(value)
         return model
+
+    @classmethod
+    def from_gpt2(cls, path: str | Path, **lora_options: object) -> LoRATransformer:
+        """A model from a local Hugging Face GPT-2 folder (``config.json`` + ``model.safetensors`` or
+        ``pytorch_model.bin``), with the given LoRA options; nothing is fetched. The names, the fused
+        ``c_attn`` and the ``Conv1D`` layout are converted as ``lora/gpt2.py`` describes."""
+        gpt2_model_config(path)  # another kind of folder is refused, naming what it is
+        return cls.from_pretrained(path, **lora_options)
 
     @classmethod
     def check_pretrained(
@@ -605,8 +628,12 @@ class LoRATransformer(nn.Module):
             raise ValueError(
                 f"unknown from_pretrained options {unknown}; expected some of {list(FROM_PRETRAINED_OPTIONS)}"
             )
-        arch = read_model_config(path)
-        header = read_model_header(path)  # names, shapes, dtypes: nothing read or allocated yet
+        if is_hf_folder(path):  # a Hugging Face GPT-2 folder, checked in GPT-2's names and converted
+            arch = gpt2_model_config(path)
+            header = read_gpt2_header(path, arch)
+        else:
+            arch = read_model_config(path)
+            header = read_model_header(path)  # names, shapes, dtypes: nothing read or allocated yet
         # the blocks first: even on the meta device, a model of 10**8 blocks would take minutes to build
         blocks = {k.split(".")[1] for k in header if k.startswith("blocks.")}
         if len(blocks) != arch.num_layers:

@@ -15,11 +15,21 @@ from typing import Any
 from lora.errors import ConfigError, quote
 from lora.lora_layer import lora_scaling, validate_lora_args
 
-__all__ = ["ATTENTION_TARGETS", "PROJECTIONS", "LoRAConfig", "ModelConfig", "parse_targets", "target_of"]
+__all__ = [
+    "ACTIVATIONS",
+    "ATTENTION_TARGETS",
+    "PROJECTIONS",
+    "LoRAConfig",
+    "ModelConfig",
+    "parse_targets",
+    "target_of",
+]
 
 ATTENTION_TARGETS = ("q", "k", "v", "o")
 PROJECTIONS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}  # target -> the module's name
 FEEDFORWARD = ("fc1", "fc2")
+# the MLP's activation: gelu_tanh is GPT-2's (tanh-approximated GELU), gelu the exact (erf) one
+ACTIVATIONS = ("gelu_tanh", "gelu", "relu", "silu")
 
 
 def target_of(module_name: str) -> str | None:
@@ -52,7 +62,11 @@ def _positive_int(name: str, value: Any) -> None:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The architecture of a GPT-2-layout model; ``d_ff`` defaults to ``4 d_model``."""
+    """The architecture of a GPT-2-layout model; ``d_ff`` defaults to ``4 d_model``.
+
+    ``layer_norm_eps`` and ``activation`` (of :data:`ACTIVATIONS`) change no tensor's shape; they are GPT-2's
+    ``layer_norm_epsilon`` and ``activation_function`` for an imported checkpoint.
+    """
 
     vocab_size: int
     d_model: int = 512
@@ -62,6 +76,8 @@ class ModelConfig:
     max_seq_len: int = 512
     dropout: float = 0.1
     num_classes: int | None = None
+    layer_norm_eps: float = 1e-5
+    activation: str = "gelu_tanh"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "num_heads", "num_layers", "max_seq_len"):
@@ -81,6 +97,13 @@ class ModelConfig:
             or self.num_classes < 2
         ):
             raise ConfigError(f"num_classes must be an integer >= 2 or None, got {quote(self.num_classes)}")
+        eps = self.layer_norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+            raise ConfigError(f"layer_norm_eps must be a number in (0, 1), got {quote(eps)}")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(
+                f"activation must be one of {', '.join(ACTIVATIONS)}, got {quote(self.activation)}"
+            )
 
     # the keys an adapter must agree on with its base (dropout is a training setting; a head is the adapter's)
     SHAPE_KEYS = ("vocab_size", "d_model", "num_heads", "num_layers", "d_ff", "max_seq_len")

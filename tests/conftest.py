@@ -69,3 +69,35 @@ def base(tmp_path_factory) -> Path:
 def flags(tmp_path, base) -> list[str]:
     """A tiny rot13 run on the random base, writing into a fresh temporary output folder."""
     return [*ON_BASE_FLAGS, "--output_dir", str(tmp_path / "runs"), "--base_checkpoint", str(base)]
+
+
+GPT2_TEXT = (
+    "The quick brown fox jumps over the lazy dog. A tokenizer learns its merges from text like this one.\n"
+    "def greet(name):\n    return 'hello ' + name\n"
+) * 40
+
+
+def make_gpt2_folder(folder: Path, vocab_size: int = 300, seed: int = 0, **config) -> Path:
+    """A tiny GPT-2 folder as transformers writes it (random weights, ``seed``), with a byte-level BPE
+    tokenizer trained here on ``GPT2_TEXT`` (``tokenizer.json``): nothing is downloaded."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    tokenizer.train_from_iterator([GPT2_TEXT], trainer)
+    settings = {"n_positions": 64, "n_embd": 32, "n_layer": 2, "n_head": 4, "bos_token_id": 0, "eos_token_id": 0,
+                **config}  # fmt: skip
+    torch.manual_seed(seed)
+    GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, **settings)).save_pretrained(folder)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def gpt2_folder(tmp_path_factory) -> Path:
+    """A tiny random GPT-2 folder (transformers' own files) with a tokenizer trained here."""
+    return make_gpt2_folder(tmp_path_factory.mktemp("gpt2") / "tiny-gpt2")

@@ -24,6 +24,7 @@ LAYERS = [
     "figures",  # pictures of weights, spectra, similarity; comparison and sweep charts
     "adapter",  # one adapter as data
     "analysis",  # spectra, subspace similarity, amplification
+    "gpt2",  # Hugging Face GPT-2 folders read as this model's tensors
     "formats",  # model and adapter folders on disk
     "lora_transformer",  # the model, owning its adapters
     "memory",  # what a run will allocate, checked first

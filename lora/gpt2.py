@@ -1,0 +1,234 @@
+"""Hugging Face GPT-2 folders (gpt2, distilgpt2, gpt2-medium, ...) read as this project's models.
+
+A GPT-2 folder holds ``config.json`` (``"model_type": "gpt2"``) and ``model.safetensors`` (or only
+``pytorch_model.bin``, read with ``torch.load(weights_only=True)``: no unrestricted unpickling). The model
+here has GPT-2's layout on purpose, so reading one is a renaming, a split and a transpose:
+
+=====================================  ==========================================================
+GPT-2 (``transformer.`` prefix or not)   here
+=====================================  ==========================================================
+``wte``, ``wpe``, ``ln_f``               the same
+``h.{i}.ln_1``, ``h.{i}.ln_2``           ``blocks.{i}.ln_1``, ``blocks.{i}.ln_2``
+``h.{i}.attn.c_attn`` ``(C, 3C)``        ``blocks.{i}.attn.q_proj|k_proj|v_proj`` ``(C, C)`` each:
+                                         ``W[:, jC:(j+1)C].T``, bias ``b[jC:(j+1)C]``, j = 0, 1, 2
+``h.{i}.attn.c_proj`` ``(C, C)``         ``blocks.{i}.attn.o_proj`` (transposed)
+``h.{i}.mlp.c_fc`` ``(C, F)``            ``blocks.{i}.mlp.fc1`` ``(F, C)`` (transposed)
+``h.{i}.mlp.c_proj`` ``(F, C)``          ``blocks.{i}.mlp.fc2`` ``(C, F)`` (transposed)
+``lm_head.weight``                       tied to ``wte`` (when saved, it must equal ``wte``)
+=====================================  ==========================================================
+
+GPT-2's ``Conv1D`` stores its weight as ``(in, out)`` and computes ``x W + b``; ``nn.Linear`` stores
+``(out, in)``: hence the transposes. The checks speak GPT-2's names (the file's), before anything is
+converted. Nothing is fetched from a network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from lora.errors import first_line, quote
+from lora.files import (
+    FLOAT_DTYPES,
+    check_regular_file,
+    describe_mismatch,
+    existing_folder,
+    read_json,
+    read_safetensors,
+    read_safetensors_header,
+)
+from lora.model_config import ModelConfig
+
+__all__ = [
+    "GPT2_BIN_NAME",
+    "gpt2_model_config",
+    "gpt2_names",
+    "is_hf_folder",
+    "read_gpt2_header",
+    "read_gpt2_weights",
+]
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+GPT2_BIN_NAME = "pytorch_model.bin"
+# GPT-2's activation_function -> ours ("gelu_new", "gelu_fast" and "gelu_pytorch_tanh" are the same function)
+ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
+               "gelu": "gelu", "relu": "relu", "silu": "silu", "swish": "silu"}  # fmt: skip
+# attention buffers (the causal mask) that older checkpoints saved beside the weights: not weights
+_BUFFERS = ("attn.bias", "attn.masked_bias")
+# settings a GPT-2 config may have that this model cannot honour, with the value it can
+_UNSUPPORTED = {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+                "add_cross_attention": False, "tie_word_embeddings": True}  # fmt: skip
+
+
+def is_hf_folder(path: str | Path) -> bool:
+    """Whether ``path`` looks like a Hugging Face model folder: its ``config.json`` has a ``model_type``."""
+    config = Path(path) / CONFIG_NAME
+    if not config.is_file():
+        return False
+    try:
+        return "model_type" in read_json(config)
+    except ValueError:
+        return False
+
+
+def gpt2_model_config(path: str | Path) -> ModelConfig:
+    """The :class:`ModelConfig` of a GPT-2 folder's ``config.json``; another architecture (BERT, Llama, ...)
+    or a setting this model cannot honour raises a one-line ``ValueError`` naming it."""
+    where = existing_folder(path, "model") / CONFIG_NAME
+    hf = read_json(where)
+    kind = hf.get("model_type")
+    if kind != "gpt2":
+        raise ValueError(f"{where}: model_type {quote(kind)} is not supported; only GPT-2 checkpoints (model_type "
+                         "'gpt2': gpt2, distilgpt2, gpt2-medium, ...) can be imported")  # fmt: skip
+    for key, value in _UNSUPPORTED.items():
+        if key in hf and hf[key] != value:
+            raise ValueError(f"{where}: {key} {quote(hf[key])} is not supported (only {value})")
+    act = hf.get("activation_function", "gelu_new")
+    if act not in ACTIVATIONS:
+        raise ValueError(f"{where}: activation_function {quote(act)} is not supported; expected one of "
+                         f"{', '.join(ACTIVATIONS)}")  # fmt: skip
+    missing = [k for k in ("vocab_size", "n_embd", "n_head", "n_layer", "n_positions") if k not in hf]
+    if missing:
+        raise ValueError(f"{where}: missing GPT-2 keys {missing}")
+    try:
+        return ModelConfig(
+            vocab_size=hf["vocab_size"], d_model=hf["n_embd"], num_heads=hf["n_head"], num_layers=hf["n_layer"],
+            d_ff=hf.get("n_inner"), max_seq_len=hf["n_positions"], dropout=hf.get("resid_pdrop", 0.1),
+            layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5), activation=ACTIVATIONS[act],
+        )  # fmt: skip
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def gpt2_names(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The tensors a GPT-2 checkpoint of ``config`` holds (without prefix), with their shapes."""
+    C, F = config.d_model, config.d_ff
+    names: dict[str, tuple[int, ...]] = {
+        "wte.weight": (config.vocab_size, C), "wpe.weight": (config.max_seq_len, C),
+        "ln_f.weight": (C,), "ln_f.bias": (C,),
+    }  # fmt: skip
+    for i in range(config.num_layers):
+        shapes = {"ln_1.weight": (C,), "ln_1.bias": (C,), "ln_2.weight": (C,), "ln_2.bias": (C,),
+                  "attn.c_attn.weight": (C, 3 * C), "attn.c_attn.bias": (3 * C,),
+                  "attn.c_proj.weight": (C, C), "attn.c_proj.bias": (C,),
+                  "mlp.c_fc.weight": (C, F), "mlp.c_fc.bias": (F,),
+                  "mlp.c_proj.weight": (F, C), "mlp.c_proj.bias": (C,)}  # fmt: skip
+        names.update({f"h.{i}.{k}": v for k, v in shapes.items()})
+    return names
+
+
+def _weights_path(folder: Path) -> Path:
+    for name in (WEIGHTS_NAME, GPT2_BIN_NAME):
+        if (folder / name).is_file():
+            return folder / name
+    if (folder / f"{WEIGHTS_NAME}.index.json").is_file():
+        raise ValueError(f"{folder}: sharded checkpoints (model.safetensors.index.json) are not supported; "
+                         "save the model as one model.safetensors")  # fmt: skip
+    raise ValueError(f"{folder}: no {WEIGHTS_NAME} (or {GPT2_BIN_NAME}) beside {CONFIG_NAME}")
+
+
+def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    """A ``pytorch_model.bin`` state dict through ``torch.load(weights_only=True)``: tensors and plain
+    containers only, never arbitrary objects."""
+    check_regular_file(path, 1 << 40, "checkpoint")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # UnpicklingError for anything but tensors, or a corrupt file
+        raise ValueError(f"{path}: not a readable weights-only PyTorch checkpoint ({first_line(e)}); convert "
+                         "it with transformers: from_pretrained(folder).save_pretrained(folder)") from None  # fmt: skip
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: expected a state dict of tensors")
+    return state
+
+
+def _read(folder: Path, header_only: bool) -> dict[str, torch.Tensor]:
+    path = _weights_path(folder)
+    if path.name == WEIGHTS_NAME:
+        return read_safetensors_header(path) if header_only else read_safetensors(path)
+    state = _load_bin(path)
+    bad = [k for k, v in _strip(state).items() if v.dtype not in FLOAT_DTYPES.values()]
+    if bad:
+        raise ValueError(f"{path}: tensor {bad[0]} has dtype {state[bad[0]].dtype}, expected floating point")
+    return {k: v.to("meta") for k, v in state.items()} if header_only else state
+
+
+def _strip(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the ``transformer.`` prefix and the attention buffers (``lm_head.weight`` stays)."""
+    out = {}
+    for key, value in tensors.items():
+        name = key.removeprefix("transformer.")
+        if name.startswith("h.") and name.split(".", 2)[-1] in _BUFFERS:
+            continue
+        out[name] = value
+    return out
+
+
+def _check(tensors: Mapping[str, torch.Tensor], config: ModelConfig, where: Path) -> None:
+    # the blocks first: a config.json claiming 10**8 layers would take minutes to list
+    blocks = {k.split(".")[1] for k in tensors if k.startswith("h.")}
+    if len(blocks) != config.num_layers:
+        raise ValueError(
+            f"{where} holds {len(blocks)} blocks, but {CONFIG_NAME} says n_layer {config.num_layers}"
+        )
+    expected = {k: torch.empty(s, device="meta") for k, s in gpt2_names(config).items()}
+    got = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
+    problem = describe_mismatch(got, expected)
+    if problem:
+        raise ValueError(f"{where}: {problem}")
+    head = tensors.get("lm_head.weight")
+    if head is not None and head.shape != expected["wte.weight"].shape:
+        raise ValueError(f"{where}: lm_head.weight has shape {tuple(head.shape)}, expected "
+                         f"{tuple(expected['wte.weight'].shape)} (tied to wte)")  # fmt: skip
+    if head is not None and head.device.type != "meta" and not torch.equal(head, tensors["wte.weight"]):
+        raise ValueError(
+            f"{where}: lm_head.weight differs from wte.weight; only GPT-2's tied LM head is supported"
+        )
+
+
+def _convert(tensors: Mapping[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """GPT-2's names and layout -> this model's (see the module docstring)."""
+    C = config.d_model
+    out = {k: tensors[k] for k in ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias")}
+    for i in range(config.num_layers):
+        h, b = f"h.{i}.", f"blocks.{i}."
+        for ln in ("ln_1", "ln_2"):
+            out[f"{b}{ln}.weight"], out[f"{b}{ln}.bias"] = (
+                tensors[f"{h}{ln}.weight"],
+                tensors[f"{h}{ln}.bias"],
+            )
+        w, bias = tensors[f"{h}attn.c_attn.weight"], tensors[f"{h}attn.c_attn.bias"]  # (C, 3C), (3C,)
+        for j, proj in enumerate(("q_proj", "k_proj", "v_proj")):
+            out[f"{b}attn.{proj}.weight"] = w[:, j * C : (j + 1) * C].t().contiguous()  # (C, C)
+            out[f"{b}attn.{proj}.bias"] = bias[j * C : (j + 1) * C].contiguous()
+        for theirs, ours in (
+            ("attn.c_proj", "attn.o_proj"),
+            ("mlp.c_fc", "mlp.fc1"),
+            ("mlp.c_proj", "mlp.fc2"),
+        ):
+            out[f"{b}{ours}.weight"] = tensors[f"{h}{theirs}.weight"].t().contiguous()  # (out, in)
+            out[f"{b}{ours}.bias"] = tensors[f"{h}{theirs}.bias"]
+    return out
+
+
+def read_gpt2_header(path: str | Path, config: ModelConfig | None = None) -> dict[str, torch.Tensor]:
+    """The base tensors of a GPT-2 folder under this model's names, as ``meta`` tensors (shapes and dtypes;
+    nothing of the safetensors file is read but its header). Missing, unexpected or mis-shaped tensors
+    raise a one-line ``ValueError`` naming them as the file does."""
+    folder = existing_folder(path, "model")
+    config = config or gpt2_model_config(folder)
+    tensors = _strip(_read(folder, header_only=True))
+    _check(tensors, config, _weights_path(folder))
+    return _convert(tensors, config)
+
+
+def read_gpt2_weights(path: str | Path, config: ModelConfig | None = None) -> dict[str, torch.Tensor]:
+    """The base tensors of a GPT-2 folder under this model's names, on the CPU (checked as
+    :func:`read_gpt2_header` does; a saved ``lm_head.weight`` must equal ``wte.weight``)."""
+    folder = existing_folder(path, "model")
+    config = config or gpt2_model_config(folder)
+    tensors = _strip(_read(folder, header_only=False))
+    _check(tensors, config, _weights_path(folder))
+    return _convert(tensors, config)
