@@ -35,6 +35,7 @@ from lora.run_folder import (
     run_folder_name,
     run_lock,
 )
+from lora.tokenizer import TOKENIZER_NAME, ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
 from lora.trainer import LoRATrainer, Trainer, resolve_device
 
 __all__ = ["find_resume", "run", "say"]
@@ -77,8 +78,12 @@ def find_resume(cfg: TrainConfig) -> tuple[Path | None, dict[str, Any]]:
     return target, state
 
 
-def samples(model: LoRATransformer, task: Task, device: torch.device) -> str:
-    """What the frozen base and the adapted model produce on the same inputs, side by side."""
+def samples(
+    model: LoRATransformer, task: Task, device: torch.device, tokenizer: Tokenizer | None = None
+) -> str:
+    """What the frozen base and the adapted model produce on the same inputs, side by side (text decoded
+    with ``tokenizer``, default bytes)."""
+    tokenizer = tokenizer or ByteTokenizer()
     model.eval()
     lines = [f"# {task.description}", "# the frozen base vs base + adapter, on the same inputs", ""]
     if task.metric_name == "exact_match":  # read the inputs, show the predicted answer letters
@@ -93,14 +98,16 @@ def samples(model: LoRATransformer, task: Task, device: torch.device) -> str:
             row = [bytes(t[i][scored[i]].tolist()).decode("utf-8", "replace") for t in (x, y, base, adapted)]
             lines.append(" ".join(f"{c:<10}" for c in row) + (" ok" if row[1] == row[3] else ""))
         return "\n".join(lines) + "\n"
-    for prompt in (b"def ", b"import ", b"class ", b"The "):
-        lines.append(f"=== prompt {prompt.decode()!r} (temperature 0.8, top-k 40, seed 0)")
+    for prompt in ("def ", "import ", "class ", "The "):
+        lines.append(f"=== prompt {prompt!r} (temperature 0.8, top-k 40, seed 0)")
+        ids = tokenizer.encode(prompt)
         for adapted in (False, True):
             g = torch.Generator(device=device).manual_seed(0)
-            idx = torch.tensor([list(prompt)], device=device)
+            idx = torch.tensor([ids], device=device)
+            new = min(160, model.max_seq_len - len(ids))
             with contextlib.nullcontext() if adapted else model.disable_adapter():
-                out = model.generate(idx, 160, temperature=0.8, top_k=40, generator=g)
-            text = bytes(out[0].tolist()).decode("utf-8", errors="replace")
+                out = model.generate(idx, new, temperature=0.8, top_k=40, generator=g)
+            text = tokenizer.decode(out[0].tolist())
             lines += ["--- adapted:" if adapted else "--- base:", text]
         lines.append("")
     return "\n".join(lines) + "\n"
@@ -124,6 +131,18 @@ def _check_memory(cfg: TrainConfig, device: torch.device) -> None:
     check_memory(cfg, arch, pretraining, device)
 
 
+def _tokenizer(cfg: TrainConfig) -> Tokenizer:
+    """The base's tokenizer: bytes for a base made here, else the base folder's own (a base folder that
+    cannot be read is reported when it is loaded)."""
+    if cfg.base_checkpoint == "auto" or not Path(cfg.base_checkpoint).is_dir():
+        return ByteTokenizer()
+    try:
+        options, _ = LoRATransformer.check_pretrained(cfg.base_checkpoint, lora_r=0)
+    except ValueError as e:
+        raise LoRAError(f"cannot load the base model: {e}") from None
+    return load_tokenizer(cfg.base_checkpoint, options["vocab_size"])
+
+
 def _load_base(cfg: TrainConfig, base_dir: Path, task: Task) -> LoRATransformer:
     """The base with this run's adapter (none for full fine-tuning) and head."""
     lora = cfg.lora_config().to_dict() if cfg.method == "lora" else {"lora_r": 0}
@@ -140,8 +159,9 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     t_start = time.perf_counter()
     device = resolve_device(cfg.device)
     _check_memory(cfg, device)  # before the data or a model is made
+    tokenizer = _tokenizer(cfg)
     torch.manual_seed(cfg.seed)
-    task = load_task(cfg)
+    task = load_task(cfg, tokenizer=tokenizer)
     resume, resume_state = find_resume(cfg)
     base_dir = ensure_base(cfg, device, say)
     torch.manual_seed(cfg.seed)
@@ -165,7 +185,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     try:
         with in_place:
             metrics = _train_and_write(
-                cfg, task, model, device, folder, final, resume, base_dir, fingerprint, t_start
+                cfg, task, model, device, folder, final, resume, base_dir, fingerprint, t_start, tokenizer
             )
     except BaseException:
         if resume is None:  # nothing of a failed new run is left but a checkpoint to resume from
@@ -178,11 +198,13 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 
 def _train_and_write(cfg: TrainConfig, task: Task, model: LoRATransformer, device: torch.device, folder: Path,
                      final: Path, resume: Path | None, base_dir: Path, fingerprint: str,
-                     t_start: float) -> dict[str, Any]:  # fmt: skip
+                     t_start: float, tokenizer: Tokenizer) -> dict[str, Any]:  # fmt: skip
     """Train in ``folder`` and write every output there (``final`` is the name the run will have)."""
     out = RunFolder(folder)
     if resume is None:
         out.write("config.yaml", yaml.safe_dump({**cfg.to_saved(), "run_name": final.name}, sort_keys=False))
+        if isinstance(tokenizer, HFTokenizer):  # the run's text is read back with the tokenizer that made it
+            out.write(TOKENIZER_NAME, tokenizer.to_json())
     model.gradient_checkpointing = cfg.gradient_checkpointing
     targets = ",".join(cfg.lora_targets) + (",ff" if cfg.adapt_feedforward else "")
     if cfg.method == "lora":
@@ -217,6 +239,7 @@ def _train_and_write(cfg: TrainConfig, task: Task, model: LoRATransformer, devic
         "run_name": final.name,
         "base_checkpoint": str(base_dir),
         "labels": task.labels,
+        "tokenizer": tokenizer.name,
     }
     if cfg.method == "lora":
         model.save_adapter(folder, extra=extra)
@@ -233,9 +256,9 @@ def _train_and_write(cfg: TrainConfig, task: Task, model: LoRATransformer, devic
         "lora_params": stats["lora_params"], "reduction_factor": stats["reduction_factor"],
         "steps": trainer.step, "wall_time_s": time.perf_counter() - t_start,
         "tokens_per_s": tps[-1] if tps else None, "device": str(device), "base_checkpoint": str(base_dir),
-        "base_fingerprint": fingerprint,
+        "base_fingerprint": fingerprint, "tokenizer": tokenizer.name,
     }  # fmt: skip
     out.write("metrics.json", metrics)
     if not task.is_classification:
-        out.write("samples.txt", samples(model, task, device))
+        out.write("samples.txt", samples(model, task, device, tokenizer))
     return metrics

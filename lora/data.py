@@ -1,6 +1,8 @@
 """Built-in tasks and user data, all local: nothing is downloaded.
 
-Every task is byte-level (vocabulary 256: token id = byte value), so one base architecture serves all.
+The built-in bases are byte-level (vocabulary 256: token id = byte value), so one base architecture
+serves every task. On an imported base (a GPT-2 folder) the text tasks are tokenized with the folder's own
+tokenizer (:mod:`lora.tokenizer`) and language modelling is scored in bits per token.
 
 - ``rot13`` / ``atbash``: letter ciphers of random 8-letter words, read and written letter by letter
   (``h u e r l y l y o b ...``: each plain letter is followed by its cipher). Their base is pretrained on
@@ -26,6 +28,7 @@ import torch
 from lora.config import CIPHER_WIDTH, TASKS, TrainConfig
 from lora.errors import DataError, quote
 from lora.files import MAX_DATA_BYTES, read_limited
+from lora.tokenizer import ByteTokenizer, Tokenizer
 
 __all__ = ["IGNORE", "VOCAB_SIZE", "BatchLoader", "Task", "TaskData", "base_task_of", "load_task"]
 
@@ -148,16 +151,26 @@ def cipher_task(kind: str, num_examples: int, seed: int) -> Task:
 # Language modelling
 
 
-def _chunks(data: bytes, seq_len: int) -> TaskData:
-    """Non-overlapping windows: x = bytes[i T : (i + 1) T], y = the same shifted by one."""
-    n = max(0, (len(data) - 1) // seq_len)
-    if n == 0:  # too little text for one window: an empty split, reported by the caller with its file
-        return TaskData(
-            torch.zeros(0, seq_len, dtype=torch.uint8), torch.zeros(0, seq_len, dtype=torch.int16)
+def token_ids(data: bytes, tokenizer: Tokenizer) -> torch.Tensor:
+    """UTF-8 text as a 1-D tensor of ids: the bytes themselves (``uint8``) or the tokenizer's (``int32``)."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return (
+            torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            if data
+            else torch.zeros(0, dtype=torch.uint8)
         )
-    t = torch.frombuffer(bytearray(data[: n * seq_len + 1]), dtype=torch.uint8)
-    x = t[:-1].view(n, seq_len)
-    y = t[1:].view(n, seq_len).to(torch.int16)
+    return torch.tensor(tokenizer.encode(data.decode("utf-8")), dtype=torch.int32)
+
+
+def _chunks(ids: torch.Tensor, seq_len: int) -> TaskData:
+    """Non-overlapping windows of the 1-D ``ids``: x = ids[i T : (i + 1) T], y = the same shifted by one."""
+    n = max(0, (len(ids) - 1) // seq_len)
+    target = torch.int16 if ids.dtype == torch.uint8 else torch.int32  # y holds -100 where no loss is taken
+    if n == 0:  # too little text for one window: an empty split, reported by the caller with its file
+        return TaskData(torch.zeros(0, seq_len, dtype=ids.dtype), torch.zeros(0, seq_len, dtype=target))
+    t = ids[: n * seq_len + 1]
+    x = t[:-1].reshape(n, seq_len)
+    y = t[1:].reshape(n, seq_len).to(target)
     return TaskData(x, y)
 
 
@@ -184,9 +197,13 @@ def _split(data: bytes, fraction: float) -> tuple[bytes, bytes]:
     return data[:cut], data[cut:]
 
 
-def lm_task(name: str, train: bytes, val: bytes, seq_len: int, description: str) -> Task:
-    return Task(name, _chunks(train, seq_len), _chunks(val, seq_len), "bits_per_byte", False,
-                description=description)  # fmt: skip
+def lm_task(name: str, train: bytes, val: bytes, seq_len: int, description: str,
+            tokenizer: Tokenizer | None = None) -> Task:  # fmt: skip
+    """Language modelling on ``train`` / ``val`` text, in bits per byte (bytes) or per token (a tokenizer)."""
+    tokenizer = tokenizer or ByteTokenizer()
+    metric = "bits_per_byte" if isinstance(tokenizer, ByteTokenizer) else "bits_per_token"
+    return Task(name, _chunks(token_ids(train, tokenizer), seq_len), _chunks(token_ids(val, tokenizer), seq_len),
+                metric, False, description=description)  # fmt: skip
 
 
 def read_text_file(path: str | Path) -> str:
@@ -250,18 +267,22 @@ def read_jsonl(path: str | Path) -> list[tuple[str, object]]:
     return rows
 
 
-def _encode_rows(rows: list[tuple[str, object]], labels: list, seq_len: int) -> TaskData:
-    x = torch.zeros(len(rows), seq_len, dtype=torch.uint8)
+def _encode_rows(
+    rows: list[tuple[str, object]], labels: list, seq_len: int, tokenizer: Tokenizer
+) -> TaskData:
+    """Each text's first ``seq_len`` ids, right-padded (an empty text reads as one space)."""
+    dtype = torch.uint8 if isinstance(tokenizer, ByteTokenizer) else torch.int32
+    x = torch.zeros(len(rows), seq_len, dtype=dtype)
     lengths = torch.zeros(len(rows), dtype=torch.long)
     y = torch.tensor([labels.index(label) for _, label in rows], dtype=torch.long)
     for i, (text, _) in enumerate(rows):
-        b = text.encode("utf-8")[:seq_len] or b" "
-        x[i, : len(b)] = torch.frombuffer(bytearray(b), dtype=torch.uint8)
-        lengths[i] = len(b)
+        ids = tokenizer.encode(text)[:seq_len] or tokenizer.encode(" ")
+        x[i, : len(ids)] = torch.tensor(ids, dtype=dtype)
+        lengths[i] = len(ids)
     return TaskData(x, y, lengths)
 
 
-def jsonl_task(cfg: TrainConfig) -> Task:
+def jsonl_task(cfg: TrainConfig, tokenizer: Tokenizer) -> Task:
     train = read_jsonl(cfg.train_file)
     if cfg.val_file:
         val = read_jsonl(cfg.val_file)
@@ -275,7 +296,8 @@ def jsonl_task(cfg: TrainConfig) -> Task:
         raise DataError(f"validation labels {unseen} never occur in the training data")
     if len(labels) < 2:
         raise DataError(f"{cfg.train_file}: classification needs at least 2 distinct labels, found {labels}")
-    return Task("jsonl", _encode_rows(train, labels, cfg.seq_len), _encode_rows(val, labels, cfg.seq_len),
+    encode = lambda rows: _encode_rows(rows, labels, cfg.seq_len, tokenizer)  # noqa: E731
+    return Task("jsonl", encode(train), encode(val),
                 "accuracy", True, num_classes=len(labels), labels=labels,
                 description=f"classify {cfg.train_file} into {len(labels)} labels")  # fmt: skip
 
@@ -283,24 +305,32 @@ def jsonl_task(cfg: TrainConfig) -> Task:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def load_task(cfg: TrainConfig, name: str | None = None) -> Task:
-    """Build the task ``name`` (default ``cfg.task``; ``caesar`` and ``english`` are the base tasks)."""
+def load_task(cfg: TrainConfig, name: str | None = None, tokenizer: Tokenizer | None = None) -> Task:
+    """Build the task ``name`` (default ``cfg.task``; ``caesar`` and ``english`` are the base tasks), its
+    text tokenized with ``tokenizer`` (default: bytes)."""
     name = name or cfg.task
+    tokenizer = tokenizer or ByteTokenizer()
+    unit = "bytes" if isinstance(tokenizer, ByteTokenizer) else "tokens"
+    if name in CIPHERS and not isinstance(tokenizer, ByteTokenizer):
+        raise DataError(f"task {name} is byte-level (letter by letter) and needs a byte-level base such as "
+                        "--base_checkpoint auto; on a base with its own tokenizer use --task text, jsonl or code")  # fmt: skip
     if name in CIPHERS:
         task = cipher_task(name, cfg.num_examples, cfg.seed)
     elif name == "english":
         train, val = _split(english_text(), 0.05)
-        task = lm_task(name, train, val, cfg.seq_len, "English prose: the standard library's pydoc topics")
+        task = lm_task(name, train, val, cfg.seq_len, "English prose: the standard library's pydoc topics",
+                       tokenizer)  # fmt: skip
     elif name == "code":
         train, val = python_source()
-        task = lm_task(name, train, val, cfg.seq_len, "Python source: the standard library's own *.py files")
+        task = lm_task(name, train, val, cfg.seq_len, "Python source: the standard library's own *.py files",
+                       tokenizer)  # fmt: skip
     elif name == "text":
         train_text = read_text_file(cfg.train_file).encode("utf-8")
         if cfg.val_file:
             val_text = read_text_file(cfg.val_file).encode("utf-8")
         else:
             train_text, val_text = _split(train_text, cfg.val_fraction)
-        task = lm_task(name, train_text, val_text, cfg.seq_len, f"your text: {cfg.train_file}")
+        task = lm_task(name, train_text, val_text, cfg.seq_len, f"your text: {cfg.train_file}", tokenizer)
         for split, data, path in (
             ("training", task.train, cfg.train_file),
             ("validation", task.val, cfg.val_file),
@@ -308,9 +338,9 @@ def load_task(cfg: TrainConfig, name: str | None = None) -> Task:
             if len(data) == 0:
                 need = cfg.seq_len + 1
                 raise DataError(f"{path or cfg.train_file}: too little {split} text for one sequence of "
-                                f"{need} bytes (seq_len {cfg.seq_len})")  # fmt: skip
+                                f"{need} {unit} (seq_len {cfg.seq_len})")  # fmt: skip
     elif name == "jsonl":
-        task = jsonl_task(cfg)
+        task = jsonl_task(cfg, tokenizer)
     else:
         raise DataError(f"unknown task {quote(name)}")
     if len(task.train) < cfg.batch_size:

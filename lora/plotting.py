@@ -15,6 +15,7 @@ METRIC_LABELS = {
     "exact_match": "exact match (validation)",
     "accuracy": "accuracy (validation)",
     "bits_per_byte": "bits per byte (validation)",
+    "bits_per_token": "bits per token (validation)",
 }
 
 

@@ -127,7 +127,7 @@ def evaluate_model(
     """``val_loss`` (nats per scored token) and ``metric`` over ``loader`` (``max_batches`` 0: all).
 
     ``exact_match`` counts rows whose scored tokens are all right (greedy decoding then gets them right
-    too); ``accuracy`` counts right labels; ``bits_per_byte`` is the loss over ln 2 (byte-level tokens).
+    too); ``accuracy`` counts right labels; ``bits_per_byte`` (byte-level tokens) and ``bits_per_token`` are the loss over ln 2.
     """
     device = torch.device(device)
     was_training = model.training
@@ -150,7 +150,8 @@ def evaluate_model(
         rows += y.shape[0]
     model.train(was_training)
     val_loss = loss_sum / max(tokens, 1)
-    metric = {"bits_per_byte": val_loss / math.log(2), "exact_match": correct / max(rows, 1),
+    bits = val_loss / math.log(2)
+    metric = {"bits_per_byte": bits, "bits_per_token": bits, "exact_match": correct / max(rows, 1),
               "accuracy": correct / max(rows, 1)}[metric_name]  # fmt: skip
     return {"val_loss": val_loss, "metric": metric}
 

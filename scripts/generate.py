@@ -1,13 +1,14 @@
 """Generate text from a base model and from one or more adapters on it, side by side.
 
-The project's language models are byte-level: token id = byte value (ids above 255 are skipped when
-decoding; invalid UTF-8 shows as U+FFFD). Every variant starts from the same seed, so differences come
-from the adapters.
+Text is read and written with the tokenizer the run used (the adapter folder's ``tokenizer.json``), else
+the base folder's own, else bytes (the built-in bases: token id = byte value; invalid UTF-8 shows as
+U+FFFD). Every variant starts from the same seed, so differences come from the adapters.
 
     python scripts/generate.py --base runs/bases/english-d256-h4-l2-s128-steps800-seed0 --prompt "The "
     python scripts/generate.py --base runs/bases/english-d256-h4-l2-s128-steps800-seed0 --adapter runs/code-lora-r8 --prompt "def " --top_k 40
     python scripts/generate.py --base runs/bases/caesar-d256-h4-l2-s128-steps300-seed0 --adapter runs/multitask-rot13 \\
         --adapter runs/multitask-atbash --prompt "h" --max_new_tokens 1 --temperature 0 --no_base
+    python scripts/generate.py --base path/to/gpt2 --adapter runs/my-text-run --prompt "Once upon a time"
 """
 
 from __future__ import annotations
@@ -31,26 +32,28 @@ import torch
 from lora.config import CommandLineParser
 from lora.errors import guarded
 from lora.lora_transformer import LoRATransformer
+from lora.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer, tokenizer_files
 
 MIN_TEMPERATURE = 1e-4
 
 
-def encode(text: str, vocab_size: int) -> list[int]:
-    """UTF-8 bytes of ``text`` as token ids; the model's vocabulary must cover all 256 byte values."""
-    if vocab_size < 256:
-        raise ValueError(f"byte-level prompts need vocab_size >= 256, the model has {vocab_size}")
+def encode(text: str, tokenizer: Tokenizer) -> list[int]:
+    """``text`` as token ids; text that is not valid UTF-8, or no token at all, is refused."""
     try:
-        ids = list(text.encode("utf-8"))
+        text.encode("utf-8")
     except UnicodeEncodeError as e:  # bytes that are not UTF-8 reach Python as lone surrogates
         raise ValueError(f"--prompt is not valid UTF-8 text (position {e.start})") from None
+    ids = tokenizer.encode(text)
     if not ids:
         raise ValueError("--prompt must not be empty")
     return ids
 
 
-def decode(ids: Sequence[int]) -> str:
-    """Token ids -> text: bytes 0..255 decoded as UTF-8 with replacement; other ids dropped."""
-    return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+def pick_tokenizer(base: str, adapters: Sequence[str], vocab_size: int) -> Tokenizer:
+    """The first adapter folder's recorded ``tokenizer.json``, else the base folder's tokenizer, else bytes
+    (which need a model of 256 ids)."""
+    folder = next((a for a in adapters if tokenizer_files(a)), base)
+    return load_tokenizer(folder, vocab_size)
 
 
 def sample(
@@ -61,6 +64,7 @@ def sample(
     top_k: int | None,
     seed: int,
     out: list[int] | None = None,
+    tokenizer: Tokenizer | None = None,
 ) -> str:
     """The text generated after ``prompt`` (the prompt itself not included).
 
@@ -73,7 +77,7 @@ def sample(
     for _ in range(max_new_tokens):
         idx = model.generate(idx, 1, temperature=temperature, top_k=top_k, generator=g)
         out.append(int(idx[0, -1]))
-    return decode(out)
+    return (tokenizer or ByteTokenizer()).decode(out)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -111,13 +115,20 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--no_base needs at least one --adapter")
 
 
-def run(args: argparse.Namespace, rows: list[tuple[str, list[int]]] | None = None) -> list[tuple[str, str]]:
+def run(
+    args: argparse.Namespace,
+    rows: list[tuple[str, list[int]]] | None = None,
+    used: list[Tokenizer] | None = None,
+) -> list[tuple[str, str]]:
     """``[(label, generated text)]`` for the base and each adapter; ``rows`` receives the tokens as they
-    are generated."""
+    are generated, ``used`` the tokenizer."""
     check_args(args)
     rows = [] if rows is None else rows
     model = LoRATransformer.from_pretrained(args.base, lora_r=0, num_classes=None).eval()
-    prompt = encode(args.prompt, model.config.vocab_size)
+    tokenizer = pick_tokenizer(args.base, args.adapter, model.config.vocab_size)
+    if used is not None:
+        used.append(tokenizer)
+    prompt = encode(args.prompt, tokenizer)
     room = model.max_seq_len - len(prompt)
     if room < 1:
         raise ValueError(f"--prompt is {len(prompt)} tokens, the model's whole context is {model.max_seq_len}: "
@@ -135,19 +146,20 @@ def run(args: argparse.Namespace, rows: list[tuple[str, list[int]]] | None = Non
                 raise ValueError(f"{folder}: a classification adapter cannot generate text")
         rows.append((label, []))
         sample(model, prompt, *gen, out=rows[-1][1])
-    return [(label, decode(ids)) for label, ids in rows]
+    return [(label, tokenizer.decode(ids)) for label, ids in rows]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     rows: list[tuple[str, list[int]]] = []
+    used: list[Tokenizer] = []
 
     def body() -> int:
         try:
-            texts = run(args, rows)
+            texts = run(args, rows, used)
         except KeyboardInterrupt:  # what was generated so far is kept
             for label, ids in rows:
-                print(f"=== {label} ===\n{args.prompt}{decode(ids)}\n")
+                print(f"=== {label} ===\n{args.prompt}{used[0].decode(ids)}\n")
             print(
                 f"generate.py: interrupted after {sum(len(ids) for _, ids in rows)} tokens", file=sys.stderr
             )

@@ -19,12 +19,13 @@ LAYERS = [
     "lora_layer",  # LoRA for one linear layer; helpers for any nn.Module
     "model_config",  # ModelConfig, LoRAConfig
     "config",  # TrainConfig: YAML and flags
+    "gpt2",  # Hugging Face GPT-2 folders read as this model's tensors
+    "tokenizer",  # text <-> token ids: bytes, or a model folder's own tokenizer
     "data",  # tasks, BatchLoader
     "plotting",  # the training-curve figure
     "figures",  # pictures of weights, spectra, similarity; comparison and sweep charts
     "adapter",  # one adapter as data
     "analysis",  # spectra, subspace similarity, amplification
-    "gpt2",  # Hugging Face GPT-2 folders read as this model's tensors
     "formats",  # model and adapter folders on disk
     "lora_transformer",  # the model, owning its adapters
     "memory",  # what a run will allocate, checked first

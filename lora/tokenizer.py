@@ -1,0 +1,112 @@
+"""Text <-> token ids: bytes for the bases made here, a GPT-2 folder's own tokenizer for an imported one.
+
+* :class:`ByteTokenizer`: token id = UTF-8 byte value (vocabulary 256), the built-in tasks' tokenizer.
+* :class:`HFTokenizer`: a base folder's ``tokenizer.json`` (or GPT-2's ``vocab.json`` + ``merges.txt``),
+  read with the ``tokenizers`` library, an optional extra (``pip install -e ".[hf]"``).
+
+:func:`load_tokenizer` picks the one a base folder calls for; a run folder keeps a copy of the tokenizer it
+used (``tokenizer.json``), so generation decodes with the same one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from lora.errors import ConfigError, first_line
+from lora.gpt2 import is_hf_folder
+
+__all__ = ["TOKENIZER_NAME", "ByteTokenizer", "HFTokenizer", "Tokenizer", "load_tokenizer", "tokenizer_files"]
+
+TOKENIZER_NAME = "tokenizer.json"
+BPE_FILES = ("vocab.json", "merges.txt")
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids 0..255; decoding skips other ids and shows invalid UTF-8 as U+FFFD."""
+
+    name = "byte"
+    vocab_size = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """A ``tokenizers.Tokenizer`` (GPT-2's byte-level BPE, or whatever ``tokenizer.json`` describes)."""
+
+    name = "tokenizer.json"
+
+    def __init__(self, tokenizer: object, source: Path) -> None:
+        self.tokenizer, self.source = tokenizer, source
+        self.vocab_size = int(tokenizer.get_vocab_size(with_added_tokens=True))
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    def to_json(self) -> str:
+        """The tokenizer as one ``tokenizer.json`` text (what a run folder keeps)."""
+        return self.tokenizer.to_str()
+
+
+Tokenizer = ByteTokenizer | HFTokenizer
+
+
+def tokenizer_files(folder: str | Path) -> list[Path]:
+    """The tokenizer files in ``folder``: ``[tokenizer.json]``, ``[vocab.json, merges.txt]`` or ``[]``."""
+    folder = Path(folder)
+    if (folder / TOKENIZER_NAME).is_file():
+        return [folder / TOKENIZER_NAME]
+    if all((folder / name).is_file() for name in BPE_FILES):
+        return [folder / name for name in BPE_FILES]
+    return []
+
+
+def _tokenizers_library() -> object:
+    try:
+        import tokenizers
+    except ImportError:
+        raise ConfigError(
+            'reading a model folder\'s own tokenizer needs the tokenizers package: pip install -e ".[hf]"'
+        ) from None
+    return tokenizers
+
+
+def load_tokenizer(folder: str | Path | None, vocab_size: int) -> Tokenizer:
+    """The tokenizer of a model folder whose model has ``vocab_size`` ids.
+
+    ``folder`` ``None`` or without tokenizer files: bytes (a model of this project's with at least 256
+    ids; a Hugging Face folder needs its own tokenizer). A tokenizer with more ids than the model has
+    embeddings is refused.
+    """
+    files = [] if folder is None else tokenizer_files(folder)
+    if not files:
+        if folder is not None and is_hf_folder(folder):
+            raise ConfigError(f"{folder}: no tokenizer beside the model ({TOKENIZER_NAME}, or "
+                              f"{' + '.join(BPE_FILES)}); a GPT-2 checkpoint needs its own")  # fmt: skip
+        if vocab_size < ByteTokenizer.vocab_size:
+            raise ConfigError(
+                f"byte-level text needs a vocabulary of at least 256, the model has {vocab_size}"
+            )
+        return ByteTokenizer()
+    lib = _tokenizers_library()
+    try:
+        if files[0].name == TOKENIZER_NAME:
+            tok = lib.Tokenizer.from_file(str(files[0]))
+        else:  # GPT-2's original pair: byte-level BPE
+            tok = lib.Tokenizer(lib.models.BPE.from_file(*(str(f) for f in files)))
+            tok.pre_tokenizer = lib.pre_tokenizers.ByteLevel(add_prefix_space=False)
+            tok.decoder = lib.decoders.ByteLevel()
+    except Exception as e:  # the library's own errors: not JSON, not a tokenizer, bad merges
+        raise ConfigError(f"{files[0]}: not a readable tokenizer ({first_line(e)})") from None
+    tokenizer = HFTokenizer(tok, files[0])
+    if tokenizer.vocab_size > vocab_size:
+        raise ConfigError(f"{files[0]}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                          f"{vocab_size} embeddings: it is not this model's tokenizer")  # fmt: skip
+    return tokenizer
