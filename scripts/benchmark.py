@@ -13,6 +13,11 @@ PEFT LoRA r 8 on the fused ``c_attn``: it adapts q, k and v with as many paramet
     python scripts/benchmark.py --sizes small --threads 2 --rounds 3 --out benchmarks/cpu
     python scripts/benchmark.py --sizes small,gpt2 --device cuda --dtype bf16 --out benchmarks/h100
     python scripts/benchmark.py --sizes small,gpt2 --device cuda --dtype bf16 --compile --out ...
+    python scripts/benchmark.py --base path/to/gpt2 --sizes base --out runs/benchmark-gpt2   # a real base
+
+``--base DIR`` adds the size ``base``: a model folder (this project's, or a Hugging Face GPT-2 folder) whose
+weights both models load (the peer from the GPT-2 folder itself; from our format it starts random), timed
+on ``--base_batch`` sequences of ``min(128, max_seq_len)`` tokens.
 
 Writes ``results.json``, ``results.md`` (table, targets, machine) and ``results.png`` into ``--out``.
 """
@@ -46,6 +51,7 @@ if __package__ in (None, ""):  # `python scripts/benchmark.py` without installin
 
 from lora.config import CommandLineParser
 from lora.errors import guarded
+from lora.gpt2 import is_hf_folder
 from lora.lora_transformer import LoRATransformer
 
 
@@ -59,6 +65,7 @@ class Shape:
     seq_len: int
     batch: int
     vocab_size: int
+    base: str | None = None  # a model folder whose weights are loaded (the size "base")
 
 
 @dataclass(frozen=True)
@@ -199,11 +206,13 @@ def machine_info(device: str) -> dict:
 def build_ours(shape: Shape, config: Config, device: torch.device) -> nn.Module:
     """Our model: LoRA on ``config.targets`` (frozen base), or, with no targets, everything trainable."""
     torch.manual_seed(0)
-    model = LoRATransformer(
-        shape.vocab_size, shape.d_model, shape.num_heads, shape.num_layers, max_seq_len=shape.seq_len,
-        dropout=0.0, lora_r=LORA_R if config.targets else 0, lora_alpha=LORA_ALPHA,
-        lora_targets=config.targets or ("q",), adapt_attention=bool(config.targets),
-    ).to(device)  # fmt: skip
+    lora = {"lora_r": LORA_R if config.targets else 0, "lora_alpha": LORA_ALPHA,
+            "lora_targets": config.targets or ("q",), "adapt_attention": bool(config.targets)}  # fmt: skip
+    if shape.base:
+        model = LoRATransformer.from_pretrained(shape.base, dropout=0.0, **lora).to(device)
+    else:
+        model = LoRATransformer(shape.vocab_size, shape.d_model, shape.num_heads, shape.num_layers,
+                                max_seq_len=shape.seq_len, dropout=0.0, **lora).to(device)  # fmt: skip
     model.gradient_checkpointing = config.checkpointing
     if config.targets:
         model.configure_lora_training()
@@ -218,14 +227,18 @@ def build_peer(shape: Shape, device: torch.device) -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
+    lora = LoraConfig(
+        r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=["c_attn"],
+        fan_in_fan_out=True, bias="none",
+    )  # fmt: skip
+    if shape.base and is_hf_folder(shape.base):  # the same GPT-2 folder, loaded by transformers
+        peer = GPT2LMHeadModel.from_pretrained(shape.base, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                               use_cache=False, attn_implementation="sdpa")  # fmt: skip
+        return get_peft_model(peer, lora).to(device)
     cfg = GPT2Config(
         vocab_size=shape.vocab_size, n_positions=shape.seq_len, n_embd=shape.d_model,
         n_layer=shape.num_layers, n_head=shape.num_heads, resid_pdrop=0.0, embd_pdrop=0.0,
         attn_pdrop=0.0, use_cache=False, bos_token_id=0, eos_token_id=0, attn_implementation="sdpa",
-    )  # fmt: skip
-    lora = LoraConfig(
-        r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=["c_attn"],
-        fan_in_fan_out=True, bias="none",
     )  # fmt: skip
     return get_peft_model(GPT2LMHeadModel(cfg), lora).to(device)
 
@@ -500,7 +513,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = CommandLineParser(
         prog="benchmark.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--sizes", default="small", help=f"comma-separated, from {', '.join(SIZES)}")
+    p.add_argument(
+        "--sizes", default="small", help=f"comma-separated, from {', '.join(SIZES)} (base: --base)"
+    )
+    p.add_argument("--base", default=None, help="a model folder to time as the size 'base' (its own weights)")
+    p.add_argument("--base_batch", type=int, default=4, help="sequences per step for the size 'base'")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="bf16 = autocast (cuda default)")
@@ -525,6 +542,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.sizes, args.steps, args.warmup, args.rounds = "tiny", 3, 1, 1
         args.threads = args.threads or 1  # a tiny model: thread start-up and contention would dominate
     args.sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    if args.base is not None:
+        if args.base_batch < 1:
+            p.error(f"--base_batch must be >= 1, got {args.base_batch}")
+        config, _ = LoRATransformer.check_pretrained(args.base, lora_r=0)  # a bad folder: one line, exit 2
+        SIZES["base"] = Shape(config["d_model"], config["num_layers"], config["num_heads"],
+                              min(128, config["max_seq_len"]), args.base_batch, config["vocab_size"],
+                              str(Path(args.base).resolve()))  # fmt: skip
+    elif "base" in args.sizes:
+        p.error("--sizes base needs --base DIR")
     bad = [s for s in args.sizes if s not in SIZES]
     if bad or not args.sizes:
         p.error(f"unknown --sizes {bad}: choose among {', '.join(SIZES)}")

@@ -174,3 +174,17 @@ def test_hand_written_backward_equals_autograd(trainable_base, x_requires_grad):
     torch.testing.assert_close(fast, plain)
     for a, b in zip(fast_grads, plain_grads, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_a_gpt2_folder_is_timed_with_its_own_weights_against_peft_on_the_same_folder(gpt2_folder, tmp_path):
+    cmd = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--base", str(gpt2_folder), "--sizes", "base",
+           "--configs", "lora_qv,peft_qv", "--steps", "1", "--warmup", "0", "--threads", "1", "--out", str(tmp_path)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["shapes"]["base"] == {"d_model": 32, "num_layers": 2, "num_heads": 4, "seq_len": 64, "batch": 4,
+                                        "vocab_size": 300, "base": str(gpt2_folder.resolve())}  # fmt: skip
+    rows = result["results"]["base"]
+    assert rows["lora_qv"]["status"] == "ok" and rows["peft_qv"]["status"] == "ok", rows
+    # the same weights: the first step's loss on the same random batch agrees (PEFT's c_attn adapter starts at 0)
+    assert rows["lora_qv"]["final_loss"] == pytest.approx(rows["peft_qv"]["final_loss"], rel=1e-3)
