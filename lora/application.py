@@ -24,7 +24,7 @@ from lora.data import IGNORE, VOCAB_SIZE, BatchLoader, Task, load_task
 from lora.errors import CheckpointError, ConfigError, Interrupted, LoRAError
 from lora.formats import WEIGHTS_NAME
 from lora.lora_transformer import LoRATransformer
-from lora.memory import check_memory
+from lora.memory import check_memory, peak_memory_mb
 from lora.model_config import ModelConfig
 from lora.run_folder import (
     RunFolder,
@@ -98,13 +98,15 @@ def samples(
             row = [bytes(t[i][scored[i]].tolist()).decode("utf-8", "replace") for t in (x, y, base, adapted)]
             lines.append(" ".join(f"{c:<10}" for c in row) + (" ok" if row[1] == row[3] else ""))
         return "\n".join(lines) + "\n"
+    # about 160 characters either way: 160 bytes, or 48 tokens of a BPE tokenizer (~4 characters each)
+    length = 160 if isinstance(tokenizer, ByteTokenizer) else 48
     for prompt in ("def ", "import ", "class ", "The "):
         lines.append(f"=== prompt {prompt!r} (temperature 0.8, top-k 40, seed 0)")
         ids = tokenizer.encode(prompt)
         for adapted in (False, True):
             g = torch.Generator(device=device).manual_seed(0)
             idx = torch.tensor([ids], device=device)
-            new = min(160, model.max_seq_len - len(ids))
+            new = min(length, model.max_seq_len - len(ids))
             with contextlib.nullcontext() if adapted else model.disable_adapter():
                 out = model.generate(idx, new, temperature=0.8, top_k=40, generator=g)
             text = tokenizer.decode(out[0].tolist())
@@ -192,7 +194,9 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             discard_unless_resumable(folder)
         raise
     publish(folder, final)
-    say(f"done in {metrics['wall_time_s']:.1f} s; outputs in {final}")
+    say(
+        f"done in {metrics['wall_time_s']:.1f} s (peak memory {metrics['peak_memory_mb']:,.0f} MiB); outputs in {final}"
+    )
     return metrics
 
 
@@ -257,6 +261,7 @@ def _train_and_write(cfg: TrainConfig, task: Task, model: LoRATransformer, devic
         "steps": trainer.step, "wall_time_s": time.perf_counter() - t_start,
         "tokens_per_s": tps[-1] if tps else None, "device": str(device), "base_checkpoint": str(base_dir),
         "base_fingerprint": fingerprint, "tokenizer": tokenizer.name,
+        "peak_memory_mb": round(peak_memory_mb(device), 1),
     }  # fmt: skip
     out.write("metrics.json", metrics)
     if not task.is_classification:

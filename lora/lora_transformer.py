@@ -6,7 +6,8 @@ and an LM head tied to the token embedding; optionally a classification head. Ev
 :class:`~lora.lora_layer.LoRALinear`; the ones not adapted have ``r = 0`` and are plain linear layers.
 
 No training and no argument parsing here; the file formats the model is saved in and loaded from are
-``lora/formats.py``'s. Run ``python lora/lora_transformer.py`` for a demonstration.
+``lora/formats.py``'s (and Hugging Face PEFT's, ``lora/peft_format.py``). Run
+``python lora/lora_transformer.py`` for a demonstration.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from lora.lora_layer import (
     unmerge_lora,
 )
 from lora.model_config import PROJECTIONS, LoRAConfig, ModelConfig, target_of
+from lora.peft_format import adapter_from_peft, is_peft_folder, write_peft_folder
 
 __all__ = ["LoRATransformer"]
 
@@ -674,12 +676,31 @@ class LoRATransformer(nn.Module):
         Refuses (``ValueError`` saying what differs) an adapter made for a base of another architecture, or
         for other base weights (fingerprint); ``force=True`` skips only the fingerprint check. The adapter
         may have another rank, targets or head than the model had: layers are reconfigured.
+
+        ``path`` may also be a Hugging Face PEFT LoRA folder for GPT-2 (its ``adapter_config.json`` names a
+        ``peft_type``; converted by ``lora/peft_format.py``). PEFT records no fingerprint of the base
+        weights, so only the shapes can be checked: loading it on another GPT-2 of the same shape succeeds.
         """
+        if is_peft_folder(path):
+            adapter = adapter_from_peft(path, self.config)
+            ranks = {m: s.r for m, s in adapter.layers.items()}
+            self._check_adapter_tensors(adapter.tensors(), ranks, None, path)
+            self._activate(adapter_name, adapter)
+            return adapter_name
         folder = read_adapter_folder(path)
         for w in self.check_adapter_fits(folder, force):
             warnings.warn(w, stacklevel=2)
         self._activate(adapter_name, self.adapter_from_folder(folder))
         return adapter_name
+
+    def export_peft(
+        self, path: str | Path, adapter_name: str | None = None, base_model_name_or_path: str | None = None
+    ) -> Path:
+        """Write adapter ``adapter_name`` (default: the active one) as a Hugging Face PEFT LoRA folder:
+        ``PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base), path)`` then computes this model's
+        logits (q, k, v fused into ``c_attn``: ``lora/peft_format.py``). An adapter with a head is refused."""
+        name = self.active_adapter if adapter_name is None else adapter_name
+        return write_peft_folder(path, self.get_adapter(name), self.config, base_model_name_or_path)
 
     def merge_and_export(self, path: str | Path, extra: dict | None = None) -> Path:
         """Write a LoRA-free model folder with the active adapter merged; this model is left unchanged.

@@ -1,4 +1,5 @@
-"""What a run will allocate, estimated before anything is allocated, and refused if it cannot fit.
+"""What a run will allocate, estimated before anything is allocated, and refused if it cannot fit; and
+what it did allocate at its peak (:func:`peak_memory_mb`, reported in ``metrics.json``).
 
 A typo such as ``--d_model 100000`` or ``--num_examples 10000000000`` would otherwise take minutes to fill
 the machine's memory and then die; here it costs one line. The estimate is rough (within a small factor)
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import resource
+import sys
 from pathlib import Path
 
 import torch
@@ -24,10 +27,19 @@ from lora.errors import ConfigError
 from lora.lora_transformer import LoRATransformer
 from lora.model_config import ModelConfig
 
-__all__ = ["available_bytes", "check_memory", "estimate_bytes"]
+__all__ = ["available_bytes", "check_memory", "estimate_bytes", "peak_memory_mb"]
 
 BYTES_PER_EXAMPLE = 400  # a generated cipher example: its tensors and the temporaries that make them
 BYTES_PER_FILE_BYTE = 10  # a byte of a data file: read, decoded, split into windows, int16 targets
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """The run's peak so far, in MiB: on CUDA the tensors' (``max_memory_allocated``), elsewhere the
+    process's resident set (``ru_maxrss``: the interpreter, torch and the data included)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
 
 def available_bytes() -> int | None:

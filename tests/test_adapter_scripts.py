@@ -192,8 +192,8 @@ def test_generation_interrupted_keeps_its_text(folders, capsys, monkeypatch):
     assert out == f"=== base ===\nab{full}\n\n"  # the same 7 tokens an uninterrupted run gives
 
 
-SCRIPTS = ["generate", "inspect_adapter", "merge_adapter", "multitask_demo", "benchmark", "visualize_lora",
-           "compare_methods", "sweep"]  # fmt: skip
+SCRIPTS = ["generate", "inspect_adapter", "merge_adapter", "export_peft", "multitask_demo", "benchmark",
+           "visualize_lora", "compare_methods", "sweep"]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", SCRIPTS)

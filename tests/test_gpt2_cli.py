@@ -51,7 +51,7 @@ def test_lora_on_your_text_from_a_gpt2_folder(gpt2_folder, text, tmp_path, capsy
     model.eval()
     ids = tokenizer.encode("The ")
     g = torch.Generator().manual_seed(0)
-    out = model.generate(torch.tensor([ids]), 64 - len(ids), temperature=0.8, top_k=40, generator=g)
+    out = model.generate(torch.tensor([ids]), 48, temperature=0.8, top_k=40, generator=g)
     samples = (folder / "samples.txt").read_text()
     assert "--- adapted:\n" + tokenizer.decode(out[0].tolist()) + "\n" in samples
 
@@ -140,3 +140,18 @@ def test_a_cipher_task_on_a_gpt2_folder_is_refused(gpt2_folder, tmp_path, capsys
             "--output_dir", str(tmp_path / "runs")]  # fmt: skip
     refused(capsys, argv, "task rot13 is byte-level")
     assert not (tmp_path / "runs").exists()
+
+
+def test_random_gpt2_writes_a_labelled_folder_that_loads(tmp_path, capsys):
+    from scripts.random_gpt2 import main as random_gpt2
+
+    out = tmp_path / "random-gpt2"
+    assert random_gpt2(["--size", "tiny", "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["weights"].startswith("random")
+    model = LoRATransformer.from_gpt2(out, lora_r=0)
+    assert (model.config.vocab_size, model.config.max_seq_len, model.config.num_layers) == (50257, 1024, 2)
+    tokenizer = load_tokenizer(out, 50257)
+    assert tokenizer.decode(tokenizer.encode("def greet(name):")) == "def greet(name):"
+    capsys.readouterr()
+    assert random_gpt2(["--size", "tiny", "--out", str(out)]) == 2  # never overwrites
+    assert "exists already" in capsys.readouterr().err

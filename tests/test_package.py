@@ -27,6 +27,7 @@ LAYERS = [
     "adapter",  # one adapter as data
     "analysis",  # spectra, subspace similarity, amplification
     "formats",  # model and adapter folders on disk
+    "peft_format",  # Hugging Face PEFT's LoRA folders for GPT-2, both ways
     "lora_transformer",  # the model, owning its adapters
     "memory",  # what a run will allocate, checked first
     "checkpoint",  # training checkpoints

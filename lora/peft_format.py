@@ -1,0 +1,392 @@
+"""Hugging Face PEFT's LoRA adapter folders for GPT-2, written and read exactly.
+
+PEFT adapts ``GPT2LMHeadModel``'s ``Conv1D`` layers; this model has GPT-2's layout with ``c_attn`` split
+(``lora/gpt2.py``). Per block ``i``:
+
+=========================================  ==================================================================
+here (``blocks.{i}.``)                     PEFT (``base_model.model.transformer.h.{i}.``)
+=========================================  ==================================================================
+``attn.q_proj``, ``k_proj``, ``v_proj``    ``attn.c_attn``: one adapter, their ranks added (see below)
+``attn.o_proj``                            ``attn.c_proj``
+``mlp.fc1``, ``mlp.fc2``                   ``mlp.c_fc``, ``mlp.c_proj``
+=========================================  ==================================================================
+
+PEFT's LoRA path is ``s B A x`` with ``A: (r, in)``, ``B: (out, r)`` on a ``Conv1D`` too (``fan_in_fan_out``
+only changes how it merges), so the tensors move as they are. The scaling ``s`` is ``lora_alpha / r``, or
+``lora_alpha / sqrt(r)`` with ``use_rslora``, where ``r`` and ``lora_alpha`` come from ``rank_pattern`` and
+``alpha_pattern`` (the first key ``k`` with ``re.match(rf"(.*\\.)?({k})$", name)``) or ``r``, ``lora_alpha``.
+
+Fusing (export): the adapted parts ``p`` of q, k, v give ``A = [A_p; ...]`` ``(Σ r_p, C)`` and a
+block-diagonal ``B`` ``(3C, Σ r_p)``: ``B_p`` in rows ``jC:(j+1)C`` (j = 0, 1, 2 for q, k, v) under ``p``'s
+own columns, zeros elsewhere, so ``B A = [B_q A_q; B_k A_k; B_v A_v]``. The fused module has one scaling
+``s_c`` (the first part's); a part with another ``s_p`` carries ``s_p / s_c`` in its ``B``. Parts that share
+one ``A`` and scaling (as an imported ``c_attn`` leaves them) keep it: ``A`` as it is, ``B = [B_q; B_k; B_v]``.
+
+Splitting (import): each part takes ``B[jC:(j+1)C]`` and the whole ``A``, then drops the columns of its ``B``
+that are exactly zero with the matching rows of ``A`` (they add nothing), so an export of ours comes back
+with its own ranks; a part left with none has no adapter. A ``c_attn`` whose ``B`` is all zeros (a freshly
+initialised adapter) keeps its full rank in all three parts. A part's ``lora_alpha`` is chosen to keep ``s_c``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora.adapter import Adapter, LayerAdapter
+from lora.errors import quote
+from lora.files import (
+    atomic_save_safetensors,
+    atomic_write_json,
+    describe_mismatch,
+    existing_folder,
+    read_json,
+    read_safetensors,
+)
+from lora.formats import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
+from lora.lora_layer import lora_scaling, validate_lora_args
+from lora.model_config import LoRAConfig, ModelConfig, target_of
+
+__all__ = ["adapter_from_peft", "adapter_to_peft", "is_peft_config", "is_peft_folder", "write_peft_folder"]
+
+PREFIX = "base_model.model."  # PEFT's name of the wrapped model, before GPT2LMHeadModel's own names
+FUSED = ("attn.q_proj", "attn.k_proj", "attn.v_proj")  # the row blocks of c_attn, in order
+UNFUSED = {"attn.o_proj": "attn.c_proj", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+PEFT_MODULES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+# settings that change what the adapter computes in ways this model cannot, with why; refused when set
+_UNSUPPORTED = {
+    "use_dora": "DoRA adapters are not supported",
+    "lora_bias": "LoRA biases (lora_bias) are not supported",
+    "modules_to_save": "modules_to_save (fully trained modules beside the LoRA layers) are not supported",
+    "layers_to_transform": "layers_to_transform is not supported; adapt every layer",
+    "layer_replication": "layer_replication is not supported",
+    "target_parameters": "target_parameters is not supported",
+    "trainable_token_indices": "trainable_token_indices (trained embedding rows) are not supported",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) is not supported",
+    "use_bdlora": "block-diagonal LoRA (use_bdlora) is not supported",
+    "arrow_config": "Arrow routing (arrow_config) is not supported",
+}
+# initialisations that also change the base weights: the adapter alone is not the difference to the base
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
+def _tidy(x: float) -> float:
+    """``x`` snapped to its 12-digit rounding when a few ulps away (rounding noise): ``(16 / 3) * 6`` is 32.0,
+    not 31.999999999999996; ``8 sqrt(3)`` stays as it is."""
+    y = float(f"{x:.12g}")
+    return y if abs(y - x) <= 4 * math.ulp(x) else x
+
+
+def _alpha_for(scaling: float, r: int, use_rslora: bool) -> float:
+    """The ``lora_alpha`` that gives ``scaling`` at rank ``r``: ``s r``, or ``s sqrt(r)`` with rsLoRA."""
+    return _tidy(scaling * (math.sqrt(r) if use_rslora else r))
+
+
+def _io(config: ModelConfig) -> dict[str, tuple[int, int]]:
+    """``(in, out)`` of each PEFT module kind of a block."""
+    C, F = config.d_model, config.d_ff
+    return {"attn.c_attn": (C, 3 * C), "attn.c_proj": (C, C), "mlp.c_fc": (C, F), "mlp.c_proj": (F, C)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Ours -> PEFT
+
+
+def _check_layers(adapter: Adapter, config: ModelConfig) -> None:
+    """Refuse a head, no layers, or layers that are not this architecture's projections of the right shape."""
+    if adapter.cls_head is not None:
+        raise ValueError("the adapter has a classification head (cls_head), which a PEFT LoRA adapter for "
+                         "GPT2LMHeadModel cannot hold")  # fmt: skip
+    if not adapter.layers:
+        raise ValueError("the adapter has no LoRA layers: nothing to export")
+    C, F = config.d_model, config.d_ff
+    io = {**dict.fromkeys(FUSED, (C, C)), "attn.o_proj": (C, C), "mlp.fc1": (C, F), "mlp.fc2": (F, C)}
+    expected = {}
+    for m, spec in adapter.layers.items():
+        found = re.fullmatch(r"blocks\.(\d+)\.(.+)", m)
+        if found is None or found[2] not in io or int(found[1]) >= config.num_layers:
+            raise ValueError(
+                f"adapter module {quote(m)} is not a projection of this {config.num_layers}-block model"
+            )
+        d_in, d_out = io[found[2]]
+        expected[f"{m}.lora_A"] = torch.empty(spec.r, d_in)
+        expected[f"{m}.lora_B"] = torch.empty(d_out, spec.r)
+    problem = describe_mismatch(adapter.tensors(), expected)
+    if problem:
+        raise ValueError(f"the adapter does not fit the model: {problem}")
+
+
+def _fuse(
+    parts: list[tuple[int, LayerAdapter]], d_model: int, use_rslora: bool
+) -> tuple[int, float, torch.Tensor, torch.Tensor]:
+    """q, k, v parts ``(j, layer)`` -> one ``c_attn`` adapter ``(r, lora_alpha, A (r, C), B (3C, r))``."""
+    C = d_model
+    first = parts[0][1]
+    s_c, dtype = first.scaling, first.lora_A.dtype
+    # parts split from one PEFT c_attn share their A: B_p stacked under it keeps the rank it had
+    shared = len(parts) > 1 and all(
+        p.r == first.r and p.scaling == s_c and torch.equal(p.lora_A, first.lora_A) for _, p in parts
+    )
+    A = first.lora_A if shared else torch.cat([p.lora_A.to(dtype) for _, p in parts])  # (Σ r_p, C)
+    B = torch.zeros(3 * C, A.shape[0], dtype=dtype, device=A.device)  # (3C, Σ r_p), block-diagonal
+    col = 0
+    for j, p in parts:
+        B_p = p.lora_B if p.scaling == s_c else (p.lora_B.float() * (p.scaling / s_c)).to(dtype)
+        B[j * C : (j + 1) * C, col : col + p.r] = B_p
+        col += 0 if shared else p.r
+    r = A.shape[0]
+    return r, _alpha_for(s_c, r, use_rslora), A, B
+
+
+def adapter_to_peft(
+    adapter: Adapter, config: ModelConfig, base_model_name_or_path: str | None = None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``(adapter_config.json, tensors)`` of ``adapter`` as a PEFT LoRA adapter of ``GPT2LMHeadModel``.
+
+    Tensors are ``base_model.model.transformer.h.{i}.<module>.lora_A.weight`` ``(r, in)`` and ``.lora_B.weight``
+    ``(out, r)``; ``r`` and ``lora_alpha`` are the commonest values, ``rank_pattern`` / ``alpha_pattern`` name
+    the other modules (``h.{i}.attn.c_attn``, ...). A classification head cannot be exported.
+    """
+    _check_layers(adapter, config)
+    use_rslora = adapter.settings.use_rslora
+    modules: dict[str, tuple[int, float]] = {}  # h.{i}.<module> -> (r, lora_alpha)
+    tensors = {}
+    for i in range(config.num_layers):
+        ours, theirs = f"blocks.{i}.", f"h.{i}."
+        parts = [(j, adapter.layers[ours + p]) for j, p in enumerate(FUSED) if ours + p in adapter.layers]
+        found = {}
+        if parts:
+            r, alpha, A, B = _fuse(parts, config.d_model, use_rslora)
+            found["attn.c_attn"] = (r, alpha, A, B)
+        for mine, peft in UNFUSED.items():
+            spec = adapter.layers.get(ours + mine)
+            if spec is not None:
+                alpha = (
+                    spec.lora_alpha
+                    if spec.use_rslora == use_rslora
+                    else _alpha_for(spec.scaling, spec.r, use_rslora)
+                )
+                found[peft] = (spec.r, alpha, spec.lora_A, spec.lora_B)
+        for peft, (r, alpha, A, B) in found.items():
+            modules[theirs + peft] = (r, alpha)
+            tensors[f"{PREFIX}transformer.{theirs}{peft}.lora_A.weight"] = A
+            tensors[f"{PREFIX}transformer.{theirs}{peft}.lora_B.weight"] = B
+    r = Counter(r for r, _ in modules.values()).most_common(1)[0][0]
+    alpha = Counter(a for _, a in modules.values()).most_common(1)[0][0]
+    targets = []  # a module in every block by its kind; else each by its name
+    for kind in PEFT_MODULES:
+        blocks = [i for i in range(config.num_layers) if f"h.{i}.{kind}" in modules]
+        targets += [kind] if len(blocks) == config.num_layers else [f"h.{i}.{kind}" for i in blocks]
+    peft_config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+        "r": r, "lora_alpha": alpha, "lora_dropout": adapter.settings.lora_dropout, "use_rslora": use_rslora,
+        "target_modules": targets, "rank_pattern": {m: mr for m, (mr, _) in modules.items() if mr != r},
+        "alpha_pattern": {m: ma for m, (_, ma) in modules.items() if ma != alpha},
+        "fan_in_fan_out": True, "bias": "none", "use_dora": False, "modules_to_save": None,
+        "layers_to_transform": None, "layers_pattern": None, "init_lora_weights": True, "inference_mode": True,
+    }  # fmt: skip
+    return peft_config, tensors
+
+
+def write_peft_folder(
+    folder: str | Path, adapter: Adapter, config: ModelConfig, base_model_name_or_path: str | None = None
+) -> Path:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (:func:`adapter_to_peft`), each
+    atomically; ``PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base), folder)`` loads them."""
+    peft_config, tensors = adapter_to_peft(adapter, config, base_model_name_or_path)
+    folder = Path(folder)
+    atomic_save_safetensors(tensors, folder / ADAPTER_WEIGHTS_NAME, {"format": "pt"})
+    atomic_write_json(folder / ADAPTER_CONFIG_NAME, peft_config)
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------------------
+# PEFT -> ours
+
+
+def is_peft_config(config: Mapping[str, Any]) -> bool:
+    """Whether an ``adapter_config.json`` is PEFT's (it names a ``peft_type``) rather than this project's."""
+    return "peft_type" in config
+
+
+def is_peft_folder(path: str | Path) -> bool:
+    """Whether ``path`` holds a readable ``adapter_config.json`` written by PEFT."""
+    config = Path(path) / ADAPTER_CONFIG_NAME
+    try:
+        return config.is_file() and is_peft_config(read_json(config))
+    except ValueError:
+        return False
+
+
+def _check_settings(peft: Mapping[str, Any], where: Path) -> None:
+    """Refuse what this model cannot compute: another method, DoRA, biases, extra trained modules, ..."""
+    if peft.get("peft_type") != "LORA":
+        raise ValueError(
+            f"{where}: peft_type {quote(peft.get('peft_type'))} is not supported; only LORA adapters"
+        )
+    for key, why in _UNSUPPORTED.items():
+        if peft.get(key) not in (None, False, [], {}):
+            raise ValueError(f"{where}: {why} ({key} {quote(peft[key])})")
+    if peft.get("bias", "none") != "none":
+        raise ValueError(
+            f"{where}: bias {quote(peft['bias'])} is not supported; only 'none' (no trained biases)"
+        )
+    init = str(peft.get("init_lora_weights", True)).lower()
+    if init.startswith(_BASE_CHANGING_INITS):
+        raise ValueError(f"{where}: init_lora_weights {quote(peft['init_lora_weights'])} also changes the base "
+                         "weights; convert it to plain LoRA with PEFT (path_initial_model_for_weight_conversion)")  # fmt: skip
+
+
+def _pattern(peft: Mapping[str, Any], key: str, name: str, default: Any, where: Path) -> Any:
+    """PEFT's rule: the value of the first key ``k`` of ``peft[key]`` (``rank_pattern``, ``alpha_pattern``) with
+    ``(.*\\.)?(k)$`` matching the module's ``name``, else ``default``."""
+    patterns = peft.get(key) or {}
+    if not isinstance(patterns, dict):
+        raise ValueError(f"{where}: {key} must be a JSON object, got {quote(patterns)}")
+    for k, value in patterns.items():
+        try:
+            if re.match(rf"(.*\.)?({k})$", name):
+                return value
+        except re.error as e:
+            raise ValueError(f"{where}: {key} key {quote(k)} is not a regular expression ({e})") from None
+    return default
+
+
+def _targeted(peft: Mapping[str, Any], config: ModelConfig, where: Path) -> list[str]:
+    """The GPT-2 modules (``h.{i}.attn.c_attn``, ...) that ``target_modules`` and ``exclude_modules`` pick,
+    matched as PEFT does against ``transformer.h.{i}...``; a target that picks none of them is refused."""
+    names = [f"transformer.h.{i}.{kind}" for i in range(config.num_layers) for kind in PEFT_MODULES]
+    targets = peft.get("target_modules")
+    targets = ["attn.c_attn"] if targets is None else targets  # PEFT's default for GPT-2
+    targets = list(PEFT_MODULES) if targets == "all-linear" else targets  # every Conv1D but the LM head
+
+    def matches(spec: Any, name: str) -> bool:
+        if isinstance(spec, str):
+            try:
+                return re.fullmatch(spec, name) is not None
+            except re.error as e:
+                raise ValueError(f"{where}: {quote(spec)} is not a regular expression ({e})") from None
+        return name in spec or any(name.endswith(f".{t}") for t in spec)
+
+    if not isinstance(targets, (str, list)) or not all(isinstance(t, str) for t in targets):
+        raise ValueError(
+            f"{where}: target_modules must be a list of names or a pattern, got {quote(targets)}"
+        )
+    if isinstance(targets, str):  # one pattern
+        lacking = [] if any(matches(targets, n) for n in names) else [targets]
+    else:
+        lacking = [t for t in targets if not any(matches([t], n) for n in names)]
+    if lacking:
+        raise ValueError(f"{where}: target_modules {lacking} are not in this model; GPT-2's LoRA layers are "
+                         f"{', '.join(PEFT_MODULES)}")  # fmt: skip
+    exclude = peft.get("exclude_modules") or []
+    picked = [n for n in names if matches(targets, n) and not matches(exclude, n)]
+    if not picked:
+        raise ValueError(
+            f"{where}: target_modules {quote(targets)} and exclude_modules leave no module to adapt"
+        )
+    return [n.removeprefix("transformer.") for n in picked]
+
+
+def _tensor_names(raw: Mapping[str, torch.Tensor], where: Path) -> dict[str, torch.Tensor]:
+    """``[base_model.model.][transformer.]h.0.attn.c_attn.lora_A.weight`` -> ``h.0.attn.c_attn.lora_A``."""
+    out = {}
+    for key, value in raw.items():
+        name = key.removeprefix(PREFIX).removeprefix("transformer.")
+        if re.fullmatch(r".+\.lora_[AB]\.[^.]+\.weight", name):
+            raise ValueError(f"{where}: tensor {key} carries an adapter name; only PEFT's saved form "
+                             "(<module>.lora_A.weight, as save_pretrained writes) is read")  # fmt: skip
+        if name in out:
+            raise ValueError(f"{where}: tensor {key} appears twice (with and without a prefix)")
+        if not value.is_floating_point():
+            raise ValueError(f"{where}: tensor {key} has dtype {value.dtype}, expected floating point")
+        out[name.removesuffix(".weight")] = value
+    return out
+
+
+def _split(
+    r: int, alpha: float, pair: tuple[torch.Tensor, torch.Tensor], dropout: float, use_rslora: bool
+) -> dict[str, LayerAdapter]:
+    """A ``c_attn`` adapter, ``pair = (A (r, C), B (3C, r))`` -> q, k, v adapters, zero columns of ``B`` dropped."""
+    A, B = pair
+    C = A.shape[1]
+    s_c = lora_scaling(r, alpha, use_rslora)
+    blocks = [B[j * C : (j + 1) * C] for j in range(3)]  # (C, r) each
+    keep = [b.ne(0).any(dim=0) for b in blocks]  # (r,) each: the columns that contribute
+    if not any(k.any() for k in keep):  # B = 0: a fresh adapter keeps its full rank to train on
+        keep = [torch.ones(r, dtype=torch.bool, device=B.device)] * 3
+    out = {}
+    for proj, b, k in zip(FUSED, blocks, keep, strict=True):
+        r_p = int(k.sum())
+        if r_p:
+            alpha_p = alpha if r_p == r else _alpha_for(s_c, r_p, use_rslora)
+            out[proj] = LayerAdapter(
+                r_p, alpha_p, dropout, use_rslora, A[k].contiguous(), b[:, k].contiguous()
+            )
+    return out
+
+
+def adapter_from_peft(path: str | Path, config: ModelConfig) -> Adapter:
+    """The PEFT LoRA adapter folder ``path`` (trained on a GPT-2 of ``config``'s shape) as an :class:`Adapter`.
+
+    Reads ``r``, ``lora_alpha``, ``rank_pattern``, ``alpha_pattern``, ``use_rslora``, ``target_modules`` and
+    ``exclude_modules``; ``c_attn`` is split as the module docstring says. What this model cannot compute
+    (another ``peft_type``, DoRA, biases, ``modules_to_save``, ...), a target it lacks, and missing,
+    unexpected, mis-shaped or non-float tensors raise a one-line ``ValueError``. PEFT records no fingerprint
+    of the base weights: only the shapes can be checked.
+    """
+    folder = existing_folder(path, "adapter")
+    config_path, weights_path = folder / ADAPTER_CONFIG_NAME, folder / ADAPTER_WEIGHTS_NAME
+    peft = read_json(config_path)
+    _check_settings(peft, config_path)
+    use_rslora, dropout = peft.get("use_rslora", False), peft.get("lora_dropout", 0.0)
+    if not isinstance(use_rslora, bool):
+        raise ValueError(f"{config_path}: use_rslora must be true or false, got {quote(use_rslora)}")
+    modules = {}  # h.{i}.<module> -> (r, lora_alpha)
+    for m in _targeted(peft, config, config_path):
+        name = f"transformer.{m}"  # as PEFT matches it; PEFT's defaults are r 8, lora_alpha 8
+        r = _pattern(peft, "rank_pattern", name, peft.get("r", 8), config_path)
+        alpha = _pattern(peft, "alpha_pattern", name, peft.get("lora_alpha", 8), config_path)
+        try:
+            validate_lora_args(r, alpha, dropout)
+        except ValueError as e:
+            raise ValueError(f"{config_path}: module {m}: {e}") from None
+        if r == 0:
+            raise ValueError(f"{config_path}: module {m} has rank 0")
+        modules[m] = (r, float(alpha))
+    if not weights_path.is_file() and (folder / "adapter_model.bin").is_file():
+        raise ValueError(f"{folder}: only adapter_model.bin, a pickle, which is not read; save the adapter with "
+                         "safe_serialization=True (PEFT's default) to get adapter_model.safetensors")  # fmt: skip
+    tensors = _tensor_names(read_safetensors(weights_path), weights_path)
+    io, expected = _io(config), {}
+    for m, (r, _) in modules.items():
+        d_in, d_out = io[m.split(".", 2)[2]]
+        expected[f"{m}.lora_A"], expected[f"{m}.lora_B"] = torch.empty(r, d_in), torch.empty(d_out, r)
+    problem = describe_mismatch(tensors, expected)
+    if problem:
+        raise ValueError(f"{weights_path}: {problem}")
+    layers = {}
+    reverse = {peft: mine for mine, peft in UNFUSED.items()}
+    for m, (r, alpha) in modules.items():
+        _, i, kind = m.split(".", 2)
+        A, B = tensors[f"{m}.lora_A"], tensors[f"{m}.lora_B"]
+        if kind == "attn.c_attn":
+            for proj, spec in _split(r, alpha, (A, B), dropout, use_rslora).items():
+                layers[f"blocks.{i}.{proj}"] = spec
+        else:
+            layers[f"blocks.{i}.{reverse[kind]}"] = LayerAdapter(r, alpha, dropout, use_rslora, A, B)
+    kinds = {target_of(m) for m in layers}
+    settings = LoRAConfig(
+        lora_r=max(s.r for s in layers.values()),
+        lora_alpha=Counter(s.lora_alpha for s in layers.values()).most_common(1)[0][0],
+        lora_dropout=dropout, lora_targets=tuple(kinds - {"ff"}), adapt_feedforward="ff" in kinds,
+        use_rslora=use_rslora,
+    )  # fmt: skip
+    extra = {"imported_from": "peft", "peft_base_model_name_or_path": peft.get("base_model_name_or_path")}
+    return Adapter(dict(sorted(layers.items())), None, settings, extra)
