@@ -99,7 +99,8 @@ class TrainConfig:
     dropout: float = field(default=0.0, metadata=_help("dropout in the model"))
     # --- the base
     base_checkpoint: str = field(
-        default="auto", metadata=_help("base model folder; auto: pretrain once, reuse")
+        default="auto",
+        metadata=_help("base model folder (this project's or a GPT-2 one); auto: pretrain once"),
     )
     base_steps: int = field(default=300, metadata=_help("optimizer steps when pretraining a base"))
     base_learning_rate: float = field(default=2e-3, metadata=_help("learning rate when pretraining a base"))

@@ -20,6 +20,8 @@ __all__ = ["TOKENIZER_NAME", "ByteTokenizer", "HFTokenizer", "Tokenizer", "load_
 
 TOKENIZER_NAME = "tokenizer.json"
 BPE_FILES = ("vocab.json", "merges.txt")
+# the largest vocabulary read as bytes when a model has no tokenizer (the bases made here have 256 ids)
+MAX_BYTE_VOCAB = 512
 
 
 class ByteTokenizer:
@@ -81,19 +83,18 @@ def _tokenizers_library() -> object:
 def load_tokenizer(folder: str | Path | None, vocab_size: int) -> Tokenizer:
     """The tokenizer of a model folder whose model has ``vocab_size`` ids.
 
-    ``folder`` ``None`` or without tokenizer files: bytes (a model of this project's with at least 256
-    ids; a Hugging Face folder needs its own tokenizer). A tokenizer with more ids than the model has
-    embeddings is refused.
+    ``folder`` ``None`` or without tokenizer files: bytes (a model of this project's with 256 to
+    :data:`MAX_BYTE_VOCAB` ids; a Hugging Face folder, or a larger vocabulary, needs its own tokenizer).
+    A tokenizer with more ids than the model has embeddings is refused.
     """
     files = [] if folder is None else tokenizer_files(folder)
     if not files:
         if folder is not None and is_hf_folder(folder):
             raise ConfigError(f"{folder}: no tokenizer beside the model ({TOKENIZER_NAME}, or "
                               f"{' + '.join(BPE_FILES)}); a GPT-2 checkpoint needs its own")  # fmt: skip
-        if vocab_size < ByteTokenizer.vocab_size:
-            raise ConfigError(
-                f"byte-level text needs a vocabulary of at least 256, the model has {vocab_size}"
-            )
+        if not ByteTokenizer.vocab_size <= vocab_size <= MAX_BYTE_VOCAB:
+            raise ConfigError(f"{folder}: no tokenizer beside the model, and its vocabulary of {vocab_size} is "
+                              f"not byte-level (256 to {MAX_BYTE_VOCAB} ids): put its {TOKENIZER_NAME} beside it")  # fmt: skip
         return ByteTokenizer()
     lib = _tokenizers_library()
     try:

@@ -3,7 +3,8 @@
 Before writing, the merged model's logits are compared with base + adapter (unmerged) on a random batch;
 the largest absolute difference is reported and the merge is refused if it exceeds ``--tolerance`` times
 ``max(1, max |logit|)`` (float32 rounding grows with the size of the logits).
-The result loads with ``LoRATransformer.from_pretrained(out, lora_r=0)``.
+The result loads with ``LoRATransformer.from_pretrained(out, lora_r=0)``; the tokenizer of a base with
+its own (a GPT-2 folder) is copied beside it.
 
     python scripts/merge_adapter.py --base runs/bases/english-d256-h4-l2-s128-steps800-seed0 --adapter runs/code-lora-r8 --out runs/code-merged
     python scripts/merge_adapter.py --base runs/bases/caesar-d256-h4-l2-s128-steps300-seed0 --adapter runs/rot13-lora-r8 --out rot13-merged --tolerance 1e-4
@@ -27,8 +28,10 @@ import torch
 
 from lora.config import CommandLineParser
 from lora.errors import guarded
+from lora.files import atomic_write_bytes
 from lora.formats import CONFIG_NAME, WEIGHTS_NAME
 from lora.lora_transformer import LoRATransformer
+from lora.tokenizer import tokenizer_files
 
 
 @torch.no_grad()
@@ -81,6 +84,10 @@ def run(args: argparse.Namespace) -> tuple[float, float, Path]:
         out,
         extra={"adapter": str(args.adapter), "max_logit_difference": diff, "max_abs_logit": largest},
     )
+    # the merged model reads text as its base did: the run's recorded tokenizer, else the base folder's
+    source = tokenizer_files(args.adapter) or tokenizer_files(args.base)
+    for f in source:
+        atomic_write_bytes(out / f.name, f.read_bytes())
     return diff, largest, out
 
 

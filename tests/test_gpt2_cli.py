@@ -155,3 +155,24 @@ def test_random_gpt2_writes_a_labelled_folder_that_loads(tmp_path, capsys):
     capsys.readouterr()
     assert random_gpt2(["--size", "tiny", "--out", str(out)]) == 2  # never overwrites
     assert "exists already" in capsys.readouterr().err
+
+
+def test_merging_an_adapter_on_a_gpt2_folder_keeps_its_tokenizer(gpt2_folder, text, tmp_path, capsys):
+    from scripts.merge_adapter import main as merge
+
+    runs, out = tmp_path / "runs", tmp_path / "merged"
+    argv = [*RUN, "--task", "text", "--train_file", str(text), "--base_checkpoint", str(gpt2_folder),
+            "--output_dir", str(runs), "--run_name", "mine", "--max_steps", "2"]  # fmt: skip
+    assert main(argv) == 0
+    assert merge(["--base", str(gpt2_folder), "--adapter", str(runs / "mine"), "--out", str(out)]) == 0
+    assert load_tokenizer(out, 300).tokenizer.to_str() == load_tokenizer(gpt2_folder, 300).tokenizer.to_str()
+    capsys.readouterr()
+    assert generate(["--base", str(out), "--prompt", "The quick", "--max_new_tokens", "3"]) == 0
+
+
+def test_a_large_vocabulary_without_a_tokenizer_is_not_read_as_bytes(tmp_path, capsys):
+    LoRATransformer(1000, d_model=16, num_heads=2, num_layers=1, max_seq_len=16, lora_r=0).save_pretrained(
+        tmp_path / "m"
+    )
+    assert generate(["--base", str(tmp_path / "m"), "--prompt", "hi"]) == 2
+    assert "vocabulary of 1000 is not byte-level" in capsys.readouterr().err
