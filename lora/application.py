@@ -21,7 +21,16 @@ from lora.base_model import base_dir_for, ensure_base
 from lora.checkpoint import find_latest, read_trainer_state
 from lora.config import TrainConfig, load_yaml, resolve_config
 from lora.data import IGNORE, VOCAB_SIZE, BatchLoader, Task, load_task
-from lora.errors import CheckpointError, ConfigError, Interrupted, LoRAError
+from lora.distributed import (
+    Distributed,
+    check_same,
+    from_environment,
+    peer_failure,
+    post_failure,
+    start,
+    stop,
+)
+from lora.errors import CheckpointError, ConfigError, Interrupted, LoRAError, exit_code, one_line
 from lora.formats import WEIGHTS_NAME
 from lora.lora_transformer import LoRATransformer
 from lora.memory import check_memory, peak_memory_mb
@@ -38,7 +47,7 @@ from lora.run_folder import (
 from lora.tokenizer import TOKENIZER_NAME, ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
 from lora.trainer import LoRATrainer, Trainer, resolve_device
 
-__all__ = ["find_resume", "run", "say"]
+__all__ = ["RankError", "find_resume", "run", "say"]
 
 
 def say(message: str) -> None:
@@ -46,10 +55,23 @@ def say(message: str) -> None:
     tqdm.write(message, file=sys.stderr)
 
 
-def find_resume(cfg: TrainConfig) -> tuple[Path | None, dict[str, Any]]:
+def _silent(message: str) -> None:
+    """What the processes other than rank 0 say: nothing (rank 0 speaks for the run)."""
+
+
+class RankError(LoRAError):
+    """A failure in one process of a data-parallel run, named with its rank (the exit code is kept)."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.exit_code = code
+
+
+def find_resume(cfg: TrainConfig, world_size: int = 1) -> tuple[Path | None, dict[str, Any]]:
     """``--resume``: a checkpoint file, a run folder (its newest checkpoint) or ``auto`` (this run's).
 
-    Returns the checkpoint and its trainer state, or ``(None, {})`` when not resuming.
+    Returns the checkpoint and its trainer state, or ``(None, {})`` when not resuming. A run may resume on
+    another number of processes (``world_size``) when the global batch stays the same.
     """
     if cfg.resume is None:
         return None, {}
@@ -71,10 +93,18 @@ def find_resume(cfg: TrainConfig) -> tuple[Path | None, dict[str, Any]]:
     state = read_trainer_state(target)  # truncated, corrupted or not one: one line, before any output
     saved = target.parent / "config.yaml"
     if saved.is_file():  # the run's own settings: another task or rank would train something else
-        cfg.check_resume(
-            resolve_config(load_yaml(saved), where=str(saved), yaml_is_a_run=True),
-            f"--resume {target.parent}",
-        )
+        was = resolve_config(load_yaml(saved), where=str(saved), yaml_is_a_run=True)
+        was_world = int(state.get("world_size", 1))
+        if was_world != world_size or was.batch_size != cfg.batch_size:
+            global_batch = was.batch_size * was_world
+            if cfg.batch_size * world_size != global_batch:
+                raise CheckpointError(
+                    f"--resume {target.parent}: it was trained with a global batch of {global_batch} "
+                    f"(batch_size {was.batch_size} x {was_world} processes); with {world_size} process(es) "
+                    f"pass --batch_size {global_batch / world_size:g} to keep it"
+                )
+            was.batch_size = cfg.batch_size  # the same global batch, split another way
+        cfg.check_resume(was, f"--resume {target.parent}")
     return target, state
 
 
@@ -156,26 +186,76 @@ def _load_base(cfg: TrainConfig, base_dir: Path, task: Task) -> LoRATransformer:
         raise LoRAError(f"cannot load the base model: {e}") from None
 
 
-def run(cfg: TrainConfig) -> dict[str, Any]:
-    """The whole job: data, base, model, training, and the run folder. Returns metrics.json's content."""
-    t_start = time.perf_counter()
+def _device(cfg: TrainConfig, place: Distributed) -> torch.device:
+    """The run's device; data parallel on GPUs, each process takes ``cuda:<LOCAL_RANK>``."""
     device = resolve_device(cfg.device)
+    if not place.enabled or device.type != "cuda":
+        return device
+    if cfg.device.startswith("cuda:"):
+        raise ConfigError(f"--device {cfg.device} with torchrun: each process uses cuda:<LOCAL_RANK>; "
+                          "pass --device cuda or auto (CUDA_VISIBLE_DEVICES picks the GPUs)")  # fmt: skip
+    return torch.device("cuda", place.local_rank)
+
+
+def run(cfg: TrainConfig) -> dict[str, Any]:
+    """The whole job: data, base, model, training, and the run folder. Returns metrics.json's content.
+
+    Started by ``torchrun``, it is one process of a data-parallel run (``lora/distributed.py``): a failure
+    is named with its rank and posted for the others, which then stop too (:class:`~lora.distributed.PeerFailedError`).
+    """
+    place = from_environment()
+    device = _device(cfg, place)
+    if not place.enabled:
+        return _run(cfg, place, device)
+    backend = start(place, device)
+    try:
+        metrics = _run(cfg, place, device, backend)
+    except Interrupted:
+        raise
+    except BaseException as e:
+        peer = peer_failure()
+        if peer is not None and not isinstance(e, (LoRAError, OSError)):
+            raise peer from None  # a collective broke because that process failed first
+        if isinstance(e, KeyboardInterrupt):  # torchrun stopping this process (Ctrl-C, or a peer failed)
+            raise
+        message = f"rank {place.rank}: {one_line(e)}"
+        post_failure(message, exit_code(e))
+        raise RankError(message, exit_code(e)) from e
+    stop()
+    return metrics
+
+
+def _run(
+    cfg: TrainConfig, place: Distributed, device: torch.device, backend: str | None = None
+) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    tell = say if place.is_main else _silent
     _check_memory(cfg, device)  # before the data or a model is made
     tokenizer = _tokenizer(cfg)
     torch.manual_seed(cfg.seed)
     task = load_task(cfg, tokenizer=tokenizer)
-    resume, resume_state = find_resume(cfg)
-    base_dir = ensure_base(cfg, device, say)
+    resume, resume_state = find_resume(cfg, place.world_size)
+    if place.is_main:  # rank 0 pretrains a missing default base; the others wait for it, then load it
+        ensure_base(cfg, device, say)
+    check_same("ready", "readiness")  # every process has its data and the base exists
+    base_dir = base_dir_for(cfg)
     torch.manual_seed(cfg.seed)
     model = _load_base(cfg, base_dir, task)
     width = task.train.x.shape[1]
     if width > model.max_seq_len:
         raise ConfigError(f"seq_len {width} exceeds the base model's max_seq_len {model.max_seq_len}")
     fingerprint = model.base_fingerprint()
+    check_same(fingerprint, "the base's fingerprint")  # every process holds the same frozen base
     saved = resume_state.get("base_fingerprint")
     if saved not in (None, fingerprint):
         raise CheckpointError(f"checkpoint {resume} was trained on other base weights (fingerprint {saved}, "
                               f"this base {fingerprint}); resume with the run's own base_checkpoint")  # fmt: skip
+    if place.enabled:
+        tell(f"data parallel: {place.world_size} processes ({backend}), global batch {cfg.batch_size} x "
+             f"{place.world_size} = {cfg.batch_size * place.world_size} sequences a step")  # fmt: skip
+    if not place.is_main:  # rank 0 alone writes: the others train, evaluate and agree
+        return _train_and_write(cfg, task, model, device, None, None, resume, base_dir, fingerprint, t_start,
+                                tokenizer, place)  # fmt: skip
     # only now that every input is checked: a typo touches no folder
     folder, final = prepare_run_folder(cfg, resume)
     say(f"run folder: {folder}" + (f" (replaces {final} when it succeeds)" if final != folder else ""))
@@ -187,7 +267,18 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     try:
         with in_place:
             metrics = _train_and_write(
-                cfg, task, model, device, folder, final, resume, base_dir, fingerprint, t_start, tokenizer
+                cfg,
+                task,
+                model,
+                device,
+                folder,
+                final,
+                resume,
+                base_dir,
+                fingerprint,
+                t_start,
+                tokenizer,
+                place,
             )
     except BaseException:
         if resume is None:  # nothing of a failed new run is left but a checkpoint to resume from
@@ -200,34 +291,37 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     return metrics
 
 
-def _train_and_write(cfg: TrainConfig, task: Task, model: LoRATransformer, device: torch.device, folder: Path,
-                     final: Path, resume: Path | None, base_dir: Path, fingerprint: str,
-                     t_start: float, tokenizer: Tokenizer) -> dict[str, Any]:  # fmt: skip
-    """Train in ``folder`` and write every output there (``final`` is the name the run will have)."""
-    out = RunFolder(folder)
-    if resume is None:
+def _train_and_write(cfg: TrainConfig, task: Task, model: LoRATransformer, device: torch.device,
+                     folder: Path | None, final: Path | None, resume: Path | None, base_dir: Path, fingerprint: str,
+                     t_start: float, tokenizer: Tokenizer, place: Distributed) -> dict[str, Any]:  # fmt: skip
+    """Train in ``folder`` and write every output there (``final`` is the name the run will have); the
+    processes of a data-parallel run other than rank 0 get no folder and write nothing."""
+    writes = folder is not None
+    tell = say if writes else _silent
+    out = RunFolder(folder) if writes else None
+    if writes and resume is None:
         out.write("config.yaml", yaml.safe_dump({**cfg.to_saved(), "run_name": final.name}, sort_keys=False))
         if isinstance(tokenizer, HFTokenizer):  # the run's text is read back with the tokenizer that made it
             out.write(TOKENIZER_NAME, tokenizer.to_json())
     model.gradient_checkpointing = cfg.gradient_checkpointing
     targets = ",".join(cfg.lora_targets) + (",ff" if cfg.adapt_feedforward else "")
+    name = final.name if writes else f"rank {place.rank}"
     if cfg.method == "lora":
-        kind, label = (
-            LoRATrainer,
-            f"{final.name}: r={cfg.lora_r}, alpha={cfg.lora_alpha:g}, targets={targets}",
-        )
+        kind, label = LoRATrainer, f"{name}: r={cfg.lora_r}, alpha={cfg.lora_alpha:g}, targets={targets}"
     else:
-        kind, label = Trainer, f"{final.name}: full fine-tuning"
+        kind, label = Trainer, f"{name}: full fine-tuning"
         model.requires_grad_(True)
-    trainer = kind(model, BatchLoader(task.train, cfg.batch_size, seed=cfg.seed),
-                   BatchLoader(task.val, cfg.batch_size, shuffle=False), cfg, device=str(device),
-                   metric_name=task.metric_name, run_dir=folder, label=label)  # fmt: skip
+    shard = {"rank": place.rank, "world_size": place.world_size}
+    trainer = kind(model, BatchLoader(task.train, cfg.batch_size, seed=cfg.seed, **shard),
+                   BatchLoader(task.val, cfg.batch_size, shuffle=False, **shard), cfg, device=str(device),
+                   metric_name=task.metric_name, run_dir=folder, label=label, quiet=not writes,
+                   distributed=place)  # fmt: skip
     stats = model.get_parameter_stats()
-    say(f"{cfg.method}: training {stats['trainable_params']:,} of {stats['total_params']:,} parameters "
+    tell(f"{cfg.method}: training {stats['trainable_params']:,} of {stats['total_params']:,} parameters "
         f"({stats['trainable_percent']:.2f}%, {stats['reduction_factor']:.0f}x fewer) on {device}")  # fmt: skip
-    trainer.run_info["base_fingerprint"] = fingerprint
+    trainer.run_info.update(base_fingerprint=fingerprint, world_size=place.world_size)
     base_eval = trainer.evaluate(max_batches=0)
-    say(f"frozen base on '{task.name}': {task.metric_name} {base_eval['metric']:.4f}")
+    tell(f"frozen base on '{task.name}': {task.metric_name} {base_eval['metric']:.4f}")
     if resume is not None:
         trainer.resume_from(resume)
     try:
@@ -236,8 +330,10 @@ def _train_and_write(cfg: TrainConfig, task: Task, model: LoRATransformer, devic
         e.checkpoint = e.checkpoint or trainer.last_checkpoint
         raise
     result = trainer.evaluate(max_batches=0)
-    say(f"adapted on '{task.name}': {task.metric_name} {result['metric']:.4f} "
+    tell(f"adapted on '{task.name}': {task.metric_name} {result['metric']:.4f} "
         f"(frozen base {base_eval['metric']:.4f})")  # fmt: skip
+    if not writes:
+        return {"final_metric": result["metric"], "steps": trainer.step}
     extra = {
         "task": task.name,
         "run_name": final.name,
@@ -261,7 +357,8 @@ def _train_and_write(cfg: TrainConfig, task: Task, model: LoRATransformer, devic
         "steps": trainer.step, "wall_time_s": time.perf_counter() - t_start,
         "tokens_per_s": tps[-1] if tps else None, "device": str(device), "base_checkpoint": str(base_dir),
         "base_fingerprint": fingerprint, "tokenizer": tokenizer.name,
-        "peak_memory_mb": round(peak_memory_mb(device), 1),
+        "peak_memory_mb": round(peak_memory_mb(device), 1), "world_size": place.world_size,
+        "global_batch_size": cfg.batch_size * place.world_size,
     }  # fmt: skip
     out.write("metrics.json", metrics)
     if not task.is_classification:

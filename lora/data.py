@@ -87,27 +87,45 @@ class BatchLoader:
 
     Iterating gives epoch 0's batches; :meth:`batches` any epoch's, from any batch on. Training loaders
     shuffle and drop the last partial batch; evaluation loaders keep the order and all rows.
+
+    With ``world_size`` processes (data parallel), a global batch is ``batch_size x world_size`` rows of
+    the same order a single process with that batch would take, and process ``rank`` reads its slice:
+    rows ``[rank * batch_size, (rank + 1) * batch_size)`` of each global batch. An evaluation loader gives
+    process ``rank`` the batches ``rank, rank + world_size, ...``.
     """
 
-    def __init__(self, data: TaskData, batch_size: int, shuffle: bool = True, seed: int = 0) -> None:
+    def __init__(self, data: TaskData, batch_size: int, shuffle: bool = True, seed: int = 0, rank: int = 0,
+                 world_size: int = 1) -> None:  # fmt: skip
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size), got rank {rank} of {world_size}")
         self.data, self.batch_size, self.shuffle, self.seed = data, batch_size, shuffle, seed
+        self.rank, self.world_size = rank, world_size
 
     def __len__(self) -> int:
         n = len(self.data)
-        return n // self.batch_size if self.shuffle else math.ceil(n / self.batch_size)
+        if self.shuffle:  # global batches, each one step of every process
+            return n // (self.batch_size * self.world_size)
+        return len(range(self.rank, math.ceil(n / self.batch_size), self.world_size))
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         return self.batches()
 
-    def batches(self, epoch: int = 0, start: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-        """Batch ``start``, ``start + 1``, ... of epoch ``epoch``: ``{"x", "y"[, "lengths"]}``."""
-        n = len(self.data)
+    def batches(
+        self, epoch: int = 0, start: int = 0, limit: int | None = None
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """Batch ``start``, ``start + 1``, ... of epoch ``epoch``: ``{"x", "y"[, "lengths"]}``; an evaluation
+        loader stops before global batch ``limit``."""
+        n, bs = len(self.data), self.batch_size
         if self.shuffle:
             order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
-        else:
-            order = torch.arange(n)
-        for b in range(start, len(self)):
-            yield self.data.batch(order[b * self.batch_size : (b + 1) * self.batch_size])
+            width = bs * self.world_size
+            for b in range(start, len(self)):
+                first = b * width + self.rank * bs
+                yield self.data.batch(order[first : first + bs])
+            return
+        last = math.ceil(n / bs) if limit is None else min(limit, math.ceil(n / bs))
+        for b in range(self.rank + start * self.world_size, last, self.world_size):
+            yield self.data.batch(torch.arange(b * bs, min((b + 1) * bs, n)))
 
 
 # ---------------------------------------------------------------------------------------------------------

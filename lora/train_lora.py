@@ -5,6 +5,7 @@
     python lora/train_lora.py --config configs/code.yaml --max_steps 200
     python lora/train_lora.py --task text --train_file my.txt
     python lora/train_lora.py --resume runs/rot13-lora-r8   # continue an interrupted run exactly
+    torchrun --nproc_per_node 2 lora/train_lora.py --batch_size 32   # data parallel: global batch 2 x 32
     cd lora && python train_lora.py --lora_r 16            # the same, from inside lora/ (runs go to ../runs)
 
 The first run pretrains the task's base model (full training, once) under ``runs/bases/``; every later run
@@ -18,6 +19,7 @@ In Python, ``LoRATrainer`` (from here or ``lora.trainer``) trains any model with
 from __future__ import annotations
 
 import contextlib
+import os
 import shlex
 import signal
 import sys
@@ -35,6 +37,7 @@ if __package__ in (None, ""):  # `python lora/train_lora.py` or `cd lora && pyth
 from lora.application import run
 from lora.config import load_config
 from lora.data import BatchLoader
+from lora.distributed import PeerFailedError, from_environment, peer_failure
 from lora.errors import Interrupted, guarded
 from lora.trainer import LoRATrainer, Trainer, evaluate_model, get_lr
 
@@ -50,12 +53,14 @@ __all__ = [
 ]
 
 
-def resume_command(folder: Path) -> str:
-    """The shell command that continues the run in ``folder`` (run from the current folder)."""
+def resume_command(folder: Path, processes: int = 1) -> str:
+    """The shell command that continues the run in ``folder`` (run from the current folder), on
+    ``processes`` processes of one machine (torchrun) when more than one."""
     script = Path(__file__).resolve()
     with contextlib.suppress(ValueError):
         script = script.relative_to(Path.cwd())
-    return f"python {shlex.quote(str(script))} --resume {shlex.quote(str(folder))}"
+    launcher = f"torchrun --nproc_per_node {processes}" if processes > 1 else "python"
+    return f"{launcher} {shlex.quote(str(script))} --resume {shlex.quote(str(folder))}"
 
 
 def _terminate(signum: int, frame: object) -> None:
@@ -67,16 +72,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     4 an unexpected error, 130 interrupted). Every error is one line; ``--debug`` shows the traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
 
+    place = from_environment()
+
     def body() -> int:
         try:
             run(load_config(argv, description=__doc__))
             return 0
+        except PeerFailedError as e:  # another process failed and said so itself: this one only stops
+            return e.exit_code
+        except KeyboardInterrupt:
+            peer = peer_failure() if place.enabled else None
+            if peer is not None:  # torchrun stopping the others after one failed
+                return peer.exit_code
+            raise
         except Interrupted as e:
+            if not place.is_main:  # rank 0 wrote the checkpoint and says how to resume
+                return e.exit_code
             if e.checkpoint is None:
                 print("interrupted; no checkpoint was written", file=sys.stderr)
             else:
                 print(f"interrupted; checkpoint {e.checkpoint}", file=sys.stderr)
-                print(f"resume with: {resume_command(e.checkpoint.parent)}", file=sys.stderr)
+                local = int(os.environ.get("LOCAL_WORLD_SIZE", place.world_size))
+                nodes = (
+                    ""
+                    if local == place.world_size
+                    else " (on every node, with the same --nnodes and rendezvous)"
+                )
+                print(f"resume with: {resume_command(e.checkpoint.parent, local)}{nodes}", file=sys.stderr)
             return e.exit_code
 
     handlers = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: _terminate}

@@ -28,11 +28,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from lora.checkpoint import load_checkpoint, save_checkpoint
 from lora.config import TrainConfig
 from lora.data import IGNORE
+from lora.distributed import Distributed, all_sum
 from lora.errors import ConfigError, DivergenceError, Interrupted, did_you_mean
 from lora.files import atomic_write_bytes
 from lora.lora_layer import mark_only_lora_as_trainable
@@ -123,8 +125,13 @@ def evaluate_model(
     max_batches: int = 0,
     forward: Callable[..., torch.Tensor] | None = None,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """``val_loss`` (nats per scored token) and ``metric`` over ``loader`` (``max_batches`` 0: all).
+
+    Data parallel, each process reads its share of the batches (a :class:`~lora.data.BatchLoader` with a
+    ``rank``; ``max_batches`` counts global batches) and ``reduce`` (a sum over the processes) adds up
+    their sums, so every process gets the same numbers.
 
     ``exact_match`` counts rows whose scored tokens are all right (greedy decoding then gets them right
     too); ``accuracy`` counts right labels; ``bits_per_byte`` (byte-level tokens) and ``bits_per_token`` are the loss over ln 2.
@@ -133,6 +140,8 @@ def evaluate_model(
     was_training = model.training
     model.eval()
     loss_sum, tokens, correct, rows = 0.0, 0, 0, 0
+    if hasattr(loader, "batches") and hasattr(loader, "world_size"):  # sharded by global batch number
+        loader, max_batches = loader.batches(limit=max_batches or None), 0
     for b, raw in enumerate(loader):
         if max_batches and b >= max_batches:
             break
@@ -149,6 +158,9 @@ def evaluate_model(
             correct += (pred == y).sum().item()
         rows += y.shape[0]
     model.train(was_training)
+    if reduce is not None:
+        totals = torch.tensor([loss_sum, tokens, correct, rows], dtype=torch.float64, device=device)
+        loss_sum, tokens, correct, rows = reduce(totals).tolist()
     val_loss = loss_sum / max(tokens, 1)
     bits = val_loss / math.log(2)
     metric = {"bits_per_byte": bits, "bits_per_token": bits, "exact_match": correct / max(rows, 1),
@@ -196,6 +208,7 @@ class Trainer:
         run_dir: str | Path | None = None,
         label: str = "training",
         quiet: bool = False,
+        distributed: Distributed | None = None,
         **settings: Any,
     ) -> None:
         self.config = cfg = _trainer_config(config, settings)
@@ -216,7 +229,15 @@ class Trainer:
             cfg.precision == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported()
         )
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
-        self.forward = torch.compile(model) if cfg.compile else model
+        self.distributed = distributed or Distributed()
+        forward: nn.Module = model
+        if self.distributed.enabled:  # the trainable tensors start equal everywhere; only their grads sync
+            with torch.no_grad():
+                for p in self.params:
+                    torch.distributed.broadcast(p, 0)
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            forward = DistributedDataParallel(model, device_ids=ids, init_sync=False)
+        self.forward = torch.compile(forward) if cfg.compile else forward
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.history: dict[str, list] = {k: [] for k in HISTORY_KEYS}
         self._stop_signal: int | None = None
@@ -251,11 +272,33 @@ class Trainer:
     def _loss_and_logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         return batch_loss(self.forward, batch, self.device, self._autocast)
 
+    def _step_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """``(loss to backpropagate, the batch's mean loss, stop)`` for one step.
+
+        One process: the batch's mean loss, twice. Data parallel: each process's sum of token losses over
+        the global count of scored tokens, times ``world_size`` (DDP averages the gradients), so the update
+        is the one a single process would make on the whole global batch; the mean and the stop request
+        (a signal seen by any process) are agreed with one small all-reduce.
+        """
+        loss, _ = self._loss_and_logits(batch)
+        stop = self._stop_signal is not None
+        if not self.distributed.enabled:
+            return loss, loss, stop
+        y = batch["y"]
+        local = (y != IGNORE).sum().to(self.device, torch.float32)
+        local_sum = torch.where(local > 0, loss, torch.zeros_like(loss)) * local
+        stats = all_sum(
+            torch.stack([local, local_sum.detach().float(), torch.tensor(float(stop), device=self.device)])
+        )
+        count = stats[0].clamp(min=1)
+        return local_sum * self.distributed.world_size / count, stats[1] / count, bool(stats[2] > 0)
+
     def evaluate(self, max_batches: int | None = None) -> dict[str, float]:
         """Validation loss (mean nats per scored token) and the task metric."""
         limit = self.config.eval_batches if max_batches is None else max_batches
         return evaluate_model(self.model, self.val_loader, self.metric_name, self.device, limit,
-                              forward=self.forward, autocast=self._autocast)  # fmt: skip
+                              forward=self.forward, autocast=self._autocast,
+                              reduce=all_sum if self.distributed.enabled else None)  # fmt: skip
 
     def _epoch_batches(self) -> Iterator[Any]:
         """This epoch's batches from ``batch_in_epoch`` on (exactly reproducible with a ``BatchLoader``)."""
@@ -295,8 +338,10 @@ class Trainer:
         )
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        if self._stop_signal is not None:  # a second Ctrl-C stops at once
+        if self._stop_signal == signum:  # a second Ctrl-C stops at once
             raise KeyboardInterrupt
+        if self._stop_signal is not None:  # torchrun passing on the stop as SIGTERM: already stopping
+            return
         self._stop_signal = signum
         self.say(f"{signal.Signals(signum).name}: finishing this step, then writing a checkpoint ...")
 
@@ -339,10 +384,10 @@ class Trainer:
                     )
                     for group in self.optimizer.param_groups:
                         group["lr"] = lr
-                    loss, _ = self._loss_and_logits(batch)
+                    to_backprop, loss, stop = self._step_loss(batch)
                     if not torch.isfinite(loss):
                         raise self._diverged("loss", loss.item())
-                    loss.backward()
+                    to_backprop.backward()
                     # with clipping off, max_norm inf only measures (the grads are scaled by exactly 1)
                     norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip or math.inf)
                     if not torch.isfinite(norm):
@@ -353,7 +398,7 @@ class Trainer:
                     dt = time.perf_counter() - t0
                     self.step += 1
                     self.batch_in_epoch += 1
-                    tokens += batch["x"].numel()
+                    tokens += batch["x"].numel() * self.distributed.world_size
                     train_time += dt
                     elapsed += dt
                     evaluation = {"val_loss": None, "metric": None}
@@ -365,7 +410,7 @@ class Trainer:
                     bar.set_postfix(self._postfix(loss_value, lr, tps), refresh=False)
                     if cfg.save_every and self.step % cfg.save_every == 0:
                         self.save_checkpoint()
-                    if self._stop_signal is not None:
+                    if stop:  # every process stops after the same step; rank 0 writes the checkpoint
                         raise Interrupted(self.save_checkpoint())
                     if self.step >= self.total_steps:
                         break

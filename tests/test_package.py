@@ -16,6 +16,7 @@ LAYERS = [
     "_version",  # the version, written once
     "errors",  # errors and exit codes
     "files",  # atomic writes, checked reads
+    "distributed",  # torchrun's processes: the process group, sums over processes, failures
     "lora_layer",  # LoRA for one linear layer; helpers for any nn.Module
     "model_config",  # ModelConfig, LoRAConfig
     "config",  # TrainConfig: YAML and flags

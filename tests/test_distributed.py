@@ -1,0 +1,158 @@
+"""Data parallelism through torchrun (Gloo, 2 CPU processes): the same adapter as one process with the same
+global batch, rank 0 alone writing, a failure in one rank stopping both with its message, and a stop in one
+rank checkpointing once, then resuming on one process."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ON_BASE_FLAGS
+
+from lora.data import BatchLoader, TaskData
+from lora.distributed import Distributed, from_environment
+from lora.errors import ConfigError
+from lora.files import read_safetensors
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+TWO = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+# The command line with planted trouble: TEST_FAIL_RANK fails at TEST_FAIL_AT ("data": a corrupt file seen by
+# that rank only, or step N: a write error); TEST_STOP_RANK gets a Ctrl-C of its own after step TEST_STOP_AT.
+HARNESS = r"""
+import os, signal, sys
+import lora.application as app
+import lora.trainer as trainer_module
+from lora.errors import DataError
+from lora.train_lora import main
+
+rank = os.environ["RANK"]
+if rank == os.environ.get("TEST_FAIL_RANK"):
+    at = os.environ["TEST_FAIL_AT"]
+    if at == "data":
+        def load_task(cfg, **kw):
+            raise DataError(f"shard.jsonl line 7: invalid JSON (seen by rank {rank} only)")
+        app.load_task = load_task
+    else:
+        original, calls = trainer_module.batch_loss, [0]
+        def batch_loss(*args):
+            calls[0] += 1
+            if calls[0] == int(at):
+                raise OSError(28, "No space left on device")
+            return original(*args)
+        trainer_module.batch_loss = batch_loss
+if rank == os.environ.get("TEST_STOP_RANK"):
+    record = trainer_module.Trainer._record
+    def _record(self, *args):
+        record(self, *args)
+        if self.step == int(os.environ["TEST_STOP_AT"]):
+            self._stop_signal = signal.SIGINT
+    trainer_module.Trainer._record = _record
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def flags(base: Path, out: Path, batch: int, name: str) -> list[str]:
+    return [*ON_BASE_FLAGS, "--base_checkpoint", str(base), "--output_dir", str(out), "--batch_size", str(batch),
+            "--run_name", name, "--save_every", "4"]  # fmt: skip
+
+
+def torchrun(tmp_path: Path, argv: list[str], **env: str) -> subprocess.CompletedProcess:
+    harness = tmp_path / "harness.py"
+    harness.write_text(HARNESS)
+    return subprocess.run([*TWO, str(harness), *argv], cwd=ROOT, env={**ENV, **env}, capture_output=True,
+                          text=True, timeout=180)  # fmt: skip
+
+
+def adapter(folder: Path) -> dict[str, torch.Tensor]:
+    return read_safetensors(folder / "adapter_model.safetensors")
+
+
+def assert_close_adapters(a: Path, b: Path) -> None:
+    x, y = adapter(a), adapter(b)
+    assert x.keys() == y.keys()
+    assert max((x[k] - y[k]).abs().max().item() for k in x) <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def one_process(base, tmp_path_factory) -> Path:
+    """The single-process run with a global batch of 32: what the data-parallel runs must reproduce."""
+    out = tmp_path_factory.mktemp("one")
+    res = subprocess.run([sys.executable, "lora/train_lora.py", *flags(base, out, 32, "one")], cwd=ROOT, env=ENV,
+                         capture_output=True, text=True, timeout=180)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    return out / "one"
+
+
+def test_two_processes_train_the_single_process_adapter_and_rank_0_alone_writes(base, one_process, tmp_path):
+    res = torchrun(tmp_path, flags(base, tmp_path / "runs", 16, "two"))
+    assert res.returncode == 0, res.stderr
+    assert "data parallel: 2 processes (gloo), global batch 16 x 2 = 32 sequences a step" in res.stderr
+    assert res.stderr.count("done in") == 1  # one voice
+    assert [p.name for p in (tmp_path / "runs").glob("[!.]*")] == ["two"]
+    assert_close_adapters(tmp_path / "runs" / "two", one_process)
+    metrics = json.loads((tmp_path / "runs" / "two" / "metrics.json").read_text())
+    assert (metrics["world_size"], metrics["global_batch_size"]) == (2, 32)
+    one = json.loads((one_process / "metrics.json").read_text())
+    assert metrics["final_val_loss"] == pytest.approx(one["final_val_loss"], abs=1e-5)  # evaluation agrees
+
+
+@pytest.mark.parametrize(("at", "message"), [
+    ("data", "error: rank 1: shard.jsonl line 7: invalid JSON (seen by rank 1 only)"),
+    ("3", "error: rank 1: I/O: No space left on device"),
+])  # fmt: skip
+def test_a_failure_in_one_rank_stops_both_with_its_message(base, tmp_path, at, message):
+    start = time.monotonic()
+    res = torchrun(tmp_path, flags(base, tmp_path / "runs", 16, "fails"), TEST_FAIL_RANK="1", TEST_FAIL_AT=at)
+    assert time.monotonic() - start < 60
+    assert res.returncode != 0
+    assert res.stderr.count("error: ") == 1 and message in res.stderr, res.stderr
+    assert not list((tmp_path / "runs").glob("[!.]*")) if (tmp_path / "runs").exists() else True
+
+
+def test_a_stop_in_one_rank_checkpoints_once_and_resumes_on_one_process(base, one_process, tmp_path, capsys):
+    from lora.train_lora import main
+
+    res = torchrun(
+        tmp_path, flags(base, tmp_path / "runs", 16, "stopped"), TEST_STOP_RANK="1", TEST_STOP_AT="5"
+    )
+    folder = tmp_path / "runs" / "stopped"
+    assert "interrupted; checkpoint" in res.stderr and res.stderr.count("resume with: torchrun") == 1, (
+        res.stderr
+    )
+    assert sorted(p.name for p in folder.glob("checkpoint-*")) == ["checkpoint-0000004.safetensors",
+                                                                   "checkpoint-0000006.safetensors"]  # fmt: skip
+    assert main(["--resume", str(folder)]) == 2  # one process with the old batch: another global batch
+    assert "global batch of 32 (batch_size 16 x 2 processes); with 1 process(es) pass --batch_size 32" in (
+        capsys.readouterr().err
+    )
+    assert main(["--resume", str(folder), "--batch_size", "32"]) == 0
+    assert_close_adapters(folder, one_process)
+
+
+def test_a_global_batch_is_the_single_process_batch_split_by_rank():
+    data = TaskData(torch.arange(40).view(40, 1), torch.arange(40).view(40, 1))
+    whole = list(BatchLoader(data, 8, seed=3).batches(epoch=1))
+    shards = [list(BatchLoader(data, 4, seed=3, rank=r, world_size=2).batches(epoch=1)) for r in (0, 1)]
+    assert len(whole) == len(shards[0]) == len(shards[1]) == 5
+    for b, batch in enumerate(whole):
+        assert torch.equal(torch.cat([shards[0][b]["x"], shards[1][b]["x"]]), batch["x"])
+    evals = [list(BatchLoader(data, 8, shuffle=False, rank=r, world_size=2).batches(limit=3)) for r in (0, 1)]
+    assert [b["x"][0, 0].item() for b in evals[0]] == [0, 16] and [b["x"][0, 0].item() for b in evals[1]] == [
+        8
+    ]
+
+
+def test_torchrun_variables_are_read_and_checked():
+    assert from_environment({}) == Distributed()
+    assert from_environment({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}) == Distributed(1, 2, 1)
+    with pytest.raises(ConfigError, match="expected 0 <= RANK < WORLD_SIZE"):
+        from_environment({"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})
+    with pytest.raises(ConfigError, match="must be integers"):
+        from_environment({"RANK": "x", "WORLD_SIZE": "2"})
