@@ -23,6 +23,7 @@ from lora.config import TrainConfig, load_yaml, resolve_config
 from lora.data import IGNORE, VOCAB_SIZE, BatchLoader, Task, load_task
 from lora.distributed import (
     Distributed,
+    PeerFailedError,
     check_same,
     from_environment,
     peer_failure,
@@ -201,7 +202,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     """The whole job: data, base, model, training, and the run folder. Returns metrics.json's content.
 
     Started by ``torchrun``, it is one process of a data-parallel run (``lora/distributed.py``): a failure
-    is named with its rank and posted for the others, which then stop too (:class:`~lora.distributed.PeerFailedError`).
+    is named with its rank and posted for the others, which then stop too (:class:`PeerFailedError`).
     """
     place = from_environment()
     device = _device(cfg, place)
@@ -210,7 +211,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     backend = start(place, device)
     try:
         metrics = _run(cfg, place, device, backend)
-    except Interrupted:
+    except (Interrupted, PeerFailedError):
         raise
     except BaseException as e:
         peer = peer_failure()

@@ -100,15 +100,19 @@ def all_sum(t: torch.Tensor) -> torch.Tensor:
 
 
 def check_same(value: str, what: str) -> None:
-    """Refuse to go on unless every process has the same ``value`` (e.g. the base's fingerprint)."""
+    """Refuse to go on unless every process has the same ``value`` (e.g. the base's fingerprint): rank 0
+    raises a :class:`ConfigError`, the others a :class:`PeerFailedError` (they stop without a word)."""
     if not _joined():
         return
     values: list[str | None] = [None] * dist.get_world_size()
     dist.all_gather_object(values, value)
     differ = [i for i, v in enumerate(values) if v != values[0]]
-    if differ:
-        raise ConfigError(f"{what} differs between processes: rank 0 has {values[0]}, rank {differ[0]} "
-                          f"{values[differ[0]]}; every process must load the same files")  # fmt: skip
+    if differ:  # every process sees it; rank 0 says it, the others only stop
+        message = (f"{what} differs between processes: rank 0 has {values[0]}, rank {differ[0]} "
+                   f"{values[differ[0]]}; every process must load the same files")  # fmt: skip
+        raise (
+            ConfigError(message) if dist.get_rank() == 0 else PeerFailedError(message, ConfigError.exit_code)
+        )
 
 
 def _store() -> dist.Store | None:

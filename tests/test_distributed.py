@@ -35,7 +35,9 @@ from lora.train_lora import main
 rank = os.environ["RANK"]
 if rank == os.environ.get("TEST_FAIL_RANK"):
     at = os.environ["TEST_FAIL_AT"]
-    if at == "data":
+    if at == "fingerprint":  # as if this process had other base weights
+        app.LoRATransformer.base_fingerprint = lambda self: "0123456789abcdef"
+    elif at == "data":
         def load_task(cfg, **kw):
             raise DataError(f"shard.jsonl line 7: invalid JSON (seen by rank {rank} only)")
         app.load_task = load_task
@@ -106,6 +108,7 @@ def test_two_processes_train_the_single_process_adapter_and_rank_0_alone_writes(
 @pytest.mark.parametrize(("at", "message"), [
     ("data", "error: rank 1: shard.jsonl line 7: invalid JSON (seen by rank 1 only)"),
     ("3", "error: rank 1: I/O: No space left on device"),
+    ("fingerprint", "error: rank 0: the base's fingerprint differs between processes: rank 0 has "),
 ])  # fmt: skip
 def test_a_failure_in_one_rank_stops_both_with_its_message(base, tmp_path, at, message):
     start = time.monotonic()
