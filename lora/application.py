@@ -34,7 +34,7 @@ from lora.distributed import (
 from lora.errors import CheckpointError, ConfigError, Interrupted, LoRAError, exit_code, one_line
 from lora.formats import WEIGHTS_NAME
 from lora.lora_transformer import LoRATransformer
-from lora.memory import check_memory, peak_memory_mb
+from lora.memory import check_memory, peak_memory_mb, reset_peak_memory
 from lora.model_config import ModelConfig
 from lora.run_folder import (
     RunFolder,
@@ -180,11 +180,14 @@ def _load_base(cfg: TrainConfig, base_dir: Path, task: Task) -> LoRATransformer:
     """The base with this run's adapter (none for full fine-tuning) and head."""
     lora = cfg.lora_config().to_dict() if cfg.method == "lora" else {"lora_r": 0}
     try:
-        return LoRATransformer.from_pretrained(
+        model = LoRATransformer.from_pretrained(
             base_dir, num_classes=task.num_classes, dropout=cfg.dropout, **lora
         )
     except ValueError as e:  # a missing, truncated or corrupted base: one line
         raise LoRAError(f"cannot load the base model: {e}") from None
+    # training keeps float32 weights (bf16 is autocast's to use): an fp16 or bf16 file is widened, so that
+    # the adapter and AdamW never work in half precision (AdamW's eps of 1e-8 is 0 in fp16)
+    return model.float()
 
 
 def _device(cfg: TrainConfig, place: Distributed) -> torch.device:
@@ -226,10 +229,15 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     return metrics
 
 
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
 def _run(
     cfg: TrainConfig, place: Distributed, device: torch.device, backend: str | None = None
 ) -> dict[str, Any]:
     t_start = time.perf_counter()
+    reset_peak_memory(device)
     tell = say if place.is_main else _silent
     _check_memory(cfg, device)  # before the data or a model is made
     tokenizer = _tokenizer(cfg)
@@ -286,9 +294,8 @@ def _run(
             discard_unless_resumable(folder)
         raise
     publish(folder, final)
-    say(
-        f"done in {metrics['wall_time_s']:.1f} s (peak memory {metrics['peak_memory_mb']:,.0f} MiB); outputs in {final}"
-    )
+    peak = "" if metrics["peak_memory_mb"] is None else f" (peak memory {metrics['peak_memory_mb']:,.0f} MiB)"
+    say(f"done in {metrics['wall_time_s']:.1f} s{peak}; outputs in {final}")
     return metrics
 
 
@@ -358,7 +365,7 @@ def _train_and_write(cfg: TrainConfig, task: Task, model: LoRATransformer, devic
         "steps": trainer.step, "wall_time_s": time.perf_counter() - t_start,
         "tokens_per_s": tps[-1] if tps else None, "device": str(device), "base_checkpoint": str(base_dir),
         "base_fingerprint": fingerprint, "tokenizer": tokenizer.name,
-        "peak_memory_mb": round(peak_memory_mb(device), 1), "world_size": place.world_size,
+        "peak_memory_mb": _round(peak_memory_mb(device)), "world_size": place.world_size,
         "global_batch_size": cfg.batch_size * place.world_size,
     }  # fmt: skip
     out.write("metrics.json", metrics)

@@ -66,7 +66,7 @@ class Task:
     name: str
     train: TaskData
     val: TaskData
-    metric_name: str  # exact_match | bits_per_byte | accuracy
+    metric_name: str  # exact_match | bits_per_byte | bits_per_token | accuracy
     higher_is_better: bool
     num_classes: int | None = None
     labels: list | None = None
@@ -177,7 +177,8 @@ def token_ids(data: bytes, tokenizer: Tokenizer) -> torch.Tensor:
             if data
             else torch.zeros(0, dtype=torch.uint8)
         )
-    return torch.tensor(tokenizer.encode(data.decode("utf-8")), dtype=torch.int32)
+    return torch.cat([torch.tensor(ids, dtype=torch.int32) for ids in tokenizer.encode_chunks(data.decode("utf-8"))]
+                     or [torch.zeros(0, dtype=torch.int32)])  # fmt: skip
 
 
 def _chunks(ids: torch.Tensor, seq_len: int) -> TaskData:
@@ -211,7 +212,10 @@ def python_source(limit: int = 1_200_000) -> tuple[bytes, bytes]:
 
 
 def _split(data: bytes, fraction: float) -> tuple[bytes, bytes]:
+    """The last ``fraction`` of UTF-8 text held out, cut at a character's first byte (never inside one)."""
     cut = int(len(data) * (1 - fraction))
+    while 0 < cut < len(data) and data[cut] & 0xC0 == 0x80:  # a continuation byte: 10xxxxxx
+        cut -= 1
     return data[:cut], data[cut:]
 
 
@@ -314,7 +318,10 @@ def jsonl_task(cfg: TrainConfig, tokenizer: Tokenizer) -> Task:
         raise DataError(f"validation labels {unseen} never occur in the training data")
     if len(labels) < 2:
         raise DataError(f"{cfg.train_file}: classification needs at least 2 distinct labels, found {labels}")
-    encode = lambda rows: _encode_rows(rows, labels, cfg.seq_len, tokenizer)  # noqa: E731
+
+    def encode(rows: list[tuple[str, object]]) -> TaskData:
+        return _encode_rows(rows, labels, cfg.seq_len, tokenizer)
+
     return Task("jsonl", encode(train), encode(val),
                 "accuracy", True, num_classes=len(labels), labels=labels,
                 description=f"classify {cfg.train_file} into {len(labels)} labels")  # fmt: skip

@@ -168,6 +168,9 @@ def read_adapter_folder(path: str | Path) -> AdapterFolder:
     folder = existing_folder(path, "adapter")
     config_path = folder / ADAPTER_CONFIG_NAME
     config = read_json(config_path)
+    if "peft_type" in config:
+        raise ValueError(f"{folder} is a Hugging Face PEFT adapter, which this tool does not read; "
+                         "LoRATransformer.load_adapter, generate.py and merge_adapter.py load it")  # fmt: skip
     missing = [k for k in ("modules", "base", "base_fingerprint", *_LORA_KEYS) if k not in config]
     if missing:
         raise ValueError(f"{config_path}: missing keys {missing}")

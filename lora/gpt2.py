@@ -64,14 +64,16 @@ _UNSUPPORTED = {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": F
 
 
 def is_hf_folder(path: str | Path) -> bool:
-    """Whether ``path`` looks like a Hugging Face model folder: its ``config.json`` has a ``model_type``."""
+    """Whether ``path`` looks like a Hugging Face model folder: its ``config.json`` has a ``model_type``
+    (or, as the oldest GPT-2 configs, ``n_embd`` without one)."""
     config = Path(path) / CONFIG_NAME
     if not config.is_file():
         return False
     try:
-        return "model_type" in read_json(config)
+        hf = read_json(config)
     except ValueError:
         return False
+    return "model_type" in hf or "n_embd" in hf
 
 
 def gpt2_model_config(path: str | Path) -> ModelConfig:
@@ -79,7 +81,7 @@ def gpt2_model_config(path: str | Path) -> ModelConfig:
     or a setting this model cannot honour raises a one-line ``ValueError`` naming it."""
     where = existing_folder(path, "model") / CONFIG_NAME
     hf = read_json(where)
-    kind = hf.get("model_type")
+    kind = hf.get("model_type", "gpt2" if "n_embd" in hf else None)  # the oldest GPT-2 configs name none
     if kind != "gpt2":
         raise ValueError(f"{where}: model_type {quote(kind)} is not supported; only GPT-2 checkpoints (model_type "
                          "'gpt2': gpt2, distilgpt2, gpt2-medium, ...) can be imported")  # fmt: skip
@@ -135,7 +137,12 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
     containers only, never arbitrary objects."""
     check_regular_file(path, 1 << 40, "checkpoint")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:  # the legacy (pre-zip) format cannot be memory-mapped: read it whole
+            if "mmap" not in str(e):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError for anything but tensors, or a corrupt file
         raise ValueError(f"{path}: not a readable weights-only PyTorch checkpoint ({first_line(e)}); convert "
                          "it with transformers: from_pretrained(folder).save_pretrained(folder)") from None  # fmt: skip

@@ -14,9 +14,9 @@ and errs on the large side:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-import resource
 import sys
 from pathlib import Path
 
@@ -27,17 +27,34 @@ from lora.errors import ConfigError
 from lora.lora_transformer import LoRATransformer
 from lora.model_config import ModelConfig
 
-__all__ = ["available_bytes", "check_memory", "estimate_bytes", "peak_memory_mb"]
+__all__ = ["available_bytes", "check_memory", "estimate_bytes", "peak_memory_mb", "reset_peak_memory"]
 
 BYTES_PER_EXAMPLE = 400  # a generated cipher example: its tensors and the temporaries that make them
 BYTES_PER_FILE_BYTE = 10  # a byte of a data file: read, decoded, split into windows, int16 targets
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    """The run's peak so far, in MiB: on CUDA the tensors' (``max_memory_allocated``), elsewhere the
-    process's resident set (``ru_maxrss``: the interpreter, torch and the data included)."""
+def reset_peak_memory(device: torch.device) -> None:
+    """Start measuring the peak afresh (a run in a process that ran others, as a sweep's cells): CUDA's
+    peak statistics, and on Linux the resident set's high-water mark (``/proc/self/clear_refs``)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_memory_mb(device: torch.device) -> float | None:
+    """The run's peak, in MiB: on CUDA the tensors' (``max_memory_allocated``), elsewhere the process's
+    resident set (``VmHWM`` on Linux, else ``ru_maxrss``: the interpreter, torch and the data included);
+    ``None`` where neither can be read."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        status = Path("/proc/self/status").read_text().splitlines()
+        return int(next(line for line in status if line.startswith("VmHWM:")).split()[1]) / 2**10
+    try:
+        import resource  # not on Windows
+    except ImportError:
+        return None
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 

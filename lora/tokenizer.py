@@ -16,12 +16,30 @@ from pathlib import Path
 from lora.errors import ConfigError, first_line
 from lora.gpt2 import is_hf_folder
 
-__all__ = ["TOKENIZER_NAME", "ByteTokenizer", "HFTokenizer", "Tokenizer", "load_tokenizer", "tokenizer_files"]
+__all__ = ["TOKENIZER_NAME", "ByteTokenizer", "HFTokenizer", "Tokenizer", "load_tokenizer", "tokenizer_files",
+           "train_byte_bpe"]  # fmt: skip
 
 TOKENIZER_NAME = "tokenizer.json"
 BPE_FILES = ("vocab.json", "merges.txt")
 # the largest vocabulary read as bytes when a model has no tokenizer (the bases made here have 256 ids)
 MAX_BYTE_VOCAB = 512
+END_OF_TEXT = "<|endoftext|>"  # GPT-2's one special token
+CHUNK_CHARS = 1 << 20  # characters encoded at a time: the library's per-token objects stay small
+VOCAB_PADDING = 64  # a model's vocabulary may be its tokenizer's rounded up to a multiple of this
+
+
+def _pieces(text: str, size: int = CHUNK_CHARS) -> list[str]:
+    """``text`` in pieces of about ``size`` characters, each cut after a newline that a non-space
+    character follows: byte-level BPE never merges across such a point (the newline is a token of its own
+    and the next word starts a new one), so the pieces encode to the whole text's tokens."""
+    out, start = [], 0
+    while len(text) - start > size:
+        cut = start + size
+        while cut < len(text) and not (text[cut - 1] == "\n" and not text[cut].isspace()):
+            cut += 1
+        out.append(text[start:cut])
+        start = cut
+    return [*out, text[start:]]
 
 
 class ByteTokenizer:
@@ -32,6 +50,9 @@ class ByteTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
+
+    def encode_chunks(self, text: str) -> list[list[int]]:
+        return [self.encode(text)]
 
     def decode(self, ids: Sequence[int]) -> str:
         return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
@@ -48,6 +69,11 @@ class HFTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_chunks(self, text: str) -> list[list[int]]:
+        """A long text's ids, a piece at a time (see :func:`_pieces`): the same ids as :meth:`encode`, with
+        bounded memory for the library's per-token offsets and strings."""
+        return [e.ids for e in self.tokenizer.encode_batch(_pieces(text), add_special_tokens=False)]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
@@ -104,10 +130,30 @@ def load_tokenizer(folder: str | Path | None, vocab_size: int) -> Tokenizer:
             tok = lib.Tokenizer(lib.models.BPE.from_file(*(str(f) for f in files)))
             tok.pre_tokenizer = lib.pre_tokenizers.ByteLevel(add_prefix_space=False)
             tok.decoder = lib.decoders.ByteLevel()
+            if tok.token_to_id(END_OF_TEXT) is not None:  # one token, never split as text
+                tok.add_special_tokens([END_OF_TEXT])
     except Exception as e:  # the library's own errors: not JSON, not a tokenizer, bad merges
         raise ConfigError(f"{files[0]}: not a readable tokenizer ({first_line(e)})") from None
     tokenizer = HFTokenizer(tok, files[0])
-    if tokenizer.vocab_size > vocab_size:
-        raise ConfigError(f"{files[0]}: the tokenizer has {tokenizer.vocab_size} tokens but the model only "
-                          f"{vocab_size} embeddings: it is not this model's tokenizer")  # fmt: skip
+    n = tokenizer.vocab_size
+    padded = -(-n // VOCAB_PADDING) * VOCAB_PADDING
+    if vocab_size not in (n, padded):
+        raise ConfigError(f"{files[0]}: the tokenizer has {n} tokens but the model {vocab_size} embeddings: "
+                          f"it is not this model's tokenizer")  # fmt: skip
     return tokenizer
+
+
+def train_byte_bpe(texts: Sequence[str], vocab_size: int) -> object:
+    """A GPT-2-style byte-level BPE (``tokenizers.Tokenizer``) trained on ``texts``, ``<|endoftext|>`` its
+    last id, padded with ``<|reserved_i|>`` tokens to exactly ``vocab_size`` ids when the text has fewer
+    merges to learn: for models made here (tests, ``scripts/random_gpt2.py``), never downloaded."""
+    lib = _tokenizers_library()
+    tok = lib.Tokenizer(lib.models.BPE())
+    tok.pre_tokenizer = lib.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = lib.decoders.ByteLevel()
+    trainer = lib.trainers.BpeTrainer(vocab_size=vocab_size - 1, show_progress=False,
+                                      initial_alphabet=lib.pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    tok.train_from_iterator(list(texts), trainer)
+    spare = vocab_size - 1 - tok.get_vocab_size()
+    tok.add_special_tokens([f"<|reserved_{i}|>" for i in range(spare)] + [END_OF_TEXT])
+    return tok

@@ -3,8 +3,8 @@
 For trying the GPT-2 path, and for measuring speed and memory at a real model's shape, on a machine that
 has no GPT-2 checkpoint: nothing is downloaded. The weights are transformers' random initialisation, so
 what the model writes is noise; ``config.json`` says so (``"weights": "random ..."``). The tokenizer is a
-byte-level BPE trained on the standard library's documentation and source (about 1.7 MB of text), with
-at most the model's 50,257 tokens. Needs transformers and tokenizers (``pip install -e ".[dev]"``).
+byte-level BPE trained on the standard library's documentation and source (about 1.7 MB of text), padded
+with reserved tokens to the model's 50,257. Needs transformers and tokenizers (``pip install -e ".[dev]"``).
 
     python scripts/random_gpt2.py --size gpt2 --out runs/bases/random-gpt2
     python lora/train_lora.py --base_checkpoint runs/bases/random-gpt2 --task text --train_file my.txt
@@ -31,25 +31,11 @@ from lora.config import CommandLineParser
 from lora.data import english_text, python_source
 from lora.errors import guarded
 from lora.files import atomic_folder
+from lora.tokenizer import END_OF_TEXT, train_byte_bpe
 
 # the published shapes (n_layer, n_embd, n_head); all have 50,257 tokens and 1,024 positions (tiny: a test's)
 SIZES = {"distilgpt2": (6, 768, 12), "gpt2": (12, 768, 12), "gpt2-medium": (24, 1024, 16), "tiny": (2, 64, 2)}
 VOCAB_SIZE, POSITIONS = 50257, 1024
-
-
-def train_tokenizer(vocab_size: int) -> object:
-    """A GPT-2-style byte-level BPE (``<|endoftext|>`` its last id) trained on local text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)  # fmt: skip
-    train, _ = python_source()
-    tokenizer.train_from_iterator([english_text().decode(), train.decode()], trainer)
-    tokenizer.add_special_tokens(["<|endoftext|>"])
-    return tokenizer
 
 
 def write(size: str, out: Path, seed: int) -> dict:
@@ -57,8 +43,9 @@ def write(size: str, out: Path, seed: int) -> dict:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     n_layer, n_embd, n_head = SIZES[size]
-    tokenizer = train_tokenizer(VOCAB_SIZE)
-    eos = tokenizer.token_to_id("<|endoftext|>")
+    train, _ = python_source()
+    tokenizer = train_byte_bpe([english_text().decode(), train.decode()], VOCAB_SIZE)
+    eos = tokenizer.token_to_id(END_OF_TEXT)
     torch.manual_seed(seed)
     config = GPT2Config(vocab_size=VOCAB_SIZE, n_positions=POSITIONS, n_embd=n_embd, n_layer=n_layer,
                         n_head=n_head, bos_token_id=eos, eos_token_id=eos)  # fmt: skip
@@ -72,12 +59,8 @@ def write(size: str, out: Path, seed: int) -> dict:
         )
         (tmp / "config.json").write_text(json.dumps(settings, indent=2) + "\n")
     params = sum(p.numel() for p in model.parameters())
-    return {
-        "size": size,
-        "params": params,
-        "tokenizer_tokens": tokenizer.get_vocab_size(),
-        "folder": str(out),
-    }
+    learned = sum(not t.startswith("<|reserved_") for t in tokenizer.get_vocab())
+    return {"size": size, "params": params, "tokenizer_tokens": learned, "folder": str(out)}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -98,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"--out {out} exists already; pick a new folder")
         facts = write(args.size, out, args.seed)
         print(f"wrote {facts['folder']}: {facts['size']} shape, {facts['params']:,} parameters (RANDOM weights), "
-              f"tokenizer of {facts['tokenizer_tokens']:,} tokens")  # fmt: skip
+              f"tokenizer of {facts['tokenizer_tokens']:,} learned tokens (padded to {VOCAB_SIZE:,})")  # fmt: skip
         return 0
 
     return guarded("random_gpt2.py", body, args.debug)

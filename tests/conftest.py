@@ -80,17 +80,14 @@ GPT2_TEXT = (
 def make_gpt2_folder(folder: Path, vocab_size: int = 300, seed: int = 0, **config) -> Path:
     """A tiny GPT-2 folder as transformers writes it (random weights, ``seed``), with a byte-level BPE
     tokenizer trained here on ``GPT2_TEXT`` (``tokenizer.json``): nothing is downloaded."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
-    tokenizer.train_from_iterator([GPT2_TEXT], trainer)
-    settings = {"n_positions": 64, "n_embd": 32, "n_layer": 2, "n_head": 4, "bos_token_id": 0, "eos_token_id": 0,
-                **config}  # fmt: skip
+    from lora.tokenizer import END_OF_TEXT, train_byte_bpe
+
+    tokenizer = train_byte_bpe([GPT2_TEXT], vocab_size)
+    eos = tokenizer.token_to_id(END_OF_TEXT)
+    settings = {"n_positions": 64, "n_embd": 32, "n_layer": 2, "n_head": 4, "bos_token_id": eos,
+                "eos_token_id": eos, **config}  # fmt: skip
     torch.manual_seed(seed)
     GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, **settings)).save_pretrained(folder)
     tokenizer.save(str(folder / "tokenizer.json"))

@@ -154,3 +154,16 @@ def test_folder_without_weights_is_refused(gpt2_folder, tmp_path):
     shutil.copy(gpt2_folder / "config.json", folder)
     with pytest.raises(ValueError, match=r"no model\.safetensors"):
         LoRATransformer.from_gpt2(folder)
+
+
+def test_legacy_bin_format_and_a_config_without_model_type(gpt2_folder, tmp_path):
+    """The oldest checkpoints: torch's pre-zip .bin format, and a config.json that names no model_type."""
+    folder = tmp_path / "legacy"
+    folder.mkdir()
+    config = json.loads((gpt2_folder / "config.json").read_text())
+    del config["model_type"]
+    (folder / "config.json").write_text(json.dumps(config))
+    torch.save(load_file(gpt2_folder / "model.safetensors"), folder / "pytorch_model.bin",
+               _use_new_zipfile_serialization=False)  # fmt: skip
+    a = LoRATransformer.from_pretrained(folder, lora_r=0)
+    assert a.base_fingerprint() == LoRATransformer.from_gpt2(gpt2_folder, lora_r=0).base_fingerprint()

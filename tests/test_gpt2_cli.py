@@ -116,7 +116,7 @@ BAD_FOLDERS = {
                                                                           torch.zeros(32, 64)})),
                           "wrong shapes: h.0.attn.c_attn.weight (32, 64) (expected (32, 96))"),
     "no tokenizer": (lambda f: (f / "tokenizer.json").unlink(), "no tokenizer beside the model"),
-    "bigger tokenizer": (_bigger_tokenizer, "the tokenizer has 300 tokens but the model only 280"),
+    "bigger tokenizer": (_bigger_tokenizer, "the tokenizer has 300 tokens but the model 280 embeddings"),
     "broken tokenizer": (lambda f: (f / "tokenizer.json").write_text("{"), "not a readable tokenizer"),
 }  # fmt: skip
 
@@ -176,3 +176,39 @@ def test_a_large_vocabulary_without_a_tokenizer_is_not_read_as_bytes(tmp_path, c
     )
     assert generate(["--base", str(tmp_path / "m"), "--prompt", "hi"]) == 2
     assert "vocabulary of 1000 is not byte-level" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_gpt2_folder_trains_in_float32(gpt2_folder, text, tmp_path, dtype):
+    from transformers import GPT2LMHeadModel
+
+    folder = tmp_path / "half"
+    GPT2LMHeadModel.from_pretrained(gpt2_folder).to(dtype).save_pretrained(folder)
+    shutil.copy(gpt2_folder / "tokenizer.json", folder)
+    argv = [*RUN, "--task", "text", "--train_file", str(text), "--base_checkpoint", str(folder),
+            "--output_dir", str(tmp_path / "runs"), "--run_name", "half"]  # fmt: skip
+    assert main(argv) == 0
+    history = json.loads((tmp_path / "runs" / "half" / "history.json").read_text())
+    assert all(loss == loss for loss in history["train_loss"])  # finite: no fp16 AdamW
+    assert adapter_tensors(tmp_path / "runs" / "half")["blocks.0.attn.q_proj.lora_A"].dtype == torch.float32
+
+
+def test_text_whose_validation_cut_falls_inside_a_character(gpt2_folder, tmp_path):
+    line = "Съешь же ещё этих мягких французских булок, да выпей чаю. ".encode()
+    n = next(
+        n for n in range(40, 80) if (line * n)[int(len(line) * n * 0.9)] & 0xC0 == 0x80
+    )  # cut mid-character
+    path = tmp_path / "russian.txt"
+    path.write_bytes(line * n)
+    argv = [*RUN, "--task", "text", "--train_file", str(path), "--base_checkpoint", str(gpt2_folder),
+            "--output_dir", str(tmp_path / "runs"), "--run_name", "ru", "--max_steps", "2"]  # fmt: skip
+    assert main(argv) == 0
+
+
+def test_tools_that_read_only_our_adapters_name_a_peft_folder(tmp_path, capsys):
+    from scripts.inspect_adapter import main as inspect
+
+    (tmp_path / "peft").mkdir()
+    (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+    assert inspect(["--adapter", str(tmp_path / "peft")]) == 2
+    assert "is a Hugging Face PEFT adapter, which this tool does not read" in capsys.readouterr().err
