@@ -208,8 +208,10 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
             _, i, name = key.split(".", 2)
             state.setdefault(int(i), {})[name] = value
     try:
+        # the hyperparameters are the checkpoint's; how the step is computed (fused, ...) is this run's
+        how = ("params", "fused", "foreach", "capturable", "differentiable")
         groups = [
-            {**g, "params": og["params"]}
+            {**g, **{k: og[k] for k in how if k in og}}
             for g, og in zip(meta["param_groups"], opt["param_groups"], strict=True)
         ]
         optimizer.load_state_dict({"state": state, "param_groups": groups})

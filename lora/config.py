@@ -43,7 +43,7 @@ ARCHITECTURE_KEYS = ("d_model", "num_heads", "num_layers", "max_seq_len")  # of 
 LORA_KEYS = tuple(f.name for f in fields(LoRAConfig))
 PATH_KEYS = ("train_file", "val_file", "base_checkpoint")  # saved absolute in a run's config.yaml
 # what a resumed run may change: how long it trains, how often it reports and saves, where it runs
-RESUME_MAY_CHANGE = ("max_steps", "epochs", "eval_every", "eval_batches", "save_every", "keep_checkpoints",
+RESUME_MAY_CHANGE = ("max_steps", "epochs", "eval_every", "eval_batches", "log_every", "save_every", "keep_checkpoints",
                      "device", "precision", "compile", "gradient_checkpointing", "debug", "resume", "overwrite",
                      "run_name", "output_dir")  # fmt: skip
 
@@ -125,6 +125,9 @@ class TrainConfig:
     grad_clip: float = field(default=1.0, metadata=_help("clip the gradient norm to this (0: off)"))
     eval_every: int = field(default=50, metadata=_help("evaluate every N steps (and at the end)"))
     eval_batches: int = field(default=8, metadata=_help("validation batches per evaluation (0: all)"))
+    log_every: int | None = field(
+        default=None, metadata=_help("read the loss every N steps (default: 1 on CPU, 10 on a GPU)")
+    )
     # --- checkpoints
     save_every: int = field(default=0, metadata=_help("write a training checkpoint every N steps (0: off)"))
     keep_checkpoints: int = field(default=2, metadata=_help("how many recent checkpoints to keep"))
@@ -162,6 +165,7 @@ class TrainConfig:
             (self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}"),
             (self.eval_every >= 1, f"eval_every must be >= 1, got {self.eval_every}"),
             (self.eval_batches >= 0, f"eval_batches must be >= 0, got {self.eval_batches}"),
+            (self.log_every is None or self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
             (self.save_every >= 0, f"save_every must be >= 0, got {self.save_every}"),
             (self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}"),
         ]  # fmt: skip

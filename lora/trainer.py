@@ -54,7 +54,7 @@ __all__ = [
 # the TrainConfig fields a trainer reads; the others (task, data, model size, LoRA) are the application's
 TRAINER_SETTINGS = (
     "learning_rate", "weight_decay", "epochs", "max_steps", "warmup_steps", "lr_schedule", "grad_clip",
-    "eval_every", "eval_batches", "device", "precision", "compile", "save_every", "keep_checkpoints",
+    "eval_every", "eval_batches", "log_every", "device", "precision", "compile", "save_every", "keep_checkpoints",
 )  # fmt: skip
 HISTORY_KEYS = ("step", "epoch", "train_loss", "val_loss", "metric", "lr", "tokens_per_s", "elapsed_s")
 
@@ -222,9 +222,10 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters")
-        fused = self.device.type == "cuda"
+        # fused: one kernel for all tensors, and a step it can skip on the device (found_inf)
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                                           betas=(0.9, 0.999), fused=fused or None)  # fmt: skip
+                                           betas=(0.9, 0.999), fused=True)  # fmt: skip
+        self.log_every = cfg.log_every or (10 if self.device.type == "cuda" else 1)
         use_bf16 = cfg.precision == "bf16" or (
             cfg.precision == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported()
         )
@@ -272,7 +273,9 @@ class Trainer:
     def _loss_and_logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         return batch_loss(self.forward, batch, self.device, self._autocast)
 
-    def _step_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    def _step_loss(
+        self, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, bool | torch.Tensor]:
         """``(loss to backpropagate, the batch's mean loss, stop)`` for one step.
 
         One process: the batch's mean loss, twice. Data parallel: each process's sum of token losses over
@@ -291,7 +294,7 @@ class Trainer:
             torch.stack([local, local_sum.detach().float(), torch.tensor(float(stop), device=self.device)])
         )
         count = stats[0].clamp(min=1)
-        return local_sum * self.distributed.world_size / count, stats[1] / count, bool(stats[2] > 0)
+        return local_sum * self.distributed.world_size / count, stats[1] / count, stats[2]  # stop: read later
 
     def evaluate(self, max_batches: int | None = None) -> dict[str, float]:
         """Validation loss (mean nats per scored token) and the task metric."""
@@ -366,52 +369,57 @@ class Trainer:
         return self.history
 
     def _train_loop(self) -> None:
+        """The steps, with no host-device synchronisation inside one: each step's loss, gradient norm and
+        stop request stay on the device (a non-finite step skips its update there, through fused AdamW's
+        ``found_inf``) and are read together every ``log_every`` steps, before an evaluation, a checkpoint
+        and the end (:meth:`_flush`), which reports a divergence with the step it happened at."""
         self.model.train()
         cfg = self.config
         interval = 0.5 if sys.stderr.isatty() else 15.0  # a log file gets a line every 15 s, not a flood
         bar = tqdm(total=self.total_steps, initial=self.step, desc=self.label, disable=self.quiet,
                    dynamic_ncols=True, mininterval=interval, leave=True)  # fmt: skip
         elapsed = self.history["elapsed_s"][-1] if self.history["elapsed_s"] else 0.0
-        tokens, train_time = 0, 0.0
+        self._window = {"t0": time.perf_counter(), "tokens": 0, "time": 0.0, "elapsed": elapsed}
+        pending: list[tuple] = []
+        pin = self.device.type == "cuda"
         try:
             while self.step < self.total_steps:
                 start = self.step
                 for raw in self._epoch_batches():
                     batch = as_batch(raw)
-                    t0 = time.perf_counter()
+                    if pin:  # page-locked: the copy to the GPU runs without blocking the host
+                        batch = {k: v.pin_memory() for k, v in batch.items()}
                     lr = get_lr(
                         self.step + 1, cfg.learning_rate, cfg.warmup_steps, self.total_steps, cfg.lr_schedule
                     )
                     for group in self.optimizer.param_groups:
                         group["lr"] = lr
                     to_backprop, loss, stop = self._step_loss(batch)
-                    if not torch.isfinite(loss):
-                        raise self._diverged("loss", loss.item())
                     to_backprop.backward()
                     # with clipping off, max_norm inf only measures (the grads are scaled by exactly 1)
                     norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip or math.inf)
-                    if not torch.isfinite(norm):
-                        raise self._diverged("gradient norm", norm.item())
+                    finite = torch.isfinite(loss) & torch.isfinite(norm)
+                    self.optimizer.found_inf = (~finite).float()  # the fused step skips itself when set
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
-                    loss_value = loss.item()  # waits for the device: the step's time is complete
-                    dt = time.perf_counter() - t0
                     self.step += 1
                     self.batch_in_epoch += 1
-                    tokens += batch["x"].numel() * self.distributed.world_size
-                    train_time += dt
-                    elapsed += dt
-                    evaluation = {"val_loss": None, "metric": None}
-                    if self.step % cfg.eval_every == 0 or self.step == self.total_steps:
-                        evaluation = self.evaluate()
-                    tps = tokens / max(train_time, 1e-9)
-                    self._record(loss_value, lr, tps, elapsed, evaluation)
-                    bar.update(1)
-                    bar.set_postfix(self._postfix(loss_value, lr, tps), refresh=False)
-                    if cfg.save_every and self.step % cfg.save_every == 0:
-                        self.save_checkpoint()
-                    if stop:  # every process stops after the same step; rank 0 writes the checkpoint
-                        raise Interrupted(self.save_checkpoint())
+                    self._window["tokens"] += batch["x"].numel() * self.distributed.world_size
+                    pending.append((self.step, self._epoch_now(), lr, loss.detach(), norm.detach(), stop))
+                    evaluate = self.step % cfg.eval_every == 0 or self.step == self.total_steps
+                    save = bool(cfg.save_every) and self.step % cfg.save_every == 0
+                    if evaluate or save or self.step % self.log_every == 0 or self.step >= self.total_steps:
+                        stop = self._flush(pending, bar)
+                        pending = []
+                        if evaluate:
+                            evaluation = self.evaluate()
+                            self.history["val_loss"][-1] = evaluation["val_loss"]
+                            self.history["metric"][-1] = evaluation["metric"]
+                            self._window["t0"] = time.perf_counter()  # evaluation is not training time
+                        if save:
+                            self.save_checkpoint()
+                        if stop:  # every process stops after the same step; rank 0 writes the checkpoint
+                            raise Interrupted(self.save_checkpoint())
                     if self.step >= self.total_steps:
                         break
                 else:
@@ -423,18 +431,46 @@ class Trainer:
         finally:
             bar.close()
 
-    def _diverged(self, what: str, value: float) -> DivergenceError:
+    def _epoch_now(self) -> float:
+        per_epoch = self.batches_per_epoch
+        return self.epoch + self.batch_in_epoch / per_epoch if per_epoch else float(self.epoch)
+
+    def _flush(self, pending: list[tuple], bar: tqdm) -> bool:
+        """Read the pending steps' losses, norms and stop requests in one transfer; raise at the first
+        non-finite step (its update was skipped on the device); record each step and move the bar.
+        Returns whether to stop (a signal: agreed by every process, or this one's)."""
+        if not pending:
+            return False
+        rows = [torch.stack([loss.float(), norm.float(), torch.as_tensor(stop, dtype=torch.float32,
+                                                                     device=loss.device)])
+                for _, _, _, loss, norm, stop in pending]  # fmt: skip
+        values = torch.stack(rows).tolist()  # the one read of the device
+        window, now = self._window, time.perf_counter()
+        window["time"] += now - window["t0"]
+        window["elapsed"] += now - window["t0"]
+        window["t0"] = now
+        tps = window["tokens"] / max(window["time"], 1e-9)
+        stop = False
+        for (step, epoch, lr, *_), (loss, norm, asked) in zip(pending, values, strict=True):
+            if not math.isfinite(loss):
+                raise self._diverged("loss", loss, step)
+            if not math.isfinite(norm):
+                raise self._diverged("gradient norm", norm, step)
+            self._record(step, epoch, loss, lr, tps, window["elapsed"])
+            stop = stop or asked > 0
+        bar.update(len(pending))
+        bar.set_postfix(self._postfix(loss, lr, tps), refresh=False)
+        return stop or (self._stop_signal is not None and not self.distributed.enabled)
+
+    def _diverged(self, what: str, value: float, step: int) -> DivergenceError:
         kept = f"; the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else ""
-        return DivergenceError(f"{what} is {value} at step {self.step + 1}: training stopped{kept} "
+        return DivergenceError(f"{what} is {value} at step {step}: training stopped{kept} "
                                "(try a lower --learning_rate)")  # fmt: skip
 
-    def _record(self, loss: float, lr: float, tps: float, elapsed: float, evaluation: dict) -> None:
-        h = self.history
-        per_epoch = self.batches_per_epoch
-        epoch = self.epoch + self.batch_in_epoch / per_epoch if per_epoch else float(self.epoch)
-        for key, value in zip(HISTORY_KEYS, (self.step, epoch, loss, evaluation["val_loss"], evaluation["metric"],
-                                             lr, tps, elapsed), strict=True):  # fmt: skip
-            h[key].append(value)
+    def _record(self, step: int, epoch: float, loss: float, lr: float, tps: float, elapsed: float) -> None:
+        """One step's row of the history (its evaluation, if any, is filled in after it)."""
+        for key, value in zip(HISTORY_KEYS, (step, epoch, loss, None, None, lr, tps, elapsed), strict=True):
+            self.history[key].append(value)
 
     def _postfix(self, loss: float, lr: float, tps: float) -> dict[str, str]:
         post = {"loss": f"{loss:.3f}", "lr": f"{lr:.1e}", "tok/s": f"{tps:,.0f}"}

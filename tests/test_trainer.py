@@ -243,3 +243,50 @@ def test_devices_with_an_index_are_accepted(task):
     assert TrainConfig(device="cuda:1").validate().device == "cuda:1"
     with pytest.raises(ValueError, match="device must be auto, cpu, cuda, cuda:<index> or mps, got 'gpu'"):
         TrainConfig(device="gpu").validate()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# No host-device synchronisation inside a step
+
+
+def test_steps_read_the_device_only_every_log_every_steps(task, monkeypatch):
+    """Between reads, a step asks the device nothing: no .item(), no truth value, no float(); the losses
+    of log_every steps come back in one .tolist() (on a GPU: no sync, checked there in the benchmark)."""
+    model = tiny_model()
+    trainer = LoRATrainer(model, BatchLoader(task.train, 16, seed=0), BatchLoader(task.val, 64, shuffle=False),
+                          device="cpu", max_steps=10, eval_every=1000, log_every=5, quiet=True)  # fmt: skip
+    monkeypatch.setattr(trainer, "evaluate", lambda max_batches=None: {"val_loss": 0.0, "metric": 0.0})
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _name=name, _original=original):
+            reads.append(_name)
+            return _original(self, *args)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    history = trainer.train()
+    monkeypatch.undo()
+    assert reads == ["tolist", "tolist"]  # steps 5 and 10
+    assert history["step"] == list(range(1, 11)) and all(math.isfinite(v) for v in history["train_loss"])
+
+
+def test_a_non_finite_step_is_skipped_on_the_device_and_reported_with_its_step(task, monkeypatch):
+    import lora.trainer as trainer_module
+    from lora.errors import DivergenceError
+
+    original, calls = trainer_module.batch_loss, [0]
+
+    def nan_at_step_3(*args, **kwargs):
+        calls[0] += 1
+        loss, logits = original(*args, **kwargs)
+        return (loss * float("nan") if calls[0] == 3 else loss), logits
+
+    monkeypatch.setattr(trainer_module, "batch_loss", nan_at_step_3)
+    model = tiny_model()
+    trainer = LoRATrainer(model, BatchLoader(task.train, 16, seed=0), BatchLoader(task.val, 64, shuffle=False),
+                          device="cpu", max_steps=10, eval_every=1000, log_every=5, quiet=True)  # fmt: skip
+    with pytest.raises(DivergenceError, match="loss is nan at step 3"):
+        trainer.train()
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # the bad update never happened
+    assert int(trainer.optimizer.state[trainer.params[0]]["step"]) == 4  # steps 1, 2, 4 and 5 updated
