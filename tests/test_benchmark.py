@@ -188,3 +188,20 @@ def test_a_gpt2_folder_is_timed_with_its_own_weights_against_peft_on_the_same_fo
     assert rows["lora_qv"]["status"] == "ok" and rows["peft_qv"]["status"] == "ok", rows
     # the same weights: the first step's loss on the same random batch agrees (PEFT's c_attn adapter starts at 0)
     assert rows["lora_qv"]["final_loss"] == pytest.approx(rows["peft_qv"]["final_loss"], rel=1e-3)
+
+
+def test_the_gpu_check_script_runs_dry_on_a_cpu(tmp_path, one_thread):
+    """scripts/gpu_checks.py is what a session with a GPU runs in one call: tried here on a CPU."""
+    from scripts.gpu_checks import main as gpu_checks
+
+    assert (
+        gpu_checks(
+            ["--device", "cpu", "--size", "tiny", "--steps", "2", "--no_compile", "--out", str(tmp_path)]
+        )
+        == 0
+    )
+    result = json.loads((tmp_path / "gpu_checks.json").read_text())
+    assert result["checks"]["logits_max_abs_err"] < 1e-5 and result["checks"]["lora_grad_max_rel_err"] < 1e-5
+    assert set(result["runs"]) == {"lora_qv", "full"} and all(
+        r["tokens_per_s"] > 0 for r in result["runs"].values()
+    )

@@ -1,0 +1,173 @@
+"""The checks and timings that need a GPU, in one call (the project's GPU time is scarce): run it there.
+
+1. **No host-device synchronisation inside a training step**: the real ``LoRATrainer`` step runs under
+   ``torch.cuda.set_sync_debug_mode("error")``, which raises at any synchronising call; only the reads
+   every ``--log_every`` steps (and evaluations) are let through.
+2. **The real trainer's speed**: tokens/s of ``LoRATrainer`` (LoRA q+v) and of ``Trainer`` (full
+   fine-tuning) at the GPT-2-small shape (768 wide, 12 layers, 12 heads, vocabulary 50,257), timed with
+   CUDA events over the steps between reads, eager and compiled.
+3. **Correctness on the device**: the model's logits and LoRA gradients against a float64 CPU reference.
+
+Prints a short table last and writes ``gpu_checks.json`` into ``--out``. On a CPU (``--device cpu``,
+e.g. to try the script) the sync check is skipped and the sizes should be small.
+
+    python scripts/gpu_checks.py --out $OUT                       # on the GPU machine: the whole set
+    python scripts/gpu_checks.py --device cpu --size tiny --steps 4 --out /tmp/gpu_checks   # a dry run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python scripts/gpu_checks.py` from a checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    if __name__ == "__main__":  # Ctrl-C or SIGTERM while torch is imported: one line, exit 130
+        from lora.errors import exit_on_signals
+
+        exit_on_signals()
+
+import torch
+
+from lora.config import CommandLineParser
+from lora.data import BatchLoader, TaskData
+from lora.errors import guarded
+from lora.lora_transformer import LoRATransformer
+from lora.trainer import LoRATrainer, Trainer
+
+SIZES = {  # (d_model, layers, heads, vocabulary, sequence, batch)
+    "tiny": (64, 2, 2, 256, 64, 4),
+    "gpt2": (768, 12, 12, 50257, 1024, 8),
+}
+
+
+def random_data(vocab: int, seq: int, rows: int, seed: int = 0) -> TaskData:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, vocab, (rows, seq), generator=g, dtype=torch.int32)
+    return TaskData(x, torch.roll(x, -1, dims=1))
+
+
+def build(size: str, lora: bool, device: str) -> LoRATransformer:
+    d, layers, heads, vocab, seq, _ = SIZES[size]
+    torch.manual_seed(0)
+    return LoRATransformer(vocab, d, heads, layers, max_seq_len=seq, dropout=0.0, lora_r=8 if lora else 0,
+                           lora_alpha=16, lora_targets=("q", "v")).to(device)  # fmt: skip
+
+
+def time_trainer(size: str, lora: bool, device: str, steps: int, compile: bool, sync_check: bool) -> dict:
+    """Train ``steps`` steps after a warm-up; tokens/s over the steps between the first and last read."""
+    _, _, _, vocab, seq, batch = SIZES[size]
+    model = build(size, lora, device)
+    data = random_data(vocab, seq, batch * (steps + 8))
+    kind = LoRATrainer if lora else Trainer
+    if not lora:
+        model.requires_grad_(True)
+    log_every = max(steps // 2, 1)
+    trainer = kind(model, BatchLoader(data, batch, seed=0), BatchLoader(data, batch, shuffle=False),
+                   device=device, max_steps=steps + log_every, eval_every=10**6, log_every=log_every,
+                   compile=compile, quiet=True)  # fmt: skip
+    trainer.evaluate = lambda max_batches=None: {"val_loss": 0.0, "metric": 0.0}  # timing the steps only
+    reads: list[float] = []
+    flush = trainer._flush
+
+    def timed_flush(pending, bar):  # the reads are the only place the host may wait for the device
+        if sync_check:
+            torch.cuda.set_sync_debug_mode(0)
+        out = flush(pending, bar)
+        if device != "cpu":
+            torch.cuda.synchronize()
+        reads.append(time.perf_counter())
+        if sync_check:
+            torch.cuda.set_sync_debug_mode("error")
+        return out
+
+    trainer._flush = timed_flush
+    if sync_check:
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        trainer.train()
+    finally:
+        if sync_check:
+            torch.cuda.set_sync_debug_mode(0)
+    # reads[0] ends the warm-up (compilation included); the rest are timed
+    seconds = reads[-1] - reads[0]
+    tokens = batch * seq * (len(reads) - 1) * log_every
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device != "cpu" else None
+    return {"tokens_per_s": tokens / seconds, "step_ms": 1e3 * seconds / ((len(reads) - 1) * log_every),
+            "peak_mem_mb": peak, "sync_free": sync_check or None,
+            "final_loss": trainer.history["train_loss"][-1]}  # fmt: skip
+
+
+def check_gradients(size: str, device: str) -> dict:
+    """LoRA logits and gradients on ``device`` (float32) against float64 on the CPU."""
+    _, _, _, vocab, seq, _ = SIZES[size]
+    ref = build(size, True, "cpu").double()
+    for _, layer in ref.lora_layers():
+        torch.nn.init.normal_(layer.lora_B, std=0.02)
+    ours = build(size, True, device)
+    ours.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
+    idx = torch.randint(0, vocab, (2, min(seq, 128)), generator=torch.Generator().manual_seed(1))
+    out = {}
+    for name, model in (("ref", ref), ("ours", ours)):
+        model.configure_lora_training()
+        logits = model(idx.to(device if name == "ours" else "cpu"))
+        logits.float().square().mean().backward()
+        grads = {n: p.grad.detach().double().cpu() for n, p in model.named_parameters() if p.requires_grad}
+        out[name] = (logits.detach().double().cpu(), grads)
+    (a, ga), (b, gb) = out["ref"], out["ours"]
+    grad_err = max(((ga[k] - gb[k]).abs().max() / ga[k].abs().max().clamp(min=1e-12)).item() for k in ga)
+    return {"logits_max_abs_err": (a - b).abs().max().item(), "lora_grad_max_rel_err": grad_err}
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = CommandLineParser(prog="gpu_checks.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda", help="cuda (the point of it) or cpu (a dry run)")
+    p.add_argument("--size", default="gpt2", choices=list(SIZES))
+    p.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
+    p.add_argument("--no_compile", action="store_true", help="skip the compiled runs")
+    p.add_argument("--out", default="runs/gpu_checks", help="folder for gpu_checks.json")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    def body() -> int:
+        if args.device != "cpu" and not torch.cuda.is_available():
+            raise ValueError("--device cuda, but torch sees no CUDA device (try --device cpu for a dry run)")
+        if args.steps < 2:
+            raise ValueError(f"--steps must be >= 2, got {args.steps}")
+        on_gpu = args.device != "cpu"
+        result: dict = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if on_gpu else "cpu",
+                        "size": args.size, "checks": check_gradients(args.size, args.device), "runs": {}}  # fmt: skip
+        for compiled in (False, True) if not args.no_compile else (False,):
+            for lora in (True, False):
+                name = f"{'lora_qv' if lora else 'full'}{'_compiled' if compiled else ''}"
+                if on_gpu:
+                    torch.cuda.reset_peak_memory_stats()
+                result["runs"][name] = time_trainer(args.size, lora, args.device, args.steps, compiled,
+                                                    sync_check=on_gpu and not compiled)  # fmt: skip
+                print(f"{name}: {result['runs'][name]}", flush=True)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "gpu_checks.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(f"\n{result['device']}, torch {result['torch']}, size {args.size}")
+        print(f"checks: {result['checks']}")
+        print(f"{'run':<20} {'tokens/s':>12} {'step ms':>9} {'peak MiB':>9} {'sync-free':>9}")
+        for name, r in result["runs"].items():
+            peak = f"{r['peak_mem_mb']:.0f}" if r["peak_mem_mb"] is not None else "-"
+            print(
+                f"{name:<20} {r['tokens_per_s']:>12,.0f} {r['step_ms']:>9.1f} {peak:>9} {r['sync_free']!s:>9}"
+            )
+        return 0
+
+    return guarded("gpu_checks.py", body, args.debug)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
