@@ -207,14 +207,23 @@ class LoRALinear(nn.Module):
             return torch.zeros(self.out_features, self.in_features, device=self.weight.device)
         return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
 
+    @property
+    def adapter_active(self) -> bool:
+        """Whether ``forward`` adds the update: an adapter (``r > 0``), not merged, not disabled."""
+        return self.r > 0 and not self.merged and self._adapter_enabled
+
+    @property
+    def dropout_active(self) -> bool:
+        """Whether ``forward`` draws a dropout mask on the LoRA branch's input (training, ``p > 0``)."""
+        return self.training and isinstance(self.lora_dropout, nn.Dropout)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(..., in) -> (..., out)``. The unmerged path never materialises ``B A``."""
-        if self.r == 0 or self.merged or not self._adapter_enabled:
+        if not self.adapter_active:
             return F.linear(x, self.weight, self.bias)
-        dropout = self.training and isinstance(self.lora_dropout, nn.Dropout)
         # Plain autograd through a dropout mask, autocast's casts, or torch.compile (which fuses it well;
         # the hand-written backward, compiled for CUDA by torch 2.11, gave wrong LoRA gradients on an H100).
-        if dropout or torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling():
+        if self.dropout_active or torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling():
             # (..., in) @ A^T -> (..., r); scale the small tensor, then @ B^T -> (..., out)
             out = F.linear(x, self.weight, self.bias)
             return out + F.linear(F.linear(self.lora_dropout(x), self.lora_A) * self.scaling, self.lora_B)

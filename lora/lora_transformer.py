@@ -1,9 +1,10 @@
 """A decoder-only transformer in the GPT-2 layout whose projections are LoRA-capable.
 
 Token + learned position embeddings, ``num_layers`` pre-LayerNorm blocks (causal self-attention with
-separate ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``; a GELU MLP ``fc1``/``fc2``), a final LayerNorm
-and an LM head tied to the token embedding; optionally a classification head. Every linear layer is a
-:class:`~lora.lora_layer.LoRALinear`; the ones not adapted have ``r = 0`` and are plain linear layers.
+separate ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``, the first three computed in one fused path; a
+GELU MLP ``fc1``/``fc2``), a final LayerNorm and an LM head tied to the token embedding; optionally a
+classification head. Every linear layer is a :class:`~lora.lora_layer.LoRALinear`; the ones not adapted
+have ``r = 0`` and are plain linear layers.
 
 No training and no argument parsing here; the file formats the model is saved in and loaded from are
 ``lora/formats.py``'s (and Hugging Face PEFT's, ``lora/peft_format.py``). Run
@@ -31,6 +32,7 @@ if __package__ in (None, ""):  # `python lora/lora_transformer.py` without insta
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lora.adapter import Adapter, LayerAdapter, weighted_sum
+from lora.chunked_loss import chunked_lm_loss
 from lora.errors import quote
 from lora.files import describe_mismatch
 from lora.formats import (
@@ -44,6 +46,7 @@ from lora.formats import (
     write_adapter_folder,
     write_model_folder,
 )
+from lora.fused_qkv import FrozenConcat, can_fuse, fused_lora_linear
 from lora.gpt2 import gpt2_model_config, is_hf_folder, read_gpt2_header, read_gpt2_weights
 from lora.lora_layer import (
     LoRALinear,
@@ -75,7 +78,13 @@ def _linear(d_in: int, d_out: int, lora: LoRAConfig, adapted: bool) -> LoRALinea
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention with separate Q, K, V and output projections."""
+    """Multi-head causal self-attention with separate Q, K, V and output projections.
+
+    ``q_proj``, ``k_proj``, ``v_proj`` own their parameters, but with ``fused_qkv`` (the default) they are
+    computed together: one product against their stacked frozen weights, one against their stacked A's
+    (``lora/fused_qkv.py``). Cases it does not cover (base weights being trained, as in full fine-tuning)
+    and ``fused_qkv = False`` take one product per projection.
+    """
 
     def __init__(self, config: ModelConfig, lora: LoRAConfig) -> None:
         super().__init__()
@@ -84,14 +93,21 @@ class CausalSelfAttention(nn.Module):
         for t, name in PROJECTIONS.items():
             setattr(self, name, _linear(config.d_model, config.d_model, lora, t in lora.lora_targets))
         self.resid_drop = nn.Dropout(config.dropout)
+        self.fused_qkv = True
+        self._frozen_qkv = FrozenConcat()  # the stacked frozen q/k/v weights and biases, between steps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, T, C) -> (B, T, C)``."""
         B, T, C = x.shape
         hs = C // self.num_heads
-        q = self.q_proj(x).view(B, T, self.num_heads, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.k_proj(x).view(B, T, self.num_heads, hs).transpose(1, 2)  # (B, nh, T, hs)
-        v = self.v_proj(x).view(B, T, self.num_heads, hs).transpose(1, 2)  # (B, nh, T, hs)
+        layers = (self.q_proj, self.k_proj, self.v_proj)
+        if self.fused_qkv and can_fuse(layers):
+            q, k, v = fused_lora_linear(x, layers, self._frozen_qkv).split(C, dim=2)  # 3 x (B, T, C)
+        else:
+            q, k, v = (layer(x) for layer in layers)  # 3 x (B, T, C)
+        q = q.view(B, T, self.num_heads, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.num_heads, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.num_heads, hs).transpose(1, 2)  # (B, nh, T, hs)
         y = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
         )  # (B, nh, T, hs)
@@ -146,6 +162,8 @@ class LoRATransformer(nn.Module):
     ``model.config`` (:class:`ModelConfig`) and ``model.lora_config`` (:class:`LoRAConfig`) say what it is.
     Setting ``model.gradient_checkpointing = True`` stores only each block's input in training and
     recomputes the rest in backward: less activation memory for long sequences, about one more forward.
+    ``model.fused_qkv = False`` computes q, k, v as three products instead of one fused path (same results
+    to float rounding; for comparisons). :meth:`lm_loss` is the LM loss without the whole logits tensor.
 
     The model owns its adapters: the active one lives in the ``LoRALinear`` parameters (so ``state_dict``
     and an optimizer see only it), the others wait as :class:`Adapter` values. ``load_adapter``,
@@ -205,6 +223,16 @@ class LoRATransformer(nn.Module):
     def max_seq_len(self) -> int:
         return self.config.max_seq_len
 
+    @property
+    def fused_qkv(self) -> bool:
+        """Whether every block computes q, k, v in one fused path (``lora/fused_qkv.py``); default ``True``."""
+        return all(block.attn.fused_qkv for block in self.blocks)
+
+    @fused_qkv.setter
+    def fused_qkv(self, value: bool) -> None:
+        for block in self.blocks:
+            block.attn.fused_qkv = bool(value)
+
     @torch.no_grad()
     def _init_weights(self, num_layers: int) -> None:
         """GPT-2 init: N(0, 0.02), residual projections N(0, 0.02 / sqrt(2 L)); LoRA tensors untouched."""
@@ -244,6 +272,17 @@ class LoRATransformer(nn.Module):
             return self.lm_head(h)
         last = (lengths - 1) if lengths is not None else torch.full((h.shape[0],), h.shape[1] - 1)
         return self.cls_head(h[torch.arange(h.shape[0], device=h.device), last.to(h.device)])  # (B, classes)
+
+    def lm_loss(self, idx: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = 1024) -> torch.Tensor:
+        """Mean next-token cross-entropy of ``idx`` (B, T) against ``targets`` (B, T), ``-100`` not scored.
+
+        Equal to ``F.cross_entropy(model(idx).float().reshape(-1, V), targets.reshape(-1))`` to float
+        rounding, gradients included, but the tied LM head's logits exist ``chunk_tokens`` tokens at a time,
+        in forward and backward alike (:func:`~lora.chunked_loss.chunked_lm_loss`).
+        """
+        if self.cls_head is not None:
+            raise RuntimeError("lm_loss() needs a language model; this one has a classification head")
+        return chunked_lm_loss(self.hidden_states(idx), self.lm_head.weight, targets, chunk_tokens)
 
     @torch.no_grad()
     def generate(

@@ -18,6 +18,8 @@ LAYERS = [
     "files",  # atomic writes, checked reads
     "distributed",  # torchrun's processes: the process group, sums over processes, failures
     "lora_layer",  # LoRA for one linear layer; helpers for any nn.Module
+    "fused_qkv",  # LoRA layers sharing one input (q, k, v) computed in one product
+    "chunked_loss",  # the LM loss with the head applied a chunk of tokens at a time
     "model_config",  # ModelConfig, LoRAConfig
     "config",  # TrainConfig: YAML and flags
     "gpt2",  # Hugging Face GPT-2 folders read as this model's tensors

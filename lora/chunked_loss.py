@@ -1,0 +1,146 @@
+"""The language-model loss with the LM head applied a chunk of tokens at a time.
+
+For hidden states ``h`` (N, C) (``N = B T`` tokens), the head ``W`` (V, C) and targets ``t`` (N,), of which
+``n`` are scored (``t_i != -100``)::
+
+    z_i = W h_i  (V,)      loss = (1 / n) Σ_{i scored} (logsumexp_j z_ij - z_{i t_i})
+    dloss/dz_i = (softmax(z_i) - onehot(t_i)) / n  for a scored token, 0 for the others
+    dloss/dh_i = W^T dloss/dz_i            dloss/dW = Σ_i dloss/dz_i h_i^T
+
+The plain computation holds all of ``z`` (N, V) at once, in float32 a second copy, and in backward the
+softmax a third: with GPT-2's V = 50,257, 8 x 1,024 tokens take 1.6 GB per copy. Here ``z`` exists for
+``chunk_tokens`` rows at a time: each chunk's logits are made (in the inputs' dtype, then float32), give
+their loss, and, when gradients are wanted, turn in place into ``softmax - onehot`` and are multiplied out
+into ``dloss/dh`` and ``dloss/dW`` before the next chunk. Backward then only scales those by the incoming
+gradient: no logits are computed twice (recomputing them, as checkpointing would, costs one more LM-head
+product per step). The sum is a :func:`torch.library.custom_op` whose autograd formula is registered, so
+``torch.compile`` sees a differentiable operation. The price: from forward to backward the gradients are
+kept, ``dloss/dh`` the size of ``h`` and, for a head that trains, ``dloss/dW`` (V, C) in float32; and a loss
+computed with gradients enabled but never back-propagated did that work for nothing (under ``no_grad`` none
+is done).
+
+All targets ignored: ``n = 0`` and the loss is ``nan`` (``0 / 0``), as ``F.cross_entropy``'s mean; the
+gradients are zero, as ``F.cross_entropy``'s.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["chunked_lm_loss"]
+
+IGNORE_INDEX = -100  # cross-entropy's default: targets that take no loss
+
+
+def _chunk(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    t: torch.Tensor,
+    grad_h: torch.Tensor | None,
+    grad_w: torch.Tensor | None,
+) -> torch.Tensor:
+    """The summed loss of one chunk, ``h`` (c, C) and ``t`` (c,); writes its ``dloss/dh`` into ``grad_h``
+    (c, C) and adds its ``dloss/dW`` to ``grad_w`` (V, C) where they are given (sums, not means)."""
+    z = F.linear(h, weight).float()  # (c, V); from here on one (c, V) buffer, changed in place
+    scored = t != IGNORE_INDEX  # (c,)
+    t = torch.where(scored, t, 0)[:, None]  # (c, 1); an ignored token reads column 0, then counts 0
+    picked = z.gather(1, t).squeeze(1)  # (c,) the target's logit
+    top = z.amax(dim=-1, keepdim=True)  # (c, 1)
+    e = z.sub_(top).exp_()  # (c, V) exp(z - max)
+    norm = e.sum(dim=-1, keepdim=True)  # (c, 1)
+    loss = torch.where(scored, (top + norm.log()).squeeze(1) - picked, 0.0).sum()  # Σ logsumexp - z_t
+    if grad_h is None and grad_w is None:
+        return loss
+    g = e.div_(norm)  # (c, V) softmax
+    g.scatter_add_(1, t, torch.full_like(norm, -1.0))  # - onehot(t)
+    g = g.mul_(scored[:, None]).to(weight.dtype)  # ignored rows: 0
+    if grad_h is not None:
+        torch.mm(g, weight, out=grad_h)  # (c, V) @ (V, C)
+    if grad_w is not None and g.dtype == grad_w.dtype:
+        grad_w.addmm_(g.t(), h)  # (V, c) @ (c, C)
+    elif grad_w is not None:
+        grad_w += g.t() @ h  # a lower-precision product, summed in float32
+    return loss
+
+
+@torch.library.custom_op("lora::lm_loss_chunked", mutates_args=())
+def _lm_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_tokens: int,
+    need_hidden: bool,
+    need_weight: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(mean loss, Σ dloss_i/dh (N, C) or (0,), Σ dloss_i/dW (V, C) float32 or (0,))``, the sums unscaled
+    by ``1 / n``; ``hidden`` (N, C) and ``weight`` (V, C) of one dtype, ``targets`` (N,)."""
+    # the chunks' sums added in float64, as cross-entropy adds its tokens (MPS has no float64)
+    total = hidden.new_zeros((), dtype=torch.float32 if hidden.device.type == "mps" else torch.float64)
+    grad_h = torch.empty_like(hidden) if need_hidden else hidden.new_empty(0)
+    grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_weight else weight.new_empty(0)
+    with torch.autocast(hidden.device.type, enabled=False):  # the caller chose the dtype
+        for start in range(0, hidden.shape[0], chunk_tokens):
+            rows = slice(start, start + chunk_tokens)
+            gh = grad_h[rows] if need_hidden else None
+            total += _chunk(hidden[rows], weight, targets[rows], gh, grad_w if need_weight else None)
+    return (total / (targets != IGNORE_INDEX).sum()).float(), grad_h, grad_w
+
+
+@_lm_loss.register_fake
+def _(hidden, weight, targets, chunk_tokens, need_hidden, need_weight):
+    grad_h = torch.empty_like(hidden) if need_hidden else hidden.new_empty(0)
+    grad_w = torch.empty_like(weight, dtype=torch.float32) if need_weight else weight.new_empty(0)
+    return hidden.new_empty((), dtype=torch.float32), grad_h, grad_w
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    hidden, weight, targets, _, need_hidden, need_weight = inputs
+    ctx.save_for_backward(targets, output[1], output[2])
+    ctx.need = (need_hidden, need_weight)
+    ctx.dtypes = (hidden.dtype, weight.dtype)
+
+
+def _backward(ctx, grad_loss, _grad_h, _grad_w):
+    targets, grad_h, grad_w = ctx.saved_tensors
+    n = (targets != IGNORE_INDEX).sum()
+    scale = torch.where(n > 0, grad_loss / n, 0.0)  # no scored token: zero gradients, not 0 * inf
+    dh = (grad_h * scale).to(ctx.dtypes[0]) if ctx.need[0] else None
+    dw = (grad_w * scale).to(ctx.dtypes[1]) if ctx.need[1] else None
+    return dh, dw, None, None, None, None
+
+
+_lm_loss.register_autograd(_backward, setup_context=_setup_context)
+
+
+def chunked_lm_loss(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = 1024
+) -> torch.Tensor:
+    """Mean cross-entropy of ``hidden @ weight^T`` (B, T, C) x (V, C) against ``targets`` (B, T), ``-100`` not
+    scored: equal to ``F.cross_entropy(F.linear(hidden, weight).float().reshape(-1, V), targets.reshape(-1))``
+    to float rounding, gradients for ``hidden`` and ``weight`` included, with at most ``chunk_tokens`` rows of
+    logits in memory at once. Under autocast the product is in autocast's dtype, as ``F.linear`` would be.
+    """
+    if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be a positive integer, got {chunk_tokens!r}")
+    if hidden.shape[:-1] != targets.shape or hidden.shape[-1] != weight.shape[-1]:
+        raise ValueError(
+            f"hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)} and targets {tuple(targets.shape)} "
+            "do not fit: expected (..., C), (V, C) and (...)"
+        )
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)  # (its cast's backward restores the dtype)
+    elif hidden.dtype != weight.dtype:
+        raise ValueError(f"hidden is {hidden.dtype} but weight is {weight.dtype}")
+    grad = torch.is_grad_enabled()
+    loss, _, _ = _lm_loss(
+        hidden.reshape(-1, hidden.shape[-1]),  # (N, C)
+        weight,
+        targets.reshape(-1),  # (N,)
+        chunk_tokens,
+        grad and hidden.requires_grad,
+        grad and weight.requires_grad,
+    )
+    return loss

@@ -1,0 +1,128 @@
+"""Q, K and V of one attention block in one product: LoRA layers that share their input, fused.
+
+The three layers ``p`` in (q, k, v) each compute ``y_p = x W_p^T + b_p + s_p (x A_p^T) B_p^T``
+(``lora/lora_layer.py``). Fused, for ``x`` of ``M`` rows (M, C)::
+
+    y = x W^T + b + s (x A^T) D^T                                               (M, N), N = Σ out_p
+
+    W = [W_q; W_k; W_v]  (N, C)     b = [b_q; b_k; b_v]  (N,)       the frozen bases, stacked
+    A = [A_p; ...]       (R, C)     R = Σ r_p over the adapted layers only
+    D                    (N, R)     block-diagonal: (s_p / s) B_p in p's rows and columns, 0 elsewhere
+
+with ``s`` the first adapted layer's scaling (the ratio is 1, and not applied, when the scalings agree).
+That is three products (``x W^T``, ``h = x A^T``, ``h D^T``, the last two skinny: R is 8 to 24) where
+three adapted layers take nine, and ``y``'s column blocks are ``y_q, y_k, y_v``. The zero blocks of ``D``
+add exact zeros, so the result equals the per-layer one to float rounding.
+
+The parameters stay the layers' own (``q_proj.weight``, ``q_proj.lora_A`` ...): state dicts, adapters,
+merging and the base fingerprint are untouched. ``W`` and ``b`` are concatenations of frozen tensors, kept
+by :class:`FrozenConcat` until one of them changes. Everything here is plain differentiable operations,
+so ``torch.compile`` traces forward and backward alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from lora.lora_layer import LoRALinear
+
+__all__ = ["FrozenConcat", "can_fuse", "fused_lora_linear"]
+
+
+class FrozenConcat:
+    """``torch.cat`` of each group of tensors that need no gradient, computed again only when one changes.
+
+    A change is a tensor replaced (another object, storage, shape, dtype or device) or modified in place
+    through autograd's version counter (``copy_``, ``merge()``, ``load_state_dict``, an optimizer step).
+    Writes through ``tensor.data`` bypass that counter: call :meth:`clear` after them. The copies cost the
+    memory of the tensors once more. Under ``torch.compile`` the concatenation is part of the graph instead.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._value: tuple[torch.Tensor, ...] | None = None
+
+    def clear(self) -> None:
+        """Forget the copies (the next call concatenates again)."""
+        self._key = self._value = None
+
+    def __call__(self, *groups: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """``(torch.cat(group) for group in groups)``, kept from an earlier call if no tensor changed."""
+        tensors = [t for group in groups for t in group]
+        if torch.compiler.is_compiling() or any(t.requires_grad or t.is_inference() for t in tensors):
+            return tuple(torch.cat(group) for group in groups)
+        key = tuple((t, t.data_ptr(), t._version, t.shape, t.dtype, t.device) for t in tensors)
+        same = (
+            self._key is not None
+            and len(key) == len(self._key)
+            and all(a[0] is b[0] and a[1:] == b[1:] for a, b in zip(key, self._key, strict=True))
+        )
+        if not same:
+            self._value = None  # the old copies are freed before the new ones are made
+            with torch.inference_mode(False), torch.no_grad():  # normal tensors: autograd may save them
+                self._value = tuple(torch.cat(group) for group in groups)
+            self._key = key
+        return self._value
+
+    def __getstate__(self) -> dict:
+        return {"_key": None, "_value": None}  # a copied or pickled model concatenates again
+
+
+def can_fuse(layers: Sequence[object]) -> bool:
+    """Whether :func:`fused_lora_linear` covers ``layers``: LoRA layers of one input width, dtype and device,
+    all with or all without a bias, whose base tensors need no gradient (full fine-tuning keeps the
+    per-layer path, where each weight's gradient is its own product)."""
+    if not layers or not all(isinstance(m, LoRALinear) for m in layers):
+        return False
+    first = layers[0].weight
+    for m in layers:
+        w, b = m.weight, m.bias
+        if w.requires_grad or (b is not None and b.requires_grad):
+            return False
+        if m.in_features != layers[0].in_features or (b is None) != (layers[0].bias is None):
+            return False
+        if w.dtype != first.dtype or w.device != first.device:
+            return False
+    return True
+
+
+def fused_lora_linear(
+    x: torch.Tensor, layers: Sequence[LoRALinear], frozen: FrozenConcat | None = None
+) -> torch.Tensor:
+    """``(..., C) -> (..., N)``: the outputs of ``layers`` side by side, as the module docstring computes them.
+
+    ``layers`` must pass :func:`can_fuse`. A layer without an active adapter (``r = 0``, merged, disabled)
+    contributes its base only, as its own ``forward`` does. With LoRA dropout active (training, ``p > 0``)
+    each adapted layer draws its own mask on ``x`` in the layers' order, as the layers do one after the
+    other, so the random stream and the result are the same; its ``x A_p^T`` is then a product of its own.
+    ``frozen`` keeps the stacked base between calls (``None``: concatenated on every call).
+    """
+    frozen = FrozenConcat() if frozen is None else frozen
+    if layers[0].bias is None:
+        (weight,), bias = frozen([m.weight for m in layers]), None  # (N, C)
+    else:
+        weight, bias = frozen([m.weight for m in layers], [m.bias for m in layers])  # (N, C), (N,)
+    x2 = x.reshape(-1, x.shape[-1])  # (M, C)
+    y = F.linear(x2, weight, bias)  # (M, N)
+    adapted = [m for m in layers if m.adapter_active]
+    if adapted:
+        if any(m.dropout_active for m in adapted):
+            h = torch.cat([F.linear(m.lora_dropout(x2), m.lora_A) for m in adapted], dim=1)  # (M, R)
+        else:
+            h = F.linear(x2, torch.cat([m.lora_A for m in adapted]))  # (M, R)
+        s = adapted[0].scaling
+        blocks = [
+            (m.lora_B if m.scaling == s else m.lora_B * (m.scaling / s))  # (out_p, r_p)
+            if m.adapter_active
+            else m.weight.new_zeros(m.out_features, 0)  # rows of a layer without an adapter: no columns
+            for m in layers
+        ]
+        d = torch.block_diag(*blocks)  # (N, R)
+        if torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling():
+            y = torch.addmm(y, h, d.t(), alpha=s)  # autocast casts out-of-place products only
+        else:
+            y = y.addmm_(h, d.t(), alpha=s)  # (M, N) += s h D^T; y's product saved nothing to overwrite
+    return y.view(*x.shape[:-1], y.shape[-1])

@@ -1,0 +1,178 @@
+"""lora/chunked_loss.py: the chunked LM loss equals the plain cross-entropy, gradients included, and never
+holds all the logits (a memory measurement); the model's ``lm_loss`` on top of it."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lora.chunked_loss import chunked_lm_loss
+from lora.lora_transformer import LoRATransformer
+
+B, T, C, V = 3, 16, 8, 40  # 48 tokens
+
+
+def inputs(ignored: int = 5, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, C, generator=g, requires_grad=True)
+    weight = torch.randn(V, C, generator=g, requires_grad=True)
+    targets = torch.randint(0, V, (B, T), generator=g)
+    targets.view(-1)[torch.randperm(B * T, generator=g)[:ignored]] = -100
+    return hidden, weight, targets
+
+
+def plain_loss(hidden, weight, targets):
+    return F.cross_entropy(F.linear(hidden, weight).float().reshape(-1, V), targets.reshape(-1))
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 7, 16, 48, 1000])  # 7 and 1000 do not divide 48
+@pytest.mark.parametrize("ignored", [0, 5])
+def test_equals_the_plain_loss_and_its_gradients(chunk_tokens, ignored):
+    hidden, weight, targets = inputs(ignored)
+    plain = plain_loss(hidden, weight, targets)
+    chunked = chunked_lm_loss(hidden, weight, targets, chunk_tokens)
+    torch.testing.assert_close(chunked, plain, rtol=0, atol=1e-6)
+    expected = torch.autograd.grad(plain, (hidden, weight))
+    got = torch.autograd.grad(chunked, (hidden, weight))
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    if ignored:  # an ignored token's hidden state gets no gradient
+        rows = (targets.reshape(-1) == -100).nonzero().squeeze(1)
+        assert torch.equal(got[0].reshape(-1, C)[rows], torch.zeros(ignored, C))
+
+
+def test_all_targets_ignored_gives_nan_and_zero_gradients_as_cross_entropy():
+    hidden, weight, targets = inputs()
+    targets.fill_(-100)
+    plain = plain_loss(hidden, weight, targets)
+    chunked = chunked_lm_loss(hidden, weight, targets, 5)
+    assert plain.isnan() and chunked.isnan()
+    for a, b in zip(
+        torch.autograd.grad(chunked, (hidden, weight)),
+        torch.autograd.grad(plain, (hidden, weight)),
+        strict=True,
+    ):
+        assert torch.equal(a, b) and not a.any()
+
+
+def test_gradients_only_where_asked_and_none_without_grad():
+    hidden, weight, targets = inputs()
+    weight.requires_grad_(False)  # a frozen head (LoRA training)
+    loss = chunked_lm_loss(hidden, weight, targets, 10)
+    (grad,) = torch.autograd.grad(loss, hidden)
+    torch.testing.assert_close(grad, torch.autograd.grad(plain_loss(hidden, weight, targets), hidden)[0])
+    with torch.no_grad():
+        value = chunked_lm_loss(hidden, weight, targets, 10)
+    assert value.grad_fn is None and value == loss.detach()
+    scale = torch.tensor(3.0)  # an upstream gradient other than 1
+    (grad3,) = torch.autograd.grad(chunked_lm_loss(hidden, weight, targets, 10) * scale, hidden)
+    torch.testing.assert_close(grad3, 3 * grad)
+
+
+def test_compiled_equals_eager():
+    """torch.compile traces the custom op's registered autograd formula (aot_eager: AOTAutograd's trace)."""
+    torch._dynamo.reset()
+    hidden, weight, targets = inputs()
+    fn = torch.compile(lambda h, w, t: chunked_lm_loss(h, w, t, 7), backend="aot_eager", fullgraph=True)
+    compiled = fn(hidden, weight, targets)
+    plain = plain_loss(hidden, weight, targets)
+    torch.testing.assert_close(compiled, plain, rtol=0, atol=1e-6)
+    for a, b in zip(
+        torch.autograd.grad(compiled, (hidden, weight)),
+        torch.autograd.grad(plain, (hidden, weight)),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_autocast_computes_the_logits_in_bfloat16_as_the_plain_head():
+    hidden, weight, targets = inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = plain_loss(hidden, weight, targets)
+        chunked = chunked_lm_loss(hidden, weight, targets, 7)
+    assert chunked.dtype == torch.float32
+    torch.testing.assert_close(chunked, plain, rtol=0, atol=1e-5)  # the same bfloat16 logits, upcast
+    got = torch.autograd.grad(chunked, (hidden, weight))
+    expected = torch.autograd.grad(plain, (hidden, weight))
+    for a, b in zip(got, expected, strict=True):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=0.02, atol=1e-3)  # bfloat16 products in both
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"chunk_tokens": 0}, "chunk_tokens must be a positive integer, got 0"),
+        ({"chunk_tokens": True}, "chunk_tokens must be a positive integer, got True"),
+        ({"targets": torch.zeros(B, T + 1, dtype=torch.long)}, "do not fit"),
+        ({"weight": torch.zeros(V, C + 1)}, "do not fit"),
+        (
+            {"weight": torch.zeros(V, C, dtype=torch.float64)},
+            "hidden is torch.float32 but weight is torch.float64",
+        ),
+    ],
+)
+def test_bad_arguments_are_refused(kwargs, message):
+    hidden, weight, targets = inputs()
+    args = {"hidden": hidden, "weight": weight, "targets": targets, "chunk_tokens": 4, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        chunked_lm_loss(**args)
+
+
+def peak_bytes(fn) -> int:
+    """Peak bytes of CPU tensors alive at once while ``fn`` runs (torch's memory profile of the run)."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action
+
+    with profile(
+        activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
+    ) as p:
+        fn()
+    now = peak = 0
+    for _, action, _, size in p._memory_profile().timeline:
+        now += size if action == Action.CREATE else -size if action == Action.DESTROY else 0
+        peak = max(peak, now)
+    return peak
+
+
+def test_forward_and_backward_hold_one_chunk_of_logits():
+    """4,096 tokens x 2,048 classes: the plain loss holds 3 copies of the 32 MiB logits at its peak; the
+    chunked one, 256 tokens at a time, about one 2 MiB chunk plus its gradients."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(4096, 16, generator=g, requires_grad=True)
+    weight = torch.randn(2048, 16, generator=g, requires_grad=True)
+    targets = torch.randint(0, 2048, (4096,), generator=g)
+    logits = 4096 * 2048 * 4
+    plain = peak_bytes(lambda: F.cross_entropy(F.linear(hidden, weight), targets).backward())
+    chunked = peak_bytes(lambda: chunked_lm_loss(hidden, weight, targets, 256).backward())
+    assert plain >= 2 * logits
+    assert chunked < logits / 8
+
+
+def test_model_lm_loss_equals_cross_entropy_of_its_logits():
+    torch.manual_seed(0)
+    model = LoRATransformer(V, 16, 2, 2, max_seq_len=T, dropout=0.0)
+    model.configure_lora_training()
+    for _, layer in model.lora_layers():
+        nn.init.normal_(layer.lora_B, std=0.1)
+    idx = torch.randint(0, V, (B, T))
+    targets = idx.roll(-1, 1)
+    targets[:, -1] = -100
+    plain = F.cross_entropy(model(idx).float().reshape(-1, V), targets.reshape(-1))
+    expected = torch.autograd.grad(plain, [p for p in model.parameters() if p.requires_grad])
+    loss = model.lm_loss(idx, targets, chunk_tokens=10)
+    got = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
+    torch.testing.assert_close(loss, plain, rtol=0, atol=1e-6)
+    assert len(got) == 2 * 2 * 2
+    for a, b in zip(got, expected, strict=True):
+        assert b.abs().sum() > 0
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    model.requires_grad_(True)  # full fine-tuning: the tied head/embedding gets its gradient through it too
+    (g_chunked,) = torch.autograd.grad(model.lm_loss(idx, targets, 7), model.wte.weight)
+    (g_plain,) = torch.autograd.grad(
+        F.cross_entropy(model(idx).reshape(-1, V), targets.reshape(-1)), model.wte.weight
+    )
+    torch.testing.assert_close(g_chunked, g_plain, rtol=0, atol=1e-6)
+    classifier = LoRATransformer(V, 16, 2, 1, max_seq_len=T, num_classes=3)
+    with pytest.raises(RuntimeError, match="needs a language model"):
+        classifier.lm_loss(idx, targets)
