@@ -222,9 +222,10 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("the model has no trainable parameters")
-        # fused: one kernel for all tensors, and a step it can skip on the device (found_inf)
+        # fused (CPU, CUDA): one kernel for all tensors, and a step it can skip on the device (found_inf)
+        self.fused = self.device.type in ("cpu", "cuda")
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                                           betas=(0.9, 0.999), fused=True)  # fmt: skip
+                                           betas=(0.9, 0.999), fused=self.fused or None)  # fmt: skip
         self.log_every = cfg.log_every or (10 if self.device.type == "cuda" else 1)
         use_bf16 = cfg.precision == "bf16" or (
             cfg.precision == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -398,8 +399,8 @@ class Trainer:
                     to_backprop.backward()
                     # with clipping off, max_norm inf only measures (the grads are scaled by exactly 1)
                     norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip or math.inf)
-                    finite = torch.isfinite(loss) & torch.isfinite(norm)
-                    self.optimizer.found_inf = (~finite).float()  # the fused step skips itself when set
+                    if self.fused:  # a non-finite loss or gradient: the step skips itself on the device
+                        self.optimizer.found_inf = (~(torch.isfinite(loss) & torch.isfinite(norm))).float()
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
                     self.step += 1
