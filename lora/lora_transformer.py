@@ -406,13 +406,15 @@ class LoRATransformer(nn.Module):
         return out
 
     def base_fingerprint(self) -> str:
-        """First 16 hex digits of a sha256 over the names, shapes, dtypes and bytes of the base tensors.
+        """First 16 hex digits of a sha256 over the names, shapes and float32 values of the base tensors.
 
         Deterministic (sorted names, unmerged values); independent of the adapters and of a classification head.
+        The values are hashed as float32, which holds fp16 and bf16 exactly: a half-precision base widened to
+        float32 for training keeps its fingerprint (a float32 base's is what it always was).
         """
         h = hashlib.sha256()
         for key, value in sorted(self.base_state_dict().items()):
-            t = value.detach().to("cpu").contiguous()
+            t = value.detach().to("cpu", torch.float32).contiguous()
             h.update(f"{key}|{tuple(t.shape)}|{t.dtype}\n".encode())
             h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
         return h.hexdigest()[:16]

@@ -191,6 +191,9 @@ def test_a_half_precision_gpt2_folder_trains_in_float32(gpt2_folder, text, tmp_p
     history = json.loads((tmp_path / "runs" / "half" / "history.json").read_text())
     assert all(loss == loss for loss in history["train_loss"])  # finite: no fp16 AdamW
     assert adapter_tensors(tmp_path / "runs" / "half")["blocks.0.attn.q_proj.lora_A"].dtype == torch.float32
+    half = LoRATransformer.from_pretrained(folder, lora_r=0)  # the folder as it is, in half precision
+    assert half.wte.weight.dtype == dtype
+    half.load_adapter(tmp_path / "runs" / "half")  # the fingerprint is of the values: no --force needed
 
 
 def test_text_whose_validation_cut_falls_inside_a_character(gpt2_folder, tmp_path):
