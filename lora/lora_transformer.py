@@ -198,6 +198,8 @@ class LoRATransformer(nn.Module):
         self.config, self.lora_config = config, lora
         # Recompute each block's activations in backward instead of storing them (long sequences).
         self.gradient_checkpointing = False
+        # tokens whose logits exist at once in forward(..., targets=...): the LM loss without the whole logits
+        self.loss_chunk_tokens = 1024
         self.wte = nn.Embedding(config.vocab_size, config.d_model)
         self.wpe = nn.Embedding(config.max_seq_len, config.d_model)
         self.drop = nn.Dropout(config.dropout)
@@ -261,12 +263,19 @@ class LoRATransformer(nn.Module):
                 x = block(x)
         return self.ln_f(x)
 
-    def forward(self, idx: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, idx: torch.Tensor, lengths: torch.Tensor | None = None, targets: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Language-model logits ``(B, T, vocab)``; with a classification head, class logits ``(B, classes)``.
 
         For classification, ``lengths`` (B,) gives each right-padded sequence's true length; the head reads
         the hidden state of the last real token (the causal mask means it has seen the whole sequence).
+        With ``targets`` (B, T) a language model returns its mean loss instead, the head and cross-entropy
+        computed ``loss_chunk_tokens`` tokens at a time (:meth:`lm_loss`): what training calls, through
+        whatever wraps the model (DDP, ``torch.compile``).
         """
+        if targets is not None:
+            return self.lm_loss(idx, targets, self.loss_chunk_tokens)
         h = self.hidden_states(idx)
         if self.cls_head is None:
             return self.lm_head(h)

@@ -105,10 +105,15 @@ def batch_loss(
     batch: dict[str, torch.Tensor],
     device: torch.device,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy (mean over scored tokens, in float32) and the logits of one batch."""
+    chunked: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Cross-entropy (mean over scored tokens, in float32) and the logits of one batch; ``chunked``: the
+    loss alone, from a language model's ``forward(x, targets=y)``, which never holds the whole logits."""
     x = batch["x"].to(device, non_blocking=True).long()
     y = batch["y"].to(device, non_blocking=True).long()
+    if chunked:
+        with autocast():
+            return forward(x, targets=y).float(), None
     extra = {"lengths": batch["lengths"].to(device)} if "lengths" in batch else {}
     with autocast():
         logits = forward(x, **extra).float()  # (B, T, vocab) or, classifying, (B, classes)
@@ -227,6 +232,8 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                            betas=(0.9, 0.999), fused=self.fused or None)  # fmt: skip
         self.log_every = cfg.log_every or (10 if self.device.type == "cuda" else 1)
+        # a language model that computes its own loss in chunks (LoRATransformer) trains without full logits
+        self.chunked_loss = hasattr(model, "loss_chunk_tokens") and getattr(model, "cls_head", None) is None
         use_bf16 = cfg.precision == "bf16" or (
             cfg.precision == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported()
         )
@@ -271,9 +278,6 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
-    def _loss_and_logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        return batch_loss(self.forward, batch, self.device, self._autocast)
-
     def _step_loss(
         self, batch: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor, bool | torch.Tensor]:
@@ -284,7 +288,7 @@ class Trainer:
         is the one a single process would make on the whole global batch; the mean and the stop request
         (a signal seen by any process) are agreed with one small all-reduce.
         """
-        loss, _ = self._loss_and_logits(batch)
+        loss, _ = batch_loss(self.forward, batch, self.device, self._autocast, self.chunked_loss)
         stop = self._stop_signal is not None
         if not self.distributed.enabled:
             return loss, loss, stop
