@@ -24,6 +24,7 @@ from lora.data import IGNORE, VOCAB_SIZE, BatchLoader, Task, load_task
 from lora.distributed import (
     Distributed,
     PeerFailedError,
+    barrier,
     check_same,
     from_environment,
     peer_failure,
@@ -146,34 +147,34 @@ def samples(
     return "\n".join(lines) + "\n"
 
 
-def _check_memory(cfg: TrainConfig, device: torch.device) -> None:
-    """Refuse a run that cannot fit in memory, from the base's architecture (a base to pretrain: the
-    config's; a given one: its config.json once checked against its weights, whose problems are reported
-    when it is loaded)."""
-    if cfg.base_checkpoint == "auto":
-        arch, pretraining = (
-            cfg.model_config(VOCAB_SIZE),
-            not (base_dir_for(cfg) / WEIGHTS_NAME).is_file(),
-        )
-    else:
-        try:
-            options, _ = LoRATransformer.check_pretrained(cfg.base_checkpoint, lora_r=0)
-        except ValueError:
-            return
-        arch, pretraining = ModelConfig(**{k: options[k] for k in ModelConfig.__dataclass_fields__}), False
-    check_memory(cfg, arch, pretraining, device)
-
-
-def _tokenizer(cfg: TrainConfig) -> Tokenizer:
-    """The base's tokenizer: bytes for a base made here, else the base folder's own (a base folder that
-    cannot be read is reported when it is loaded)."""
+def _given_base(cfg: TrainConfig) -> ModelConfig | None:
+    """The architecture of a given base folder, its config.json checked against its weights once (a bad
+    folder: one line); ``None`` for the default base, or a folder that does not exist (reported when the
+    base is looked for)."""
     if cfg.base_checkpoint == "auto" or not Path(cfg.base_checkpoint).is_dir():
-        return ByteTokenizer()
+        return None
     try:
         options, _ = LoRATransformer.check_pretrained(cfg.base_checkpoint, lora_r=0)
     except ValueError as e:
         raise LoRAError(f"cannot load the base model: {e}") from None
-    return load_tokenizer(cfg.base_checkpoint, options["vocab_size"])
+    return ModelConfig(**{k: options[k] for k in ModelConfig.__dataclass_fields__})
+
+
+def _check_memory(cfg: TrainConfig, base: ModelConfig | None, device: torch.device) -> None:
+    """Refuse a run that cannot fit in memory, from the base's architecture (a base to pretrain: the
+    config's; a given one: ``base``)."""
+    if cfg.base_checkpoint == "auto":
+        arch, pretraining = cfg.model_config(VOCAB_SIZE), not (base_dir_for(cfg) / WEIGHTS_NAME).is_file()
+    elif base is None:  # no such folder: ensure_base says so
+        return
+    else:
+        arch, pretraining = base, False
+    check_memory(cfg, arch, pretraining, device)
+
+
+def _tokenizer(cfg: TrainConfig, base: ModelConfig | None) -> Tokenizer:
+    """The base's tokenizer: bytes for a base made here, else the base folder's own."""
+    return ByteTokenizer() if base is None else load_tokenizer(cfg.base_checkpoint, base.vocab_size)
 
 
 def _load_base(cfg: TrainConfig, base_dir: Path, task: Task) -> LoRATransformer:
@@ -214,6 +215,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     backend = start(place, device)
     try:
         metrics = _run(cfg, place, device, backend)
+        barrier()  # the others wait for rank 0's writing: all leave the process group together
     except (Interrupted, PeerFailedError):
         raise
     except BaseException as e:
@@ -239,14 +241,15 @@ def _run(
     t_start = time.perf_counter()
     reset_peak_memory(device)
     tell = say if place.is_main else _silent
-    _check_memory(cfg, device)  # before the data or a model is made
-    tokenizer = _tokenizer(cfg)
+    base = _given_base(cfg)
+    _check_memory(cfg, base, device)  # before the data or a model is made
+    tokenizer = _tokenizer(cfg, base)
     torch.manual_seed(cfg.seed)
     task = load_task(cfg, tokenizer=tokenizer)
     resume, resume_state = find_resume(cfg, place.world_size)
     if place.is_main:  # rank 0 pretrains a missing default base; the others wait for it, then load it
         ensure_base(cfg, device, say)
-    check_same("ready", "readiness")  # every process has its data and the base exists
+    barrier()  # every process has its data, and the base exists
     base_dir = base_dir_for(cfg)
     torch.manual_seed(cfg.seed)
     model = _load_base(cfg, base_dir, task)

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from lora.errors import ConfigError, LoRAError
 
-__all__ = ["Distributed", "PeerFailedError", "all_sum", "check_same", "from_environment", "peer_failure",
+__all__ = ["Distributed", "PeerFailedError", "all_sum", "barrier", "check_same", "from_environment", "peer_failure",
            "post_failure", "start", "stop"]  # fmt: skip
 
 FAILURE_KEY = "lora/failure"
@@ -97,6 +97,12 @@ def all_sum(t: torch.Tensor) -> torch.Tensor:
     if _joined():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def barrier() -> None:
+    """Wait until every process is here (one process: return at once)."""
+    if _joined():
+        dist.barrier()
 
 
 def check_same(value: str, what: str) -> None:

@@ -151,12 +151,12 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _read(folder: Path, header_only: bool) -> dict[str, torch.Tensor]:
-    path = _weights_path(folder)
+def _read(path: Path, header_only: bool) -> dict[str, torch.Tensor]:
+    """The weights file's tensors without prefix and buffers (``meta`` ones for ``header_only``)."""
     if path.name == WEIGHTS_NAME:
-        return read_safetensors_header(path) if header_only else read_safetensors(path)
-    state = _load_bin(path)
-    bad = [k for k, v in _strip(state).items() if v.dtype not in FLOAT_DTYPES.values()]
+        return _strip(read_safetensors_header(path) if header_only else read_safetensors(path))
+    state = _strip(_load_bin(path))
+    bad = [k for k, v in state.items() if v.dtype not in FLOAT_DTYPES.values()]
     if bad:
         raise ValueError(f"{path}: tensor {bad[0]} has dtype {state[bad[0]].dtype}, expected floating point")
     return {k: v.to("meta") for k, v in state.items()} if header_only else state
@@ -224,18 +224,19 @@ def read_gpt2_header(path: str | Path, config: ModelConfig | None = None) -> dic
     """The base tensors of a GPT-2 folder under this model's names, as ``meta`` tensors (shapes and dtypes;
     nothing of the safetensors file is read but its header). Missing, unexpected or mis-shaped tensors
     raise a one-line ``ValueError`` naming them as the file does."""
-    folder = existing_folder(path, "model")
-    config = config or gpt2_model_config(folder)
-    tensors = _strip(_read(folder, header_only=True))
-    _check(tensors, config, _weights_path(folder))
-    return _convert(tensors, config)
+    return _load(path, config, header_only=True)
 
 
 def read_gpt2_weights(path: str | Path, config: ModelConfig | None = None) -> dict[str, torch.Tensor]:
     """The base tensors of a GPT-2 folder under this model's names, on the CPU (checked as
     :func:`read_gpt2_header` does; a saved ``lm_head.weight`` must equal ``wte.weight``)."""
+    return _load(path, config, header_only=False)
+
+
+def _load(path: str | Path, config: ModelConfig | None, header_only: bool) -> dict[str, torch.Tensor]:
     folder = existing_folder(path, "model")
     config = config or gpt2_model_config(folder)
-    tensors = _strip(_read(folder, header_only=False))
-    _check(tensors, config, _weights_path(folder))
+    weights = _weights_path(folder)
+    tensors = _read(weights, header_only)
+    _check(tensors, config, weights)
     return _convert(tensors, config)

@@ -10,6 +10,7 @@ used (``tokenizer.json``), so generation decodes with the same one.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,6 +25,7 @@ BPE_FILES = ("vocab.json", "merges.txt")
 # the largest vocabulary read as bytes when a model has no tokenizer (the bases made here have 256 ids)
 MAX_BYTE_VOCAB = 512
 END_OF_TEXT = "<|endoftext|>"  # GPT-2's one special token
+_BREAK = re.compile(r"\n(?=\S)")  # a newline that a non-space character follows
 CHUNK_CHARS = 1 << 20  # characters encoded at a time: the library's per-token objects stay small
 VOCAB_PADDING = 64  # a model's vocabulary may be its tokenizer's rounded up to a multiple of this
 
@@ -34,9 +36,10 @@ def _pieces(text: str, size: int = CHUNK_CHARS) -> list[str]:
     and the next word starts a new one), so the pieces encode to the whole text's tokens."""
     out, start = [], 0
     while len(text) - start > size:
-        cut = start + size
-        while cut < len(text) and not (text[cut - 1] == "\n" and not text[cut].isspace()):
-            cut += 1
+        found = _BREAK.search(
+            text, start + size - 1
+        )  # the first such newline ending at start + size or later
+        cut = found.end() if found else len(text)
         out.append(text[start:cut])
         start = cut
     return [*out, text[start:]]
