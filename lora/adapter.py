@@ -20,7 +20,12 @@ __all__ = ["Adapter", "LayerAdapter", "weighted_sum"]
 
 @dataclass
 class LayerAdapter:
-    """One module's update ``scaling * B A`` with ``A: (r, in)``, ``B: (out, r)``."""
+    """One module's update ``scaling * B A`` with ``A: (r, in)``, ``B: (out, r)``.
+
+    A PiSSA/OLoRA adapter also holds its initial factors ``lora_A0`` (r, in), ``lora_B0`` (out, r): its update
+    is ``scaling * (B A - B0 A0)``. A DoRA adapter holds its magnitude ``lora_magnitude`` (out,), which
+    rescales each output row of ``W0 + update`` to it (``lora/lora_layer.py``).
+    """
 
     r: int
     lora_alpha: float
@@ -28,14 +33,29 @@ class LayerAdapter:
     use_rslora: bool
     lora_A: torch.Tensor  # noqa: N815 - the layer's own names
     lora_B: torch.Tensor  # noqa: N815
+    lora_magnitude: torch.Tensor | None = None
+    lora_A0: torch.Tensor | None = None  # noqa: N815
+    lora_B0: torch.Tensor | None = None  # noqa: N815
 
     @property
     def scaling(self) -> float:
         return lora_scaling(self.r, self.lora_alpha, self.use_rslora)
 
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` whose product is the whole update's ``B A`` (``[A; A0]``, ``[B, -B0]`` with initial factors)."""
+        if self.lora_A0 is None:
+            return self.lora_A, self.lora_B
+        return torch.cat([self.lora_A, self.lora_A0]), torch.cat([self.lora_B, -self.lora_B0], dim=1)
+
     def delta_weight(self) -> torch.Tensor:
-        """``scaling * B A`` in float32, ``(out, in)``."""
-        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+        """``scaling * B A`` (``- scaling * B0 A0``) in float32, ``(out, in)``; DoRA's rescaling is not in it."""
+        a, b = self.factors()
+        return (b.float() @ a.float()) * self.scaling
+
+    def tensors(self, module: str) -> dict[str, torch.Tensor]:
+        """``<module>.lora_A``, ``.lora_B`` and those of ``lora_magnitude``, ``lora_A0``, ``lora_B0`` it has."""
+        names = ("lora_A", "lora_B", "lora_magnitude", "lora_A0", "lora_B0")
+        return {f"{module}.{n}": getattr(self, n) for n in names if getattr(self, n) is not None}
 
 
 @dataclass
@@ -53,10 +73,11 @@ class Adapter:
         return None if self.cls_head is None else int(self.cls_head["weight"].shape[0])
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The file layout: ``<module>.lora_A``, ``<module>.lora_B`` and ``cls_head.weight|bias``."""
+        """The file layout: ``<module>.lora_A``, ``<module>.lora_B`` (and ``.lora_magnitude``, ``.lora_A0``,
+        ``.lora_B0`` where the variant has them) and ``cls_head.weight|bias``."""
         out = {}
         for m, spec in self.layers.items():
-            out[f"{m}.lora_A"], out[f"{m}.lora_B"] = spec.lora_A, spec.lora_B
+            out.update(spec.tensors(m))
         for k, v in (self.cls_head or {}).items():
             out[f"cls_head.{k}"] = v
         return out
@@ -76,13 +97,17 @@ def weighted_sum(
     heads = [n for n in weights if adapters[n].cls_head is not None]
     if heads:
         raise ValueError(f"adapters {heads} have classification heads, which cannot be combined exactly")
+    dora = [n for n in weights if adapters[n].settings.use_dora]
+    if dora:
+        raise ValueError(f"adapters {dora} are DoRA adapters, whose row rescaling cannot be summed exactly")
     modules = sorted({m for n in weights for m in adapters[n].layers})
     kw = {"device": device, "dtype": torch.float32}  # parked adapters may sit elsewhere
     layers = {}
     for m in modules:
         parts = [(float(weights[n]), adapters[n].layers[m]) for n in weights if m in adapters[n].layers]
-        A = torch.cat([s.lora_A.to(**kw) for _, s in parts], dim=0)  # (Σ r_i, in)
-        B = torch.cat([w * s.scaling * s.lora_B.to(**kw) for w, s in parts], dim=1)  # (out, Σ r_i)
+        # each adapter's whole update (PiSSA/OLoRA: its factors [A; A0], [B, -B0])
+        A = torch.cat([s.factors()[0].to(**kw) for _, s in parts], dim=0)  # (Σ r_i, in)
+        B = torch.cat([w * s.scaling * s.factors()[1].to(**kw) for w, s in parts], dim=1)  # (out, Σ r_i)
         r, dtype = A.shape[0], parts[0][1].lora_A.dtype
         layers[m] = LayerAdapter(r, float(r), 0.0, False, A.to(dtype), B.to(dtype))
     r_max = max((s.r for s in layers.values()), default=0)

@@ -37,6 +37,7 @@ from lora.formats import WEIGHTS_NAME
 from lora.lora_transformer import LoRATransformer
 from lora.memory import check_memory, peak_memory_mb, reset_peak_memory
 from lora.model_config import ModelConfig
+from lora.quantize import BLOCK_SIZE, SCALER_BLOCK_SIZE
 from lora.run_folder import (
     RunFolder,
     discard_unless_resumable,
@@ -172,6 +173,21 @@ def _check_memory(cfg: TrainConfig, base: ModelConfig | None, device: torch.devi
     check_memory(cfg, arch, pretraining, device)
 
 
+def _check_quantization(cfg: TrainConfig, base: ModelConfig | None) -> None:
+    """Refuse ``--quantize_base`` for an architecture whose weights do not tile its blocks, before a base is
+    pretrained or loaded (``base``: the given base's architecture; ``None``: the one pretrained here)."""
+    if cfg.quantize_base == "none" or cfg.method != "lora":
+        return
+    arch = base or cfg.model_config(vocab_size=1)
+    tile = BLOCK_SIZE * SCALER_BLOCK_SIZE
+    sizes = {"attention": (arch.d_model, arch.d_model), "MLP": (arch.d_ff, arch.d_model)}
+    odd = [f"{name} ({o}, {i})" for name, (o, i) in sizes.items() if (o * i) % tile]
+    if odd:
+        raise ConfigError(f"quantize_base {cfg.quantize_base}: nf4 stores weights in blocks of {tile:,} elements; "
+                          f"this model's {' and '.join(odd)} weights do not tile: widths such as d_model 128, 256, "
+                          "768 do")  # fmt: skip
+
+
 def _tokenizer(cfg: TrainConfig, base: ModelConfig | None) -> Tokenizer:
     """The base's tokenizer: bytes for a base made here, else the base folder's own."""
     return ByteTokenizer() if base is None else load_tokenizer(cfg.base_checkpoint, base.vocab_size)
@@ -188,7 +204,14 @@ def _load_base(cfg: TrainConfig, base_dir: Path, task: Task) -> LoRATransformer:
         raise LoRAError(f"cannot load the base model: {e}") from None
     # training keeps float32 weights (bf16 is autocast's to use): an fp16 or bf16 file is widened, so that
     # the adapter and AdamW never work in half precision (AdamW's eps of 1e-8 is 0 in fp16)
-    return model.float()
+    model = model.float()
+    if cfg.quantize_base != "none":  # QLoRA: the frozen block weights in 4 bits, the adapter in float32
+        model.configure_lora_training()
+        try:
+            model.quantize_base(cfg.quantize_base)
+        except ValueError as e:  # a base whose weights do not tile the 4-bit blocks: one line
+            raise ConfigError(f"quantize_base {cfg.quantize_base}: {e}") from None
+    return model
 
 
 def _device(cfg: TrainConfig, place: Distributed) -> torch.device:
@@ -242,6 +265,7 @@ def _run(
     reset_peak_memory(device)
     tell = say if place.is_main else _silent
     base = _given_base(cfg)
+    _check_quantization(cfg, base)
     _check_memory(cfg, base, device)  # before the data or a model is made
     tokenizer = _tokenizer(cfg, base)
     torch.manual_seed(cfg.seed)
@@ -318,7 +342,13 @@ def _train_and_write(cfg: TrainConfig, task: Task, model: LoRATransformer, devic
     targets = ",".join(cfg.lora_targets) + (",ff" if cfg.adapt_feedforward else "")
     name = final.name if writes else f"rank {place.rank}"
     if cfg.method == "lora":
-        kind, label = LoRATrainer, f"{name}: r={cfg.lora_r}, alpha={cfg.lora_alpha:g}, targets={targets}"
+        variant = "".join(
+            [", DoRA" if cfg.use_dora else "", f", init {cfg.lora_init}" if cfg.lora_init != "kaiming" else "",
+             f", LoRA+ x{cfg.lora_plus_ratio:g}" if cfg.lora_plus_ratio != 1 else "",
+             f", {cfg.quantize_base} base" if cfg.quantize_base != "none" else ""]
+        )  # fmt: skip
+        kind = LoRATrainer
+        label = f"{name}: r={cfg.lora_r}, alpha={cfg.lora_alpha:g}, targets={targets}{variant}"
     else:
         kind, label = Trainer, f"{name}: full fine-tuning"
         model.requires_grad_(True)

@@ -137,6 +137,8 @@ def _check_group(group: dict[str, Any]) -> str:
         "weight_decay": _is_number(group.get("weight_decay"), 0.0),
         "betas": isinstance(group.get("betas"), list) and len(group["betas"]) == 2
         and all(_is_number(b, 0.0, 1.0) for b in group["betas"]),
+        # LoRA+'s multiplier of the group's learning rate (absent in checkpoints from before it: 1)
+        "lr_ratio": _is_number(group.get("lr_ratio", 1.0), 1e-300) and math.isfinite(group.get("lr_ratio", 1.0)),
     }  # fmt: skip
     for key, ok in checks.items():
         if not ok:

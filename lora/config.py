@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import math
 import os
 import re
@@ -21,6 +22,7 @@ import yaml
 
 from lora.errors import ConfigError, did_you_mean, first_line, quote, shorten
 from lora.files import MAX_SETTINGS_BYTES, read_limited
+from lora.lora_layer import LORA_INITS
 from lora.model_config import LoRAConfig, ModelConfig, parse_targets
 
 __all__ = [
@@ -38,6 +40,7 @@ TASKS = {"rot13": "caesar", "atbash": "caesar", "code": "english", "text": "engl
 GENERATED_TASKS = ("rot13", "atbash")  # data made here, sized by num_examples
 CIPHER_WIDTH = 15  # tokens in a sequence of the generated tasks (8 letters and their cipher, less one)
 FILE_TASKS = ("text", "jsonl")  # the user's own data in train_file (and val_file)
+QUANTIZATIONS = ("none", "nf4")  # how the frozen base's linear weights are stored (nf4: lora/quantize.py)
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")  # cuda:1 picks a GPU
 ARCHITECTURE_KEYS = ("d_model", "num_heads", "num_layers", "max_seq_len")  # of a base pretrained here
 LORA_KEYS = tuple(f.name for f in fields(LoRAConfig))
@@ -114,6 +117,20 @@ class TrainConfig:
     )
     adapt_feedforward: bool = field(default=False, metadata=_help("also adapt the MLP (fc1, fc2)"))
     use_rslora: bool = field(default=False, metadata=_help("rank-stabilised scaling alpha / sqrt(r)"))
+    use_dora: bool = field(
+        default=False,
+        metadata=_help("DoRA: a trained magnitude per output row times the LoRA-updated direction"),
+    )
+    lora_init: str = field(
+        default="kaiming",
+        metadata=_help(f"how A and B start: {', '.join(LORA_INITS)} (pissa/olora: from the base's weights)"),
+    )
+    lora_plus_ratio: float = field(
+        default=1.0, metadata=_help("LoRA+: B's learning rate is this many times A's (1: plain LoRA)")
+    )
+    quantize_base: str = field(
+        default="none", metadata=_help("store the frozen base's linear weights as none or nf4 (4-bit, QLoRA)")
+    )
     # --- optimisation
     epochs: int = field(default=1, metadata=_help("passes over the training data"))
     max_steps: int | None = field(default=None, metadata=_help("stop after this many optimizer steps"))
@@ -143,6 +160,9 @@ class TrainConfig:
              f"device must be auto, cpu, cuda, cuda:<index> or mps, got {quote(self.device)}"),
             (self.precision in ("auto", "fp32", "bf16"), f"precision must be auto, fp32 or bf16, got {quote(self.precision)}"),
             (self.lr_schedule in ("cosine", "constant"), f"lr_schedule must be cosine or constant, got {quote(self.lr_schedule)}"),
+            (self.quantize_base in QUANTIZATIONS,
+             f"quantize_base must be one of {', '.join(QUANTIZATIONS)}, got {quote(self.quantize_base)}"),
+            (self.lora_plus_ratio > 0, f"lora_plus_ratio must be > 0, got {self.lora_plus_ratio}"),
             (self.method == "full" or self.lora_r >= 1,
              f"lora_r must be >= 1 for method lora, got {self.lora_r} (method full trains without an adapter)"),
             (0 <= self.seed < 2**63, f"seed must be in [0, 2**63), got {self.seed}"),
@@ -193,6 +213,13 @@ class TrainConfig:
         for key, why in self._ignored():
             if key in given:
                 raise ConfigError(f"{key} {why}")
+        if (
+            self.quantize_base != "none"
+            and self.method == "lora"
+            and importlib.util.find_spec("torchao") is None
+        ):
+            raise ConfigError(f"quantize_base {self.quantize_base} needs torchao, which is not installed: "
+                              "pip install 'lora-transformer[quant]' (or pip install torchao)")  # fmt: skip
         return self
 
     def _ignored(self) -> list[tuple[str, str]]:
@@ -201,8 +228,9 @@ class TrainConfig:
         task, base = self.task, self.base_checkpoint
         # fmt: off
         if self.method == "full":
-            rules.append((LORA_KEYS, "has no effect with method full (every weight trains, no adapter): "
-                                     "drop it or use --method lora"))
+            rules.append(((*LORA_KEYS, "lora_plus_ratio", "quantize_base"),
+                          "has no effect with method full (every weight trains, no adapter): drop it or use "
+                          "--method lora"))
         if task in GENERATED_TASKS:
             rules.append((["seq_len"], f"has no effect on task {task}: its sequences are {CIPHER_WIDTH} tokens "
                                        "long; drop it"))
@@ -244,7 +272,7 @@ class TrainConfig:
     def lora_config(self) -> LoRAConfig:
         """The LoRA settings as the model takes them (checked by :class:`LoRAConfig`'s one rule)."""
         return LoRAConfig(self.lora_r, self.lora_alpha, self.lora_dropout, tuple(self.lora_targets),
-                          self.adapt_feedforward, self.use_rslora)  # fmt: skip
+                          self.adapt_feedforward, self.use_rslora, self.use_dora, self.lora_init)  # fmt: skip
 
     def model_config(self, vocab_size: int, num_classes: int | None = None) -> ModelConfig:
         """The architecture of a base pretrained here."""

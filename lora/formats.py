@@ -6,7 +6,8 @@
 * An adapter folder: ``adapter_config.json`` (the :class:`LoRAConfig` keys, the scaling rule, the rank and
   alpha of every module, the base's architecture and fingerprint, this project's version, and extra facts
   such as the task) and ``adapter_model.safetensors`` (``<module>.lora_A`` ``(r, in)``, ``<module>.lora_B``
-  ``(out, r)``, and ``cls_head.*`` if any).
+  ``(out, r)``; with DoRA ``<module>.lora_magnitude`` ``(out,)``; after a PiSSA or OLoRA start the initial
+  factors ``<module>.lora_A0`` ``(r, in)`` and ``<module>.lora_B0`` ``(out, r)``; and ``cls_head.*`` if any).
 
 These functions read and write the files; whether an adapter fits a model is the model's question.
 """
@@ -31,7 +32,7 @@ from lora.files import (
     read_safetensors,
     read_safetensors_header,
 )
-from lora.lora_layer import validate_lora_args
+from lora.lora_layer import BASE_DERIVED_INITS, validate_lora_args
 from lora.model_config import LoRAConfig, ModelConfig
 
 __all__ = [
@@ -55,7 +56,17 @@ ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 _LORA_KEYS = tuple(f.name for f in fields(LoRAConfig))
 # the keys of adapter_config.json that this module writes; any other key is an extra fact
 RESERVED_KEYS = frozenset(
-    {"adapter_name", "scaling", "num_classes", "modules", "base", "base_fingerprint", "version", *_LORA_KEYS}
+    {
+        "adapter_name",
+        "scaling",
+        "num_classes",
+        "modules",
+        "base",
+        "base_fingerprint",
+        "base_quantization",
+        "version",
+        *_LORA_KEYS,
+    }
 )
 
 
@@ -122,15 +133,18 @@ class AdapterFolder:
     def to_adapter(self) -> Adapter:
         """The :class:`Adapter`; a tensor the config lists but the file lacks raises (shapes are checked by the
         model that loads it)."""
-        names = [f"{m}.{k}" for m in self.modules for k in ("lora_A", "lora_B")]
+        s = self.settings
+        leaves = (("lora_A", "lora_B") + (("lora_magnitude",) if s.use_dora else ())
+                  + (("lora_A0", "lora_B0") if s.lora_init in BASE_DERIVED_INITS else ()))  # fmt: skip
+        names = [f"{m}.{k}" for m in self.modules for k in leaves]
         names += [f"cls_head.{k}" for k in ("weight", "bias")] if self.num_classes is not None else []
         missing = [n for n in names if n not in self.tensors]
         if missing:
             raise ValueError(f"{self.weights_path} lacks {missing} listed in {ADAPTER_CONFIG_NAME}")
-        s = self.settings
         layers = {
-            m: LayerAdapter(r, alpha, s.lora_dropout, s.use_rslora, self.tensors[f"{m}.lora_A"],
-                            self.tensors[f"{m}.lora_B"])
+            m: LayerAdapter(r, alpha, s.lora_dropout, s.use_rslora,
+                            *(self.tensors.get(f"{m}.{k}") for k in ("lora_A", "lora_B", "lora_magnitude",
+                                                                     "lora_A0", "lora_B0")))
             for m, (r, alpha) in self.modules.items()
         }  # fmt: skip
         head = None
@@ -140,9 +154,16 @@ class AdapterFolder:
 
 
 def write_adapter_folder(
-    folder: str | Path, adapter: Adapter, name: str, base: ModelConfig, base_fingerprint: str
+    folder: str | Path,
+    adapter: Adapter,
+    name: str,
+    base: ModelConfig,
+    base_fingerprint: str,
+    base_quantization: str | None = None,
 ) -> Path:
-    """Write ``adapter_model.safetensors`` and ``adapter_config.json`` for ``adapter`` on ``base``."""
+    """Write ``adapter_model.safetensors`` and ``adapter_config.json`` for ``adapter`` on ``base`` (its
+    fingerprint always that of the full-precision weights; ``base_quantization`` how they were stored in
+    training, ``None`` or ``"nf4"``, a fact: the adapter loads on either)."""
     clash = sorted(set(adapter.extra) & RESERVED_KEYS)
     if clash:
         raise ValueError(f"extra keys {clash} would overwrite adapter settings")
@@ -155,6 +176,7 @@ def write_adapter_folder(
         "modules": {m: {"r": s.r, "lora_alpha": s.lora_alpha} for m, s in sorted(adapter.layers.items())},
         "base": base.shape(),
         "base_fingerprint": base_fingerprint,
+        "base_quantization": base_quantization,
         "version": __version__,
     }
     folder = Path(folder)
@@ -171,7 +193,8 @@ def read_adapter_folder(path: str | Path) -> AdapterFolder:
     if "peft_type" in config:
         raise ValueError(f"{folder} is a Hugging Face PEFT adapter, which this tool does not read; "
                          "LoRATransformer.load_adapter, generate.py and merge_adapter.py load it")  # fmt: skip
-    missing = [k for k in ("modules", "base", "base_fingerprint", *_LORA_KEYS) if k not in config]
+    required = [k for k in _LORA_KEYS if k not in LoRAConfig.OPTIONAL_KEYS]
+    missing = [k for k in ("modules", "base", "base_fingerprint", *required) if k not in config]
     if missing:
         raise ValueError(f"{config_path}: missing keys {missing}")
     settings = LoRAConfig.from_dict(config, where=str(config_path))

@@ -10,6 +10,9 @@ The three layers ``p`` in (q, k, v) each compute ``y_p = x W_p^T + b_p + s_p (x 
     D                    (N, R)     block-diagonal: (s_p / s) B_p in p's rows and columns, 0 elsewhere
 
 with ``s`` the first adapted layer's scaling (the ratio is 1, and not applied, when the scalings agree).
+A PiSSA/OLoRA layer brings its whole update's factors (``[A_p; A0_p]``, ``[B_p, -B0_p]``: ``LoRALinear.factors``).
+With DoRA the sum is taken without the bias, its columns scaled by ``g = [g_q; g_k; g_v]`` (a layer's
+``m / ||W + s B A||_row``, 1 for a layer without DoRA), then ``b`` added: ``y = g * (x W^T + s h D^T) + b``.
 That is three products (``x W^T``, ``h = x A^T``, ``h D^T``, the last two skinny: R is 8 to 24) where
 three adapted layers take nine, and ``y``'s column blocks are ``y_q, y_k, y_v``. The zero blocks of ``D``
 add exact zeros, so the result equals the per-layer one to float rounding.
@@ -28,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from lora.lora_layer import LoRALinear
+from lora.quantize import is_quantized, quantized_linear
 
 __all__ = ["FrozenConcat", "can_fuse", "fused_lora_linear"]
 
@@ -101,23 +105,33 @@ def fused_lora_linear(
     ``frozen`` keeps the stacked base between calls (``None``: concatenated on every call).
     """
     frozen = FrozenConcat() if frozen is None else frozen
-    if layers[0].bias is None:
-        (weight,), bias = frozen([m.weight for m in layers]), None  # (N, C)
-    else:
-        weight, bias = frozen([m.weight for m in layers], [m.bias for m in layers])  # (N, C), (N,)
-    x2 = x.reshape(-1, x.shape[-1])  # (M, C)
-    y = F.linear(x2, weight, bias)  # (M, N)
     adapted = [m for m in layers if m.adapter_active]
-    if adapted:
-        if any(m.dropout_active for m in adapted):
-            h = torch.cat([F.linear(m.lora_dropout(x2), m.lora_A) for m in adapted], dim=1)  # (M, R)
+    dora = any(m.use_dora for m in adapted)
+    if dora and any(m.dropout_active for m in adapted):  # DoRA with dropout takes PEFT's per-layer form
+        return torch.cat([m(x) for m in layers], dim=-1)
+    x2 = x.reshape(-1, x.shape[-1])  # (M, C)
+    if any(
+        is_quantized(m.weight) for m in layers
+    ):  # 4-bit bases: dequantized and stacked per product, not kept
+        bias = None if layers[0].bias is None else frozen([m.bias for m in layers])[0]  # (N,)
+        y = quantized_linear(x2, [m.weight for m in layers], None if dora else bias)  # (M, N)
+    else:
+        if layers[0].bias is None:
+            (weight,), bias = frozen([m.weight for m in layers]), None  # (N, C)
         else:
-            h = F.linear(x2, torch.cat([m.lora_A for m in adapted]))  # (M, R)
+            weight, bias = frozen([m.weight for m in layers], [m.bias for m in layers])  # (N, C), (N,)
+        y = F.linear(x2, weight, None if dora else bias)  # (M, N)
+    if adapted:
+        factors = {id(m): m.factors() for m in adapted}  # (A_p (r_p, C), B_p (out_p, r_p))
+        if any(m.dropout_active for m in adapted):
+            h = torch.cat([F.linear(m.lora_dropout(x2), factors[id(m)][0]) for m in adapted], dim=1)  # (M, R)
+        else:
+            h = F.linear(x2, torch.cat([factors[id(m)][0] for m in adapted]))  # (M, R)
         s = adapted[0].scaling
         blocks = [
-            (m.lora_B if m.scaling == s else m.lora_B * (m.scaling / s))  # (out_p, r_p)
+            (factors[id(m)][1] if m.scaling == s else factors[id(m)][1] * (m.scaling / s))  # (out_p, r_p)
             if m.adapter_active
-            else m.weight.new_zeros(m.out_features, 0)  # rows of a layer without an adapter: no columns
+            else factors[id(adapted[0])][1].new_zeros(m.out_features, 0)  # rows of a layer without an adapter
             for m in layers
         ]
         d = torch.block_diag(*blocks)  # (N, R)
@@ -125,4 +139,8 @@ def fused_lora_linear(
             y = torch.addmm(y, h, d.t(), alpha=s)  # autocast casts out-of-place products only
         else:
             y = y.addmm_(h, d.t(), alpha=s)  # (M, N) += s h D^T; y's product saved nothing to overwrite
+    if dora:
+        g = torch.cat([m.dora_scale() if m.adapter_active and m.use_dora else y.new_ones(m.out_features)
+                       for m in layers])  # fmt: skip
+        y = y * g if bias is None else torch.addcmul(bias, y, g)  # (M, N): g * y + b
     return y.view(*x.shape[:-1], y.shape[-1])

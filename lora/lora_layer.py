@@ -6,7 +6,23 @@ low-rank update::
     h = W0 x + b + scaling * B A x,    A: (r, in),  B: (out, r),  scaling = alpha / r
 
 (``alpha / sqrt(r)`` with rsLoRA, Kalajdzievski 2023). ``A`` starts Kaiming-uniform and ``B`` at zero,
-so an untrained adapter leaves the layer's output exactly as it was.
+so an untrained adapter leaves the layer's output exactly as it was. The variants (:data:`LORA_INITS`):
+
+* ``gaussian``: ``A ~ N(0, 1/r^2)`` (standard deviation ``1/r``, as PEFT's ``"gaussian"``), ``B = 0``.
+* ``pissa`` (Meng et al. 2024): ``W0 = U S V^T``; ``B = U_r sqrt(S_r / s)``, ``A = sqrt(S_r / s) V_r^T`` from the
+  top-r singular triplets, and the base becomes the residual ``W0 - s B0 A0`` (``B0, A0``: the initial factors).
+* ``olora`` (Büyükakyüz 2024): ``W0 = Q R``; ``B = Q_{:, :r}``, ``A = R_{:r}``, the base again ``W0 - s B0 A0``.
+
+The residual is not stored: the frozen ``B0``, ``A0`` (``lora_B0``, ``lora_A0``) ride along as a rank-r
+correction, ``h = W0 x + b + s (B A - B0 A0) x``, so the base tensor stays bit-for-bit the pretrained one
+(its fingerprint, other adapters and a quantized copy are unaffected) and at the start ``h = W0 x + b``.
+
+DoRA (Liu et al. 2024, ``use_dora``) splits each output row of ``W = W0 + s B A`` into a magnitude and a
+direction: ``h = (m / ||W||_row) * (W x) + b`` with a trainable ``m`` (out,) that starts at ``||W0||_row``
+(so the output starts unchanged) and the norms detached from the gradient, as the paper and PEFT do.
+
+A frozen ``weight`` may be stored in 4-bit NF4 (QLoRA, ``lora/quantize.py``): the base product then
+dequantizes it on the fly, and merging is refused (4 bits would round the merged update away).
 
 Run ``python lora/lora_layer.py`` for a short demonstration.
 """
@@ -23,7 +39,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lora.quantize import dequantize, is_quantized, quantized_linear
+
 __all__ = [
+    "BASE_DERIVED_INITS",
+    "LORA_INITS",
+    "LORA_LEAVES",
+    "TRAINED_LEAVES",
     "LinearWithLoRA",
     "LoRALinear",
     "disable_adapter",
@@ -35,7 +57,15 @@ __all__ = [
     "merge_lora",
     "unmerge_lora",
     "validate_lora_args",
+    "validate_lora_init",
 ]
+
+# how A and B start (the module docstring): kaiming is the reference code's, the default
+LORA_INITS = ("kaiming", "gaussian", "pissa", "olora")
+BASE_DERIVED_INITS = ("pissa", "olora")  # A, B taken from W0, whose residual the adapter trains on
+# the LoRA tensors of a layer: trained (A, B and DoRA's magnitude) and the frozen initial factors
+LORA_LEAVES = ("lora_A", "lora_B", "lora_magnitude", "lora_A0", "lora_B0")
+TRAINED_LEAVES = ("lora_A", "lora_B", "lora_magnitude")
 
 
 def validate_lora_args(r: int, lora_alpha: float, lora_dropout: float) -> None:
@@ -55,6 +85,12 @@ def validate_lora_args(r: int, lora_alpha: float, lora_dropout: float) -> None:
         raise ValueError(f"lora_dropout must be a number in [0, 1), got {lora_dropout!r}")
     if not 0.0 <= lora_dropout < 1.0:
         raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+
+
+def validate_lora_init(init: str) -> None:
+    """``init`` must be one of :data:`LORA_INITS`; raises ``ValueError`` naming them."""
+    if init not in LORA_INITS:
+        raise ValueError(f"lora_init must be one of {', '.join(LORA_INITS)}, got {init!r}")
 
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
@@ -118,10 +154,12 @@ class LoRALinear(nn.Module):
     ``h = x W0^T + b + scaling * (dropout(x) A^T) B^T`` with ``W0: (out, in)`` (``weight``), ``b: (out,)``
     (``bias``), ``A: (r, in)`` (``lora_A``), ``B: (out, r)`` (``lora_B``) and ``scaling = alpha / r``
     (or ``alpha / sqrt(r)`` with ``use_rslora``). ``r == 0`` is a plain linear layer with no LoRA tensors.
+    ``lora_init`` picks how ``A`` and ``B`` start and ``use_dora`` adds DoRA's magnitude ``lora_magnitude``
+    (the module docstring has the formulas).
 
     Parameter names match ``nn.Linear`` (``weight``, ``bias``) and the LoRA reference code
     (``lora_A``, ``lora_B``), so a LoRA-free state dict loads with only the LoRA keys missing.
-    ``merge()`` folds ``scaling * B A`` into ``weight``; ``unmerge()`` takes it out again.
+    ``merge()`` folds the update into ``weight``; ``unmerge()`` takes it out again.
     """
 
     def __init__(
@@ -135,10 +173,13 @@ class LoRALinear(nn.Module):
         use_rslora: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        use_dora: bool = False,
+        lora_init: str = "kaiming",
     ) -> None:
         super().__init__()
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._init_from(base, r, lora_alpha, lora_dropout, use_rslora)
+        self._init_from(base, r, lora_alpha, lora_dropout, use_rslora, use_dora, lora_init)
 
     @classmethod
     def from_linear(
@@ -148,17 +189,28 @@ class LoRALinear(nn.Module):
         lora_alpha: float = 16.0,
         lora_dropout: float = 0.0,
         use_rslora: bool = False,
+        *,
+        use_dora: bool = False,
+        lora_init: str = "kaiming",
     ) -> LoRALinear:
-        """Wrap an existing ``nn.Linear``, keeping (and sharing) its weight and bias."""
+        """Wrap an existing ``nn.Linear``, keeping (and sharing) its weight and bias; PiSSA/OLoRA factors and
+        DoRA's magnitude are derived from its weight."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        layer._init_from(linear, r, lora_alpha, lora_dropout, use_rslora)
+        layer._init_from(linear, r, lora_alpha, lora_dropout, use_rslora, use_dora, lora_init)
         return layer
 
     def _init_from(
-        self, base: nn.Linear, r: int, lora_alpha: float, lora_dropout: float, use_rslora: bool
+        self,
+        base: nn.Linear,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float,
+        use_rslora: bool,
+        use_dora: bool,
+        lora_init: str,
     ) -> None:
         self.in_features = base.in_features
         self.out_features = base.out_features
@@ -169,16 +221,28 @@ class LoRALinear(nn.Module):
             self.bias.requires_grad_(False)
         self.merged = False
         self._adapter_enabled = True
-        self.reset_lora(r, lora_alpha, lora_dropout, use_rslora)
+        self.reset_lora(r, lora_alpha, lora_dropout, use_rslora, use_dora, lora_init)
+        self.init_from_base()
 
     def reset_lora(
-        self, r: int, lora_alpha: float = 16.0, lora_dropout: float = 0.0, use_rslora: bool = False
+        self,
+        r: int,
+        lora_alpha: float = 16.0,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        use_dora: bool = False,
+        lora_init: str = "kaiming",
     ) -> None:
-        """(Re)create the adapter: ``A`` Kaiming-uniform (as the reference code), ``B`` zeros.
+        """(Re)create the adapter: ``A`` Kaiming-uniform (as the reference code) or ``N(0, 1/r^2)`` for
+        ``lora_init="gaussian"``, ``B`` zeros, DoRA's magnitude ``||W0||_row``. PiSSA and OLoRA need the base's
+        weights: their factors are zeros here until :meth:`init_from_base` derives them.
 
         Also used to give a layer an adapter of another rank (for example when loading one).
         """
         validate_lora_args(r, lora_alpha, lora_dropout)
+        validate_lora_init(lora_init)
+        if not isinstance(use_dora, bool):
+            raise ValueError(f"use_dora must be True or False, got {use_dora!r}")
         if getattr(self, "merged", False):
             raise RuntimeError("unmerge() the adapter before replacing it")
         if r > min(self.in_features, self.out_features):
@@ -190,22 +254,103 @@ class LoRALinear(nn.Module):
         self.r = r
         self.lora_alpha = float(lora_alpha)
         self.use_rslora = use_rslora
+        self.use_dora = use_dora and r > 0
+        self.lora_init = lora_init
         self.scaling = lora_scaling(r, self.lora_alpha, use_rslora)
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.lora_magnitude = None
+        self.register_buffer("lora_A0", None)
+        self.register_buffer("lora_B0", None)
+        self._merge_scale: torch.Tensor | None = None  # DoRA's m / ||W||_row while merged, float32 (out,)
         if r == 0:
             self.lora_A = None
             self.lora_B = None
             return
-        kw = {"device": self.weight.device, "dtype": self.weight.dtype}
+        kw = {"device": self.weight.device, "dtype": _float_dtype(self.weight)}
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **kw))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **kw))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        if lora_init == "gaussian":
+            nn.init.normal_(self.lora_A, std=1.0 / r)
+        else:  # kaiming; pissa and olora draw it too (then replace it), so every init uses the RNG alike
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        if lora_init in BASE_DERIVED_INITS:
+            self.register_buffer("lora_A0", torch.zeros(r, self.in_features, **kw))
+            self.register_buffer("lora_B0", torch.zeros(self.out_features, r, **kw))
+        if self.use_dora:
+            with torch.no_grad():
+                self.lora_magnitude = nn.Parameter(self._row_norm().to(kw["dtype"]))
+
+    @torch.no_grad()
+    def init_from_base(self) -> None:
+        """Derive what starts from ``W0``, after the base weights are in place: PiSSA's or OLoRA's ``A, B``
+        (and ``A0 = A``, ``B0 = B``), DoRA's magnitude ``m = ||W0 + s (B A - B0 A0)||_row = ||W0||_row``.
+        Kaiming and Gaussian factors are left as they are."""
+        if self.r == 0:
+            return
+        if self.merged:
+            raise RuntimeError("unmerge() the adapter before deriving it from the base")
+        if self.lora_init in BASE_DERIVED_INITS:
+            a, b = _principal_factors(self.base_weight().float(), self.r, self.scaling, self.lora_init)
+            for t, v in ((self.lora_A, a), (self.lora_A0, a), (self.lora_B, b), (self.lora_B0, b)):
+                t.copy_(v)
+        if self.use_dora:
+            self.lora_magnitude.copy_(self._row_norm())
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the frozen ``weight`` is stored in 4-bit NF4 (``lora/quantize.py``)."""
+        return is_quantized(self.weight)
+
+    def _refuse_if_quantized(self, what: str) -> None:
+        if self.quantized:
+            raise ValueError(f"cannot {what} a 4-bit (nf4) base: its weights would be rounded to 4 bits and differ "
+                             "from what was trained; merge into the full-precision base instead (load the base "
+                             "without --quantize_base, as merge_adapter.py does)")  # fmt: skip
+
+    def base_weight(self) -> torch.Tensor:
+        """``W0`` (out, in): the weight itself (dequantized if 4-bit), or with the merged update taken out (float32
+        math, cast back)."""
+        if not self.merged:
+            return dequantize(self.weight)
+        w = self.weight.float()
+        if self._merge_scale is not None:
+            w = w / self._merge_scale[:, None]
+        return (w - self.delta_weight()).to(self.weight.dtype)
+
+    def merged_weight(self) -> torch.Tensor:
+        """The weight with this adapter folded in, in the weight's dtype: ``W0 + s B A`` (minus ``s B0 A0``
+        for PiSSA/OLoRA), DoRA's rows scaled by ``m / ||.||_row``. Computed in float32, cast once."""
+        if self.merged:
+            return self.weight.detach()
+        self._refuse_if_quantized("merge into")
+        w = self.weight.float() + self.delta_weight()
+        if self.use_dora:
+            w = w * (self.lora_magnitude.detach().float() / w.norm(dim=1))[:, None]
+        return w.to(self.weight.dtype)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` of the whole update ``B A``: ``A (r, in), B (out, r)``, or for PiSSA/OLoRA
+        ``[A; A0]`` (2r, in) and ``[B, -B0]`` (out, 2r), whose product is ``B A - B0 A0``."""
+        if self.lora_A0 is None:
+            return self.lora_A, self.lora_B
+        return torch.cat([self.lora_A, self.lora_A0]), torch.cat([self.lora_B, -self.lora_B0], dim=1)
 
     def delta_weight(self) -> torch.Tensor:
-        """``scaling * B A`` in float32, shape (out, in); used only for merging, never in training."""
+        """``scaling * B A`` (``- scaling * B0 A0``) in float32, shape (out, in); for merging and DoRA's norm."""
         if self.r == 0:
             return torch.zeros(self.out_features, self.in_features, device=self.weight.device)
-        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+        a, b = self.factors()
+        return (b.detach().float() @ a.detach().float()) * self.scaling
+
+    @torch.no_grad()
+    def _row_norm(self) -> torch.Tensor:
+        """``||W0 + delta||`` of each output row, float32 (out,); no gradient flows through it (DoRA)."""
+        w = self.base_weight().float()
+        return (w + self.delta_weight() if self.r > 0 and self.lora_A is not None else w).norm(dim=1)
+
+    def dora_scale(self) -> torch.Tensor:
+        """DoRA's ``g = m / ||W0 + s B A||_row`` (out,), differentiable in ``m`` only."""
+        return self.lora_magnitude / self._row_norm().to(self.lora_magnitude.dtype)
 
     @property
     def adapter_active(self) -> bool:
@@ -218,34 +363,57 @@ class LoRALinear(nn.Module):
         return self.training and isinstance(self.lora_dropout, nn.Dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(..., in) -> (..., out)``. The unmerged path never materialises ``B A``."""
+        """``(..., in) -> (..., out)``. The unmerged path never materialises ``B A`` (DoRA's norm does)."""
+        quantized = self.quantized
+        base = quantized_linear if quantized else F.linear  # x W0^T + b, a 4-bit W0 dequantized for it
         if not self.adapter_active:
-            return F.linear(x, self.weight, self.bias)
-        # Plain autograd through a dropout mask, autocast's casts, or torch.compile (which fuses it well;
-        # the hand-written backward, compiled for CUDA by torch 2.11, gave wrong LoRA gradients on an H100).
-        if self.dropout_active or torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling():
+            return base(x, self.weight, self.bias)
+        a, b = self.factors()
+        g = self.dora_scale() if self.use_dora else None
+        if g is not None and self.dropout_active:  # PEFT's form: base on x, the rest on dropout(x)
+            xd = self.lora_dropout(x)
+            out = base(x, self.weight, self.bias) + (g - 1) * base(xd, self.weight)
+            return out + g * F.linear(F.linear(xd, a) * self.scaling, b)
+        bias = None if g is not None else self.bias  # DoRA scales W x + s B A x, then adds the bias
+        # Plain autograd through a dropout mask, autocast's casts, torch.compile (which fuses it well; the
+        # hand-written backward, compiled for CUDA by torch 2.11, gave wrong LoRA gradients on an H100) or a
+        # 4-bit base (whose product saves the 4-bit weight for backward, not a dense copy).
+        if (self.dropout_active or quantized or torch.is_autocast_enabled(x.device.type)
+                or torch.compiler.is_compiling()):  # fmt: skip
             # (..., in) @ A^T -> (..., r); scale the small tensor, then @ B^T -> (..., out)
-            out = F.linear(x, self.weight, self.bias)
-            return out + F.linear(F.linear(self.lora_dropout(x), self.lora_A) * self.scaling, self.lora_B)
-        x2 = x.reshape(-1, self.in_features)  # (M, in)
-        out = _LoRALinearFunction.apply(x2, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling)
-        return out.view(*x.shape[:-1], self.out_features)
+            out = base(x, self.weight, bias)
+            out = out + F.linear(F.linear(self.lora_dropout(x), a) * self.scaling, b)
+        else:
+            x2 = x.reshape(-1, self.in_features)  # (M, in)
+            out = _LoRALinearFunction.apply(x2, self.weight, bias, a, b, self.scaling)
+            out = out.view(*x.shape[:-1], self.out_features)
+        if g is None:
+            return out
+        out = out * g  # (..., out) * (out,)
+        return out if self.bias is None else out + self.bias
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold ``scaling * B A`` into ``weight`` (computed in float32, cast once). Idempotent."""
+        """Fold the update into ``weight`` (computed in float32, cast once). Idempotent."""
         if self.merged or self.r == 0:
             return
-        self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
+        self._refuse_if_quantized("merge into")
+        if self.use_dora:
+            w = self.weight.float() + self.delta_weight()
+            self._merge_scale = self.lora_magnitude.float() / w.norm(dim=1)  # (out,)
+            self.weight.copy_((w * self._merge_scale[:, None]).to(self.weight.dtype))
+        else:
+            self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtract the update merged by :meth:`merge` (in float32). Idempotent."""
+        """Take out the update merged by :meth:`merge` (in float32). Idempotent."""
         if not self.merged:
             return
-        self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
+        self.weight.copy_(self.base_weight())
         self.merged = False
+        self._merge_scale = None
 
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
@@ -261,10 +429,34 @@ class LoRALinear(nn.Module):
                 self.merge()
 
     def extra_repr(self) -> str:
+        variant = (", dora" if self.use_dora else "") + (
+            f", init={self.lora_init}" if self.lora_init != "kaiming" else ""
+        )
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"r={self.r}, lora_alpha={self.lora_alpha:g}, scaling={self.scaling:g}, merged={self.merged}"
+            f"r={self.r}, lora_alpha={self.lora_alpha:g}, scaling={self.scaling:g}{variant}, merged={self.merged}"
         )
+
+
+def _float_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype the adapter takes beside ``weight``: the weight's, or float32 for a quantized weight."""
+    return weight.dtype if weight.dtype.is_floating_point and weight.element_size() >= 2 else torch.float32
+
+
+def _principal_factors(
+    w: torch.Tensor, r: int, scaling: float, init: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A (r, in), B (out, r))`` with ``scaling * B A`` the principal rank-r part of ``w`` (out, in), float32.
+
+    ``pissa``: ``w = U S V^T``, ``A = sqrt(S_r / s) V_r^T``, ``B = U_r sqrt(S_r / s)``, so ``s B A = U_r S_r V_r^T``.
+    ``olora``: ``w = Q R``, ``A = R_{:r}``, ``B = Q_{:, :r}``.
+    """
+    if init == "pissa":
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)  # (out, k), (k,), (k, in)
+        root = (s[:r] / scaling).sqrt()  # (r,)
+        return root[:, None] * vh[:r], u[:, :r] * root[None, :]
+    q, rr = torch.linalg.qr(w)  # (out, k), (k, in)
+    return rr[:r].contiguous(), q[:, :r].contiguous()
 
 
 def LinearWithLoRA(  # noqa: N802 - the seed documents' spelling of LoRALinear.from_linear
@@ -303,6 +495,9 @@ def inject_lora(
     lora_alpha: float = 16.0,
     lora_dropout: float = 0.0,
     use_rslora: bool = False,
+    *,
+    use_dora: bool = False,
+    lora_init: str = "kaiming",
 ) -> nn.Module:
     """Replace every ``nn.Linear`` whose name matches ``target_modules`` by a :class:`LoRALinear`.
 
@@ -312,6 +507,7 @@ def inject_lora(
     so an adapter there would be silently ignored.
     """
     validate_lora_args(r, lora_alpha, lora_dropout)
+    validate_lora_init(lora_init)
     patterns = [target_modules] if isinstance(target_modules, str) else list(target_modules)
     linears = [
         (n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, LoRALinear)
@@ -328,17 +524,21 @@ def inject_lora(
                 f"{name!r} is inside nn.MultiheadAttention, whose forward bypasses submodules; "
                 "LoRA cannot adapt it"
             )
-        setattr(parent, child, LoRALinear.from_linear(linear, r, lora_alpha, lora_dropout, use_rslora))
+        layer = LoRALinear.from_linear(
+            linear, r, lora_alpha, lora_dropout, use_rslora, use_dora=use_dora, lora_init=lora_init
+        )
+        setattr(parent, child, layer)
     return model
 
 
 def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> nn.Module:
-    """Freeze everything but ``lora_A``/``lora_B``; ``bias`` = "none" | "all" | "lora_only"."""
+    """Freeze everything but ``lora_A``/``lora_B`` (and DoRA's ``lora_magnitude``); ``bias`` = "none" | "all" |
+    "lora_only"."""
     if bias not in ("none", "all", "lora_only"):
         raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {bias!r}")
     for name, p in model.named_parameters():
         leaf = name.rsplit(".", 1)[-1]
-        p.requires_grad_(leaf in ("lora_A", "lora_B") or (bias == "all" and leaf == "bias"))
+        p.requires_grad_(leaf in TRAINED_LEAVES or (bias == "all" and leaf == "bias"))
     if bias == "lora_only":
         for _, layer in lora_modules(model):
             if layer.r > 0 and layer.bias is not None:
@@ -347,8 +547,9 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> nn.Modu
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The LoRA tensors of ``model`` only (keys ending in ``lora_A`` / ``lora_B``)."""
-    return {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] in ("lora_A", "lora_B")}
+    """The LoRA tensors of ``model`` only (keys ending in ``lora_A``, ``lora_B``, and where a layer has them
+    ``lora_magnitude`` (DoRA), ``lora_A0``, ``lora_B0`` (PiSSA/OLoRA's initial factors))."""
+    return {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] in LORA_LEAVES}
 
 
 def merge_lora(model: nn.Module) -> nn.Module:

@@ -49,6 +49,9 @@ from lora.formats import (
 from lora.fused_qkv import FrozenConcat, can_fuse, fused_lora_linear
 from lora.gpt2 import gpt2_model_config, is_hf_folder, read_gpt2_header, read_gpt2_weights
 from lora.lora_layer import (
+    BASE_DERIVED_INITS,
+    LORA_LEAVES,
+    TRAINED_LEAVES,
     LoRALinear,
     disable_adapter,
     lora_modules,
@@ -58,10 +61,10 @@ from lora.lora_layer import (
 )
 from lora.model_config import PROJECTIONS, LoRAConfig, ModelConfig, target_of
 from lora.peft_format import adapter_from_peft, is_peft_folder, write_peft_folder
+from lora.quantize import BLOCK_SIZE, SCALER_BLOCK_SIZE, quantize_linear_
 
 __all__ = ["LoRATransformer"]
 
-_LEAVES = ("lora_A", "lora_B")
 # the keyword arguments from_pretrained passes on to the constructor (the architecture comes from the folder)
 FROM_PRETRAINED_OPTIONS = (
     *(f.name for f in dataclasses.fields(LoRAConfig)),
@@ -74,7 +77,8 @@ FROM_PRETRAINED_OPTIONS = (
 def _linear(d_in: int, d_out: int, lora: LoRAConfig, adapted: bool) -> LoRALinear:
     """A linear layer with ``lora``'s adapter if ``adapted``, else a plain one (``r = 0``)."""
     r = lora.lora_r if adapted else 0
-    return LoRALinear(d_in, d_out, r, lora.lora_alpha, lora.lora_dropout, use_rslora=lora.use_rslora)
+    return LoRALinear(d_in, d_out, r, lora.lora_alpha, lora.lora_dropout, use_rslora=lora.use_rslora,
+                      use_dora=lora.use_dora, lora_init=lora.lora_init)  # fmt: skip
 
 
 class CausalSelfAttention(nn.Module):
@@ -189,12 +193,14 @@ class LoRATransformer(nn.Module):
         use_rslora: bool = False,
         layer_norm_eps: float = 1e-5,
         activation: str = "gelu_tanh",
+        use_dora: bool = False,
+        lora_init: str = "kaiming",
     ) -> None:
         super().__init__()
         config = ModelConfig(vocab_size, d_model, num_heads, num_layers, d_ff, max_seq_len, dropout, num_classes,
                              layer_norm_eps, activation)  # fmt: skip
         lora = LoRAConfig(lora_r, lora_alpha, lora_dropout, lora_targets if adapt_attention else (),
-                          adapt_feedforward, use_rslora)  # fmt: skip
+                          adapt_feedforward, use_rslora, use_dora, lora_init)  # fmt: skip
         self.config, self.lora_config = config, lora
         # Recompute each block's activations in backward instead of storing them (long sequences).
         self.gradient_checkpointing = False
@@ -209,11 +215,14 @@ class LoRATransformer(nn.Module):
         self.lm_head.weight = self.wte.weight  # tied, as GPT-2
         self.cls_head = nn.Linear(config.d_model, num_classes) if num_classes else None
         self._init_weights(config.num_layers)
+        self.init_adapter_from_base()
         # the adapter set: the active adapter's name (None: no adapter), its extra facts, the parked ones
         has_adapter = any(layer.r > 0 for _, layer in lora_modules(self)) or self.cls_head is not None
         self._active: str | None = "default" if has_adapter else None
         self._active_extra: dict = {}
         self._parked: dict[str, Adapter] = {}
+        # set by quantize_base: the data type of the block weights and the full-precision base's fingerprint
+        self._quantization: tuple[str, str] | None = None
 
     @classmethod
     def from_config(cls, config: ModelConfig, lora: LoRAConfig | None = None) -> LoRATransformer:
@@ -244,6 +253,51 @@ class LoRATransformer(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
+
+    def init_adapter_from_base(self) -> None:
+        """Derive the adapter's base-dependent start from the current base weights (PiSSA/OLoRA factors, DoRA
+        magnitudes: ``LoRALinear.init_from_base``); the constructor and :meth:`from_pretrained` call it."""
+        for _, layer in self.lora_layers():
+            layer.init_from_base()
+
+    QUANTIZATIONS = ("nf4",)
+
+    def quantize_base(self, kind: str = "nf4") -> LoRATransformer:
+        """Store every block's linear weight (q, k, v, o, fc1, fc2) in 4-bit NormalFloat (QLoRA: ``kind`` "nf4",
+        ``lora/quantize.py``), dequantized on the fly in each product; the adapters, biases, LayerNorms and the
+        tied embedding stay as they are, and so does training them. Returns the model.
+
+        The base fingerprint is taken first, of the full-precision weights: an adapter trained on the 4-bit
+        base loads on the full-precision one and the other way round. The weights must be frozen (call
+        :meth:`configure_lora_training` first) and unmerged; merging into the 4-bit base is refused.
+        """
+        if kind not in self.QUANTIZATIONS:
+            raise ValueError(f"quantize_base takes one of {', '.join(self.QUANTIZATIONS)}, got {kind!r}")
+        if self._quantization is not None:
+            return self
+        layers = [layer for _, layer in lora_modules(self)]
+        if any(layer.merged for layer in layers):
+            raise ValueError("unmerge the adapter before quantizing the base (merged weights hold it)")
+        if any(layer.weight.requires_grad for layer in layers):
+            raise ValueError("the base's weights are being trained (full fine-tuning): a 4-bit base stays "
+                             "frozen; call configure_lora_training() first")  # fmt: skip
+        tile = BLOCK_SIZE * SCALER_BLOCK_SIZE
+        odd = [(n, tuple(m.weight.shape)) for n, m in lora_modules(self) if m.weight.numel() % tile]
+        if odd:  # checked before any layer changes
+            raise ValueError(f"{kind} stores weights in blocks of {tile:,} elements; {odd[0][0]} {odd[0][1]} "
+                             f"({len(odd)} layer(s) in all) does not tile: widths such as d_model 128, 256, 768 do")  # fmt: skip
+        fingerprint = self.base_fingerprint()
+        for layer in layers:
+            quantize_linear_(layer)
+        for block in self.blocks:
+            block.attn._frozen_qkv.clear()
+        self._quantization = (kind, fingerprint)
+        return self
+
+    @property
+    def base_quantization(self) -> str | None:
+        """How the block weights are stored: ``None`` (as loaded) or ``"nf4"`` (:meth:`quantize_base`)."""
+        return None if self._quantization is None else self._quantization[0]
 
     # ----------------------------------------------------------------------------------------------------
     # Forward and generation
@@ -334,9 +388,10 @@ class LoRATransformer(nn.Module):
         return ((n, m) for n, m in lora_modules(self) if m.r > 0)
 
     def configure_lora_training(self) -> dict:
-        """Freeze everything but the LoRA tensors (and a classification head); return the statistics."""
+        """Freeze everything but the LoRA tensors (with DoRA's magnitudes; and a classification head); return the
+        statistics."""
         for name, p in self.named_parameters():
-            p.requires_grad_(name.rsplit(".", 1)[-1] in _LEAVES or name.startswith("cls_head."))
+            p.requires_grad_(name.rsplit(".", 1)[-1] in TRAINED_LEAVES or name.startswith("cls_head."))
         return self.get_parameter_stats()
 
     def get_parameter_stats(self) -> dict:
@@ -346,7 +401,8 @@ class LoRATransformer(nn.Module):
         trainable = sum(p.numel() for p in params.values() if p.requires_grad)
         per_proj = dict.fromkeys(("q", "k", "v", "o", "ff"), 0)
         for name, layer in self.lora_layers():
-            per_proj[target_of(name)] += layer.lora_A.numel() + layer.lora_B.numel()
+            magnitude = 0 if layer.lora_magnitude is None else layer.lora_magnitude.numel()
+            per_proj[target_of(name)] += layer.lora_A.numel() + layer.lora_B.numel() + magnitude
         lora = sum(per_proj.values())
         return {
             "total_params": total,
@@ -400,17 +456,17 @@ class LoRATransformer(nn.Module):
     def base_state_dict(self) -> dict[str, torch.Tensor]:
         """Every frozen base tensor, unmerged: no LoRA tensors, no ``cls_head``, the tied ``lm_head`` once.
 
-        A merged layer's weight is returned as ``W - scaling B A`` (computed in float32, as ``unmerge()``).
+        A merged layer's weight is returned as ``W0`` again (``LoRALinear.base_weight``: float32, as ``unmerge()``).
         """
         layers = dict(lora_modules(self))
         out = {}
         for key, value in self.state_dict().items():
             module, _, leaf = key.rpartition(".")
-            if leaf in _LEAVES or key.startswith("cls_head.") or key == "lm_head.weight":
+            if leaf in LORA_LEAVES or key.startswith("cls_head.") or key == "lm_head.weight":
                 continue
             layer = layers.get(module)
             if leaf == "weight" and layer is not None and layer.merged:
-                value = (value.float() - layer.delta_weight()).to(value.dtype)
+                value = layer.base_weight()
             out[key] = value.detach()
         return out
 
@@ -419,8 +475,11 @@ class LoRATransformer(nn.Module):
 
         Deterministic (sorted names, unmerged values); independent of the adapters and of a classification head.
         The values are hashed as float32, which holds fp16 and bf16 exactly: a half-precision base widened to
-        float32 for training keeps its fingerprint (a float32 base's is what it always was).
+        float32 for training keeps its fingerprint (a float32 base's is what it always was). A 4-bit base
+        (:meth:`quantize_base`) gives the fingerprint its full-precision weights had.
         """
+        if self._quantization is not None:
+            return self._quantization[1]
         h = hashlib.sha256()
         for key, value in sorted(self.base_state_dict().items()):
             t = value.detach().to("cpu", torch.float32).contiguous()
@@ -434,15 +493,15 @@ class LoRATransformer(nn.Module):
         return {f"cls_head.{k}": v.detach() for k, v in self.cls_head.state_dict().items()}
 
     def merged_state_dict(self) -> dict[str, torch.Tensor]:
-        """Base tensors with the active adapter folded in (``W0 + scaling B A`` in float32, cast once)."""
+        """Base tensors with the active adapter folded in (``LoRALinear.merged_weight``: ``W0 + scaling B A`` in
+        float32, DoRA's rows rescaled, cast once)."""
         layers = dict(lora_modules(self))
         tensors = self.base_state_dict()
         for key in tensors:
             module, _, leaf = key.rpartition(".")
             layer = layers.get(module)
             if leaf == "weight" and layer is not None and layer.r > 0 and layer._adapter_enabled:
-                w = tensors[key]
-                tensors[key] = (w.float() + layer.delta_weight()).to(w.dtype)
+                tensors[key] = layer.merged_weight().detach()
         return {**tensors, **self._head_state()}
 
     def merged_model(self) -> LoRATransformer:
@@ -512,9 +571,13 @@ class LoRATransformer(nn.Module):
 
     def _capture(self) -> Adapter:
         """A copy of the active adapter (an optimizer still holding the old parameters cannot change it)."""
+
+        def copy(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.detach().clone()
+
         layers = {
             name: LayerAdapter(layer.r, layer.lora_alpha, _dropout_p(layer), layer.use_rslora,
-                               layer.lora_A.detach().clone(), layer.lora_B.detach().clone())
+                               *(copy(getattr(layer, k)) for k in LORA_LEAVES))
             for name, layer in self.lora_layers()
         }  # fmt: skip
         head = {k[len("cls_head.") :]: v.clone() for k, v in self._head_state().items()} or None
@@ -532,9 +595,12 @@ class LoRATransformer(nn.Module):
                 if spec is None:
                     layer.reset_lora(0)
                     continue
-                layer.reset_lora(spec.r, spec.lora_alpha, spec.lora_dropout, spec.use_rslora)
-                layer.lora_A.copy_(spec.lora_A)
-                layer.lora_B.copy_(spec.lora_B)
+                init = adapter.settings.lora_init if spec.lora_A0 is not None else "kaiming"
+                layer.reset_lora(spec.r, spec.lora_alpha, spec.lora_dropout, spec.use_rslora,
+                                 spec.lora_magnitude is not None, init)  # fmt: skip
+                for leaf in LORA_LEAVES:
+                    if getattr(spec, leaf) is not None:
+                        getattr(layer, leaf).copy_(getattr(spec, leaf))
             head = None if adapter is None else adapter.cls_head
             if head is None:
                 self.cls_head = None
@@ -574,10 +640,14 @@ class LoRATransformer(nn.Module):
         num_classes: int | None,
         where: object,
         modules_where: object = None,
+        settings: LoRAConfig | None = None,
     ) -> None:
         """Refuse adapter ``tensors`` unless they are exactly ``ranks``' modules (LoRA layers of this model)
-        with ``A: (r, in)``, ``B: (out, r)``, plus a head for ``num_classes``. Messages start with ``where``
-        (``modules_where`` for a module this model lacks)."""
+        with ``A: (r, in)``, ``B: (out, r)`` (and as ``settings`` say DoRA's ``lora_magnitude: (out,)``,
+        PiSSA/OLoRA's ``lora_A0: (r, in)``, ``lora_B0: (out, r)``), plus a head for ``num_classes``.
+        Messages start with ``where`` (``modules_where`` for a module this model lacks)."""
+        dora = settings is not None and settings.use_dora
+        initial = settings is not None and settings.lora_init in BASE_DERIVED_INITS
         layers = dict(lora_modules(self))
         expected = {}
         for m, r in ranks.items():
@@ -588,6 +658,11 @@ class LoRATransformer(nn.Module):
                 )
             expected[f"{m}.lora_A"] = torch.empty(r, layer.in_features)
             expected[f"{m}.lora_B"] = torch.empty(layer.out_features, r)
+            if dora:
+                expected[f"{m}.lora_magnitude"] = torch.empty(layer.out_features)
+            if initial:
+                expected[f"{m}.lora_A0"] = torch.empty(r, layer.in_features)
+                expected[f"{m}.lora_B0"] = torch.empty(layer.out_features, r)
         if num_classes is not None:
             d = self.config.d_model
             expected.update(
@@ -614,6 +689,10 @@ class LoRATransformer(nn.Module):
         if folder.base_fingerprint != fingerprint:
             msg = (f"adapter was trained on other base weights (fingerprint {folder.base_fingerprint}, "
                    f"this base {fingerprint})")  # fmt: skip
+            init = folder.settings.lora_init
+            if init in BASE_DERIVED_INITS:  # its B0 A0 is that base's principal part: wrong on any other
+                raise ValueError(f"{msg}; a lora_init {init} adapter trains on the residual of the base it was "
+                                 "made from and works only on that base (--force cannot apply it to another)")  # fmt: skip
             if not force:
                 raise ValueError(msg + "; pass force=True (--force) to load it anyway")
             return [msg + "; loaded anyway (force)"]
@@ -623,9 +702,8 @@ class LoRATransformer(nn.Module):
         """The adapter a folder holds, its modules and tensor shapes checked against this model."""
         ranks = {m: r for m, (r, _) in folder.modules.items()}
         # a module this model lacks is the config's fault; a missing or mis-shaped tensor the weights file's
-        self._check_adapter_tensors(
-            folder.tensors, ranks, folder.num_classes, folder.weights_path, folder.config_path
-        )
+        self._check_adapter_tensors(folder.tensors, ranks, folder.num_classes, folder.weights_path,
+                                    folder.config_path, folder.settings)  # fmt: skip
         return folder.to_adapter()
 
     # ----------------------------------------------------------------------------------------------------
@@ -633,6 +711,9 @@ class LoRATransformer(nn.Module):
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Write the base model (``config.json`` + ``model.safetensors``, no LoRA tensors) to ``path``."""
+        if self._quantization is not None:
+            raise ValueError("a 4-bit (nf4) base is not saved: its weights are rounded; save the full-precision "
+                             "base it was made from")  # fmt: skip
         return write_model_folder(path, self.config, {**self.base_state_dict(), **self._head_state()})
 
     @classmethod
@@ -657,6 +738,7 @@ class LoRATransformer(nn.Module):
         with torch.no_grad():
             for key, value in tensors.items():
                 own[key].copy_(value)
+        model.init_adapter_from_base()  # PiSSA/OLoRA factors and DoRA magnitudes of these weights
         return model
 
     @classmethod
@@ -718,7 +800,9 @@ class LoRATransformer(nn.Module):
         name = self.active_adapter if adapter_name is None else adapter_name
         adapter = self.get_adapter(name)
         adapter = dataclasses.replace(adapter, extra={**adapter.extra, **(extra or {})})
-        return write_adapter_folder(path, adapter, name, self.config, self.base_fingerprint())
+        return write_adapter_folder(
+            path, adapter, name, self.config, self.base_fingerprint(), self.base_quantization
+        )
 
     def load_adapter(self, path: str | Path, adapter_name: str = "default", force: bool = False) -> str:
         """Load the adapter in ``path`` as ``adapter_name`` and make it active; returns the name.
@@ -732,9 +816,9 @@ class LoRATransformer(nn.Module):
         weights, so only the shapes can be checked: loading it on another GPT-2 of the same shape succeeds.
         """
         if is_peft_folder(path):
-            adapter = adapter_from_peft(path, self.config)
+            adapter = adapter_from_peft(path, self.config, self._fused_row_norms())
             ranks = {m: s.r for m, s in adapter.layers.items()}
-            self._check_adapter_tensors(adapter.tensors(), ranks, None, path)
+            self._check_adapter_tensors(adapter.tensors(), ranks, None, path, settings=adapter.settings)
             self._activate(adapter_name, adapter)
             return adapter_name
         folder = read_adapter_folder(path)
@@ -750,7 +834,14 @@ class LoRATransformer(nn.Module):
         ``PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base), path)`` then computes this model's
         logits (q, k, v fused into ``c_attn``: ``lora/peft_format.py``). An adapter with a head is refused."""
         name = self.active_adapter if adapter_name is None else adapter_name
-        return write_peft_folder(path, self.get_adapter(name), self.config, base_model_name_or_path)
+        adapter = self.get_adapter(name)
+        return write_peft_folder(path, adapter, self.config, base_model_name_or_path, self._fused_row_norms())
+
+    def _fused_row_norms(self) -> dict[str, torch.Tensor]:
+        """``||W0||_row`` (float32, (C,)) of every q, k, v projection: the DoRA magnitude that leaves a
+        projection unchanged, for the rows of PEFT's fused ``c_attn`` that an adapter does not train."""
+        return {name: layer.base_weight().detach().float().norm(dim=1)
+                for name, layer in lora_modules(self) if name.endswith(("q_proj", "k_proj", "v_proj"))}  # fmt: skip
 
     def merge_and_export(self, path: str | Path, extra: dict | None = None) -> Path:
         """Write a LoRA-free model folder with the active adapter merged; this model is left unchanged.

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lora.errors import ConfigError, quote
-from lora.lora_layer import lora_scaling, validate_lora_args
+from lora.lora_layer import lora_scaling, validate_lora_args, validate_lora_init
 
 __all__ = [
     "ACTIVATIONS",
@@ -133,7 +133,8 @@ class LoRAConfig:
     """Which projections carry adapters and how: ``scaling = lora_alpha / lora_r`` (rsLoRA: ``/ sqrt``).
 
     ``lora_targets`` are among the attention projections q, k, v, o; ``adapt_feedforward`` adds the MLP's
-    ``fc1`` and ``fc2``. ``lora_r = 0`` means no adapter at all.
+    ``fc1`` and ``fc2``. ``lora_r = 0`` means no adapter at all. ``use_dora`` adds DoRA's magnitude vectors;
+    ``lora_init`` (of :data:`~lora.lora_layer.LORA_INITS`) is how ``A`` and ``B`` start.
     """
 
     lora_r: int = 8
@@ -142,15 +143,21 @@ class LoRAConfig:
     lora_targets: tuple[str, ...] = ("q", "v")
     adapt_feedforward: bool = False
     use_rslora: bool = False
+    use_dora: bool = False
+    lora_init: str = "kaiming"
+
+    # keys that adapters saved before they existed lack: read as their defaults
+    OPTIONAL_KEYS = ("use_dora", "lora_init")
 
     def __post_init__(self) -> None:
         try:
             validate_lora_args(self.lora_r, self.lora_alpha, self.lora_dropout)
+            validate_lora_init(self.lora_init)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         object.__setattr__(self, "lora_alpha", float(self.lora_alpha))
         object.__setattr__(self, "lora_targets", parse_targets(self.lora_targets))
-        for name in ("adapt_feedforward", "use_rslora"):
+        for name in ("adapt_feedforward", "use_rslora", "use_dora"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {quote(getattr(self, name))}")
 
@@ -163,11 +170,13 @@ class LoRAConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], where: str = "config") -> LoRAConfig:
-        """From a mapping holding (at least) every field, as ``adapter_config.json`` does."""
-        missing = [f.name for f in dataclasses.fields(cls) if f.name not in values]
+        """From a mapping holding (at least) every field but :attr:`OPTIONAL_KEYS`, as ``adapter_config.json``
+        does."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        missing = [n for n in names if n not in values and n not in cls.OPTIONAL_KEYS]
         if missing:
             raise ConfigError(f"{where}: missing keys {missing}")
         try:
-            return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
+            return cls(**{n: values[n] for n in names if n in values})
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from None

@@ -26,10 +26,20 @@ Splitting (import): each part takes ``B[jC:(j+1)C]`` and the whole ``A``, then d
 that are exactly zero with the matching rows of ``A`` (they add nothing), so an export of ours comes back
 with its own ranks; a part left with none has no adapter. A ``c_attn`` whose ``B`` is all zeros (a freshly
 initialised adapter) keeps its full rank in all three parts. A part's ``lora_alpha`` is chosen to keep ``s_c``.
+
+DoRA (``use_dora``): PEFT's ``lora_magnitude_vector`` is ``m`` (out,), one per output row, as here; its
+norms are per output row of ``W0 + s B A`` as here, so the fused rows are the parts' rows. A part of
+``c_attn`` that the adapter does not train gets ``m = ||W0||_row`` (the model's base norms): scale 1. On
+import a part whose ``B`` is zero is dropped only when its ``m`` is that base norm; else it keeps its rows.
+
+PiSSA and OLoRA adapters (``lora_A0``, ``lora_B0``) are exported as PEFT exports them for the original base
+(``path_initial_model_for_weight_conversion``): plain LoRA of rank ``2r`` with ``A = [A; A0]``,
+``B = [B, -B0]`` and ``lora_alpha`` chosen to keep the scaling.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections import Counter
@@ -61,7 +71,6 @@ UNFUSED = {"attn.o_proj": "attn.c_proj", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.
 PEFT_MODULES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 # settings that change what the adapter computes in ways this model cannot, with why; refused when set
 _UNSUPPORTED = {
-    "use_dora": "DoRA adapters are not supported",
     "lora_bias": "LoRA biases (lora_bias) are not supported",
     "modules_to_save": "modules_to_save (fully trained modules beside the LoRA layers) are not supported",
     "layers_to_transform": "layers_to_transform is not supported; adapt every layer",
@@ -117,6 +126,8 @@ def _check_layers(adapter: Adapter, config: ModelConfig) -> None:
         d_in, d_out = io[found[2]]
         expected[f"{m}.lora_A"] = torch.empty(spec.r, d_in)
         expected[f"{m}.lora_B"] = torch.empty(d_out, spec.r)
+        if adapter.settings.use_dora:
+            expected[f"{m}.lora_magnitude"] = torch.empty(d_out)
     problem = describe_mismatch(adapter.tensors(), expected)
     if problem:
         raise ValueError(f"the adapter does not fit the model: {problem}")
@@ -144,39 +155,77 @@ def _fuse(
     return r, _alpha_for(s_c, r, use_rslora), A, B
 
 
+def _plain(spec: LayerAdapter) -> LayerAdapter:
+    """A PiSSA/OLoRA layer as plain LoRA of the original base: rank ``2r``, ``[A; A0]``, ``[B, -B0]``, the same
+    scaling; any other layer as it is."""
+    if spec.lora_A0 is None:
+        return spec
+    a, b = spec.factors()
+    alpha = _alpha_for(spec.scaling, 2 * spec.r, spec.use_rslora)
+    return LayerAdapter(2 * spec.r, alpha, spec.lora_dropout, spec.use_rslora, a, b, spec.lora_magnitude)
+
+
+def _fused_magnitude(
+    parts: list[tuple[int, LayerAdapter]], block: int, base_norms: Mapping[str, torch.Tensor] | None
+) -> torch.Tensor:
+    """DoRA's ``m`` of ``c_attn`` (3C,): each adapted part's own, the base norm ``||W0||_row`` for the others."""
+    own = dict(parts)
+    rows = []
+    for j, proj in enumerate(FUSED):
+        if j in own:
+            rows.append(own[j].lora_magnitude.float())
+            continue
+        name = f"blocks.{block}.{proj}"
+        if base_norms is None or name not in base_norms:
+            raise ValueError(f"a DoRA adapter that leaves {name} unadapted needs the base's row norms for PEFT's "
+                             "fused c_attn: export it with LoRATransformer.export_peft")  # fmt: skip
+        rows.append(base_norms[name].float())
+    return torch.cat(rows).to(parts[0][1].lora_magnitude.dtype)
+
+
 def adapter_to_peft(
-    adapter: Adapter, config: ModelConfig, base_model_name_or_path: str | None = None
+    adapter: Adapter,
+    config: ModelConfig,
+    base_model_name_or_path: str | None = None,
+    base_norms: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """``(adapter_config.json, tensors)`` of ``adapter`` as a PEFT LoRA adapter of ``GPT2LMHeadModel``.
 
     Tensors are ``base_model.model.transformer.h.{i}.<module>.lora_A.weight`` ``(r, in)`` and ``.lora_B.weight``
-    ``(out, r)``; ``r`` and ``lora_alpha`` are the commonest values, ``rank_pattern`` / ``alpha_pattern`` name
-    the other modules (``h.{i}.attn.c_attn``, ...). A classification head cannot be exported.
+    ``(out, r)`` (DoRA: also ``.lora_magnitude_vector`` ``(out,)``); ``r`` and ``lora_alpha`` are the commonest
+    values, ``rank_pattern`` / ``alpha_pattern`` name the other modules (``h.{i}.attn.c_attn``, ...). A
+    classification head cannot be exported. ``base_norms`` (module -> ``||W0||_row``) gives a DoRA adapter's
+    untrained q, k, v rows their magnitude.
     """
+    adapter = dataclasses.replace(adapter, layers={m: _plain(spec) for m, spec in adapter.layers.items()})
     _check_layers(adapter, config)
+    layers = adapter.layers
+    dora = adapter.settings.use_dora
     use_rslora = adapter.settings.use_rslora
     modules: dict[str, tuple[int, float]] = {}  # h.{i}.<module> -> (r, lora_alpha)
     tensors = {}
     for i in range(config.num_layers):
         ours, theirs = f"blocks.{i}.", f"h.{i}."
-        parts = [(j, adapter.layers[ours + p]) for j, p in enumerate(FUSED) if ours + p in adapter.layers]
+        parts = [(j, layers[ours + p]) for j, p in enumerate(FUSED) if ours + p in layers]
         found = {}
         if parts:
             r, alpha, A, B = _fuse(parts, config.d_model, use_rslora)
-            found["attn.c_attn"] = (r, alpha, A, B)
+            found["attn.c_attn"] = (r, alpha, A, B, _fused_magnitude(parts, i, base_norms) if dora else None)
         for mine, peft in UNFUSED.items():
-            spec = adapter.layers.get(ours + mine)
+            spec = layers.get(ours + mine)
             if spec is not None:
                 alpha = (
                     spec.lora_alpha
                     if spec.use_rslora == use_rslora
                     else _alpha_for(spec.scaling, spec.r, use_rslora)
                 )
-                found[peft] = (spec.r, alpha, spec.lora_A, spec.lora_B)
-        for peft, (r, alpha, A, B) in found.items():
+                found[peft] = (spec.r, alpha, spec.lora_A, spec.lora_B, spec.lora_magnitude)
+        for peft, (r, alpha, A, B, magnitude) in found.items():
             modules[theirs + peft] = (r, alpha)
             tensors[f"{PREFIX}transformer.{theirs}{peft}.lora_A.weight"] = A
             tensors[f"{PREFIX}transformer.{theirs}{peft}.lora_B.weight"] = B
+            if magnitude is not None:
+                tensors[f"{PREFIX}transformer.{theirs}{peft}.lora_magnitude_vector"] = magnitude
     r = Counter(r for r, _ in modules.values()).most_common(1)[0][0]
     alpha = Counter(a for _, a in modules.values()).most_common(1)[0][0]
     targets = []  # a module in every block by its kind; else each by its name
@@ -188,18 +237,22 @@ def adapter_to_peft(
         "r": r, "lora_alpha": alpha, "lora_dropout": adapter.settings.lora_dropout, "use_rslora": use_rslora,
         "target_modules": targets, "rank_pattern": {m: mr for m, (mr, _) in modules.items() if mr != r},
         "alpha_pattern": {m: ma for m, (_, ma) in modules.items() if ma != alpha},
-        "fan_in_fan_out": True, "bias": "none", "use_dora": False, "modules_to_save": None,
+        "fan_in_fan_out": True, "bias": "none", "use_dora": dora, "modules_to_save": None,
         "layers_to_transform": None, "layers_pattern": None, "init_lora_weights": True, "inference_mode": True,
     }  # fmt: skip
     return peft_config, tensors
 
 
 def write_peft_folder(
-    folder: str | Path, adapter: Adapter, config: ModelConfig, base_model_name_or_path: str | None = None
+    folder: str | Path,
+    adapter: Adapter,
+    config: ModelConfig,
+    base_model_name_or_path: str | None = None,
+    base_norms: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (:func:`adapter_to_peft`), each
     atomically; ``PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base), folder)`` loads them."""
-    peft_config, tensors = adapter_to_peft(adapter, config, base_model_name_or_path)
+    peft_config, tensors = adapter_to_peft(adapter, config, base_model_name_or_path, base_norms)
     folder = Path(folder)
     atomic_save_safetensors(tensors, folder / ADAPTER_WEIGHTS_NAME, {"format": "pt"})
     atomic_write_json(folder / ADAPTER_CONFIG_NAME, peft_config)
@@ -299,7 +352,7 @@ def _tensor_names(raw: Mapping[str, torch.Tensor], where: Path) -> dict[str, tor
     out = {}
     for key, value in raw.items():
         name = key.removeprefix(PREFIX).removeprefix("transformer.")
-        if re.fullmatch(r".+\.lora_[AB]\.[^.]+\.weight", name):
+        if re.fullmatch(r".+\.(lora_[AB]|lora_magnitude_vector)\.[^.]+\.weight", name):
             raise ValueError(f"{where}: tensor {key} carries an adapter name; only PEFT's saved form "
                              "(<module>.lora_A.weight, as save_pretrained writes) is read")  # fmt: skip
         if name in out:
@@ -311,33 +364,51 @@ def _tensor_names(raw: Mapping[str, torch.Tensor], where: Path) -> dict[str, tor
 
 
 def _split(
-    r: int, alpha: float, pair: tuple[torch.Tensor, torch.Tensor], dropout: float, use_rslora: bool
+    r: int,
+    alpha: float,
+    pair: tuple[torch.Tensor, torch.Tensor],
+    dropout: float,
+    use_rslora: bool,
+    magnitude: torch.Tensor | None = None,
+    base_norms: Mapping[str, torch.Tensor | None] | None = None,
 ) -> dict[str, LayerAdapter]:
-    """A ``c_attn`` adapter, ``pair = (A (r, C), B (3C, r))`` -> q, k, v adapters, zero columns of ``B`` dropped."""
+    """A ``c_attn`` adapter, ``pair = (A (r, C), B (3C, r))`` -> q, k, v adapters, zero columns of ``B`` dropped.
+
+    With DoRA's ``magnitude`` (3C,) each part takes its rows; a part whose ``B`` is zero is dropped only if its
+    rows equal ``base_norms[part]`` (``||W0||_row``: it computes the base), else kept with its zero ``B``.
+    """
     A, B = pair
     C = A.shape[1]
     s_c = lora_scaling(r, alpha, use_rslora)
     blocks = [B[j * C : (j + 1) * C] for j in range(3)]  # (C, r) each
     keep = [b.ne(0).any(dim=0) for b in blocks]  # (r,) each: the columns that contribute
+    every = torch.ones(r, dtype=torch.bool, device=B.device)
     if not any(k.any() for k in keep):  # B = 0: a fresh adapter keeps its full rank to train on
-        keep = [torch.ones(r, dtype=torch.bool, device=B.device)] * 3
+        keep = [every] * 3
     out = {}
-    for proj, b, k in zip(FUSED, blocks, keep, strict=True):
+    for j, (proj, b, k) in enumerate(zip(FUSED, blocks, keep, strict=True)):
+        m = None if magnitude is None else magnitude[j * C : (j + 1) * C].contiguous()  # (C,)
+        norm = (base_norms or {}).get(proj)
+        if m is not None and not k.any() and (norm is None or not torch.allclose(m.float(), norm, rtol=1e-6)):
+            k = every  # its magnitude rescales the base's rows: kept
         r_p = int(k.sum())
         if r_p:
             alpha_p = alpha if r_p == r else _alpha_for(s_c, r_p, use_rslora)
             out[proj] = LayerAdapter(
-                r_p, alpha_p, dropout, use_rslora, A[k].contiguous(), b[:, k].contiguous()
+                r_p, alpha_p, dropout, use_rslora, A[k].contiguous(), b[:, k].contiguous(), m
             )
     return out
 
 
-def adapter_from_peft(path: str | Path, config: ModelConfig) -> Adapter:
+def adapter_from_peft(
+    path: str | Path, config: ModelConfig, base_norms: Mapping[str, torch.Tensor] | None = None
+) -> Adapter:
     """The PEFT LoRA adapter folder ``path`` (trained on a GPT-2 of ``config``'s shape) as an :class:`Adapter`.
 
-    Reads ``r``, ``lora_alpha``, ``rank_pattern``, ``alpha_pattern``, ``use_rslora``, ``target_modules`` and
-    ``exclude_modules``; ``c_attn`` is split as the module docstring says. What this model cannot compute
-    (another ``peft_type``, DoRA, biases, ``modules_to_save``, ...), a target it lacks, and missing,
+    Reads ``r``, ``lora_alpha``, ``rank_pattern``, ``alpha_pattern``, ``use_rslora``, ``use_dora``,
+    ``target_modules`` and ``exclude_modules``; ``c_attn`` is split as the module docstring says (DoRA's
+    untrained parts recognised by ``base_norms``, the model's ``||W0||_row`` per q, k, v module). What this
+    model cannot compute (another ``peft_type``, biases, ``modules_to_save``, ...), a target it lacks, and missing,
     unexpected, mis-shaped or non-float tensors raise a one-line ``ValueError``. PEFT records no fingerprint
     of the base weights: only the shapes can be checked.
     """
@@ -346,8 +417,10 @@ def adapter_from_peft(path: str | Path, config: ModelConfig) -> Adapter:
     peft = read_json(config_path)
     _check_settings(peft, config_path)
     use_rslora, dropout = peft.get("use_rslora", False), peft.get("lora_dropout", 0.0)
-    if not isinstance(use_rslora, bool):
-        raise ValueError(f"{config_path}: use_rslora must be true or false, got {quote(use_rslora)}")
+    dora = peft.get("use_dora", False)
+    for key, value in (("use_rslora", use_rslora), ("use_dora", dora)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{config_path}: {key} must be true or false, got {quote(value)}")
     modules = {}  # h.{i}.<module> -> (r, lora_alpha)
     for m in _targeted(peft, config, config_path):
         name = f"transformer.{m}"  # as PEFT matches it; PEFT's defaults are r 8, lora_alpha 8
@@ -368,6 +441,8 @@ def adapter_from_peft(path: str | Path, config: ModelConfig) -> Adapter:
     for m, (r, _) in modules.items():
         d_in, d_out = io[m.split(".", 2)[2]]
         expected[f"{m}.lora_A"], expected[f"{m}.lora_B"] = torch.empty(r, d_in), torch.empty(d_out, r)
+        if dora:
+            expected[f"{m}.lora_magnitude_vector"] = torch.empty(d_out)
     problem = describe_mismatch(tensors, expected)
     if problem:
         raise ValueError(f"{weights_path}: {problem}")
@@ -376,17 +451,21 @@ def adapter_from_peft(path: str | Path, config: ModelConfig) -> Adapter:
     for m, (r, alpha) in modules.items():
         _, i, kind = m.split(".", 2)
         A, B = tensors[f"{m}.lora_A"], tensors[f"{m}.lora_B"]
+        magnitude = tensors.get(f"{m}.lora_magnitude_vector")
         if kind == "attn.c_attn":
-            for proj, spec in _split(r, alpha, (A, B), dropout, use_rslora).items():
+            norms = {p: (base_norms or {}).get(f"blocks.{i}.{p}") for p in FUSED}
+            for proj, spec in _split(r, alpha, (A, B), dropout, use_rslora, magnitude, norms).items():
                 layers[f"blocks.{i}.{proj}"] = spec
         else:
-            layers[f"blocks.{i}.{reverse[kind]}"] = LayerAdapter(r, alpha, dropout, use_rslora, A, B)
+            layers[f"blocks.{i}.{reverse[kind]}"] = LayerAdapter(
+                r, alpha, dropout, use_rslora, A, B, magnitude
+            )
     kinds = {target_of(m) for m in layers}
     settings = LoRAConfig(
         lora_r=max(s.r for s in layers.values()),
         lora_alpha=Counter(s.lora_alpha for s in layers.values()).most_common(1)[0][0],
         lora_dropout=dropout, lora_targets=tuple(kinds - {"ff"}), adapt_feedforward="ff" in kinds,
-        use_rslora=use_rslora,
+        use_rslora=use_rslora, use_dora=dora,
     )  # fmt: skip
     extra = {"imported_from": "peft", "peft_base_model_name_or_path": peft.get("base_model_name_or_path")}
     return Adapter(dict(sorted(layers.items())), None, settings, extra)

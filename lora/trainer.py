@@ -55,6 +55,7 @@ __all__ = [
 TRAINER_SETTINGS = (
     "learning_rate", "weight_decay", "epochs", "max_steps", "warmup_steps", "lr_schedule", "grad_clip",
     "eval_every", "eval_batches", "log_every", "device", "precision", "compile", "save_every", "keep_checkpoints",
+    "lora_plus_ratio",
 )  # fmt: skip
 HISTORY_KEYS = ("step", "epoch", "train_loss", "val_loss", "metric", "lr", "tokens_per_s", "elapsed_s")
 
@@ -185,6 +186,20 @@ def _trainer_config(config: TrainConfig | None, settings: dict[str, Any]) -> Tra
     return dataclasses.replace(config or TrainConfig(), **settings).validate()
 
 
+def _param_groups(model: nn.Module, params: list[nn.Parameter], lora_plus_ratio: float) -> list[dict]:
+    """The optimizer's groups: one, or with LoRA+ (Hayou et al. 2024, ``lora_plus_ratio != 1``) the ``lora_B``
+    tensors apart with ``lr_ratio`` = the ratio (their learning rate is ``ratio x`` the schedule's)."""
+    names = {p: n for n, p in model.named_parameters()}
+    b = [p for p in params if names[p].rsplit(".", 1)[-1] == "lora_B"]
+    if lora_plus_ratio == 1.0:
+        return [{"params": params, "lr_ratio": 1.0}]
+    if not b:
+        raise ValueError("lora_plus_ratio needs LoRA B matrices to train; this model has none")
+    rest = [p for p in params if names[p].rsplit(".", 1)[-1] != "lora_B"]
+    groups = [{"params": rest, "lr_ratio": 1.0}] if rest else []
+    return [*groups, {"params": b, "lr_ratio": float(lora_plus_ratio)}]
+
+
 def _length(loader: Iterable) -> int | None:
     """``len(loader)``, or ``None`` for a loader without one (a generator, an IterableDataset's loader)."""
     try:
@@ -229,7 +244,8 @@ class Trainer:
             raise ValueError("the model has no trainable parameters")
         # fused (CPU, CUDA): one kernel for all tensors, and a step it can skip on the device (found_inf)
         self.fused = self.device.type in ("cpu", "cuda")
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+        self.optimizer = torch.optim.AdamW(_param_groups(model, self.params, cfg.lora_plus_ratio),
+                                           lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                            betas=(0.9, 0.999), fused=self.fused or None)  # fmt: skip
         self.log_every = cfg.log_every or (10 if self.device.type == "cuda" else 1)
         # a language model that computes its own loss in chunks (LoRATransformer) trains without full logits
@@ -398,7 +414,7 @@ class Trainer:
                         self.step + 1, cfg.learning_rate, cfg.warmup_steps, self.total_steps, cfg.lr_schedule
                     )
                     for group in self.optimizer.param_groups:
-                        group["lr"] = lr
+                        group["lr"] = lr * group.get("lr_ratio", 1.0)  # LoRA+: B's group runs faster
                     to_backprop, loss, stop = self._step_loss(batch)
                     to_backprop.backward()
                     # with clipping off, max_norm inf only measures (the grads are scaled by exactly 1)

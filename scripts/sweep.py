@@ -4,6 +4,7 @@
     python scripts/sweep.py --mode budget --seeds 0,1      # one budget over 1, 2 or 4 matrix types (Table 5)
     python scripts/sweep.py --mode grid --ranks 1,2,4,8 --targets q,v,qv,qkvo --mlp both
     python scripts/sweep.py --mode rank --config configs/code.yaml --max_steps 100
+    python scripts/sweep.py --mode variants --max_steps 100   # LoRA, Gaussian, PiSSA, OLoRA, DoRA, LoRA+, nf4
 
 Any ``train_lora.py`` option sets the shared settings. ``lora_alpha`` follows the rank (``alpha = 2 r``,
 the default's scaling of 2), so cells differ in rank and targets only. Every cell is a normal run (its
@@ -11,7 +12,8 @@ folder under ``<output_dir>/sweep-<mode>/runs/``, on the shared base); results.j
 each cell, and an interrupted sweep resumes where it stopped (finished cells are not run again; a sweep
 with other shared settings is refused rather than mixed in).
 Writes ``<output_dir>/sweep-<mode>/``: results.json, table.md (mean and spread over seeds),
-metric_vs_rank.png and heatmap.png (target set x rank).
+metric_vs_rank.png and heatmap.png (target set x rank). The variants mode compares the LoRA variants
+(:data:`VARIANTS`) at the shared rank and targets (``lora_alpha`` as given): table.md only.
 """
 
 from __future__ import annotations
@@ -44,6 +46,16 @@ from lora.trainer import resolve_device
 
 RANK_RANKS = (1, 2, 4, 8, 16, 32, 64)
 BUDGET = (("q", 8), ("k", 8), ("v", 8), ("o", 8), ("qk", 4), ("qv", 4), ("qkvo", 2))  # same parameters each
+# the variants mode: each one's settings beside plain LoRA's (Kaiming A, B = 0)
+VARIANTS = {
+    "LoRA (kaiming)": {},
+    "gaussian init": {"lora_init": "gaussian"},
+    "PiSSA init": {"lora_init": "pissa"},
+    "OLoRA init": {"lora_init": "olora"},
+    "DoRA": {"use_dora": True},
+    "LoRA+ (ratio 16)": {"lora_plus_ratio": 16.0},
+    "nf4 base (QLoRA)": {"quantize_base": "nf4"},
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,18 +66,23 @@ class Cell:
     mlp: bool
     r: int
     seed: int
+    variant: str | None = None  # a key of VARIANTS (the variants mode)
 
     @property
     def key(self) -> str:
-        return f"{self.targets}{'+mlp' if self.mlp else ''}-r{self.r}-s{self.seed}"
+        kind = "" if self.variant is None else "-" + "".join(c for c in self.variant if c.isalnum()).lower()
+        return f"{self.targets}{'+mlp' if self.mlp else ''}-r{self.r}{kind}-s{self.seed}"
 
     @property
     def label(self) -> str:
-        return "+".join(self.targets) + (" + MLP" if self.mlp else "")
+        return self.variant or "+".join(self.targets) + (" + MLP" if self.mlp else "")
 
 
 def cells(mode: str, ranks: Sequence[int], targets: Sequence[str], mlp: Sequence[bool],
-          seeds: Sequence[int]) -> list[Cell]:  # fmt: skip
+          seeds: Sequence[int], shared: TrainConfig | None = None) -> list[Cell]:  # fmt: skip
+    if mode == "variants":  # at the shared rank and targets
+        t, m, r = "".join(shared.lora_targets), shared.adapt_feedforward, shared.lora_r
+        return [Cell(t, m, r, s, v) for v in VARIANTS for s in seeds]
     if mode == "rank":
         return [Cell(t, False, r, s) for t in ("qv", "qkvo") for r in ranks for s in seeds]
     if mode == "budget":
@@ -74,16 +91,19 @@ def cells(mode: str, ranks: Sequence[int], targets: Sequence[str], mlp: Sequence
 
 
 def cell_config(shared: TrainConfig, cell: Cell, root: Path, base: Path) -> TrainConfig:
-    """The run of one cell: the shared settings with the cell's targets, rank (alpha = 2 r) and seed."""
+    """The run of one cell: the shared settings with the cell's targets, rank (alpha = 2 r) and seed; a variant
+    cell keeps the shared alpha and adds its variant's settings."""
+    alpha = shared.lora_alpha if cell.variant is not None else 2.0 * cell.r
     return dataclasses.replace(
         shared, lora_targets=list(cell.targets), adapt_feedforward=cell.mlp, lora_r=cell.r,
-        lora_alpha=2.0 * cell.r, seed=cell.seed, run_name=cell.key, output_dir=str(root / "runs"),
-        overwrite=True, resume=None, base_checkpoint=str(base),
+        lora_alpha=alpha, seed=cell.seed, run_name=cell.key, output_dir=str(root / "runs"),
+        overwrite=True, resume=None, base_checkpoint=str(base), **VARIANTS.get(cell.variant, {}),
     ).validate()  # fmt: skip
 
 
 def summarise(results: dict[str, dict], todo: list[Cell]) -> dict[tuple[str, int], tuple[float, float, int]]:
-    """``(label, r) -> (mean, spread, params)`` over the seeds (spread: the standard deviation, 0 for one)."""
+    """``(label, r) -> (mean, spread, params)`` of the metric over the seeds (spread: the standard deviation, 0
+    for one)."""
     groups: dict[tuple[str, int], list[dict]] = {}
     for cell in todo:
         if cell.key in results:
@@ -94,6 +114,30 @@ def summarise(results: dict[str, dict], todo: list[Cell]) -> dict[tuple[str, int
         out[key] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0,
                     found[0]["trainable_params"])  # fmt: skip
     return out
+
+
+def write_variants_table(folder: Path, results: dict[str, dict], todo: list[Cell], metric: str) -> None:
+    """table.md of the variants mode: per variant the metric and validation loss, mean and spread over seeds,
+    the trainable parameters and the run's peak memory."""
+    rows = [f"| variant | trainable | {metric} (mean ± sd) | val loss (mean ± sd) | peak memory (MiB) | seeds |",
+            "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for variant in VARIANTS:
+        found = [results[c.key] for c in todo if c.variant == variant and c.key in results]
+        if not found:
+            continue
+
+        def stat(key: str, runs: list[dict] = found) -> str:
+            values = [f[key] for f in runs if f.get(key) is not None]
+            if not values:
+                return "n/a"
+            spread = statistics.stdev(values) if len(values) > 1 else 0.0
+            return f"{statistics.fmean(values):.4f} ± {spread:.4f}"
+
+        peaks = [f["peak_memory_mb"] for f in found if f.get("peak_memory_mb") is not None]
+        peak = f"{max(peaks):,.0f}" if peaks else "n/a"
+        rows.append(f"| {variant} | {found[0]['trainable_params']:,} | {stat('metric')} | {stat('val_loss')} | "
+                    f"{peak} | {len(found)} |")  # fmt: skip
+    atomic_write_bytes(folder / "table.md", ("\n".join(rows) + "\n").encode())
 
 
 def write_reports(folder: Path, summary: dict, metric: str, mode: str, seeds: int) -> None:
@@ -121,7 +165,8 @@ def write_reports(folder: Path, summary: dict, metric: str, mode: str, seeds: in
 
 # what a cell sets itself; every other setting is the sweep's, recorded in results.json
 PER_CELL = ("lora_r", "lora_alpha", "lora_targets", "adapt_feedforward", "seed", "run_name", "output_dir",
-            "overwrite", "resume", "base_checkpoint", "debug")  # fmt: skip
+            "overwrite", "resume", "base_checkpoint", "debug",
+            *{k for settings in VARIANTS.values() for k in settings})  # fmt: skip
 
 
 def sweep(shared: TrainConfig, mode: str, todo: list[Cell]) -> Path:
@@ -147,10 +192,15 @@ def sweep(shared: TrainConfig, mode: str, todo: list[Cell]) -> Path:
             bar.set_postfix_str(cell.key)
             metrics = run(cell_config(shared, cell, folder, base))
             results[cell.key] = {"metric": metrics["final_metric"], "metric_name": metrics["metric_name"],
-                                 "trainable_params": metrics["trainable_params"], "steps": metrics["steps"]}  # fmt: skip
+                                 "trainable_params": metrics["trainable_params"], "steps": metrics["steps"],
+                                 "val_loss": metrics.get("final_val_loss"),
+                                 "peak_memory_mb": metrics.get("peak_memory_mb")}  # fmt: skip
             atomic_write_bytes(results_path, (json.dumps(saved, indent=2) + "\n").encode())
     metric = next(iter(results.values()))["metric_name"] if results else "metric"
-    write_reports(folder, summarise(results, todo), metric, mode, len({c.seed for c in todo}))
+    if mode == "variants":
+        write_variants_table(folder, results, todo, metric)
+    else:
+        write_reports(folder, summarise(results, todo), metric, mode, len({c.seed for c in todo}))
     return folder
 
 
@@ -168,7 +218,7 @@ def _ints(text: str, name: str, low: int) -> list[int]:
 def main(argv: Sequence[str] | None = None) -> int:
     p = CommandLineParser(prog="sweep.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                           epilog="Any option of train_lora.py applies too: python lora/train_lora.py --help")  # fmt: skip
-    p.add_argument("--mode", choices=("rank", "budget", "grid"), default="rank")
+    p.add_argument("--mode", choices=("rank", "budget", "grid", "variants"), default="rank")
     p.add_argument("--ranks", default=",".join(map(str, RANK_RANKS)), help="grid and rank modes")
     p.add_argument(
         "--targets", default="q,k,v,o,qv,qkvo", help="grid mode: target sets, letters of q, k, v, o"
@@ -188,10 +238,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"--targets must be sets of the letters q, k, v, o, each letter once, got {quote(own.targets)}"
             )
         mlp = {"no": [False], "yes": [True], "both": [False, True]}[own.mlp]
-        todo = cells(own.mode, _ints(own.ranks, "ranks", 1), targets, mlp, _ints(own.seeds, "seeds", 0))
+        todo = cells(
+            own.mode, _ints(own.ranks, "ranks", 1), targets, mlp, _ints(own.seeds, "seeds", 0), shared
+        )
         folder = sweep(shared, own.mode, todo)
         print((folder / "table.md").read_text(), end="")
-        print(f"wrote results.json, table.md, metric_vs_rank.png and heatmap.png to {folder}")
+        pictures = "" if own.mode == "variants" else ", metric_vs_rank.png and heatmap.png"
+        print(f"wrote results.json, table.md{pictures} to {folder}")
         return 0
 
     return guarded("sweep.py", body, "--debug" in rest)

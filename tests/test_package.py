@@ -17,6 +17,7 @@ LAYERS = [
     "errors",  # errors and exit codes
     "files",  # atomic writes, checked reads
     "distributed",  # torchrun's processes: the process group, sums over processes, failures
+    "quantize",  # a frozen weight in 4-bit NF4 (QLoRA), dequantized on the fly (torchao)
     "lora_layer",  # LoRA for one linear layer; helpers for any nn.Module
     "fused_qkv",  # LoRA layers sharing one input (q, k, v) computed in one product
     "chunked_loss",  # the LM loss with the head applied a chunk of tokens at a time

@@ -40,6 +40,9 @@ def randomise(model: LoRATransformer, seed: int = 1) -> LoRATransformer:
     torch.manual_seed(seed)
     for _, layer in model.lora_layers():
         torch.nn.init.normal_(layer.lora_B, std=0.2)
+        if layer.lora_magnitude is not None:  # DoRA: magnitudes moved off the base's norms too
+            with torch.no_grad():
+                layer.lora_magnitude.mul_(1 + 0.3 * torch.rand(layer.lora_magnitude.shape))
     return model
 
 
@@ -55,6 +58,14 @@ OURS = {
     "qv": ({"lora_r": 4, "lora_targets": "q,v"}, None),
     "all-rslora": (ALL_RSLORA, None),
     "mixed": ({"lora_r": 4, "lora_targets": "q,k,v,o"}, mixed),
+    # DoRA on q and v only: c_attn's k rows take the base's norms, so PEFT computes k unchanged
+    "dora-qv": ({"lora_r": 4, "lora_targets": "q,v", "use_dora": True}, None),
+    "dora-all": ({**ALL_RSLORA, "use_dora": True}, None),
+    # PiSSA goes out as plain LoRA of rank 2r for the original base, as PEFT converts its own
+    "pissa": (
+        {"lora_r": 4, "lora_targets": "q,k,v,o", "adapt_feedforward": True, "lora_init": "pissa"},
+        None,
+    ),
 }
 
 
@@ -100,7 +111,7 @@ def test_mixed_scalings_are_patterns(gpt2_folder):
     assert config["target_modules"] == ["attn.c_attn", "attn.c_proj"]
 
 
-@pytest.mark.parametrize("variant", ["qv", "all-rslora"])
+@pytest.mark.parametrize("variant", ["qv", "all-rslora", "dora-qv", "dora-all"])
 def test_round_trip_gives_back_the_trained_adapter_exactly(gpt2_folder, tmp_path, variant):
     model = ours(gpt2_folder, variant)
     model.export_peft(tmp_path / "peft")
@@ -112,6 +123,8 @@ def test_round_trip_gives_back_the_trained_adapter_exactly(gpt2_folder, tmp_path
         got = loaded.layers[m]
         assert (got.r, got.lora_alpha, got.use_rslora) == (spec.r, spec.lora_alpha, spec.use_rslora), m
         assert torch.equal(got.lora_A, spec.lora_A) and torch.equal(got.lora_B, spec.lora_B), m
+        assert (got.lora_magnitude is None) == (spec.lora_magnitude is None), m
+        assert spec.lora_magnitude is None or torch.equal(got.lora_magnitude, spec.lora_magnitude), m
     assert loaded.settings == trained.settings
     assert loaded.extra["imported_from"] == "peft"
 
@@ -142,6 +155,8 @@ def save_peft(gpt2_folder: Path, folder: Path, randomise_b: bool = True, **optio
             for name, p in model.named_parameters():
                 if "lora_B" in name:
                     p.normal_(std=0.2)
+                if "lora_magnitude_vector" in name:  # DoRA
+                    p.mul_(1 + 0.3 * torch.rand(p.shape))
     model.save_pretrained(folder)
     return folder
 
@@ -158,6 +173,8 @@ def peft_folder(gpt2_folder, tmp_path_factory) -> Path:
         {"use_rslora": True},
         {"rank_pattern": {"h.1.attn.c_attn": 2, "mlp.c_fc": 3}, "alpha_pattern": {"h.0.attn.c_proj": 5}},
         {"target_modules": ["c_attn"], "lora_alpha": 16},
+        {"use_dora": True},
+        {"use_dora": True, "use_rslora": True, "target_modules": ["c_attn", "mlp.c_proj"]},
     ],
 )
 def test_peft_adapter_gives_us_peft_s_logits(gpt2_folder, tmp_path, options):
@@ -254,7 +271,8 @@ C_ATTN_B = "base_model.model.transformer.h.1.attn.c_attn.lora_B.weight"
 @pytest.mark.parametrize(
     ("config", "tensors", "message"),
     [
-        ({"use_dora": True}, None, "DoRA adapters are not supported"),
+        ({"use_dora": True}, None, "missing tensors: h.0.attn.c_attn.lora_magnitude_vector"),
+        ({"use_dora": "yes"}, None, "use_dora must be true or false, got 'yes'"),
         ({"peft_type": "IA3"}, None, "peft_type 'IA3' is not supported; only LORA"),
         ({"modules_to_save": ["lm_head"]}, None, "modules_to_save .* are not supported"),
         ({"target_modules": ["c_attn", "q_proj"]}, None, r"target_modules \['q_proj'\] are not in this model"),

@@ -1,0 +1,389 @@
+"""The LoRA variants: DoRA, the initialisations (kaiming, gaussian, PiSSA, OLoRA) and LoRA+.
+
+Each is checked against its formula by hand, for the exactness the project promises (the output at the start
+equals the base's, merged equals unmerged, the base tensors stay bit for bit), through the fused q/k/v path,
+through an adapter folder and back, and at the command line (bad choices refused with one line)."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lora.config import TrainConfig
+from lora.errors import ConfigError
+from lora.lora_layer import LORA_INITS, LoRALinear, inject_lora
+from lora.lora_transformer import LoRATransformer
+from lora.trainer import LoRATrainer
+
+TINY = {"vocab_size": 40, "d_model": 32, "num_heads": 4, "num_layers": 2, "max_seq_len": 16, "dropout": 0.0}
+IDX = torch.randint(0, 40, (3, 12), generator=torch.Generator().manual_seed(0))
+
+
+def randomise(layer: LoRALinear, seed: int = 1) -> None:
+    """Move the trainable tensors away from their start, as training would."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.lora_B.add_(torch.randn(layer.lora_B.shape, generator=g) * 0.3)
+        layer.lora_A.add_(torch.randn(layer.lora_A.shape, generator=g) * 0.1)
+        if layer.lora_magnitude is not None:
+            layer.lora_magnitude.mul_(1 + 0.2 * torch.rand(layer.lora_magnitude.shape, generator=g))
+
+
+def randomise_model(model: LoRATransformer, seed: int = 1) -> LoRATransformer:
+    for i, (_, layer) in enumerate(model.lora_layers()):
+        randomise(layer, seed + i)
+    return model
+
+
+@pytest.mark.parametrize("init", LORA_INITS)
+@pytest.mark.parametrize("dora", [False, True])
+def test_layer_starts_as_the_base_and_merges_exactly(init, dora):
+    torch.manual_seed(0)
+    layer = LoRALinear(24, 20, r=4, lora_alpha=8, use_dora=dora, lora_init=init)
+    w0 = layer.weight.detach().clone()
+    x = torch.randn(5, 24)
+    base = F.linear(x, w0, layer.bias)
+    torch.testing.assert_close(layer(x), base, rtol=0, atol=1e-6)  # PiSSA/OLoRA: B A - B0 A0 rounds to ~1e-7
+    randomise(layer)
+    unmerged = layer(x)
+    assert (unmerged - base).abs().max() > 1e-2  # the adapter matters: the checks below can fail
+    layer.merge()
+    torch.testing.assert_close(layer(x), unmerged, rtol=0, atol=2e-6)
+    layer.unmerge()
+    torch.testing.assert_close(layer.weight, w0, rtol=0, atol=1e-6)
+    torch.testing.assert_close(layer(x), unmerged, rtol=0, atol=2e-6)
+
+
+def test_dora_is_the_paper_s_formula():
+    """``h = m * (W0 + s B A) x / ||W0 + s B A||_row + b``; the norm is detached, so ``dm`` is ``g``'s only path."""
+    torch.manual_seed(0)
+    layer = LoRALinear(16, 12, r=3, lora_alpha=6, use_dora=True)
+    torch.testing.assert_close(layer.lora_magnitude, layer.weight.norm(dim=1))  # m starts at ||W0||_row
+    randomise(layer)
+    x = torch.randn(4, 16)
+    w = layer.weight + 2.0 * layer.lora_B @ layer.lora_A  # s = 6 / 3
+    expected = (x @ w.t()) * (layer.lora_magnitude / w.norm(dim=1)) + layer.bias
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+    # gradients: the norm is a constant (detached), as in the paper (Sec. 4.3) and PEFT
+    layer(x).sum().backward()
+    a = layer.lora_A.detach().requires_grad_()
+    b = layer.lora_B.detach().requires_grad_()
+    m = layer.lora_magnitude.detach().requires_grad_()
+    w_ = layer.weight + 2.0 * b @ a
+    ((x @ w_.t()) * (m / w_.norm(dim=1).detach()) + layer.bias).sum().backward()
+    for mine, ref in ((layer.lora_A, a), (layer.lora_B, b), (layer.lora_magnitude, m)):
+        torch.testing.assert_close(mine.grad, ref.grad, rtol=1e-5, atol=1e-6)
+    assert layer.weight.grad is None
+
+
+def test_pissa_takes_the_principal_part_and_leaves_the_base_tensor_alone():
+    torch.manual_seed(0)
+    layer = LoRALinear(24, 20, r=4, lora_alpha=8, lora_init="pissa")
+    w0 = layer.weight.detach().clone()
+    s = layer.scaling
+    principal = s * layer.lora_B @ layer.lora_A
+    u, sv, vh = torch.linalg.svd(w0)
+    torch.testing.assert_close(principal, u[:, :4] @ torch.diag(sv[:4]) @ vh[:4], rtol=1e-4, atol=1e-5)
+    residual = w0 - principal  # what the adapter trains on: its singular values are the rest of W0's
+    torch.testing.assert_close(torch.linalg.svdvals(residual)[:16], sv[4:], rtol=1e-4, atol=1e-5)
+    assert torch.equal(layer.lora_A0, layer.lora_A) and torch.equal(layer.lora_B0, layer.lora_B)
+    randomise(layer)
+    layer.merge()
+    layer.unmerge()
+    torch.testing.assert_close(layer.weight, w0, rtol=0, atol=1e-6)
+    assert not layer.lora_A0.requires_grad and "lora_A0" not in dict(layer.named_parameters())
+
+
+def test_olora_b_is_orthonormal_and_gaussian_has_its_spread():
+    torch.manual_seed(0)
+    olora = LoRALinear(24, 20, r=4, lora_init="olora")
+    torch.testing.assert_close(olora.lora_B.t() @ olora.lora_B, torch.eye(4), rtol=0, atol=1e-5)
+    gauss = LoRALinear(256, 64, r=4, lora_init="gaussian")
+    assert abs(gauss.lora_A.std().item() - 1 / 4) < 0.01 and not gauss.lora_B.any()
+
+
+def test_inject_lora_takes_the_variants():
+    model = inject_lora(
+        torch.nn.Sequential(torch.nn.Linear(8, 8)), ["0"], r=2, use_dora=True, lora_init="olora"
+    )
+    assert model[0].use_dora and model[0].lora_init == "olora"
+    with pytest.raises(ValueError, match="lora_init must be one of kaiming, gaussian, pissa, olora"):
+        LoRALinear(8, 8, lora_init="svd")
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"use_dora": True},
+        {"lora_init": "pissa"},
+        {"use_dora": True, "lora_init": "olora", "lora_targets": "q,k,v,o"},
+    ],
+)
+def test_fused_qkv_equals_the_per_layer_path(options):
+    torch.manual_seed(0)
+    model = randomise_model(LoRATransformer(**TINY, lora_r=4, **options))
+    model.configure_lora_training()
+    y = torch.randint(0, 40, IDX.shape)
+    grads = []
+    for fused in (True, False):
+        model.fused_qkv = fused
+        model.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(IDX).reshape(-1, 40), y.reshape(-1))
+        loss.backward()
+        grads.append(
+            (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+        )
+    (l1, g1), (l2, g2) = grads
+    torch.testing.assert_close(l1, l2, rtol=1e-6, atol=1e-6)
+    assert g1.keys() == g2.keys() and any(k.endswith("lora_magnitude") for k in g1) == bool(
+        options.get("use_dora")
+    )
+    for k in g1:
+        torch.testing.assert_close(g1[k], g2[k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "options", [{"use_dora": True}, {"lora_init": "pissa"}, {"lora_init": "olora", "use_dora": True}]
+)
+def test_model_starts_as_its_base_keeps_the_fingerprint_and_round_trips(tmp_path, options):
+    torch.manual_seed(0)
+    base = LoRATransformer(**TINY, lora_r=0)
+    base.save_pretrained(tmp_path / "base")
+    model = LoRATransformer.from_pretrained(tmp_path / "base", lora_r=4, **options).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDX), base.eval()(IDX), rtol=0, atol=1e-5)
+    assert model.base_fingerprint() == base.base_fingerprint()  # the base tensors are the pretrained ones
+    randomise_model(model)
+    model.save_adapter(tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["use_dora"] == options.get("use_dora", False)
+    assert config["lora_init"] == options.get("lora_init", "kaiming")
+    back = LoRATransformer.from_pretrained(tmp_path / "base", lora_r=0).eval()
+    back.load_adapter(tmp_path / "adapter")
+    with torch.no_grad():
+        expected = model(IDX)
+        assert torch.equal(back(IDX), expected)
+        merged = model.merged_model()(IDX)
+        torch.testing.assert_close(merged, expected, rtol=0, atol=1e-5)
+    model.merge_lora()
+    model.unmerge_lora()
+    for key, value in base.base_state_dict().items():
+        torch.testing.assert_close(model.base_state_dict()[key], value, rtol=0, atol=1e-6)
+
+
+def test_pissa_adapter_refuses_another_base_even_with_force(tmp_path):
+    torch.manual_seed(0)
+    LoRATransformer(**TINY, lora_r=0).save_pretrained(tmp_path / "base")
+    torch.manual_seed(1)
+    LoRATransformer(**TINY, lora_r=0).save_pretrained(tmp_path / "other")
+    model = LoRATransformer.from_pretrained(tmp_path / "base", lora_r=4, lora_init="pissa")
+    model.save_adapter(tmp_path / "adapter")
+    other = LoRATransformer.from_pretrained(tmp_path / "other", lora_r=0)
+    with pytest.raises(
+        ValueError, match="lora_init pissa adapter trains on the residual of the base it was made"
+    ):
+        other.load_adapter(tmp_path / "adapter", force=True)
+    assert other.active_adapter is None
+
+
+def test_adapters_saved_before_the_variants_still_load(tmp_path):
+    torch.manual_seed(0)
+    model = randomise_model(LoRATransformer(**TINY, lora_r=4))
+    model.save_adapter(tmp_path / "adapter")
+    path = tmp_path / "adapter" / "adapter_config.json"
+    config = json.loads(path.read_text())
+    del config["use_dora"], config["lora_init"]  # as written before they existed
+    path.write_text(json.dumps(config))
+    back = LoRATransformer(**TINY, lora_r=0)
+    back.load_state_dict({k: v for k, v in model.state_dict().items() if "lora_" not in k}, strict=False)
+    back.load_adapter(tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.equal(back.eval()(IDX), model.eval()(IDX))
+
+
+def test_weighted_sum_refuses_dora_and_keeps_pissa_exact():
+    torch.manual_seed(0)
+    model = randomise_model(LoRATransformer(**TINY, lora_r=4, lora_init="pissa"))
+    expected = {n: layer.delta_weight() for n, layer in model.lora_layers()}
+    model.add_weighted_adapter({"default": 1.0}, "sum")
+    for n, spec in model.get_adapter("sum").layers.items():
+        torch.testing.assert_close(spec.delta_weight(), expected[n], rtol=1e-5, atol=1e-6)
+    dora = LoRATransformer(**TINY, lora_r=4, use_dora=True)
+    with pytest.raises(ValueError, match="DoRA adapters, whose row rescaling cannot be summed"):
+        dora.add_weighted_adapter({"default": 0.5}, "half")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LoRA+
+
+
+def test_lora_plus_gives_b_its_ratio_of_the_learning_rate():
+    torch.manual_seed(0)
+    model = LoRATransformer(**TINY, lora_r=4, use_dora=True)
+    batches = [{"x": IDX, "y": IDX} for _ in range(2)]
+    trainer = LoRATrainer(model, batches, batches[:1], learning_rate=1e-3, warmup_steps=0, lr_schedule="constant",
+                          lora_plus_ratio=16.0, max_steps=1, eval_every=1, device="cpu", quiet=True)  # fmt: skip
+    names = {p: n for n, p in model.named_parameters()}
+    groups = trainer.optimizer.param_groups
+    assert [g["lr_ratio"] for g in groups] == [1.0, 16.0]
+    assert all(names[p].endswith("lora_B") for p in groups[1]["params"])
+    assert {names[p].rsplit(".", 1)[-1] for p in groups[0]["params"]} == {"lora_A", "lora_magnitude"}
+    trainer.train()
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == [1e-3, 16e-3]
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"lora_init": "svd"}, "lora_init must be one of kaiming, gaussian, pissa, olora, got 'svd'"),
+        ({"lora_plus_ratio": 0.0}, "lora_plus_ratio must be > 0"),
+        ({"quantize_base": "int3"}, "quantize_base must be one of none, nf4, got 'int3'"),
+    ],
+)
+def test_bad_variant_settings_are_refused(values, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**values).validate()
+
+
+@pytest.mark.parametrize("key", ["use_dora", "lora_init", "lora_plus_ratio", "quantize_base"])
+def test_variants_are_refused_with_full_fine_tuning(key):
+    value = {"use_dora": True, "lora_init": "pissa", "lora_plus_ratio": 4.0, "quantize_base": "nf4"}[key]
+    with pytest.raises(ConfigError, match=f"{key} has no effect with method full"):
+        TrainConfig(method="full", **{key: value}).validate(given={key})
+
+
+def test_rank_stabilised_dora_scaling_is_the_layer_s():
+    layer = LoRALinear(8, 8, r=4, lora_alpha=8, use_rslora=True, use_dora=True)
+    assert layer.scaling == pytest.approx(8 / math.sqrt(4))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# QLoRA: a 4-bit NF4 base (lora/quantize.py; blocks of 16,384 weights, so d_model 128)
+
+QUANT = {**TINY, "d_model": 128}
+
+
+def quantized_pair(tmp_path, **options) -> tuple[LoRATransformer, LoRATransformer]:
+    """The same base twice, with the same adapter: full precision, and with its block weights in NF4."""
+    pytest.importorskip("torchao")
+    torch.manual_seed(0)
+    LoRATransformer(**QUANT, lora_r=0).save_pretrained(tmp_path / "base")
+    full = LoRATransformer.from_pretrained(tmp_path / "base", lora_r=4, **options).eval()
+    full.configure_lora_training()
+    randomise_model(full)
+    quant = LoRATransformer.from_pretrained(tmp_path / "base", lora_r=4, **options).eval()
+    quant.configure_lora_training()
+    quant.load_lora_state_dict(full.lora_state_dict())
+    return full, quant.quantize_base("nf4")
+
+
+@pytest.mark.parametrize("options", [{}, {"use_dora": True}, {"lora_init": "pissa"}])
+def test_quantized_base_keeps_the_fingerprint_and_the_adapter_moves_both_ways(tmp_path, options):
+    full, quant = quantized_pair(tmp_path, **options)
+    assert quant.base_fingerprint() == full.base_fingerprint() and quant.base_quantization == "nf4"
+    assert all(
+        layer.quantized for _, layer in quant.blocks[0].named_modules() if isinstance(layer, LoRALinear)
+    )
+    with torch.no_grad():
+        a, b = full(IDX), quant(IDX)
+    assert 0 < (a - b).norm() / a.norm() < 0.25  # 4-bit rounding (~9 % a weight): close, not equal
+    quant.save_adapter(tmp_path / "from-4bit")
+    assert (
+        json.loads((tmp_path / "from-4bit" / "adapter_config.json").read_text())["base_quantization"] == "nf4"
+    )
+    on_full = LoRATransformer.from_pretrained(tmp_path / "base", lora_r=0).eval()
+    on_full.load_adapter(tmp_path / "from-4bit")  # no --force: the fingerprint is the full-precision base's
+    with torch.no_grad():
+        assert torch.equal(on_full(IDX), a)
+    full.save_adapter(tmp_path / "from-full")
+    again = LoRATransformer.from_pretrained(tmp_path / "base", lora_r=0).eval()
+    again.configure_lora_training()
+    again.quantize_base("nf4").load_adapter(tmp_path / "from-full")
+    with torch.no_grad():
+        assert torch.equal(again(IDX), b)
+
+
+def test_quantized_base_trains_only_the_adapter_and_fused_equals_unfused(tmp_path):
+    _, quant = quantized_pair(tmp_path, use_dora=True, lora_targets="q,k,v,o")
+    quant.train()
+    y = torch.randint(0, 40, IDX.shape)
+    results = []
+    for fused in (True, False):
+        quant.fused_qkv = fused
+        quant.zero_grad(set_to_none=True)
+        loss = quant(IDX, targets=y)
+        loss.backward()
+        results.append(
+            (loss.detach(), {n: p.grad for n, p in quant.named_parameters() if p.grad is not None})
+        )
+    (l1, g1), (l2, g2) = results
+    torch.testing.assert_close(l1, l2, rtol=1e-6, atol=1e-6)
+    assert g1.keys() == g2.keys() and all(n.rsplit(".", 1)[-1].startswith("lora_") for n in g1)
+    for n in g1:
+        torch.testing.assert_close(g1[n], g2[n], rtol=1e-4, atol=1e-6)
+
+
+def test_quantized_base_refuses_to_merge_to_save_and_to_train_its_weights(tmp_path):
+    _, quant = quantized_pair(tmp_path)
+    for action in (quant.merge_lora, quant.merged_model, lambda: quant.merge_and_export(tmp_path / "m")):
+        with pytest.raises(
+            ValueError, match=r"cannot merge into a 4-bit \(nf4\) base.*merge into the full-precision"
+        ):
+            action()
+    with pytest.raises(ValueError, match=r"a 4-bit \(nf4\) base is not saved"):
+        quant.save_pretrained(tmp_path / "q")
+    assert not (tmp_path / "m").exists() and not (tmp_path / "q").exists()
+    trained = LoRATransformer(**QUANT, lora_r=0).requires_grad_(True)
+    with pytest.raises(ValueError, match="a 4-bit base stays frozen"):
+        trained.quantize_base("nf4")
+    with pytest.raises(ValueError, match="nf4 stores weights in blocks of 16,384 elements"):
+        LoRATransformer(**TINY, lora_r=2).requires_grad_(False).quantize_base("nf4")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# At the command line
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--lora_init", "svd"], "lora_init must be one of kaiming, gaussian, pissa, olora, got 'svd'"),
+        (["--quantize_base", "int4"], "quantize_base must be one of none, nf4, got 'int4'"),
+        (["--lora_plus_ratio", "-2"], "lora_plus_ratio must be > 0, got -2.0"),
+        (["--method", "full", "--use_dora"], "use_dora has no effect with method full"),
+        (["--method", "full", "--quantize_base", "nf4"], "quantize_base has no effect with method full"),
+        # TINY_ARCH's d_model 32 gives 1,024-weight matrices: no whole NF4 block of 16,384
+        (["--quantize_base", "nf4"], "quantize_base nf4: nf4 stores weights in blocks of 16,384 elements"),
+    ],
+)
+def test_bad_variant_flags_get_one_line_and_exit_2_before_anything_is_written(tiny_flags, tmp_path, capsys,
+                                                                              extra, message):  # fmt: skip
+    from lora.train_lora import main
+
+    assert main([*tiny_flags, *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err, err
+    runs = tmp_path / "runs"
+    assert not runs.exists() or [p.name for p in runs.iterdir()] == ["bases"]  # at most the shared base
+
+
+def test_a_qlora_dora_run_at_the_command_line_records_its_variant(tmp_path):
+    from lora.train_lora import main
+
+    pytest.importorskip("torchao")
+    torch.manual_seed(0)
+    LoRATransformer(256, d_model=128, num_heads=2, num_layers=1, max_seq_len=32, lora_r=0).save_pretrained(
+        tmp_path / "base"
+    )
+    flags = ["--max_steps", "4", "--batch_size", "8", "--eval_every", "4", "--eval_batches", "1", "--device", "cpu",
+             "--num_examples", "64", "--output_dir", str(tmp_path / "runs"), "--base_checkpoint", str(tmp_path / "base"),
+             "--run_name", "q", "--quantize_base", "nf4", "--use_dora", "--lora_init", "pissa",
+             "--lora_plus_ratio", "4"]  # fmt: skip
+    assert main(flags) == 0
+    config = json.loads((tmp_path / "runs" / "q" / "adapter_config.json").read_text())
+    assert (config["base_quantization"], config["use_dora"], config["lora_init"]) == ("nf4", True, "pissa")
+    full = LoRATransformer.from_pretrained(tmp_path / "base", lora_r=0)
+    full.load_adapter(tmp_path / "runs" / "q")  # the full-precision base takes it: same fingerprint
+    assert full.lora_config.use_dora and full.lora_config.lora_init == "pissa"
