@@ -48,6 +48,7 @@ def pretrain_base(cfg: TrainConfig, device: torch.device, say: Callable[[str], N
         epochs=10**6, max_steps=cfg.base_steps, warmup_steps=min(100, cfg.base_steps // 10), grad_clip=1.0,
         weight_decay=0.01, eval_every=max(cfg.base_steps // 5, 1), lr_schedule="cosine", save_every=0,
         device=str(device), metric_name=base_task.metric_name, label=f"pretraining base ({base_task.name})",
+        lora_plus_ratio=1.0,  # the fine-tune's LoRA+ is for its adapter's B; the base has none
     )  # fmt: skip
     try:
         trainer.train()

@@ -61,7 +61,7 @@ from lora.lora_layer import (
 )
 from lora.model_config import PROJECTIONS, LoRAConfig, ModelConfig, target_of
 from lora.peft_format import adapter_from_peft, is_peft_folder, write_peft_folder
-from lora.quantize import BLOCK_SIZE, SCALER_BLOCK_SIZE, quantize_linear_
+from lora.quantize import BLOCK_SIZE, SCALER_BLOCK_SIZE, quantize_linear_, release_freed_memory
 
 __all__ = ["LoRATransformer"]
 
@@ -291,6 +291,8 @@ class LoRATransformer(nn.Module):
             quantize_linear_(layer)
         for block in self.blocks:
             block.attn._frozen_qkv.clear()
+        if self.wte.weight.device.type == "cpu":
+            release_freed_memory()  # the dense weights' pages back to the system, not kept by the allocator
         self._quantization = (kind, fingerprint)
         return self
 

@@ -18,7 +18,12 @@ PEFT LoRA r 8 on the fused ``c_attn``: it adapts q, k and v with as many paramet
 ``--configs`` may also name configurations not run by default: ``lora_qv_ckpt`` (gradient checkpointing),
 ``infer_lora_qkvo_unmerged`` (all four attention projections adapted), and ``lora_qv_unfused``,
 ``infer_base_unfused``, ``infer_lora_qkvo_unmerged_unfused``: q, k, v as three products instead of the fused
-path (``model.fused_qkv = False``), for a comparison within the same rounds.
+path (``model.fused_qkv = False``), for a comparison within the same rounds; ``lora_qv_dora`` (DoRA) and
+``lora_qv_nf4`` (the frozen base's block weights in 4-bit NF4, QLoRA) beside ``lora_qv``.
+
+Peak memory is the process's whole peak (loading the model included) and, as ``train_peak_mem_mb``, the peak
+of the timed steps alone (CPU: the resident set's high-water mark reset once the model is built; CUDA: the
+peak statistics reset), which is what a 4-bit base changes.
 
 ``--base DIR`` adds the size ``base``: a model folder (this project's, or a Hugging Face GPT-2 folder) whose
 weights both models load (the peer from the GPT-2 folder itself; from our format it starts random), timed
@@ -58,6 +63,9 @@ from lora.config import CommandLineParser
 from lora.errors import guarded
 from lora.gpt2 import is_hf_folder
 from lora.lora_transformer import LoRATransformer
+from lora.memory import peak_memory_mb as steps_peak_mb
+from lora.memory import reset_peak_memory
+from lora.quantize import import_torchao_quietly
 
 
 @dataclass(frozen=True)
@@ -84,6 +92,8 @@ class Config:
     merged: bool = False
     checkpointing: bool = False
     fused_qkv: bool = True  # False: q, k, v as three products (the layout before the fused one)
+    dora: bool = False  # DoRA's magnitude vectors on the adapted projections
+    quantize: str | None = None  # "nf4": the frozen block weights in 4 bits (lora/quantize.py)
 
 
 SIZES = {
@@ -108,6 +118,8 @@ EXTRA_CONFIGS = (
     Config("lora_qv_unfused", "train", targets=("q", "v"), fused_qkv=False),
     Config("infer_base_unfused", "infer", fused_qkv=False),
     Config("infer_lora_qkvo_unmerged_unfused", "infer", targets=("q", "k", "v", "o"), fused_qkv=False),
+    Config("lora_qv_dora", "train", targets=("q", "v"), dora=True),
+    Config("lora_qv_nf4", "train", targets=("q", "v"), quantize="nf4"),
 )
 LORA_R, LORA_ALPHA = 8, 16.0
 # Dense bf16 peak FLOP/s by GPU name (first match wins); the H100 PCIe card is slower than the SXM one.
@@ -220,7 +232,7 @@ def machine_info(device: str) -> dict:
 def build_ours(shape: Shape, config: Config, device: torch.device) -> nn.Module:
     """Our model: LoRA on ``config.targets`` (frozen base), or, with no targets, everything trainable."""
     torch.manual_seed(0)
-    lora = {"lora_r": LORA_R if config.targets else 0, "lora_alpha": LORA_ALPHA,
+    lora = {"lora_r": LORA_R if config.targets else 0, "lora_alpha": LORA_ALPHA, "use_dora": config.dora,
             "lora_targets": config.targets or ("q",), "adapt_attention": bool(config.targets)}  # fmt: skip
     if shape.base:
         model = LoRATransformer.from_pretrained(shape.base, dropout=0.0, **lora).to(device)
@@ -231,6 +243,8 @@ def build_ours(shape: Shape, config: Config, device: torch.device) -> nn.Module:
     model.fused_qkv = config.fused_qkv
     if config.targets:
         model.configure_lora_training()
+        if config.quantize:
+            model.quantize_base(config.quantize)
     else:
         model.requires_grad_(True)  # full fine-tuning: LoRALinear froze its base weights
     return model
@@ -238,6 +252,7 @@ def build_ours(shape: Shape, config: Config, device: torch.device) -> nn.Module:
 
 def build_peer(shape: Shape, device: torch.device) -> nn.Module:
     """transformers GPT-2 of the same shape, random init, with PEFT LoRA r 8 on the fused q/k/v."""
+    import_torchao_quietly()  # peft and transformers import it when installed: without its log lines
     from peft import LoraConfig, get_peft_model
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -267,6 +282,8 @@ def run_config(shape: Shape, config: Config, opts: dict) -> dict:
     with device:  # parameters are made (and initialised) where they will live
         model = build_peer(shape, device) if config.impl == "peft" else build_ours(shape, config, device)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    built_mb = peak_memory_mb(device)
+    reset_peak_memory(device)  # from here: the peak of the steps (VmHWM / CUDA's statistics), not of building
     g = torch.Generator().manual_seed(1)
     B, T, V = shape.batch, shape.seq_len, shape.vocab_size
     idx = torch.randint(0, V, (B, T), generator=g).to(device)  # made once: no data loading in the loop
@@ -323,7 +340,8 @@ def run_config(shape: Shape, config: Config, opts: dict) -> dict:
         "step_ms": 1e3 * step_s,
         "step_ms_all": [round(1e3 * t, 2) for t in times],
         "tokens_per_s": tokens_per_s,
-        "peak_mem_mb": peak_memory_mb(device),
+        "peak_mem_mb": max(peak_memory_mb(device), built_mb),
+        "train_peak_mem_mb": steps_peak_mb(device),
         "mem_before_model_mb": base_mb,
         "trainable_params": sum(p.numel() for p in trainable) if config.task == "train" else 0,
         "total_params": sum(p.numel() for p in model.parameters()),
@@ -366,13 +384,14 @@ def merge_rounds(runs: list[dict]) -> dict:
     if not ok:
         return runs[0]
     out = dict(ok[0])
-    for key in ("step_ms", "peak_mem_mb", "mem_before_model_mb"):
-        out[key] = statistics.median(r[key] for r in ok)
+    for key in ("step_ms", "peak_mem_mb", "train_peak_mem_mb", "mem_before_model_mb"):
+        if all(key in r for r in ok):  # (train_peak_mem_mb: not in results written before it existed)
+            out[key] = statistics.median(r[key] for r in ok)
     out["tokens_per_s"] = statistics.median(r["tokens_per_s"] for r in ok)
     if out["mfu"] is not None:
         out["mfu"] = statistics.median(r["mfu"] for r in ok)
-    for key in ("step_ms", "peak_mem_mb"):
-        out[f"{key}_rounds"] = [round(r[key], 2) if r["status"] == "ok" else None for r in runs]
+    for key in ("step_ms", "peak_mem_mb", "train_peak_mem_mb"):
+        out[f"{key}_rounds"] = [round(r[key], 2) if r["status"] == "ok" and key in r else None for r in runs]
     return out
 
 
@@ -410,6 +429,9 @@ def summarise(rows: dict[str, dict]) -> dict:
             "step_ms",
         ),
         "lora_qv_mem_vs_full": ("lora_qv", "full", "peak_mem_mb"),
+        "dora_step_vs_lora": ("lora_qv_dora", "lora_qv", "step_ms"),
+        "nf4_train_mem_vs_fp32": ("lora_qv_nf4", "lora_qv", "train_peak_mem_mb"),
+        "nf4_mem_vs_fp32": ("lora_qv_nf4", "lora_qv", "peak_mem_mb"),
     }
     out: dict = {}
     for name, (a, b, key) in pairs.items():
@@ -426,6 +448,8 @@ TARGETS = (  # (summary key, label, limit, "max" or "min"): the CPU targets of t
     ("unmerged_vs_base_latency", "unmerged inference time / base", 1.05, "max"),
     ("unmerged_qkvo_vs_base_latency", "unmerged inference time, q+k+v+o adapted / base", 1.05, "max"),
     ("lora_qv_mem_vs_full", "LoRA q+v peak memory / full fine-tuning", 1.0, "max"),
+    ("dora_step_vs_lora", "DoRA q+v training step time / LoRA q+v", 1.25, "max"),  # the variants issue's
+    ("nf4_train_mem_vs_fp32", "LoRA q+v peak memory of the steps, nf4 base / fp32 base", 0.45, "max"),
 )
 
 
@@ -451,20 +475,21 @@ def markdown(result: dict) -> str:
             f"## {size}: d_model {sh['d_model']}, {sh['num_layers']} layers, {sh['num_heads']} heads, "
             f"vocab {sh['vocab_size']}, batch {sh['batch']} x seq {sh['seq_len']}",
             "",
-            f"| configuration | step (ms) | tokens/s | vs full | {mem} | trainable params | MFU |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            f"| configuration | step (ms) | tokens/s | vs full | {mem} | steps' peak (MiB) | trainable params "
+            "| MFU |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         full = rows.get("full", {})
         for name, r in rows.items():
             if r["status"] != "ok":
-                lines.append(f"| {name} | {r['status']}: {r['reason']} | | | | | |")
+                lines.append(f"| {name} | {r['status']}: {r['reason']} | | | | | | |")
                 continue
             ratios = within_round_ratios(r, full, "step_ms") if r["trainable_params"] else []
             vs = f"{statistics.median(ratios):.2f}x" if ratios else ""  # within rounds, as the targets
             mfu = f"{100 * r['mfu']:.1f} %" if r["mfu"] is not None else "-"
             lines.append(
                 f"| {name} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {vs} | {r['peak_mem_mb']:,.0f} "
-                f"| {r['trainable_params']:,} | {mfu} |"
+                f"| {r.get('train_peak_mem_mb') or 0:,.0f} | {r['trainable_params']:,} | {mfu} |"
             )
         summary = result["summary"][size]
         lines += [

@@ -6,7 +6,9 @@
 2. **The real trainer's speed**: tokens/s of ``LoRATrainer`` (LoRA q+v) and of ``Trainer`` (full
    fine-tuning) at the GPT-2-small shape (768 wide, 12 layers, 12 heads, vocabulary 50,257), timed with
    CUDA events over the steps between reads, eager and compiled.
-3. **Correctness on the device**: the model's logits and LoRA gradients against a float64 CPU reference.
+3. **Correctness on the device**: the model's logits and LoRA gradients against a float64 CPU reference,
+   for plain LoRA and for DoRA with a PiSSA start (the variants' own paths); and with torchao installed, a
+   4-bit NF4 base on the device against the same 4-bit base on the CPU.
 
 Prints a short table last and writes ``gpu_checks.json`` into ``--out``. On a CPU (``--device cpu``,
 e.g. to try the script) the sync check is skipped and the sizes should be small.
@@ -18,6 +20,7 @@ e.g. to try the script) the sync check is skipped and the sizes should be small.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import time
@@ -37,10 +40,11 @@ from lora.config import CommandLineParser
 from lora.data import BatchLoader, TaskData
 from lora.errors import guarded
 from lora.lora_transformer import LoRATransformer
+from lora.quantize import BLOCK_SIZE, SCALER_BLOCK_SIZE
 from lora.trainer import LoRATrainer, Trainer
 
 SIZES = {  # (d_model, layers, heads, vocabulary, sequence, batch)
-    "tiny": (64, 2, 2, 256, 64, 4),
+    "tiny": (128, 2, 2, 256, 64, 4),  # 128 wide: the smallest width whose weights tile NF4's blocks
     "gpt2": (768, 12, 12, 50257, 1024, 8),
 }
 
@@ -51,11 +55,11 @@ def random_data(vocab: int, seq: int, rows: int, seed: int = 0) -> TaskData:
     return TaskData(x, torch.roll(x, -1, dims=1))
 
 
-def build(size: str, lora: bool, device: str) -> LoRATransformer:
+def build(size: str, lora: bool, device: str, **variant: object) -> LoRATransformer:
     d, layers, heads, vocab, seq, _ = SIZES[size]
     torch.manual_seed(0)
     return LoRATransformer(vocab, d, heads, layers, max_seq_len=seq, dropout=0.0, lora_r=8 if lora else 0,
-                           lora_alpha=16, lora_targets=("q", "v")).to(device)  # fmt: skip
+                           lora_alpha=16, lora_targets=("q", "v"), **variant).to(device)  # fmt: skip
 
 
 def time_trainer(size: str, lora: bool, device: str, steps: int, compile: bool, sync_check: bool) -> dict:
@@ -102,14 +106,20 @@ def time_trainer(size: str, lora: bool, device: str, steps: int, compile: bool, 
             "final_loss": trainer.history["train_loss"][-1]}  # fmt: skip
 
 
-def check_gradients(size: str, device: str) -> dict:
-    """LoRA logits and gradients on ``device`` (float32) against float64 on the CPU."""
+def check_gradients(size: str, device: str, quantize: bool = False, **variant: object) -> dict:
+    """LoRA logits and gradients on ``device`` (float32) against float64 on the CPU (``quantize``: both with
+    a 4-bit NF4 base, the reference float32 on the CPU)."""
     _, _, _, vocab, seq, _ = SIZES[size]
-    ref = build(size, True, "cpu").double()
+    ref = build(size, True, "cpu", **variant)
+    ref = ref if quantize else ref.double()
     for _, layer in ref.lora_layers():
         torch.nn.init.normal_(layer.lora_B, std=0.02)
-    ours = build(size, True, device)
+    ours = build(size, True, device, **variant)
     ours.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
+    if quantize:
+        for model in (ref, ours):
+            model.configure_lora_training()
+            model.quantize_base("nf4")
     idx = torch.randint(0, vocab, (2, min(seq, 128)), generator=torch.Generator().manual_seed(1))
     out = {}
     for name, model in (("ref", ref), ("ours", ours)):
@@ -143,8 +153,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.steps < 2:
             raise ValueError(f"--steps must be >= 2, got {args.steps}")
         on_gpu = args.device != "cpu"
+        checks = {"lora": check_gradients(args.size, args.device),
+                  "dora_pissa": check_gradients(args.size, args.device, use_dora=True, lora_init="pissa")}  # fmt: skip
+        if importlib.util.find_spec("torchao") is None:
+            checks["nf4"] = "skipped: torchao is not installed"
+        elif SIZES[args.size][0] ** 2 % (BLOCK_SIZE * SCALER_BLOCK_SIZE):
+            checks["nf4"] = f"skipped: size {args.size}'s weights do not tile NF4's blocks"
+        else:
+            checks["nf4"] = check_gradients(args.size, args.device, quantize=True, use_dora=True)
         result: dict = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if on_gpu else "cpu",
-                        "size": args.size, "checks": check_gradients(args.size, args.device), "runs": {}}  # fmt: skip
+                        "size": args.size, "checks": checks, "runs": {}}  # fmt: skip
         for compiled in (False, True) if not args.no_compile else (False,):
             for lora in (True, False):
                 name = f"{'lora_qv' if lora else 'full'}{'_compiled' if compiled else ''}"
@@ -157,7 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         (out / "gpu_checks.json").write_text(json.dumps(result, indent=2) + "\n")
         print(f"\n{result['device']}, torch {result['torch']}, size {args.size}")
-        print(f"checks: {result['checks']}")
+        for name, check in result["checks"].items():
+            print(f"check {name}: {check}")
         print(f"{'run':<20} {'tokens/s':>12} {'step ms':>9} {'peak MiB':>9} {'sync-free':>9}")
         for name, r in result["runs"].items():
             peak = f"{r['peak_mem_mb']:.0f}" if r["peak_mem_mb"] is not None else "-"

@@ -37,15 +37,21 @@ _SHOWN = (
     "lora_targets",
     "adapt_feedforward",
     "use_rslora",
+    "use_dora",
+    "lora_init",
+    "base_quantization",
 )
 
 
 def module_rows(folder: AdapterFolder) -> list[tuple[str, int, int, float, float]]:
-    """``(module, r, parameters, ||B A||_F, scaling ||B A||_F)`` per adapted module."""
+    """``(module, r, parameters, ||B A||_F, scaling ||B A||_F)`` per adapted module: the trained parameters
+    (DoRA's magnitudes included, PiSSA/OLoRA's frozen initial factors not), and the whole update's norm
+    (``B A - B0 A0`` after a PiSSA/OLoRA start)."""
     rows = []
     for name, spec in sorted(folder.to_adapter().layers.items()):
         norm = torch.linalg.matrix_norm(spec.delta_weight()).item() / spec.scaling  # ||B A||_F of (out, in)
-        rows.append((name, spec.r, spec.lora_A.numel() + spec.lora_B.numel(), norm, spec.scaling * norm))
+        trained = sum(t.numel() for t in (spec.lora_A, spec.lora_B, spec.lora_magnitude) if t is not None)
+        rows.append((name, spec.r, trained, norm, spec.scaling * norm))
     return rows
 
 

@@ -31,6 +31,7 @@ from lora.config import CommandLineParser
 from lora.data import english_text, python_source
 from lora.errors import guarded
 from lora.files import atomic_folder
+from lora.quantize import import_torchao_quietly
 from lora.tokenizer import END_OF_TEXT, train_byte_bpe
 
 # the published shapes (n_layer, n_embd, n_head); all have 50,257 tokens and 1,024 positions (tiny: a test's)
@@ -40,6 +41,7 @@ VOCAB_SIZE, POSITIONS = 50257, 1024
 
 def write(size: str, out: Path, seed: int) -> dict:
     """Write the folder; return what ``config.json`` says of it."""
+    import_torchao_quietly()  # transformers imports it when installed (the [quant] extra)
     from transformers import GPT2Config, GPT2LMHeadModel
 
     n_layer, n_embd, n_head = SIZES[size]

@@ -144,6 +144,29 @@ def test_fused_qkv_equals_the_per_layer_path(options):
         torch.testing.assert_close(g1[k], g2[k], rtol=1e-4, atol=1e-6)
 
 
+def test_compiled_dora_and_pissa_equal_eager():
+    """torch.compile (aot_eager: AOTAutograd traces forward and backward as inductor would) through DoRA's
+    detached norms and PiSSA's frozen factors, in the fused path, gives eager's loss and gradients."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = randomise_model(LoRATransformer(**TINY, lora_r=4, use_dora=True, lora_init="pissa"))
+    model.configure_lora_training()
+    y = torch.randint(0, 40, IDX.shape)
+    results = []
+    for run in (torch.compile(model, backend="aot_eager", fullgraph=True), model):
+        model.zero_grad(set_to_none=True)
+        loss = run(IDX, targets=y)
+        loss.backward()
+        results.append(
+            (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        )
+    (l1, g1), (l2, g2) = results
+    torch.testing.assert_close(l1, l2, rtol=0, atol=1e-6)
+    assert g1.keys() == g2.keys() and len(g1) == 3 * 2 * TINY["num_layers"]  # A, B, m of q and v per block
+    for n in g1:
+        torch.testing.assert_close(g1[n], g2[n], rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     "options", [{"use_dora": True}, {"lora_init": "pissa"}, {"lora_init": "olora", "use_dora": True}]
 )
@@ -387,3 +410,26 @@ def test_a_qlora_dora_run_at_the_command_line_records_its_variant(tmp_path):
     full = LoRATransformer.from_pretrained(tmp_path / "base", lora_r=0)
     full.load_adapter(tmp_path / "runs" / "q")  # the full-precision base takes it: same fingerprint
     assert full.lora_config.use_dora and full.lora_config.lora_init == "pissa"
+
+
+def test_variant_run_on_a_base_pretrained_here_resumes_exactly(tiny_flags, tmp_path):
+    """LoRA+ leaves the base's pretraining alone (it has no B), and a run with every variant resumed from
+    its middle checkpoint ends with the uninterrupted run's adapter, bit for bit."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from lora.train_lora import main
+
+    flags = [*tiny_flags, "--use_dora", "--lora_init", "olora", "--lora_plus_ratio", "4", "--save_every", "6",
+             "--keep_checkpoints", "3", "--run_name", "ref"]  # fmt: skip
+    assert main(flags) == 0
+    ref = tmp_path / "runs" / "ref"
+    copy = tmp_path / "copy" / "ref"
+    shutil.copytree(ref, copy)
+    for name in ("checkpoint-0000012.safetensors", "metrics.json", "adapter_model.safetensors"):
+        (copy / name).unlink()
+    assert main(["--resume", str(copy / "checkpoint-0000006.safetensors")]) == 0
+    a, b = load_file(ref / "adapter_model.safetensors"), load_file(copy / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and any(k.endswith("lora_magnitude") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
