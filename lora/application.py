@@ -211,6 +211,9 @@ def _load_base(cfg: TrainConfig, base_dir: Path, task: Task) -> LoRATransformer:
             model.quantize_base(cfg.quantize_base)
         except ValueError as e:  # a base whose weights do not tile the 4-bit blocks: one line
             raise ConfigError(f"quantize_base {cfg.quantize_base}: {e}") from None
+    # the fresh adapter's base-dependent start (DoRA's magnitudes, PiSSA/OLoRA's factors) from the weights
+    # it trains on: float32, and 4-bit where quantized (as PEFT's QLoRA), so it starts at that base's output
+    model.init_adapter_from_base()
     return model
 
 

@@ -142,5 +142,6 @@ def fused_lora_linear(
     if dora:
         g = torch.cat([m.dora_scale() if m.adapter_active and m.use_dora else y.new_ones(m.out_features)
                        for m in layers])  # fmt: skip
-        y = y * g if bias is None else torch.addcmul(bias, y, g)  # (M, N): g * y + b
+        g = g.to(y.dtype)  # under autocast: y's dtype
+        y = y * g if bias is None else torch.addcmul(bias.to(y.dtype), y, g)  # (M, N): g * y + b
     return y.view(*x.shape[:-1], y.shape[-1])

@@ -33,7 +33,7 @@ import fnmatch
 import math
 import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,7 @@ __all__ = [
     "BASE_DERIVED_INITS",
     "LORA_INITS",
     "LORA_LEAVES",
+    "QUANTIZED_MERGE",
     "TRAINED_LEAVES",
     "LinearWithLoRA",
     "LoRALinear",
@@ -63,6 +64,10 @@ __all__ = [
 # how A and B start (the module docstring): kaiming is the reference code's, the default
 LORA_INITS = ("kaiming", "gaussian", "pissa", "olora")
 BASE_DERIVED_INITS = ("pissa", "olora")  # A, B taken from W0, whose residual the adapter trains on
+# why a 4-bit base is never merged into (its weights would be rounded again)
+QUANTIZED_MERGE = ("cannot merge into a 4-bit (nf4) base: its weights would be rounded to 4 bits and differ from "
+                   "what was trained; merge into the full-precision base instead (load the base without "
+                   "--quantize_base, as merge_adapter.py does)")  # fmt: skip
 # the LoRA tensors of a layer: trained (A, B and DoRA's magnitude) and the frozen initial factors
 LORA_LEAVES = ("lora_A", "lora_B", "lora_magnitude", "lora_A0", "lora_B0")
 TRAINED_LEAVES = ("lora_A", "lora_B", "lora_magnitude")
@@ -245,6 +250,9 @@ class LoRALinear(nn.Module):
             raise ValueError(f"use_dora must be True or False, got {use_dora!r}")
         if getattr(self, "merged", False):
             raise RuntimeError("unmerge() the adapter before replacing it")
+        if r > min(self.in_features, self.out_features) and lora_init in BASE_DERIVED_INITS:
+            raise ValueError(f"lora_init {lora_init} takes r <= min(in_features, out_features) = "
+                             f"{min(self.in_features, self.out_features)} (the weight's rank), got r={r}")  # fmt: skip
         if r > min(self.in_features, self.out_features):
             warnings.warn(
                 f"lora_r={r} exceeds min(in_features, out_features)={min(self.in_features, self.out_features)}"
@@ -301,11 +309,9 @@ class LoRALinear(nn.Module):
         """Whether the frozen ``weight`` is stored in 4-bit NF4 (``lora/quantize.py``)."""
         return is_quantized(self.weight)
 
-    def _refuse_if_quantized(self, what: str) -> None:
+    def _refuse_if_quantized(self) -> None:
         if self.quantized:
-            raise ValueError(f"cannot {what} a 4-bit (nf4) base: its weights would be rounded to 4 bits and differ "
-                             "from what was trained; merge into the full-precision base instead (load the base "
-                             "without --quantize_base, as merge_adapter.py does)")  # fmt: skip
+            raise ValueError(QUANTIZED_MERGE)
 
     def base_weight(self) -> torch.Tensor:
         """``W0`` (out, in): the weight itself (dequantized if 4-bit), or with the merged update taken out (float32
@@ -322,7 +328,7 @@ class LoRALinear(nn.Module):
         for PiSSA/OLoRA), DoRA's rows scaled by ``m / ||.||_row``. Computed in float32, cast once."""
         if self.merged:
             return self.weight.detach()
-        self._refuse_if_quantized("merge into")
+        self._refuse_if_quantized()
         w = self.weight.float() + self.delta_weight()
         if self.use_dora:
             w = w * (self.lora_magnitude.detach().float() / w.norm(dim=1))[:, None]
@@ -340,13 +346,15 @@ class LoRALinear(nn.Module):
         if self.r == 0:
             return torch.zeros(self.out_features, self.in_features, device=self.weight.device)
         a, b = self.factors()
-        return (b.detach().float() @ a.detach().float()) * self.scaling
+        with _float32_math(self.weight.device):
+            return (b.detach().float() @ a.detach().float()) * self.scaling
 
     @torch.no_grad()
     def _row_norm(self) -> torch.Tensor:
         """``||W0 + delta||`` of each output row, float32 (out,); no gradient flows through it (DoRA)."""
         w = self.base_weight().float()
-        return (w + self.delta_weight() if self.r > 0 and self.lora_A is not None else w).norm(dim=1)
+        with _float32_math(w.device):
+            return (w + self.delta_weight() if self.r > 0 and self.lora_A is not None else w).norm(dim=1)
 
     def dora_scale(self) -> torch.Tensor:
         """DoRA's ``g = m / ||W0 + s B A||_row`` (out,), differentiable in ``m`` only."""
@@ -389,15 +397,15 @@ class LoRALinear(nn.Module):
             out = out.view(*x.shape[:-1], self.out_features)
         if g is None:
             return out
-        out = out * g  # (..., out) * (out,)
-        return out if self.bias is None else out + self.bias
+        out = out * g.to(out.dtype)  # (..., out) * (out,); under autocast in its dtype
+        return out if self.bias is None else out + self.bias.to(out.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the update into ``weight`` (computed in float32, cast once). Idempotent."""
         if self.merged or self.r == 0:
             return
-        self._refuse_if_quantized("merge into")
+        self._refuse_if_quantized()
         if self.use_dora:
             w = self.weight.float() + self.delta_weight()
             self._merge_scale = self.lora_magnitude.float() / w.norm(dim=1)  # (out,)
@@ -438,6 +446,14 @@ class LoRALinear(nn.Module):
         )
 
 
+def _float32_math(device: torch.device) -> AbstractContextManager:
+    """A block where autocast casts nothing (float32 math also inside an autocast region), on the devices
+    autocast serves; elsewhere (``meta``) a plain block."""
+    if device.type in ("cpu", "cuda", "mps", "xpu"):
+        return torch.autocast(device.type, enabled=False)
+    return nullcontext()
+
+
 def _float_dtype(weight: torch.Tensor) -> torch.dtype:
     """The dtype the adapter takes beside ``weight``: the weight's, or float32 for a quantized weight."""
     return weight.dtype if weight.dtype.is_floating_point and weight.element_size() >= 2 else torch.float32
@@ -446,10 +462,10 @@ def _float_dtype(weight: torch.Tensor) -> torch.dtype:
 def _principal_factors(
     w: torch.Tensor, r: int, scaling: float, init: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(A (r, in), B (out, r))`` with ``scaling * B A`` the principal rank-r part of ``w`` (out, in), float32.
+    """``(A (r, in), B (out, r))`` from ``w`` (out, in), float32, whose ``scaling * B A`` the residual leaves out.
 
-    ``pissa``: ``w = U S V^T``, ``A = sqrt(S_r / s) V_r^T``, ``B = U_r sqrt(S_r / s)``, so ``s B A = U_r S_r V_r^T``.
-    ``olora``: ``w = Q R``, ``A = R_{:r}``, ``B = Q_{:, :r}``.
+    ``pissa``: ``w = U S V^T``, ``A = sqrt(S_r / s) V_r^T``, ``B = U_r sqrt(S_r / s)``, so ``s B A = U_r S_r V_r^T``,
+    the principal rank-r part of ``w``. ``olora``: ``w = Q R``, ``A = R_{:r}``, ``B = Q_{:, :r}`` (``s Q_r R_r``).
     """
     if init == "pissa":
         u, s, vh = torch.linalg.svd(w, full_matrices=False)  # (out, k), (k,), (k, in)

@@ -51,6 +51,7 @@ from lora.gpt2 import gpt2_model_config, is_hf_folder, read_gpt2_header, read_gp
 from lora.lora_layer import (
     BASE_DERIVED_INITS,
     LORA_LEAVES,
+    QUANTIZED_MERGE,
     TRAINED_LEAVES,
     LoRALinear,
     disable_adapter,
@@ -223,6 +224,12 @@ class LoRATransformer(nn.Module):
         self._parked: dict[str, Adapter] = {}
         # set by quantize_base: the data type of the block weights and the full-precision base's fingerprint
         self._quantization: tuple[str, str] | None = None
+        # the fingerprint taken before the first merge (merging and unmerging round W0 at ~1e-7); forgotten
+        # when a state dict is loaded, which may bring other base weights
+        self._merge_fingerprint: str | None = None
+        self.register_load_state_dict_post_hook(lambda module, _: setattr(module, "_merge_fingerprint", None))
+        # ||W0||_row of each q, k, v projection's full-precision weight, kept by quantize_base (DoRA's export)
+        self._full_precision_norms: dict[str, torch.Tensor] | None = None
 
     @classmethod
     def from_config(cls, config: ModelConfig, lora: LoRAConfig | None = None) -> LoRATransformer:
@@ -287,6 +294,7 @@ class LoRATransformer(nn.Module):
             raise ValueError(f"{kind} stores weights in blocks of {tile:,} elements; {odd[0][0]} {odd[0][1]} "
                              f"({len(odd)} layer(s) in all) does not tile: widths such as d_model 128, 256, 768 do")  # fmt: skip
         fingerprint = self.base_fingerprint()
+        self._full_precision_norms = self._fused_row_norms()
         for layer in layers:
             quantize_linear_(layer)
         for block in self.blocks:
@@ -439,7 +447,10 @@ class LoRATransformer(nn.Module):
             layer.merge()
 
     def merge_lora(self) -> LoRATransformer:
-        """Fold every adapter into its base weight (idempotent)."""
+        """Fold every adapter into its base weight (idempotent). The base fingerprint is taken first and kept:
+        merging (and unmerging) round ``W0`` in the last bits, and the base stays the base."""
+        if self._merge_fingerprint is None and not any(layer.merged for _, layer in lora_modules(self)):
+            self._merge_fingerprint = self.base_fingerprint()
         return merge_lora(self)
 
     def unmerge_lora(self) -> LoRATransformer:
@@ -478,10 +489,13 @@ class LoRATransformer(nn.Module):
         Deterministic (sorted names, unmerged values); independent of the adapters and of a classification head.
         The values are hashed as float32, which holds fp16 and bf16 exactly: a half-precision base widened to
         float32 for training keeps its fingerprint (a float32 base's is what it always was). A 4-bit base
-        (:meth:`quantize_base`) gives the fingerprint its full-precision weights had.
+        (:meth:`quantize_base`) gives the fingerprint its full-precision weights had, and a merged (or merged and
+        unmerged) one the fingerprint taken before :meth:`merge_lora`.
         """
         if self._quantization is not None:
             return self._quantization[1]
+        if self._merge_fingerprint is not None:
+            return self._merge_fingerprint
         h = hashlib.sha256()
         for key, value in sorted(self.base_state_dict().items()):
             t = value.detach().to("cpu", torch.float32).contiguous()
@@ -496,7 +510,9 @@ class LoRATransformer(nn.Module):
 
     def merged_state_dict(self) -> dict[str, torch.Tensor]:
         """Base tensors with the active adapter folded in (``LoRALinear.merged_weight``: ``W0 + scaling B A`` in
-        float32, DoRA's rows rescaled, cast once)."""
+        float32, DoRA's rows rescaled, cast once). Refused for a 4-bit base, with or without an adapter."""
+        if self._quantization is not None:
+            raise ValueError(QUANTIZED_MERGE)
         layers = dict(lora_modules(self))
         tensors = self.base_state_dict()
         for key in tensors:
@@ -725,7 +741,7 @@ class LoRATransformer(nn.Module):
         ``path`` is a model folder of this project's or a Hugging Face GPT-2 folder (:meth:`from_gpt2`).
 
         ``lora_options`` are any of ``lora_r, lora_alpha, lora_dropout, lora_targets, adapt_attention,
-        adapt_feedforward, use_rslora, num_classes, dropout``. A saved classification head is loaded when
+        adapt_feedforward, use_rslora, use_dora, lora_init, num_classes, dropout``. A saved classification head is loaded when
         ``num_classes`` matches it; another ``num_classes`` gets a fresh head. The model takes the file's
         dtype when all its floating tensors share one.
         """
@@ -841,7 +857,10 @@ class LoRATransformer(nn.Module):
 
     def _fused_row_norms(self) -> dict[str, torch.Tensor]:
         """``||W0||_row`` (float32, (C,)) of every q, k, v projection: the DoRA magnitude that leaves a
-        projection unchanged, for the rows of PEFT's fused ``c_attn`` that an adapter does not train."""
+        projection unchanged, for the rows of PEFT's fused ``c_attn`` that an adapter does not train. Those of
+        the full-precision weights, also for a 4-bit base (PEFT loads the adapter on the full-precision one)."""
+        if self._full_precision_norms is not None:
+            return dict(self._full_precision_norms)
         return {name: layer.base_weight().detach().float().norm(dim=1)
                 for name, layer in lora_modules(self) if name.endswith(("q_proj", "k_proj", "v_proj"))}  # fmt: skip
 

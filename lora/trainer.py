@@ -261,7 +261,8 @@ class Trainer:
                 for p in self.params:
                     torch.distributed.broadcast(p, 0)
             ids = [self.device.index] if self.device.type == "cuda" else None
-            forward = DistributedDataParallel(model, device_ids=ids, init_sync=False)
+            # no buffer broadcast: the model's only buffers (PiSSA/OLoRA's initial factors) are equal everywhere
+            forward = DistributedDataParallel(model, device_ids=ids, init_sync=False, broadcast_buffers=False)
         self.forward = torch.compile(forward) if cfg.compile else forward
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.history: dict[str, list] = {k: [] for k in HISTORY_KEYS}

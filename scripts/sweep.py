@@ -56,6 +56,8 @@ VARIANTS = {
     "LoRA+ (ratio 16)": {"lora_plus_ratio": 16.0},
     "nf4 base (QLoRA)": {"quantize_base": "nf4"},
 }
+# what the variants set, at plain LoRA's values: each cell starts from these
+VARIANT_DEFAULTS = {k: getattr(TrainConfig(), k) for settings in VARIANTS.values() for k in settings}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,10 +96,11 @@ def cell_config(shared: TrainConfig, cell: Cell, root: Path, base: Path) -> Trai
     """The run of one cell: the shared settings with the cell's targets, rank (alpha = 2 r) and seed; a variant
     cell keeps the shared alpha and adds its variant's settings."""
     alpha = shared.lora_alpha if cell.variant is not None else 2.0 * cell.r
+    variant = {**VARIANT_DEFAULTS, **VARIANTS[cell.variant]} if cell.variant is not None else {}
     return dataclasses.replace(
         shared, lora_targets=list(cell.targets), adapt_feedforward=cell.mlp, lora_r=cell.r,
         lora_alpha=alpha, seed=cell.seed, run_name=cell.key, output_dir=str(root / "runs"),
-        overwrite=True, resume=None, base_checkpoint=str(base), **VARIANTS.get(cell.variant, {}),
+        overwrite=True, resume=None, base_checkpoint=str(base), **variant,
     ).validate()  # fmt: skip
 
 
@@ -238,6 +241,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"--targets must be sets of the letters q, k, v, o, each letter once, got {quote(own.targets)}"
             )
         mlp = {"no": [False], "yes": [True], "both": [False, True]}[own.mlp]
+        if own.mode == "variants":  # each cell sets its variant; the rank and targets are the shared ones
+            given = [f"--{k}" for k, v in VARIANT_DEFAULTS.items() if getattr(shared, k) != v]
+            given += [f"--{k}" for k in ("ranks", "targets", "mlp") if getattr(own, k) != p.get_default(k)]
+            if given:
+                raise LoRAError(f"{', '.join(given)} has no effect with --mode variants, whose cells set the "
+                                "variants themselves at the shared --lora_r and --lora_targets: drop it")  # fmt: skip
         todo = cells(
             own.mode, _ints(own.ranks, "ranks", 1), targets, mlp, _ints(own.seeds, "seeds", 0), shared
         )

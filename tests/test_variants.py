@@ -6,6 +6,7 @@ through an adapter folder and back, and at the command line (bad choices refused
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from lora.config import TrainConfig
 from lora.errors import ConfigError
 from lora.lora_layer import LORA_INITS, LoRALinear, inject_lora
 from lora.lora_transformer import LoRATransformer
+from lora.peft_format import adapter_to_peft
 from lora.trainer import LoRATrainer
 
 TINY = {"vocab_size": 40, "d_model": 32, "num_heads": 4, "num_layers": 2, "max_seq_len": 16, "dropout": 0.0}
@@ -433,3 +435,84 @@ def test_variant_run_on_a_base_pretrained_here_resumes_exactly(tiny_flags, tmp_p
     a, b = load_file(ref / "adapter_model.safetensors"), load_file(copy / "adapter_model.safetensors")
     assert a.keys() == b.keys() and any(k.endswith("lora_magnitude") for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Corners: a 4-bit start, merged models, autocast, ranks, the sweep
+
+
+def test_a_fresh_adapter_on_a_4_bit_base_starts_at_that_base_and_exports_full_precision_norms(tmp_path):
+    """As a run builds it (quantize, then derive the start): DoRA's magnitudes are the 4-bit rows' norms, so
+    the output starts at the 4-bit base's; PEFT's untrained c_attn rows get the full-precision norms."""
+    pytest.importorskip("torchao")
+    torch.manual_seed(0)
+    LoRATransformer(**QUANT, lora_r=0).save_pretrained(tmp_path / "base")
+    model = LoRATransformer.from_pretrained(
+        tmp_path / "base", lora_r=4, use_dora=True, lora_init="pissa"
+    ).eval()
+    full_k = model.blocks[0].attn.k_proj.weight.detach().norm(dim=1)
+    model.configure_lora_training()
+    model.quantize_base("nf4").init_adapter_from_base()
+    with torch.no_grad():
+        adapted = model(IDX)
+        with model.disable_adapter():
+            base = model(IDX)
+    torch.testing.assert_close(adapted, base, rtol=0, atol=1e-5)
+    _, tensors = adapter_to_peft(model.get_adapter(), model.config, base_norms=model._fused_row_norms())
+    magnitude = tensors["base_model.model.transformer.h.0.attn.c_attn.lora_magnitude_vector"]  # (3C,)
+    assert torch.equal(magnitude[128:256], full_k)  # k: not adapted, scale 1 on the full-precision base
+
+
+def test_a_merged_model_keeps_its_fingerprint_and_takes_its_own_pissa_adapter(tmp_path):
+    torch.manual_seed(0)
+    model = randomise_model(LoRATransformer(**TINY, lora_r=4, lora_init="pissa"))
+    fingerprint = model.base_fingerprint()
+    model.save_adapter(tmp_path / "adapter")
+    model.merge_lora()
+    assert model.base_fingerprint() == fingerprint
+    model.load_adapter(tmp_path / "adapter", adapter_name="again")  # merged: switched, merged again
+    model.unmerge_lora()
+    assert model.base_fingerprint() == fingerprint
+
+
+def test_updates_and_norms_are_float32_under_autocast():
+    torch.manual_seed(0)
+    layer = LoRALinear(32, 16, r=4, use_dora=True)
+    randomise(layer)
+    x = torch.randn(3, 32)
+    expected = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer.delta_weight().dtype == torch.float32 and layer._row_norm().dtype == torch.float32
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, rtol=0.05, atol=0.05)
+
+
+def test_a_4_bit_base_without_an_adapter_is_not_merged_either(tmp_path):
+    _, quant = quantized_pair(tmp_path)
+    quant.delete_adapter("default")
+    with pytest.raises(ValueError, match=r"cannot merge into a 4-bit \(nf4\) base"):
+        quant.merge_and_export(tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_base_derived_starts_refuse_a_rank_above_the_weight_s(init):
+    with pytest.raises(ValueError, match=f"lora_init {init} takes r <= min.in_features, out_features. = 4"):
+        LoRALinear(8, 4, r=6, lora_init=init)
+
+
+def test_the_variants_sweep_refuses_settings_its_cells_would_override(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "sweep.py"
+    spec = importlib.util.spec_from_file_location("sweep_script", path)
+    sweep = importlib.util.module_from_spec(spec)
+    sys.modules["sweep_script"] = sweep  # its dataclasses look their module up there
+    spec.loader.exec_module(sweep)
+    for extra in (["--lora_init", "pissa"], ["--targets", "q"]):
+        assert sweep.main(["--mode", "variants", "--output_dir", str(tmp_path), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "has no effect with --mode variants" in err, err
+    assert not any(tmp_path.iterdir())
