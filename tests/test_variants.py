@@ -115,6 +115,34 @@ def test_inject_lora_takes_the_variants():
         LoRALinear(8, 8, lora_init="svd")
 
 
+def loss_and_grads(model: LoRATransformer, y: torch.Tensor, run=None) -> tuple[torch.Tensor, dict]:
+    """One LM loss of ``IDX`` against ``y`` through ``run`` (default: the model) and the gradients it gives."""
+    model.zero_grad(set_to_none=True)
+    loss = (model if run is None else run)(IDX, targets=y)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_step(a: tuple[torch.Tensor, dict], b: tuple[torch.Tensor, dict]) -> dict:
+    """The same loss (1e-6) and gradients (1e-4 relative) for the same parameters; returns ``a``'s gradients."""
+    (l1, g1), (l2, g2) = a, b
+    torch.testing.assert_close(l1, l2, rtol=1e-6, atol=1e-6)
+    assert g1.keys() == g2.keys()
+    for n in g1:
+        torch.testing.assert_close(g1[n], g2[n], rtol=1e-4, atol=1e-6)
+    return g1
+
+
+def fused_and_unfused(model: LoRATransformer) -> dict:
+    """The fused q/k/v path's step equals the per-layer path's; returns the gradients."""
+    y = torch.randint(0, 40, IDX.shape, generator=torch.Generator().manual_seed(2))
+    steps = []
+    for fused in (True, False):
+        model.fused_qkv = fused
+        steps.append(loss_and_grads(model, y))
+    return assert_same_step(*steps)
+
+
 @pytest.mark.parametrize(
     "options",
     [
@@ -127,23 +155,8 @@ def test_fused_qkv_equals_the_per_layer_path(options):
     torch.manual_seed(0)
     model = randomise_model(LoRATransformer(**TINY, lora_r=4, **options))
     model.configure_lora_training()
-    y = torch.randint(0, 40, IDX.shape)
-    grads = []
-    for fused in (True, False):
-        model.fused_qkv = fused
-        model.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(IDX).reshape(-1, 40), y.reshape(-1))
-        loss.backward()
-        grads.append(
-            (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
-        )
-    (l1, g1), (l2, g2) = grads
-    torch.testing.assert_close(l1, l2, rtol=1e-6, atol=1e-6)
-    assert g1.keys() == g2.keys() and any(k.endswith("lora_magnitude") for k in g1) == bool(
-        options.get("use_dora")
-    )
-    for k in g1:
-        torch.testing.assert_close(g1[k], g2[k], rtol=1e-4, atol=1e-6)
+    grads = fused_and_unfused(model)
+    assert any(k.endswith("lora_magnitude") for k in grads) == bool(options.get("use_dora"))
 
 
 def test_compiled_dora_and_pissa_equal_eager():
@@ -154,19 +167,9 @@ def test_compiled_dora_and_pissa_equal_eager():
     model = randomise_model(LoRATransformer(**TINY, lora_r=4, use_dora=True, lora_init="pissa"))
     model.configure_lora_training()
     y = torch.randint(0, 40, IDX.shape)
-    results = []
-    for run in (torch.compile(model, backend="aot_eager", fullgraph=True), model):
-        model.zero_grad(set_to_none=True)
-        loss = run(IDX, targets=y)
-        loss.backward()
-        results.append(
-            (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-        )
-    (l1, g1), (l2, g2) = results
-    torch.testing.assert_close(l1, l2, rtol=0, atol=1e-6)
-    assert g1.keys() == g2.keys() and len(g1) == 3 * 2 * TINY["num_layers"]  # A, B, m of q and v per block
-    for n in g1:
-        torch.testing.assert_close(g1[n], g2[n], rtol=1e-4, atol=1e-6)
+    compiled = loss_and_grads(model, y, torch.compile(model, backend="aot_eager", fullgraph=True))
+    grads = assert_same_step(compiled, loss_and_grads(model, y))
+    assert len(grads) == 3 * 2 * TINY["num_layers"]  # A, B, m of q and v per block
 
 
 @pytest.mark.parametrize(
@@ -332,22 +335,8 @@ def test_quantized_base_keeps_the_fingerprint_and_the_adapter_moves_both_ways(tm
 
 def test_quantized_base_trains_only_the_adapter_and_fused_equals_unfused(tmp_path):
     _, quant = quantized_pair(tmp_path, use_dora=True, lora_targets="q,k,v,o")
-    quant.train()
-    y = torch.randint(0, 40, IDX.shape)
-    results = []
-    for fused in (True, False):
-        quant.fused_qkv = fused
-        quant.zero_grad(set_to_none=True)
-        loss = quant(IDX, targets=y)
-        loss.backward()
-        results.append(
-            (loss.detach(), {n: p.grad for n, p in quant.named_parameters() if p.grad is not None})
-        )
-    (l1, g1), (l2, g2) = results
-    torch.testing.assert_close(l1, l2, rtol=1e-6, atol=1e-6)
-    assert g1.keys() == g2.keys() and all(n.rsplit(".", 1)[-1].startswith("lora_") for n in g1)
-    for n in g1:
-        torch.testing.assert_close(g1[n], g2[n], rtol=1e-4, atol=1e-6)
+    grads = fused_and_unfused(quant.train())
+    assert all(n.rsplit(".", 1)[-1].startswith("lora_") for n in grads)
 
 
 def test_quantized_base_refuses_to_merge_to_save_and_to_train_its_weights(tmp_path):
