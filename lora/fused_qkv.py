@@ -110,9 +110,8 @@ def fused_lora_linear(
     if dora and any(m.dropout_active for m in adapted):  # DoRA with dropout takes PEFT's per-layer form
         return torch.cat([m(x) for m in layers], dim=-1)
     x2 = x.reshape(-1, x.shape[-1])  # (M, C)
-    if any(
-        is_quantized(m.weight) for m in layers
-    ):  # 4-bit bases: dequantized and stacked per product, not kept
+    quantized = any(is_quantized(m.weight) for m in layers)
+    if quantized:  # 4-bit bases: dequantized and stacked for each product, not kept
         bias = None if layers[0].bias is None else frozen([m.bias for m in layers])[0]  # (N,)
         y = quantized_linear(x2, [m.weight for m in layers], None if dora else bias)  # (M, N)
     else:
