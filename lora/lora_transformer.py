@@ -62,7 +62,7 @@ from lora.lora_layer import (
 )
 from lora.model_config import PROJECTIONS, LoRAConfig, ModelConfig, target_of
 from lora.peft_format import adapter_from_peft, is_peft_folder, write_peft_folder
-from lora.quantize import BLOCK_SIZE, SCALER_BLOCK_SIZE, quantize_linear_, release_freed_memory
+from lora.quantize import BLOCK_SIZE, SCALER_BLOCK_SIZE, dequantize, quantize_linear_, release_freed_memory
 
 __all__ = ["LoRATransformer"]
 
@@ -368,10 +368,41 @@ class LoRATransformer(nn.Module):
     ) -> torch.Tensor:
         """Append ``max_new_tokens`` sampled tokens to ``idx`` (B, T) -> (B, T + max_new_tokens).
 
-        ``temperature == 0`` decodes greedily; ``top_k`` keeps the k most likely tokens.
+        ``temperature == 0`` decodes greedily; ``top_k`` keeps the k most likely tokens. A 4-bit base is
+        dequantized once for the whole call (:meth:`dense_base`), not once per token.
         """
         if self.cls_head is not None:
             raise RuntimeError("generate() needs a language model; this one has a classification head")
+        with self.dense_base():
+            return self._sample(idx, max_new_tokens, temperature, top_k, generator)
+
+    @contextmanager
+    def dense_base(self) -> Iterator[None]:
+        """Within the block a 4-bit base's weights are dense (dequantized once: the same values, the memory of
+        full precision), so that many small forwards (sampling) do not each dequantize every weight; after it
+        they are the same 4-bit tensors again. Nothing happens for a base that is not quantized."""
+        if self._quantization is None:
+            yield
+            return
+        kept = [(layer, layer.weight) for _, layer in lora_modules(self)]
+        try:
+            for layer, weight in kept:
+                layer.weight = nn.Parameter(dequantize(weight), requires_grad=False)
+            yield
+        finally:
+            for layer, weight in kept:
+                layer.weight = weight
+            for block in self.blocks:
+                block.attn._frozen_qkv.clear()
+
+    def _sample(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float,
+        top_k: int | None,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
         for _ in range(max_new_tokens):
             ctx = idx[:, -self.max_seq_len :]
             logits = self.lm_head(self.hidden_states(ctx)[:, -1, :]).float()  # (B, vocab)

@@ -505,3 +505,14 @@ def test_the_variants_sweep_refuses_settings_its_cells_would_override(tmp_path, 
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "has no effect with --mode variants" in err, err
     assert not any(tmp_path.iterdir())
+
+
+def test_sampling_on_a_4_bit_base_dequantizes_once_and_gives_the_same_tokens(tmp_path):
+    _, quant = quantized_pair(tmp_path, use_dora=True)
+    weights = {n: layer.weight for n, layer in quant.named_modules() if isinstance(layer, LoRALinear)}
+    with torch.no_grad():
+        per_token = quant._sample(IDX[:, :4], 6, 0.0, None, None)  # every forward dequantizes
+    assert torch.equal(quant.generate(IDX[:, :4], 6, temperature=0.0), per_token)
+    after = {n: layer.weight for n, layer in quant.named_modules() if isinstance(layer, LoRALinear)}
+    assert all(after[n] is w for n, w in weights.items())  # the same 4-bit tensors again
+    assert all(quant.get_submodule(n).quantized for n in weights)
