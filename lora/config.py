@@ -40,6 +40,7 @@ TASKS = {"rot13": "caesar", "atbash": "caesar", "code": "english", "text": "engl
 GENERATED_TASKS = ("rot13", "atbash")  # data made here, sized by num_examples
 CIPHER_WIDTH = 15  # tokens in a sequence of the generated tasks (8 letters and their cipher, less one)
 FILE_TASKS = ("text", "jsonl")  # the user's own data in train_file (and val_file)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile's modes
 QUANTIZATIONS = ("none", "nf4")  # how the frozen base's linear weights are stored (nf4: lora/quantize.py)
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")  # cuda:1 picks a GPU
 ARCHITECTURE_KEYS = ("d_model", "num_heads", "num_layers", "max_seq_len")  # of a base pretrained here
@@ -47,7 +48,7 @@ LORA_KEYS = tuple(f.name for f in fields(LoRAConfig))
 PATH_KEYS = ("train_file", "val_file", "base_checkpoint")  # saved absolute in a run's config.yaml
 # what a resumed run may change: how long it trains, how often it reports and saves, where it runs
 RESUME_MAY_CHANGE = ("max_steps", "epochs", "eval_every", "eval_batches", "log_every", "save_every", "keep_checkpoints",
-                     "device", "precision", "compile", "gradient_checkpointing", "debug", "resume", "overwrite",
+                     "device", "precision", "compile", "compile_mode", "gradient_checkpointing", "debug", "resume", "overwrite",
                      "run_name", "output_dir")  # fmt: skip
 
 
@@ -82,6 +83,13 @@ class TrainConfig:
     )
     precision: str = field(default="auto", metadata=_help("auto (bf16 autocast on CUDA), fp32 or bf16"))
     compile: bool = field(default=False, metadata=_help("torch.compile the model (useful on GPUs)"))
+    compile_mode: str = field(
+        default="default",
+        metadata=_help(
+            f"torch.compile's mode with --compile: {', '.join(COMPILE_MODES)} (reduce-overhead: "
+            "CUDA graphs, for small shapes on a GPU)"
+        ),
+    )
     gradient_checkpointing: bool = field(
         default=False, metadata=_help("recompute block activations in backward: less memory, ~1 more forward")
     )
@@ -163,6 +171,8 @@ class TrainConfig:
             (self.quantize_base in QUANTIZATIONS,
              f"quantize_base must be one of {', '.join(QUANTIZATIONS)}, got {quote(self.quantize_base)}"),
             (self.lora_plus_ratio > 0, f"lora_plus_ratio must be > 0, got {self.lora_plus_ratio}"),
+            (self.compile_mode in COMPILE_MODES,
+             f"compile_mode must be one of {', '.join(COMPILE_MODES)}, got {quote(self.compile_mode)}"),
             (self.method == "full" or self.lora_r >= 1,
              f"lora_r must be >= 1 for method lora, got {self.lora_r} (method full trains without an adapter)"),
             (0 <= self.seed < 2**63, f"seed must be in [0, 2**63), got {self.seed}"),
@@ -250,6 +260,8 @@ class TrainConfig:
                           "--base_checkpoint auto"))
             rules.append((ARCHITECTURE_KEYS, f"has no effect with --base_checkpoint {base}: the architecture is "
                                              "the base's (its config.json); drop it"))
+        if not self.compile:
+            rules.append((["compile_mode"], "has no effect without --compile: add --compile, or drop it"))
         if self.resume is not None:
             rules.append((["overwrite"], "has no effect with --resume: a resumed run continues in its own folder"))
         if self.resume not in (None, "auto"):

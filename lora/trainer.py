@@ -54,8 +54,8 @@ __all__ = [
 # the TrainConfig fields a trainer reads; the others (task, data, model size, LoRA) are the application's
 TRAINER_SETTINGS = (
     "learning_rate", "weight_decay", "epochs", "max_steps", "warmup_steps", "lr_schedule", "grad_clip",
-    "eval_every", "eval_batches", "log_every", "device", "precision", "compile", "save_every", "keep_checkpoints",
-    "lora_plus_ratio",
+    "eval_every", "eval_batches", "log_every", "device", "precision", "compile", "compile_mode", "save_every",
+    "keep_checkpoints", "lora_plus_ratio",
 )  # fmt: skip
 HISTORY_KEYS = ("step", "epoch", "train_loss", "val_loss", "metric", "lr", "tokens_per_s", "elapsed_s")
 
@@ -263,7 +263,8 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             # no buffer broadcast: the model's only buffers (PiSSA/OLoRA's initial factors) are equal everywhere
             forward = DistributedDataParallel(model, device_ids=ids, init_sync=False, broadcast_buffers=False)
-        self.forward = torch.compile(forward) if cfg.compile else forward
+        # the whole forward, the chunked loss included; reduce-overhead adds CUDA graphs (the step is sync-free)
+        self.forward = torch.compile(forward, mode=cfg.compile_mode) if cfg.compile else forward
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.history: dict[str, list] = {k: [] for k in HISTORY_KEYS}
         self._stop_signal: int | None = None

@@ -14,6 +14,7 @@ Prints a short table last and writes ``gpu_checks.json`` into ``--out``. On a CP
 e.g. to try the script) the sync check is skipped and the sizes should be small.
 
     python scripts/gpu_checks.py --out $OUT                       # on the GPU machine: the whole set
+    python scripts/gpu_checks.py --cuda_graphs --out $OUT         # and compiled with CUDA graphs too
     python scripts/gpu_checks.py --device cpu --size tiny --steps 4 --out /tmp/gpu_checks   # a dry run
 """
 
@@ -62,7 +63,8 @@ def build(size: str, lora: bool, device: str, **variant: object) -> LoRATransfor
                            lora_alpha=16, lora_targets=("q", "v"), **variant).to(device)  # fmt: skip
 
 
-def time_trainer(size: str, lora: bool, device: str, steps: int, compile: bool, sync_check: bool) -> dict:
+def time_trainer(size: str, lora: bool, device: str, steps: int, compile: bool, sync_check: bool,
+                 compile_mode: str = "default") -> dict:  # fmt: skip
     """Train ``steps`` steps after a warm-up; tokens/s over the steps between the first and last read."""
     _, _, _, vocab, seq, batch = SIZES[size]
     model = build(size, lora, device)
@@ -73,7 +75,7 @@ def time_trainer(size: str, lora: bool, device: str, steps: int, compile: bool, 
     log_every = max(steps // 2, 1)
     trainer = kind(model, BatchLoader(data, batch, seed=0), BatchLoader(data, batch, shuffle=False),
                    device=device, max_steps=steps + log_every, eval_every=10**6, log_every=log_every,
-                   compile=compile, quiet=True)  # fmt: skip
+                   compile=compile, compile_mode=compile_mode, quiet=True)  # fmt: skip
     trainer.evaluate = lambda max_batches=None: {"val_loss": 0.0, "metric": 0.0}  # timing the steps only
     reads: list[float] = []
     flush = trainer._flush
@@ -139,6 +141,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--size", default="gpt2", choices=list(SIZES))
     p.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
     p.add_argument("--no_compile", action="store_true", help="skip the compiled runs")
+    p.add_argument("--cuda_graphs", action="store_true",
+                   help="also time both compiled with mode reduce-overhead (CUDA graphs)")  # fmt: skip
     p.add_argument("--out", default="runs/gpu_checks", help="folder for gpu_checks.json")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     return p.parse_args(argv)
@@ -163,13 +167,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             checks["nf4"] = check_gradients(args.size, args.device, quantize=True, use_dora=True)
         result: dict = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if on_gpu else "cpu",
                         "size": args.size, "checks": checks, "runs": {}}  # fmt: skip
-        for compiled in (False, True) if not args.no_compile else (False,):
+        modes = [(False, "default")] + ([] if args.no_compile else [(True, "default")])
+        modes += [(True, "reduce-overhead")] if args.cuda_graphs and not args.no_compile else []
+        for compiled, mode in modes:
             for lora in (True, False):
-                name = f"{'lora_qv' if lora else 'full'}{'_compiled' if compiled else ''}"
+                suffix = ("_compiled" if compiled else "") + (
+                    "_cudagraphs" if mode == "reduce-overhead" else ""
+                )
+                name = f"{'lora_qv' if lora else 'full'}{suffix}"
                 if on_gpu:
                     torch.cuda.reset_peak_memory_stats()
                 result["runs"][name] = time_trainer(args.size, lora, args.device, args.steps, compiled,
-                                                    sync_check=on_gpu and not compiled)  # fmt: skip
+                                                    sync_check=on_gpu and not compiled, compile_mode=mode)  # fmt: skip
                 print(f"{name}: {result['runs'][name]}", flush=True)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

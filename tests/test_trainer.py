@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lora.config import TrainConfig
 from lora.data import BatchLoader, load_task
+from lora.errors import ConfigError
 from lora.lora_layer import inject_lora
 from lora.lora_transformer import LoRATransformer
 from lora.train_lora import LoRATrainer, Trainer, get_lr
@@ -290,3 +291,23 @@ def test_a_non_finite_step_is_skipped_on_the_device_and_reported_with_its_step(t
         trainer.train()
     assert all(torch.isfinite(p).all() for p in model.parameters())  # the bad update never happened
     assert int(trainer.optimizer.state[trainer.params[0]]["step"]) == 4  # steps 1, 2, 4 and 5 updated
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compile_takes_its_mode_and_compiles_the_whole_forward(task, monkeypatch, mode):
+    """--compile_mode reaches torch.compile (reduce-overhead: CUDA graphs on a GPU) around the model's whole
+    forward, the chunked loss included; without --compile the mode is refused as an option with no effect."""
+    import lora.trainer
+
+    seen = []
+    monkeypatch.setattr(lora.trainer.torch, "compile", lambda fn, **kw: seen.append((fn, kw)) or fn)
+    model = tiny_model()
+    loader = BatchLoader(task.train, 8)
+    LoRATrainer(model, loader, loader, compile=True, compile_mode=mode, quiet=True)
+    assert seen == [(model, {"mode": mode})]
+    with pytest.raises(ConfigError, match="compile_mode has no effect without --compile"):
+        TrainConfig(compile_mode=mode).validate(given={"compile_mode"})
+    with pytest.raises(
+        ConfigError, match="compile_mode must be one of default, reduce-overhead, max-autotune"
+    ):
+        TrainConfig(compile=True, compile_mode="cuda-graphs").validate()
