@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from lora.lora_layer import lora_scaling
+from lora.lora_layer import LORA_LEAVES, lora_scaling, whole_update
 from lora.model_config import LoRAConfig, parse_targets, target_of
 
 __all__ = ["Adapter", "LayerAdapter", "weighted_sum"]
@@ -43,9 +43,7 @@ class LayerAdapter:
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A, B)`` whose product is the whole update's ``B A`` (``[A; A0]``, ``[B, -B0]`` with initial factors)."""
-        if self.lora_A0 is None:
-            return self.lora_A, self.lora_B
-        return torch.cat([self.lora_A, self.lora_A0]), torch.cat([self.lora_B, -self.lora_B0], dim=1)
+        return whole_update(self.lora_A, self.lora_B, self.lora_A0, self.lora_B0)
 
     def delta_weight(self) -> torch.Tensor:
         """``scaling * B A`` (``- scaling * B0 A0``) in float32, ``(out, in)``; DoRA's rescaling is not in it."""
@@ -54,8 +52,7 @@ class LayerAdapter:
 
     def tensors(self, module: str) -> dict[str, torch.Tensor]:
         """``<module>.lora_A``, ``.lora_B`` and those of ``lora_magnitude``, ``lora_A0``, ``lora_B0`` it has."""
-        names = ("lora_A", "lora_B", "lora_magnitude", "lora_A0", "lora_B0")
-        return {f"{module}.{n}": getattr(self, n) for n in names if getattr(self, n) is not None}
+        return {f"{module}.{n}": getattr(self, n) for n in LORA_LEAVES if getattr(self, n) is not None}
 
 
 @dataclass
@@ -106,8 +103,9 @@ def weighted_sum(
     for m in modules:
         parts = [(float(weights[n]), adapters[n].layers[m]) for n in weights if m in adapters[n].layers]
         # each adapter's whole update (PiSSA/OLoRA: its factors [A; A0], [B, -B0])
-        A = torch.cat([s.factors()[0].to(**kw) for _, s in parts], dim=0)  # (Σ r_i, in)
-        B = torch.cat([w * s.scaling * s.factors()[1].to(**kw) for w, s in parts], dim=1)  # (out, Σ r_i)
+        whole = [(w, s.scaling, *s.factors()) for w, s in parts]  # (weight, scaling, A_i, B_i)
+        A = torch.cat([a.to(**kw) for _, _, a, _ in whole], dim=0)  # (Σ r_i, in)
+        B = torch.cat([w * s * b.to(**kw) for w, s, _, b in whole], dim=1)  # (out, Σ r_i)
         r, dtype = A.shape[0], parts[0][1].lora_A.dtype
         layers[m] = LayerAdapter(r, float(r), 0.0, False, A.to(dtype), B.to(dtype))
     r_max = max((s.r for s in layers.values()), default=0)

@@ -37,7 +37,7 @@ from lora.formats import WEIGHTS_NAME
 from lora.lora_transformer import LoRATransformer
 from lora.memory import check_memory, peak_memory_mb, reset_peak_memory
 from lora.model_config import ModelConfig
-from lora.quantize import BLOCK_SIZE, SCALER_BLOCK_SIZE
+from lora.quantize import check_tiles
 from lora.run_folder import (
     RunFolder,
     discard_unless_resumable,
@@ -179,13 +179,10 @@ def _check_quantization(cfg: TrainConfig, base: ModelConfig | None) -> None:
     if cfg.quantize_base == "none" or cfg.method != "lora":
         return
     arch = base or cfg.model_config(vocab_size=1)
-    tile = BLOCK_SIZE * SCALER_BLOCK_SIZE
-    sizes = {"attention": (arch.d_model, arch.d_model), "MLP": (arch.d_ff, arch.d_model)}
-    odd = [f"{name} ({o}, {i})" for name, (o, i) in sizes.items() if (o * i) % tile]
-    if odd:
-        raise ConfigError(f"quantize_base {cfg.quantize_base}: nf4 stores weights in blocks of {tile:,} elements; "
-                          f"this model's {' and '.join(odd)} weights do not tile: widths such as d_model 128, 256, "
-                          "768 do")  # fmt: skip
+    try:  # the block weights' shapes: attention (q, k, v, o) and MLP (fc1, fc2; fc2's has fc1's count)
+        check_tiles({"attention": (arch.d_model, arch.d_model), "MLP": (arch.d_ff, arch.d_model)})
+    except ValueError as e:
+        raise ConfigError(f"quantize_base {cfg.quantize_base}: {e}") from None
 
 
 def _tokenizer(cfg: TrainConfig, base: ModelConfig | None) -> Tokenizer:
@@ -204,6 +201,7 @@ def _load_base(cfg: TrainConfig, base_dir: Path, task: Task) -> LoRATransformer:
         raise LoRAError(f"cannot load the base model: {e}") from None
     # training keeps float32 weights (bf16 is autocast's to use): an fp16 or bf16 file is widened, so that
     # the adapter and AdamW never work in half precision (AdamW's eps of 1e-8 is 0 in fp16)
+    widened = model.wte.weight.dtype != torch.float32
     model = model.float()
     if cfg.quantize_base != "none":  # QLoRA: the frozen block weights in 4 bits, the adapter in float32
         model.configure_lora_training()
@@ -212,8 +210,10 @@ def _load_base(cfg: TrainConfig, base_dir: Path, task: Task) -> LoRATransformer:
         except ValueError as e:  # a base whose weights do not tile the 4-bit blocks: one line
             raise ConfigError(f"quantize_base {cfg.quantize_base}: {e}") from None
     # the fresh adapter's base-dependent start (DoRA's magnitudes, PiSSA/OLoRA's factors) from the weights
-    # it trains on: float32, and 4-bit where quantized (as PEFT's QLoRA), so it starts at that base's output
-    model.init_adapter_from_base()
+    # it trains on, where they are not the ones from_pretrained derived it from: widened to float32, or 4-bit
+    # (as PEFT's QLoRA), so it starts at that base's output
+    if widened or cfg.quantize_base != "none":
+        model.init_adapter_from_base()
     return model
 
 

@@ -32,7 +32,7 @@ from lora.files import (
     read_safetensors,
     read_safetensors_header,
 )
-from lora.lora_layer import BASE_DERIVED_INITS, validate_lora_args
+from lora.lora_layer import LORA_LEAVES, validate_lora_args
 from lora.model_config import LoRAConfig, ModelConfig
 
 __all__ = [
@@ -134,17 +134,14 @@ class AdapterFolder:
         """The :class:`Adapter`; a tensor the config lists but the file lacks raises (shapes are checked by the
         model that loads it)."""
         s = self.settings
-        leaves = (("lora_A", "lora_B") + (("lora_magnitude",) if s.use_dora else ())
-                  + (("lora_A0", "lora_B0") if s.lora_init in BASE_DERIVED_INITS else ()))  # fmt: skip
-        names = [f"{m}.{k}" for m in self.modules for k in leaves]
+        names = [f"{m}.{k}" for m in self.modules for k in s.leaves]
         names += [f"cls_head.{k}" for k in ("weight", "bias")] if self.num_classes is not None else []
         missing = [n for n in names if n not in self.tensors]
         if missing:
             raise ValueError(f"{self.weights_path} lacks {missing} listed in {ADAPTER_CONFIG_NAME}")
         layers = {
             m: LayerAdapter(r, alpha, s.lora_dropout, s.use_rslora,
-                            *(self.tensors.get(f"{m}.{k}") for k in ("lora_A", "lora_B", "lora_magnitude",
-                                                                     "lora_A0", "lora_B0")))
+                            *(self.tensors.get(f"{m}.{k}") for k in LORA_LEAVES))
             for m, (r, alpha) in self.modules.items()
         }  # fmt: skip
         head = None

@@ -59,6 +59,7 @@ __all__ = [
     "unmerge_lora",
     "validate_lora_args",
     "validate_lora_init",
+    "whole_update",
 ]
 
 # how A and B start (the module docstring): kaiming is the reference code's, the default
@@ -323,23 +324,26 @@ class LoRALinear(nn.Module):
             w = w / self._merge_scale[:, None]
         return (w - self.delta_weight()).to(self.weight.dtype)
 
+    def _folded(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(W, g)``: the unmerged weight with the update folded in, float32 (out, in), and DoRA's row scale
+        ``g = m / ||W0 + s B A||_row`` (out,) already applied to it (``None`` without DoRA)."""
+        self._refuse_if_quantized()
+        w = self.weight.float() + self.delta_weight()
+        if not self.use_dora:
+            return w, None
+        g = self.lora_magnitude.detach().float() / w.norm(dim=1)
+        return w * g[:, None], g
+
     def merged_weight(self) -> torch.Tensor:
         """The weight with this adapter folded in, in the weight's dtype: ``W0 + s B A`` (minus ``s B0 A0``
         for PiSSA/OLoRA), DoRA's rows scaled by ``m / ||.||_row``. Computed in float32, cast once."""
         if self.merged:
             return self.weight.detach()
-        self._refuse_if_quantized()
-        w = self.weight.float() + self.delta_weight()
-        if self.use_dora:
-            w = w * (self.lora_magnitude.detach().float() / w.norm(dim=1))[:, None]
-        return w.to(self.weight.dtype)
+        return self._folded()[0].to(self.weight.dtype)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(A, B)`` of the whole update ``B A``: ``A (r, in), B (out, r)``, or for PiSSA/OLoRA
-        ``[A; A0]`` (2r, in) and ``[B, -B0]`` (out, 2r), whose product is ``B A - B0 A0``."""
-        if self.lora_A0 is None:
-            return self.lora_A, self.lora_B
-        return torch.cat([self.lora_A, self.lora_A0]), torch.cat([self.lora_B, -self.lora_B0], dim=1)
+        """``(A, B)`` of the whole update ``B A`` (:func:`whole_update`)."""
+        return whole_update(self.lora_A, self.lora_B, self.lora_A0, self.lora_B0)
 
     def delta_weight(self) -> torch.Tensor:
         """``scaling * B A`` (``- scaling * B0 A0``) in float32, shape (out, in); for merging and DoRA's norm."""
@@ -354,7 +358,7 @@ class LoRALinear(nn.Module):
         """``||W0 + delta||`` of each output row, float32 (out,); no gradient flows through it (DoRA)."""
         w = self.base_weight().float()
         with _float32_math(w.device):
-            return (w + self.delta_weight() if self.r > 0 and self.lora_A is not None else w).norm(dim=1)
+            return (w + self.delta_weight()).norm(dim=1)
 
     def dora_scale(self) -> torch.Tensor:
         """DoRA's ``g = m / ||W0 + s B A||_row`` (out,), differentiable in ``m`` only."""
@@ -405,13 +409,8 @@ class LoRALinear(nn.Module):
         """Fold the update into ``weight`` (computed in float32, cast once). Idempotent."""
         if self.merged or self.r == 0:
             return
-        self._refuse_if_quantized()
-        if self.use_dora:
-            w = self.weight.float() + self.delta_weight()
-            self._merge_scale = self.lora_magnitude.float() / w.norm(dim=1)  # (out,)
-            self.weight.copy_((w * self._merge_scale[:, None]).to(self.weight.dtype))
-        else:
-            self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
+        w, self._merge_scale = self._folded()  # the scale is kept: unmerge divides it out again
+        self.weight.copy_(w.to(self.weight.dtype))
         self.merged = True
 
     @torch.no_grad()
@@ -444,6 +443,16 @@ class LoRALinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"r={self.r}, lora_alpha={self.lora_alpha:g}, scaling={self.scaling:g}{variant}, merged={self.merged}"
         )
+
+
+def whole_update(
+    a: torch.Tensor, b: torch.Tensor, a0: torch.Tensor | None = None, b0: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, B)`` whose product is an adapter's whole ``B A``: ``A (r, in), B (out, r)`` as they are, or with
+    PiSSA/OLoRA's initial factors ``[A; A0]`` (2r, in) and ``[B, -B0]`` (out, 2r), the product ``B A - B0 A0``."""
+    if a0 is None:
+        return a, b
+    return torch.cat([a, a0]), torch.cat([b, -b0], dim=1)
 
 
 def _float32_math(device: torch.device) -> AbstractContextManager:

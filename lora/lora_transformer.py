@@ -62,7 +62,7 @@ from lora.lora_layer import (
 )
 from lora.model_config import PROJECTIONS, LoRAConfig, ModelConfig, target_of
 from lora.peft_format import adapter_from_peft, is_peft_folder, write_peft_folder
-from lora.quantize import BLOCK_SIZE, SCALER_BLOCK_SIZE, dequantize, quantize_linear_, release_freed_memory
+from lora.quantize import check_tiles, dequantize, quantize_linear_, release_freed_memory
 
 __all__ = ["LoRATransformer"]
 
@@ -288,11 +288,7 @@ class LoRATransformer(nn.Module):
         if any(layer.weight.requires_grad for layer in layers):
             raise ValueError("the base's weights are being trained (full fine-tuning): a 4-bit base stays "
                              "frozen; call configure_lora_training() first")  # fmt: skip
-        tile = BLOCK_SIZE * SCALER_BLOCK_SIZE
-        odd = [(n, tuple(m.weight.shape)) for n, m in lora_modules(self) if m.weight.numel() % tile]
-        if odd:  # checked before any layer changes
-            raise ValueError(f"{kind} stores weights in blocks of {tile:,} elements; {odd[0][0]} {odd[0][1]} "
-                             f"({len(odd)} layer(s) in all) does not tile: widths such as d_model 128, 256, 768 do")  # fmt: skip
+        check_tiles({n: m.weight.shape for n, m in lora_modules(self)})  # before any layer changes
         fingerprint = self.base_fingerprint()
         self._full_precision_norms = self._fused_row_norms()
         for layer in layers:
@@ -695,8 +691,7 @@ class LoRATransformer(nn.Module):
         with ``A: (r, in)``, ``B: (out, r)`` (and as ``settings`` say DoRA's ``lora_magnitude: (out,)``,
         PiSSA/OLoRA's ``lora_A0: (r, in)``, ``lora_B0: (out, r)``), plus a head for ``num_classes``.
         Messages start with ``where`` (``modules_where`` for a module this model lacks)."""
-        dora = settings is not None and settings.use_dora
-        initial = settings is not None and settings.lora_init in BASE_DERIVED_INITS
+        leaves = ("lora_A", "lora_B") if settings is None else settings.leaves
         layers = dict(lora_modules(self))
         expected = {}
         for m, r in ranks.items():
@@ -705,13 +700,10 @@ class LoRATransformer(nn.Module):
                 raise ValueError(
                     f"{modules_where or where}: module {quote(m)} is not a LoRA layer of this model"
                 )
-            expected[f"{m}.lora_A"] = torch.empty(r, layer.in_features)
-            expected[f"{m}.lora_B"] = torch.empty(layer.out_features, r)
-            if dora:
-                expected[f"{m}.lora_magnitude"] = torch.empty(layer.out_features)
-            if initial:
-                expected[f"{m}.lora_A0"] = torch.empty(r, layer.in_features)
-                expected[f"{m}.lora_B0"] = torch.empty(layer.out_features, r)
+            shapes = {"lora_A": (r, layer.in_features), "lora_B": (layer.out_features, r),
+                      "lora_magnitude": (layer.out_features,), "lora_A0": (r, layer.in_features),
+                      "lora_B0": (layer.out_features, r)}  # fmt: skip
+            expected.update({f"{m}.{k}": torch.empty(shapes[k]) for k in leaves})
         if num_classes is not None:
             d = self.config.d_model
             expected.update(

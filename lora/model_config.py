@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lora.errors import ConfigError, quote
-from lora.lora_layer import lora_scaling, validate_lora_args, validate_lora_init
+from lora.lora_layer import BASE_DERIVED_INITS, lora_scaling, validate_lora_args, validate_lora_init
 
 __all__ = [
     "ACTIVATIONS",
@@ -164,6 +164,13 @@ class LoRAConfig:
     @property
     def scaling(self) -> float:
         return lora_scaling(self.lora_r, self.lora_alpha, self.use_rslora)
+
+    @property
+    def leaves(self) -> tuple[str, ...]:
+        """The tensors each adapted module has: ``lora_A``, ``lora_B``, DoRA's ``lora_magnitude``, and after a
+        PiSSA/OLoRA start ``lora_A0``, ``lora_B0``."""
+        return (("lora_A", "lora_B") + (("lora_magnitude",) if self.use_dora else ())
+                + (("lora_A0", "lora_B0") if self.lora_init in BASE_DERIVED_INITS else ()))  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "lora_targets": list(self.lora_targets)}

@@ -43,8 +43,9 @@ import copy
 import ctypes
 import importlib.util
 import logging
+import math
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from types import ModuleType
 
 import torch
@@ -54,6 +55,7 @@ from torch import nn
 __all__ = [
     "BLOCK_SIZE",
     "SCALER_BLOCK_SIZE",
+    "check_tiles",
     "dequantize",
     "dequantize_linear_",
     "import_torchao_quietly",
@@ -150,6 +152,17 @@ def quantize_weight(
         )
     # contiguous: torchao keeps the input's strides, and a transposed input would read as transposed
     return _torchao().to_nf4(w.detach().contiguous(), block_size, scaler_block_size)
+
+
+def check_tiles(shapes: Mapping[str, Sequence[int]]) -> None:
+    """Raise a one-line ``ValueError`` if any weight (name -> shape) cannot be stored in NF4 with the default
+    blocks (its element count not a multiple of ``BLOCK_SIZE * SCALER_BLOCK_SIZE``), before anything is
+    quantized: the rule :func:`quantize_weight` applies to one weight, for a whole model or architecture."""
+    tile = BLOCK_SIZE * SCALER_BLOCK_SIZE
+    odd = [f"{name} {tuple(shape)}" for name, shape in shapes.items() if math.prod(shape) % tile]
+    if odd:
+        raise ValueError(f"nf4 stores weights in blocks of {tile:,} elements; {odd[0]} ({len(odd)} weight(s) in "
+                         "all) does not tile: widths such as d_model 128, 256, 768 do")  # fmt: skip
 
 
 def dequantize(q: torch.Tensor) -> torch.Tensor:

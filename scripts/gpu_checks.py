@@ -41,7 +41,6 @@ from lora.config import CommandLineParser
 from lora.data import BatchLoader, TaskData
 from lora.errors import guarded
 from lora.lora_transformer import LoRATransformer
-from lora.quantize import BLOCK_SIZE, SCALER_BLOCK_SIZE
 from lora.trainer import LoRATrainer, Trainer
 
 SIZES = {  # (d_model, layers, heads, vocabulary, sequence, batch)
@@ -161,8 +160,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "dora_pissa": check_gradients(args.size, args.device, use_dora=True, lora_init="pissa")}  # fmt: skip
         if importlib.util.find_spec("torchao") is None:
             checks["nf4"] = "skipped: torchao is not installed"
-        elif SIZES[args.size][0] ** 2 % (BLOCK_SIZE * SCALER_BLOCK_SIZE):
-            checks["nf4"] = f"skipped: size {args.size}'s weights do not tile NF4's blocks"
         else:
             checks["nf4"] = check_gradients(args.size, args.device, quantize=True, use_dora=True)
         result: dict = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if on_gpu else "cpu",

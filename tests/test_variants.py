@@ -516,3 +516,25 @@ def test_sampling_on_a_4_bit_base_dequantizes_once_and_gives_the_same_tokens(tmp
     after = {n: layer.weight for n, layer in quant.named_modules() if isinstance(layer, LoRALinear)}
     assert all(after[n] is w for n, w in weights.items())  # the same 4-bit tensors again
     assert all(quant.get_submodule(n).quantized for n in weights)
+
+
+@pytest.mark.parametrize("quantize", ["none", "nf4"])
+def test_a_run_s_dora_adapter_on_a_bf16_or_4_bit_base_starts_at_the_weights_it_trains_on(tmp_path, quantize):
+    """The run widens a bf16 file to float32 (and quantizes it): DoRA's magnitudes are derived from those
+    weights, not kept from the bf16 ones, so the output starts at that base's."""
+    from types import SimpleNamespace
+
+    from lora.application import _load_base
+
+    if quantize == "nf4":
+        pytest.importorskip("torchao")
+    torch.manual_seed(0)
+    LoRATransformer(**QUANT, lora_r=0).to(torch.bfloat16).save_pretrained(tmp_path / "base")
+    cfg = TrainConfig(use_dora=True, lora_init="olora", quantize_base=quantize, dropout=0.0)
+    model = _load_base(cfg, tmp_path / "base", SimpleNamespace(num_classes=None)).eval()
+    assert model.wte.weight.dtype == torch.float32 and model.lora_config.use_dora
+    with torch.no_grad():
+        adapted = model(IDX)
+        with model.disable_adapter():
+            base = model(IDX)
+    torch.testing.assert_close(adapted, base, rtol=0, atol=1e-5)
