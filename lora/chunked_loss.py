@@ -19,6 +19,11 @@ kept, ``dloss/dh`` the size of ``h`` and, for a head that trains, ``dloss/dW`` (
 computed with gradients enabled but never back-propagated did that work for nothing (under ``no_grad`` none
 is done).
 
+A frozen head stored in lower precision than ``h`` (a 4-bit base keeps its tied embedding in bfloat16, as
+QLoRA does) is used in ``h``'s precision: ``W`` is widened ``SLICE_ROWS`` rows at a time, for ``z`` and for
+``dloss/dh = Σ_v dloss/dz_:v W_v`` alike, so that no widened copy of the whole (V, C) head exists (12 MiB
+at a time for GPT-2's, where the whole would take 147 MiB).
+
 All targets ignored: ``n = 0`` and the loss is ``nan`` (``0 / 0``), as ``F.cross_entropy``'s mean; the
 gradients are zero, as ``F.cross_entropy``'s.
 """
@@ -31,6 +36,29 @@ import torch.nn.functional as F
 __all__ = ["chunked_lm_loss"]
 
 IGNORE_INDEX = -100  # cross-entropy's default: targets that take no loss
+SLICE_ROWS = 4096  # rows of a lower-precision head widened at once (GPT-2: 4,096 x 768 float32, 12 MiB)
+
+
+def _logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``h W^T`` (c, V) in ``h``'s dtype. A ``weight`` (V, C) of another dtype is widened a slice at a time,
+    each slice's product written straight into its rows of ``z^T`` (V, c): ``z`` is then a transposed view,
+    and no (c, slice) temporary is made."""
+    if weight.dtype == h.dtype:
+        return F.linear(h, weight)
+    zt = h.new_empty(weight.shape[0], h.shape[0])  # (V, c)
+    for v in range(0, weight.shape[0], SLICE_ROWS):
+        torch.mm(weight[v : v + SLICE_ROWS].to(h.dtype), h.t(), out=zt[v : v + SLICE_ROWS])
+    return zt.t()
+
+
+def _times_weight(g: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = g W`` for ``g`` (c, V), ``weight`` (V, C): in ``g``'s dtype, as :func:`_logits`."""
+    if weight.dtype == g.dtype:
+        torch.mm(g, weight, out=out)
+        return
+    out.zero_()
+    for v in range(0, weight.shape[0], SLICE_ROWS):
+        out.addmm_(g[:, v : v + SLICE_ROWS], weight[v : v + SLICE_ROWS].to(g.dtype))
 
 
 def _chunk(
@@ -42,7 +70,7 @@ def _chunk(
 ) -> torch.Tensor:
     """The summed loss of one chunk, ``h`` (c, C) and ``t`` (c,); writes its ``dloss/dh`` into ``grad_h``
     (c, C) and adds its ``dloss/dW`` to ``grad_w`` (V, C) where they are given (sums, not means)."""
-    z = F.linear(h, weight).float()  # (c, V); from here on one (c, V) buffer, changed in place
+    z = _logits(h, weight).float()  # (c, V); from here on one (c, V) buffer, changed in place
     scored = t != IGNORE_INDEX  # (c,)
     t = torch.where(scored, t, 0)[:, None]  # (c, 1); an ignored token reads column 0, then counts 0
     picked = z.gather(1, t).squeeze(1)  # (c,) the target's logit
@@ -54,9 +82,9 @@ def _chunk(
         return loss
     g = e.div_(norm)  # (c, V) softmax
     g.scatter_add_(1, t, torch.full_like(norm, -1.0))  # - onehot(t)
-    g = g.mul_(scored[:, None]).to(weight.dtype)  # ignored rows: 0
+    g = g.mul_(scored[:, None]).to(h.dtype)  # ignored rows: 0
     if grad_h is not None:
-        torch.mm(g, weight, out=grad_h)  # (c, V) @ (V, C)
+        _times_weight(g, weight, grad_h)  # (c, V) @ (V, C)
     if grad_w is not None and g.dtype == grad_w.dtype:
         grad_w.addmm_(g.t(), h)  # (V, c) @ (c, C)
     elif grad_w is not None:
@@ -74,7 +102,7 @@ def _lm_loss(
     need_weight: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(mean loss, Σ dloss_i/dh (N, C) or (0,), Σ dloss_i/dW (V, C) float32 or (0,))``, the sums unscaled
-    by ``1 / n``; ``hidden`` (N, C) and ``weight`` (V, C) of one dtype, ``targets`` (N,)."""
+    by ``1 / n``; ``hidden`` (N, C), ``weight`` (V, C) of its dtype (or, frozen, a lower one), ``targets`` (N,)."""
     # the chunks' sums added in float64, as cross-entropy adds its tokens (MPS has no float64)
     total = hidden.new_zeros((), dtype=torch.float32 if hidden.device.type == "mps" else torch.float64)
     grad_h = torch.empty_like(hidden) if need_hidden else hidden.new_empty(0)
@@ -119,7 +147,8 @@ def chunked_lm_loss(
     """Mean cross-entropy of ``hidden @ weight^T`` (B, T, C) x (V, C) against ``targets`` (B, T), ``-100`` not
     scored: equal to ``F.cross_entropy(F.linear(hidden, weight).float().reshape(-1, V), targets.reshape(-1))``
     to float rounding, gradients for ``hidden`` and ``weight`` included, with at most ``chunk_tokens`` rows of
-    logits in memory at once. Under autocast the product is in autocast's dtype, as ``F.linear`` would be.
+    logits in memory at once. Under autocast the product is in autocast's dtype, as ``F.linear`` would be;
+    a frozen ``weight`` narrower than ``hidden`` (bfloat16 under float32) is used in ``hidden``'s dtype.
     """
     if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be a positive integer, got {chunk_tokens!r}")
@@ -132,7 +161,11 @@ def chunked_lm_loss(
     if torch.is_autocast_enabled(device):
         dtype = torch.get_autocast_dtype(device)
         hidden, weight = hidden.to(dtype), weight.to(dtype)  # (its cast's backward restores the dtype)
-    elif hidden.dtype != weight.dtype:
+    elif hidden.dtype != weight.dtype and (
+        weight.requires_grad
+        or weight.dtype.itemsize >= hidden.dtype.itemsize
+        or not weight.is_floating_point()
+    ):  # only a frozen head stored narrower than hidden is widened (slice by slice)
         raise ValueError(f"hidden is {hidden.dtype} but weight is {weight.dtype}")
     grad = torch.is_grad_enabled()
     loss, _, _ = _lm_loss(

@@ -271,8 +271,12 @@ class LoRATransformer(nn.Module):
 
     def quantize_base(self, kind: str = "nf4") -> LoRATransformer:
         """Store every block's linear weight (q, k, v, o, fc1, fc2) in 4-bit NormalFloat (QLoRA: ``kind`` "nf4",
-        ``lora/quantize.py``), dequantized on the fly in each product; the adapters, biases, LayerNorms and the
-        tied embedding stay as they are, and so does training them. Returns the model.
+        ``lora/quantize.py``), dequantized on the fly in each product, and the frozen token and position
+        embeddings (the tied LM head too) in bfloat16, as QLoRA keeps what it does not quantize: NF4's blocks
+        do not tile GPT-2's 50,257 rows, and the embedding is 38.6 M of its 124 M weights. Products stay in
+        the adapter's float32 (:meth:`hidden_states`, :meth:`logits`, :func:`chunked_lm_loss` widen what they
+        read); the adapters, biases and LayerNorms stay as they are, and so does training them. Returns the
+        model.
 
         The base fingerprint is taken first, of the full-precision weights: an adapter trained on the 4-bit
         base loads on the full-precision one and the other way round. The weights must be frozen (call
@@ -285,7 +289,9 @@ class LoRATransformer(nn.Module):
         layers = [layer for _, layer in lora_modules(self)]
         if any(layer.merged for layer in layers):
             raise ValueError("unmerge the adapter before quantizing the base (merged weights hold it)")
-        if any(layer.weight.requires_grad for layer in layers):
+        if any(
+            t.requires_grad for t in [layer.weight for layer in layers] + [self.wte.weight, self.wpe.weight]
+        ):
             raise ValueError("the base's weights are being trained (full fine-tuning): a 4-bit base stays "
                              "frozen; call configure_lora_training() first")  # fmt: skip
         check_tiles({n: m.weight.shape for n, m in lora_modules(self)})  # before any layer changes
@@ -293,12 +299,21 @@ class LoRATransformer(nn.Module):
         self._full_precision_norms = self._fused_row_norms()
         for layer in layers:
             quantize_linear_(layer)
+        self._set_embedding_dtype(torch.bfloat16)
         for block in self.blocks:
             block.attn._frozen_qkv.clear()
         if self.wte.weight.device.type == "cpu":
             release_freed_memory()  # the dense weights' pages back to the system, not kept by the allocator
         self._quantization = (kind, fingerprint)
         return self
+
+    @torch.no_grad()
+    def _set_embedding_dtype(self, dtype: torch.dtype) -> None:
+        """Store the frozen embeddings (and so the tied LM head) in ``dtype``."""
+        for emb in (self.wte, self.wpe):
+            if emb.weight.dtype != dtype:
+                emb.weight = nn.Parameter(emb.weight.to(dtype), requires_grad=False)
+        self.lm_head.weight = self.wte.weight
 
     @property
     def base_quantization(self) -> str | None:
@@ -314,7 +329,8 @@ class LoRATransformer(nn.Module):
         if T > self.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len {self.max_seq_len}")
         pos = torch.arange(T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        dtype = self.ln_f.weight.dtype  # the computation's; a 4-bit base stores its embeddings narrower
+        x = self.drop(self.wte(idx).to(dtype) + self.wpe(pos).to(dtype))  # (B, T, C)
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 # non-reentrant: LoRA grads flow even though x (frozen embeddings) needs no grad
@@ -338,9 +354,17 @@ class LoRATransformer(nn.Module):
             return self.lm_loss(idx, targets, self.loss_chunk_tokens)
         h = self.hidden_states(idx)
         if self.cls_head is None:
-            return self.lm_head(h)
+            return self.logits(h)
         last = (lengths - 1) if lengths is not None else torch.full((h.shape[0],), h.shape[1] - 1)
         return self.cls_head(h[torch.arange(h.shape[0], device=h.device), last.to(h.device)])  # (B, classes)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The tied LM head: hidden states ``(..., C)`` -> logits ``(..., vocab)``, in ``h``'s dtype (a 4-bit
+        base's bfloat16 head is widened for the product; autocast chooses its own)."""
+        w = self.lm_head.weight
+        if w.dtype != h.dtype and not torch.is_autocast_enabled(h.device.type):
+            w = w.to(h.dtype)
+        return F.linear(h, w)
 
     def lm_loss(self, idx: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = 1024) -> torch.Tensor:
         """Mean next-token cross-entropy of ``idx`` (B, T) against ``targets`` (B, T), ``-100`` not scored.
@@ -375,19 +399,25 @@ class LoRATransformer(nn.Module):
     @contextmanager
     def dense_base(self) -> Iterator[None]:
         """Within the block a 4-bit base's weights are dense (dequantized once: the same values, the memory of
-        full precision), so that many small forwards (sampling) do not each dequantize every weight; after it
-        they are the same 4-bit tensors again. Nothing happens for a base that is not quantized."""
+        full precision), so that many small forwards (sampling) do not each dequantize every weight (nor widen
+        the bfloat16 LM head); after it they are the same 4-bit and bfloat16 tensors again. Nothing happens
+        for a base that is not quantized."""
         if self._quantization is None:
             yield
             return
         kept = [(layer, layer.weight) for _, layer in lora_modules(self)]
+        embeddings = [(emb, emb.weight) for emb in (self.wte, self.wpe)]
         try:
             for layer, weight in kept:
                 layer.weight = nn.Parameter(dequantize(weight), requires_grad=False)
+            self._set_embedding_dtype(self.ln_f.weight.dtype)
             yield
         finally:
             for layer, weight in kept:
                 layer.weight = weight
+            for emb, weight in embeddings:
+                emb.weight = weight
+            self.lm_head.weight = self.wte.weight
             for block in self.blocks:
                 block.attn._frozen_qkv.clear()
 
@@ -401,7 +431,7 @@ class LoRATransformer(nn.Module):
     ) -> torch.Tensor:
         for _ in range(max_new_tokens):
             ctx = idx[:, -self.max_seq_len :]
-            logits = self.lm_head(self.hidden_states(ctx)[:, -1, :]).float()  # (B, vocab)
+            logits = self.logits(self.hidden_states(ctx)[:, -1, :]).float()  # (B, vocab)
             if not torch.isfinite(logits).all():
                 raise ValueError(
                     "the model's logits are not finite (inf or nan): check the adapter's weights and lora_alpha"
@@ -652,7 +682,7 @@ class LoRATransformer(nn.Module):
             else:
                 n, d = head["weight"].shape
                 if self.cls_head is None or self.cls_head.weight.shape != (n, d):
-                    w = self.wte.weight
+                    w = self.ln_f.weight  # the computation's dtype (a 4-bit base's embedding is narrower)
                     self.cls_head = nn.Linear(d, n, device=w.device, dtype=w.dtype)
                 self.cls_head.load_state_dict(head)
         self.config = config

@@ -518,6 +518,37 @@ def test_sampling_on_a_4_bit_base_dequantizes_once_and_gives_the_same_tokens(tmp
     assert all(quant.get_submodule(n).quantized for n in weights)
 
 
+def test_a_4_bit_base_keeps_its_embeddings_in_bfloat16_and_computes_in_float32(tmp_path):
+    """QLoRA's layout: the tied embedding and the positions in bfloat16 (the blocks in NF4); logits, the
+    chunked loss and its gradients are those of the same values held dense in float32 (``dense_base``)."""
+    full, quant = quantized_pair(tmp_path, use_dora=True)
+    assert quant.wte.weight.dtype == quant.wpe.weight.dtype == torch.bfloat16
+    assert quant.lm_head.weight is quant.wte.weight and not quant.wte.weight.requires_grad
+    assert quant.ln_f.weight.dtype == torch.float32
+    torch.testing.assert_close(quant.wte.weight.float(), full.wte.weight, rtol=2**-8, atol=0)  # bf16 rounding
+    targets = torch.roll(IDX, -1, dims=1)
+    embeddings = (quant.wte.weight, quant.wpe.weight)
+    loss = quant(IDX, targets=targets)
+    grads = torch.autograd.grad(loss, [p for p in quant.parameters() if p.requires_grad])
+    with torch.no_grad():
+        logits = quant(IDX)
+    assert logits.dtype == torch.float32
+    with quant.dense_base():
+        assert quant.wte.weight.dtype == torch.float32 and quant.lm_head.weight is quant.wte.weight
+        dense_loss = quant(IDX, targets=targets)
+        dense_grads = torch.autograd.grad(dense_loss, [p for p in quant.parameters() if p.requires_grad])
+        with torch.no_grad():
+            dense_logits = quant(IDX)
+    assert (quant.wte.weight, quant.wpe.weight) == embeddings and quant.lm_head.weight is embeddings[0]
+    torch.testing.assert_close(logits, dense_logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(loss, dense_loss, rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        loss, F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)), rtol=0, atol=1e-6
+    )
+    for a, b in zip(grads, dense_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("quantize", ["none", "nf4"])
 def test_a_run_s_dora_adapter_on_a_bf16_or_4_bit_base_starts_at_the_weights_it_trains_on(tmp_path, quantize):
     """The run widens a bf16 file to float32 (and quantizes it): DoRA's magnitudes are derived from those
@@ -532,7 +563,10 @@ def test_a_run_s_dora_adapter_on_a_bf16_or_4_bit_base_starts_at_the_weights_it_t
     LoRATransformer(**QUANT, lora_r=0).to(torch.bfloat16).save_pretrained(tmp_path / "base")
     cfg = TrainConfig(use_dora=True, lora_init="olora", quantize_base=quantize, dropout=0.0)
     model = _load_base(cfg, tmp_path / "base", SimpleNamespace(num_classes=None)).eval()
-    assert model.wte.weight.dtype == torch.float32 and model.lora_config.use_dora
+    assert model.ln_f.weight.dtype == torch.float32 and model.lora_config.use_dora
+    assert model.wte.weight.dtype == (
+        torch.bfloat16 if quantize == "nf4" else torch.float32
+    )  # QLoRA's layout
     with torch.no_grad():
         adapted = model(IDX)
         with model.disable_adapter():
