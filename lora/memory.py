@@ -1,5 +1,8 @@
 """What a run will allocate, estimated before anything is allocated, and refused if it cannot fit; and
-what it did allocate at its peak (:func:`peak_memory_mb`, reported in ``metrics.json``).
+what it did allocate at its peak (:func:`peak_memory_mb`, reported in ``metrics.json``); and, for the
+benchmark, the peak of a step's tensors alone (:func:`tensor_peak`: what CUDA's ``max_memory_allocated``
+counts, without the interpreter, the libraries and the allocator's cache that a CPU process's resident set
+also holds).
 
 A typo such as ``--d_model 100000`` or ``--num_examples 10000000000`` would otherwise take minutes to fill
 the machine's memory and then die; here it costs one line. The estimate is rough (within a small factor)
@@ -18,6 +21,7 @@ import contextlib
 import dataclasses
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -27,7 +31,14 @@ from lora.errors import ConfigError
 from lora.lora_transformer import LoRATransformer
 from lora.model_config import ModelConfig
 
-__all__ = ["available_bytes", "check_memory", "estimate_bytes", "peak_memory_mb", "reset_peak_memory"]
+__all__ = [
+    "available_bytes",
+    "check_memory",
+    "estimate_bytes",
+    "peak_memory_mb",
+    "reset_peak_memory",
+    "tensor_peak",
+]
 
 BYTES_PER_EXAMPLE = 400  # a generated cipher example: its tensors and the temporaries that make them
 BYTES_PER_FILE_BYTE = 10  # a byte of a data file: read, decoded, split into windows, int16 targets
@@ -57,6 +68,28 @@ def peak_memory_mb(device: torch.device) -> float | None:
         return None
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+def tensor_peak(fn: Callable[[], object]) -> tuple[int, int]:
+    """Run ``fn`` once under ``torch.profiler``'s memory profile; return ``(before, peak)`` in bytes: the
+    tensors that existed before and that ``fn`` used (a model's weights, an optimizer's moments), and the
+    most bytes of tensors ``fn`` had allocated and not yet freed at any moment (activations, gradients,
+    temporaries inside any operation, custom ones included). Their sum is a training step's peak of tensor
+    memory, CUDA's ``max_memory_allocated`` on a CPU. The profile makes ``fn`` slower: measure, not time.
+    """
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities, profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        fn()
+    before = now = peak = 0
+    for _, action, _, size in prof._memory_profile().timeline:
+        if action == Action.PREEXISTING:
+            before += size
+        now += size if action == Action.CREATE else -size if action == Action.DESTROY else 0
+        peak = max(peak, now)
+    return before, peak
 
 
 def available_bytes() -> int | None:

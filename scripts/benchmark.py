@@ -23,7 +23,13 @@ path (``model.fused_qkv = False``), for a comparison within the same rounds; ``l
 
 Peak memory is the process's whole peak (loading the model included) and, as ``train_peak_mem_mb``, the peak
 of the timed steps alone (CPU: the resident set's high-water mark reset once the model is built; CUDA: the
-peak statistics reset), which is what a 4-bit base changes.
+peak statistics reset), which is what a 4-bit base changes. On a CPU ``train_tensor_peak_mb`` is the steps'
+peak of tensor memory alone (weights, optimizer state, activations, gradients: ``lora.memory.tensor_peak``
+of one more step), what CUDA's number counts; the resident set also holds the interpreter, torch and
+the allocator's cache. ``lora_qv_nf4_ckpt`` is the 4-bit base with gradient checkpointing, beside
+``lora_qv_ckpt``. ``--loss chunked`` trains our models as ``lora/train_lora.py`` does, the LM head and
+cross-entropy a chunk of tokens at a time (``model(idx, targets=...)``); the peer always makes the whole
+logits tensor.
 
 ``--base DIR`` adds the size ``base``: a model folder (this project's, or a Hugging Face GPT-2 folder) whose
 weights both models load (the peer from the GPT-2 folder itself; from our format it starts random), timed
@@ -64,7 +70,7 @@ from lora.errors import guarded
 from lora.gpt2 import is_hf_folder
 from lora.lora_transformer import LoRATransformer
 from lora.memory import peak_memory_mb as steps_peak_mb
-from lora.memory import reset_peak_memory
+from lora.memory import reset_peak_memory, tensor_peak
 from lora.quantize import import_torchao_quietly
 
 
@@ -120,6 +126,7 @@ EXTRA_CONFIGS = (
     Config("infer_lora_qkvo_unmerged_unfused", "infer", targets=("q", "k", "v", "o"), fused_qkv=False),
     Config("lora_qv_dora", "train", targets=("q", "v"), dora=True),
     Config("lora_qv_nf4", "train", targets=("q", "v"), quantize="nf4"),
+    Config("lora_qv_nf4_ckpt", "train", targets=("q", "v"), checkpointing=True, quantize="nf4"),
 )
 LORA_R, LORA_ALPHA = 8, 16.0
 # Dense bf16 peak FLOP/s by GPU name (first match wins); the H100 PCIe card is slower than the SXM one.
@@ -290,6 +297,7 @@ def run_config(shape: Shape, config: Config, opts: dict) -> dict:
     targets = torch.randint(0, V, (B, T), generator=g).to(device)
     peer = config.impl == "peft"
     forward = (lambda m, x: m(input_ids=x).logits) if peer else (lambda m, x: m(x))
+    chunked = opts.get("loss") == "chunked" and not peer
     bf16 = opts["dtype"] == "bf16"
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
     extra: dict = {}
@@ -319,14 +327,23 @@ def run_config(shape: Shape, config: Config, opts: dict) -> dict:
 
         def step() -> None:
             with autocast():
-                logits = forward(run, idx)
-            loss = F.cross_entropy(logits.float().reshape(-1, V), targets.reshape(-1))
+                if chunked:  # as lora/train_lora.py trains: the head and loss a chunk of tokens at a time
+                    loss = run(idx, targets=targets)
+                else:
+                    logits = forward(run, idx)
+            if not chunked:
+                loss = F.cross_entropy(logits.float().reshape(-1, V), targets.reshape(-1))
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             losses.append(loss.detach())
 
     times = median_seconds(step, opts["warmup"], opts["steps"], device)
+    steps_peak = steps_peak_mb(device)
+    if config.task == "train" and device.type == "cpu":  # one more step, its tensors counted (untimed)
+        extra["train_tensor_peak_mb"] = sum(tensor_peak(step)) / 2**20
+    elif config.task == "train":
+        extra["train_tensor_peak_mb"] = steps_peak  # CUDA's peak is of tensors already
     if opts.get("profile"):
         extra["profile"] = profile_step(step, device)
     if config.task == "train":
@@ -341,7 +358,7 @@ def run_config(shape: Shape, config: Config, opts: dict) -> dict:
         "step_ms_all": [round(1e3 * t, 2) for t in times],
         "tokens_per_s": tokens_per_s,
         "peak_mem_mb": max(peak_memory_mb(device), built_mb),
-        "train_peak_mem_mb": steps_peak_mb(device),
+        "train_peak_mem_mb": steps_peak,
         "mem_before_model_mb": base_mb,
         "trainable_params": sum(p.numel() for p in trainable) if config.task == "train" else 0,
         "total_params": sum(p.numel() for p in model.parameters()),
@@ -384,13 +401,13 @@ def merge_rounds(runs: list[dict]) -> dict:
     if not ok:
         return runs[0]
     out = dict(ok[0])
-    for key in ("step_ms", "peak_mem_mb", "train_peak_mem_mb", "mem_before_model_mb"):
-        if all(key in r for r in ok):  # (train_peak_mem_mb: not in results written before it existed)
+    for key in ("step_ms", "peak_mem_mb", "train_peak_mem_mb", "train_tensor_peak_mb", "mem_before_model_mb"):
+        if all(key in r for r in ok):  # (train_*: not in results written before they existed)
             out[key] = statistics.median(r[key] for r in ok)
     out["tokens_per_s"] = statistics.median(r["tokens_per_s"] for r in ok)
     if out["mfu"] is not None:
         out["mfu"] = statistics.median(r["mfu"] for r in ok)
-    for key in ("step_ms", "peak_mem_mb", "train_peak_mem_mb"):
+    for key in ("step_ms", "peak_mem_mb", "train_peak_mem_mb", "train_tensor_peak_mb"):
         out[f"{key}_rounds"] = [round(r[key], 2) if r["status"] == "ok" and key in r else None for r in runs]
     return out
 
@@ -432,6 +449,9 @@ def summarise(rows: dict[str, dict]) -> dict:
         "dora_step_vs_lora": ("lora_qv_dora", "lora_qv", "step_ms"),
         "nf4_train_mem_vs_fp32": ("lora_qv_nf4", "lora_qv", "train_peak_mem_mb"),
         "nf4_mem_vs_fp32": ("lora_qv_nf4", "lora_qv", "peak_mem_mb"),
+        "nf4_tensor_mem_vs_fp32": ("lora_qv_nf4", "lora_qv", "train_tensor_peak_mb"),
+        "nf4_ckpt_train_mem_vs_fp32": ("lora_qv_nf4_ckpt", "lora_qv_ckpt", "train_peak_mem_mb"),
+        "nf4_ckpt_tensor_mem_vs_fp32": ("lora_qv_nf4_ckpt", "lora_qv_ckpt", "train_tensor_peak_mb"),
     }
     out: dict = {}
     for name, (a, b, key) in pairs.items():
@@ -450,6 +470,9 @@ TARGETS = (  # (summary key, label, limit, "max" or "min"): the CPU targets of t
     ("lora_qv_mem_vs_full", "LoRA q+v peak memory / full fine-tuning", 1.0, "max"),
     ("dora_step_vs_lora", "DoRA q+v training step time / LoRA q+v", 1.25, "max"),  # the variants issue's
     ("nf4_train_mem_vs_fp32", "LoRA q+v peak memory of the steps, nf4 base / fp32 base", 0.45, "max"),
+    ("nf4_tensor_mem_vs_fp32", "LoRA q+v peak tensor memory of a step, nf4 base / fp32 base", 0.45, "max"),
+    ("nf4_ckpt_train_mem_vs_fp32", "the same, checkpointed: peak memory of the steps", 0.45, "max"),
+    ("nf4_ckpt_tensor_mem_vs_fp32", "the same, checkpointed: peak tensor memory of a step", 0.45, "max"),
 )
 
 
@@ -475,21 +498,22 @@ def markdown(result: dict) -> str:
             f"## {size}: d_model {sh['d_model']}, {sh['num_layers']} layers, {sh['num_heads']} heads, "
             f"vocab {sh['vocab_size']}, batch {sh['batch']} x seq {sh['seq_len']}",
             "",
-            f"| configuration | step (ms) | tokens/s | vs full | {mem} | steps' peak (MiB) | trainable params "
-            "| MFU |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|",
+            f"| configuration | step (ms) | tokens/s | vs full | {mem} | steps' peak (MiB) "
+            "| a step's tensors (MiB) | trainable params | MFU |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         full = rows.get("full", {})
         for name, r in rows.items():
             if r["status"] != "ok":
-                lines.append(f"| {name} | {r['status']}: {r['reason']} | | | | | | |")
+                lines.append(f"| {name} | {r['status']}: {r['reason']} | | | | | | | |")
                 continue
             ratios = within_round_ratios(r, full, "step_ms") if r["trainable_params"] else []
             vs = f"{statistics.median(ratios):.2f}x" if ratios else ""  # within rounds, as the targets
             mfu = f"{100 * r['mfu']:.1f} %" if r["mfu"] is not None else "-"
+            tensors = f"{r['train_tensor_peak_mb']:,.0f}" if r.get("train_tensor_peak_mb") else "-"
             lines.append(
                 f"| {name} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {vs} | {r['peak_mem_mb']:,.0f} "
-                f"| {r.get('train_peak_mem_mb') or 0:,.0f} | {r['trainable_params']:,} | {mfu} |"
+                f"| {r.get('train_peak_mem_mb') or 0:,.0f} | {tensors} | {r['trainable_params']:,} | {mfu} |"
             )
         summary = result["summary"][size]
         lines += [
@@ -554,7 +578,7 @@ def plot(result: dict, path: Path) -> None:
 
 
 # the flags each worker process needs, also recorded in the report's settings
-WORKER_OPTIONS = ("device", "dtype", "compile", "threads", "steps", "warmup", "profile")
+WORKER_OPTIONS = ("device", "dtype", "compile", "threads", "steps", "warmup", "profile", "loss")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -577,6 +601,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--configs", default=None, help="comma-separated subset of the configurations")
     p.add_argument("--gradient_checkpointing", action="store_true", help="also time LoRA q+v checkpointed")
     p.add_argument("--skip_peer", action="store_true", help="do not run transformers + PEFT")
+    p.add_argument(
+        "--loss",
+        default="full",
+        choices=["full", "chunked"],
+        help="our models' training loss: from the whole logits (as the peer), or chunked (as train_lora.py)",
+    )
     p.add_argument(
         "--profile",
         action="store_true",

@@ -8,6 +8,7 @@ from torch import nn
 
 from lora.chunked_loss import chunked_lm_loss
 from lora.lora_transformer import LoRATransformer
+from lora.memory import tensor_peak
 
 B, T, C, V = 3, 16, 8, 40  # 48 tokens
 
@@ -99,6 +100,30 @@ def test_autocast_computes_the_logits_in_bfloat16_as_the_plain_head():
         torch.testing.assert_close(a, b, rtol=0.02, atol=1e-3)  # bfloat16 products in both
 
 
+@pytest.mark.parametrize("slice_rows", [7, 40, 8192])  # 7 does not divide V = 40
+def test_a_frozen_bfloat16_head_is_widened_slice_by_slice_and_equals_its_float32_copy(
+    monkeypatch, slice_rows
+):
+    """A 4-bit base keeps its tied head in bfloat16: the loss and dloss/dh are those of the float32 copy of
+    the same values, with no widened copy of the whole head (the slices are SLICE_ROWS rows)."""
+    import lora.chunked_loss as chunked
+
+    monkeypatch.setattr(chunked, "SLICE_ROWS", slice_rows)
+    hidden, weight, targets = inputs()
+    narrow = weight.detach().to(torch.bfloat16)  # frozen
+    wide = narrow.float()
+    plain = plain_loss(hidden, wide, targets)
+    got = chunked_lm_loss(hidden, narrow, targets, 7)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, plain, rtol=0, atol=1e-6)
+    (dh,) = torch.autograd.grad(got, hidden)
+    (want,) = torch.autograd.grad(plain, hidden)
+    assert dh.dtype == torch.float32
+    torch.testing.assert_close(dh, want, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match=r"hidden is torch\.float32 but weight is torch\.bfloat16"):
+        chunked_lm_loss(hidden, narrow.requires_grad_(True), targets, 7)  # a trained head is not widened
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -119,22 +144,6 @@ def test_bad_arguments_are_refused(kwargs, message):
         chunked_lm_loss(**args)
 
 
-def peak_bytes(fn) -> int:
-    """Peak bytes of CPU tensors alive at once while ``fn`` runs (torch's memory profile of the run)."""
-    from torch.profiler import ProfilerActivity, profile
-    from torch.profiler._memory_profiler import Action
-
-    with profile(
-        activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
-    ) as p:
-        fn()
-    now = peak = 0
-    for _, action, _, size in p._memory_profile().timeline:
-        now += size if action == Action.CREATE else -size if action == Action.DESTROY else 0
-        peak = max(peak, now)
-    return peak
-
-
 def test_forward_and_backward_hold_one_chunk_of_logits():
     """4,096 tokens x 2,048 classes: the plain loss holds 3 copies of the 32 MiB logits at its peak; the
     chunked one, 256 tokens at a time, about one 2 MiB chunk plus its gradients."""
@@ -143,8 +152,8 @@ def test_forward_and_backward_hold_one_chunk_of_logits():
     weight = torch.randn(2048, 16, generator=g, requires_grad=True)
     targets = torch.randint(0, 2048, (4096,), generator=g)
     logits = 4096 * 2048 * 4
-    plain = peak_bytes(lambda: F.cross_entropy(F.linear(hidden, weight), targets).backward())
-    chunked = peak_bytes(lambda: chunked_lm_loss(hidden, weight, targets, 256).backward())
+    _, plain = tensor_peak(lambda: F.cross_entropy(F.linear(hidden, weight), targets).backward())
+    _, chunked = tensor_peak(lambda: chunked_lm_loss(hidden, weight, targets, 256).backward())
     assert plain >= 2 * logits
     assert chunked < logits / 8
 
