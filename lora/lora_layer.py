@@ -29,6 +29,7 @@ Run ``python lora/lora_layer.py`` for a short demonstration.
 
 from __future__ import annotations
 
+import contextvars
 import fnmatch
 import math
 import warnings
@@ -49,6 +50,8 @@ __all__ = [
     "TRAINED_LEAVES",
     "LinearWithLoRA",
     "LoRALinear",
+    "base_init_deferred",
+    "deferred_base_init",
     "disable_adapter",
     "inject_lora",
     "lora_modules",
@@ -154,6 +157,28 @@ class _LoRALinearFunction(torch.autograd.Function):
         return dx, dw, db, da, dbb, None
 
 
+# set within deferred_base_init(): new layers leave their base-derived start to a later init_from_base()
+_DEFERRED = contextvars.ContextVar("lora_deferred_base_init", default=False)
+
+
+@contextmanager
+def deferred_base_init() -> Iterator[None]:
+    """Within the block, layers made with the LoRA leave what starts from ``W0`` (PiSSA's and OLoRA's SVD /
+    QR factors, DoRA's magnitudes) to a later :meth:`LoRALinear.init_from_base`: for a model that puts its
+    base weights in place after making its layers (its own initialisation, or a loaded file), so that the
+    factorisation is done once, of the weights that stay."""
+    token = _DEFERRED.set(True)
+    try:
+        yield
+    finally:
+        _DEFERRED.reset(token)
+
+
+def base_init_deferred() -> bool:
+    """Whether this code runs within :func:`deferred_base_init`."""
+    return _DEFERRED.get()
+
+
 class LoRALinear(nn.Module):
     """A drop-in ``nn.Linear`` with a frozen base and a trainable low-rank update.
 
@@ -228,7 +253,8 @@ class LoRALinear(nn.Module):
         self.merged = False
         self._adapter_enabled = True
         self.reset_lora(r, lora_alpha, lora_dropout, use_rslora, use_dora, lora_init)
-        self.init_from_base()
+        if not _DEFERRED.get():  # (a model that sets its base weights afterwards derives it then)
+            self.init_from_base()
 
     def reset_lora(
         self,

@@ -54,6 +54,8 @@ from lora.lora_layer import (
     QUANTIZED_MERGE,
     TRAINED_LEAVES,
     LoRALinear,
+    base_init_deferred,
+    deferred_base_init,
     disable_adapter,
     lora_modules,
     lora_state_dict,
@@ -210,13 +212,16 @@ class LoRATransformer(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.d_model)
         self.wpe = nn.Embedding(config.max_seq_len, config.d_model)
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config, lora) for _ in range(config.num_layers))
+        loading = base_init_deferred()  # within from_pretrained: the weights are not the ones to keep
+        with deferred_base_init():  # the layers' start is derived once, after _init_weights
+            self.blocks = nn.ModuleList(Block(config, lora) for _ in range(config.num_layers))
         self.ln_f = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied, as GPT-2
         self.cls_head = nn.Linear(config.d_model, num_classes) if num_classes else None
         self._init_weights(config.num_layers)
-        self.init_adapter_from_base()
+        if not loading:  # (from_pretrained derives it once the file's weights are in)
+            self.init_adapter_from_base()
         # the adapter set: the active adapter's name (None: no adapter), its extra facts, the parked ones
         has_adapter = any(layer.r > 0 for _, layer in lora_modules(self)) or self.cls_head is not None
         self._active: str | None = "default" if has_adapter else None
@@ -799,7 +804,8 @@ class LoRATransformer(nn.Module):
         dtype when all its floating tensors share one.
         """
         options, header = cls.check_pretrained(path, **lora_options)
-        model = cls(**options)
+        with deferred_base_init():  # no PiSSA/OLoRA SVDs of the random weights about to be replaced
+            model = cls(**options)
         weights = read_gpt2_weights(path) if is_hf_folder(path) else read_model_weights(path)
         tensors = {k: v for k, v in weights.items() if k in header}
         dtypes = {t.dtype for t in tensors.values()}
@@ -846,7 +852,10 @@ class LoRATransformer(nn.Module):
                              f"num_layers {arch.num_layers}")  # fmt: skip
         options = {**arch.to_dict(), **lora_options}
         try:
-            with torch.device("meta"):  # the model's expected tensors, without allocating them
+            with (
+                torch.device("meta"),
+                deferred_base_init(),
+            ):  # the expected tensors, none allocated or derived
                 probe = cls(**options)
         except ValueError as e:
             raise ValueError(f"{Path(path) / CONFIG_NAME}: cannot build the model ({e})") from None

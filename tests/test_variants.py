@@ -572,3 +572,26 @@ def test_a_run_s_dora_adapter_on_a_bf16_or_4_bit_base_starts_at_the_weights_it_t
         with model.disable_adapter():
             base = model(IDX)
     torch.testing.assert_close(adapted, base, rtol=0, atol=1e-5)
+
+
+def test_principal_factors_are_computed_once_per_layer_built_or_loaded(tmp_path, monkeypatch):
+    """PiSSA's SVD runs once per adapted layer: in the constructor after the weights are initialised, and in
+    from_pretrained after the file's weights are in (not first for the random ones they replace)."""
+    import lora.lora_layer as layer_module
+
+    calls = []
+    real = layer_module._principal_factors
+    monkeypatch.setattr(
+        layer_module, "_principal_factors", lambda w, *a: calls.append(w.clone()) or real(w, *a)
+    )
+    torch.manual_seed(0)
+    built = LoRATransformer(**TINY, lora_r=2, lora_init="pissa")
+    assert len(calls) == 2 * 2  # q and v of 2 blocks
+    built.save_pretrained(tmp_path / "base")
+    calls.clear()
+    loaded = LoRATransformer.from_pretrained(tmp_path / "base", lora_r=2, lora_init="pissa")
+    assert len(calls) == 4
+    q = loaded.blocks[0].attn.q_proj
+    assert torch.equal(calls[0], q.weight)  # of the loaded weights
+    torch.testing.assert_close(q.lora_B @ q.lora_A * q.scaling, built.blocks[0].attn.q_proj.lora_B @
+                               built.blocks[0].attn.q_proj.lora_A * q.scaling)  # fmt: skip
