@@ -339,7 +339,8 @@ def run_config(shape: Shape, config: Config, opts: dict) -> dict:
             losses.append(loss.detach())
 
     times = median_seconds(step, opts["warmup"], opts["steps"], device)
-    steps_peak = steps_peak_mb(device)
+    # read before the profiles below, whose own bookkeeping (a trace of every operation) would count too
+    steps_peak, whole_peak = steps_peak_mb(device), max(peak_memory_mb(device), built_mb)
     if config.task == "train" and device.type == "cpu":  # one more step, its tensors counted (untimed)
         extra["train_tensor_peak_mb"] = sum(tensor_peak(step)) / 2**20
     elif config.task == "train":
@@ -357,7 +358,7 @@ def run_config(shape: Shape, config: Config, opts: dict) -> dict:
         "step_ms": 1e3 * step_s,
         "step_ms_all": [round(1e3 * t, 2) for t in times],
         "tokens_per_s": tokens_per_s,
-        "peak_mem_mb": max(peak_memory_mb(device), built_mb),
+        "peak_mem_mb": whole_peak,
         "train_peak_mem_mb": steps_peak,
         "mem_before_model_mb": base_mb,
         "trainable_params": sum(p.numel() for p in trainable) if config.task == "train" else 0,
