@@ -74,13 +74,14 @@ def tensor_peak(fn: Callable[[], object]) -> tuple[int, int]:
     """Run ``fn`` once under ``torch.profiler``'s memory profile; return ``(before, peak)`` in bytes: the
     tensors that existed before and that ``fn`` used (a model's weights, an optimizer's moments), and the
     most bytes of tensors ``fn`` had allocated and not yet freed at any moment (activations, gradients,
-    temporaries inside any operation, custom ones included). Their sum is a training step's peak of tensor
-    memory, CUDA's ``max_memory_allocated`` on a CPU. The profile makes ``fn`` slower: measure, not time.
+    temporaries inside any operation, custom ones included). Their sum is a CPU training step's peak of
+    tensor memory, what CUDA's ``max_memory_allocated`` counts on a GPU (use that there). The profile makes
+    ``fn`` slower: measure, do not time.
     """
     from torch.profiler import ProfilerActivity, profile
     from torch.profiler._memory_profiler import Action
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    activities = [ProfilerActivity.CPU]
     with profile(activities=activities, profile_memory=True, record_shapes=True, with_stack=True) as prof:
         fn()
     before = now = peak = 0

@@ -37,6 +37,11 @@ def test_quick_run_writes_json_markdown_and_png(tmp_path):
         for key in ("step_ms", "tokens_per_s", "peak_mem_mb", "flops_per_token", "total_params"):
             assert r[key] > 0, (name, key, r[key])
         assert (r["trainable_params"] > 0) == (name in ("full", "lora_qv", "lora_qkvo", "peft_qv"))
+        if r[
+            "trainable_params"
+        ]:  # a step's tensors: at least the float32 weights; full adds grads and moments
+            per_param = 16 if name == "full" else 4
+            assert r["train_tensor_peak_mb"] * 2**20 >= per_param * r["total_params"], (name, r)
     assert rows["lora_qv"]["trainable_params"] == 2 * 2 * 8 * (64 + 64)  # layers x (q, v) x r x (in + out)
     assert rows["full"]["trainable_params"] == rows["full"]["total_params"]
     assert rows["infer_lora_merged"]["merged_vs_unmerged_max_abs_diff"] < 1e-4
