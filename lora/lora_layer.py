@@ -53,6 +53,7 @@ __all__ = [
     "base_init_deferred",
     "deferred_base_init",
     "disable_adapter",
+    "fixed_dora_norms",
     "inject_lora",
     "lora_modules",
     "lora_scaling",
@@ -179,6 +180,23 @@ def base_init_deferred() -> bool:
     return _DEFERRED.get()
 
 
+@contextmanager
+def fixed_dora_norms(model: nn.Module) -> Iterator[None]:
+    """Within the block every DoRA layer of ``model`` computes its ``||W0 + s B A||_row`` once and reuses it:
+    for evaluation and sampling, which change no weight. Each forward would otherwise recompute it: an
+    ``(out, in)`` product of rank ``r`` and a sum per layer, which a training step's many tokens hide but a
+    short sequence does not (GPT-2 small, DoRA on q and v, 32 tokens: 114 against 74 ms a forward). Leaving
+    the block forgets the norms; nothing may change a weight, a factor or the adapter within it."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    try:
+        for m in layers:
+            m._norm_fixed, m._fixed_norm = True, None
+        yield
+    finally:
+        for m in layers:
+            m._norm_fixed, m._fixed_norm = False, None
+
+
 class LoRALinear(nn.Module):
     """A drop-in ``nn.Linear`` with a frozen base and a trainable low-rank update.
 
@@ -297,6 +315,8 @@ class LoRALinear(nn.Module):
         self.register_buffer("lora_A0", None)
         self.register_buffer("lora_B0", None)
         self._merge_scale: torch.Tensor | None = None  # DoRA's m / ||W||_row while merged, float32 (out,)
+        self._fixed_norm: torch.Tensor | None = None  # _row_norm's, kept within fixed_dora_norms()
+        self._norm_fixed = False
         if r == 0:
             self.lora_A = None
             self.lora_B = None
@@ -381,10 +401,17 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def _row_norm(self) -> torch.Tensor:
-        """``||W0 + delta||`` of each output row, float32 (out,); no gradient flows through it (DoRA)."""
+        """``||W0 + delta||`` of each output row, float32 (out,); no gradient flows through it (DoRA). Within
+        :func:`fixed_dora_norms` it is computed once and kept (not under ``torch.compile``)."""
+        fixed = self._norm_fixed and not torch.compiler.is_compiling()
+        if fixed and self._fixed_norm is not None:
+            return self._fixed_norm
         w = self.base_weight().float()
         with _float32_math(w.device):
-            return (w + self.delta_weight()).norm(dim=1)
+            norm = (w + self.delta_weight()).norm(dim=1)
+        if fixed:
+            self._fixed_norm = norm
+        return norm
 
     def dora_scale(self) -> torch.Tensor:
         """DoRA's ``g = m / ||W0 + s B A||_row`` (out,), differentiable in ``m`` only."""

@@ -57,6 +57,7 @@ from lora.lora_layer import (
     base_init_deferred,
     deferred_base_init,
     disable_adapter,
+    fixed_dora_norms,
     lora_modules,
     lora_state_dict,
     merge_lora,
@@ -394,11 +395,12 @@ class LoRATransformer(nn.Module):
         """Append ``max_new_tokens`` sampled tokens to ``idx`` (B, T) -> (B, T + max_new_tokens).
 
         ``temperature == 0`` decodes greedily; ``top_k`` keeps the k most likely tokens. A 4-bit base is
-        dequantized once for the whole call (:meth:`dense_base`), not once per token.
+        dequantized once for the whole call (:meth:`dense_base`), not once per token, and DoRA's row norms are
+        computed once (:func:`~lora.lora_layer.fixed_dora_norms`).
         """
         if self.cls_head is not None:
             raise RuntimeError("generate() needs a language model; this one has a classification head")
-        with self.dense_base():
+        with self.dense_base(), fixed_dora_norms(self):
             return self._sample(idx, max_new_tokens, temperature, top_k, generator)
 
     @contextmanager

@@ -37,7 +37,7 @@ from lora.data import IGNORE
 from lora.distributed import Distributed, all_sum
 from lora.errors import ConfigError, DivergenceError, Interrupted, did_you_mean
 from lora.files import atomic_write_bytes
-from lora.lora_layer import mark_only_lora_as_trainable
+from lora.lora_layer import fixed_dora_norms, mark_only_lora_as_trainable
 from lora.plotting import render_history
 
 __all__ = [
@@ -148,21 +148,22 @@ def evaluate_model(
     loss_sum, tokens, correct, rows = 0.0, 0, 0, 0
     if hasattr(loader, "batches") and hasattr(loader, "world_size"):  # sharded by global batch number
         loader, max_batches = loader.batches(limit=max_batches or None), 0
-    for b, raw in enumerate(loader):
-        if max_batches and b >= max_batches:
-            break
-        batch = as_batch(raw)
-        loss, logits = batch_loss(forward if forward is not None else model, batch, device, autocast)
-        y = batch["y"].to(device).long()
-        scored = (y != IGNORE).sum().item()
-        loss_sum += loss.item() * scored
-        tokens += scored
-        pred = logits.argmax(dim=-1)
-        if metric_name == "exact_match":
-            correct += ((pred == y) | (y == IGNORE)).all(dim=1).sum().item()
-        else:
-            correct += (pred == y).sum().item()
-        rows += y.shape[0]
+    with fixed_dora_norms(model):  # no weight changes here: DoRA's norms once, not once per batch
+        for b, raw in enumerate(loader):
+            if max_batches and b >= max_batches:
+                break
+            batch = as_batch(raw)
+            loss, logits = batch_loss(forward if forward is not None else model, batch, device, autocast)
+            y = batch["y"].to(device).long()
+            scored = (y != IGNORE).sum().item()
+            loss_sum += loss.item() * scored
+            tokens += scored
+            pred = logits.argmax(dim=-1)
+            if metric_name == "exact_match":
+                correct += ((pred == y) | (y == IGNORE)).all(dim=1).sum().item()
+            else:
+                correct += (pred == y).sum().item()
+            rows += y.shape[0]
     model.train(was_training)
     if reduce is not None:
         totals = torch.tensor([loss_sum, tokens, correct, rows], dtype=torch.float64, device=device)

@@ -595,3 +595,24 @@ def test_principal_factors_are_computed_once_per_layer_built_or_loaded(tmp_path,
     assert torch.equal(calls[0], q.weight)  # of the loaded weights
     torch.testing.assert_close(q.lora_B @ q.lora_A * q.scaling, built.blocks[0].attn.q_proj.lora_B @
                                built.blocks[0].attn.q_proj.lora_A * q.scaling)  # fmt: skip
+
+
+def test_dora_norms_are_computed_once_within_evaluation_and_sampling():
+    """fixed_dora_norms keeps each layer's ||W0 + s B A||_row for the block (no weight changes there): the same
+    outputs, bit for bit, with one norm per layer instead of one per forward; leaving the block forgets them."""
+    from lora.lora_layer import fixed_dora_norms
+
+    torch.manual_seed(0)
+    model = randomise_model(LoRATransformer(**TINY, lora_r=2, use_dora=True).eval())
+    layers = [layer for _, layer in model.lora_layers()]
+    with torch.no_grad():
+        plain = [model(IDX), model(IDX[:, :5])]
+        with fixed_dora_norms(model):
+            first = model(IDX)
+            kept = [layer._fixed_norm for layer in layers]
+            again = model(IDX[:, :5])
+            assert all(
+                k is not None and layer._fixed_norm is k for k, layer in zip(kept, layers, strict=True)
+            )
+        assert all(layer._fixed_norm is None and not layer._norm_fixed for layer in layers)
+    assert torch.equal(first, plain[0]) and torch.equal(again, plain[1])
