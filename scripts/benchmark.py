@@ -106,6 +106,9 @@ SIZES = {
     "tiny": Shape(d_model=64, num_layers=2, num_heads=2, seq_len=64, batch=4, vocab_size=256),
     "small": Shape(d_model=512, num_layers=8, num_heads=8, seq_len=256, batch=8, vocab_size=256),
     "gpt2": Shape(d_model=768, num_layers=12, num_heads=12, seq_len=128, batch=4, vocab_size=50257),
+    # the GPU-speed issue's shapes: GPT-2 small at its full context, batch 8 and 16 (for a GPU, not a CPU)
+    "gpt2_1024x8": Shape(d_model=768, num_layers=12, num_heads=12, seq_len=1024, batch=8, vocab_size=50257),
+    "gpt2_1024x16": Shape(d_model=768, num_layers=12, num_heads=12, seq_len=1024, batch=16, vocab_size=50257),
 }
 CONFIGS = (
     Config("full", "train"),

@@ -10,11 +10,17 @@
    for plain LoRA and for DoRA with a PiSSA start (the variants' own paths); and with torchao installed, a
    4-bit NF4 base on the device against the same 4-bit base on the CPU.
 
-Prints a short table last and writes ``gpu_checks.json`` into ``--out``. On a CPU (``--device cpu``,
-e.g. to try the script) the sync check is skipped and the sizes should be small.
+4. With ``--benchmark``, ``scripts/benchmark.py`` in fresh processes, ``--bench_rounds`` rounds of
+   ``--bench_steps`` steps: full fine-tuning, LoRA q+v, transformers + PEFT and inference at the issue's
+   shape (GPT-2 small, sequence 1,024, batch 8; bf16), and the variants (nf4 base, checkpointed or not,
+   DoRA) at the benchmark's ``gpt2`` shape with the chunked loss; their target ratios join the table.
+
+Prints a short table last and writes ``gpu_checks.json`` (and the benchmarks' folders) into ``--out``. On a
+CPU (``--device cpu``, e.g. to try the script) the sync check is skipped and the sizes should be small.
 
     python scripts/gpu_checks.py --out $OUT                       # on the GPU machine: the whole set
     python scripts/gpu_checks.py --cuda_graphs --out $OUT         # and compiled with CUDA graphs too
+    python scripts/gpu_checks.py --cuda_graphs --benchmark --out $OUT   # and the benchmark's targets
     python scripts/gpu_checks.py --device cpu --size tiny --steps 4 --out /tmp/gpu_checks   # a dry run
 """
 
@@ -23,6 +29,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -134,6 +141,39 @@ def check_gradients(size: str, device: str, quantize: bool = False, **variant: o
     return {"logits_max_abs_err": (a - b).abs().max().item(), "lora_grad_max_rel_err": grad_err}
 
 
+# (name, benchmark arguments): the issue's shape, then the variants (the tiny size for a dry run on a CPU)
+BENCHMARKS = (
+    ("bench_speed", ["--configs", "full,lora_qv,peft_qv,infer_base,infer_lora_unmerged,infer_lora_merged"]),
+    ("bench_variants", ["--loss", "chunked", "--configs",
+                        "lora_qv,lora_qv_nf4,lora_qv_ckpt,lora_qv_nf4_ckpt,lora_qv_dora"]),
+)  # fmt: skip
+BENCH_KEYS = ("lora_qv_step_vs_full", "lora_qv_tokens_vs_peft", "unmerged_vs_base_latency", "merged_vs_base_latency",
+              "lora_qv_mem_vs_full", "dora_step_vs_lora", "nf4_tensor_mem_vs_fp32", "nf4_ckpt_tensor_mem_vs_fp32")  # fmt: skip
+
+
+def run_benchmarks(args: argparse.Namespace, out: Path) -> dict:
+    """``scripts/benchmark.py`` for :data:`BENCHMARKS`, each in its own process; ``{name: summary}`` of the
+    target ratios (or ``{"error": last line}``)."""
+    script = Path(__file__).resolve().parent / "benchmark.py"
+    summaries = {}
+    for name, extra in BENCHMARKS:
+        size = "tiny" if args.size == "tiny" else ("gpt2_1024x8" if name == "bench_speed" else "gpt2")
+        if args.size == "tiny" and "--loss" in extra:  # tiny's 256 words tile no NF4 block: the small size
+            size = "small"
+        cmd = [sys.executable, str(script), "--sizes", size, "--device", args.device, "--steps",
+               str(args.bench_steps), "--warmup", str(max(args.bench_steps // 3, 1)), "--rounds",
+               str(args.bench_rounds), "--out", str(out / name), *extra]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = (proc.stderr.strip() or proc.stdout.strip() or f"exit {proc.returncode}").splitlines()[-1]
+            summaries[name] = {"error": tail}
+            continue
+        summary = json.loads((out / name / "results.json").read_text())["summary"][size]
+        summaries[name] = {k: summary[k] for k in BENCH_KEYS if summary.get(k) is not None}
+        print(f"{name} ({size}): {summaries[name]}", flush=True)
+    return summaries
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = CommandLineParser(prog="gpu_checks.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda", help="cuda (the point of it) or cpu (a dry run)")
@@ -142,6 +182,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--no_compile", action="store_true", help="skip the compiled runs")
     p.add_argument("--cuda_graphs", action="store_true",
                    help="also time both compiled with mode reduce-overhead (CUDA graphs)")  # fmt: skip
+    p.add_argument(
+        "--benchmark", action="store_true", help="also run scripts/benchmark.py's target configurations"
+    )
+    p.add_argument(
+        "--bench_rounds", type=int, default=3, help="benchmark rounds (fresh processes) per configuration"
+    )
+    p.add_argument("--bench_steps", type=int, default=30, help="timed benchmark steps per configuration")
     p.add_argument("--out", default="runs/gpu_checks", help="folder for gpu_checks.json")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     return p.parse_args(argv)
@@ -155,6 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError("--device cuda, but torch sees no CUDA device (try --device cpu for a dry run)")
         if args.steps < 2:
             raise ValueError(f"--steps must be >= 2, got {args.steps}")
+        if args.bench_rounds < 1 or args.bench_steps < 1:
+            raise ValueError("--bench_rounds and --bench_steps must be >= 1")
         on_gpu = args.device != "cpu"
         checks = {"lora": check_gradients(args.size, args.device),
                   "dora_pissa": check_gradients(args.size, args.device, use_dora=True, lora_init="pissa")}  # fmt: skip
@@ -179,7 +228,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{name}: {result['runs'][name]}", flush=True)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "gpu_checks.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out / "gpu_checks.json").write_text(json.dumps(result, indent=2) + "\n")  # kept if a time limit cuts
+        if args.benchmark:  # what follows (the benchmark writes its results after every configuration)
+            result["benchmarks"] = run_benchmarks(args, out)
+            (out / "gpu_checks.json").write_text(json.dumps(result, indent=2) + "\n")
         print(f"\n{result['device']}, torch {result['torch']}, size {args.size}")
         for name, check in result["checks"].items():
             print(f"check {name}: {check}")
@@ -189,6 +241,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(
                 f"{name:<20} {r['tokens_per_s']:>12,.0f} {r['step_ms']:>9.1f} {peak:>9} {r['sync_free']!s:>9}"
             )
+        for name, summary in result.get("benchmarks", {}).items():
+            shown = ", ".join(
+                f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()
+            )
+            print(f"{name}: {shown}")
         return 0
 
     return guarded("gpu_checks.py", body, args.debug)

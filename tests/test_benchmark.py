@@ -214,3 +214,23 @@ def test_the_gpu_check_script_runs_dry_on_a_cpu(tmp_path, one_thread):
     assert set(result["runs"]) == {"lora_qv", "full"} and all(
         r["tokens_per_s"] > 0 for r in result["runs"].values()
     )
+
+
+def test_the_gpu_check_script_runs_the_benchmark_s_targets(tmp_path, one_thread, monkeypatch):
+    """--benchmark runs scripts/benchmark.py in its own processes and puts its target ratios in the JSON and the
+    table; a benchmark that fails is reported with its last line, and the rest still run. (Here two tiny
+    configurations and one bad one, not the GPU's list.)"""
+    import scripts.gpu_checks as gpu_checks
+
+    monkeypatch.setattr(gpu_checks, "BENCHMARKS", (("bad", ["--configs", "no_such_config"]),
+                                                   ("bench_speed", ["--configs", "full,lora_qv"])))  # fmt: skip
+    argv = ["--device", "cpu", "--size", "tiny", "--steps", "2", "--no_compile", "--benchmark",
+            "--bench_rounds", "1", "--bench_steps", "1", "--out", str(tmp_path)]  # fmt: skip
+    assert gpu_checks.main(argv) == 0
+    benchmarks = json.loads((tmp_path / "gpu_checks.json").read_text())["benchmarks"]
+    assert "unknown --configs" in benchmarks["bad"]["error"]
+    speed = benchmarks["bench_speed"]
+    assert set(speed) == {"lora_qv_step_vs_full", "lora_qv_mem_vs_full"} and all(
+        v > 0 for v in speed.values()
+    )
+    assert json.loads((tmp_path / "bench_speed" / "results.json").read_text())["settings"]["steps"] == 1
