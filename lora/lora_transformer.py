@@ -102,7 +102,9 @@ class CausalSelfAttention(nn.Module):
             setattr(self, name, _linear(config.d_model, config.d_model, lora, t in lora.lora_targets))
         self.resid_drop = nn.Dropout(config.dropout)
         self.fused_qkv = True
-        self._frozen_qkv = FrozenConcat()  # the stacked frozen q/k/v weights and biases, between steps
+        self._frozen_qkv = FrozenConcat(
+            adopt=True
+        )  # the stacked frozen q/k/v weights, biases; theirs are views
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, T, C) -> (B, T, C)``."""

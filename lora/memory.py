@@ -21,7 +21,7 @@ import contextlib
 import dataclasses
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -37,6 +37,7 @@ __all__ = [
     "estimate_bytes",
     "peak_memory_mb",
     "reset_peak_memory",
+    "storage_bytes",
     "tensor_peak",
 ]
 
@@ -70,13 +71,32 @@ def peak_memory_mb(device: torch.device) -> float | None:
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
 
 
-def tensor_peak(fn: Callable[[], object]) -> tuple[int, int]:
+def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind ``tensors``: views of one tensor count once, a tensor subclass
+    (torchao's ``NF4Tensor``) counts its inner tensors."""
+    seen: dict[int, int] = {}
+
+    def add(t: torch.Tensor) -> None:
+        if hasattr(t, "__tensor_flatten__"):  # a wrapper subclass: what it holds
+            for name in t.__tensor_flatten__()[0]:
+                add(getattr(t, name))
+            return
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+
+    for t in tensors:
+        add(t)
+    return sum(seen.values())
+
+
+def tensor_peak(fn: Callable[[], object], resident: Iterable[torch.Tensor] | None = None) -> tuple[int, int]:
     """Run ``fn`` once under ``torch.profiler``'s memory profile; return ``(before, peak)`` in bytes: the
-    tensors that existed before and that ``fn`` used (a model's weights, an optimizer's moments), and the
-    most bytes of tensors ``fn`` had allocated and not yet freed at any moment (activations, gradients,
-    temporaries inside any operation, custom ones included). Their sum is a CPU training step's peak of
-    tensor memory, what CUDA's ``max_memory_allocated`` counts on a GPU (use that there). The profile makes
-    ``fn`` slower: measure, do not time.
+    tensors that existed before (``resident``, all of them, by :func:`storage_bytes`: a model's weights and
+    an optimizer's state; without it, those ``fn`` used), and the most bytes of tensors ``fn`` had allocated
+    and not yet freed at any moment (activations, gradients, temporaries inside any operation, custom ones
+    included). Their sum is a CPU training step's peak of tensor memory, what CUDA's
+    ``max_memory_allocated`` counts on a GPU (use that there). The profile makes ``fn`` slower: measure, do
+    not time.
     """
     from torch.profiler import ProfilerActivity, profile
     from torch.profiler._memory_profiler import Action
@@ -84,13 +104,13 @@ def tensor_peak(fn: Callable[[], object]) -> tuple[int, int]:
     activities = [ProfilerActivity.CPU]
     with profile(activities=activities, profile_memory=True, record_shapes=True, with_stack=True) as prof:
         fn()
-    before = now = peak = 0
+    used = now = peak = 0
     for _, action, _, size in prof._memory_profile().timeline:
         if action == Action.PREEXISTING:
-            before += size
+            used += size
         now += size if action == Action.CREATE else -size if action == Action.DESTROY else 0
         peak = max(peak, now)
-    return before, peak
+    return (used if resident is None else storage_bytes(resident)), peak
 
 
 def available_bytes() -> int | None:

@@ -345,7 +345,10 @@ def run_config(shape: Shape, config: Config, opts: dict) -> dict:
     # read before the profiles below, whose own bookkeeping (a trace of every operation) would count too
     steps_peak, whole_peak = steps_peak_mb(device), max(peak_memory_mb(device), built_mb)
     if config.task == "train" and device.type == "cpu":  # one more step, its tensors counted (untimed)
-        extra["train_tensor_peak_mb"] = sum(tensor_peak(step)) / 2**20
+        held = [*model.parameters(), *model.buffers()] + [  # everything the run holds, used in a step or not
+            t for state in opt.state.values() for t in state.values() if isinstance(t, torch.Tensor)
+        ]
+        extra["train_tensor_peak_mb"] = sum(tensor_peak(step, held)) / 2**20
     elif config.task == "train":
         extra["train_tensor_peak_mb"] = steps_peak  # CUDA's peak is of tensors already
     if opts.get("profile"):

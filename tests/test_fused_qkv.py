@@ -319,3 +319,31 @@ def test_the_benchmark_times_both_layouts():
     assert len(list(qkvo.lora_layers())) == 4 * shape.num_layers
     args = benchmark.parse_args(["--configs", "lora_qv,lora_qv_unfused,infer_lora_qkvo_unmerged_unfused"])
     assert args.configs == ["lora_qv", "lora_qv_unfused", "infer_lora_qkvo_unmerged_unfused"]
+
+
+def test_the_stack_is_the_weights_own_storage_and_survives_merge_save_and_load(tmp_path):
+    """A block's frozen q, k, v weights become views of their stacked copy: no second copy (the storages
+    behind them are the stack's bytes alone), and merging, saving and loading see the same values."""
+    from lora.memory import storage_bytes
+
+    model, idx = tiny(("q", "k", "v", "o")), batch()
+    before = {n: t.detach().clone() for n, t in model.base_state_dict().items()}
+    loss_and_grads(model, idx)
+    attn = model.blocks[0].attn
+    weights = [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]
+    stack = attn._frozen_qkv._value[0]
+    assert storage_bytes([*weights, stack]) == stack.numel() * stack.element_size() == 3 * D * D * 4
+    assert all(
+        torch.equal(t, before[f"blocks.0.attn.{p}_proj.weight"]) for t, p in zip(weights, "qkv", strict=True)
+    )
+    model.eval()
+    with torch.no_grad():
+        unmerged = model(idx)
+        model.merge_lora()  # in place, through the views: the stack follows
+        torch.testing.assert_close(model(idx), unmerged, rtol=0, atol=1e-5)
+        model.unmerge_lora()
+        torch.testing.assert_close(model(idx), unmerged, rtol=0, atol=1e-6)
+    model.save_pretrained(tmp_path / "m")
+    again = LoRATransformer.from_pretrained(tmp_path / "m", lora_r=0)
+    for name, value in again.base_state_dict().items():
+        torch.testing.assert_close(value, before[name], rtol=0, atol=1e-6)  # unmerge's float rounding

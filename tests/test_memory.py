@@ -50,3 +50,14 @@ def test_a_4_bit_weight_counts_its_inner_tensors():
     before, peak = tensor_peak(lambda: F.linear(x, q))
     assert before == quantized_nbytes(q) + x.numel() * 4 < 256 * 256 * 4 / 7
     assert peak >= 256 * 256 * 4  # the product dequantizes the weight
+
+
+def test_resident_tensors_count_each_storage_once_used_or_not():
+    from lora.memory import storage_bytes
+
+    stacked = torch.zeros(3 * MiB // 4)  # 3 MiB, seen through three views
+    views = [stacked[i * MiB // 4 : (i + 1) * MiB // 4] for i in range(3)]
+    idle = torch.zeros(MiB // 4)  # 1 MiB the step never reads
+    assert storage_bytes([*views, stacked, idle]) == 4 * MiB
+    before, peak = tensor_peak(lambda: views[0] * 2, resident=[*views, idle])
+    assert before == 4 * MiB and peak == pytest.approx(MiB, abs=64)  # the product's 1 MiB
