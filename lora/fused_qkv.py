@@ -47,7 +47,7 @@ class FrozenConcat:
 
     With ``adopt`` the tensors then become views of their stacked copy (``t.data = stacked[rows]``: the same
     values and objects, another storage), so the copy costs no memory beyond the tensors' own (GPT-2 small's
-    q, k, v weights: 81 MiB that a separate copy would add to its 476) and an in-place change of one (a merge)
+    q, k, v weights: 81 MiB that a separate copy would add to its 475) and an in-place change of one (a merge)
     changes the stack with it. Their old storage is freed once nothing else holds it.
     """
 
@@ -86,11 +86,8 @@ class FrozenConcat:
         return self._value
 
     def __getstate__(self) -> dict:
-        return {
-            "adopt": self.adopt,
-            "_key": None,
-            "_value": None,
-        }  # a copied or pickled model concatenates again
+        # a copied or pickled model concatenates (and adopts) again
+        return {"adopt": self.adopt, "_key": None, "_value": None}
 
 
 def can_fuse(layers: Sequence[object]) -> bool:

@@ -158,7 +158,9 @@ def run_benchmarks(args: argparse.Namespace, out: Path) -> dict:
     summaries = {}
     for name, extra in BENCHMARKS:
         size = "tiny" if args.size == "tiny" else ("gpt2_1024x8" if name == "bench_speed" else "gpt2")
-        if args.size == "tiny" and "--loss" in extra:  # tiny's 256 words tile no NF4 block: the small size
+        if (
+            args.size == "tiny" and "--loss" in extra
+        ):  # tiny's 64 x 64 weights tile no 16,384-weight NF4 block
             size = "small"
         cmd = [sys.executable, str(script), "--sizes", size, "--device", args.device, "--steps",
                str(args.bench_steps), "--warmup", str(max(args.bench_steps // 3, 1)), "--rounds",
