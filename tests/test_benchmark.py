@@ -234,3 +234,18 @@ def test_the_gpu_check_script_runs_the_benchmark_s_targets(tmp_path, one_thread,
         v > 0 for v in speed.values()
     )
     assert json.loads((tmp_path / "bench_speed" / "results.json").read_text())["settings"]["steps"] == 1
+
+
+def test_the_chunked_loss_option_trains_our_model_as_train_lora_does(tmp_path):
+    """--loss chunked takes our loss from model(idx, targets=...): after the same steps, the same loss as from
+    the whole logits (the peer has no chunked loss and keeps its own)."""
+    losses = {}
+    for loss in ("full", "chunked"):
+        cmd = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--sizes", "tiny", "--configs", "lora_qv",
+               "--steps", "1", "--warmup", "0", "--threads", "1", "--loss", loss, "--out", str(tmp_path / loss)]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        result = json.loads((tmp_path / loss / "results.json").read_text())
+        assert result["settings"]["loss"] == loss
+        losses[loss] = result["results"]["tiny"]["lora_qv"]["final_loss"]
+    assert losses["chunked"] == pytest.approx(losses["full"], rel=1e-6)
