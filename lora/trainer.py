@@ -122,6 +122,9 @@ def batch_loss(
     return loss, logits
 
 
+LOSS_METRICS = ("bits_per_byte", "bits_per_token")  # metrics read from the loss alone
+
+
 @torch.no_grad()
 def evaluate_model(
     model: nn.Module,
@@ -141,10 +144,18 @@ def evaluate_model(
 
     ``exact_match`` counts rows whose scored tokens are all right (greedy decoding then gets them right
     too); ``accuracy`` counts right labels; ``bits_per_byte`` (byte-level tokens) and ``bits_per_token`` are the loss over ln 2.
+    For those two a language model's loss is its chunked one (``model(x, targets=y)``, equal within float
+    rounding): an evaluation batch never holds the whole ``(B, T, vocab)`` logits, as training does not.
     """
     device = torch.device(device)
     was_training = model.training
     model.eval()
+    # a loss-only metric of a language model: its chunked loss, never the whole (B, T, vocab) logits
+    loss_only = (
+        metric_name in LOSS_METRICS
+        and hasattr(model, "loss_chunk_tokens")
+        and (getattr(model, "cls_head", None) is None)
+    )
     loss_sum, tokens, correct, rows = 0.0, 0, 0, 0
     if hasattr(loader, "batches") and hasattr(loader, "world_size"):  # sharded by global batch number
         loader, max_batches = loader.batches(limit=max_batches or None), 0
@@ -153,17 +164,20 @@ def evaluate_model(
             if max_batches and b >= max_batches:
                 break
             batch = as_batch(raw)
-            loss, logits = batch_loss(forward if forward is not None else model, batch, device, autocast)
+            run = forward if forward is not None else model
+            loss, logits = batch_loss(run, batch, device, autocast, loss_only)
             y = batch["y"].to(device).long()
             scored = (y != IGNORE).sum().item()
             loss_sum += loss.item() * scored
             tokens += scored
+            rows += y.shape[0]
+            if logits is None:
+                continue
             pred = logits.argmax(dim=-1)
             if metric_name == "exact_match":
                 correct += ((pred == y) | (y == IGNORE)).all(dim=1).sum().item()
             else:
                 correct += (pred == y).sum().item()
-            rows += y.shape[0]
     model.train(was_training)
     if reduce is not None:
         totals = torch.tensor([loss_sum, tokens, correct, rows], dtype=torch.float64, device=device)

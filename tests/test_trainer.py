@@ -311,3 +311,32 @@ def test_compile_takes_its_mode_and_compiles_the_whole_forward(task, monkeypatch
         ConfigError, match="compile_mode must be one of default, reduce-overhead, max-autotune"
     ):
         TrainConfig(compile=True, compile_mode="cuda-graphs").validate()
+
+
+def test_a_loss_only_metric_is_evaluated_without_the_whole_logits():
+    """bits_per_token of a language model comes from its chunked loss: the value of the plain cross-entropy
+    over the scored tokens within float rounding, and an evaluation batch never holds its (B, T, V) logits."""
+    import torch.nn.functional as F
+
+    from lora.memory import tensor_peak
+    from lora.trainer import evaluate_model
+
+    torch.manual_seed(0)
+    V, B, T = 2000, 8, 32
+    model = LoRATransformer(vocab_size=V, d_model=32, num_heads=2, num_layers=1, max_seq_len=T, dropout=0.0)
+    model.loss_chunk_tokens = 32  # one sequence's logits at a time
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, V, (2 * B, T), generator=g)
+    y = torch.roll(x, -1, dims=1)
+    y[:, -3:] = -100  # not scored
+    batches = [(x[:B], y[:B]), (x[B:], y[B:])]
+    got = evaluate_model(model, batches, "bits_per_token")
+    with torch.no_grad():
+        logits = model(x).reshape(-1, V)
+    want = F.cross_entropy(logits, y.reshape(-1), ignore_index=-100).item()
+    assert got["val_loss"] == pytest.approx(want, rel=1e-6) and got["metric"] == pytest.approx(
+        want / math.log(2)
+    )
+    _, chunked = tensor_peak(lambda: evaluate_model(model, batches, "bits_per_token"))
+    _, whole = tensor_peak(lambda: evaluate_model(model, batches, "accuracy"))  # needs the logits' argmax
+    assert chunked < B * T * V * 4 / 4 < whole  # a quarter of one batch's logits, against all of them
