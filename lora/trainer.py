@@ -48,6 +48,7 @@ __all__ = [
     "batch_loss",
     "evaluate_model",
     "get_lr",
+    "has_chunked_loss",
     "resolve_device",
 ]
 
@@ -125,6 +126,12 @@ def batch_loss(
 LOSS_METRICS = ("bits_per_byte", "bits_per_token")  # metrics read from the loss alone
 
 
+def has_chunked_loss(model: nn.Module) -> bool:
+    """Whether ``model(x, targets=y)`` returns its language-model loss computed a chunk of tokens at a time
+    (a :class:`~lora.lora_transformer.LoRATransformer` without a classification head)."""
+    return hasattr(model, "loss_chunk_tokens") and getattr(model, "cls_head", None) is None
+
+
 @torch.no_grad()
 def evaluate_model(
     model: nn.Module,
@@ -151,11 +158,7 @@ def evaluate_model(
     was_training = model.training
     model.eval()
     # a loss-only metric of a language model: its chunked loss, never the whole (B, T, vocab) logits
-    loss_only = (
-        metric_name in LOSS_METRICS
-        and hasattr(model, "loss_chunk_tokens")
-        and (getattr(model, "cls_head", None) is None)
-    )
+    loss_only = metric_name in LOSS_METRICS and has_chunked_loss(model)
     loss_sum, tokens, correct, rows = 0.0, 0, 0, 0
     if hasattr(loader, "batches") and hasattr(loader, "world_size"):  # sharded by global batch number
         loader, max_batches = loader.batches(limit=max_batches or None), 0
@@ -264,7 +267,7 @@ class Trainer:
                                            betas=(0.9, 0.999), fused=self.fused or None)  # fmt: skip
         self.log_every = cfg.log_every or (10 if self.device.type == "cuda" else 1)
         # a language model that computes its own loss in chunks (LoRATransformer) trains without full logits
-        self.chunked_loss = hasattr(model, "loss_chunk_tokens") and getattr(model, "cls_head", None) is None
+        self.chunked_loss = has_chunked_loss(model)
         use_bf16 = cfg.precision == "bf16" or (
             cfg.precision == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported()
         )

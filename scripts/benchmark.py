@@ -398,6 +398,10 @@ def run_in_subprocess(shape: Shape, config: Config, opts: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+# measurements kept per round (``<key>_rounds``) for ratios within a round, and merged as medians
+ROUND_KEYS = ("step_ms", "peak_mem_mb", "train_peak_mem_mb", "train_tensor_peak_mb")
+
+
 def merge_rounds(runs: list[dict]) -> dict:
     """Several fresh-process runs of one configuration -> one record (medians over the runs).
 
@@ -408,13 +412,13 @@ def merge_rounds(runs: list[dict]) -> dict:
     if not ok:
         return runs[0]
     out = dict(ok[0])
-    for key in ("step_ms", "peak_mem_mb", "train_peak_mem_mb", "train_tensor_peak_mb", "mem_before_model_mb"):
+    for key in (*ROUND_KEYS, "mem_before_model_mb"):
         if all(key in r for r in ok):  # (train_*: not in results written before they existed)
             out[key] = statistics.median(r[key] for r in ok)
     out["tokens_per_s"] = statistics.median(r["tokens_per_s"] for r in ok)
     if out["mfu"] is not None:
         out["mfu"] = statistics.median(r["mfu"] for r in ok)
-    for key in ("step_ms", "peak_mem_mb", "train_peak_mem_mb", "train_tensor_peak_mb"):
+    for key in ROUND_KEYS:
         out[f"{key}_rounds"] = [round(r[key], 2) if r["status"] == "ok" and key in r else None for r in runs]
     return out
 

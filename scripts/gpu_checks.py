@@ -141,11 +141,13 @@ def check_gradients(size: str, device: str, quantize: bool = False, **variant: o
     return {"logits_max_abs_err": (a - b).abs().max().item(), "lora_grad_max_rel_err": grad_err}
 
 
-# (name, benchmark arguments): the issue's shape, then the variants (the tiny size for a dry run on a CPU)
+# (name, size on a GPU, size in a dry run, benchmark arguments): the issue's shape, then the variants (a dry
+# run takes the small size for them: the tiny size's 64 x 64 weights tile no 16,384-weight NF4 block)
 BENCHMARKS = (
-    ("bench_speed", ["--configs", "full,lora_qv,peft_qv,infer_base,infer_lora_unmerged,infer_lora_merged"]),
-    ("bench_variants", ["--loss", "chunked", "--configs",
-                        "lora_qv,lora_qv_nf4,lora_qv_ckpt,lora_qv_nf4_ckpt,lora_qv_dora"]),
+    ("bench_speed", "gpt2_1024x8", "tiny",
+     ["--configs", "full,lora_qv,peft_qv,infer_base,infer_lora_unmerged,infer_lora_merged"]),
+    ("bench_variants", "gpt2", "small",
+     ["--loss", "chunked", "--configs", "lora_qv,lora_qv_nf4,lora_qv_ckpt,lora_qv_nf4_ckpt,lora_qv_dora"]),
 )  # fmt: skip
 BENCH_KEYS = ("lora_qv_step_vs_full", "lora_qv_tokens_vs_peft", "unmerged_vs_base_latency", "merged_vs_base_latency",
               "lora_qv_mem_vs_full", "dora_step_vs_lora", "nf4_tensor_mem_vs_fp32", "nf4_ckpt_tensor_mem_vs_fp32")  # fmt: skip
@@ -156,12 +158,8 @@ def run_benchmarks(args: argparse.Namespace, out: Path) -> dict:
     target ratios (or ``{"error": last line}``)."""
     script = Path(__file__).resolve().parent / "benchmark.py"
     summaries = {}
-    for name, extra in BENCHMARKS:
-        size = "tiny" if args.size == "tiny" else ("gpt2_1024x8" if name == "bench_speed" else "gpt2")
-        if (
-            args.size == "tiny" and "--loss" in extra
-        ):  # tiny's 64 x 64 weights tile no 16,384-weight NF4 block
-            size = "small"
+    for name, gpu_size, dry_size, extra in BENCHMARKS:
+        size = dry_size if args.size == "tiny" else gpu_size
         cmd = [sys.executable, str(script), "--sizes", size, "--device", args.device, "--steps",
                str(args.bench_steps), "--warmup", str(max(args.bench_steps // 3, 1)), "--rounds",
                str(args.bench_rounds), "--out", str(out / name), *extra]  # fmt: skip

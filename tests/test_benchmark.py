@@ -222,8 +222,8 @@ def test_the_gpu_check_script_runs_the_benchmark_s_targets(tmp_path, one_thread,
     configurations and one bad one, not the GPU's list.)"""
     import scripts.gpu_checks as gpu_checks
 
-    monkeypatch.setattr(gpu_checks, "BENCHMARKS", (("bad", ["--configs", "no_such_config"]),
-                                                   ("bench_speed", ["--configs", "full,lora_qv"])))  # fmt: skip
+    monkeypatch.setattr(gpu_checks, "BENCHMARKS", (("bad", "gpt2", "tiny", ["--configs", "no_such_config"]),
+                                                   ("bench_speed", "gpt2", "tiny", ["--configs", "full,lora_qv"])))  # fmt: skip
     argv = ["--device", "cpu", "--size", "tiny", "--steps", "2", "--no_compile", "--benchmark",
             "--bench_rounds", "1", "--bench_steps", "1", "--out", str(tmp_path)]  # fmt: skip
     assert gpu_checks.main(argv) == 0
