@@ -48,7 +48,7 @@ from lora.run_folder import (
     run_lock,
 )
 from lora.tokenizer import TOKENIZER_NAME, ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
-from lora.trainer import LoRATrainer, Trainer, resolve_device
+from lora.trainer import LoRATrainer, Trainer, autocast_dtype, resolve_device
 
 __all__ = ["RankError", "find_resume", "run", "say"]
 
@@ -176,7 +176,7 @@ def _check_memory(cfg: TrainConfig, base: ModelConfig | None, device: torch.devi
 def _check_quantization(cfg: TrainConfig, base: ModelConfig | None) -> None:
     """Refuse ``--quantize_base`` for an architecture whose weights do not tile its blocks, before a base is
     pretrained or loaded (``base``: the given base's architecture; ``None``: the one pretrained here)."""
-    if cfg.quantize_base == "none" or cfg.method != "lora":
+    if cfg.quantize_base != "nf4" or cfg.method != "lora":
         return
     arch = base or cfg.model_config(vocab_size=1)
     try:  # the block weights' shapes: attention (q, k, v, o) and MLP (fc1, fc2; fc2's has fc1's count)
@@ -190,8 +190,22 @@ def _tokenizer(cfg: TrainConfig, base: ModelConfig | None) -> Tokenizer:
     return ByteTokenizer() if base is None else load_tokenizer(cfg.base_checkpoint, base.vocab_size)
 
 
-def _load_base(cfg: TrainConfig, base_dir: Path, task: Task) -> LoRATransformer:
-    """The base with this run's adapter (none for full fine-tuning) and head."""
+CPU = torch.device("cpu")
+
+
+def base_storage(cfg: TrainConfig, device: torch.device) -> str:
+    """How the run stores its frozen base (``--quantize_base``): as given, and ``auto`` resolved to bf16 where
+    LoRA trains under bf16 autocast (whose products of the float32 base are the bfloat16 base's, bit for bit,
+    so nothing need be cast per step), else none."""
+    if cfg.quantize_base != "auto":
+        return cfg.quantize_base
+    bf16 = cfg.method == "lora" and autocast_dtype(cfg.precision, device) == torch.bfloat16
+    return "bf16" if bf16 else "none"
+
+
+def _load_base(cfg: TrainConfig, base_dir: Path, task: Task, device: torch.device = CPU) -> LoRATransformer:
+    """The base with this run's adapter (none for full fine-tuning) and head, stored as :func:`base_storage`
+    says for ``device``."""
     lora = cfg.lora_config().to_dict() if cfg.method == "lora" else {"lora_r": 0}
     try:
         model = LoRATransformer.from_pretrained(
@@ -203,16 +217,17 @@ def _load_base(cfg: TrainConfig, base_dir: Path, task: Task) -> LoRATransformer:
     # the adapter and AdamW never work in half precision (AdamW's eps of 1e-8 is 0 in fp16)
     widened = model.wte.weight.dtype != torch.float32
     model = model.float()
-    if cfg.quantize_base != "none":  # QLoRA: the frozen block weights in 4 bits, the adapter in float32
+    storage = base_storage(cfg, device)
+    if storage != "none":  # the frozen block weights in bf16 or 4 bits (QLoRA), the adapter in float32
         model.configure_lora_training()
         try:
-            model.quantize_base(cfg.quantize_base)
+            model.quantize_base(storage)
         except ValueError as e:  # a base whose weights do not tile the 4-bit blocks: one line
-            raise ConfigError(f"quantize_base {cfg.quantize_base}: {e}") from None
+            raise ConfigError(f"quantize_base {storage}: {e}") from None
     # the fresh adapter's base-dependent start (DoRA's magnitudes, PiSSA/OLoRA's factors) from the weights
     # it trains on, where they are not the ones from_pretrained derived it from: widened to float32, or 4-bit
     # (as PEFT's QLoRA), so it starts at that base's output
-    if widened or cfg.quantize_base != "none":
+    if widened or storage != "none":
         model.init_adapter_from_base()
     return model
 
@@ -279,7 +294,7 @@ def _run(
     barrier()  # every process has its data, and the base exists
     base_dir = base_dir_for(cfg)
     torch.manual_seed(cfg.seed)
-    model = _load_base(cfg, base_dir, task)
+    model = _load_base(cfg, base_dir, task, device)
     width = task.train.x.shape[1]
     if width > model.max_seq_len:
         raise ConfigError(f"seq_len {width} exceeds the base model's max_seq_len {model.max_seq_len}")
@@ -348,7 +363,7 @@ def _train_and_write(cfg: TrainConfig, task: Task, model: LoRATransformer, devic
         variant = "".join(
             [", DoRA" if cfg.use_dora else "", f", init {cfg.lora_init}" if cfg.lora_init != "kaiming" else "",
              f", LoRA+ x{cfg.lora_plus_ratio:g}" if cfg.lora_plus_ratio != 1 else "",
-             f", {cfg.quantize_base} base" if cfg.quantize_base != "none" else ""]
+             f", {model.base_quantization} base" if model.base_quantization else ""]
         )  # fmt: skip
         kind = LoRATrainer
         label = f"{name}: r={cfg.lora_r}, alpha={cfg.lora_alpha:g}, targets={targets}{variant}"

@@ -41,7 +41,12 @@ GENERATED_TASKS = ("rot13", "atbash")  # data made here, sized by num_examples
 CIPHER_WIDTH = 15  # tokens in a sequence of the generated tasks (8 letters and their cipher, less one)
 FILE_TASKS = ("text", "jsonl")  # the user's own data in train_file (and val_file)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile's modes
-QUANTIZATIONS = ("none", "nf4")  # how the frozen base's linear weights are stored (nf4: lora/quantize.py)
+QUANTIZATIONS = (
+    "auto",
+    "none",
+    "bf16",
+    "nf4",
+)  # how the frozen base's linear weights are stored (lora/quantize.py)
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")  # cuda:1 picks a GPU
 ARCHITECTURE_KEYS = ("d_model", "num_heads", "num_layers", "max_seq_len")  # of a base pretrained here
 LORA_KEYS = tuple(f.name for f in fields(LoRAConfig))
@@ -137,7 +142,11 @@ class TrainConfig:
         default=1.0, metadata=_help("LoRA+: B's learning rate is this many times A's (1: plain LoRA)")
     )
     quantize_base: str = field(
-        default="none", metadata=_help("store the frozen base's linear weights as none or nf4 (4-bit, QLoRA)")
+        default="auto",
+        metadata=_help(
+            "store the frozen base's linear weights as none (float32), bf16 (nothing cast per step under bf16 "
+            "autocast) or nf4 (4-bit, QLoRA); auto: bf16 where LoRA trains under bf16 autocast, else none"
+        ),
     )
     # --- optimisation
     epochs: int = field(default=1, metadata=_help("passes over the training data"))
@@ -224,7 +233,7 @@ class TrainConfig:
             if key in given:
                 raise ConfigError(f"{key} {why}")
         if (
-            self.quantize_base != "none"
+            self.quantize_base == "nf4"
             and self.method == "lora"
             and importlib.util.find_spec("torchao") is None
         ):

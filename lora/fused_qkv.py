@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from lora.lora_layer import LoRALinear
-from lora.quantize import is_quantized, quantized_linear
+from lora.quantize import frozen_linear, is_quantized, quantized_linear
 
 __all__ = ["FrozenConcat", "can_fuse", "fused_lora_linear"]
 
@@ -134,7 +134,9 @@ def fused_lora_linear(
             (weight,), bias = frozen([m.weight for m in layers]), None  # (N, C)
         else:
             weight, bias = frozen([m.weight for m in layers], [m.bias for m in layers])  # (N, C), (N,)
-        y = F.linear(x2, weight, None if dora else bias)  # (M, N)
+        y = frozen_linear(
+            x2, weight, None if dora else bias
+        )  # (M, N); a bfloat16 stack widened outside autocast
     if adapted:
         factors = {id(m): m.factors() for m in adapted}  # (A_p (r_p, C), B_p (out_p, r_p))
         if any(m.dropout_active for m in adapted):

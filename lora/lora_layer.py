@@ -21,8 +21,10 @@ DoRA (Liu et al. 2024, ``use_dora``) splits each output row of ``W = W0 + s B A`
 direction: ``h = (m / ||W||_row) * (W x) + b`` with a trainable ``m`` (out,) that starts at ``||W0||_row``
 (so the output starts unchanged) and the norms detached from the gradient, as the paper and PEFT do.
 
-A frozen ``weight`` may be stored in 4-bit NF4 (QLoRA, ``lora/quantize.py``): the base product then
-dequantizes it on the fly, and merging is refused (4 bits would round the merged update away).
+A frozen ``weight`` may be stored in 4-bit NF4 (QLoRA, ``lora/quantize.py``), whose product dequantizes it
+on the fly, or in bfloat16 beside a float32 adapter (nothing cast per step under bf16 autocast); merging
+into either is refused (the merged update would be rounded to the narrower form and unmerging could not
+give ``W0`` back).
 
 Run ``python lora/lora_layer.py`` for a short demonstration.
 """
@@ -40,12 +42,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora.quantize import dequantize, is_quantized, quantized_linear
+from lora.quantize import dequantize, frozen_linear, is_quantized
 
 __all__ = [
     "BASE_DERIVED_INITS",
     "LORA_INITS",
     "LORA_LEAVES",
+    "NARROW_BASES",
     "QUANTIZED_MERGE",
     "TRAINED_LEAVES",
     "LinearWithLoRA",
@@ -69,8 +72,10 @@ __all__ = [
 # how A and B start (the module docstring): kaiming is the reference code's, the default
 LORA_INITS = ("kaiming", "gaussian", "pissa", "olora")
 BASE_DERIVED_INITS = ("pissa", "olora")  # A, B taken from W0, whose residual the adapter trains on
-# why a 4-bit base is never merged into (its weights would be rounded again)
-QUANTIZED_MERGE = ("cannot merge into a 4-bit (nf4) base: its weights would be rounded to 4 bits and differ from "
+# how a frozen base may be stored narrower than its adapter (LoRATransformer.quantize_base), in words
+NARROW_BASES = {"nf4": "4-bit (nf4)", "bf16": "bfloat16 (bf16)"}
+# why such a base is never merged into (its weights would be rounded again): format with kind=NARROW_BASES[k]
+QUANTIZED_MERGE = ("cannot merge into a {kind} base: its weights would be rounded to it again and differ from "
                    "what was trained; merge into the full-precision base instead (load the base without "
                    "--quantize_base, as merge_adapter.py does)")  # fmt: skip
 # the LoRA tensors of a layer: trained (A, B and DoRA's magnitude) and the frozen initial factors
@@ -356,9 +361,22 @@ class LoRALinear(nn.Module):
         """Whether the frozen ``weight`` is stored in 4-bit NF4 (``lora/quantize.py``)."""
         return is_quantized(self.weight)
 
-    def _refuse_if_quantized(self) -> None:
+    @property
+    def narrow_base(self) -> str | None:
+        """How the frozen ``weight`` is stored narrower than the adapter: ``"nf4"``, ``"bf16"`` (a bfloat16
+        weight beside a float32 adapter) or ``None`` (as the adapter, or no adapter)."""
         if self.quantized:
-            raise ValueError(QUANTIZED_MERGE)
+            return "nf4"
+        if self.r > 0 and self.weight.dtype.itemsize < self.lora_A.dtype.itemsize:
+            return {torch.bfloat16: "bf16"}.get(
+                self.weight.dtype, str(self.weight.dtype).removeprefix("torch.")
+            )
+        return None
+
+    def _refuse_if_narrow(self) -> None:
+        kind = self.narrow_base
+        if kind is not None:
+            raise ValueError(QUANTIZED_MERGE.format(kind=NARROW_BASES.get(kind, kind)))
 
     def base_weight(self) -> torch.Tensor:
         """``W0`` (out, in): the weight itself (dequantized if 4-bit), or with the merged update taken out (float32
@@ -373,7 +391,7 @@ class LoRALinear(nn.Module):
     def _folded(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(W, g)``: the unmerged weight with the update folded in, float32 (out, in), and DoRA's row scale
         ``g = m / ||W0 + s B A||_row`` (out,) already applied to it (``None`` without DoRA)."""
-        self._refuse_if_quantized()
+        self._refuse_if_narrow()
         w = self.weight.float() + self.delta_weight()
         if not self.use_dora:
             return w, None
@@ -428,25 +446,25 @@ class LoRALinear(nn.Module):
         return self.training and isinstance(self.lora_dropout, nn.Dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(..., in) -> (..., out)``. The unmerged path never materialises ``B A`` (DoRA's norm does)."""
-        quantized = self.quantized
-        base = quantized_linear if quantized else F.linear  # x W0^T + b, a 4-bit W0 dequantized for it
+        """``(..., in) -> (..., out)``. The unmerged path never materialises ``B A`` (DoRA's norm does). The base
+        product is :func:`~lora.quantize.frozen_linear`'s: a 4-bit ``W0`` dequantized for it, a bfloat16 one
+        widened outside autocast."""
         if not self.adapter_active:
-            return base(x, self.weight, self.bias)
+            return frozen_linear(x, self.weight, self.bias)
         a, b = self.factors()
         g = self.dora_scale() if self.use_dora else None
         if g is not None and self.dropout_active:  # PEFT's form: base on x, the rest on dropout(x)
             xd = self.lora_dropout(x)
-            out = base(x, self.weight, self.bias) + (g - 1) * base(xd, self.weight)
+            out = frozen_linear(x, self.weight, self.bias) + (g - 1) * frozen_linear(xd, self.weight)
             return out + g * F.linear(F.linear(xd, a) * self.scaling, b)
         bias = None if g is not None else self.bias  # DoRA scales W x + s B A x, then adds the bias
         # Plain autograd through a dropout mask, autocast's casts, torch.compile (which fuses it well; the
         # hand-written backward, compiled for CUDA by torch 2.11, gave wrong LoRA gradients on an H100) or a
-        # 4-bit base (whose product saves the 4-bit weight for backward, not a dense copy).
-        if (self.dropout_active or quantized or torch.is_autocast_enabled(x.device.type)
-                or torch.compiler.is_compiling()):  # fmt: skip
+        # base stored otherwise than x (a 4-bit one saves the 4-bit weight for backward, not a dense copy).
+        if (self.dropout_active or self.quantized or self.weight.dtype != x.dtype
+                or torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling()):  # fmt: skip
             # (..., in) @ A^T -> (..., r); scale the small tensor, then @ B^T -> (..., out)
-            out = base(x, self.weight, bias)
+            out = frozen_linear(x, self.weight, bias)
             out = out + F.linear(F.linear(self.lora_dropout(x), a) * self.scaling, b)
         else:
             x2 = x.reshape(-1, self.in_features)  # (M, in)

@@ -51,6 +51,7 @@ from lora.gpt2 import gpt2_model_config, is_hf_folder, read_gpt2_header, read_gp
 from lora.lora_layer import (
     BASE_DERIVED_INITS,
     LORA_LEAVES,
+    NARROW_BASES,
     QUANTIZED_MERGE,
     TRAINED_LEAVES,
     LoRALinear,
@@ -65,7 +66,7 @@ from lora.lora_layer import (
 )
 from lora.model_config import PROJECTIONS, LoRAConfig, ModelConfig, target_of
 from lora.peft_format import adapter_from_peft, is_peft_folder, write_peft_folder
-from lora.quantize import check_tiles, dequantize, quantize_linear_, release_freed_memory
+from lora.quantize import check_tiles, dequantize, narrow_linear_, quantize_linear_, release_freed_memory
 
 __all__ = ["LoRATransformer"]
 
@@ -275,39 +276,51 @@ class LoRATransformer(nn.Module):
         for _, layer in self.lora_layers():
             layer.init_from_base()
 
-    QUANTIZATIONS = ("nf4",)
+    QUANTIZATIONS = ("nf4", "bf16")
 
     def quantize_base(self, kind: str = "nf4") -> LoRATransformer:
-        """Store every block's linear weight (q, k, v, o, fc1, fc2) in 4-bit NormalFloat (QLoRA: ``kind`` "nf4",
-        ``lora/quantize.py``), dequantized on the fly in each product, and the frozen token and position
-        embeddings (the tied LM head too) in bfloat16, as QLoRA keeps what it does not quantize: NF4's blocks
-        do not tile GPT-2's 50,257 rows, and the embedding is 38.6 M of its 124 M weights. Products stay in
-        the adapter's float32 (:meth:`hidden_states`, :meth:`logits`, :func:`chunked_lm_loss` widen what they
-        read); the adapters, biases and LayerNorms stay as they are, and so does training them. Returns the
+        """Store the frozen base narrower than the adapter, which stays float32 and trains as before. Returns the
         model.
 
-        The base fingerprint is taken first, of the full-precision weights: an adapter trained on the 4-bit
+        ``"nf4"`` (QLoRA, ``lora/quantize.py``): every block's linear weight (q, k, v, o, fc1, fc2) in 4-bit
+        NormalFloat, dequantized on the fly in each product, and the token and position embeddings (the tied
+        LM head too) in bfloat16, as QLoRA keeps what it does not quantize: NF4's blocks do not tile GPT-2's
+        50,257 rows, and the embedding is 38.6 M of its 124 M weights. Products stay in float32
+        (:meth:`hidden_states`, :meth:`logits`, :func:`chunked_lm_loss` widen what they read).
+
+        ``"bf16"``: the block linear weights and biases in bfloat16, the compute dtype of bf16 autocast, so a
+        GPU step casts none of them (autocast casts a float32 weight that does not train in every forward);
+        its products are those of the float32 base under autocast, bit for bit (the same rounding). The
+        embeddings stay float32 (the residual stream starts from them, outside autocast), and so do the
+        LayerNorms (autocast runs them in float32). Outside autocast each product widens its weight.
+
+        The base fingerprint is taken first, of the full-precision weights: an adapter trained on the narrow
         base loads on the full-precision one and the other way round. The weights must be frozen (call
-        :meth:`configure_lora_training` first) and unmerged; merging into the 4-bit base is refused.
+        :meth:`configure_lora_training` first) and unmerged; merging into the narrow base is refused.
         """
         if kind not in self.QUANTIZATIONS:
             raise ValueError(f"quantize_base takes one of {', '.join(self.QUANTIZATIONS)}, got {kind!r}")
         if self._quantization is not None:
+            if self._quantization[0] != kind:
+                raise ValueError(f"the base is already stored in {self._quantization[0]}, not {kind}")
             return self
         layers = [layer for _, layer in lora_modules(self)]
         if any(layer.merged for layer in layers):
             raise ValueError("unmerge the adapter before quantizing the base (merged weights hold it)")
-        if any(
-            t.requires_grad for t in [layer.weight for layer in layers] + [self.wte.weight, self.wpe.weight]
-        ):
-            raise ValueError("the base's weights are being trained (full fine-tuning): a 4-bit base stays "
-                             "frozen; call configure_lora_training() first")  # fmt: skip
-        check_tiles({n: m.weight.shape for n, m in lora_modules(self)})  # before any layer changes
+        frozen = [layer.weight for layer in layers] + [
+            layer.bias for layer in layers if layer.bias is not None
+        ]
+        if any(t.requires_grad for t in [*frozen, self.wte.weight, self.wpe.weight]):
+            raise ValueError(f"the base's weights are being trained (full fine-tuning): a {NARROW_BASES[kind]} "
+                             "base stays frozen; call configure_lora_training() first")  # fmt: skip
+        if kind == "nf4":
+            check_tiles({n: m.weight.shape for n, m in lora_modules(self)})  # before any layer changes
         fingerprint = self.base_fingerprint()
         self._full_precision_norms = self._fused_row_norms()
         for layer in layers:
-            quantize_linear_(layer)
-        self._set_embedding_dtype(torch.bfloat16)
+            (quantize_linear_ if kind == "nf4" else narrow_linear_)(layer)
+        if kind == "nf4":
+            self._set_embedding_dtype(torch.bfloat16)
         for block in self.blocks:
             block.attn._frozen_qkv.clear()
         if self.wte.weight.device.type == "cpu":
@@ -325,7 +338,7 @@ class LoRATransformer(nn.Module):
 
     @property
     def base_quantization(self) -> str | None:
-        """How the block weights are stored: ``None`` (as loaded) or ``"nf4"`` (:meth:`quantize_base`)."""
+        """How the block weights are stored: ``None`` (as loaded), ``"nf4"`` or ``"bf16"`` (:meth:`quantize_base`)."""
         return None if self._quantization is None else self._quantization[0]
 
     # ----------------------------------------------------------------------------------------------------
@@ -407,23 +420,25 @@ class LoRATransformer(nn.Module):
 
     @contextmanager
     def dense_base(self) -> Iterator[None]:
-        """Within the block a 4-bit base's weights are dense (dequantized once: the same values, the memory of
-        full precision), so that many small forwards (sampling) do not each dequantize every weight (nor widen
-        the bfloat16 LM head); after it they are the same 4-bit and bfloat16 tensors again. Nothing happens
-        for a base that is not quantized."""
+        """Within the block a narrow base's weights are dense and in the computation's dtype (dequantized or
+        widened once: the same values, the memory of full precision), so that many small forwards (sampling)
+        do not each dequantize or widen every weight (nor the bfloat16 LM head); after it they are the same
+        narrow tensors again. Nothing happens for a base as loaded."""
         if self._quantization is None:
             yield
             return
-        kept = [(layer, layer.weight) for _, layer in lora_modules(self)]
+        dtype = self.ln_f.weight.dtype
+        kept = [(layer, name, tensor) for _, layer in lora_modules(self) for name in ("weight", "bias")
+                if (tensor := getattr(layer, name)) is not None]  # fmt: skip
         embeddings = [(emb, emb.weight) for emb in (self.wte, self.wpe)]
         try:
-            for layer, weight in kept:
-                layer.weight = nn.Parameter(dequantize(weight), requires_grad=False)
-            self._set_embedding_dtype(self.ln_f.weight.dtype)
+            for layer, name, tensor in kept:
+                setattr(layer, name, nn.Parameter(dequantize(tensor).to(dtype), requires_grad=False))
+            self._set_embedding_dtype(dtype)
             yield
         finally:
-            for layer, weight in kept:
-                layer.weight = weight
+            for layer, name, tensor in kept:
+                setattr(layer, name, tensor)
             for emb, weight in embeddings:
                 emb.weight = weight
             self.lm_head.weight = self.wte.weight
@@ -576,9 +591,9 @@ class LoRATransformer(nn.Module):
 
     def merged_state_dict(self) -> dict[str, torch.Tensor]:
         """Base tensors with the active adapter folded in (``LoRALinear.merged_weight``: ``W0 + scaling B A`` in
-        float32, DoRA's rows rescaled, cast once). Refused for a 4-bit base, with or without an adapter."""
+        float32, DoRA's rows rescaled, cast once). Refused for a narrow (4-bit or bf16) base, adapter or not."""
         if self._quantization is not None:
-            raise ValueError(QUANTIZED_MERGE)
+            raise ValueError(QUANTIZED_MERGE.format(kind=NARROW_BASES[self._quantization[0]]))
         layers = dict(lora_modules(self))
         tensors = self.base_state_dict()
         for key in tensors:
@@ -792,8 +807,8 @@ class LoRATransformer(nn.Module):
     def save_pretrained(self, path: str | Path) -> Path:
         """Write the base model (``config.json`` + ``model.safetensors``, no LoRA tensors) to ``path``."""
         if self._quantization is not None:
-            raise ValueError("a 4-bit (nf4) base is not saved: its weights are rounded; save the full-precision "
-                             "base it was made from")  # fmt: skip
+            raise ValueError(f"a {NARROW_BASES[self._quantization[0]]} base is not saved: its weights are rounded; "
+                             "save the full-precision base it was made from")  # fmt: skip
         return write_model_folder(path, self.config, {**self.base_state_dict(), **self._head_state()})
 
     @classmethod

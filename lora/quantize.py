@@ -33,6 +33,12 @@ does not: ``x @ q.t()``, ``g @ q``, ``torch.mm`` / ``addmm`` (errors), ``q + t``
 indexing, ``F.embedding``, ``safetensors``, ``.numpy()``; ``q.float()`` on a float32 ``q`` returns ``q``
 itself, still 4-bit (``q.to(torch.float32)`` or :func:`dequantize` give the dense weight).
 
+A frozen base may also be stored in bfloat16 (:func:`narrow_linear_`): half the memory, and under bf16
+autocast (a GPU's default precision) nothing is cast per step, where a float32 weight is cast to bf16 in
+every forward (autocast caches only casts of weights that train). The products are then the same, bit for
+bit: autocast's cast and the stored copy are the same rounding. :func:`frozen_linear` computes the product
+for any of the three forms: float32, bfloat16 (widened to the input's dtype outside autocast) and NF4.
+
 Run ``python lora/quantize.py`` for a short demonstration.
 """
 
@@ -58,8 +64,10 @@ __all__ = [
     "check_tiles",
     "dequantize",
     "dequantize_linear_",
+    "frozen_linear",
     "import_torchao_quietly",
     "is_quantized",
+    "narrow_linear_",
     "quantize_linear_",
     "quantize_weight",
     "quantized_linear",
@@ -234,6 +242,41 @@ def quantized_linear(
     if any(w.requires_grad for w in weights):
         raise ValueError("quantized_linear gives no gradient to the weight: freeze it (requires_grad False)")
     return _QuantizedLinearFunction.apply(x, bias, *weights)
+
+
+def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``(..., in) -> (..., out)``: ``x W^T + b`` for a frozen ``W`` (out, in) in whichever form the base keeps
+    it: NF4 (:func:`quantized_linear`), a float dtype narrower than ``x`` (bfloat16 under float32: widened for
+    the product outside autocast; used as it is under autocast, whose dtype it has) or ``x``'s own."""
+    if is_quantized(weight):
+        return quantized_linear(x, weight, bias)
+    if weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+        weight = weight.to(x.dtype)
+        bias = None if bias is None else bias.to(x.dtype)
+    return F.linear(x, weight, bias)
+
+
+def narrow_linear_(layer: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """Store ``layer.weight`` and ``layer.bias`` in ``dtype`` (bfloat16), in place, as frozen parameters; the
+    bfloat16 form of :func:`quantize_linear_`, with the same refusals (a weight that trains, a merged layer).
+    Returns ``layer``."""
+    w = getattr(layer, "weight", None)
+    if not isinstance(w, nn.Parameter) or is_quantized(w):
+        raise TypeError(
+            f"narrow_linear_ expects a layer with a dense weight parameter, got {type(layer).__name__}"
+        )
+    if getattr(layer, "merged", False):
+        raise ValueError(
+            "the layer's adapter is merged into its weight: unmerge() it before narrowing the base"
+        )
+    bias = getattr(layer, "bias", None)
+    if w.requires_grad or (bias is not None and bias.requires_grad):
+        raise ValueError(f"the weight {tuple(w.shape)} requires a gradient: narrow only a frozen base "
+                         "(requires_grad_(False), or configure_lora_training() first)")  # fmt: skip
+    layer.weight = nn.Parameter(w.detach().to(dtype), requires_grad=False)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+    return layer
 
 
 def quantize_linear_(

@@ -45,6 +45,7 @@ __all__ = [
     "LoRATrainer",
     "Trainer",
     "as_batch",
+    "autocast_dtype",
     "batch_loss",
     "evaluate_model",
     "get_lr",
@@ -69,6 +70,16 @@ def get_lr(step: int, peak: float, warmup: int, total: int, schedule: str = "cos
         return peak
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return peak * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The dtype a training step's forward autocasts to for ``precision`` (auto, fp32, bf16) on ``device``:
+    bfloat16 for bf16, and for auto on a GPU that supports it; ``None`` (float32, no autocast) otherwise."""
+    if precision == "bf16" or (
+        precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    ):
+        return torch.bfloat16
+    return None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -268,10 +279,7 @@ class Trainer:
         self.log_every = cfg.log_every or (10 if self.device.type == "cuda" else 1)
         # a language model that computes its own loss in chunks (LoRATransformer) trains without full logits
         self.chunked_loss = has_chunked_loss(model)
-        use_bf16 = cfg.precision == "bf16" or (
-            cfg.precision == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported()
-        )
-        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
+        self.autocast_dtype = autocast_dtype(cfg.precision, self.device)
         self.distributed = distributed or Distributed()
         forward: nn.Module = model
         if self.distributed.enabled:  # the trainable tensors start equal everywhere; only their grads sync

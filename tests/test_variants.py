@@ -267,7 +267,7 @@ def test_lora_plus_gives_b_its_ratio_of_the_learning_rate():
     [
         ({"lora_init": "svd"}, "lora_init must be one of kaiming, gaussian, pissa, olora, got 'svd'"),
         ({"lora_plus_ratio": 0.0}, "lora_plus_ratio must be > 0"),
-        ({"quantize_base": "int3"}, "quantize_base must be one of none, nf4, got 'int3'"),
+        ({"quantize_base": "int3"}, "quantize_base must be one of auto, none, bf16, nf4, got 'int3'"),
     ],
 )
 def test_bad_variant_settings_are_refused(values, message):
@@ -350,7 +350,7 @@ def test_quantized_base_refuses_to_merge_to_save_and_to_train_its_weights(tmp_pa
         quant.save_pretrained(tmp_path / "q")
     assert not (tmp_path / "m").exists() and not (tmp_path / "q").exists()
     trained = LoRATransformer(**QUANT, lora_r=0).requires_grad_(True)
-    with pytest.raises(ValueError, match="a 4-bit base stays frozen"):
+    with pytest.raises(ValueError, match=r"a 4-bit \(nf4\) base stays frozen"):
         trained.quantize_base("nf4")
     with pytest.raises(ValueError, match="nf4 stores weights in blocks of 16,384 elements"):
         LoRATransformer(**TINY, lora_r=2).requires_grad_(False).quantize_base("nf4")
@@ -364,7 +364,7 @@ def test_quantized_base_refuses_to_merge_to_save_and_to_train_its_weights(tmp_pa
     "extra, message",
     [
         (["--lora_init", "svd"], "lora_init must be one of kaiming, gaussian, pissa, olora, got 'svd'"),
-        (["--quantize_base", "int4"], "quantize_base must be one of none, nf4, got 'int4'"),
+        (["--quantize_base", "int4"], "quantize_base must be one of auto, none, bf16, nf4, got 'int4'"),
         (["--lora_plus_ratio", "-2"], "lora_plus_ratio must be > 0, got -2.0"),
         (["--method", "full", "--use_dora"], "use_dora has no effect with method full"),
         (["--method", "full", "--quantize_base", "nf4"], "quantize_base has no effect with method full"),
@@ -401,6 +401,30 @@ def test_a_qlora_dora_run_at_the_command_line_records_its_variant(tmp_path):
     full = LoRATransformer.from_pretrained(tmp_path / "base", lora_r=0)
     full.load_adapter(tmp_path / "runs" / "q")  # the full-precision base takes it: same fingerprint
     assert full.lora_config.use_dora and full.lora_config.lora_init == "pissa"
+
+
+def test_a_bf16_base_run_trains_the_float32_base_run_s_adapter_bit_for_bit(tiny_flags, tmp_path):
+    """At the command line under bf16 autocast (--precision bf16, as a GPU runs by default): the same adapter,
+    bit for bit, with the base stored in bfloat16 (needs no torchao), which quantize_base auto chooses there;
+    without autocast auto keeps the float32 base. The adapter records how the base was stored."""
+    from safetensors.torch import load_file
+
+    from lora.train_lora import main
+
+    flags = [*tiny_flags, "--lora_targets", "q,k,v,o"]
+    runs = {"fp32": ["--precision", "bf16", "--quantize_base", "none"], "bf16": ["--precision", "bf16",
+            "--quantize_base", "bf16"], "auto": ["--precision", "bf16"], "auto_fp32": []}  # fmt: skip
+    for name, extra in runs.items():
+        assert main([*flags, *extra, "--run_name", name]) == 0
+    out = tmp_path / "runs"
+    adapters = [load_file(out / name / "adapter_model.safetensors") for name in ("fp32", "bf16", "auto")]
+    assert len(adapters[0]) == 8 and all(a.keys() == adapters[0].keys() for a in adapters)
+    assert all(torch.equal(a[k], adapters[0][k]) for a in adapters[1:] for k in a)
+    stored = {
+        name: json.loads((out / name / "adapter_config.json").read_text())["base_quantization"]
+        for name in runs
+    }
+    assert stored == {"fp32": None, "bf16": "bf16", "auto": "bf16", "auto_fp32": None}
 
 
 def test_variant_run_on_a_base_pretrained_here_resumes_exactly(tiny_flags, tmp_path):
@@ -616,3 +640,116 @@ def test_dora_norms_are_computed_once_within_evaluation_and_sampling():
             )
         assert all(layer._fixed_norm is None and not layer._norm_fixed for layer in layers)
     assert torch.equal(first, plain[0]) and torch.equal(again, plain[1])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A bfloat16 base (quantize_base("bf16")): the frozen block weights in the compute dtype of bf16 autocast
+
+
+def bf16_pair(**options) -> tuple[LoRATransformer, LoRATransformer]:
+    """The same model twice with the same (trained-looking) adapter: float32 base, and bfloat16 base."""
+    import copy
+
+    torch.manual_seed(0)
+    full = randomise_model(LoRATransformer(**TINY, lora_r=4, **options))
+    full.configure_lora_training()
+    return full, copy.deepcopy(full).quantize_base("bf16")
+
+
+def step(model: LoRATransformer, autocast: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    targets = torch.roll(IDX, -1, dims=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = model(IDX, targets=targets)
+    return loss, list(torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad]))
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"lora_init": "pissa"}, {"lora_targets": "q,k,v,o", "adapt_feedforward": True}]
+)
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_bf16_base_under_bf16_autocast_gives_the_float32_base_s_step_bit_for_bit(options, fused):
+    """Autocast casts a float32 weight to bfloat16 for each product; the stored bfloat16 copy is the same
+    rounding, so the loss and every LoRA gradient are equal, without any cast of the base per step."""
+    full, narrow = bf16_pair(**options)
+    full.fused_qkv = narrow.fused_qkv = fused
+    (loss, grads), (narrow_loss, narrow_grads) = step(full, True), step(narrow, True)
+    assert loss.dtype == torch.float32 and torch.equal(loss, narrow_loss)
+    assert len(grads) == len(narrow_grads) > 0
+    assert all(torch.equal(a, b) for a, b in zip(grads, narrow_grads, strict=True))
+    # and the float32 base outside autocast differs: the equality above is not a float32 computation's
+    assert not torch.equal(step(full, False)[0], loss)
+
+
+def test_a_bf16_base_stores_its_block_weights_narrow_and_keeps_the_rest():
+    full, narrow = bf16_pair(lora_targets="q,k,v,o")
+    for name, t in narrow.named_parameters():
+        module = name.rsplit(".", 1)[0]
+        if name.endswith(("proj.weight", "proj.bias", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")):
+            assert t.dtype == torch.bfloat16 and not t.requires_grad, name
+            assert torch.equal(t, full.get_parameter(name).detach().bfloat16()), name
+        else:  # the adapter, the embeddings (the residual stream starts there), the LayerNorms
+            assert t.dtype == torch.float32, (name, module)
+    assert narrow.base_quantization == "bf16" and narrow.base_fingerprint() == full.base_fingerprint()
+    from lora.memory import storage_bytes
+
+    blocks = [
+        p
+        for n, p in full.named_parameters()
+        if n.startswith("blocks.") and "lora_" not in n and "ln_" not in n
+    ]
+    narrow_blocks = [
+        narrow.get_parameter(n) for n, p in full.named_parameters() if any(p is b for b in blocks)
+    ]
+    assert storage_bytes(narrow_blocks) * 2 == storage_bytes(blocks)
+    with pytest.raises(ValueError, match="already stored in bf16, not nf4"):
+        narrow.quantize_base("nf4")
+
+
+def test_a_bf16_base_outside_autocast_computes_in_float32_on_its_rounded_values():
+    _, narrow = bf16_pair(use_dora=True, lora_targets="q,k,v,o")
+    rounded = randomise_model(LoRATransformer(**TINY, lora_r=4, use_dora=True, lora_targets="q,k,v,o"))
+    rounded.load_state_dict({k: v.float() for k, v in narrow.state_dict().items()})
+    rounded.configure_lora_training()
+    (loss, grads), (narrow_loss, narrow_grads) = step(rounded, False), step(narrow, False)
+    assert narrow_loss.dtype == torch.float32
+    torch.testing.assert_close(narrow_loss, loss, rtol=0, atol=1e-6)
+    for a, b in zip(grads, narrow_grads, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        logits = narrow(IDX)
+        with narrow.dense_base():  # sampling's: widened once, then the same bfloat16 tensors again
+            assert narrow.blocks[0].attn.q_proj.weight.dtype == torch.float32
+            assert torch.equal(narrow(IDX), logits)
+    assert (
+        narrow.blocks[0].attn.q_proj.weight.dtype == narrow.blocks[0].attn.q_proj.bias.dtype == torch.bfloat16
+    )
+    assert torch.equal(
+        narrow.generate(IDX[:, :4], 5, temperature=0.0), rounded.generate(IDX[:, :4], 5, temperature=0.0)
+    )
+
+
+def test_a_bf16_base_refuses_to_merge_and_to_save_and_its_adapter_moves_to_the_float32_base(tmp_path):
+    full, narrow = bf16_pair(use_dora=True)
+    for action in (narrow.merge_lora, narrow.merged_model, lambda: narrow.merge_and_export(tmp_path / "m")):
+        with pytest.raises(
+            ValueError, match=r"cannot merge into a bfloat16 \(bf16\) base.*the full-precision base"
+        ):
+            action()
+    with pytest.raises(ValueError, match=r"cannot merge into a bfloat16 \(bf16\) base"):
+        narrow.blocks[0].attn.q_proj.merge()
+    with pytest.raises(ValueError, match=r"a bfloat16 \(bf16\) base is not saved"):
+        narrow.save_pretrained(tmp_path / "b")
+    assert not (tmp_path / "m").exists() and not (tmp_path / "b").exists()
+    narrow.save_adapter(tmp_path / "a")
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["base_quantization"] == "bf16"
+    full.delete_adapter("default")
+    full.load_adapter(tmp_path / "a")  # no --force: the fingerprint is the float32 base's
+    mine, theirs = full.lora_state_dict(), narrow.lora_state_dict()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    with torch.no_grad():  # DoRA's norms are of the weights as stored: 8e-5 apart, bf16's rounding is 4e-3
+        full.eval(), narrow.eval()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.testing.assert_close(full(IDX), narrow(IDX), rtol=0, atol=2e-2)
+    trained = LoRATransformer(**TINY, lora_r=0).requires_grad_(True)
+    with pytest.raises(ValueError, match=r"a bfloat16 \(bf16\) base stays frozen"):
+        trained.quantize_base("bf16")
