@@ -2,11 +2,14 @@
 
 Each configuration runs in a fresh subprocess, so its peak memory is its own (CPU: peak RSS from
 ``getrusage``; CUDA: ``torch.cuda.max_memory_allocated``). A run does ``--warmup`` untimed steps, then
-``--steps`` timed ones, and reports the median. Training is forward, cross-entropy on random tokens,
-backward and AdamW over the trainable parameters only (``foreach`` on CPU, ``fused`` on CUDA); inference
-is one forward pass of the batch under ``torch.inference_mode``. Dropout is 0 in every model. The peer is
-transformers' ``GPT2LMHeadModel`` of the same shape (random init, nothing downloaded, SDPA attention) with
-PEFT LoRA r 8 on the fused ``c_attn``: it adapts q, k and v with as many parameters as our q+v adapter.
+``--steps`` timed ones, and reports the median (on CUDA also the device's time per step, from CUDA events,
+beside the wall time). One more step is profiled for its count of operators dispatched and, on CUDA, of
+kernels launched and their device time (what a launch-bound step is made of). Training is forward,
+cross-entropy on random tokens, backward and AdamW over the trainable parameters only (``foreach`` on CPU,
+``fused`` on CUDA); inference is one forward pass of the batch under ``torch.inference_mode``, the base
+frozen as it is in the merged model. Dropout is 0 in every model. The peer is transformers'
+``GPT2LMHeadModel`` of the same shape (random init, nothing downloaded, SDPA attention) with PEFT LoRA r 8
+on the fused ``c_attn``: it adapts q, k and v with as many parameters as our q+v adapter.
 
     python scripts/benchmark.py --quick                                    # tiny model, seconds
     python scripts/benchmark.py --sizes small --threads 1 --configs lora_qv,peft_qv --profile   # where time goes
@@ -19,7 +22,8 @@ PEFT LoRA r 8 on the fused ``c_attn``: it adapts q, k and v with as many paramet
 ``infer_lora_qkvo_unmerged`` (all four attention projections adapted), and ``lora_qv_unfused``,
 ``infer_base_unfused``, ``infer_lora_qkvo_unmerged_unfused``: q, k, v as three products instead of the fused
 path (``model.fused_qkv = False``), for a comparison within the same rounds; ``lora_qv_dora`` (DoRA) and
-``lora_qv_nf4`` (the frozen base's block weights in 4-bit NF4, QLoRA) beside ``lora_qv``.
+``lora_qv_nf4`` (the frozen base's block weights in 4-bit NF4, QLoRA) and ``lora_qv_bf16`` (in bfloat16,
+which bf16 autocast then casts nothing of; under float32 each product widens them) beside ``lora_qv``.
 
 Peak memory is the process's whole peak (loading the model included) and, as ``train_peak_mem_mb``, the peak
 of the timed steps alone (CPU: the resident set's high-water mark reset once the model is built; CUDA: the
@@ -99,7 +103,7 @@ class Config:
     checkpointing: bool = False
     fused_qkv: bool = True  # False: q, k, v as three products (the layout before the fused one)
     dora: bool = False  # DoRA's magnitude vectors on the adapted projections
-    quantize: str | None = None  # "nf4": the frozen block weights in 4 bits (lora/quantize.py)
+    quantize: str | None = None  # "nf4" or "bf16": how the frozen block weights are stored (lora/quantize.py)
 
 
 SIZES = {
@@ -128,6 +132,7 @@ EXTRA_CONFIGS = (
     Config("infer_base_unfused", "infer", fused_qkv=False),
     Config("infer_lora_qkvo_unmerged_unfused", "infer", targets=("q", "k", "v", "o"), fused_qkv=False),
     Config("lora_qv_dora", "train", targets=("q", "v"), dora=True),
+    Config("lora_qv_bf16", "train", targets=("q", "v"), quantize="bf16"),
     Config("lora_qv_nf4", "train", targets=("q", "v"), quantize="nf4"),
     Config("lora_qv_nf4_ckpt", "train", targets=("q", "v"), checkpointing=True, quantize="nf4"),
 )
@@ -172,26 +177,79 @@ def peak_memory_mb(device: torch.device) -> float:
     return rss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
-def median_seconds(fn: Callable[[], object], warmup: int, steps: int, device: torch.device) -> list[float]:
-    """Run ``fn`` ``warmup`` times untimed, then ``steps`` times; return each timed step's seconds."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+def time_steps(
+    fn: Callable[[], object], warmup: int, steps: int, device: torch.device
+) -> tuple[list[float], list[float] | None]:
+    """Run ``fn`` ``warmup`` times untimed, then ``steps`` times: each timed step's wall seconds and, on CUDA,
+    its seconds on the device's stream between two CUDA events (recorded before and after the step; they
+    include the device's waits for the host, so a launch-bound step's device time is close to its wall
+    time, and the kernels' own time is :func:`count_launches`'s)."""
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     for _ in range(warmup):
         fn()
     sync()
-    times = []
+    times, device_times = [], []
     for _ in range(steps):
+        if cuda:
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
         start = time.perf_counter()
         fn()
+        if cuda:
+            end.record()
         sync()
         times.append(time.perf_counter() - start)
-    return times
+        if cuda:
+            device_times.append(begin.elapsed_time(end) / 1e3)  # elapsed_time: milliseconds
+    return times, device_times if cuda else None
 
 
-def profile_step(fn: Callable[[], object], device: torch.device, top: int = 8) -> list[dict]:
-    """One more step under ``torch.profiler``: the ``top`` operators by self time (device time on CUDA).
+# CUDA runtime calls that start kernels (one cudaGraphLaunch replays a whole captured graph)
+LAUNCH_CALLS = (
+    "cudaLaunchKernel",
+    "cudaLaunchKernelExC",
+    "cuLaunchKernel",
+    "cuLaunchKernelEx",
+    "cudaGraphLaunch",
+)
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
+              "aten::_scaled_mm")  # fmt: skip
 
-    Each entry is ``{"op", "self_ms", "share", "calls"}``, ``share`` being the fraction of all operators'
-    self time in that step: where a step's time goes, before anyone optimises it.
+
+def count_launches(fn: Callable[[], object], device: torch.device) -> dict:
+    """One more step under ``torch.profiler``: how many operators it dispatched (``aten`` operators not called
+    by another one: what Python and autograd asked for) and, on CUDA, how many kernels it launched and the
+    milliseconds the device spent running them (``kernel_ms``; against the step's time, how busy the GPU
+    was). The fused q/k/v path's claim, fewer operations per block, is these counts."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    events = prof.events()
+
+    def dispatched(e: object) -> bool:
+        parent = e.cpu_parent
+        return e.name.startswith("aten::") and (parent is None or not parent.name.startswith("aten::"))
+
+    out = {"ops_per_step": sum(1 for e in events if e.device_type == DeviceType.CPU and dispatched(e))}
+    if cuda:
+        on_device = [e for e in events if e.device_type == DeviceType.CUDA]
+        out["kernels_per_step"] = sum(1 for e in events if e.name in LAUNCH_CALLS)
+        out["kernel_ms"] = sum(e.time_range.elapsed_us() for e in on_device) / 1e3
+    return out
+
+
+def profile_step(fn: Callable[[], object], device: torch.device, top: int = 8) -> dict:
+    """One more step under ``torch.profiler``: the share of all operators' self time (device time on CUDA) in
+    matrix products (:data:`MATMUL_OPS`) and the ``top`` operators by self time.
+
+    ``{"matmul_share", "top": [{"op", "self_ms", "share", "calls"}, ...]}``, ``share`` being the fraction of
+    the step's operator time: where a step's time goes, before anyone optimises it.
     """
     from torch.profiler import ProfilerActivity, profile
 
@@ -205,10 +263,12 @@ def profile_step(fn: Callable[[], object], device: torch.device, top: int = 8) -
     events = [e for e in prof.key_averages() if getattr(e, key) > 0]
     total = sum(getattr(e, key) for e in events) or 1.0
     events.sort(key=lambda e: getattr(e, key), reverse=True)
-    return [
+    matmul = sum(getattr(e, key) for e in events if e.key in MATMUL_OPS) / total
+    top_ops = [
         {"op": e.key, "self_ms": getattr(e, key) / 1e3, "share": getattr(e, key) / total, "calls": e.count}
         for e in events[:top]
     ]
+    return {"matmul_share": matmul, "top": top_ops}
 
 
 def machine_info(device: str) -> dict:
@@ -255,8 +315,9 @@ def build_ours(shape: Shape, config: Config, device: torch.device) -> nn.Module:
         model.configure_lora_training()
         if config.quantize:
             model.quantize_base(config.quantize)
-    else:
+    elif config.task == "train":
         model.requires_grad_(True)  # full fine-tuning: LoRALinear froze its base weights
+    # (inference: the base stays frozen, as the merged model's, so both take the fused q/k/v path)
     return model
 
 
@@ -341,9 +402,10 @@ def run_config(shape: Shape, config: Config, opts: dict) -> dict:
             opt.zero_grad(set_to_none=True)
             losses.append(loss.detach())
 
-    times = median_seconds(step, opts["warmup"], opts["steps"], device)
+    times, device_times = time_steps(step, opts["warmup"], opts["steps"], device)
     # read before the profiles below, whose own bookkeeping (a trace of every operation) would count too
     steps_peak, whole_peak = steps_peak_mb(device), max(peak_memory_mb(device), built_mb)
+    extra.update(count_launches(step, device))
     if config.task == "train" and device.type == "cpu":  # one more step, its tensors counted (untimed)
         held = [*model.parameters(), *model.buffers()] + [  # everything the run holds, used in a step or not
             t for state in opt.state.values() for t in state.values() if isinstance(t, torch.Tensor)
@@ -363,6 +425,7 @@ def run_config(shape: Shape, config: Config, opts: dict) -> dict:
         "status": "ok",
         "step_ms": 1e3 * step_s,
         "step_ms_all": [round(1e3 * t, 2) for t in times],
+        "device_ms": None if device_times is None else 1e3 * statistics.median(device_times),
         "tokens_per_s": tokens_per_s,
         "peak_mem_mb": whole_peak,
         "train_peak_mem_mb": steps_peak,
@@ -399,7 +462,7 @@ def run_in_subprocess(shape: Shape, config: Config, opts: dict) -> dict:
 
 
 # measurements kept per round (``<key>_rounds``) for ratios within a round, and merged as medians
-ROUND_KEYS = ("step_ms", "peak_mem_mb", "train_peak_mem_mb", "train_tensor_peak_mb")
+ROUND_KEYS = ("step_ms", "device_ms", "kernel_ms", "peak_mem_mb", "train_peak_mem_mb", "train_tensor_peak_mb")
 
 
 def merge_rounds(runs: list[dict]) -> dict:
@@ -413,13 +476,14 @@ def merge_rounds(runs: list[dict]) -> dict:
         return runs[0]
     out = dict(ok[0])
     for key in (*ROUND_KEYS, "mem_before_model_mb"):
-        if all(key in r for r in ok):  # (train_*: not in results written before they existed)
+        if all(r.get(key) is not None for r in ok):  # (not measured: device times on a CPU, older results)
             out[key] = statistics.median(r[key] for r in ok)
     out["tokens_per_s"] = statistics.median(r["tokens_per_s"] for r in ok)
     if out["mfu"] is not None:
         out["mfu"] = statistics.median(r["mfu"] for r in ok)
     for key in ROUND_KEYS:
-        out[f"{key}_rounds"] = [round(r[key], 2) if r["status"] == "ok" and key in r else None for r in runs]
+        out[f"{key}_rounds"] = [round(r[key], 2) if r["status"] == "ok" and r.get(key) is not None else None
+                                for r in runs]  # fmt: skip
     return out
 
 
@@ -458,6 +522,9 @@ def summarise(rows: dict[str, dict]) -> dict:
         ),
         "lora_qv_mem_vs_full": ("lora_qv", "full", "peak_mem_mb"),
         "dora_step_vs_lora": ("lora_qv_dora", "lora_qv", "step_ms"),
+        "bf16_base_step_vs_fp32": ("lora_qv_bf16", "lora_qv", "step_ms"),
+        "bf16_base_mem_vs_fp32": ("lora_qv_bf16", "lora_qv", "train_peak_mem_mb"),
+        "bf16_base_tensor_mem_vs_fp32": ("lora_qv_bf16", "lora_qv", "train_tensor_peak_mb"),
         "nf4_train_mem_vs_fp32": ("lora_qv_nf4", "lora_qv", "train_peak_mem_mb"),
         "nf4_mem_vs_fp32": ("lora_qv_nf4", "lora_qv", "peak_mem_mb"),
         "nf4_tensor_mem_vs_fp32": ("lora_qv_nf4", "lora_qv", "train_tensor_peak_mb"),
@@ -490,7 +557,10 @@ TARGETS = (  # (summary key, label, limit, "max" or "min"): the CPU targets of t
 def markdown(result: dict) -> str:
     """The Markdown report: one table per size, the targets, the machine."""
     m, s = result["machine"], result["settings"]
-    mem = "peak allocated (MiB)" if s["device"] == "cuda" else "peak RSS (MiB)"
+    cuda = s["device"] == "cuda"
+    mem = "peak allocated (MiB)" if cuda else "peak RSS (MiB)"
+    device_col = "device (ms) (kernels' ms)"
+    count_col = "kernel launches" if cuda else "operators dispatched"
     rounds = f", median over {s['rounds']} rounds" if s["rounds"] > 1 else ""
     load = [f"{la[0]:.2f}" if la else "?" for la in (m["load_average_start"], m["load_average_end"])]
     lines = [
@@ -509,22 +579,26 @@ def markdown(result: dict) -> str:
             f"## {size}: d_model {sh['d_model']}, {sh['num_layers']} layers, {sh['num_heads']} heads, "
             f"vocab {sh['vocab_size']}, batch {sh['batch']} x seq {sh['seq_len']}",
             "",
-            f"| configuration | step (ms) | tokens/s | vs full | {mem} | steps' peak (MiB) "
-            "| a step's tensors (MiB) | trainable params | MFU |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            f"| configuration | step (ms) | {device_col} | tokens/s | vs full | {mem} | steps' peak (MiB) "
+            f"| a step's tensors (MiB) | {count_col} | trainable params | MFU |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         full = rows.get("full", {})
         for name, r in rows.items():
             if r["status"] != "ok":
-                lines.append(f"| {name} | {r['status']}: {r['reason']} | | | | | | | |")
+                lines.append(f"| {name} | {r['status']}: {r['reason']} | | | | | | | | | |")
                 continue
             ratios = within_round_ratios(r, full, "step_ms") if r["trainable_params"] else []
             vs = f"{statistics.median(ratios):.2f}x" if ratios else ""  # within rounds, as the targets
             mfu = f"{100 * r['mfu']:.1f} %" if r["mfu"] is not None else "-"
             tensors = f"{r['train_tensor_peak_mb']:,.0f}" if r.get("train_tensor_peak_mb") else "-"
+            device_ms = (f"{r['device_ms']:.1f} ({r['kernel_ms']:.1f})" if r.get("device_ms") is not None
+                         and r.get("kernel_ms") is not None else "-")  # fmt: skip
+            count = r.get("kernels_per_step" if cuda else "ops_per_step")
             lines.append(
-                f"| {name} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} | {vs} | {r['peak_mem_mb']:,.0f} "
-                f"| {r.get('train_peak_mem_mb') or 0:,.0f} | {tensors} | {r['trainable_params']:,} | {mfu} |"
+                f"| {name} | {r['step_ms']:.1f} | {device_ms} | {r['tokens_per_s']:,.0f} | {vs} "
+                f"| {r['peak_mem_mb']:,.0f} | {r.get('train_peak_mem_mb') or 0:,.0f} | {tensors} "
+                f"| {'-' if count is None else f'{count:,}'} | {r['trainable_params']:,} | {mfu} |"
             )
         summary = result["summary"][size]
         lines += [
@@ -549,10 +623,14 @@ def markdown(result: dict) -> str:
             lines.append(f"| {label} | {sign} {limit} | {shown} | {met} | {spread} |")
         profiled = {name: r["profile"] for name, r in rows.items() if r.get("profile")}
         if profiled:
-            lines += ["", "Top operators of one profiled step (self time, first round):", ""]
-            for name, ops in profiled.items():
-                shown = ", ".join(f"{o['op']} {o['self_ms']:.1f} ms ({100 * o['share']:.0f} %)" for o in ops)
-                lines.append(f"- {name}: {shown}")
+            time_kind = "device" if cuda else "self"
+            lines += ["", f"Top operators of one profiled step ({time_kind} time, first round), and the share of "
+                      "it in matrix products:", ""]  # fmt: skip
+            for name, prof in profiled.items():
+                shown = ", ".join(
+                    f"{o['op']} {o['self_ms']:.1f} ms ({100 * o['share']:.0f} %)" for o in prof["top"]
+                )
+                lines.append(f"- {name}: matrix products {100 * prof['matmul_share']:.0f} %; {shown}")
     lines += ["", FLOPS_NOTE if s["device"] == "cuda" else "", ""]
     return "\n".join(lines)
 
@@ -621,7 +699,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--profile",
         action="store_true",
-        help="after timing, profile one step: its top operators by self time",
+        help="after timing, profile one step: its top operators by self (CUDA: device) time, and the share "
+        "of matrix products",
     )
     p.add_argument("--out", default="runs/benchmark", help="folder for results.{json,md,png}")
     p.add_argument("--quick", action="store_true", help="tiny model, 3 steps, 1 thread: seconds")

@@ -3,17 +3,19 @@
 1. **No host-device synchronisation inside a training step**: the real ``LoRATrainer`` step runs under
    ``torch.cuda.set_sync_debug_mode("error")``, which raises at any synchronising call; only the reads
    every ``--log_every`` steps (and evaluations) are let through.
-2. **The real trainer's speed**: tokens/s of ``LoRATrainer`` (LoRA q+v) and of ``Trainer`` (full
-   fine-tuning) at the GPT-2-small shape (768 wide, 12 layers, 12 heads, vocabulary 50,257), timed with
-   CUDA events over the steps between reads, eager and compiled.
+2. **The real trainer's speed**: tokens/s of ``LoRATrainer`` (LoRA q+v, with a float32 and with a bfloat16
+   base) and of ``Trainer`` (full fine-tuning) at the GPT-2-small shape (768 wide, 12 layers, 12 heads,
+   vocabulary 50,257), timed with CUDA events over the steps between reads, eager and compiled.
 3. **Correctness on the device**: the model's logits and LoRA gradients against a float64 CPU reference,
-   for plain LoRA and for DoRA with a PiSSA start (the variants' own paths); and with torchao installed, a
-   4-bit NF4 base on the device against the same 4-bit base on the CPU.
+   for plain LoRA and for DoRA with a PiSSA start (the variants' own paths); under bf16 autocast, the loss
+   and LoRA gradients with the base stored in bfloat16 against the float32 base's (equal, bit for bit);
+   and with torchao installed, a 4-bit NF4 base on the device against the same 4-bit base on the CPU.
 
 4. With ``--benchmark``, ``scripts/benchmark.py`` in fresh processes, ``--bench_rounds`` rounds of
-   ``--bench_steps`` steps: full fine-tuning, LoRA q+v, transformers + PEFT and inference at the issue's
-   shape (GPT-2 small, sequence 1,024, batch 8; bf16), and the variants (nf4 base, checkpointed or not,
-   DoRA) at the benchmark's ``gpt2`` shape with the chunked loss; their target ratios join the table.
+   ``--bench_steps`` steps: full fine-tuning, LoRA q+v (float32 and bfloat16 base), transformers + PEFT
+   and inference at the issue's shape (GPT-2 small, sequence 1,024, batch 8; bf16), and the variants (nf4
+   base, checkpointed or not, DoRA) at the benchmark's ``gpt2`` shape with the chunked loss; their target
+   ratios join the table.
 
 Prints a short table last and writes ``gpu_checks.json`` (and the benchmarks' folders) into ``--out``. On a
 CPU (``--device cpu``, e.g. to try the script) the sync check is skipped and the sizes should be small.
@@ -70,10 +72,14 @@ def build(size: str, lora: bool, device: str, **variant: object) -> LoRATransfor
 
 
 def time_trainer(size: str, lora: bool, device: str, steps: int, compile: bool, sync_check: bool,
-                 compile_mode: str = "default") -> dict:  # fmt: skip
-    """Train ``steps`` steps after a warm-up; tokens/s over the steps between the first and last read."""
+                 compile_mode: str = "default", storage: str | None = None) -> dict:  # fmt: skip
+    """Train ``steps`` steps after a warm-up; tokens/s over the steps between the first and last read.
+    ``storage`` ("bf16"): the frozen base stored so (``quantize_base``), as ``train_lora.py`` does on a GPU."""
     _, _, _, vocab, seq, batch = SIZES[size]
     model = build(size, lora, device)
+    if storage is not None:
+        model.configure_lora_training()
+        model.quantize_base(storage)
     data = random_data(vocab, seq, batch * (steps + 8))
     kind = LoRATrainer if lora else Trainer
     if not lora:
@@ -141,16 +147,45 @@ def check_gradients(size: str, device: str, quantize: bool = False, **variant: o
     return {"logits_max_abs_err": (a - b).abs().max().item(), "lora_grad_max_rel_err": grad_err}
 
 
+def check_bf16_base(size: str, device: str) -> dict:
+    """The loss and LoRA gradients under bf16 autocast on ``device``, the base stored in bfloat16 against the
+    float32 base: equal bit for bit (autocast's cast and the stored copy are the same rounding)."""
+    _, _, _, vocab, seq, _ = SIZES[size]
+    idx = torch.randint(0, vocab, (2, min(seq, 128)), generator=torch.Generator().manual_seed(1)).to(device)
+    steps = []
+    for storage in (None, "bf16"):
+        model = build(size, True, device)
+        with torch.no_grad():
+            for _, layer in model.lora_layers():
+                layer.lora_B.copy_(
+                    torch.randn(layer.lora_B.shape, generator=torch.Generator().manual_seed(2))
+                )
+        model.configure_lora_training()
+        if storage:
+            model.quantize_base(storage)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+            loss = model(idx, targets=torch.roll(idx, -1, dims=1))
+        grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
+        steps.append((loss.detach().cpu(), [g.detach().cpu() for g in grads]))
+    (a, ga), (b, gb) = steps
+    err = max(
+        ((x - y).abs().max() / x.abs().max().clamp(min=1e-12)).item() for x, y in zip(ga, gb, strict=True)
+    )
+    return {"loss_equal": torch.equal(a, b), "grads_equal": all(torch.equal(x, y) for x, y in zip(ga, gb, strict=True)),
+            "lora_grad_max_rel_err": err}  # fmt: skip
+
+
 # (name, size on a GPU, size in a dry run, benchmark arguments): the issue's shape, then the variants (a dry
 # run takes the small size for them: the tiny size's 64 x 64 weights tile no 16,384-weight NF4 block)
 BENCHMARKS = (
     ("bench_speed", "gpt2_1024x8", "tiny",
-     ["--configs", "full,lora_qv,peft_qv,infer_base,infer_lora_unmerged,infer_lora_merged"]),
+     ["--configs", "full,lora_qv,lora_qv_bf16,peft_qv,infer_base,infer_lora_unmerged,infer_lora_merged"]),
     ("bench_variants", "gpt2", "small",
      ["--loss", "chunked", "--configs", "lora_qv,lora_qv_nf4,lora_qv_ckpt,lora_qv_nf4_ckpt,lora_qv_dora"]),
 )  # fmt: skip
 BENCH_KEYS = ("lora_qv_step_vs_full", "lora_qv_tokens_vs_peft", "unmerged_vs_base_latency", "merged_vs_base_latency",
-              "lora_qv_mem_vs_full", "dora_step_vs_lora", "nf4_tensor_mem_vs_fp32", "nf4_ckpt_tensor_mem_vs_fp32")  # fmt: skip
+              "lora_qv_mem_vs_full", "bf16_base_step_vs_fp32", "bf16_base_mem_vs_fp32", "dora_step_vs_lora",
+              "nf4_tensor_mem_vs_fp32", "nf4_ckpt_tensor_mem_vs_fp32")  # fmt: skip
 
 
 def run_benchmarks(args: argparse.Namespace, out: Path) -> dict:
@@ -207,6 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         on_gpu = args.device != "cpu"
         checks = {"lora": check_gradients(args.size, args.device),
                   "dora_pissa": check_gradients(args.size, args.device, use_dora=True, lora_init="pissa")}  # fmt: skip
+        checks["bf16_base"] = check_bf16_base(args.size, args.device)
         if importlib.util.find_spec("torchao") is None:
             checks["nf4"] = "skipped: torchao is not installed"
         else:
@@ -226,6 +262,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 result["runs"][name] = time_trainer(args.size, lora, args.device, args.steps, compiled,
                                                     sync_check=on_gpu and not compiled, compile_mode=mode)  # fmt: skip
                 print(f"{name}: {result['runs'][name]}", flush=True)
+            if on_gpu:
+                torch.cuda.reset_peak_memory_stats()
+            name = (
+                "lora_qv_bf16"
+                + ("_compiled" if compiled else "")
+                + ("_cudagraphs" if mode == "reduce-overhead" else "")
+            )
+            result["runs"][name] = time_trainer(args.size, True, args.device, args.steps, compiled, sync_check=on_gpu and not compiled,
+                                                compile_mode=mode, storage="bf16")  # fmt: skip
+            print(f"{name}: {result['runs'][name]}", flush=True)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "gpu_checks.json").write_text(json.dumps(result, indent=2) + "\n")  # kept if a time limit cuts
@@ -235,11 +281,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\n{result['device']}, torch {result['torch']}, size {args.size}")
         for name, check in result["checks"].items():
             print(f"check {name}: {check}")
-        print(f"{'run':<20} {'tokens/s':>12} {'step ms':>9} {'peak MiB':>9} {'sync-free':>9}")
+        print(f"{'run':<26} {'tokens/s':>12} {'step ms':>9} {'peak MiB':>9} {'sync-free':>9}")
         for name, r in result["runs"].items():
             peak = f"{r['peak_mem_mb']:.0f}" if r["peak_mem_mb"] is not None else "-"
             print(
-                f"{name:<20} {r['tokens_per_s']:>12,.0f} {r['step_ms']:>9.1f} {peak:>9} {r['sync_free']!s:>9}"
+                f"{name:<26} {r['tokens_per_s']:>12,.0f} {r['step_ms']:>9.1f} {peak:>9} {r['sync_free']!s:>9}"
             )
         for name, summary in result.get("benchmarks", {}).items():
             shown = ", ".join(

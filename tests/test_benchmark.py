@@ -52,11 +52,13 @@ def test_quick_run_writes_json_markdown_and_png(tmp_path):
 
 
 def test_profile_names_the_step_s_top_operators():
-    """``--profile``: one extra step under torch.profiler, its top operators by self time."""
+    """``--profile``: one extra step under torch.profiler, its top operators by self time and the share of
+    matrix products."""
     cfg = {c.name: c for c in benchmark.CONFIGS}["lora_qv"]
     opts = {"device": "cpu", "dtype": "fp32", "compile": False, "threads": None, "steps": 1, "warmup": 0}
     row = benchmark.run_config(benchmark.SIZES["tiny"], cfg, {**opts, "profile": True})
-    ops = row["profile"]
+    ops, share = row["profile"]["top"], row["profile"]["matmul_share"]
+    assert share >= sum(o["share"] for o in ops if o["op"] in benchmark.MATMUL_OPS) > 0 and share < 1
     assert 0 < len(ops) <= 8 and all(o["self_ms"] > 0 and o["calls"] >= 1 for o in ops)
     assert [o["self_ms"] for o in ops] == sorted((o["self_ms"] for o in ops), reverse=True)
     assert 0 < sum(o["share"] for o in ops) <= 1 + 1e-9
@@ -72,7 +74,21 @@ def test_profile_names_the_step_s_top_operators():
             "summary": {"tiny": benchmark.summarise({"lora_qv": benchmark.merge_rounds([row])})},
         }
     )  # fmt: skip
-    assert f"- lora_qv: {ops[0]['op']} " in md
+    assert f"- lora_qv: matrix products {100 * share:.0f} %; {ops[0]['op']} " in md
+
+
+def test_each_run_counts_the_operators_its_step_dispatches():
+    """The count behind the fused path's claim (fewer operations per block): merged inference dispatches exactly
+    the base's operators, each unmerged adapter some more, and the fused q/k/v path fewer than three products
+    one by one. On a CPU there is no device time (CUDA events) to report."""
+    configs = {c.name: c for c in (*benchmark.CONFIGS, *benchmark.EXTRA_CONFIGS)}
+    opts = {"device": "cpu", "dtype": "fp32", "compile": False, "threads": 1, "steps": 1, "warmup": 0}
+    names = ("infer_base", "infer_lora_merged", "infer_lora_unmerged", "infer_lora_qkvo_unmerged",
+             "infer_lora_qkvo_unmerged_unfused")  # fmt: skip
+    rows = {n: benchmark.run_config(benchmark.SIZES["tiny"], configs[n], opts) for n in names}
+    ops = [rows[n]["ops_per_step"] for n in names]
+    assert 0 < ops[0] == ops[1] < ops[2] < ops[3] < ops[4], ops
+    assert all(r["device_ms"] is None and "kernels_per_step" not in r for r in rows.values())
 
 
 def test_target_ratios_are_taken_within_rounds():
@@ -211,7 +227,9 @@ def test_the_gpu_check_script_runs_dry_on_a_cpu(tmp_path, one_thread):
         assert check["logits_max_abs_err"] < 1e-5 and check["lora_grad_max_rel_err"] < 1e-5, name
     nf4 = result["checks"]["nf4"]  # the same 4-bit base on the device and the CPU (here: both the CPU)
     assert nf4["logits_max_abs_err"] < 1e-5 and nf4["lora_grad_max_rel_err"] < 1e-5
-    assert set(result["runs"]) == {"lora_qv", "full"} and all(
+    bf16 = result["checks"]["bf16_base"]  # under bf16 autocast: the float32 base's step, bit for bit
+    assert bf16["loss_equal"] and bf16["grads_equal"] and bf16["lora_grad_max_rel_err"] == 0
+    assert set(result["runs"]) == {"lora_qv", "full", "lora_qv_bf16"} and all(
         r["tokens_per_s"] > 0 for r in result["runs"].values()
     )
 
