@@ -41,12 +41,8 @@ GENERATED_TASKS = ("rot13", "atbash")  # data made here, sized by num_examples
 CIPHER_WIDTH = 15  # tokens in a sequence of the generated tasks (8 letters and their cipher, less one)
 FILE_TASKS = ("text", "jsonl")  # the user's own data in train_file (and val_file)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile's modes
-QUANTIZATIONS = (
-    "auto",
-    "none",
-    "bf16",
-    "nf4",
-)  # how the frozen base's linear weights are stored (lora/quantize.py)
+# how the frozen base's linear weights are stored (lora/quantize.py); auto: bf16 under bf16 autocast
+QUANTIZATIONS = ("auto", "none", "bf16", "nf4")
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")  # cuda:1 picks a GPU
 ARCHITECTURE_KEYS = ("d_model", "num_heads", "num_layers", "max_seq_len")  # of a base pretrained here
 LORA_KEYS = tuple(f.name for f in fields(LoRAConfig))

@@ -134,9 +134,8 @@ def fused_lora_linear(
             (weight,), bias = frozen([m.weight for m in layers]), None  # (N, C)
         else:
             weight, bias = frozen([m.weight for m in layers], [m.bias for m in layers])  # (N, C), (N,)
-        y = frozen_linear(
-            x2, weight, None if dora else bias
-        )  # (M, N); a bfloat16 stack widened outside autocast
+        # (M, N); a bfloat16 stack is widened outside autocast
+        y = frozen_linear(x2, weight, None if dora else bias)
     if adapted:
         factors = {id(m): m.factors() for m in adapted}  # (A_p (r_p, C), B_p (out_p, r_p))
         if any(m.dropout_active for m in adapted):

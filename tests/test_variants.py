@@ -681,26 +681,21 @@ def test_a_bf16_base_under_bf16_autocast_gives_the_float32_base_s_step_bit_for_b
 
 
 def test_a_bf16_base_stores_its_block_weights_narrow_and_keeps_the_rest():
+    from lora.memory import storage_bytes
+
     full, narrow = bf16_pair(lora_targets="q,k,v,o")
+    block_linear = ("proj.weight", "proj.bias", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
+    narrowed = [name for name, _ in narrow.named_parameters() if name.endswith(block_linear)]
+    assert len(narrowed) == 2 * 6 * 2  # layers x (q, k, v, o, fc1, fc2) x (weight, bias)
     for name, t in narrow.named_parameters():
-        module = name.rsplit(".", 1)[0]
-        if name.endswith(("proj.weight", "proj.bias", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")):
+        if name in narrowed:
             assert t.dtype == torch.bfloat16 and not t.requires_grad, name
             assert torch.equal(t, full.get_parameter(name).detach().bfloat16()), name
         else:  # the adapter, the embeddings (the residual stream starts there), the LayerNorms
-            assert t.dtype == torch.float32, (name, module)
+            assert t.dtype == torch.float32, name
     assert narrow.base_quantization == "bf16" and narrow.base_fingerprint() == full.base_fingerprint()
-    from lora.memory import storage_bytes
-
-    blocks = [
-        p
-        for n, p in full.named_parameters()
-        if n.startswith("blocks.") and "lora_" not in n and "ln_" not in n
-    ]
-    narrow_blocks = [
-        narrow.get_parameter(n) for n, p in full.named_parameters() if any(p is b for b in blocks)
-    ]
-    assert storage_bytes(narrow_blocks) * 2 == storage_bytes(blocks)
+    halves = [storage_bytes([model.get_parameter(n) for n in narrowed]) for model in (narrow, full)]
+    assert 2 * halves[0] == halves[1]
     with pytest.raises(ValueError, match="already stored in bf16, not nf4"):
         narrow.quantize_base("nf4")
 
