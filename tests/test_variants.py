@@ -427,9 +427,11 @@ def test_a_bf16_base_run_trains_the_float32_base_run_s_adapter_bit_for_bit(tiny_
     assert stored == {"fp32": None, "bf16": "bf16", "auto": "bf16", "auto_fp32": None}
 
 
-def test_variant_run_on_a_base_pretrained_here_resumes_exactly(tiny_flags, tmp_path):
+@pytest.mark.parametrize("precision", ["auto", "bf16"])
+def test_variant_run_on_a_base_pretrained_here_resumes_exactly(tiny_flags, tmp_path, precision):
     """LoRA+ leaves the base's pretraining alone (it has no B), and a run with every variant resumed from
-    its middle checkpoint ends with the uninterrupted run's adapter, bit for bit."""
+    its middle checkpoint ends with the uninterrupted run's adapter, bit for bit; under bf16 autocast too,
+    where the base is stored in bfloat16 (quantize_base auto), in the run and in its resumption."""
     import shutil
 
     from safetensors.torch import load_file
@@ -437,7 +439,7 @@ def test_variant_run_on_a_base_pretrained_here_resumes_exactly(tiny_flags, tmp_p
     from lora.train_lora import main
 
     flags = [*tiny_flags, "--use_dora", "--lora_init", "olora", "--lora_plus_ratio", "4", "--save_every", "6",
-             "--keep_checkpoints", "3", "--run_name", "ref"]  # fmt: skip
+             "--keep_checkpoints", "3", "--run_name", "ref", "--precision", precision]  # fmt: skip
     assert main(flags) == 0
     ref = tmp_path / "runs" / "ref"
     copy = tmp_path / "copy" / "ref"
@@ -448,6 +450,8 @@ def test_variant_run_on_a_base_pretrained_here_resumes_exactly(tiny_flags, tmp_p
     a, b = load_file(ref / "adapter_model.safetensors"), load_file(copy / "adapter_model.safetensors")
     assert a.keys() == b.keys() and any(k.endswith("lora_magnitude") for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    stored = json.loads((copy / "adapter_config.json").read_text())["base_quantization"]
+    assert stored == {"auto": None, "bf16": "bf16"}[precision]
 
 
 # ---------------------------------------------------------------------------------------------------------
