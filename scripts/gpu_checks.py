@@ -155,11 +155,10 @@ def check_bf16_base(size: str, device: str) -> dict:
     steps = []
     for storage in (None, "bf16"):
         model = build(size, True, device)
+        g = torch.Generator().manual_seed(2)  # the same trained-looking B's in both models
         with torch.no_grad():
             for _, layer in model.lora_layers():
-                layer.lora_B.copy_(
-                    torch.randn(layer.lora_B.shape, generator=torch.Generator().manual_seed(2))
-                )
+                layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g))
         model.configure_lora_training()
         if storage:
             model.quantize_base(storage)
@@ -251,27 +250,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "size": args.size, "checks": checks, "runs": {}}  # fmt: skip
         modes = [(False, "default")] + ([] if args.no_compile else [(True, "default")])
         modes += [(True, "reduce-overhead")] if args.cuda_graphs and not args.no_compile else []
+        # (name, LoRA or full fine-tuning, how the frozen base is stored)
+        kinds = (("lora_qv", True, None), ("full", False, None), ("lora_qv_bf16", True, "bf16"))
         for compiled, mode in modes:
-            for lora in (True, False):
-                suffix = ("_compiled" if compiled else "") + (
-                    "_cudagraphs" if mode == "reduce-overhead" else ""
-                )
-                name = f"{'lora_qv' if lora else 'full'}{suffix}"
+            suffix = ("_compiled" if compiled else "") + ("_cudagraphs" if mode == "reduce-overhead" else "")
+            for kind, lora, storage in kinds:
                 if on_gpu:
                     torch.cuda.reset_peak_memory_stats()
-                result["runs"][name] = time_trainer(args.size, lora, args.device, args.steps, compiled,
-                                                    sync_check=on_gpu and not compiled, compile_mode=mode)  # fmt: skip
-                print(f"{name}: {result['runs'][name]}", flush=True)
-            if on_gpu:
-                torch.cuda.reset_peak_memory_stats()
-            name = (
-                "lora_qv_bf16"
-                + ("_compiled" if compiled else "")
-                + ("_cudagraphs" if mode == "reduce-overhead" else "")
-            )
-            result["runs"][name] = time_trainer(args.size, True, args.device, args.steps, compiled, sync_check=on_gpu and not compiled,
-                                                compile_mode=mode, storage="bf16")  # fmt: skip
-            print(f"{name}: {result['runs'][name]}", flush=True)
+                result["runs"][kind + suffix] = time_trainer(args.size, lora, args.device, args.steps, compiled,
+                                                             sync_check=on_gpu and not compiled, compile_mode=mode,
+                                                             storage=storage)  # fmt: skip
+                print(f"{kind + suffix}: {result['runs'][kind + suffix]}", flush=True)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "gpu_checks.json").write_text(json.dumps(result, indent=2) + "\n")  # kept if a time limit cuts
