@@ -226,8 +226,10 @@ def _load_base(cfg: TrainConfig, base_dir: Path, task: Task, device: torch.devic
             raise ConfigError(f"quantize_base {storage}: {e}") from None
     # the fresh adapter's base-dependent start (DoRA's magnitudes, PiSSA/OLoRA's factors) from the weights
     # it trains on, where they are not the ones from_pretrained derived it from: widened to float32, or 4-bit
-    # (as PEFT's QLoRA), so it starts at that base's output
-    if widened or storage != "none":
+    # (as PEFT's QLoRA), so it starts at that base's output. Not from a bf16 copy: its start stays the float32
+    # weights', as on the float32 base (whose products under autocast the bf16 base's equal), wherever a run
+    # or its resumption happens to store the base
+    if widened or storage == "nf4":
         model.init_adapter_from_base()
     return model
 

@@ -43,6 +43,9 @@ FILE_TASKS = ("text", "jsonl")  # the user's own data in train_file (and val_fil
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile's modes
 # how the frozen base's linear weights are stored (lora/quantize.py); auto: bf16 under bf16 autocast
 QUANTIZATIONS = ("auto", "none", "bf16", "nf4")
+# the storages a run may switch among when resumed: under bf16 autocast their products are the same, bit for
+# bit, and outside it a bf16 weight is the float32 one rounded as precision, which may change too, rounds it
+SAME_ADAPTER_STORAGES = {"auto", "none", "bf16"}
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")  # cuda:1 picks a GPU
 ARCHITECTURE_KEYS = ("d_model", "num_heads", "num_layers", "max_seq_len")  # of a base pretrained here
 LORA_KEYS = tuple(f.name for f in fields(LoRAConfig))
@@ -281,6 +284,8 @@ class TrainConfig:
         for f in fields(self):
             now, was = getattr(self, f.name), getattr(saved, f.name)
             if f.name in PATH_KEYS and now and was and _same_file(now, was):
+                continue
+            if f.name == "quantize_base" and {now, was} <= SAME_ADAPTER_STORAGES:
                 continue
             if f.name not in RESUME_MAY_CHANGE and now != was:
                 raise ConfigError(f"{where} was trained with {f.name} {quote(was)}, not {quote(now)}: resuming "

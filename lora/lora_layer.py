@@ -256,6 +256,11 @@ class LoRALinear(nn.Module):
         layer._init_from(linear, r, lora_alpha, lora_dropout, use_rslora, use_dora, lora_init)
         return layer
 
+    # the dtype every adapter of this layer takes; None: the weight's (float32 beside a 4-bit one). A base stored
+    # narrower than it was made (LoRATransformer.quantize_base) keeps the full-precision dtype here, so that an
+    # adapter loaded or added afterwards is float32 too
+    adapter_dtype: torch.dtype | None = None
+
     def _init_from(
         self,
         base: nn.Linear,
@@ -326,7 +331,7 @@ class LoRALinear(nn.Module):
             self.lora_A = None
             self.lora_B = None
             return
-        kw = {"device": self.weight.device, "dtype": _float_dtype(self.weight)}
+        kw = {"device": self.weight.device, "dtype": self.adapter_dtype or _float_dtype(self.weight)}
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **kw))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **kw))
         if lora_init == "gaussian":
@@ -364,10 +369,10 @@ class LoRALinear(nn.Module):
     @property
     def narrow_base(self) -> str | None:
         """How the frozen ``weight`` is stored narrower than the adapter: ``"nf4"``, ``"bf16"`` (a bfloat16
-        weight beside a float32 adapter) or ``None`` (as the adapter, or no adapter)."""
+        weight under a float32 :attr:`adapter_dtype`) or ``None`` (as the adapter)."""
         if self.quantized:
             return "nf4"
-        if self.r > 0 and self.weight.dtype.itemsize < self.lora_A.dtype.itemsize:
+        if self.adapter_dtype is not None and self.weight.dtype != self.adapter_dtype:
             return {torch.bfloat16: "bf16"}.get(
                 self.weight.dtype, str(self.weight.dtype).removeprefix("torch.")
             )

@@ -318,6 +318,7 @@ class LoRATransformer(nn.Module):
         fingerprint = self.base_fingerprint()
         self._full_precision_norms = self._fused_row_norms()
         for layer in layers:
+            layer.adapter_dtype = layer.weight.dtype  # adapters made later stay in full precision
             (quantize_linear_ if kind == "nf4" else narrow_linear_)(layer)
         if kind == "nf4":
             self._set_embedding_dtype(torch.bfloat16)

@@ -37,7 +37,8 @@ A frozen base may also be stored in bfloat16 (:func:`narrow_linear_`): half the 
 autocast (a GPU's default precision) nothing is cast per step, where a float32 weight is cast to bf16 in
 every forward (autocast caches only casts of weights that train). The products are then the same, bit for
 bit: autocast's cast and the stored copy are the same rounding. :func:`frozen_linear` computes the product
-for any of the three forms: float32, bfloat16 (widened to the input's dtype outside autocast) and NF4.
+for any of the three forms: float32, bfloat16 (widened to the input's dtype outside autocast, as NF4 is
+dequantized: for the product and again in backward) and NF4.
 
 Run ``python lora/quantize.py`` for a short demonstration.
 """
@@ -246,13 +247,15 @@ def quantized_linear(
 
 def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``(..., in) -> (..., out)``: ``x W^T + b`` for a frozen ``W`` (out, in) in whichever form the base keeps
-    it: NF4 (:func:`quantized_linear`), a float dtype narrower than ``x`` (bfloat16 under float32: widened for
-    the product outside autocast; used as it is under autocast, whose dtype it has) or ``x``'s own."""
-    if is_quantized(weight):
+    it: NF4, or a float dtype other than ``x``'s outside autocast (bfloat16 under float32), through
+    :func:`quantized_linear`, which widens it for the product and again in backward, keeping only the narrow
+    form for backward (a widened copy saved by autograd would cost more than the float32 weight itself); in
+    ``x``'s dtype, or under autocast (whose dtype a bfloat16 weight already has), a plain ``F.linear``."""
+    widen = weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type)
+    if is_quantized(weight) or widen:
+        if widen and bias is not None:
+            bias = bias.to(x.dtype)  # (out,): the bias gets no gradient and is not kept for backward
         return quantized_linear(x, weight, bias)
-    if weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
-        weight = weight.to(x.dtype)
-        bias = None if bias is None else bias.to(x.dtype)
     return F.linear(x, weight, bias)
 
 

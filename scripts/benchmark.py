@@ -213,8 +213,8 @@ LAUNCH_CALLS = (
     "cuLaunchKernelEx",
     "cudaGraphLaunch",
 )
-MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
-              "aten::_scaled_mm")  # fmt: skip
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::baddbmm_",
+              "aten::matmul", "aten::linear", "aten::_scaled_mm")  # fmt: skip
 
 
 def count_launches(fn: Callable[[], object], device: torch.device) -> dict:
@@ -238,7 +238,9 @@ def count_launches(fn: Callable[[], object], device: torch.device) -> dict:
 
     out = {"ops_per_step": sum(1 for e in events if e.device_type == DeviceType.CPU and dispatched(e))}
     if cuda:
-        on_device = [e for e in events if e.device_type == DeviceType.CUDA]
+        # device work only: not the spans of user annotations (an optimizer step, a compiled region), which
+        # the profiler also reports on the device and which cover kernels counted already
+        on_device = [e for e in events if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
         out["kernels_per_step"] = sum(1 for e in events if e.name in LAUNCH_CALLS)
         out["kernel_ms"] = sum(e.time_range.elapsed_us() for e in on_device) / 1e3
     return out
@@ -260,7 +262,7 @@ def profile_step(fn: Callable[[], object], device: torch.device, top: int = 8) -
         if cuda:
             torch.cuda.synchronize()
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
-    events = [e for e in prof.key_averages() if getattr(e, key) > 0]
+    events = [e for e in prof.key_averages() if getattr(e, key) > 0 and not e.is_user_annotation]
     total = sum(getattr(e, key) for e in events) or 1.0
     events.sort(key=lambda e: getattr(e, key), reverse=True)
     matmul = sum(getattr(e, key) for e in events if e.key in MATMUL_OPS) / total

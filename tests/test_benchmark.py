@@ -229,6 +229,7 @@ def test_the_gpu_check_script_runs_dry_on_a_cpu(tmp_path, one_thread):
     assert nf4["logits_max_abs_err"] < 1e-5 and nf4["lora_grad_max_rel_err"] < 1e-5
     bf16 = result["checks"]["bf16_base"]  # under bf16 autocast: the float32 base's step, bit for bit
     assert bf16["loss_equal"] and bf16["grads_equal"] and bf16["lora_grad_max_rel_err"] == 0
+    assert bf16["repeat_loss_equal"] and bf16["repeat_grads_equal"]  # the control: the float32 base twice
     assert set(result["runs"]) == {"lora_qv", "full", "lora_qv_bf16"} and all(
         r["tokens_per_s"] > 0 for r in result["runs"].values()
     )

@@ -275,6 +275,16 @@ def test_bad_variant_settings_are_refused(values, message):
         TrainConfig(**values).validate()
 
 
+def test_a_resumed_run_may_change_the_base_s_storage_but_not_to_or_from_4_bits():
+    """none, bf16 and auto train the same adapter (bf16's products are the float32 base's under autocast), so
+    a run interrupted under the old default none resumes under auto; 4 bits would train something else."""
+    for was, now in (("none", "auto"), ("auto", "bf16"), ("bf16", "none")):
+        TrainConfig(quantize_base=now).check_resume(TrainConfig(quantize_base=was), "run")
+    for was, now in (("nf4", "auto"), ("none", "nf4")):
+        with pytest.raises(ConfigError, match=f"run was trained with quantize_base '{was}', not '{now}'"):
+            TrainConfig(quantize_base=now).check_resume(TrainConfig(quantize_base=was), "run")
+
+
 @pytest.mark.parametrize("key", ["use_dora", "lora_init", "lora_plus_ratio", "quantize_base"])
 def test_variants_are_refused_with_full_fine_tuning(key):
     value = {"use_dora": True, "lora_init": "pissa", "lora_plus_ratio": 4.0, "quantize_base": "nf4"}[key]
@@ -411,14 +421,14 @@ def test_a_bf16_base_run_trains_the_float32_base_run_s_adapter_bit_for_bit(tiny_
 
     from lora.train_lora import main
 
-    flags = [*tiny_flags, "--lora_targets", "q,k,v,o"]
+    flags = [*tiny_flags, "--lora_targets", "q,k,v,o", "--lora_init", "pissa"]  # PiSSA: from the float32 W0
     runs = {"fp32": ["--precision", "bf16", "--quantize_base", "none"], "bf16": ["--precision", "bf16",
             "--quantize_base", "bf16"], "auto": ["--precision", "bf16"], "auto_fp32": []}  # fmt: skip
     for name, extra in runs.items():
         assert main([*flags, *extra, "--run_name", name]) == 0
     out = tmp_path / "runs"
     adapters = [load_file(out / name / "adapter_model.safetensors") for name in ("fp32", "bf16", "auto")]
-    assert len(adapters[0]) == 8 and all(a.keys() == adapters[0].keys() for a in adapters)
+    assert len(adapters[0]) == 16 and all(a.keys() == adapters[0].keys() for a in adapters)  # A, B, A0, B0
     assert all(torch.equal(a[k], adapters[0][k]) for a in adapters[1:] for k in a)
     stored = {
         name: json.loads((out / name / "adapter_config.json").read_text())["base_quantization"]
@@ -727,6 +737,36 @@ def test_a_bf16_base_outside_autocast_computes_in_float32_on_its_rounded_values(
     )
 
 
+def saved_for_backward(model: LoRATransformer) -> int:
+    """Bytes of the tensors a training forward keeps for backward, other than the parameters themselves."""
+    with (
+        torch.no_grad()
+    ):  # the first forward makes q, k, v views of their stack (FrozenConcat): before counting
+        model(IDX, targets=torch.roll(IDX, -1, dims=1))
+    params = {p.data_ptr() for p in model.parameters()}
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += 0 if t.data_ptr() in params else t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(IDX, targets=torch.roll(IDX, -1, dims=1))
+    return total
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"use_dora": True}, {"lora_targets": "q,k,v,o", "adapt_feedforward": True}]
+)
+def test_a_bf16_base_outside_autocast_keeps_no_widened_weight_for_backward(options):
+    """Widened for each product, a bfloat16 weight is widened again in backward rather than kept widened
+    (which would cost more than the float32 weight it replaces): the step keeps no more than the float32
+    base's step does, besides half the weights."""
+    full, narrow = bf16_pair(**options)
+    assert 0 < saved_for_backward(narrow) <= saved_for_backward(full)
+
+
 def test_a_bf16_base_refuses_to_merge_and_to_save_and_its_adapter_moves_to_the_float32_base(tmp_path):
     full, narrow = bf16_pair(use_dora=True)
     for action in (narrow.merge_lora, narrow.merged_model, lambda: narrow.merge_and_export(tmp_path / "m")):
@@ -749,6 +789,12 @@ def test_a_bf16_base_refuses_to_merge_and_to_save_and_its_adapter_moves_to_the_f
         full.eval(), narrow.eval()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             torch.testing.assert_close(full(IDX), narrow(IDX), rtol=0, atol=2e-2)
+    narrow.load_adapter(tmp_path / "a", adapter_name="again")  # an adapter made after narrowing: float32 too
+    narrow.set_adapter("again")
+    q = narrow.blocks[0].attn.q_proj
+    assert q.lora_A.dtype == q.lora_B.dtype == q.lora_magnitude.dtype == torch.float32, q.lora_A.dtype
+    with pytest.raises(ValueError, match=r"cannot merge into a bfloat16 \(bf16\) base"):
+        narrow.merge_lora()
     trained = LoRATransformer(**TINY, lora_r=0).requires_grad_(True)
     with pytest.raises(ValueError, match=r"a bfloat16 \(bf16\) base stays frozen"):
         trained.quantize_base("bf16")
