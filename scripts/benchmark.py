@@ -346,6 +346,70 @@ def build_peer(shape: Shape, device: torch.device) -> nn.Module:
     return get_peft_model(GPT2LMHeadModel(cfg), lora).to(device)
 
 
+def prepare_inference(model: nn.Module, config: Config, idx: torch.Tensor, autocast: Callable) -> dict:
+    """Eval mode, a trained-looking adapter (not ``B = 0``) and, for a merged configuration, the merge, checked
+    on one sequence's hidden states (no logits to inflate peak memory): ``{"merged_vs_unmerged_max_abs_diff"}``
+    or ``{}``."""
+    model.eval()
+    if config.targets:
+        for _, layer in model.lora_layers():
+            nn.init.normal_(layer.lora_B, std=0.02)
+    if not config.merged:
+        return {}
+    with torch.inference_mode(), autocast():
+        before = model.hidden_states(idx[:1]).float()
+        model.merge_lora()
+        after = model.hidden_states(idx[:1]).float()
+    return {"merged_vs_unmerged_max_abs_diff": (after - before).abs().max().item()}
+
+
+def paired_latency(shape: Shape, configs: Sequence[Config], opts: dict, passes: int) -> dict:
+    """Inference latency ratios to ``infer_base`` (which ``configs`` must hold) measured in one process: the
+    models built side by side, then ``passes`` passes each running every model's forward once, in reverse
+    order every other pass. Each pass gives each model's time over the base's, taken moments apart, so the
+    drift and the per-process spread of separate processes cancel. ``{name: {"ms", "vs_base",
+    "vs_base_min", "vs_base_max"}}`` (medians over the passes)."""
+    device = torch.device(opts["device"])
+    if opts["threads"]:
+        torch.set_num_threads(opts["threads"])
+    bf16 = opts["dtype"] == "bf16"
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
+    idx = torch.randint(
+        0, shape.vocab_size, (shape.batch, shape.seq_len), generator=torch.Generator().manual_seed(1)
+    )
+    idx = idx.to(device)
+    runs = {}
+    for config in configs:
+        with device:
+            model = build_ours(shape, config, device)
+        prepare_inference(model, config, idx, autocast)
+        runs[config.name] = torch.compile(model) if opts["compile"] else model
+
+    def forward(name: str) -> None:
+        with torch.inference_mode(), autocast():
+            runs[name](idx)
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for name in runs:
+        for _ in range(max(opts["warmup"], 1)):
+            forward(name)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for i in range(passes):
+        for name in list(runs) if i % 2 == 0 else list(runs)[::-1]:
+            sync()
+            start = time.perf_counter()
+            forward(name)
+            sync()
+            times[name].append(time.perf_counter() - start)
+    base = times["infer_base"]
+    out = {}
+    for name, ts in times.items():
+        ratios = [t / b for t, b in zip(ts, base, strict=True)]
+        out[name] = {"ms": 1e3 * statistics.median(ts), "vs_base": statistics.median(ratios),
+                     "vs_base_min": min(ratios), "vs_base_max": max(ratios)}  # fmt: skip
+    return out
+
+
 def run_config(shape: Shape, config: Config, opts: dict) -> dict:
     """Time one configuration in this process; return its measurements."""
     device = torch.device(opts["device"])
@@ -369,16 +433,7 @@ def run_config(shape: Shape, config: Config, opts: dict) -> dict:
     extra: dict = {}
 
     if config.task == "infer":
-        model.eval()
-        if config.targets:
-            for _, layer in model.lora_layers():  # a trained-looking adapter, not B = 0
-                nn.init.normal_(layer.lora_B, std=0.02)
-        if config.merged:  # checked on one sequence's hidden states: no logits to inflate peak memory
-            with torch.inference_mode(), autocast():
-                before = model.hidden_states(idx[:1]).float()
-                model.merge_lora()
-                after = model.hidden_states(idx[:1]).float()
-            extra["merged_vs_unmerged_max_abs_diff"] = (after - before).abs().max().item()
+        extra.update(prepare_inference(model, config, idx, autocast))
         run = torch.compile(model) if opts["compile"] else model
 
         def step() -> None:
@@ -449,13 +504,17 @@ def run_in_subprocess(shape: Shape, config: Config, opts: dict) -> dict:
             import transformers  # noqa: F401
         except ImportError as exc:
             return {"status": "skipped", "reason": f"{exc} (install the `bench` extra)"}
-    job = json.dumps({"shape": asdict(shape), "config": asdict(config), "opts": opts})
+    return run_worker({"shape": asdict(shape), "config": asdict(config), "opts": opts})
+
+
+def run_worker(job: dict) -> dict:
+    """Run a worker's job (one configuration, or the paired inference) in a fresh Python process; its reply."""
     env = dict(os.environ)
-    if opts["threads"]:
-        env["OMP_NUM_THREADS"] = str(opts["threads"])
+    if job["opts"]["threads"]:
+        env["OMP_NUM_THREADS"] = str(job["opts"]["threads"])
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
     env.setdefault("HF_HUB_OFFLINE", "1")
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", job]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()
@@ -623,6 +682,19 @@ def markdown(result: dict) -> str:
             spread = f"{min(rounds):.3f}-{max(rounds):.3f}" if len(rounds) > 1 else ""
             sign = "<=" if kind == "max" else ">="
             lines.append(f"| {label} | {sign} {limit} | {shown} | {met} | {spread} |")
+        pairs = result.get("paired", {}).get(size)
+        if pairs and "infer_base" in pairs:  # (a failed paired worker leaves its error record instead)
+            lines += ["", "Inference side by side in one process (`--paired`): each model's latency over the "
+                      "base's, median of the passes (lowest-highest):", "",
+                      "| configuration | ms | / base | passes, lowest-highest |", "|---|---:|---:|---:|"]  # fmt: skip
+            for name, r in pairs.items():
+                spread = f"{r['vs_base_min']:.3f}-{r['vs_base_max']:.3f}"
+                lines.append(f"| {name} | {r['ms']:.1f} | {r['vs_base']:.3f} | {spread} |")
+        elif pairs:
+            lines += [
+                "",
+                f"Inference side by side (`--paired`): {pairs.get('status')}: {pairs.get('reason')}",
+            ]
         profiled = {name: r["profile"] for name, r in rows.items() if r.get("profile")}
         if profiled:
             time_kind = "device" if cuda else "self"
@@ -704,6 +776,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="after timing, profile one step: its top operators by self (CUDA: device) time, and the share "
         "of matrix products",
     )
+    p.add_argument(
+        "--paired",
+        type=int,
+        default=0,
+        help="also time the inference configurations side by side in one process, this many passes, each "
+        "giving every model's latency over the base's moments apart (0: off)",
+    )
     p.add_argument("--out", default="runs/benchmark", help="folder for results.{json,md,png}")
     p.add_argument("--quick", action="store_true", help="tiny model, 3 steps, 1 thread: seconds")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -727,6 +806,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for name in ("steps", "rounds"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.paired < 0:
+        p.error(f"--paired must be >= 0, got {args.paired}")
     if args.warmup < 0 or (args.threads is not None and args.threads < 1):
         p.error("--warmup must be >= 0 and --threads >= 1")
     names = [c.name for c in (*CONFIGS, *EXTRA_CONFIGS)]
@@ -744,10 +825,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.worker:
         job = json.loads(args.worker)
-        shape, config = (
-            Shape(**job["shape"]),
-            Config(**{**job["config"], "targets": tuple(job["config"]["targets"])}),
-        )
+        shape = Shape(**job["shape"])
+        if "paired" in job:
+            named = {c.name: c for c in (*CONFIGS, *EXTRA_CONFIGS)}
+            configs = [named[n] for n in job["paired"]]
+            print(json.dumps(paired_latency(shape, configs, job["opts"], job["passes"])))
+            return {}
+        config = Config(**{**job["config"], "targets": tuple(job["config"]["targets"])})
         print(json.dumps(run_config(shape, config, job["opts"])))
         return {}
     opts = {k: getattr(args, k) for k in WORKER_OPTIONS}
@@ -758,6 +842,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         configs = [c for c in (*CONFIGS, *EXTRA_CONFIGS) if c.name in args.configs]
     info = machine_info(args.device)
     results: dict[str, dict[str, dict]] = {}
+    paired: dict[str, dict] = {}  # size -> paired_latency's record (--paired)
     for size in args.sizes:
         runs: dict[str, list[dict]] = {c.name: [] for c in configs}
         for rnd in range(args.rounds):
@@ -769,13 +854,20 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 print(f"[{size} round {rnd + 1}/{args.rounds}] {config.name}: {shown}", flush=True)
                 results[size] = {name: merge_rounds(rs) for name, rs in runs.items() if rs}
                 # written after every run, so a run cut off by a time limit keeps what it measured
-                result = write_report(Path(args.out), info, args, argv, results)
+                result = write_report(Path(args.out), info, args, argv, results, paired)
+        inference = [c.name for c in configs if c.task == "infer" and c.name != "infer_base"]
+        if args.paired and inference:
+            job = {"shape": asdict(SIZES[size]), "paired": ["infer_base", *inference], "passes": args.paired,
+                   "opts": opts}  # fmt: skip
+            paired[size] = run_worker(job)
+            print(f"[{size} paired] {paired[size]}", flush=True)
+            result = write_report(Path(args.out), info, args, argv, results, paired)
     print(f"\nwrote {args.out}/results.{{json,md,png}}\n\n" + markdown(result))
     return result
 
 
 def write_report(
-    out: Path, info: dict, args: argparse.Namespace, argv: Sequence[str] | None, results: dict
+    out: Path, info: dict, args: argparse.Namespace, argv: Sequence[str] | None, results: dict, paired: dict
 ) -> dict:
     """Assemble the result record and write ``results.json``, ``results.md`` and ``results.png``."""
     info["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
@@ -788,6 +880,7 @@ def write_report(
         "shapes": {s: asdict(SIZES[s]) for s in results},
         "results": results,
         "summary": {s: summarise(rows) for s, rows in results.items()},
+        "paired": paired,
         "flops_note": FLOPS_NOTE,
     }
     out.mkdir(parents=True, exist_ok=True)

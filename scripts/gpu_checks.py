@@ -13,9 +13,9 @@
 
 4. With ``--benchmark``, ``scripts/benchmark.py`` in fresh processes, ``--bench_rounds`` rounds of
    ``--bench_steps`` steps: full fine-tuning, LoRA q+v (float32 and bfloat16 base), transformers + PEFT
-   and inference at the issue's shape (GPT-2 small, sequence 1,024, batch 8; bf16), and the variants (nf4
-   base, checkpointed or not, DoRA) at the benchmark's ``gpt2`` shape with the chunked loss; their target
-   ratios join the table.
+   and inference at the issue's shape (GPT-2 small, sequence 1,024, batch 8; bf16; inference also side by
+   side in one process, ``--paired 30``), and the variants (nf4 base, checkpointed or not, DoRA) at the
+   benchmark's ``gpt2`` shape with the chunked loss; their target ratios join the table.
 
 Prints a short table last and writes ``gpu_checks.json`` (and the benchmarks' folders) into ``--out``. On a
 CPU (``--device cpu``, e.g. to try the script) the sync check is skipped and the sizes should be small.
@@ -184,7 +184,8 @@ def check_bf16_base(size: str, device: str) -> dict:
 # run takes the small size for them: the tiny size's 64 x 64 weights tile no 16,384-weight NF4 block)
 BENCHMARKS = (
     ("bench_speed", "gpt2_1024x8", "tiny",
-     ["--configs", "full,lora_qv,lora_qv_bf16,peft_qv,infer_base,infer_lora_unmerged,infer_lora_merged"]),
+     ["--configs", "full,lora_qv,lora_qv_bf16,peft_qv,infer_base,infer_lora_unmerged,infer_lora_merged",
+      "--paired", "30"]),
     ("bench_variants", "gpt2", "small",
      ["--loss", "chunked", "--configs", "lora_qv,lora_qv_nf4,lora_qv_ckpt,lora_qv_nf4_ckpt,lora_qv_dora"]),
 )  # fmt: skip
@@ -208,8 +209,11 @@ def run_benchmarks(args: argparse.Namespace, out: Path) -> dict:
             tail = (proc.stderr.strip() or proc.stdout.strip() or f"exit {proc.returncode}").splitlines()[-1]
             summaries[name] = {"error": tail}
             continue
-        summary = json.loads((out / name / "results.json").read_text())["summary"][size]
+        record = json.loads((out / name / "results.json").read_text())
+        summary, paired = record["summary"][size], record.get("paired", {}).get(size, {})
         summaries[name] = {k: summary[k] for k in BENCH_KEYS if summary.get(k) is not None}
+        summaries[name].update({f"{n}_vs_base_paired": r["vs_base"] for n, r in paired.items()
+                                if n != "infer_base" and isinstance(r, dict)})  # fmt: skip
         print(f"{name} ({size}): {summaries[name]}", flush=True)
     return summaries
 

@@ -77,6 +77,22 @@ def test_profile_names_the_step_s_top_operators():
     assert f"- lora_qv: matrix products {100 * share:.0f} %; {ops[0]['op']} " in md
 
 
+def test_paired_inference_times_every_model_against_the_base_in_one_process(tmp_path):
+    """--paired: the inference configurations built side by side in one process, each pass giving each model's
+    latency over the base's; the base's own ratio is 1 in every pass, and the report shows the table."""
+    argv = ["--sizes", "tiny", "--configs", "infer_base,infer_lora_merged,infer_lora_qkvo_unmerged", "--steps",
+            "1", "--warmup", "0", "--threads", "1", "--paired", "4", "--out", str(tmp_path)]  # fmt: skip
+    result = benchmark.main(argv)
+    pairs = result["paired"]["tiny"]
+    assert list(pairs) == ["infer_base", "infer_lora_merged", "infer_lora_qkvo_unmerged"]
+    assert pairs["infer_base"]["vs_base"] == pairs["infer_base"]["vs_base_min"] == 1.0
+    for r in pairs.values():
+        assert r["ms"] > 0 and 0 < r["vs_base_min"] <= r["vs_base"] <= r["vs_base_max"]
+    md = (tmp_path / "results.md").read_text()
+    assert "side by side in one process" in md and "| infer_lora_qkvo_unmerged |" in md
+    assert json.loads((tmp_path / "results.json").read_text())["paired"]["tiny"] == pairs
+
+
 def test_each_run_counts_the_operators_its_step_dispatches():
     """The count behind the fused path's claim (fewer operations per block): merged inference dispatches exactly
     the base's operators, each unmerged adapter some more, and the fused q/k/v path fewer than three products
@@ -144,6 +160,7 @@ def test_peak_flops_known_gpus():
         (["--sizes", "huge"], "unknown --sizes"),
         (["--steps", "0"], "--steps must be >= 1"),
         (["--threads", "0"], "--threads >= 1"),
+        (["--paired", "-1"], "--paired must be >= 0"),
     ],
 )
 def test_bad_flags_are_refused(argv, message, capsys):
@@ -241,17 +258,22 @@ def test_the_gpu_check_script_runs_the_benchmark_s_targets(tmp_path, one_thread,
     configurations and one bad one, not the GPU's list.)"""
     import scripts.gpu_checks as gpu_checks
 
-    monkeypatch.setattr(gpu_checks, "BENCHMARKS", (("bad", "gpt2", "tiny", ["--configs", "no_such_config"]),
-                                                   ("bench_speed", "gpt2", "tiny", ["--configs", "full,lora_qv"])))  # fmt: skip
+    speed = (
+        "bench_speed",
+        "gpt2",
+        "tiny",
+        ["--configs", "full,lora_qv,infer_base,infer_lora_merged", "--paired", "2"],
+    )
+    bad = ("bad", "gpt2", "tiny", ["--configs", "no_such_config"])
+    monkeypatch.setattr(gpu_checks, "BENCHMARKS", (bad, speed))
     argv = ["--device", "cpu", "--size", "tiny", "--steps", "2", "--no_compile", "--benchmark",
             "--bench_rounds", "1", "--bench_steps", "1", "--out", str(tmp_path)]  # fmt: skip
     assert gpu_checks.main(argv) == 0
     benchmarks = json.loads((tmp_path / "gpu_checks.json").read_text())["benchmarks"]
     assert "unknown --configs" in benchmarks["bad"]["error"]
     speed = benchmarks["bench_speed"]
-    assert set(speed) == {"lora_qv_step_vs_full", "lora_qv_mem_vs_full"} and all(
-        v > 0 for v in speed.values()
-    )
+    assert set(speed) == {"lora_qv_step_vs_full", "lora_qv_mem_vs_full", "merged_vs_base_latency",
+                          "infer_lora_merged_vs_base_paired"} and all(v > 0 for v in speed.values())  # fmt: skip
     assert json.loads((tmp_path / "bench_speed" / "results.json").read_text())["settings"]["steps"] == 1
 
 
