@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import platform
@@ -55,7 +56,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -363,51 +364,94 @@ def prepare_inference(model: nn.Module, config: Config, idx: torch.Tensor, autoc
     return {"merged_vs_unmerged_max_abs_diff": (after - before).abs().max().item()}
 
 
-def paired_latency(shape: Shape, configs: Sequence[Config], opts: dict, passes: int) -> dict:
-    """Inference latency ratios to ``infer_base`` (which ``configs`` must hold) measured in one process: the
-    models built side by side, then ``passes`` passes each running every model's forward once, in reverse
-    order every other pass. Each pass gives each model's time over the base's, taken moments apart, so the
-    drift and the per-process spread of separate processes cancel. ``{name: {"ms", "vs_base",
-    "vs_base_min", "vs_base_max"}}`` (medians over the passes)."""
+def paired_times(shape: Shape, configs: Sequence[Config], opts: dict, passes: int) -> dict:
+    """Steps of ``configs`` timed side by side in one process: the models built together, then ``passes``
+    passes each running every model's step once, in reverse order every other pass. A ratio of two
+    configurations taken within each pass (:func:`summarise`'s ``*_paired``) compares steps moments apart, so
+    the machine's drift and the spread between separate processes cancel. ``{name: {"ms": median,
+    "ms_passes": [...]}}``."""
     device = torch.device(opts["device"])
     if opts["threads"]:
         torch.set_num_threads(opts["threads"])
-    bf16 = opts["dtype"] == "bf16"
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
-    idx = torch.randint(
-        0, shape.vocab_size, (shape.batch, shape.seq_len), generator=torch.Generator().manual_seed(1)
-    )
-    idx = idx.to(device)
-    runs = {}
-    for config in configs:
-        with device:
-            model = build_ours(shape, config, device)
-        prepare_inference(model, config, idx, autocast)
-        runs[config.name] = torch.compile(model) if opts["compile"] else model
-
-    def forward(name: str) -> None:
-        with torch.inference_mode(), autocast():
-            runs[name](idx)
-
+    steps = {c.name: make_step(build(shape, c, device), shape, c, opts, device).fn for c in configs}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for name in runs:
+    for fn in steps.values():
         for _ in range(max(opts["warmup"], 1)):
-            forward(name)
-    times: dict[str, list[float]] = {name: [] for name in runs}
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for i in range(passes):
-        for name in list(runs) if i % 2 == 0 else list(runs)[::-1]:
+        for name in list(steps) if i % 2 == 0 else list(steps)[::-1]:
             sync()
             start = time.perf_counter()
-            forward(name)
+            steps[name]()
             sync()
             times[name].append(time.perf_counter() - start)
-    base = times["infer_base"]
-    out = {}
-    for name, ts in times.items():
-        ratios = [t / b for t, b in zip(ts, base, strict=True)]
-        out[name] = {"ms": 1e3 * statistics.median(ts), "vs_base": statistics.median(ratios),
-                     "vs_base_min": min(ratios), "vs_base_max": max(ratios)}  # fmt: skip
-    return out
+    return {name: {"ms": 1e3 * statistics.median(ts), "ms_passes": [round(1e3 * t, 3) for t in ts]}
+            for name, ts in times.items()}  # fmt: skip
+
+
+def batch(shape: Shape, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one batch every step reuses (no data loading in the loop): random tokens and targets (B, T)."""
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, shape.vocab_size, (shape.batch, shape.seq_len), generator=g).to(device)
+    return idx, torch.randint(0, shape.vocab_size, (shape.batch, shape.seq_len), generator=g).to(device)
+
+
+@dataclass
+class Step:
+    """A configuration's step, ready to run: ``fn()`` does one; ``optimizer`` and ``losses`` are training's."""
+
+    fn: Callable[[], None]
+    optimizer: torch.optim.Optimizer | None = None
+    losses: list[torch.Tensor] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+
+
+def make_step(model: nn.Module, shape: Shape, config: Config, opts: dict, device: torch.device) -> Step:
+    """One step of ``config`` on ``model``: a forward under ``inference_mode`` (the adapter given and merged
+    by :func:`prepare_inference`), or forward, loss, backward and AdamW over the trainable parameters."""
+    idx, targets = batch(shape, device)
+    peer = config.impl == "peft"
+    forward = (lambda m, x: m(input_ids=x).logits) if peer else (lambda m, x: m(x))
+    chunked = opts.get("loss") == "chunked" and not peer
+    bf16 = opts["dtype"] == "bf16"
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
+    if config.task == "infer":
+        extra = prepare_inference(model, config, idx, autocast)
+        run = torch.compile(model) if opts["compile"] else model
+
+        def infer() -> None:
+            with torch.inference_mode(), autocast():
+                forward(run, idx)
+
+        return Step(infer, extra=extra)
+    model.train()
+    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    step = Step(lambda: None, torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.0, **fast))
+    run = torch.compile(model) if opts["compile"] else model
+
+    def train() -> None:
+        with autocast():
+            if chunked:  # as lora/train_lora.py trains: the head and loss a chunk of tokens at a time
+                loss = run(idx, targets=targets)
+            else:
+                logits = forward(run, idx)
+        if not chunked:
+            loss = F.cross_entropy(logits.float().reshape(-1, shape.vocab_size), targets.reshape(-1))
+        loss.backward()
+        step.optimizer.step()
+        step.optimizer.zero_grad(set_to_none=True)
+        step.losses.append(loss.detach())
+
+    step.fn = train
+    return step
+
+
+def build(shape: Shape, config: Config, device: torch.device) -> nn.Module:
+    """The model ``config`` times: the peer (transformers + PEFT) or ours."""
+    with device:  # parameters are made (and initialised) where they will live
+        return build_peer(shape, device) if config.impl == "peft" else build_ours(shape, config, device)
 
 
 def run_config(shape: Shape, config: Config, opts: dict) -> dict:
@@ -416,48 +460,14 @@ def run_config(shape: Shape, config: Config, opts: dict) -> dict:
     if opts["threads"]:
         torch.set_num_threads(opts["threads"])
     base_mb = peak_memory_mb(device)
-    with device:  # parameters are made (and initialised) where they will live
-        model = build_peer(shape, device) if config.impl == "peft" else build_ours(shape, config, device)
+    model = build(shape, config, device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     built_mb = peak_memory_mb(device)
     reset_peak_memory(device)  # from here: the peak of the steps (VmHWM / CUDA's statistics), not of building
-    g = torch.Generator().manual_seed(1)
-    B, T, V = shape.batch, shape.seq_len, shape.vocab_size
-    idx = torch.randint(0, V, (B, T), generator=g).to(device)  # made once: no data loading in the loop
-    targets = torch.randint(0, V, (B, T), generator=g).to(device)
-    peer = config.impl == "peft"
-    forward = (lambda m, x: m(input_ids=x).logits) if peer else (lambda m, x: m(x))
-    chunked = opts.get("loss") == "chunked" and not peer
+    made = make_step(model, shape, config, opts, device)
+    step, opt, extra = made.fn, made.optimizer, made.extra
+    B, T = shape.batch, shape.seq_len
     bf16 = opts["dtype"] == "bf16"
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
-    extra: dict = {}
-
-    if config.task == "infer":
-        extra.update(prepare_inference(model, config, idx, autocast))
-        run = torch.compile(model) if opts["compile"] else model
-
-        def step() -> None:
-            with torch.inference_mode(), autocast():
-                forward(run, idx)
-    else:
-        model.train()
-        fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
-        opt = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.0, **fast)
-        run = torch.compile(model) if opts["compile"] else model
-        losses = []
-
-        def step() -> None:
-            with autocast():
-                if chunked:  # as lora/train_lora.py trains: the head and loss a chunk of tokens at a time
-                    loss = run(idx, targets=targets)
-                else:
-                    logits = forward(run, idx)
-            if not chunked:
-                loss = F.cross_entropy(logits.float().reshape(-1, V), targets.reshape(-1))
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.detach())
 
     times, device_times = time_steps(step, opts["warmup"], opts["steps"], device)
     # read before the profiles below, whose own bookkeeping (a trace of every operation) would count too
@@ -473,7 +483,7 @@ def run_config(shape: Shape, config: Config, opts: dict) -> dict:
     if opts.get("profile"):
         extra["profile"] = profile_step(step, device)
     if config.task == "train":
-        extra["final_loss"] = losses[-1].item()
+        extra["final_loss"] = made.losses[-1].item()
     step_s = statistics.median(times)
     tokens_per_s = B * T / step_s
     fpt = flops_per_token(shape, config)
@@ -498,17 +508,21 @@ def run_config(shape: Shape, config: Config, opts: dict) -> dict:
 
 def run_in_subprocess(shape: Shape, config: Config, opts: dict) -> dict:
     """Run one configuration in a fresh Python process and parse its JSON reply."""
-    if config.impl == "peft":
-        try:
-            import peft  # noqa: F401
-            import transformers  # noqa: F401
-        except ImportError as exc:
-            return {"status": "skipped", "reason": f"{exc} (install the `bench` extra)"}
+    if config.impl == "peft" and not peer_installed():
+        return {
+            "status": "skipped",
+            "reason": "transformers or peft is not installed (install the `bench` extra)",
+        }
     return run_worker({"shape": asdict(shape), "config": asdict(config), "opts": opts})
 
 
+def peer_installed() -> bool:
+    """Whether transformers and peft, the peer's libraries, are installed."""
+    return all(importlib.util.find_spec(name) is not None for name in ("transformers", "peft"))
+
+
 def run_worker(job: dict) -> dict:
-    """Run a worker's job (one configuration, or the paired inference) in a fresh Python process; its reply."""
+    """Run a worker's job (one configuration, or :func:`paired_times`) in a fresh Python process; its reply."""
     env = dict(os.environ)
     if job["opts"]["threads"]:
         env["OMP_NUM_THREADS"] = str(job["opts"]["threads"])
@@ -560,12 +574,14 @@ def within_round_ratios(num: dict, den: dict, key: str) -> list[float]:
     return [a / b for a, b in pairs if a is not None and b is not None]
 
 
-def summarise(rows: dict[str, dict]) -> dict:
+def summarise(rows: dict[str, dict], paired: dict | None = None) -> dict:
     """The target ratios for one size (``None`` where a configuration did not run).
 
     Each ratio is the median over rounds of the ratio *within* a round: the two configurations of a round
     ran minutes apart, so a slow drift in the machine's speed (other tenants, clock changes) cancels,
-    where a ratio of two medians would carry it. ``<key>_rounds`` lists the per-round ratios.
+    where a ratio of two medians would carry it. ``<key>_rounds`` lists the per-round ratios. With
+    :func:`paired_times`' record, a time ratio is also taken within each pass of the steps side by side:
+    ``<key>_paired`` (median) and ``<key>_paired_range`` (lowest, highest).
     """
 
     pairs = {  # summary key -> (numerator config, denominator config, measured key); tokens/s = 1 / step
@@ -597,6 +613,10 @@ def summarise(rows: dict[str, dict]) -> dict:
         ratios = within_round_ratios(rows.get(a, {}), rows.get(b, {}), key)
         out[name] = statistics.median(ratios) if ratios else None
         out[f"{name}_rounds"] = [round(r, 4) for r in ratios]
+        if key == "step_ms" and paired and a in paired and b in paired:
+            within = [x / y for x, y in zip(paired[a]["ms_passes"], paired[b]["ms_passes"], strict=True)]
+            out[f"{name}_paired"] = statistics.median(within)
+            out[f"{name}_paired_range"] = [round(min(within), 4), round(max(within), 4)]
     return out
 
 
@@ -672,8 +692,8 @@ def markdown(result: dict) -> str:
                 else " The targets are set for the small shape; here they are only a guide."
             ),
             "",
-            "| target | limit | measured | met | rounds (min-max) |",
-            "|---|---:|---:|:---:|---:|",
+            "| target | limit | measured | met | rounds (min-max) | side by side (passes min-max) |",
+            "|---|---:|---:|:---:|---:|---:|",
         ]
         for key, label, limit, kind in TARGETS:
             v, rounds = summary[key], summary[f"{key}_rounds"]
@@ -681,20 +701,13 @@ def markdown(result: dict) -> str:
             shown = "-" if v is None else f"{v:.3f}"
             spread = f"{min(rounds):.3f}-{max(rounds):.3f}" if len(rounds) > 1 else ""
             sign = "<=" if kind == "max" else ">="
-            lines.append(f"| {label} | {sign} {limit} | {shown} | {met} | {spread} |")
+            side = summary.get(f"{key}_paired")
+            low, high = summary.get(f"{key}_paired_range") or (None, None)
+            side = "-" if side is None else f"{side:.3f} ({low:.3f}-{high:.3f})"
+            lines.append(f"| {label} | {sign} {limit} | {shown} | {met} | {spread} | {side} |")
         pairs = result.get("paired", {}).get(size)
-        if pairs and "infer_base" in pairs:  # (a failed paired worker leaves its error record instead)
-            lines += ["", "Inference side by side in one process (`--paired`): each model's latency over the "
-                      "base's, median of the passes (lowest-highest):", "",
-                      "| configuration | ms | / base | passes, lowest-highest |", "|---|---:|---:|---:|"]  # fmt: skip
-            for name, r in pairs.items():
-                spread = f"{r['vs_base_min']:.3f}-{r['vs_base_max']:.3f}"
-                lines.append(f"| {name} | {r['ms']:.1f} | {r['vs_base']:.3f} | {spread} |")
-        elif pairs:
-            lines += [
-                "",
-                f"Inference side by side (`--paired`): {pairs.get('status')}: {pairs.get('reason')}",
-            ]
+        if pairs and pairs.get("status") == "error":
+            lines += ["", f"Side by side (`--paired`): {pairs['status']}: {pairs['reason']}"]
         profiled = {name: r["profile"] for name, r in rows.items() if r.get("profile")}
         if profiled:
             time_kind = "device" if cuda else "self"
@@ -829,7 +842,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if "paired" in job:
             named = {c.name: c for c in (*CONFIGS, *EXTRA_CONFIGS)}
             configs = [named[n] for n in job["paired"]]
-            print(json.dumps(paired_latency(shape, configs, job["opts"], job["passes"])))
+            print(json.dumps(paired_times(shape, configs, job["opts"], job["passes"])))
             return {}
         config = Config(**{**job["config"], "targets": tuple(job["config"]["targets"])})
         print(json.dumps(run_config(shape, config, job["opts"])))
@@ -842,7 +855,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         configs = [c for c in (*CONFIGS, *EXTRA_CONFIGS) if c.name in args.configs]
     info = machine_info(args.device)
     results: dict[str, dict[str, dict]] = {}
-    paired: dict[str, dict] = {}  # size -> paired_latency's record (--paired)
+    paired: dict[str, dict] = {}  # size -> paired_times' record (--paired)
     for size in args.sizes:
         runs: dict[str, list[dict]] = {c.name: [] for c in configs}
         for rnd in range(args.rounds):
@@ -855,15 +868,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 results[size] = {name: merge_rounds(rs) for name, rs in runs.items() if rs}
                 # written after every run, so a run cut off by a time limit keeps what it measured
                 result = write_report(Path(args.out), info, args, argv, results, paired)
-        inference = [c.name for c in configs if c.task == "infer" and c.name != "infer_base"]
-        if args.paired and inference:
-            job = {"shape": asdict(SIZES[size]), "paired": ["infer_base", *inference], "passes": args.paired,
-                   "opts": opts}  # fmt: skip
+        side = [c.name for c in configs if c.impl != "peft" or peer_installed()]
+        if args.paired and len(side) > 1:
+            job = {"shape": asdict(SIZES[size]), "paired": side, "passes": args.paired, "opts": opts}
             paired[size] = run_worker(job)
             print(f"[{size} paired] {paired[size]}", flush=True)
             result = write_report(Path(args.out), info, args, argv, results, paired)
     print(f"\nwrote {args.out}/results.{{json,md,png}}\n\n" + markdown(result))
     return result
+
+
+def ok_paired(record: dict | None) -> dict | None:
+    """:func:`paired_times`' record, or ``None`` where there is none or its worker failed."""
+    return None if record is None or record.get("status") == "error" else record
 
 
 def write_report(
@@ -879,7 +896,7 @@ def write_report(
         "settings": {**opts, "rounds": args.rounds, "threads_used": threads, "argv": argv},
         "shapes": {s: asdict(SIZES[s]) for s in results},
         "results": results,
-        "summary": {s: summarise(rows) for s, rows in results.items()},
+        "summary": {s: summarise(rows, ok_paired(paired.get(s))) for s, rows in results.items()},
         "paired": paired,
         "flops_note": FLOPS_NOTE,
     }

@@ -13,8 +13,8 @@
 
 4. With ``--benchmark``, ``scripts/benchmark.py`` in fresh processes, ``--bench_rounds`` rounds of
    ``--bench_steps`` steps: full fine-tuning, LoRA q+v (float32 and bfloat16 base), transformers + PEFT
-   and inference at the issue's shape (GPT-2 small, sequence 1,024, batch 8; bf16; inference also side by
-   side in one process, ``--paired 30``), and the variants (nf4 base, checkpointed or not, DoRA) at the
+   and inference at the issue's shape (GPT-2 small, sequence 1,024, batch 8; bf16; also side by side in
+   one process, ``--paired 30``), and the variants (nf4 base, checkpointed or not, DoRA) at the
    benchmark's ``gpt2`` shape with the chunked loss; their target ratios join the table.
 
 Prints a short table last and writes ``gpu_checks.json`` (and the benchmarks' folders) into ``--out``. On a
@@ -209,11 +209,9 @@ def run_benchmarks(args: argparse.Namespace, out: Path) -> dict:
             tail = (proc.stderr.strip() or proc.stdout.strip() or f"exit {proc.returncode}").splitlines()[-1]
             summaries[name] = {"error": tail}
             continue
-        record = json.loads((out / name / "results.json").read_text())
-        summary, paired = record["summary"][size], record.get("paired", {}).get(size, {})
-        summaries[name] = {k: summary[k] for k in BENCH_KEYS if summary.get(k) is not None}
-        summaries[name].update({f"{n}_vs_base_paired": r["vs_base"] for n, r in paired.items()
-                                if n != "infer_base" and isinstance(r, dict)})  # fmt: skip
+        summary = json.loads((out / name / "results.json").read_text())["summary"][size]
+        keys = [*BENCH_KEYS, *(f"{k}_paired" for k in BENCH_KEYS)]  # (with --paired: within passes too)
+        summaries[name] = {k: summary[k] for k in keys if summary.get(k) is not None}
         print(f"{name} ({size}): {summaries[name]}", flush=True)
     return summaries
 

@@ -77,20 +77,29 @@ def test_profile_names_the_step_s_top_operators():
     assert f"- lora_qv: matrix products {100 * share:.0f} %; {ops[0]['op']} " in md
 
 
-def test_paired_inference_times_every_model_against_the_base_in_one_process(tmp_path):
-    """--paired: the inference configurations built side by side in one process, each pass giving each model's
-    latency over the base's; the base's own ratio is 1 in every pass, and the report shows the table."""
-    argv = ["--sizes", "tiny", "--configs", "infer_base,infer_lora_merged,infer_lora_qkvo_unmerged", "--steps",
-            "1", "--warmup", "0", "--threads", "1", "--paired", "4", "--out", str(tmp_path)]  # fmt: skip
+def test_paired_steps_give_each_target_ratio_within_passes_in_one_process(tmp_path):
+    """--paired: the configurations built side by side in one process, each pass running every step once; a
+    target's ratio is also taken within each pass (its median and range beside the rounds' in the report)."""
+    names = ["full", "lora_qv", "infer_base", "infer_lora_merged"]
+    argv = ["--sizes", "tiny", "--configs", ",".join(names), "--steps", "1", "--warmup", "0", "--threads", "1",
+            "--paired", "4", "--out", str(tmp_path)]  # fmt: skip
     result = benchmark.main(argv)
-    pairs = result["paired"]["tiny"]
-    assert list(pairs) == ["infer_base", "infer_lora_merged", "infer_lora_qkvo_unmerged"]
-    assert pairs["infer_base"]["vs_base"] == pairs["infer_base"]["vs_base_min"] == 1.0
-    for r in pairs.values():
-        assert r["ms"] > 0 and 0 < r["vs_base_min"] <= r["vs_base"] <= r["vs_base_max"]
+    passes = result["paired"]["tiny"]
+    assert list(passes) == names and all(len(r["ms_passes"]) == 4 and r["ms"] > 0 for r in passes.values())
+    summary = result["summary"]["tiny"]
+    for key, (a, b) in (("lora_qv_step_vs_full", ("lora_qv", "full")),
+                        ("merged_vs_base_latency", ("infer_lora_merged", "infer_base"))):  # fmt: skip
+        within = [x / y for x, y in zip(passes[a]["ms_passes"], passes[b]["ms_passes"], strict=True)]
+        low, high = summary[f"{key}_paired_range"]
+        assert low == pytest.approx(min(within), abs=1e-4) and high == pytest.approx(max(within), abs=1e-4)
+        assert low <= summary[f"{key}_paired"] <= high
+    assert "lora_qv_tokens_vs_peft_paired" not in summary  # the peer was not selected
     md = (tmp_path / "results.md").read_text()
-    assert "side by side in one process" in md and "| infer_lora_qkvo_unmerged |" in md
-    assert json.loads((tmp_path / "results.json").read_text())["paired"]["tiny"] == pairs
+    assert "side by side (passes min-max)" in md
+    line = next(ln for ln in md.splitlines() if ln.startswith("| merged inference time / base"))
+    assert line.rstrip("| ").endswith(
+        f"{summary['merged_vs_base_latency_paired']:.3f} ({low:.3f}-{high:.3f})"
+    )
 
 
 def test_each_run_counts_the_operators_its_step_dispatches():
@@ -272,8 +281,14 @@ def test_the_gpu_check_script_runs_the_benchmark_s_targets(tmp_path, one_thread,
     benchmarks = json.loads((tmp_path / "gpu_checks.json").read_text())["benchmarks"]
     assert "unknown --configs" in benchmarks["bad"]["error"]
     speed = benchmarks["bench_speed"]
-    assert set(speed) == {"lora_qv_step_vs_full", "lora_qv_mem_vs_full", "merged_vs_base_latency",
-                          "infer_lora_merged_vs_base_paired"} and all(v > 0 for v in speed.values())  # fmt: skip
+    assert set(speed) == {
+        "lora_qv_step_vs_full",
+        "lora_qv_mem_vs_full",
+        "merged_vs_base_latency",
+        "lora_qv_step_vs_full_paired",
+        "merged_vs_base_latency_paired",
+    }
+    assert all(v > 0 for v in speed.values())  # fmt: skip
     assert json.loads((tmp_path / "bench_speed" / "results.json").read_text())["settings"]["steps"] == 1
 
 
