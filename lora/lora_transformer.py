@@ -66,7 +66,14 @@ from lora.lora_layer import (
 )
 from lora.model_config import PROJECTIONS, LoRAConfig, ModelConfig, target_of
 from lora.peft_format import adapter_from_peft, is_peft_folder, write_peft_folder
-from lora.quantize import check_tiles, dequantize, narrow_linear_, quantize_linear_, release_freed_memory
+from lora.quantize import (
+    check_tiles,
+    dequantize,
+    frozen_linear,
+    narrow_linear_,
+    quantize_linear_,
+    release_freed_memory,
+)
 
 __all__ = ["LoRATransformer"]
 
@@ -103,9 +110,8 @@ class CausalSelfAttention(nn.Module):
             setattr(self, name, _linear(config.d_model, config.d_model, lora, t in lora.lora_targets))
         self.resid_drop = nn.Dropout(config.dropout)
         self.fused_qkv = True
-        self._frozen_qkv = FrozenConcat(
-            adopt=True
-        )  # the stacked frozen q/k/v weights, biases; theirs are views
+        # the stacked frozen q/k/v weights and biases; the layers' own become views of it
+        self._frozen_qkv = FrozenConcat(adopt=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, T, C) -> (B, T, C)``."""
@@ -382,11 +388,9 @@ class LoRATransformer(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """The tied LM head: hidden states ``(..., C)`` -> logits ``(..., vocab)``, in ``h``'s dtype (a 4-bit
-        base's bfloat16 head is widened for the product; autocast chooses its own)."""
-        w = self.lm_head.weight
-        if w.dtype != h.dtype and not torch.is_autocast_enabled(h.device.type):
-            w = w.to(h.dtype)
-        return F.linear(h, w)
+        base's bfloat16 head is widened for the product, :func:`~lora.quantize.frozen_linear`; autocast chooses
+        its own)."""
+        return frozen_linear(h, self.lm_head.weight)
 
     def lm_loss(self, idx: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = 1024) -> torch.Tensor:
         """Mean next-token cross-entropy of ``idx`` (B, T) against ``targets`` (B, T), ``-100`` not scored.

@@ -268,14 +268,8 @@ def narrow_linear_(layer: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.
         raise TypeError(
             f"narrow_linear_ expects a layer with a dense weight parameter, got {type(layer).__name__}"
         )
-    if getattr(layer, "merged", False):
-        raise ValueError(
-            "the layer's adapter is merged into its weight: unmerge() it before narrowing the base"
-        )
     bias = getattr(layer, "bias", None)
-    if w.requires_grad or (bias is not None and bias.requires_grad):
-        raise ValueError(f"the weight {tuple(w.shape)} requires a gradient: narrow only a frozen base "
-                         "(requires_grad_(False), or configure_lora_training() first)")  # fmt: skip
+    _refuse_unless_frozen(layer, [w] if bias is None else [w, bias], "narrowing", f"{dtype}")
     layer.weight = nn.Parameter(w.detach().to(dtype), requires_grad=False)
     if bias is not None:
         layer.bias = nn.Parameter(bias.detach().to(dtype), requires_grad=False)
@@ -299,15 +293,20 @@ def quantize_linear_(
         )
     if is_quantized(w):
         return layer
-    if getattr(layer, "merged", False):
-        raise ValueError("the layer's adapter is merged into its weight: unmerge() it before quantizing")
-    if w.requires_grad:
-        raise ValueError(
-            f"the weight {tuple(w.shape)} requires a gradient, which the 4-bit form cannot give: quantize "
-            "only a frozen base (requires_grad_(False), or configure_lora_training() first)"
-        )
+    _refuse_unless_frozen(layer, [w], "quantizing", "4-bit")
     layer.weight = nn.Parameter(quantize_weight(w, block_size, scaler_block_size), requires_grad=False)
     return layer
+
+
+def _refuse_unless_frozen(layer: nn.Module, tensors: Sequence[torch.Tensor], doing: str, form: str) -> None:
+    """The refusals :func:`quantize_linear_` and :func:`narrow_linear_` share: a merged LoRA layer (its weight
+    holds the adapter) and a tensor that trains (the narrow form gets no gradient)."""
+    if getattr(layer, "merged", False):
+        raise ValueError(f"the layer's adapter is merged into its weight: unmerge() it before {doing}")
+    for t in tensors:
+        if t.requires_grad:
+            raise ValueError(f"the tensor {tuple(t.shape)} requires a gradient, which the {form} form cannot give: "
+                             "store only a frozen base (requires_grad_(False), or configure_lora_training() first)")  # fmt: skip
 
 
 def release_freed_memory() -> None:

@@ -428,8 +428,9 @@ def make_step(model: nn.Module, shape: Shape, config: Config, opts: dict, device
     model.train()
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
     trainable = [p for p in model.parameters() if p.requires_grad]
-    step = Step(lambda: None, torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.0, **fast))
+    opt = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.0, **fast)
     run = torch.compile(model) if opts["compile"] else model
+    losses: list[torch.Tensor] = []
 
     def train() -> None:
         with autocast():
@@ -440,12 +441,11 @@ def make_step(model: nn.Module, shape: Shape, config: Config, opts: dict, device
         if not chunked:
             loss = F.cross_entropy(logits.float().reshape(-1, shape.vocab_size), targets.reshape(-1))
         loss.backward()
-        step.optimizer.step()
-        step.optimizer.zero_grad(set_to_none=True)
-        step.losses.append(loss.detach())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
 
-    step.fn = train
-    return step
+    return Step(train, opt, losses)
 
 
 def build(shape: Shape, config: Config, device: torch.device) -> nn.Module:

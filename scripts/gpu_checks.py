@@ -143,8 +143,13 @@ def check_gradients(size: str, device: str, quantize: bool = False, **variant: o
         grads = {n: p.grad.detach().double().cpu() for n, p in model.named_parameters() if p.requires_grad}
         out[name] = (logits.detach().double().cpu(), grads)
     (a, ga), (b, gb) = out["ref"], out["ours"]
-    grad_err = max(((ga[k] - gb[k]).abs().max() / ga[k].abs().max().clamp(min=1e-12)).item() for k in ga)
+    grad_err = max_rel_err([(ga[k], gb[k]) for k in ga])
     return {"logits_max_abs_err": (a - b).abs().max().item(), "lora_grad_max_rel_err": grad_err}
+
+
+def max_rel_err(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """The largest ``max |x - y| / max |x|`` over the pairs (a reference ``x``, a tensor ``y`` of its shape)."""
+    return max(((x - y).abs().max() / x.abs().max().clamp(min=1e-12)).item() for x, y in pairs)
 
 
 def check_bf16_base(size: str, device: str) -> dict:
@@ -157,10 +162,10 @@ def check_bf16_base(size: str, device: str) -> dict:
     steps = []
     for storage in (None, None, "bf16"):
         model = build(size, True, device)
-        g = torch.Generator().manual_seed(2)  # the same trained-looking B's in both models
+        gen = torch.Generator().manual_seed(2)  # the same trained-looking B's in every model
         with torch.no_grad():
             for _, layer in model.lora_layers():
-                layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g))
+                layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen))
         model.configure_lora_training()
         if storage:
             model.quantize_base(storage)
@@ -172,8 +177,7 @@ def check_bf16_base(size: str, device: str) -> dict:
     def compare(one: tuple, other: tuple) -> tuple[bool, bool, float]:
         (a, ga), (b, gb) = one, other
         pairs = list(zip(ga, gb, strict=True))
-        err = max(((x - y).abs().max() / x.abs().max().clamp(min=1e-12)).item() for x, y in pairs)
-        return torch.equal(a, b), all(torch.equal(x, y) for x, y in pairs), err
+        return torch.equal(a, b), all(torch.equal(x, y) for x, y in pairs), max_rel_err(pairs)
 
     repeat, bf16 = compare(steps[0], steps[1]), compare(steps[0], steps[2])
     return {"loss_equal": bf16[0], "grads_equal": bf16[1], "lora_grad_max_rel_err": bf16[2],
