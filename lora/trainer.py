@@ -454,7 +454,10 @@ class Trainer:
                     self.step += 1
                     self.batch_in_epoch += 1
                     self._window["tokens"] += batch["x"].numel() * self.distributed.world_size
-                    pending.append((self.step, self._epoch_now(), lr, loss.detach(), norm.detach(), stop))
+                    # a copy: a forward compiled with CUDA graphs (reduce-overhead) writes the next step's
+                    # loss over this one's memory, and the pending losses are read steps later
+                    kept = loss.detach().clone()
+                    pending.append((self.step, self._epoch_now(), lr, kept, norm.detach(), stop))
                     evaluate = self.step % cfg.eval_every == 0 or self.step == self.total_steps
                     save = bool(cfg.save_every) and self.step % cfg.save_every == 0
                     if evaluate or save or self.step % self.log_every == 0 or self.step >= self.total_steps:

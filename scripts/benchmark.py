@@ -70,7 +70,7 @@ if __package__ in (None, ""):  # `python scripts/benchmark.py` without installin
 
         exit_on_signals()
 
-from lora.config import CommandLineParser
+from lora.config import COMPILE_MODES, CommandLineParser
 from lora.errors import guarded
 from lora.gpt2 import is_hf_folder
 from lora.lora_transformer import LoRATransformer
@@ -418,7 +418,7 @@ def make_step(model: nn.Module, shape: Shape, config: Config, opts: dict, device
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
     if config.task == "infer":
         extra = prepare_inference(model, config, idx, autocast)
-        run = torch.compile(model) if opts["compile"] else model
+        run = compiled(model, opts)
 
         def infer() -> None:
             with torch.inference_mode(), autocast():
@@ -429,7 +429,7 @@ def make_step(model: nn.Module, shape: Shape, config: Config, opts: dict, device
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.0, **fast)
-    run = torch.compile(model) if opts["compile"] else model
+    run = compiled(model, opts)
     losses: list[torch.Tensor] = []
 
     def train() -> None:
@@ -443,9 +443,15 @@ def make_step(model: nn.Module, shape: Shape, config: Config, opts: dict, device
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
+        losses.append(loss.detach())  # only the last is read (CUDA graphs reuse an earlier one's memory)
 
     return Step(train, opt, losses)
+
+
+def compiled(model: nn.Module, opts: dict) -> Callable[..., object]:
+    """``model`` under ``torch.compile`` in ``opts["compile_mode"]`` (reduce-overhead: CUDA graphs) with
+    ``--compile``, else the model itself."""
+    return torch.compile(model, mode=opts.get("compile_mode", "default")) if opts["compile"] else model
 
 
 def build(shape: Shape, config: Config, device: torch.device) -> nn.Module:
@@ -635,6 +641,14 @@ TARGETS = (  # (summary key, label, limit, "max" or "min"): the CPU targets of t
 )
 
 
+def compiled_label(settings: dict) -> str:
+    """``", compiled"`` (and its mode, where not the default) for a compiled run's title, else ``""``."""
+    if not settings["compile"]:
+        return ""
+    mode = settings.get("compile_mode", "default")
+    return ", compiled" + ("" if mode == "default" else f" ({mode})")
+
+
 def markdown(result: dict) -> str:
     """The Markdown report: one table per size, the targets, the machine."""
     m, s = result["machine"], result["settings"]
@@ -645,7 +659,7 @@ def markdown(result: dict) -> str:
     rounds = f", median over {s['rounds']} rounds" if s["rounds"] > 1 else ""
     load = [f"{la[0]:.2f}" if la else "?" for la in (m["load_average_start"], m["load_average_end"])]
     lines = [
-        f"# Benchmark: {s['device']}, {s['dtype']}{', compiled' if s['compile'] else ''}",
+        f"# Benchmark: {s['device']}, {s['dtype']}{compiled_label(s)}",
         "",
         f"Machine: {m['gpu'] or m['cpu']} ({m['cpu_count']} CPUs), torch threads: {s['threads_used']}; "
         f"torch {m['torch']}; transformers {m['transformers']}, peft {m['peft']}; load average "
@@ -754,7 +768,8 @@ def plot(result: dict, path: Path) -> None:
 
 
 # the flags each worker process needs, also recorded in the report's settings
-WORKER_OPTIONS = ("device", "dtype", "compile", "threads", "steps", "warmup", "profile", "loss")
+WORKER_OPTIONS = ("device", "dtype", "compile", "compile_mode", "threads", "steps", "warmup", "profile",
+                  "loss")  # fmt: skip
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -770,6 +785,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="bf16 = autocast (cuda default)")
     p.add_argument("--compile", action="store_true", help="torch.compile every model")
+    p.add_argument("--compile_mode", default=None, choices=COMPILE_MODES,
+                   help="torch.compile's mode with --compile (reduce-overhead: CUDA graphs, for the launch-bound "
+                   "small shapes on a GPU; default: default)")  # fmt: skip
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
@@ -829,6 +847,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error(f"unknown --configs {args.configs}: choose among {', '.join(names)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda, but torch sees no CUDA device")
+    if args.compile_mode is not None and not args.compile:
+        p.error("--compile_mode has no effect without --compile: add --compile, or drop it")
+    args.compile_mode = args.compile_mode or "default"
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     return args
 

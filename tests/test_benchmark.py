@@ -170,12 +170,29 @@ def test_peak_flops_known_gpus():
         (["--steps", "0"], "--steps must be >= 1"),
         (["--threads", "0"], "--threads >= 1"),
         (["--paired", "-1"], "--paired must be >= 0"),
+        (["--compile_mode", "reduce-overhead"], "--compile_mode has no effect without --compile"),
+        (["--compile", "--compile_mode", "graphs"], "invalid choice: 'graphs'"),
     ],
 )
 def test_bad_flags_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit):
         benchmark.parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+def test_compile_mode_reaches_torch_compile(monkeypatch):
+    """--compile_mode reduce-overhead (CUDA graphs, for the launch-bound shapes on a GPU) compiles each model in
+    that mode, and the report's title says so."""
+    seen = []
+    monkeypatch.setattr(benchmark.torch, "compile", lambda model, mode: seen.append(mode) or model)
+    cfg = {c.name: c for c in benchmark.CONFIGS}["lora_qv"]
+    opts = {"device": "cpu", "dtype": "fp32", "compile": True, "compile_mode": "reduce-overhead", "threads": 1,
+            "steps": 1, "warmup": 0}  # fmt: skip
+    assert benchmark.run_config(benchmark.SIZES["tiny"], cfg, opts)["status"] == "ok"
+    assert seen == ["reduce-overhead"]
+    assert benchmark.compiled_label(opts) == ", compiled (reduce-overhead)"
+    assert benchmark.compiled_label({**opts, "compile_mode": "default"}) == ", compiled"
+    assert benchmark.compiled_label({**opts, "compile": False}) == ""
 
 
 def test_gradient_checkpointing_keeps_lora_gradients():

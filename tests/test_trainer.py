@@ -313,6 +313,38 @@ def test_compile_takes_its_mode_and_compiles_the_whole_forward(task, monkeypatch
         TrainConfig(compile=True, compile_mode="cuda-graphs").validate()
 
 
+class OutputReusingForward:
+    """A forward whose outputs live in memory its next call writes over, as a model compiled with CUDA graphs
+    (``--compile_mode reduce-overhead``) replays into the same buffers: here the previous call's output is
+    set to NaN when the next call begins."""
+
+    def __init__(self, forward):
+        self.forward, self.previous = forward, None
+
+    def __call__(self, *args, **kwargs):
+        if self.previous is not None:
+            self.previous.detach().fill_(float("nan"))
+        self.previous = self.forward(*args, **kwargs)
+        return self.previous
+
+
+def test_losses_read_steps_later_survive_a_forward_that_reuses_its_output_memory(task, monkeypatch):
+    """The pending losses are read every log_every steps; under CUDA graphs the forward's output memory is the
+    next step's, so the trainer keeps a copy: the history equals an eager run's, and no step reads as NaN."""
+    import lora.trainer
+
+    def run(compile: bool) -> list[float]:
+        trainer = LoRATrainer(tiny_model(), BatchLoader(task.train, 16, seed=0), BatchLoader(task.val, 64),
+                              device="cpu", max_steps=8, eval_every=1000, log_every=4, quiet=True,
+                              compile=compile, compile_mode="reduce-overhead")  # fmt: skip
+        trainer.evaluate = lambda max_batches=None: {"val_loss": 0.0, "metric": 0.0}
+        return trainer.train()["train_loss"]
+
+    eager = run(compile=False)
+    monkeypatch.setattr(lora.trainer.torch, "compile", lambda fn, **kw: OutputReusingForward(fn))
+    assert run(compile=True) == eager and all(math.isfinite(v) for v in eager)
+
+
 def test_a_loss_only_metric_is_evaluated_without_the_whole_logits():
     """bits_per_token of a language model comes from its chunked loss: the value of the plain cross-entropy
     over the scored tokens within float rounding, and an evaluation batch never holds its (B, T, V) logits."""
