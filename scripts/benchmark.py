@@ -16,6 +16,7 @@ on the fused ``c_attn``: it adapts q, k and v with as many parameters as our q+v
     python scripts/benchmark.py --sizes small --threads 2 --rounds 3 --out benchmarks/cpu
     python scripts/benchmark.py --sizes small,gpt2 --device cuda --dtype bf16 --out benchmarks/h100
     python scripts/benchmark.py --sizes small,gpt2 --device cuda --dtype bf16 --compile --out ...
+    python scripts/benchmark.py --sizes small --device cuda --compile --compile_mode reduce-overhead --out ...
     python scripts/benchmark.py --base path/to/gpt2 --sizes base --out runs/benchmark-gpt2   # a real base
 
 ``--configs`` may also name configurations not run by default: ``lora_qv_ckpt`` (gradient checkpointing),

@@ -1,28 +1,36 @@
 """The checks and timings that need a GPU, in one call (the project's GPU time is scarce): run it there.
 
-1. **No host-device synchronisation inside a training step**: the real ``LoRATrainer`` step runs under
-   ``torch.cuda.set_sync_debug_mode("error")``, which raises at any synchronising call; only the reads
-   every ``--log_every`` steps (and evaluations) are let through.
-2. **The real trainer's speed**: tokens/s of ``LoRATrainer`` (LoRA q+v, with a float32 and with a bfloat16
-   base) and of ``Trainer`` (full fine-tuning) at the GPT-2-small shape (768 wide, 12 layers, 12 heads,
-   vocabulary 50,257), timed with CUDA events over the steps between reads, eager and compiled.
-3. **Correctness on the device**: the model's logits and LoRA gradients against a float64 CPU reference,
-   for plain LoRA and for DoRA with a PiSSA start (the variants' own paths); under bf16 autocast, the loss
-   and LoRA gradients with the base stored in bfloat16 against the float32 base's (equal, bit for bit);
-   and with torchao installed, a 4-bit NF4 base on the device against the same 4-bit base on the CPU.
+It runs in stages, most wanted first (``--stages`` picks some; ``--budget_s`` is the time the whole call may
+take: a stage is not started with less than 45 s left, a benchmark is stopped when the time is up, and
+the JSON, rewritten after every stage, and the table keep what was measured). One check or run that fails is
+reported with its error, and the rest still run.
 
-4. With ``--benchmark``, ``scripts/benchmark.py`` in fresh processes, ``--bench_rounds`` rounds of
-   ``--bench_steps`` steps: full fine-tuning, LoRA q+v (float32 and bfloat16 base), transformers + PEFT
-   and inference at the issue's shape (GPT-2 small, sequence 1,024, batch 8; bf16; also side by side in
-   one process, ``--paired 30``), and the variants (nf4 base, checkpointed or not, DoRA) at the
-   benchmark's ``gpt2`` shape with the chunked loss; their target ratios join the table.
+1. ``checks``, **correctness on the device**: the model's logits and LoRA gradients against a float64 CPU
+   reference, for plain LoRA and for DoRA with a PiSSA start (the variants' own paths); under bf16 autocast,
+   the loss and LoRA gradients with the base stored in bfloat16 against the float32 base's (equal, bit for
+   bit, with the float32 base run twice as the control); and with torchao installed, a 4-bit NF4 base on
+   the device against the same 4-bit base on the CPU.
+2. ``trainer``, **the real trainer, and no host-device synchronisation inside a step**: ``LoRATrainer``
+   (LoRA q+v, with a float32 and with a bfloat16 base) and ``Trainer`` (full fine-tuning) at the GPT-2-small
+   shape (768 wide, 12 layers, 12 heads, vocabulary 50,257, sequence 1,024, batch 8), tokens/s from the
+   steps between reads, under ``torch.cuda.set_sync_debug_mode("error")``, which raises at any synchronising
+   call; only the reads every ``log_every`` steps are let through.
+3. ``bench_speed``: ``scripts/benchmark.py`` in fresh processes (``--bench_rounds`` rounds of
+   ``--bench_steps`` steps) at that shape, bf16: full fine-tuning, LoRA q+v (float32 and bfloat16 base),
+   transformers + PEFT, and inference; also side by side in one process (``--paired 30``).
+4. ``trainer_compiled``: stage 2 under ``--compile``.
+5. ``bench_variants``: the nf4 base (checkpointed or not) and DoRA at the benchmark's ``gpt2`` shape, with
+   the chunked loss.
+6. ``bench_compiled``: full, LoRA q+v and the peer at stage 3's shape, every model compiled alike.
+7. ``bench_graphs``: the same at the launch-bound ``small`` shape, compiled with CUDA graphs
+   (``--compile_mode reduce-overhead``).
+8. ``trainer_graphs``: stage 2 compiled with CUDA graphs.
 
 Prints a short table last and writes ``gpu_checks.json`` (and the benchmarks' folders) into ``--out``. On a
 CPU (``--device cpu``, e.g. to try the script) the sync check is skipped and the sizes should be small.
 
-    python scripts/gpu_checks.py --out $OUT                       # on the GPU machine: the whole set
-    python scripts/gpu_checks.py --cuda_graphs --out $OUT         # and compiled with CUDA graphs too
-    python scripts/gpu_checks.py --cuda_graphs --benchmark --out $OUT   # and the benchmark's targets
+    python scripts/gpu_checks.py --budget_s 540 --out $OUT            # on the GPU machine: as far as 9 min go
+    python scripts/gpu_checks.py --stages bench_compiled,bench_graphs --out $OUT   # what an earlier call left
     python scripts/gpu_checks.py --device cpu --size tiny --steps 4 --out /tmp/gpu_checks   # a dry run
 """
 
@@ -31,10 +39,14 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
+import os
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python scripts/gpu_checks.py` from a checkout
@@ -184,60 +196,151 @@ def check_bf16_base(size: str, device: str) -> dict:
             "repeat_loss_equal": repeat[0], "repeat_grads_equal": repeat[1], "repeat_max_rel_err": repeat[2]}  # fmt: skip
 
 
-# (name, size on a GPU, size in a dry run, benchmark arguments): the issue's shape, then the variants (a dry
-# run takes the small size for them: the tiny size's 64 x 64 weights tile no 16,384-weight NF4 block)
-BENCHMARKS = (
-    ("bench_speed", "gpt2_1024x8", "tiny",
-     ["--configs", "full,lora_qv,lora_qv_bf16,peft_qv,infer_base,infer_lora_unmerged,infer_lora_merged",
-      "--paired", "30"]),
-    ("bench_variants", "gpt2", "small",
-     ["--loss", "chunked", "--configs", "lora_qv,lora_qv_nf4,lora_qv_ckpt,lora_qv_nf4_ckpt,lora_qv_dora"]),
-)  # fmt: skip
+# (name, size on a GPU, size in a dry run, benchmark arguments), one stage each: the issue's shape eager, the
+# variants at the ``gpt2`` shape (a dry run takes the small size for them: the tiny size's 64 x 64 weights tile
+# no 16,384-weight NF4 block), the issue's shape with every model compiled alike (ours and the peer), and the
+# launch-bound small shape compiled with CUDA graphs
+BENCHMARKS = {
+    "bench_speed": ("gpt2_1024x8", "tiny",
+                    ["--configs", "full,lora_qv,lora_qv_bf16,peft_qv,infer_base,infer_lora_unmerged,"
+                     "infer_lora_merged", "--paired", "30"]),
+    "bench_variants": ("gpt2", "small",
+                       ["--loss", "chunked", "--configs", "lora_qv,lora_qv_nf4,lora_qv_ckpt,lora_qv_nf4_ckpt,"
+                        "lora_qv_dora"]),
+    "bench_compiled": ("gpt2_1024x8", "tiny", ["--compile", "--configs", "full,lora_qv,peft_qv"]),
+    "bench_graphs": ("small", "tiny",
+                     ["--compile", "--compile_mode", "reduce-overhead", "--configs", "full,lora_qv,peft_qv"]),
+}  # fmt: skip
 BENCH_KEYS = ("lora_qv_step_vs_full", "lora_qv_tokens_vs_peft", "unmerged_vs_base_latency", "merged_vs_base_latency",
               "lora_qv_mem_vs_full", "bf16_base_step_vs_fp32", "bf16_base_mem_vs_fp32", "dora_step_vs_lora",
               "nf4_tensor_mem_vs_fp32", "nf4_ckpt_tensor_mem_vs_fp32")  # fmt: skip
+# the stages in the order they run, most wanted first: a time budget that runs out cuts the last ones
+STAGES = ("checks", "trainer", "bench_speed", "trainer_compiled", "bench_variants", "bench_compiled",
+          "bench_graphs", "trainer_graphs")  # fmt: skip
+MIN_STAGE_S = 45.0  # a stage is not started with less of the budget left (a process's start and one model)
+TABLE_S = 10.0  # of the budget, kept for writing the JSON and printing the table
 
 
-def run_benchmarks(args: argparse.Namespace, out: Path) -> dict:
-    """``scripts/benchmark.py`` for :data:`BENCHMARKS`, each in its own process; ``{name: summary}`` of the
-    target ratios (or ``{"error": last line}``)."""
+class Budget:
+    """Seconds left of ``--budget_s`` (0: no limit), counted from the script's start."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds, self.start = seconds, time.monotonic()
+
+    def left(self) -> float:
+        return math.inf if not self.seconds else self.seconds - (time.monotonic() - self.start)
+
+
+def run_benchmark(name: str, args: argparse.Namespace, out: Path, budget: Budget) -> dict:
+    """``scripts/benchmark.py`` for the stage ``name`` of :data:`BENCHMARKS` in its own process, given what is
+    left of the budget (then stopped, with its workers: the report it writes after every configuration keeps
+    what was measured); the summary's target ratios, or ``{"error": its last line}``."""
+    gpu_size, dry_size, extra = BENCHMARKS[name]
+    size = dry_size if args.size == "tiny" else gpu_size
     script = Path(__file__).resolve().parent / "benchmark.py"
-    summaries = {}
-    for name, gpu_size, dry_size, extra in BENCHMARKS:
-        size = dry_size if args.size == "tiny" else gpu_size
-        cmd = [sys.executable, str(script), "--sizes", size, "--device", args.device, "--steps",
-               str(args.bench_steps), "--warmup", str(max(args.bench_steps // 3, 1)), "--rounds",
-               str(args.bench_rounds), "--out", str(out / name), *extra]  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            tail = (proc.stderr.strip() or proc.stdout.strip() or f"exit {proc.returncode}").splitlines()[-1]
-            summaries[name] = {"error": tail}
-            continue
-        summary = json.loads((out / name / "results.json").read_text())["summary"][size]
-        keys = [*BENCH_KEYS, *(f"{k}_paired" for k in BENCH_KEYS)]  # (with --paired: within passes too)
-        summaries[name] = {k: summary[k] for k in keys if summary.get(k) is not None}
-        print(f"{name} ({size}): {summaries[name]}", flush=True)
-    return summaries
+    cmd = [sys.executable, str(script), "--sizes", size, "--device", args.device, "--steps", str(args.bench_steps),
+           "--warmup", str(max(args.bench_steps // 3, 1)), "--rounds", str(args.bench_rounds),
+           "--out", str(out / name), *extra]  # fmt: skip
+    limit = budget.left() - TABLE_S
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=None if math.isinf(limit) else max(limit, 1.0))
+        cut = False
+    except subprocess.TimeoutExpired:  # the benchmark and the worker it is waiting for
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        cut = True
+    report = out / name / "results.json"
+    if (proc.returncode != 0 and not cut) or not report.exists():
+        tail = (stderr.strip() or stdout.strip() or f"exit {proc.returncode}").splitlines()[-1]
+        return {"error": "cut by the time budget before a result" if cut else tail}
+    summary = json.loads(report.read_text())["summary"].get(size, {})
+    keys = [*BENCH_KEYS, *(f"{k}_paired" for k in BENCH_KEYS)]  # (with --paired: within passes too)
+    found = {k: summary[k] for k in keys if summary.get(k) is not None}
+    return {**found, "cut_by_budget": True} if cut else found
+
+
+def attempt(fn: Callable[[], dict]) -> dict:
+    """``fn()``, or ``{"error": ...}`` with the traceback on stderr: one failing check or run (a kernel
+    missing from this torch, a library's version) does not cost the GPU session the rest."""
+    try:
+        return fn()
+    except Exception as e:  # reported in the table; the traceback is for whoever reads the session's log
+        traceback.print_exc()
+        return {"error": f"{type(e).__name__}: {e}".splitlines()[0]}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = CommandLineParser(prog="gpu_checks.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda", help="cuda (the point of it) or cpu (a dry run)")
     p.add_argument("--size", default="gpt2", choices=list(SIZES))
-    p.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
-    p.add_argument("--no_compile", action="store_true", help="skip the compiled runs")
-    p.add_argument("--cuda_graphs", action="store_true",
-                   help="also time both compiled with mode reduce-overhead (CUDA graphs)")  # fmt: skip
-    p.add_argument(
-        "--benchmark", action="store_true", help="also run scripts/benchmark.py's target configurations"
-    )
+    p.add_argument("--steps", type=int, default=20, help="timed steps per trainer run")
+    p.add_argument("--stages", default=",".join(STAGES),
+                   help=f"comma-separated, run in this order whatever order is given: {', '.join(STAGES)}")  # fmt: skip
+    p.add_argument("--budget_s", type=float, default=0.0,
+                   help="seconds the whole script may take (0: no limit): a stage is not started with less than "
+                   f"{MIN_STAGE_S:.0f} s left, and a benchmark is stopped when the time is up")  # fmt: skip
     p.add_argument(
         "--bench_rounds", type=int, default=3, help="benchmark rounds (fresh processes) per configuration"
     )
     p.add_argument("--bench_steps", type=int, default=30, help="timed benchmark steps per configuration")
     p.add_argument("--out", default="runs/gpu_checks", help="folder for gpu_checks.json")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    if not stages or set(stages) - set(STAGES):
+        p.error(f"unknown --stages {stages}: choose among {', '.join(STAGES)}")
+    args.stages = [s for s in STAGES if s in stages]
+    return args
+
+
+def run_checks(size: str, device: str) -> dict:
+    """The correctness checks on the device, each on its own (:func:`attempt`)."""
+    checks = {"lora": attempt(lambda: check_gradients(size, device)),
+              "dora_pissa": attempt(lambda: check_gradients(size, device, use_dora=True, lora_init="pissa")),
+              "bf16_base": attempt(lambda: check_bf16_base(size, device))}  # fmt: skip
+    if importlib.util.find_spec("torchao") is None:
+        checks["nf4"] = {"error": "skipped: torchao is not installed"}
+    else:
+        checks["nf4"] = attempt(lambda: check_gradients(size, device, quantize=True, use_dora=True))
+    return checks
+
+
+# the trainer's stages: (torch.compile, its mode); each times LoRA q+v (float32 and bfloat16 base) and full
+TRAINER_STAGES = {"trainer": (False, "default"), "trainer_compiled": (True, "default"),
+                  "trainer_graphs": (True, "reduce-overhead")}  # fmt: skip
+# (name, LoRA or full fine-tuning, how the frozen base is stored)
+TRAINER_KINDS = (("lora_qv", True, None), ("full", False, None), ("lora_qv_bf16", True, "bf16"))
+
+
+def run_trainers(stage: str, args: argparse.Namespace, budget: Budget) -> dict:
+    """The real trainers of one stage of :data:`TRAINER_STAGES`: ``{run name: measurements or error}``."""
+    compiled, mode = TRAINER_STAGES[stage]
+    on_gpu = args.device != "cpu"
+    suffix = ("_compiled" if compiled else "") + ("_cudagraphs" if mode == "reduce-overhead" else "")
+    runs = {}
+    for kind, lora, storage in TRAINER_KINDS:
+        if budget.left() < MIN_STAGE_S:
+            runs[kind + suffix] = {"error": "skipped: out of the time budget"}
+            continue
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats()
+        runs[kind + suffix] = attempt(lambda lora=lora, storage=storage: time_trainer(
+            args.size, lora, args.device, args.steps, compiled, sync_check=on_gpu and not compiled,
+            compile_mode=mode, storage=storage))  # fmt: skip
+        print(f"{kind + suffix}: {runs[kind + suffix]}", flush=True)
+    return runs
+
+
+def show(value: object) -> str:
+    """A check's or a benchmark's record in one line: floats to 3 decimals (small ones in e-notation)."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {show(v)}" for k, v in value.items())
+    if isinstance(value, float):
+        return f"{value:.3e}" if value and abs(value) < 1e-3 else f"{value:.3f}"
+    return str(value)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -248,51 +351,45 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError("--device cuda, but torch sees no CUDA device (try --device cpu for a dry run)")
         if args.steps < 2:
             raise ValueError(f"--steps must be >= 2, got {args.steps}")
-        if args.bench_rounds < 1 or args.bench_steps < 1:
-            raise ValueError("--bench_rounds and --bench_steps must be >= 1")
+        if args.bench_rounds < 1 or args.bench_steps < 1 or args.budget_s < 0:
+            raise ValueError("--bench_rounds and --bench_steps must be >= 1, --budget_s >= 0")
+        budget = Budget(args.budget_s)
         on_gpu = args.device != "cpu"
-        checks = {"lora": check_gradients(args.size, args.device),
-                  "dora_pissa": check_gradients(args.size, args.device, use_dora=True, lora_init="pissa")}  # fmt: skip
-        checks["bf16_base"] = check_bf16_base(args.size, args.device)
-        if importlib.util.find_spec("torchao") is None:
-            checks["nf4"] = "skipped: torchao is not installed"
-        else:
-            checks["nf4"] = check_gradients(args.size, args.device, quantize=True, use_dora=True)
-        result: dict = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if on_gpu else "cpu",
-                        "size": args.size, "checks": checks, "runs": {}}  # fmt: skip
-        modes = [(False, "default")] + ([] if args.no_compile else [(True, "default")])
-        modes += [(True, "reduce-overhead")] if args.cuda_graphs and not args.no_compile else []
-        # (name, LoRA or full fine-tuning, how the frozen base is stored)
-        kinds = (("lora_qv", True, None), ("full", False, None), ("lora_qv_bf16", True, "bf16"))
-        for compiled, mode in modes:
-            suffix = ("_compiled" if compiled else "") + ("_cudagraphs" if mode == "reduce-overhead" else "")
-            for kind, lora, storage in kinds:
-                if on_gpu:
-                    torch.cuda.reset_peak_memory_stats()
-                result["runs"][kind + suffix] = time_trainer(args.size, lora, args.device, args.steps, compiled,
-                                                             sync_check=on_gpu and not compiled, compile_mode=mode,
-                                                             storage=storage)  # fmt: skip
-                print(f"{kind + suffix}: {result['runs'][kind + suffix]}", flush=True)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "gpu_checks.json").write_text(json.dumps(result, indent=2) + "\n")  # kept if a time limit cuts
-        if args.benchmark:  # what follows (the benchmark writes its results after every configuration)
-            result["benchmarks"] = run_benchmarks(args, out)
+        result: dict = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if on_gpu else "cpu",
+                        "size": args.size, "stages": {}, "checks": {}, "runs": {}, "benchmarks": {}}  # fmt: skip
+        for stage in args.stages:
+            started = time.monotonic()
+            if budget.left() < MIN_STAGE_S:
+                result["stages"][stage] = "skipped: out of the time budget"
+                continue
+            if stage == "checks":
+                result["checks"] = run_checks(args.size, args.device)
+            elif stage in TRAINER_STAGES:
+                result["runs"].update(run_trainers(stage, args, budget))
+            else:
+                result["benchmarks"][stage] = run_benchmark(stage, args, out, budget)
+                print(f"{stage}: {result['benchmarks'][stage]}", flush=True)
+            result["stages"][stage] = f"{time.monotonic() - started:.0f} s"
+            # after every stage, so a time limit that cuts the script keeps what it measured
             (out / "gpu_checks.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out / "gpu_checks.json").write_text(json.dumps(result, indent=2) + "\n")
         print(f"\n{result['device']}, torch {result['torch']}, size {args.size}")
+        print("stages: " + ", ".join(f"{k} {v}" for k, v in result["stages"].items()))
         for name, check in result["checks"].items():
-            print(f"check {name}: {check}")
-        print(f"{'run':<26} {'tokens/s':>12} {'step ms':>9} {'peak MiB':>9} {'sync-free':>9}")
+            print(f"check {name}: {show(check)}")
+        print(f"{'run':<34} {'tokens/s':>12} {'step ms':>9} {'peak MiB':>9} {'sync-free':>9}")
         for name, r in result["runs"].items():
+            if "error" in r:
+                print(f"{name:<34} {r['error']}")
+                continue
             peak = f"{r['peak_mem_mb']:.0f}" if r["peak_mem_mb"] is not None else "-"
             print(
-                f"{name:<26} {r['tokens_per_s']:>12,.0f} {r['step_ms']:>9.1f} {peak:>9} {r['sync_free']!s:>9}"
+                f"{name:<34} {r['tokens_per_s']:>12,.0f} {r['step_ms']:>9.1f} {peak:>9} {r['sync_free']!s:>9}"
             )
-        for name, summary in result.get("benchmarks", {}).items():
-            shown = ", ".join(
-                f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()
-            )
-            print(f"{name}: {shown}")
+        for name, summary in result["benchmarks"].items():
+            print(f"{name}: {show(summary)}")
         return 0
 
     return guarded("gpu_checks.py", body, args.debug)

@@ -5,6 +5,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -258,13 +259,21 @@ def test_the_gpu_check_script_runs_dry_on_a_cpu(tmp_path, one_thread):
     """scripts/gpu_checks.py is what a session with a GPU runs in one call: tried here on a CPU."""
     from scripts.gpu_checks import main as gpu_checks
 
-    assert (
-        gpu_checks(
-            ["--device", "cpu", "--size", "tiny", "--steps", "2", "--no_compile", "--out", str(tmp_path)]
-        )
-        == 0
-    )
+    argv = [
+        "--device",
+        "cpu",
+        "--size",
+        "tiny",
+        "--steps",
+        "2",
+        "--stages",
+        "trainer,checks",
+        "--out",
+        str(tmp_path),
+    ]
+    assert gpu_checks(argv) == 0
     result = json.loads((tmp_path / "gpu_checks.json").read_text())
+    assert list(result["stages"]) == ["checks", "trainer"]  # in the script's order, not the flag's
     for name in ("lora", "dora_pissa"):  # float32 against float64, here both on the CPU
         check = result["checks"][name]
         assert check["logits_max_abs_err"] < 1e-5 and check["lora_grad_max_rel_err"] < 1e-5, name
@@ -278,25 +287,57 @@ def test_the_gpu_check_script_runs_dry_on_a_cpu(tmp_path, one_thread):
     )
 
 
+def test_a_failing_check_or_run_is_reported_and_the_rest_still_run(tmp_path, one_thread, monkeypatch, capsys):
+    """On the GPU one broken piece (a kernel this torch lacks, a library's version) must not cost the session
+    the other measurements: its error goes in the JSON and the table, its traceback to stderr."""
+    import scripts.gpu_checks as gpu_checks
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(gpu_checks, "check_bf16_base", broken)
+    real = gpu_checks.time_trainer
+    monkeypatch.setattr(gpu_checks, "time_trainer", lambda *a, **k: broken() if not a[1] else real(*a, **k))
+    argv = [
+        "--device",
+        "cpu",
+        "--size",
+        "tiny",
+        "--steps",
+        "2",
+        "--stages",
+        "checks,trainer",
+        "--out",
+        str(tmp_path),
+    ]
+    assert gpu_checks.main(argv) == 0
+    result = json.loads((tmp_path / "gpu_checks.json").read_text())
+    error = "RuntimeError: no kernel image is available for execution on the device"
+    assert result["checks"]["bf16_base"] == {"error": error} and result["runs"]["full"] == {"error": error}
+    assert (
+        result["checks"]["lora"]["lora_grad_max_rel_err"] < 1e-5 and result["runs"]["lora_qv"]["step_ms"] > 0
+    )
+    out, err = capsys.readouterr()
+    assert f"check bf16_base: error {error}" in out and f"full{' ' * 30} {error}" in out
+    assert "Traceback" in err
+
+
 def test_the_gpu_check_script_runs_the_benchmark_s_targets(tmp_path, one_thread, monkeypatch):
-    """--benchmark runs scripts/benchmark.py in its own processes and puts its target ratios in the JSON and the
-    table; a benchmark that fails is reported with its last line, and the rest still run. (Here two tiny
+    """The benchmark stages run scripts/benchmark.py in their own processes and put its target ratios in the JSON
+    and the table; a benchmark that fails is reported with its last line, and the rest still run. (Here tiny
     configurations and one bad one, not the GPU's list.)"""
     import scripts.gpu_checks as gpu_checks
 
-    speed = (
-        "bench_speed",
-        "gpt2",
-        "tiny",
-        ["--configs", "full,lora_qv,infer_base,infer_lora_merged", "--paired", "2"],
-    )
-    bad = ("bad", "gpt2", "tiny", ["--configs", "no_such_config"])
-    monkeypatch.setattr(gpu_checks, "BENCHMARKS", (bad, speed))
-    argv = ["--device", "cpu", "--size", "tiny", "--steps", "2", "--no_compile", "--benchmark",
-            "--bench_rounds", "1", "--bench_steps", "1", "--out", str(tmp_path)]  # fmt: skip
+    speed = ("gpt2", "tiny", ["--configs", "full,lora_qv,infer_base,infer_lora_merged", "--paired", "2"])
+    bad = ("gpt2", "tiny", ["--configs", "no_such_config"])
+    monkeypatch.setattr(gpu_checks, "BENCHMARKS", {"bench_variants": bad, "bench_speed": speed})
+    argv = ["--device", "cpu", "--size", "tiny", "--stages", "bench_variants,bench_speed", "--bench_rounds", "1",
+            "--bench_steps", "1", "--out", str(tmp_path)]  # fmt: skip
     assert gpu_checks.main(argv) == 0
-    benchmarks = json.loads((tmp_path / "gpu_checks.json").read_text())["benchmarks"]
-    assert "unknown --configs" in benchmarks["bad"]["error"]
+    result = json.loads((tmp_path / "gpu_checks.json").read_text())
+    benchmarks = result["benchmarks"]
+    assert list(result["stages"]) == ["bench_speed", "bench_variants"] and not result["runs"]
+    assert "unknown --configs" in benchmarks["bench_variants"]["error"]
     speed = benchmarks["bench_speed"]
     assert set(speed) == {
         "lora_qv_step_vs_full",
@@ -307,6 +348,61 @@ def test_the_gpu_check_script_runs_the_benchmark_s_targets(tmp_path, one_thread,
     }
     assert all(v > 0 for v in speed.values())  # fmt: skip
     assert json.loads((tmp_path / "bench_speed" / "results.json").read_text())["settings"]["steps"] == 1
+
+
+def cut_benchmark(tmp_path, monkeypatch, steps: int, rounds: int, seconds: float) -> tuple[dict, list]:
+    """gpu_checks' ``bench_speed`` stage on two tiny inference configurations, given ``seconds`` of budget;
+    its summary and the ids of the processes of its session still running a moment after it returned."""
+    import argparse
+
+    import scripts.gpu_checks as gpu_checks
+
+    started = []
+    popen = subprocess.Popen
+    monkeypatch.setattr(
+        gpu_checks.subprocess, "Popen", lambda *a, **k: started.append(popen(*a, **k)) or started[-1]
+    )
+    monkeypatch.setattr(gpu_checks, "BENCHMARKS", {"bench_speed": ("gpt2", "tiny",
+                        ["--configs", "infer_base,infer_lora_merged", "--threads", "1"])})  # fmt: skip
+    args = argparse.Namespace(size="tiny", device="cpu", bench_steps=steps, bench_rounds=rounds)
+    summary = gpu_checks.run_benchmark(
+        "bench_speed", args, tmp_path, gpu_checks.Budget(gpu_checks.TABLE_S + seconds)
+    )
+    session = started[0].pid
+
+    def alive_in_session() -> list[str]:
+        alive = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                state, _, _, sid = stat.read_text().rsplit(")", 1)[1].split()[:4]
+            except OSError:  # a process that ended meanwhile
+                continue
+            if int(sid) == session and state != "Z":  # a zombie holds nothing; its reaper collects it
+                alive.append(stat.parent.name)
+        return alive
+
+    deadline = time.monotonic() + 3  # SIGKILL is delivered, not waited for
+    while alive_in_session() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return summary, alive_in_session()
+
+
+def test_a_benchmark_past_the_time_budget_keeps_the_rounds_it_finished(tmp_path, monkeypatch):
+    """--budget_s: a benchmark still running when the time is up is stopped, and the rounds it finished (of its
+    thousand) are read from the report it writes after each."""
+    started = time.monotonic()
+    summary, alive = cut_benchmark(tmp_path, monkeypatch, steps=1, rounds=1000, seconds=15)
+    assert summary["cut_by_budget"] is True and summary["merged_vs_base_latency"] > 0
+    assert time.monotonic() - started < 30 and not alive
+    rows = json.loads((tmp_path / "bench_speed" / "results.json").read_text())["results"]["tiny"]
+    assert len(rows["infer_base"]["step_ms_rounds"]) >= 1
+
+
+def test_a_benchmark_past_the_time_budget_is_stopped_with_the_worker_it_waits_for(tmp_path, monkeypatch):
+    """The worker process (a configuration's steps, a hundred thousand here) is killed with the benchmark: none
+    is left on the GPU to slow the next stage down."""
+    summary, alive = cut_benchmark(tmp_path, monkeypatch, steps=100_000, rounds=1, seconds=8)
+    assert summary == {"error": "cut by the time budget before a result"} and not alive
 
 
 def test_the_chunked_loss_option_trains_our_model_as_train_lora_does(tmp_path):
