@@ -202,8 +202,8 @@ def check_bf16_base(size: str, device: str) -> dict:
 # launch-bound small shape compiled with CUDA graphs
 BENCHMARKS = {
     "bench_speed": ("gpt2_1024x8", "tiny",
-                    ["--configs", "full,lora_qv,lora_qv_bf16,peft_qv,infer_base,infer_lora_unmerged,"
-                     "infer_lora_merged", "--paired", "30"]),
+                    ["--configs", "full,lora_qv,lora_qv_unfused,lora_qv_bf16,peft_qv,infer_base,"
+                     "infer_lora_unmerged,infer_lora_merged", "--paired", "30"]),
     "bench_variants": ("gpt2", "small",
                        ["--loss", "chunked", "--configs", "lora_qv,lora_qv_nf4,lora_qv_ckpt,lora_qv_nf4_ckpt,"
                         "lora_qv_dora"]),
@@ -211,9 +211,10 @@ BENCHMARKS = {
     "bench_graphs": ("small", "tiny",
                      ["--compile", "--compile_mode", "reduce-overhead", "--configs", "full,lora_qv,peft_qv"]),
 }  # fmt: skip
-BENCH_KEYS = ("lora_qv_step_vs_full", "lora_qv_tokens_vs_peft", "unmerged_vs_base_latency", "merged_vs_base_latency",
-              "lora_qv_mem_vs_full", "bf16_base_step_vs_fp32", "bf16_base_mem_vs_fp32", "dora_step_vs_lora",
-              "nf4_tensor_mem_vs_fp32", "nf4_ckpt_tensor_mem_vs_fp32")  # fmt: skip
+BENCH_KEYS = ("lora_qv_step_vs_full", "lora_qv_tokens_vs_peft", "lora_qv_mfu", "full_mfu", "unmerged_vs_base_latency",
+              "merged_vs_base_latency", "lora_qv_mem_vs_full", "lora_qv_fused_vs_unfused", "bf16_base_step_vs_fp32",
+              "bf16_base_mem_vs_fp32", "dora_step_vs_lora", "nf4_tensor_mem_vs_fp32",
+              "nf4_ckpt_tensor_mem_vs_fp32")  # fmt: skip
 # the stages in the order they run, most wanted first: a time budget that runs out cuts the last ones
 STAGES = ("checks", "trainer", "bench_speed", "trainer_compiled", "bench_variants", "bench_compiled",
           "bench_graphs", "trainer_graphs")  # fmt: skip
