@@ -26,10 +26,13 @@ reported with its error, and the rest still run.
    (``--compile_mode reduce-overhead``).
 8. ``trainer_graphs``: stage 2 compiled with CUDA graphs.
 
-Prints a short table last and writes ``gpu_checks.json`` (and the benchmarks' folders) into ``--out``. On a
-CPU (``--device cpu``, e.g. to try the script) the sync check is skipped and the sizes should be small.
+Prints a short table last and writes ``gpu_checks.json`` into ``--out``, the benchmarks' whole reports in it
+(``reports``), and the benchmarks' folders (``results.{json,md,png}``) into ``--bench_out`` (default: the
+same): the device tool brings back at most 8 files, so on the GPU machine the folders go elsewhere and
+come back as one archive. On a CPU (``--device cpu``, e.g. to try the script) the sync check is skipped
+and the sizes should be small.
 
-    python scripts/gpu_checks.py --budget_s 540 --out $OUT            # on the GPU machine: as far as 9 min go
+    python scripts/gpu_checks.py --budget_s 520 --out $OUT --bench_out /tmp/bench; tar czf $OUT/bench.tgz -C /tmp/bench .
     python scripts/gpu_checks.py --stages bench_compiled,bench_graphs --out $OUT   # what an earlier call left
     python scripts/gpu_checks.py --device cpu --size tiny --steps 4 --out /tmp/gpu_checks   # a dry run
 """
@@ -288,6 +291,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--bench_steps", type=int, default=30, help="timed benchmark steps per configuration")
     p.add_argument("--out", default="runs/gpu_checks", help="folder for gpu_checks.json")
+    p.add_argument("--bench_out", default=None,
+                   help="folder for the benchmarks' own folders (default: --out); their reports are also kept "
+                   "whole in gpu_checks.json")  # fmt: skip
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     args = p.parse_args(argv)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
@@ -359,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         result: dict = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if on_gpu else "cpu",
-                        "size": args.size, "stages": {}, "checks": {}, "runs": {}, "benchmarks": {}}  # fmt: skip
+                        "size": args.size, "stages": {}, "checks": {}, "runs": {}, "benchmarks": {}, "reports": {}}  # fmt: skip
         for stage in args.stages:
             started = time.monotonic()
             if budget.left() < MIN_STAGE_S:
@@ -370,7 +376,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             elif stage in TRAINER_STAGES:
                 result["runs"].update(run_trainers(stage, args, budget))
             else:
-                result["benchmarks"][stage] = run_benchmark(stage, args, out, budget)
+                bench_out = Path(args.bench_out or out)
+                result["benchmarks"][stage] = run_benchmark(stage, args, bench_out, budget)
+                report = bench_out / stage / "results.json"
+                if report.exists():  # the whole report too: the one file to bring back holds everything
+                    result["reports"][stage] = json.loads(report.read_text())
                 print(f"{stage}: {result['benchmarks'][stage]}", flush=True)
             result["stages"][stage] = f"{time.monotonic() - started:.0f} s"
             # after every stage, so a time limit that cuts the script keeps what it measured

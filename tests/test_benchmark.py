@@ -384,9 +384,12 @@ def test_the_gpu_check_script_runs_the_benchmark_s_targets(tmp_path, one_thread,
     bad = ("gpt2", "tiny", ["--configs", "no_such_config"])
     monkeypatch.setattr(gpu_checks, "BENCHMARKS", {"bench_variants": bad, "bench_speed": speed})
     argv = ["--device", "cpu", "--size", "tiny", "--stages", "bench_variants,bench_speed", "--bench_rounds", "1",
-            "--bench_steps", "1", "--out", str(tmp_path)]  # fmt: skip
+            "--bench_steps", "1", "--out", str(tmp_path / "out"), "--bench_out", str(tmp_path / "bench")]  # fmt: skip
     assert gpu_checks.main(argv) == 0
-    result = json.loads((tmp_path / "gpu_checks.json").read_text())
+    result = json.loads((tmp_path / "out" / "gpu_checks.json").read_text())
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "gpu_checks.json"
+    ]  # one file to bring back
     benchmarks = result["benchmarks"]
     assert list(result["stages"]) == ["bench_speed", "bench_variants"] and not result["runs"]
     assert "unknown --configs" in benchmarks["bench_variants"]["error"]
@@ -399,7 +402,8 @@ def test_the_gpu_check_script_runs_the_benchmark_s_targets(tmp_path, one_thread,
         "merged_vs_base_latency_paired",
     }
     assert all(v > 0 for v in speed.values())  # fmt: skip
-    assert json.loads((tmp_path / "bench_speed" / "results.json").read_text())["settings"]["steps"] == 1
+    report = json.loads((tmp_path / "bench" / "bench_speed" / "results.json").read_text())
+    assert report["settings"]["steps"] == 1 and result["reports"] == {"bench_speed": report}  # kept whole
 
 
 def cut_benchmark(tmp_path, monkeypatch, steps: int, rounds: int, seconds: float) -> tuple[dict, list]:
