@@ -336,12 +336,12 @@ class Trainer:
         stop = self._stop_signal is not None
         if not self.distributed.enabled:
             return loss, loss, stop
-        y = batch["y"]
-        local = (y != IGNORE).sum().to(self.device, torch.float32)
+        # counted on the device (a count made on the host, or a tensor made from a Python value, would be a
+        # blocking copy to the GPU inside the step); the labels travel as batch_loss's did, page-locked
+        y = batch["y"].to(self.device, non_blocking=True)
+        local = (y != IGNORE).sum().float()
         local_sum = torch.where(local > 0, loss, torch.zeros_like(loss)) * local
-        stats = all_sum(
-            torch.stack([local, local_sum.detach().float(), torch.tensor(float(stop), device=self.device)])
-        )
+        stats = all_sum(torch.stack([local, local_sum.detach().float(), local.new_full((), float(stop))]))
         count = stats[0].clamp(min=1)
         return local_sum * self.distributed.world_size / count, stats[1] / count, stats[2]  # stop: read later
 

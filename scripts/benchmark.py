@@ -250,11 +250,7 @@ def count_launches(fn: Callable[[], object], device: torch.device) -> dict:
 
 def profile_step(fn: Callable[[], object], device: torch.device, top: int = 8) -> dict:
     """One more step under ``torch.profiler``: the share of all operators' self time (device time on CUDA) in
-    matrix products (:data:`MATMUL_OPS`) and the ``top`` operators by self time.
-
-    ``{"matmul_share", "top": [{"op", "self_ms", "share", "calls"}, ...]}``, ``share`` being the fraction of
-    the step's operator time: where a step's time goes, before anyone optimises it.
-    """
+    matrix products (:data:`MATMUL_OPS`) and the ``top`` operators by self time (:func:`operator_shares`)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -263,14 +259,32 @@ def profile_step(fn: Callable[[], object], device: torch.device, top: int = 8) -
         fn()
         if cuda:
             torch.cuda.synchronize()
-    key = "self_device_time_total" if cuda else "self_cpu_time_total"
-    events = [e for e in prof.key_averages() if getattr(e, key) > 0 and not e.is_user_annotation]
-    total = sum(getattr(e, key) for e in events) or 1.0
-    events.sort(key=lambda e: getattr(e, key), reverse=True)
-    matmul = sum(getattr(e, key) for e in events if e.key in MATMUL_OPS) / total
+    return operator_shares(
+        prof.key_averages(), "self_device_time_total" if cuda else "self_cpu_time_total", top
+    )
+
+
+def operator_shares(events: Sequence, key: str, top: int = 8) -> dict:
+    """From a profile's averaged events: ``{"matmul_share", "top": [{"op", "self_ms", "share", "calls"}, ...]}``,
+    ``share`` being the fraction of the step's operator time in ``key`` (microseconds of self time): where a
+    step's time goes, before anyone optimises it.
+
+    Operators only (events on the CPU's side, user annotations left out): on CUDA each kernel is an event of
+    its own too, whose time its operator already holds as device time, and counting both would halve every
+    share."""
+    from torch.autograd import DeviceType
+
+    ops = [
+        e
+        for e in events
+        if getattr(e, key) > 0 and not e.is_user_annotation and e.device_type == DeviceType.CPU
+    ]
+    ops.sort(key=lambda e: getattr(e, key), reverse=True)
+    total = sum(getattr(e, key) for e in ops) or 1.0
+    matmul = sum(getattr(e, key) for e in ops if e.key in MATMUL_OPS) / total
     top_ops = [
         {"op": e.key, "self_ms": getattr(e, key) / 1e3, "share": getattr(e, key) / total, "calls": e.count}
-        for e in events[:top]
+        for e in ops[:top]
     ]
     return {"matmul_share": matmul, "top": top_ops}
 

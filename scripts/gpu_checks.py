@@ -40,6 +40,7 @@ and the sizes should be small.
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import json
 import math
@@ -95,16 +96,18 @@ def time_trainer(size: str, lora: bool, device: str, steps: int, compile: bool, 
     if storage is not None:
         model.configure_lora_training()
         model.quantize_base(storage)
-    data = random_data(vocab, seq, batch * (steps + 8))
+    log_every = max(steps // 2, 1)
+    data = random_data(vocab, seq, batch * (steps + log_every))  # one epoch holds every step
     kind = LoRATrainer if lora else Trainer
     if not lora:
         model.requires_grad_(True)
-    log_every = max(steps // 2, 1)
     trainer = kind(model, BatchLoader(data, batch, seed=0), BatchLoader(data, batch, shuffle=False),
                    device=device, max_steps=steps + log_every, eval_every=10**6, log_every=log_every,
                    compile=compile, compile_mode=compile_mode, quiet=True)  # fmt: skip
     trainer.evaluate = lambda max_batches=None: {"val_loss": 0.0, "metric": 0.0}  # timing the steps only
-    reads: list[float] = []
+    reads: list[
+        tuple[float, int]
+    ] = []  # (when, the trainer's step): a read's window is the steps since the last
     flush = trainer._flush
 
     def timed_flush(pending, bar):  # the reads are the only place the host may wait for the device
@@ -113,7 +116,7 @@ def time_trainer(size: str, lora: bool, device: str, steps: int, compile: bool, 
         out = flush(pending, bar)
         if device != "cpu":
             torch.cuda.synchronize()
-        reads.append(time.perf_counter())
+        reads.append((time.perf_counter(), trainer.step))
         if sync_check:
             torch.cuda.set_sync_debug_mode("error")
         return out
@@ -126,11 +129,11 @@ def time_trainer(size: str, lora: bool, device: str, steps: int, compile: bool, 
     finally:
         if sync_check:
             torch.cuda.set_sync_debug_mode(0)
-    # reads[0] ends the warm-up (compilation included); the rest are timed
-    seconds = reads[-1] - reads[0]
-    tokens = batch * seq * (len(reads) - 1) * log_every
+    # reads[0] ends the warm-up (compilation included); the steps after it are timed
+    (start, first), (end, last) = reads[0], reads[-1]
+    seconds, timed = end - start, last - first
     peak = torch.cuda.max_memory_allocated() / 2**20 if device != "cpu" else None
-    return {"tokens_per_s": tokens / seconds, "step_ms": 1e3 * seconds / ((len(reads) - 1) * log_every),
+    return {"tokens_per_s": batch * seq * timed / seconds, "step_ms": 1e3 * seconds / timed, "steps_timed": timed,
             "peak_mem_mb": peak, "sync_free": sync_check or None,
             "final_loss": trainer.history["train_loss"][-1]}  # fmt: skip
 
@@ -332,7 +335,11 @@ def run_trainers(stage: str, args: argparse.Namespace, budget: Budget) -> dict:
         if budget.left() < MIN_STAGE_S:
             runs[kind + suffix] = {"error": "skipped: out of the time budget"}
             continue
-        if on_gpu:
+        if (
+            on_gpu
+        ):  # the last run's model and optimizer (a reference cycle) freed first: the peak is this run's
+            gc.collect()
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         runs[kind + suffix] = attempt(lambda lora=lora, storage=storage: time_trainer(
             args.size, lora, args.device, args.steps, compiled, sync_check=on_gpu and not compiled,

@@ -78,6 +78,27 @@ def test_profile_names_the_step_s_top_operators():
     assert f"- lora_qv: matrix products {100 * share:.0f} %; {ops[0]['op']} " in md
 
 
+def test_on_cuda_the_profile_s_shares_are_of_operators_not_also_their_kernels():
+    """A CUDA profile lists each kernel beside the operator that launched it, both with device time; the shares
+    count the operators once (here mm 6 of 10 ms: 60 %, not 30 % of a doubled 20 ms)."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    def event(name: str, us: float, device: DeviceType, annotation: bool = False) -> SimpleNamespace:
+        return SimpleNamespace(key=name, self_device_time_total=us, is_user_annotation=annotation,
+                               device_type=device, count=1)  # fmt: skip
+
+    cpu, cuda = DeviceType.CPU, DeviceType.CUDA
+    events = [event("aten::mm", 6000, cpu), event("sm90_xmma_gemm_bf16", 6000, cuda),
+              event("aten::gelu", 4000, cpu), event("vectorized_elementwise_kernel", 4000, cuda),
+              event("Optimizer.step#AdamW.step", 9000, cpu, annotation=True), event("aten::view", 0, cpu)]  # fmt: skip
+    shares = benchmark.operator_shares(events, "self_device_time_total")
+    assert shares["matmul_share"] == pytest.approx(0.6)
+    assert [(o["op"], o["self_ms"], o["share"]) for o in shares["top"]] == [
+        ("aten::mm", 6.0, pytest.approx(0.6)), ("aten::gelu", 4.0, pytest.approx(0.4))]  # fmt: skip
+
+
 def test_paired_steps_give_each_target_ratio_within_passes_in_one_process(tmp_path):
     """--paired: the configurations built side by side in one process, each pass running every step once; a
     target's ratio is also taken within each pass (its median and range beside the rounds' in the report)."""
@@ -311,18 +332,8 @@ def test_the_gpu_check_script_runs_dry_on_a_cpu(tmp_path, one_thread):
     """scripts/gpu_checks.py is what a session with a GPU runs in one call: tried here on a CPU."""
     from scripts.gpu_checks import main as gpu_checks
 
-    argv = [
-        "--device",
-        "cpu",
-        "--size",
-        "tiny",
-        "--steps",
-        "2",
-        "--stages",
-        "trainer,checks",
-        "--out",
-        str(tmp_path),
-    ]
+    argv = ["--device", "cpu", "--size", "tiny", "--steps", "20", "--stages", "trainer,checks",
+            "--out", str(tmp_path)]  # fmt: skip
     assert gpu_checks(argv) == 0
     result = json.loads((tmp_path / "gpu_checks.json").read_text())
     assert list(result["stages"]) == ["checks", "trainer"]  # in the script's order, not the flag's
@@ -334,9 +345,9 @@ def test_the_gpu_check_script_runs_dry_on_a_cpu(tmp_path, one_thread):
     bf16 = result["checks"]["bf16_base"]  # under bf16 autocast: the float32 base's step, bit for bit
     assert bf16["loss_equal"] and bf16["grads_equal"] and bf16["lora_grad_max_rel_err"] == 0
     assert bf16["repeat_loss_equal"] and bf16["repeat_grads_equal"]  # the control: the float32 base twice
-    assert set(result["runs"]) == {"lora_qv", "full", "lora_qv_bf16"} and all(
-        r["tokens_per_s"] > 0 for r in result["runs"].values()
-    )
+    assert set(result["runs"]) == {"lora_qv", "full", "lora_qv_bf16"}
+    for r in result["runs"].values():  # the 20 steps after the warm-up's 10, each counted once
+        assert r["steps_timed"] == 20 and r["tokens_per_s"] == pytest.approx(4 * 64 * 1e3 / r["step_ms"])
 
 
 def test_a_failing_check_or_run_is_reported_and_the_rest_still_run(tmp_path, one_thread, monkeypatch, capsys):
