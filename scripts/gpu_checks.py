@@ -15,16 +15,19 @@ reported with its error, and the rest still run.
    shape (768 wide, 12 layers, 12 heads, vocabulary 50,257, sequence 1,024, batch 8), tokens/s from the
    steps between reads, under ``torch.cuda.set_sync_debug_mode("error")``, which raises at any synchronising
    call; only the reads every ``log_every`` steps are let through.
-3. ``bench_speed``: ``scripts/benchmark.py`` in fresh processes (``--bench_rounds`` rounds of
+3. ``main_job``: ``lora/train_lora.py`` with its defaults on the device, as a user runs it (the base
+   pretrained first): exit status, seconds, the frozen base's metric and the adapter's.
+4. ``bench_speed``: ``scripts/benchmark.py`` in fresh processes (``--bench_rounds`` rounds of
    ``--bench_steps`` steps) at that shape, bf16: full fine-tuning, LoRA q+v (float32 and bfloat16 base),
-   transformers + PEFT, and inference; also side by side in one process (``--paired 30``).
-4. ``trainer_compiled``: stage 2 under ``--compile``.
-5. ``bench_variants``: the nf4 base (checkpointed or not) and DoRA at the benchmark's ``gpt2`` shape, with
+   LoRA q+v with q, k, v as three products (what the fused path buys), transformers + PEFT, and inference;
+   also side by side in one process (``--paired 30``).
+5. ``trainer_compiled``: stage 2 under ``--compile``.
+6. ``bench_variants``: the nf4 base (checkpointed or not) and DoRA at the benchmark's ``gpt2`` shape, with
    the chunked loss.
-6. ``bench_compiled``: full, LoRA q+v and the peer at stage 3's shape, every model compiled alike.
-7. ``bench_graphs``: the same at the launch-bound ``small`` shape, compiled with CUDA graphs
+7. ``bench_compiled``: full, LoRA q+v and the peer at stage 4's shape, every model compiled alike.
+8. ``bench_graphs``: the same at the launch-bound ``small`` shape, compiled with CUDA graphs
    (``--compile_mode reduce-overhead``).
-8. ``trainer_graphs``: stage 2 compiled with CUDA graphs.
+9. ``trainer_graphs``: stage 2 compiled with CUDA graphs.
 
 Prints a short table last and writes ``gpu_checks.json`` into ``--out``, the benchmarks' whole reports in it
 (``reports``), and the benchmarks' folders (``results.{json,md,png}``) into ``--bench_out`` (default: the
@@ -222,7 +225,7 @@ BENCH_KEYS = ("lora_qv_step_vs_full", "lora_qv_tokens_vs_peft", "lora_qv_mfu", "
               "bf16_base_mem_vs_fp32", "dora_step_vs_lora", "nf4_tensor_mem_vs_fp32",
               "nf4_ckpt_tensor_mem_vs_fp32")  # fmt: skip
 # the stages in the order they run, most wanted first: a time budget that runs out cuts the last ones
-STAGES = ("checks", "trainer", "bench_speed", "trainer_compiled", "bench_variants", "bench_compiled",
+STAGES = ("checks", "trainer", "main_job", "bench_speed", "trainer_compiled", "bench_variants", "bench_compiled",
           "bench_graphs", "trainer_graphs")  # fmt: skip
 MIN_STAGE_S = 45.0  # a stage is not started with less of the budget left (a process's start and one model)
 TABLE_S = 10.0  # of the budget, kept for writing the JSON and printing the table
@@ -267,6 +270,31 @@ def run_benchmark(name: str, args: argparse.Namespace, out: Path, budget: Budget
     keys = [*BENCH_KEYS, *(f"{k}_paired" for k in BENCH_KEYS)]  # (with --paired: within passes too)
     found = {k: summary[k] for k in keys if summary.get(k) is not None}
     return {**found, "cut_by_budget": True} if cut else found
+
+
+def run_main_job(args: argparse.Namespace, out: Path, budget: Budget) -> dict:
+    """``lora/train_lora.py`` as a user runs it, its defaults on ``args.device`` (on a GPU: bf16 autocast and a
+    bfloat16 base), the base pretrained first: its exit status, seconds, and the metric before and after."""
+    folder = out / "main_job"
+    cmd = [sys.executable, str(Path(__file__).resolve().parents[1] / "lora" / "train_lora.py"), "--device",
+           args.device, "--output_dir", str(folder), "--overwrite"]  # fmt: skip
+    if args.size == "tiny":  # a dry run: a few steps of each
+        cmd += ["--base_steps", "8", "--max_steps", "4", "--num_examples", "256"]
+    limit = budget.left() - TABLE_S
+    started = time.monotonic()
+    try:
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=None if math.isinf(limit) else limit
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": "cut by the time budget"}
+    seconds = time.monotonic() - started
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()[-1]
+        return {"error": f"exit {proc.returncode}: {tail}"}
+    metrics = json.loads(next(folder.glob("*/metrics.json")).read_text())
+    keep = ("metric_name", "base_metric", "final_metric", "steps", "tokens_per_s", "peak_memory_mb", "device")
+    return {"seconds": seconds, **{k: metrics.get(k) for k in keep}}
 
 
 def attempt(fn: Callable[[], dict]) -> dict:
@@ -382,6 +410,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 result["checks"] = run_checks(args.size, args.device)
             elif stage in TRAINER_STAGES:
                 result["runs"].update(run_trainers(stage, args, budget))
+            elif stage == "main_job":
+                result["main_job"] = attempt(lambda: run_main_job(args, Path(args.bench_out or out), budget))
+                print(f"main_job: {result['main_job']}", flush=True)
             else:
                 bench_out = Path(args.bench_out or out)
                 result["benchmarks"][stage] = run_benchmark(stage, args, bench_out, budget)
@@ -397,6 +428,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("stages: " + ", ".join(f"{k} {v}" for k, v in result["stages"].items()))
         for name, check in result["checks"].items():
             print(f"check {name}: {show(check)}")
+        if "main_job" in result:
+            print(f"main job: {show(result['main_job'])}")
         print(f"{'run':<34} {'tokens/s':>12} {'step ms':>9} {'peak MiB':>9} {'sync-free':>9}")
         for name, r in result["runs"].items():
             if "error" in r:

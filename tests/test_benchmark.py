@@ -332,11 +332,18 @@ def test_the_gpu_check_script_runs_dry_on_a_cpu(tmp_path, one_thread):
     """scripts/gpu_checks.py is what a session with a GPU runs in one call: tried here on a CPU."""
     from scripts.gpu_checks import main as gpu_checks
 
-    argv = ["--device", "cpu", "--size", "tiny", "--steps", "20", "--stages", "trainer,checks",
+    argv = ["--device", "cpu", "--size", "tiny", "--steps", "20", "--stages", "main_job,trainer,checks",
             "--out", str(tmp_path)]  # fmt: skip
     assert gpu_checks(argv) == 0
     result = json.loads((tmp_path / "gpu_checks.json").read_text())
-    assert list(result["stages"]) == ["checks", "trainer"]  # in the script's order, not the flag's
+    assert list(result["stages"]) == [
+        "checks",
+        "trainer",
+        "main_job",
+    ]  # in the script's order, not the flag's
+    job = result["main_job"]  # lora/train_lora.py as a user runs it, a few steps of each in a dry run
+    assert job["device"] == "cpu" and job["steps"] == 4 and job["metric_name"] == "exact_match"
+    assert 0 <= job["base_metric"] <= 1 and 0 <= job["final_metric"] <= 1 and job["seconds"] > 0
     for name in ("lora", "dora_pissa"):  # float32 against float64, here both on the CPU
         check = result["checks"][name]
         assert check["logits_max_abs_err"] < 1e-5 and check["lora_grad_max_rel_err"] < 1e-5, name
