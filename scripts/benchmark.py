@@ -24,7 +24,10 @@ on the fused ``c_attn``: it adapts q, k and v with as many parameters as our q+v
 ``infer_base_unfused``, ``infer_lora_qkvo_unmerged_unfused``: q, k, v as three products instead of the fused
 path (``model.fused_qkv = False``), for a comparison within the same rounds; ``lora_qv_dora`` (DoRA) and
 ``lora_qv_nf4`` (the frozen base's block weights in 4-bit NF4, QLoRA) and ``lora_qv_bf16`` (in bfloat16,
-which bf16 autocast then casts nothing of; under float32 each product widens them) beside ``lora_qv``.
+which bf16 autocast then casts nothing of; under float32 each product widens them) beside ``lora_qv``; and
+``lora_qv_sync`` (the step reads its loss back, as a loop that logs every step does) and ``lora_qv_chunked``
+(the chunked LM head and loss, whatever ``--loss`` says): with ``lora_qv_unfused`` and ``lora_qv_bf16`` they
+fill the report's levers table, what each lever of a LoRA step buys in time and memory.
 
 Peak memory is the process's whole peak (loading the model included) and, as ``train_peak_mem_mb``, the peak
 of the timed steps alone (CPU: the resident set's high-water mark reset once the model is built; CUDA: the
@@ -106,6 +109,8 @@ class Config:
     fused_qkv: bool = True  # False: q, k, v as three products (the layout before the fused one)
     dora: bool = False  # DoRA's magnitude vectors on the adapted projections
     quantize: str | None = None  # "nf4" or "bf16": how the frozen block weights are stored (lora/quantize.py)
+    loss: str | None = None  # "chunked" or "full": this configuration's loss, whatever --loss says
+    sync: bool = False  # the step reads its loss back (loss.item(), as a plain training loop logs every step)
 
 
 SIZES = {
@@ -137,6 +142,9 @@ EXTRA_CONFIGS = (
     Config("lora_qv_bf16", "train", targets=("q", "v"), quantize="bf16"),
     Config("lora_qv_nf4", "train", targets=("q", "v"), quantize="nf4"),
     Config("lora_qv_nf4_ckpt", "train", targets=("q", "v"), checkpointing=True, quantize="nf4"),
+    # the levers of a LoRA step one at a time, beside lora_qv: each without (sync) or with (chunked) its own
+    Config("lora_qv_sync", "train", targets=("q", "v"), sync=True),
+    Config("lora_qv_chunked", "train", targets=("q", "v"), loss="chunked"),
 )
 LORA_R, LORA_ALPHA = 8, 16.0
 # Dense bf16 peak FLOP/s by GPU name (first match wins); the H100 PCIe card is slower than the SXM one.
@@ -428,7 +436,7 @@ def make_step(model: nn.Module, shape: Shape, config: Config, opts: dict, device
     idx, targets = batch(shape, device)
     peer = config.impl == "peft"
     forward = (lambda m, x: m(input_ids=x).logits) if peer else (lambda m, x: m(x))
-    chunked = opts.get("loss") == "chunked" and not peer
+    chunked = (config.loss or opts.get("loss")) == "chunked" and not peer
     bf16 = opts["dtype"] == "bf16"
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
     if config.task == "infer":
@@ -458,6 +466,8 @@ def make_step(model: nn.Module, shape: Shape, config: Config, opts: dict, device
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if config.sync:  # the host waits for the device: what the trainer's reads every log_every steps avoid
+            loss.item()
         losses.append(loss.detach())  # only the last is read (CUDA graphs reuse an earlier one's memory)
 
     return Step(train, opt, losses)
@@ -619,6 +629,9 @@ def summarise(rows: dict[str, dict], paired: dict | None = None) -> dict:
         ),
         "lora_qv_mem_vs_full": ("lora_qv", "full", "peak_mem_mb"),
         "dora_step_vs_lora": ("lora_qv_dora", "lora_qv", "step_ms"),
+        "sync_free_vs_sync": ("lora_qv", "lora_qv_sync", "step_ms"),
+        "chunked_vs_full_loss": ("lora_qv_chunked", "lora_qv", "step_ms"),
+        "chunked_vs_full_loss_mem": ("lora_qv_chunked", "lora_qv", "train_peak_mem_mb"),
         "bf16_base_step_vs_fp32": ("lora_qv_bf16", "lora_qv", "step_ms"),
         "bf16_base_mem_vs_fp32": ("lora_qv_bf16", "lora_qv", "train_peak_mem_mb"),
         "bf16_base_tensor_mem_vs_fp32": ("lora_qv_bf16", "lora_qv", "train_tensor_peak_mb"),
@@ -672,6 +685,39 @@ VARIANT_TARGETS = (  # the variants issue's (measured on a CPU; elsewhere a guid
     ("nf4_ckpt_train_mem_vs_fp32", "the same, checkpointed: peak memory of the steps", 0.45, "max"),
     ("nf4_ckpt_tensor_mem_vs_fp32", "the same, checkpointed: peak tensor memory of a step", 0.45, "max"),
 )
+
+
+LEVERS = (  # (lever, step-time ratio, steps' peak memory ratio): LoRA q+v with the lever over without it
+    ("fused q/k/v: one product for q, k and v, one for the A's", "lora_qv_fused_vs_unfused", None),
+    (
+        "frozen base stored in bf16, cast to nothing per step",
+        "bf16_base_step_vs_fp32",
+        "bf16_base_mem_vs_fp32",
+    ),
+    ("no read of the loss in the step (the trainer reads every log_every)", "sync_free_vs_sync", None),
+    ("LM head and loss a chunk of tokens at a time", "chunked_vs_full_loss", "chunked_vs_full_loss_mem"),
+)
+
+
+def lever_lines(summary: dict) -> list[str]:
+    """The levers table of one size, for the levers whose two configurations both ran (else no lines)."""
+    rows = []
+    for lever, step, mem in LEVERS:
+        if summary.get(step) is None:
+            continue
+        low, high = summary.get(f"{step}_paired_range") or (None, None)
+        side = (
+            "-"
+            if summary.get(f"{step}_paired") is None
+            else f"{summary[f'{step}_paired']:.3f} ({low:.3f}-{high:.3f})"
+        )
+        memory = "-" if mem is None or summary.get(mem) is None else f"{summary[mem]:.3f}"
+        rows.append(f"| {lever} | {summary[step]:.3f} | {side} | {memory} |")
+    if not rows:
+        return []
+    return ["", "What each lever buys: LoRA q+v with it over without it (below 1: it helps).", "",
+            "| lever | step time | side by side (passes min-max) | steps' peak memory |",
+            "|---|---:|---:|---:|", *rows]  # fmt: skip
 
 
 def targets_for(settings: dict) -> tuple[tuple, tuple[str, ...]]:
@@ -767,6 +813,7 @@ def markdown(result: dict) -> str:
             low, high = summary.get(f"{key}_paired_range") or (None, None)
             side = "-" if side is None else f"{side:.3f} ({low:.3f}-{high:.3f})"
             lines.append(f"| {label} | {sign} {limit} | {shown} | {met} | {spread} | {side} |")
+        lines += lever_lines(summary)
         pairs = result.get("paired", {}).get(size)
         if pairs and pairs.get("status") == "error":
             lines += ["", f"Side by side (`--paired`): {pairs['status']}: {pairs['reason']}"]

@@ -18,16 +18,17 @@ reported with its error, and the rest still run.
 3. ``main_job``: ``lora/train_lora.py`` with its defaults on the device, as a user runs it (the base
    pretrained first): exit status, seconds, the frozen base's metric and the adapter's.
 4. ``bench_speed``: ``scripts/benchmark.py`` in fresh processes (``--bench_rounds`` rounds of
-   ``--bench_steps`` steps) at that shape, bf16: full fine-tuning, LoRA q+v (float32 and bfloat16 base),
-   LoRA q+v with q, k, v as three products (what the fused path buys), transformers + PEFT, and inference;
-   also side by side in one process (``--paired 30``).
-5. ``trainer_compiled``: stage 2 under ``--compile``.
-6. ``bench_variants``: the nf4 base (checkpointed or not) and DoRA at the benchmark's ``gpt2`` shape, with
-   the chunked loss.
+   ``--bench_steps`` steps) at that shape, bf16: full fine-tuning, LoRA q+v, transformers + PEFT and
+   inference, the issue's targets; also side by side in one process (``--paired 30``).
+5. ``bench_levers``: the levers of a LoRA q+v step one at a time at that shape (fused q/k/v, the bfloat16
+   base, no read of the loss in the step, the chunked LM head and loss), also side by side.
+6. ``trainer_compiled``: stage 2 under ``--compile``.
 7. ``bench_compiled``: full, LoRA q+v and the peer at stage 4's shape, every model compiled alike.
 8. ``bench_graphs``: the same at the launch-bound ``small`` shape, compiled with CUDA graphs
    (``--compile_mode reduce-overhead``).
-9. ``trainer_graphs``: stage 2 compiled with CUDA graphs.
+9. ``bench_variants``: the nf4 base (checkpointed or not) and DoRA at the benchmark's ``gpt2`` shape, with
+   the chunked loss.
+10. ``trainer_graphs``: stage 2 compiled with CUDA graphs.
 
 Prints a short table last and writes ``gpu_checks.json`` into ``--out``, the benchmarks' whole reports in it
 (``reports``), and the benchmarks' folders (``results.{json,md,png}``) into ``--bench_out`` (default: the
@@ -51,6 +52,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -205,28 +207,31 @@ def check_bf16_base(size: str, device: str) -> dict:
             "repeat_loss_equal": repeat[0], "repeat_grads_equal": repeat[1], "repeat_max_rel_err": repeat[2]}  # fmt: skip
 
 
-# (name, size on a GPU, size in a dry run, benchmark arguments), one stage each: the issue's shape eager, the
-# variants at the ``gpt2`` shape (a dry run takes the small size for them: the tiny size's 64 x 64 weights tile
-# no 16,384-weight NF4 block), the issue's shape with every model compiled alike (ours and the peer), and the
-# launch-bound small shape compiled with CUDA graphs
+# {stage: (size on a GPU, size in a dry run, benchmark arguments)}: the issue's targets at its shape, eager;
+# the levers of a LoRA step one at a time at that shape; every model compiled alike (ours and the peer); the
+# launch-bound small shape compiled with CUDA graphs; the variants at the ``gpt2`` shape (a dry run takes
+# the small size for them: the tiny size's 64 x 64 weights tile no 16,384-weight NF4 block)
 BENCHMARKS = {
     "bench_speed": ("gpt2_1024x8", "tiny",
-                    ["--configs", "full,lora_qv,lora_qv_unfused,lora_qv_bf16,peft_qv,infer_base,"
-                     "infer_lora_unmerged,infer_lora_merged", "--paired", "30"]),
-    "bench_variants": ("gpt2", "small",
-                       ["--loss", "chunked", "--configs", "lora_qv,lora_qv_nf4,lora_qv_ckpt,lora_qv_nf4_ckpt,"
-                        "lora_qv_dora"]),
+                    ["--configs", "full,lora_qv,peft_qv,infer_base,infer_lora_unmerged,infer_lora_merged",
+                     "--paired", "30"]),
+    "bench_levers": ("gpt2_1024x8", "tiny",
+                     ["--configs", "lora_qv,lora_qv_unfused,lora_qv_bf16,lora_qv_sync,lora_qv_chunked",
+                      "--paired", "30"]),
     "bench_compiled": ("gpt2_1024x8", "tiny", ["--compile", "--configs", "full,lora_qv,peft_qv"]),
     "bench_graphs": ("small", "tiny",
                      ["--compile", "--compile_mode", "reduce-overhead", "--configs", "full,lora_qv,peft_qv"]),
+    "bench_variants": ("gpt2", "small",
+                       ["--loss", "chunked", "--configs", "lora_qv,lora_qv_nf4,lora_qv_ckpt,lora_qv_nf4_ckpt,"
+                        "lora_qv_dora"]),
 }  # fmt: skip
 BENCH_KEYS = ("lora_qv_step_vs_full", "lora_qv_tokens_vs_peft", "lora_qv_mfu", "full_mfu", "unmerged_vs_base_latency",
               "merged_vs_base_latency", "lora_qv_mem_vs_full", "lora_qv_fused_vs_unfused", "bf16_base_step_vs_fp32",
-              "bf16_base_mem_vs_fp32", "dora_step_vs_lora", "nf4_tensor_mem_vs_fp32",
-              "nf4_ckpt_tensor_mem_vs_fp32")  # fmt: skip
+              "bf16_base_mem_vs_fp32", "sync_free_vs_sync", "chunked_vs_full_loss", "chunked_vs_full_loss_mem",
+              "dora_step_vs_lora", "nf4_tensor_mem_vs_fp32", "nf4_ckpt_tensor_mem_vs_fp32")  # fmt: skip
 # the stages in the order they run, most wanted first: a time budget that runs out cuts the last ones
-STAGES = ("checks", "trainer", "main_job", "bench_speed", "trainer_compiled", "bench_variants", "bench_compiled",
-          "bench_graphs", "trainer_graphs")  # fmt: skip
+STAGES = ("checks", "trainer", "main_job", "bench_speed", "bench_levers", "trainer_compiled", "bench_compiled",
+          "bench_graphs", "bench_variants", "trainer_graphs")  # fmt: skip
 MIN_STAGE_S = 45.0  # a stage is not started with less of the budget left (a process's start and one model)
 TABLE_S = 10.0  # of the budget, kept for writing the JSON and printing the table
 
@@ -272,27 +277,28 @@ def run_benchmark(name: str, args: argparse.Namespace, out: Path, budget: Budget
     return {**found, "cut_by_budget": True} if cut else found
 
 
-def run_main_job(args: argparse.Namespace, out: Path, budget: Budget) -> dict:
+def run_main_job(args: argparse.Namespace, budget: Budget) -> dict:
     """``lora/train_lora.py`` as a user runs it, its defaults on ``args.device`` (on a GPU: bf16 autocast and a
-    bfloat16 base), the base pretrained first: its exit status, seconds, and the metric before and after."""
-    folder = out / "main_job"
-    cmd = [sys.executable, str(Path(__file__).resolve().parents[1] / "lora" / "train_lora.py"), "--device",
-           args.device, "--output_dir", str(folder), "--overwrite"]  # fmt: skip
-    if args.size == "tiny":  # a dry run: a few steps of each
-        cmd += ["--base_steps", "8", "--max_steps", "4", "--num_examples", "256"]
+    bfloat16 base), the base pretrained first, in a folder removed afterwards: its exit status, seconds, and
+    the metric before and after."""
     limit = budget.left() - TABLE_S
-    started = time.monotonic()
-    try:
-        proc = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=None if math.isinf(limit) else limit
-        )
-    except subprocess.TimeoutExpired:
-        return {"error": "cut by the time budget"}
-    seconds = time.monotonic() - started
-    if proc.returncode != 0:
-        tail = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()[-1]
-        return {"error": f"exit {proc.returncode}: {tail}"}
-    metrics = json.loads(next(folder.glob("*/metrics.json")).read_text())
+    with tempfile.TemporaryDirectory(prefix="main_job-") as folder:
+        cmd = [sys.executable, str(Path(__file__).resolve().parents[1] / "lora" / "train_lora.py"), "--device",
+               args.device, "--output_dir", folder]  # fmt: skip
+        if args.size == "tiny":  # a dry run: a few steps of each
+            cmd += ["--base_steps", "8", "--max_steps", "4", "--num_examples", "256"]
+        started = time.monotonic()
+        try:
+            proc = subprocess.run(
+                cmd, capture_output=True, text=True, timeout=None if math.isinf(limit) else limit
+            )
+        except subprocess.TimeoutExpired:
+            return {"error": "cut by the time budget"}
+        seconds = time.monotonic() - started
+        if proc.returncode != 0:
+            tail = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()[-1]
+            return {"error": f"exit {proc.returncode}: {tail}"}
+        metrics = json.loads(next(Path(folder).glob("*/metrics.json")).read_text())
     keep = ("metric_name", "base_metric", "final_metric", "steps", "tokens_per_s", "peak_memory_mb", "device")
     return {"seconds": seconds, **{k: metrics.get(k) for k in keep}}
 
@@ -411,7 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             elif stage in TRAINER_STAGES:
                 result["runs"].update(run_trainers(stage, args, budget))
             elif stage == "main_job":
-                result["main_job"] = attempt(lambda: run_main_job(args, Path(args.bench_out or out), budget))
+                result["main_job"] = attempt(lambda: run_main_job(args, budget))
                 print(f"main_job: {result['main_job']}", flush=True)
             else:
                 bench_out = Path(args.bench_out or out)

@@ -218,6 +218,46 @@ def test_a_gpu_run_is_held_to_the_issue_s_gpu_targets():
     assert "set for gpt2_1024x8 and gpt2_1024x16; here they are a guide" in report("small")
 
 
+def test_the_lever_configurations_take_their_lever_and_fill_the_levers_table(monkeypatch):
+    """lora_qv_sync reads its loss back every step (one .item()), lora_qv_chunked takes the chunked loss
+    whatever --loss says; the report's levers table gives each lever's ratio, with over without."""
+    configs = {c.name: c for c in (*benchmark.CONFIGS, *benchmark.EXTRA_CONFIGS)}
+    opts = {"device": "cpu", "dtype": "fp32", "compile": False, "loss": "full"}
+    device, shape = torch.device("cpu"), benchmark.SIZES["tiny"]
+    reads, targets_given = {}, []
+    item = torch.Tensor.item
+    for name in ("lora_qv", "lora_qv_sync", "lora_qv_chunked"):
+        model = benchmark.build(shape, configs[name], device)
+        forward = model.forward
+        model.forward = lambda x, _name=name, _forward=forward, **kw: (
+            targets_given.append((_name, "targets" in kw)) or _forward(x, **kw)
+        )
+        step = benchmark.make_step(model, shape, configs[name], opts, device)
+        reads[name] = 0
+
+        def counted(t, _name=name):
+            reads[_name] += 1
+            return item(t)
+
+        monkeypatch.setattr(torch.Tensor, "item", counted)
+        step.fn()
+        monkeypatch.undo()
+    # (on a CPU AdamW reads its step counters; the sync configuration reads one thing more: its loss)
+    assert reads["lora_qv_sync"] == reads["lora_qv"] + 1 and reads["lora_qv_chunked"] == reads["lora_qv"]
+    assert targets_given == [("lora_qv", False), ("lora_qv_sync", False), ("lora_qv_chunked", True)]
+    summary = {"lora_qv_fused_vs_unfused": 0.9, "sync_free_vs_sync": 0.8, "sync_free_vs_sync_paired": 0.85,
+               "sync_free_vs_sync_paired_range": [0.8, 0.9], "chunked_vs_full_loss": 1.01,
+               "chunked_vs_full_loss_mem": 0.5}  # fmt: skip
+    lines = benchmark.lever_lines(summary)
+    assert "| fused q/k/v: one product for q, k and v, one for the A's | 0.900 | - | - |" in lines
+    assert (
+        "| no read of the loss in the step (the trainer reads every log_every) | 0.800 | 0.850 (0.800-0.900) | - |"
+        in lines
+    )
+    assert "| LM head and loss a chunk of tokens at a time | 1.010 | - | 0.500 |" in lines
+    assert not any("bf16" in line for line in lines) and benchmark.lever_lines({}) == []
+
+
 def test_flops_per_token_by_hand():
     shape = benchmark.Shape(d_model=4, num_layers=1, num_heads=1, seq_len=2, batch=1, vocab_size=10)
     n = 12 * 4 * 4 + 4 * 10  # q, k, v, o (4 d^2) + fc1, fc2 (8 d^2) + LM head (d V) = 232
