@@ -76,6 +76,7 @@ if __package__ in (None, ""):  # `python scripts/benchmark.py` without installin
 
 from lora.config import COMPILE_MODES, CommandLineParser
 from lora.errors import guarded
+from lora.files import atomic_write_bytes
 from lora.gpt2 import is_hf_folder
 from lora.lora_transformer import LoRATransformer
 from lora.memory import peak_memory_mb as steps_peak_mb
@@ -1017,8 +1018,9 @@ def write_report(
         "flops_note": FLOPS_NOTE,
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "results.md").write_text(markdown(result))
+    # whole files or none: a run killed mid-write (a GPU session's time limit) keeps the last report
+    atomic_write_bytes(out / "results.json", (json.dumps(result, indent=2) + "\n").encode())
+    atomic_write_bytes(out / "results.md", markdown(result).encode())
     plot(result, out / "results.png")
     return result
 

@@ -70,6 +70,7 @@ import torch
 from lora.config import CommandLineParser
 from lora.data import BatchLoader, TaskData
 from lora.errors import guarded
+from lora.files import atomic_write_bytes
 from lora.lora_transformer import LoRATransformer
 from lora.trainer import LoRATrainer, Trainer
 
@@ -303,11 +304,11 @@ def run_main_job(args: argparse.Namespace, budget: Budget) -> dict:
     return {"seconds": seconds, **{k: metrics.get(k) for k in keep}}
 
 
-def attempt(fn: Callable[[], dict]) -> dict:
-    """``fn()``, or ``{"error": ...}`` with the traceback on stderr: one failing check or run (a kernel
-    missing from this torch, a library's version) does not cost the GPU session the rest."""
+def attempt(fn: Callable[..., dict], *args: object, **kwargs: object) -> dict:
+    """``fn(*args, **kwargs)``, or ``{"error": ...}`` with the traceback on stderr: one failing check or run (a
+    kernel missing from this torch, a library's version) does not cost the GPU session the rest."""
     try:
-        return fn()
+        return fn(*args, **kwargs)
     except Exception as e:  # reported in the table; the traceback is for whoever reads the session's log
         traceback.print_exc()
         return {"error": f"{type(e).__name__}: {e}".splitlines()[0]}
@@ -342,13 +343,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def run_checks(size: str, device: str) -> dict:
     """The correctness checks on the device, each on its own (:func:`attempt`)."""
-    checks = {"lora": attempt(lambda: check_gradients(size, device)),
-              "dora_pissa": attempt(lambda: check_gradients(size, device, use_dora=True, lora_init="pissa")),
-              "bf16_base": attempt(lambda: check_bf16_base(size, device))}  # fmt: skip
+    checks = {"lora": attempt(check_gradients, size, device),
+              "dora_pissa": attempt(check_gradients, size, device, use_dora=True, lora_init="pissa"),
+              "bf16_base": attempt(check_bf16_base, size, device)}  # fmt: skip
     if importlib.util.find_spec("torchao") is None:
         checks["nf4"] = {"error": "skipped: torchao is not installed"}
     else:
-        checks["nf4"] = attempt(lambda: check_gradients(size, device, quantize=True, use_dora=True))
+        checks["nf4"] = attempt(check_gradients, size, device, quantize=True, use_dora=True)
     return checks
 
 
@@ -369,15 +370,12 @@ def run_trainers(stage: str, args: argparse.Namespace, budget: Budget) -> dict:
         if budget.left() < MIN_STAGE_S:
             runs[kind + suffix] = {"error": "skipped: out of the time budget"}
             continue
-        if (
-            on_gpu
-        ):  # the last run's model and optimizer (a reference cycle) freed first: the peak is this run's
+        if on_gpu:  # the last run's model and AdamW (a reference cycle) freed first: the peak is this run's
             gc.collect()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        runs[kind + suffix] = attempt(lambda lora=lora, storage=storage: time_trainer(
-            args.size, lora, args.device, args.steps, compiled, sync_check=on_gpu and not compiled,
-            compile_mode=mode, storage=storage))  # fmt: skip
+        runs[kind + suffix] = attempt(time_trainer, args.size, lora, args.device, args.steps, compiled,
+                                      sync_check=on_gpu and not compiled, compile_mode=mode, storage=storage)  # fmt: skip
         print(f"{kind + suffix}: {runs[kind + suffix]}", flush=True)
     return runs
 
@@ -417,19 +415,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             elif stage in TRAINER_STAGES:
                 result["runs"].update(run_trainers(stage, args, budget))
             elif stage == "main_job":
-                result["main_job"] = attempt(lambda: run_main_job(args, budget))
+                result["main_job"] = attempt(run_main_job, args, budget)
                 print(f"main_job: {result['main_job']}", flush=True)
             else:
                 bench_out = Path(args.bench_out or out)
-                result["benchmarks"][stage] = run_benchmark(stage, args, bench_out, budget)
-                report = bench_out / stage / "results.json"
+                result["benchmarks"][stage] = attempt(run_benchmark, stage, args, bench_out, budget)
+                report = bench_out / stage / "results.json"  # (written whole or not at all)
                 if report.exists():  # the whole report too: the one file to bring back holds everything
                     result["reports"][stage] = json.loads(report.read_text())
                 print(f"{stage}: {result['benchmarks'][stage]}", flush=True)
             result["stages"][stage] = f"{time.monotonic() - started:.0f} s"
             # after every stage, so a time limit that cuts the script keeps what it measured
-            (out / "gpu_checks.json").write_text(json.dumps(result, indent=2) + "\n")
-        (out / "gpu_checks.json").write_text(json.dumps(result, indent=2) + "\n")
+            atomic_write_bytes(out / "gpu_checks.json", (json.dumps(result, indent=2) + "\n").encode())
+        atomic_write_bytes(out / "gpu_checks.json", (json.dumps(result, indent=2) + "\n").encode())
         print(f"\n{result['device']}, torch {result['torch']}, size {args.size}")
         print("stages: " + ", ".join(f"{k} {v}" for k, v in result["stages"].items()))
         for name, check in result["checks"].items():
