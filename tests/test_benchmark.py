@@ -432,6 +432,20 @@ def test_a_failing_check_or_run_is_reported_and_the_rest_still_run(tmp_path, one
     assert "Traceback" in err
 
 
+def test_a_compiled_trainer_run_is_not_started_without_the_time_to_compile(tmp_path, one_thread, monkeypatch):
+    """--budget_s: a compiled run, which cannot be stopped part way, needs 90 s left; with 60 s the eager stage
+    runs and the compiled one reports its runs skipped (nothing is compiled)."""
+    import scripts.gpu_checks as gpu_checks
+
+    monkeypatch.setattr(gpu_checks.torch, "compile", lambda *a, **k: pytest.fail("compiled"))
+    argv = ["--device", "cpu", "--size", "tiny", "--steps", "2", "--stages", "trainer,trainer_compiled",
+            "--budget_s", "60", "--out", str(tmp_path)]  # fmt: skip
+    assert gpu_checks.main(argv) == 0
+    runs = json.loads((tmp_path / "gpu_checks.json").read_text())["runs"]
+    assert runs["lora_qv"]["steps_timed"] == 2 and runs["full"]["steps_timed"] == 2
+    assert runs["lora_qv_compiled"] == {"error": "skipped: out of the time budget"}
+
+
 def test_the_gpu_check_script_runs_the_benchmark_s_targets(tmp_path, one_thread, monkeypatch):
     """The benchmark stages run scripts/benchmark.py in their own processes and put its target ratios in the JSON
     and the table; a benchmark that fails is reported with its last line, and the rest still run. (Here tiny
