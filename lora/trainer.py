@@ -332,13 +332,14 @@ class Trainer:
         is the one a single process would make on the whole global batch; the mean and the stop request
         (a signal seen by any process) are agreed with one small all-reduce.
         """
-        loss, _ = batch_loss(self.forward, batch, self.device, self._autocast, self.chunked_loss)
-        stop = self._stop_signal is not None
         if not self.distributed.enabled:
-            return loss, loss, stop
-        # counted on the device (a count made on the host, or a tensor made from a Python value, would be a
-        # blocking copy to the GPU inside the step); the labels travel as batch_loss's did, page-locked
+            loss, _ = batch_loss(self.forward, batch, self.device, self._autocast, self.chunked_loss)
+            return loss, loss, self._stop_signal is not None
+        # the labels moved once (batch_loss's move is then a no-op) and their scored tokens counted on the
+        # device: a count made on the host, or a tensor made from a Python value, would be a blocking copy
         y = batch["y"].to(self.device, non_blocking=True)
+        loss, _ = batch_loss(self.forward, {**batch, "y": y}, self.device, self._autocast, self.chunked_loss)
+        stop = self._stop_signal is not None
         local = (y != IGNORE).sum().float()
         local_sum = torch.where(local > 0, loss, torch.zeros_like(loss)) * local
         stats = all_sum(torch.stack([local, local_sum.detach().float(), local.new_full((), float(stop))]))

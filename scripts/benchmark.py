@@ -228,11 +228,12 @@ MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::bad
               "aten::matmul", "aten::linear", "aten::_scaled_mm")  # fmt: skip
 
 
-def count_launches(fn: Callable[[], object], device: torch.device) -> dict:
+def count_launches(fn: Callable[[], object], device: torch.device, shares: bool = False) -> dict:
     """One more step under ``torch.profiler``: how many operators it dispatched (``aten`` operators not called
     by another one: what Python and autograd asked for) and, on CUDA, how many kernels it launched and the
     milliseconds the device spent running them (``kernel_ms``; against the step's time, how busy the GPU
-    was). The fused q/k/v path's claim, fewer operations per block, is these counts."""
+    was). The fused q/k/v path's claim, fewer operations per block, is these counts. ``shares`` (``--profile``):
+    also where that step's time went, from the same profile (:func:`operator_shares`, as ``profile``)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -247,49 +248,40 @@ def count_launches(fn: Callable[[], object], device: torch.device) -> dict:
         parent = e.cpu_parent
         return e.name.startswith("aten::") and (parent is None or not parent.name.startswith("aten::"))
 
-    out = {"ops_per_step": sum(1 for e in events if e.device_type == DeviceType.CPU and dispatched(e))}
+    out: dict = {"ops_per_step": sum(1 for e in events if e.device_type == DeviceType.CPU and dispatched(e))}
     if cuda:
         # device work only: not the spans of user annotations (an optimizer step, a compiled region), which
         # the profiler also reports on the device and which cover kernels counted already
         on_device = [e for e in events if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
         out["kernels_per_step"] = sum(1 for e in events if e.name in LAUNCH_CALLS)
         out["kernel_ms"] = sum(e.time_range.elapsed_us() for e in on_device) / 1e3
+    if shares:
+        out["profile"] = operator_shares(prof.key_averages(), cuda)
     return out
 
 
-def profile_step(fn: Callable[[], object], device: torch.device, top: int = 8) -> dict:
-    """One more step under ``torch.profiler``: the share of all operators' self time (device time on CUDA) in
-    matrix products (:data:`MATMUL_OPS`) and the ``top`` operators by self time (:func:`operator_shares`)."""
-    from torch.profiler import ProfilerActivity, profile
+def operator_shares(events: Sequence, cuda: bool, top: int = 8) -> dict:
+    """From a profile's averaged events: ``{"matmul_share", "top": [{"op", "self_ms", "share", "calls"}, ...]}``:
+    the operators' self time (on CUDA their kernels' device time) as fractions of the step's time, and the
+    share of it in matrix products (:data:`MATMUL_OPS`): where a step's time goes, before anyone optimises it.
 
-    cuda = device.type == "cuda"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-    return operator_shares(
-        prof.key_averages(), "self_device_time_total" if cuda else "self_cpu_time_total", top
-    )
-
-
-def operator_shares(events: Sequence, key: str, top: int = 8) -> dict:
-    """From a profile's averaged events: ``{"matmul_share", "top": [{"op", "self_ms", "share", "calls"}, ...]}``,
-    ``share`` being the fraction of the step's operator time in ``key`` (microseconds of self time): where a
-    step's time goes, before anyone optimises it.
-
-    Operators only (events on the CPU's side, user annotations left out): on CUDA each kernel is an event of
-    its own too, whose time its operator already holds as device time, and counting both would halve every
-    share."""
+    The operators are the events on the CPU's side (user annotations left out). On a CPU the whole is their
+    sum. On CUDA it is the kernels' device time: each kernel is also an event of its own, which counting
+    beside its operator would count twice, and kernels that no ``aten`` operator launched (a compiled
+    graph's Triton kernels, a CUDA graph's replay) still count in the whole though they are in no row."""
     from torch.autograd import DeviceType
 
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
     ops = [
         e
         for e in events
         if getattr(e, key) > 0 and not e.is_user_annotation and e.device_type == DeviceType.CPU
     ]
     ops.sort(key=lambda e: getattr(e, key), reverse=True)
-    total = sum(getattr(e, key) for e in ops) or 1.0
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
+    total = (
+        sum(e.self_device_time_total for e in kernels) if cuda else sum(getattr(e, key) for e in ops)
+    ) or 1.0
     matmul = sum(getattr(e, key) for e in ops if e.key in MATMUL_OPS) / total
     top_ops = [
         {"op": e.key, "self_ms": getattr(e, key) / 1e3, "share": getattr(e, key) / total, "calls": e.count}
@@ -504,7 +496,7 @@ def run_config(shape: Shape, config: Config, opts: dict) -> dict:
     times, device_times = time_steps(step, opts["warmup"], opts["steps"], device)
     # read before the profiles below, whose own bookkeeping (a trace of every operation) would count too
     steps_peak, whole_peak = steps_peak_mb(device), max(peak_memory_mb(device), built_mb)
-    extra.update(count_launches(step, device))
+    extra.update(count_launches(step, device, shares=bool(opts.get("profile"))))
     if config.task == "train" and device.type == "cpu":  # one more step, its tensors counted (untimed)
         held = [*model.parameters(), *model.buffers()] + [  # everything the run holds, used in a step or not
             t for state in opt.state.values() for t in state.values() if isinstance(t, torch.Tensor)
@@ -512,8 +504,6 @@ def run_config(shape: Shape, config: Config, opts: dict) -> dict:
         extra["train_tensor_peak_mb"] = sum(tensor_peak(step, held)) / 2**20
     elif config.task == "train":
         extra["train_tensor_peak_mb"] = steps_peak  # CUDA's peak is of tensors already
-    if opts.get("profile"):
-        extra["profile"] = profile_step(step, device)
     if config.task == "train":
         extra["final_loss"] = made.losses[-1].item()
     step_s = statistics.median(times)
@@ -588,7 +578,7 @@ def merge_rounds(runs: list[dict]) -> dict:
             out[key] = statistics.median(r[key] for r in ok)
     out["tokens_per_s"] = statistics.median(r["tokens_per_s"] for r in ok)
     for key in ROUND_KEYS:
-        out[f"{key}_rounds"] = [round(r[key], 2) if r["status"] == "ok" and r.get(key) is not None else None
+        out[f"{key}_rounds"] = [round(r[key], 4) if r["status"] == "ok" and r.get(key) is not None else None
                                 for r in runs]  # fmt: skip
     return out
 
@@ -900,8 +890,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--profile",
         action="store_true",
-        help="after timing, profile one step: its top operators by self (CUDA: device) time, and the share "
-        "of matrix products",
+        help="report the profiled step's top operators by self (CUDA: device) time, and the share of matrix "
+        "products",
     )
     p.add_argument(
         "--paired",
