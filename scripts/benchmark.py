@@ -969,6 +969,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     results: dict[str, dict[str, dict]] = {}
     paired: dict[str, dict] = {}  # size -> paired_times' record (--paired)
     for size in args.sizes:
+        # side by side first: on a machine lent for minutes (a GPU), a time limit then cuts rounds, not this
+        side = [c.name for c in configs if c.impl != "peft" or peer_installed()]
+        if args.paired and len(side) > 1:
+            job = {"shape": asdict(SIZES[size]), "paired": side, "passes": args.paired, "opts": opts}
+            paired[size] = run_worker(job)
+            print(f"[{size} paired] {paired[size]}", flush=True)
+            result = write_report(Path(args.out), info, args, argv, results, paired)
         runs: dict[str, list[dict]] = {c.name: [] for c in configs}
         for rnd in range(args.rounds):
             # every other round in reverse order, so no configuration always runs first or last
@@ -980,12 +987,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 results[size] = {name: merge_rounds(rs) for name, rs in runs.items() if rs}
                 # written after every run, so a run cut off by a time limit keeps what it measured
                 result = write_report(Path(args.out), info, args, argv, results, paired)
-        side = [c.name for c in configs if c.impl != "peft" or peer_installed()]
-        if args.paired and len(side) > 1:
-            job = {"shape": asdict(SIZES[size]), "paired": side, "passes": args.paired, "opts": opts}
-            paired[size] = run_worker(job)
-            print(f"[{size} paired] {paired[size]}", flush=True)
-            result = write_report(Path(args.out), info, args, argv, results, paired)
     print(f"\nwrote {args.out}/results.{{json,md,png}}\n\n" + markdown(result))
     return result
 
@@ -1008,7 +1009,11 @@ def write_report(
         "settings": {**opts, "rounds": args.rounds, "threads_used": threads, "argv": argv},
         "shapes": {s: asdict(SIZES[s]) for s in results},
         "results": results,
-        "summary": {s: summarise(rows, ok_paired(paired.get(s))) for s, rows in results.items()},
+        "summary": {
+            s: summarise(results.get(s, {}), ok_paired(paired.get(s)))
+            for s in args.sizes
+            if s in results or s in paired
+        },
         "paired": paired,
         "flops_note": FLOPS_NOTE,
     }
@@ -1016,7 +1021,8 @@ def write_report(
     # whole files or none: a run killed mid-write (a GPU session's time limit) keeps the last report
     atomic_write_bytes(out / "results.json", (json.dumps(result, indent=2) + "\n").encode())
     atomic_write_bytes(out / "results.md", markdown(result).encode())
-    plot(result, out / "results.png")
+    if results:  # (nothing to draw while only the side-by-side passes have run)
+        plot(result, out / "results.png")
     return result
 
 
