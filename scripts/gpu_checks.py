@@ -352,8 +352,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--stages", default=",".join(STAGES),
                    help=f"comma-separated, run in this order whatever order is given: {', '.join(STAGES)}")  # fmt: skip
     p.add_argument("--budget_s", type=float, default=0.0,
-                   help="seconds the whole script may take (0: no limit): a stage is not started with less than "
-                   f"{MIN_STAGE_S:.0f} s left, and a benchmark is stopped when the time is up")  # fmt: skip
+                   help="seconds the script may take from its start (0: no limit): a stage is not started with "
+                   f"less than {MIN_STAGE_S:.0f} s left, and a benchmark still running {TABLE_S:.0f} s before the "
+                   "end is stopped")  # fmt: skip
     p.add_argument(
         "--bench_rounds", type=int, default=3, help="benchmark rounds (fresh processes) per configuration"
     )
