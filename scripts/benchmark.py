@@ -390,18 +390,14 @@ def paired_times(shape: Shape, configs: Sequence[Config], opts: dict, passes: in
     if opts["threads"]:
         torch.set_num_threads(opts["threads"])
     steps = {c.name: make_step(build(shape, c, device), shape, c, opts, device).fn for c in configs}
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for fn in steps.values():
-        for _ in range(max(opts["warmup"], 1)):
-            fn()
+        time_steps(fn, max(opts["warmup"], 1), 0, device)  # warm-up only
     times: dict[str, list[float]] = {name: [] for name in steps}
     for i in range(passes):
         for name in list(steps) if i % 2 == 0 else list(steps)[::-1]:
-            sync()
-            start = time.perf_counter()
-            steps[name]()
-            sync()
-            times[name].append(time.perf_counter() - start)
+            times[name] += time_steps(steps[name], 0, 1, device)[
+                0
+            ]  # one step, the device synchronised around it
     return {name: {"ms": 1e3 * statistics.median(ts), "ms_passes": [round(1e3 * t, 3) for t in ts]}
             for name, ts in times.items()}  # fmt: skip
 
