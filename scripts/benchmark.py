@@ -306,12 +306,28 @@ def machine_info(device: str) -> dict:
         "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,
         "cuda": torch.version.cuda if device == "cuda" else None,
     }
-    for pkg in ("transformers", "peft"):
-        try:
-            info[pkg] = __import__(pkg).__version__
-        except Exception:  # not installed, or broken: either way, no version to report
-            info[pkg] = None
+    info.update(library_versions(("transformers", "peft")))
     return info
+
+
+def library_versions(names: Sequence[str]) -> dict[str, str | None]:
+    """Each library's version, ``None`` when it is not installed, or ``"broken: <error>"`` when it is there but
+    fails to import (e.g. transformers when a copied torchao lacks its ``.dist-info``: it reads torchao's
+    version at import)."""
+    # torchao imported quietly first (transformers and peft import it when it is there); broken, it is
+    # reported below, in its own row or a peer's
+    with contextlib.suppress(Exception):
+        import_torchao_quietly()
+    versions: dict[str, str | None] = {}
+    for name in names:
+        if importlib.util.find_spec(name) is None:
+            versions[name] = None
+            continue
+        try:
+            versions[name] = str(importlib.import_module(name).__version__)
+        except Exception as e:  # recorded in the report, not raised: the rest of the run does not need it
+            versions[name] = f"broken: {type(e).__name__}: {e}".splitlines()[0]
+    return versions
 
 
 # -------------------------------------------------------------------------------------------------------

@@ -37,8 +37,12 @@ get through every stage at the GPU's shapes: the later stages are for a later ca
 Prints a short table last and writes ``gpu_checks.json`` into ``--out``, the benchmarks' whole reports in it
 (``reports``), and the benchmarks' folders (``results.{json,md,png}``) into ``--bench_out`` (default: the
 same): the device tool brings back at most 8 files, so on the GPU machine the folders go elsewhere and
-come back as one archive. On a CPU (``--device cpu``, e.g. to try the script) there are no syncs to count
-and the sizes should be small.
+come back as one archive. torchao (for the nf4 check) may be missing there: copy an installed one in with
+its ``torchao-<version>.dist-info`` beside it, both on ``PYTHONPATH``. Without the metadata, importing
+transformers' peers fails (they read torchao's version: ``InvalidVersion: 'unknown'``), and so would every
+PEFT row; ``libraries``, recorded and printed first, shows each library's version or its import error.
+On a CPU (``--device cpu``, e.g. to try the script) there are no syncs to count and the sizes should be
+small.
 
     python scripts/gpu_checks.py --budget_s 480 --out $OUT --bench_out /tmp/bench; tar czf $OUT/bench.tgz -C /tmp/bench .
     python scripts/gpu_checks.py --stages bench_compiled,bench_graphs --out $OUT   # what an earlier call left
@@ -80,6 +84,7 @@ from lora.errors import guarded
 from lora.files import atomic_write_bytes
 from lora.lora_transformer import LoRATransformer
 from lora.trainer import LoRATrainer, Trainer
+from scripts.benchmark import library_versions
 
 SIZES = {  # (d_model, layers, heads, vocabulary, sequence, batch)
     "tiny": (128, 2, 2, 256, 64, 4),  # 128 wide: the smallest width whose weights tile NF4's blocks
@@ -439,6 +444,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         result: dict = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if on_gpu else "cpu",
                         "size": args.size, "stages": {}, "checks": {}, "runs": {}, "benchmarks": {}, "reports": {}}  # fmt: skip
+        # first, so a peer that fails to import (which costs the benchmark its PEFT rows) shows in the log at once
+        result["libraries"] = library_versions(("transformers", "peft", "tokenizers", "torchao"))
+        print("libraries: " + show(result["libraries"]), flush=True)
         for stage in args.stages:
             started = time.monotonic()
             if budget.left() < MIN_STAGE_S:
@@ -460,6 +468,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # after every stage, so a time limit that cuts the script keeps what it measured
             atomic_write_bytes(out / "gpu_checks.json", (json.dumps(result, indent=2) + "\n").encode())
         print(f"\n{result['device']}, torch {result['torch']}, size {args.size}")
+        print("libraries: " + show(result["libraries"]))
         print("stages: " + ", ".join(f"{k} {v}" for k, v in result["stages"].items()))
         for name, check in result["checks"].items():
             print(f"check {name}: {show(check)}")

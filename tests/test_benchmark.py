@@ -286,6 +286,24 @@ def test_the_lever_configurations_take_their_lever_and_fill_the_levers_table(mon
     assert not any("bf16" in line for line in lines) and benchmark.lever_lines({}) == []
 
 
+def test_library_versions_tell_a_broken_library_from_a_missing_one(tmp_path, monkeypatch):
+    """A library that is there but fails to import (as transformers' peers do when a copied torchao lacks its
+    metadata) is reported with its error, not as missing; a missing one is ``None``."""
+    (tmp_path / "fine_lib").mkdir()
+    (tmp_path / "fine_lib" / "__init__.py").write_text('__version__ = "1.2.3"\n')
+    (tmp_path / "broken_lib").mkdir()
+    (tmp_path / "broken_lib" / "__init__.py").write_text('raise ValueError("bad metadata")\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    got = benchmark.library_versions(("fine_lib", "broken_lib", "absent_lib_xyz"))
+    assert got == {
+        "fine_lib": "1.2.3",
+        "broken_lib": "broken: ValueError: bad metadata",
+        "absent_lib_xyz": None,
+    }
+    for name in ("fine_lib", "broken_lib"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+
+
 def test_flops_per_token_by_hand():
     shape = benchmark.Shape(d_model=4, num_layers=1, num_heads=1, seq_len=2, batch=1, vocab_size=10)
     n = 12 * 4 * 4 + 4 * 10  # q, k, v, o (4 d^2) + fc1, fc2 (8 d^2) + LM head (d V) = 232
@@ -409,6 +427,11 @@ def test_the_gpu_check_script_runs_dry_on_a_cpu(tmp_path, one_thread):
         "trainer",
         "main_job",
     ]  # in the script's order, not the flag's
+    import peft
+    import transformers
+
+    libraries = result["libraries"]  # the peer's versions, recorded before any stage
+    assert libraries["transformers"] == transformers.__version__ and libraries["peft"] == peft.__version__
     job = result["main_job"]  # lora/train_lora.py as a user runs it, a few steps of each in a dry run
     assert job["device"] == "cpu" and job["steps"] == 4 and job["metric_name"] == "exact_match"
     assert 0 <= job["base_metric"] <= 1 and 0 <= job["final_metric"] <= 1 and job["seconds"] > 0
