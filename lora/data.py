@@ -114,7 +114,9 @@ class BatchLoader:
         self, epoch: int = 0, start: int = 0, limit: int | None = None
     ) -> Iterator[dict[str, torch.Tensor]]:
         """Batch ``start``, ``start + 1``, ... of epoch ``epoch``: ``{"x", "y"[, "lengths"]}``; an evaluation
-        loader stops before global batch ``limit``."""
+        loader stops before global batch ``limit``. A global batch is ``batch_size x world_size`` rows, in
+        evaluation as in training: ``limit`` global batches are the rows one process with ``world_size`` times
+        the batch reads (its first ``limit x batch_size x world_size``), whatever the number of processes."""
         n, bs = len(self.data), self.batch_size
         if self.shuffle:
             order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
@@ -123,7 +125,8 @@ class BatchLoader:
                 first = b * width + self.rank * bs
                 yield self.data.batch(order[first : first + bs])
             return
-        last = math.ceil(n / bs) if limit is None else min(limit, math.ceil(n / bs))
+        blocks = math.ceil(n / bs)  # of ``bs`` rows each, dealt to the processes in turn
+        last = blocks if limit is None else min(limit * self.world_size, blocks)
         for b in range(self.rank + start * self.world_size, last, self.world_size):
             yield self.data.batch(torch.arange(b * bs, min((b + 1) * bs, n)))
 

@@ -103,6 +103,12 @@ def test_two_processes_train_the_single_process_adapter_and_rank_0_alone_writes(
     assert (metrics["world_size"], metrics["global_batch_size"]) == (2, 32)
     one = json.loads((one_process / "metrics.json").read_text())
     assert metrics["final_val_loss"] == pytest.approx(one["final_val_loss"], abs=1e-5)  # evaluation agrees
+    # and so do the evaluations during training, on --eval_batches 2 global batches: the same 64 rows
+    two_history, one_history = (json.loads((f / "history.json").read_text()) for f in (tmp_path / "runs" / "two", one_process))  # fmt: skip
+    evaluated = [i for i, v in enumerate(one_history["val_loss"]) if v is not None]
+    assert len(evaluated) == 3 and [two_history["val_loss"][i] for i in evaluated] == pytest.approx(
+        [one_history["val_loss"][i] for i in evaluated], abs=1e-5
+    )
 
 
 @pytest.mark.parametrize(("at", "message"), [
@@ -146,10 +152,23 @@ def test_a_global_batch_is_the_single_process_batch_split_by_rank():
     assert len(whole) == len(shards[0]) == len(shards[1]) == 5
     for b, batch in enumerate(whole):
         assert torch.equal(torch.cat([shards[0][b]["x"], shards[1][b]["x"]]), batch["x"])
-    evals = [list(BatchLoader(data, 8, shuffle=False, rank=r, world_size=2).batches(limit=3)) for r in (0, 1)]
+    evals = [list(BatchLoader(data, 8, shuffle=False, rank=r, world_size=2).batches(limit=2)) for r in (0, 1)]
     assert [b["x"][0, 0].item() for b in evals[0]] == [0, 16] and [b["x"][0, 0].item() for b in evals[1]] == [
-        8
+        8,
+        24,
     ]
+
+
+def test_evaluation_reads_the_same_rows_whatever_the_number_of_processes():
+    """``eval_batches`` counts global batches (``batch_size x processes`` rows), so a 2 x 8 run scores the rows a
+    1 x 16 run scores, and its history matches the one-process run it may be resumed as."""
+    data = TaskData(torch.arange(100).view(100, 1), torch.arange(100).view(100, 1))
+    for limit, rows in ((3, 48), (None, 100), (10, 100)):
+        one = torch.cat([b["x"] for b in BatchLoader(data, 16, shuffle=False).batches(limit=limit)])
+        two = [BatchLoader(data, 8, shuffle=False, rank=r, world_size=2).batches(limit=limit) for r in (0, 1)]
+        shards = torch.cat([b["x"] for shard in two for b in shard])
+        assert one.flatten().tolist() == list(range(rows))
+        assert sorted(shards.flatten().tolist()) == list(range(rows)), limit
 
 
 def test_torchrun_variables_are_read_and_checked():
