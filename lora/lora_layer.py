@@ -324,7 +324,9 @@ class LoRALinear(nn.Module):
         self.lora_magnitude = None
         self.register_buffer("lora_A0", None)
         self.register_buffer("lora_B0", None)
-        self._merge_scale: torch.Tensor | None = None  # DoRA's m / ||W||_row while merged, float32 (out,)
+        # W0 itself while merged (not saved): unmerge() puts it back bit for bit, where subtracting the update
+        # again would round it (at ~1e-8 in float32, a whole step in bfloat16)
+        self.register_buffer("_merged_base", None, persistent=False)
         self._fixed_norm: torch.Tensor | None = None  # _row_norm's, kept within fixed_dora_norms()
         self._norm_fixed = False
         if r == 0:
@@ -384,14 +386,9 @@ class LoRALinear(nn.Module):
             raise ValueError(QUANTIZED_MERGE.format(kind=NARROW_BASES.get(kind, kind)))
 
     def base_weight(self) -> torch.Tensor:
-        """``W0`` (out, in): the weight itself (dequantized if 4-bit), or with the merged update taken out (float32
-        math, cast back)."""
-        if not self.merged:
-            return dequantize(self.weight)
-        w = self.weight.float()
-        if self._merge_scale is not None:
-            w = w / self._merge_scale[:, None]
-        return (w - self.delta_weight()).to(self.weight.dtype)
+        """``W0`` (out, in): the weight itself (dequantized if 4-bit), or, merged, the ``W0`` that :meth:`merge`
+        kept."""
+        return self._merged_base if self.merged else dequantize(self.weight)
 
     def _folded(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(W, g)``: the unmerged weight with the update folded in, float32 (out, in), and DoRA's row scale
@@ -482,21 +479,23 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the update into ``weight`` (computed in float32, cast once). Idempotent."""
+        """Fold the update into ``weight`` in place (computed in float32, cast once), keeping a copy of ``W0``
+        until :meth:`unmerge` (memory: one more weight of this layer's while merged). Idempotent."""
         if self.merged or self.r == 0:
             return
-        w, self._merge_scale = self._folded()  # the scale is kept: unmerge divides it out again
-        self.weight.copy_(w.to(self.weight.dtype))
+        w = self._folded()[0].to(self.weight.dtype)
+        self._merged_base = self.weight.detach().clone()
+        self.weight.copy_(w)
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Take out the update merged by :meth:`merge` (in float32). Idempotent."""
+        """Put back the ``W0`` that :meth:`merge` kept: the weight is the base's again, bit for bit. Idempotent."""
         if not self.merged:
             return
-        self.weight.copy_(self.base_weight())
+        self.weight.copy_(self._merged_base)
+        self._merged_base = None
         self.merged = False
-        self._merge_scale = None
 
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:

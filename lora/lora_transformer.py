@@ -239,10 +239,6 @@ class LoRATransformer(nn.Module):
         self._parked: dict[str, Adapter] = {}
         # set by quantize_base: the data type of the block weights and the full-precision base's fingerprint
         self._quantization: tuple[str, str] | None = None
-        # the fingerprint taken before the first merge (merging and unmerging round W0 at ~1e-7); forgotten
-        # when a state dict is loaded, which may bring other base weights
-        self._merge_fingerprint: str | None = None
-        self.register_load_state_dict_post_hook(lambda module, _: setattr(module, "_merge_fingerprint", None))
         # ||W0||_row of each q, k, v projection's full-precision weight, kept by quantize_base (DoRA's export)
         self._full_precision_norms: dict[str, torch.Tensor] | None = None
 
@@ -533,14 +529,13 @@ class LoRATransformer(nn.Module):
             layer.merge()
 
     def merge_lora(self) -> LoRATransformer:
-        """Fold every adapter into its base weight (idempotent). The base fingerprint is taken first and kept:
-        merging (and unmerging) round ``W0`` in the last bits, and the base stays the base."""
-        if self._merge_fingerprint is None and not any(layer.merged for _, layer in lora_modules(self)):
-            self._merge_fingerprint = self.base_fingerprint()
+        """Fold every adapter into its base weight, in place (idempotent). Each merged layer keeps its ``W0``
+        until :meth:`unmerge_lora` (one more copy of the adapted weights while merged; :meth:`merged_model`
+        makes a LoRA-free copy instead), so the base and its fingerprint stay exactly what they were."""
         return merge_lora(self)
 
     def unmerge_lora(self) -> LoRATransformer:
-        """Undo :meth:`merge_lora` (idempotent)."""
+        """Undo :meth:`merge_lora` (idempotent): every weight is the base's again, bit for bit."""
         return unmerge_lora(self)
 
     @contextmanager
@@ -555,7 +550,7 @@ class LoRATransformer(nn.Module):
     def base_state_dict(self) -> dict[str, torch.Tensor]:
         """Every frozen base tensor, unmerged: no LoRA tensors, no ``cls_head``, the tied ``lm_head`` once.
 
-        A merged layer's weight is returned as ``W0`` again (``LoRALinear.base_weight``: float32, as ``unmerge()``).
+        A merged layer's weight is returned as the ``W0`` it kept (``LoRALinear.base_weight``).
         """
         layers = dict(lora_modules(self))
         out = {}
@@ -575,13 +570,10 @@ class LoRATransformer(nn.Module):
         Deterministic (sorted names, unmerged values); independent of the adapters and of a classification head.
         The values are hashed as float32, which holds fp16 and bf16 exactly: a half-precision base widened to
         float32 for training keeps its fingerprint (a float32 base's is what it always was). A 4-bit base
-        (:meth:`quantize_base`) gives the fingerprint its full-precision weights had, and a merged (or merged and
-        unmerged) one the fingerprint taken before :meth:`merge_lora`.
+        (:meth:`quantize_base`) gives the fingerprint its full-precision weights had; a merged one, its ``W0``'s.
         """
         if self._quantization is not None:
             return self._quantization[1]
-        if self._merge_fingerprint is not None:
-            return self._merge_fingerprint
         h = hashlib.sha256()
         for key, value in sorted(self.base_state_dict().items()):
             t = value.detach().to("cpu", torch.float32).contiguous()

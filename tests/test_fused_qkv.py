@@ -346,4 +346,4 @@ def test_the_stack_is_the_weights_own_storage_and_survives_merge_save_and_load(t
     model.save_pretrained(tmp_path / "m")
     again = LoRATransformer.from_pretrained(tmp_path / "m", lora_r=0)
     for name, value in again.base_state_dict().items():
-        torch.testing.assert_close(value, before[name], rtol=0, atol=1e-6)  # unmerge's float rounding
+        assert torch.equal(value, before[name]), name  # unmerge puts back the W0 the merge kept

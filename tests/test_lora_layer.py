@@ -71,7 +71,31 @@ def test_merge_is_idempotent_and_unmerge_restores_base():
     layer.unmerge()
     layer.unmerge()
     assert not layer.merged
-    assert (layer.weight - w0).abs().max() <= 1e-6
+    assert torch.equal(layer.weight, w0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("use_dora", "lora_init", "use_rslora"),
+                         [(False, "kaiming", False), (False, "kaiming", True), (True, "pissa", True)])  # fmt: skip
+def test_unmerge_gives_back_w0_bit_for_bit(dtype, use_dora, lora_init, use_rslora):
+    """Subtracting the update again would round W0 (in bfloat16 by a whole step): the merge keeps W0 instead,
+    and frees it at unmerge."""
+    torch.manual_seed(0)
+    layer = LoRALinear(
+        48, 40, r=4, dtype=dtype, use_dora=use_dora, lora_init=lora_init, use_rslora=use_rslora
+    )
+    with torch.no_grad():
+        layer.lora_B.add_(torch.randn_like(layer.lora_B) * 0.1)
+    w0 = layer.weight.detach().clone()
+    x = torch.randn(4, 48, dtype=dtype)
+    with torch.no_grad():
+        unmerged = layer(x)
+        layer.merge()
+        assert not torch.equal(layer.weight, w0) and torch.equal(layer.base_weight(), w0)
+        assert "_merged_base" not in layer.state_dict()  # only the module's own tensors are saved
+        layer.unmerge()
+        assert torch.equal(layer.weight, w0) and torch.equal(layer(x), unmerged)
+    assert layer._merged_base is None
 
 
 def test_merged_forward_uses_only_the_merged_weight():
