@@ -483,9 +483,8 @@ class LoRALinear(nn.Module):
         until :meth:`unmerge` (memory: one more weight of this layer's while merged). Idempotent."""
         if self.merged or self.r == 0:
             return
-        w = self._folded()[0].to(self.weight.dtype)
         self._merged_base = self.weight.detach().clone()
-        self.weight.copy_(w)
+        self.weight.copy_(self._folded()[0])  # (copy_ casts to the weight's dtype)
         self.merged = True
 
     @torch.no_grad()
