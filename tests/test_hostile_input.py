@@ -32,10 +32,14 @@ BOMB = _bomb()
 DEEP = "lora_r: " + "[" * 10_000 + "]" * 10_000 + "\n"
 
 # The YAML loader alone, in a fresh process: its time, the peak of what it allocated (tracemalloc) and
-# the process's resident memory after it (VmRSS; the process has imported torch too).
+# how much the process's resident memory (VmRSS) grew across it: not the whole, which is mostly torch's
+# import (about 250 MiB with the CPU build, 490 with the CUDA one).
 MEASURE = """
 import sys, time, tracemalloc
 from lora.config import load_yaml
+def rss_mb():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS:")) // 1024
+before = rss_mb()
 def attempt():
     try:
         load_yaml(sys.argv[1])
@@ -47,8 +51,7 @@ seconds = time.perf_counter() - t
 tracemalloc.start()  # a second pass for the allocations (tracemalloc slows Python down)
 attempt()
 peak = tracemalloc.get_traced_memory()[1]
-rss = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS:")) // 1024
-print(seconds, peak // 2**20, rss)
+print(seconds, peak // 2**20, rss_mb() - before)
 """
 
 
@@ -73,9 +76,9 @@ def test_yaml_bombs_are_refused_in_bounded_time_and_memory(name, text, needle, t
     res = subprocess.run([sys.executable, "-c", MEASURE, str(path)], cwd=ROOT, capture_output=True, text=True,
                          timeout=60)  # fmt: skip
     error, measured = res.stdout.strip().splitlines()
-    seconds, allocated_mb, rss_mb = measured.split()
+    seconds, allocated_mb, rss_growth_mb = measured.split()
     assert error.startswith("ConfigError") and needle in error, error
-    assert float(seconds) < 1.0 and int(allocated_mb) < 10 and int(rss_mb) < 300, measured
+    assert float(seconds) < 1.0 and int(allocated_mb) < 10 and int(rss_growth_mb) < 50, measured
 
 
 def test_a_key_set_twice_names_the_key(tmp_path, capsys, flags):
