@@ -95,19 +95,23 @@ def find_resume(cfg: TrainConfig, world_size: int = 1) -> tuple[Path | None, dic
         raise CheckpointError(f"checkpoint not found: {target}")
     state = read_trainer_state(target)  # truncated, corrupted or not one: one line, before any output
     saved = target.parent / "config.yaml"
-    if saved.is_file():  # the run's own settings: another task or rank would train something else
-        was = resolve_config(load_yaml(saved), where=str(saved), yaml_is_a_run=True)
-        was_world = int(state.get("world_size", 1))
-        if was_world != world_size or was.batch_size != cfg.batch_size:
-            global_batch = was.batch_size * was_world
-            if cfg.batch_size * world_size != global_batch:
-                raise CheckpointError(
-                    f"--resume {target.parent}: it was trained with a global batch of {global_batch} "
-                    f"(batch_size {was.batch_size} x {was_world} processes); with {world_size} process(es) "
-                    f"pass --batch_size {global_batch / world_size:g} to keep it"
-                )
-            was.batch_size = cfg.batch_size  # the same global batch, split another way
-        cfg.check_resume(was, f"--resume {target.parent}")
+    if not saved.is_file():  # a checkpoint records no settings: without them any task or rank would go on
+        raise CheckpointError(f"--resume {target}: no config.yaml beside it (a run folder has one from its "
+                              "start), so the settings it was trained with cannot be checked; resume from the "
+                              "run folder it was written in")  # fmt: skip
+    # the run's own settings: another task or rank would train something else
+    was = resolve_config(load_yaml(saved), where=str(saved), yaml_is_a_run=True)
+    was_world = int(state.get("world_size", 1))
+    if was_world != world_size or was.batch_size != cfg.batch_size:
+        global_batch = was.batch_size * was_world
+        if cfg.batch_size * world_size != global_batch:
+            raise CheckpointError(
+                f"--resume {target.parent}: it was trained with a global batch of {global_batch} "
+                f"(batch_size {was.batch_size} x {was_world} processes); with {world_size} process(es) "
+                f"pass --batch_size {global_batch / world_size:g} to keep it"
+            )
+        was.batch_size = cfg.batch_size  # the same global batch, split another way
+    cfg.check_resume(was, f"--resume {target.parent}")
     return target, state
 
 

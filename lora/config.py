@@ -222,12 +222,16 @@ class TrainConfig:
             raise ConfigError("lora_targets must name at least one of q,k,v,o (or set adapt_feedforward)")
         if self.task in FILE_TASKS and not self.train_file:
             raise ConfigError(f"task {self.task} needs --train_file")
-        if self.run_name is not None and (
-            not self.run_name or "/" in self.run_name or "\\" in self.run_name or ".." in self.run_name
-        ):
-            raise ConfigError(
-                f"run_name must be a plain folder name (no '/', '\\' or '..'), got {quote(self.run_name)}"
-            )
+        name = self.run_name
+        if name is not None and (
+            not name.strip() or name != name.strip() or name.startswith(".") or not name.isprintable()
+            or any(c in name for c in "/\\")
+        ):  # fmt: skip
+            raise ConfigError(f"run_name must be a plain folder name (printable, no '/' or '\\', no leading '.' "
+                              f"or spaces at either end), got {quote(name)}")  # fmt: skip
+        for key in ("train_file", "val_file", "base_checkpoint"):
+            if getattr(self, key) == "":
+                raise ConfigError(f"{key} is empty: name a file, or drop --{key}")
         for key, why in self._ignored():
             if key in given:
                 raise ConfigError(f"{key} {why}")
@@ -270,6 +274,9 @@ class TrainConfig:
                                              "the base's (its config.json); drop it"))
         if not self.compile:
             rules.append((["compile_mode"], "has no effect without --compile: add --compile, or drop it"))
+        if not self.save_every:
+            rules.append((["keep_checkpoints"], "has no effect without --save_every (no checkpoints are written "
+                                                "but the one a stop leaves): add --save_every N, or drop it"))
         if self.resume is not None:
             rules.append((["overwrite"], "has no effect with --resume: a resumed run continues in its own folder"))
         if self.resume not in (None, "auto"):

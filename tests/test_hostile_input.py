@@ -115,6 +115,12 @@ def test_data_and_config_paths_must_be_bounded_regular_files(kind, tmp_path, cap
     (["--run_name", "a\x00b"], "run_name must not contain a NUL byte"),
     (["--train_file", "a\x00b"], "train_file must not contain a NUL byte"),
     (["--task", "x" * 100_000], "(100,002 characters)"),
+    (["--run_name", "."], "run_name must be a plain folder name"),
+    (["--run_name", " "], "run_name must be a plain folder name"),
+    (["--run_name", "a\nb"], "run_name must be a plain folder name"),
+    (["--run_name", ".hidden"], "run_name must be a plain folder name"),
+    (["--task", "text", "--train_file", "t.txt", "--val_file", ""], "val_file is empty: name a file"),
+    (["--base_checkpoint", ""], "base_checkpoint is empty"),
 ])  # fmt: skip
 def test_bad_values_are_one_line_and_shortened(argv, needle, capsys, flags, tmp_path):
     refused(capsys, [*flags, *argv], needle)

@@ -344,6 +344,13 @@ def test_bad_checkpoints_are_one_line_and_damage_nothing(finished, tmp_path, cap
     ):
         assert main(["--resume", str(finished), flag, value]) == 2
         one_error_line(capsys, f"--resume {finished} was trained with {flag[2:]} {was}", f"drop {flag}")
+    # a checkpoint taken out of its run folder: its settings cannot be checked, so refused before anything
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(find_latest(finished), alone)
+    assert main(["--resume", str(alone), "--task", "atbash"]) == 2
+    one_error_line(capsys, "no config.yaml beside it", "cannot be checked")
+    assert sorted(p.name for p in alone.iterdir()) == [find_latest(finished).name]
     # a checkpoint whose run folder was hand-edited to another shape: refused when loading
     edited = tmp_path / "edited"
     shutil.copytree(finished, edited)
