@@ -9,7 +9,8 @@ Any ``train_lora.py`` option applies to both runs (LoRA options only to LoRA); f
 ``--full_learning_rate`` (default 1e-3, as configs/full_finetune.yaml: every weight moves, so a gentler
 rate). Each run is a fresh process, so its peak memory is its own. Writes ``<output_dir>/compare/``:
 comparison.md, comparison.csv and comparison.png (the validation curves overlaid), and the two run
-folders ``<output_dir>/compare-lora`` and ``<output_dir>/compare-full``.
+folders ``<output_dir>/compare-lora`` and ``<output_dir>/compare-full`` (an earlier comparison is replaced
+only with ``--overwrite``). Every setting of both runs is checked before either starts.
 """
 
 from __future__ import annotations
@@ -101,14 +102,34 @@ def _cell(value: object) -> str:
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
+def plan(cfg: TrainConfig, full_learning_rate: float) -> tuple[TrainConfig, TrainConfig]:
+    """The two runs' settings, every one checked before either trains: the LoRA run and full fine-tuning at
+    ``full_learning_rate``, named ``compare-lora`` and ``compare-full``; earlier ones are replaced only with
+    ``--overwrite``."""
+    if cfg.method != "lora":
+        raise LoRAError("compare_methods.py runs both methods itself: drop --method")
+    for key in ("run_name", "resume"):
+        if getattr(cfg, key) is not None:
+            raise LoRAError(f"the runs are compare-lora and compare-full, started afresh: drop --{key}")
+    lora_cfg = dataclasses.replace(cfg, run_name="compare-lora").validate()
+    full_cfg = dataclasses.replace(lora_cfg, method="full", run_name="compare-full",
+                                   learning_rate=full_learning_rate)  # fmt: skip
+    try:
+        full_cfg.validate()
+    except LoRAError as e:  # it is the script's own flag that set it
+        raise LoRAError(str(e).replace("learning_rate", "full_learning_rate", 1)) from None
+    root = output_root(cfg.output_dir)
+    earlier = [name for name in ("compare-lora", "compare-full") if (root / name).exists()]
+    if earlier and not cfg.overwrite:
+        raise LoRAError(f"{root / earlier[0]} exists (an earlier comparison): pass --overwrite to replace it")
+    return lora_cfg, full_cfg
+
+
 def compare(cfg: TrainConfig, full_learning_rate: float) -> tuple[list[dict], Path]:
     root = output_root(cfg.output_dir)
-    lora_cfg = dataclasses.replace(cfg, method="lora", run_name="compare-lora", overwrite=True, resume=None)
-    full_cfg = dataclasses.replace(
-        lora_cfg, method="full", run_name="compare-full", learning_rate=full_learning_rate
-    )
-    lora = run_method(lora_cfg.validate(), root / "compare-lora")
-    full = run_method(full_cfg.validate(), root / "compare-full")
+    lora_cfg, full_cfg = plan(cfg, full_learning_rate)
+    lora = run_method(lora_cfg, root / "compare-lora")
+    full = run_method(full_cfg, root / "compare-full")
     rows = table_rows(lora, full, root / "compare-lora", root / "compare-full")
     metric = lora["metrics"]["metric_name"]
     out = root / "compare"
@@ -142,8 +163,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def body() -> int:
         cfg = load_config(rest, prog="compare_methods.py")
-        if cfg.method != "lora":
-            raise LoRAError("compare_methods.py runs both methods itself: drop --method")
         _, out = compare(cfg, own.full_learning_rate)
         print((out / "comparison.md").read_text(), end="")
         print(f"wrote comparison.md, comparison.csv and comparison.png to {out}")

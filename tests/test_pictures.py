@@ -47,11 +47,9 @@ def runs(tmp_path_factory, base) -> Path:
     return root
 
 
-def one_line(capsys, *needles: str) -> None:
+def one_line(capsys, *needles: str, prog: str = "visualize_lora.py") -> None:
     err = capsys.readouterr().err
-    assert "Traceback" not in err and err.count("\n") == 1 and err.startswith("visualize_lora.py: error: "), (
-        err
-    )
+    assert "Traceback" not in err and err.count("\n") == 1 and err.startswith(f"{prog}: error: "), err
     for needle in needles:
         assert needle in err, (needle, err)
 
@@ -112,6 +110,26 @@ def test_compare_methods_writes_one_table_and_one_picture(tmp_path, capsys):
     assert (out / "compare" / "comparison.png").read_bytes()[:8] == PNG_MAGIC
     assert "| LoRA |" in (out / "compare" / "comparison.md").read_text()
     assert json.loads((out / "compare-full" / "metrics.json").read_text())["method"] == "full"
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    compare = script("compare_methods")
+    assert compare([*TINY_FLAGS, "--output_dir", str(out)]) == 2  # the earlier comparison is kept
+    one_line(
+        capsys, "compare-lora exists (an earlier comparison): pass --overwrite", prog="compare_methods.py"
+    )
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+
+
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["--full_learning_rate", "nan"], "full_learning_rate must be a finite number, got nan"),
+    (["--full_learning_rate", "-1"], "full_learning_rate must be"),
+    (["--run_name", "mine"], "the runs are compare-lora and compare-full, started afresh: drop --run_name"),
+    (["--resume", "auto"], "drop --resume"),
+])  # fmt: skip
+def test_compare_methods_refuses_before_either_run(argv, needle, tmp_path, capsys):
+    out = tmp_path / "runs"
+    assert script("compare_methods")([*TINY_FLAGS, "--output_dir", str(out), *argv]) == 2
+    one_line(capsys, needle, prog="compare_methods.py")
+    assert not out.exists()
 
 
 def test_sweep_writes_its_tables_and_resumes_without_rerunning_finished_cells(tmp_path, capsys):
