@@ -7,7 +7,8 @@ Both runs share the base that ``train_lora.py`` pretrains once (``runs/bases/cae
 loads that base a single time, loads both adapters onto it, and scores every (adapter, task) pair: each
 adapter gives its own task its accuracy back, the base stays bit-for-bit the same (its fingerprint is
 checked before and after), and each adapter file is a small fraction of the base's size. It writes
-``multitask.json`` and ``multitask.md`` into ``<output_dir>/multitask/``.
+``multitask.json`` and ``multitask.md`` into ``<output_dir>/multitask/``. Both runs' settings are checked
+before either trains; earlier ``multitask-*`` runs are replaced only with ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -28,28 +29,46 @@ if __package__ in (None, ""):  # `python scripts/multitask_demo.py` from a check
 from lora.application import run
 from lora.config import CommandLineParser, load_yaml, resolve_config
 from lora.data import BatchLoader, load_task
-from lora.errors import guarded
+from lora.errors import ConfigError, guarded
+from lora.files import atomic_write_bytes
 from lora.lora_transformer import LoRATransformer
 from lora.trainer import evaluate_model
 
 TASKS = ("rot13", "atbash")
+OWN_KEYS = ("task", "run_name", "output_dir", "overwrite", "resume")  # set by the demo for each run
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = CommandLineParser(prog="multitask_demo.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", help="YAML settings shared by both runs (model size, steps, ...)")
     p.add_argument("--output_dir", default="runs", help="where the runs and the summary go (default: runs)")
+    p.add_argument("--overwrite", action="store_true", help="replace the runs of an earlier demo")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     args = p.parse_args(argv)
-    body = lambda: _demo(load_yaml(args.config) if args.config else {}, Path(args.output_dir))  # noqa: E731
+    body = lambda: _demo(load_yaml(args.config) if args.config else {}, Path(args.output_dir), args.overwrite)  # noqa: E731
     return guarded("multitask_demo.py", body, args.debug)
 
 
-def _demo(shared: dict, out_dir: Path) -> int:
+def plan(shared: dict, out_dir: Path, overwrite: bool) -> dict:
+    """Each task's settings, all checked before anything trains: ``{task: TrainConfig}``."""
+    for key in OWN_KEYS:
+        if key in shared:
+            raise ConfigError(f"{key} is set by the demo for each run (--output_dir and --overwrite are its "
+                              f"own flags): drop it from the YAML")  # fmt: skip
+    configs = {task: resolve_config({**shared, "task": task, "run_name": f"multitask-{task}",
+                                     "overwrite": overwrite, "output_dir": str(out_dir)})
+               for task in TASKS}  # fmt: skip
+    if any(cfg.method != "lora" for cfg in configs.values()):
+        raise ConfigError("the demo trains adapters: drop method from the YAML (or set it to lora)")
+    earlier = [out_dir / f"multitask-{t}" for t in TASKS if (out_dir / f"multitask-{t}").exists()]
+    if earlier and not overwrite:
+        raise ConfigError(f"{earlier[0]} exists (an earlier demo): pass --overwrite to replace it")
+    return configs
+
+
+def _demo(shared: dict, out_dir: Path, overwrite: bool = False) -> int:
     runs = {}
-    for task in TASKS:  # one adapter per task, each trained on the same (shared, cached) base
-        cfg = resolve_config({**shared, "task": task, "run_name": f"multitask-{task}", "overwrite": True,
-                              "output_dir": str(out_dir)})  # fmt: skip
+    for task, cfg in plan(shared, out_dir, overwrite).items():  # each adapter on the same (cached) base
         metrics = run(cfg)
         runs[task] = (cfg, out_dir / f"multitask-{task}", metrics)
 
@@ -86,9 +105,8 @@ def _demo(shared: dict, out_dir: Path) -> int:
               + "; ".join(f"{t} adapter: {sizes[t]:,} bytes ({100 * sizes[t] / base_bytes:.2f}% of the base)"
                           for t in TASKS)]  # fmt: skip
     folder = out_dir / "multitask"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "multitask.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (folder / "multitask.md").write_text("\n".join(lines) + "\n")
+    atomic_write_bytes(folder / "multitask.json", (json.dumps(summary, indent=2) + "\n").encode())
+    atomic_write_bytes(folder / "multitask.md", ("\n".join(lines) + "\n").encode())
     print("\n".join(lines))
     return 0 if before == after and back else 1
 

@@ -37,3 +37,28 @@ def test_two_adapters_share_one_base_and_switch_back(tmp_path):
         assert summary["adapter_bytes"][task] < summary["base_bytes"] / 4
     assert len(list((out / "bases").glob("[!.]*"))) == 1  # one base, pretrained once, shared
     assert "| + rot13 adapter |" in (out / "multitask" / "multitask.md").read_text()
+
+
+def test_the_demo_refuses_before_training_what_it_would_ignore_or_replace(tmp_path, capsys):
+    """Keys the demo sets for each run, full fine-tuning and an earlier demo's runs: refused, nothing written."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("multitask_demo", ROOT / "scripts" / "multitask_demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    out = tmp_path / "runs"
+    cases = {"output_dir: elsewhere\n": "output_dir is set by the demo for each run",
+             "task: text\n": "task is set by the demo", "run_name: mine\n": "run_name is set by the demo",
+             "method: full\n": "the demo trains adapters: drop method"}  # fmt: skip
+    for extra, needle in cases.items():
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(TINY + extra)
+        assert demo.main(["--config", str(cfg), "--output_dir", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and needle in err, err
+    assert not out.exists()
+    (out / "multitask-atbash").mkdir(parents=True)
+    (tmp_path / "c.yaml").write_text(TINY)
+    assert demo.main(["--config", str(tmp_path / "c.yaml"), "--output_dir", str(out)]) == 2
+    assert "multitask-atbash exists (an earlier demo): pass --overwrite" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["multitask-atbash"]
