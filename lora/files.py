@@ -29,15 +29,18 @@ __all__ = [
     "atomic_folder",
     "atomic_save_safetensors",
     "atomic_write_bytes",
+    "atomic_write_files",
     "atomic_write_json",
     "check_regular_file",
     "describe_mismatch",
     "existing_folder",
     "file_lock",
+    "json_bytes",
     "read_json",
     "read_limited",
     "read_safetensors",
     "read_safetensors_header",
+    "safetensors_file_bytes",
 ]
 
 
@@ -94,34 +97,58 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     A reader sees the old file or the new one, never half of one, even if the process dies mid-write;
     the folder is fsynced after the rename so that the rename survives a power cut too.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
+    return atomic_write_files({Path(path): data})[0]
+
+
+def atomic_write_files(files: Mapping[Path, bytes]) -> list[Path]:
+    """Write several files as :func:`atomic_write_bytes` does, each to its temporary file first, and replace
+    the files only once every one is written: a failure while writing (a full disk) leaves all of them as
+    they were, never the new one of two beside the old other (a model's weights and its ``config.json``)."""
+    temps: list[tuple[Path, Path]] = []
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        for path, data in files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
+            temps.append((tmp, path))
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        for tmp, path in temps:
+            os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        for tmp, _ in temps:
+            tmp.unlink(missing_ok=True)
         raise
-    _fsync_folder(path.parent)
-    return path
+    for folder in dict.fromkeys(path.parent for path in files):
+        _fsync_folder(folder)
+    return list(files)
+
+
+def json_bytes(obj: Mapping) -> bytes:
+    """``obj`` as indented, key-sorted JSON: the bytes of every JSON file written here."""
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+
+
+def safetensors_file_bytes(
+    tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> bytes:
+    """``tensors`` (moved to CPU, made contiguous) as the bytes of a safetensors file."""
+    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    return safetensors_bytes(cpu, metadata={"format": "pt", **(metadata or {})})
 
 
 def atomic_write_json(path: str | Path, obj: Mapping) -> Path:
     """``obj`` as indented, key-sorted JSON, written atomically."""
-    return atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    return atomic_write_bytes(path, json_bytes(obj))
 
 
 def atomic_save_safetensors(
     tensors: Mapping[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
 ) -> Path:
     """Save ``tensors`` (moved to CPU, made contiguous) as a safetensors file, atomically."""
-    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    return atomic_write_bytes(path, safetensors_bytes(cpu, metadata={"format": "pt", **(metadata or {})}))
+    return atomic_write_bytes(path, safetensors_file_bytes(tensors, metadata))
 
 
 @contextmanager

@@ -25,12 +25,13 @@ from lora._version import __version__
 from lora.adapter import Adapter, LayerAdapter
 from lora.errors import quote
 from lora.files import (
-    atomic_save_safetensors,
-    atomic_write_json,
+    atomic_write_files,
     existing_folder,
+    json_bytes,
     read_json,
     read_safetensors,
     read_safetensors_header,
+    safetensors_file_bytes,
 )
 from lora.lora_layer import LORA_LEAVES, validate_lora_args
 from lora.model_config import LoRAConfig, ModelConfig
@@ -77,10 +78,11 @@ RESERVED_KEYS = frozenset(
 def write_model_folder(
     folder: str | Path, config: ModelConfig, tensors: Mapping[str, torch.Tensor], extra: dict | None = None
 ) -> Path:
-    """Write ``model.safetensors`` and ``config.json`` (``config`` plus ``extra`` keys), each atomically."""
+    """Write ``model.safetensors`` and ``config.json`` (``config`` plus ``extra`` keys) atomically, together: a
+    failure while writing leaves the folder's earlier model whole (:func:`~lora.files.atomic_write_files`)."""
     folder = Path(folder)
-    atomic_save_safetensors(tensors, folder / WEIGHTS_NAME)
-    atomic_write_json(folder / CONFIG_NAME, {**config.to_dict(), **(extra or {})})
+    atomic_write_files({folder / WEIGHTS_NAME: safetensors_file_bytes(tensors),
+                        folder / CONFIG_NAME: json_bytes({**config.to_dict(), **(extra or {})})})  # fmt: skip
     return folder
 
 
@@ -176,9 +178,9 @@ def write_adapter_folder(
         "base_quantization": base_quantization,
         "version": __version__,
     }
-    folder = Path(folder)
-    atomic_save_safetensors(adapter.tensors(), folder / ADAPTER_WEIGHTS_NAME, {"adapter_name": name})
-    atomic_write_json(folder / ADAPTER_CONFIG_NAME, config)
+    folder = Path(folder)  # the tensors and their settings replace an earlier adapter's together
+    atomic_write_files({folder / ADAPTER_WEIGHTS_NAME: safetensors_file_bytes(adapter.tensors(), {"adapter_name": name}),
+                        folder / ADAPTER_CONFIG_NAME: json_bytes(config)})  # fmt: skip
     return folder
 
 

@@ -13,6 +13,7 @@ its own (a GPT-2 folder) is copied beside it.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -71,8 +72,15 @@ def run(args: argparse.Namespace) -> tuple[float, float, Path]:
     out = Path(args.out)
     if not args.overwrite and ((out / CONFIG_NAME).exists() or (out / WEIGHTS_NAME).exists()):
         raise ValueError(f"{out} already holds a model; pass --overwrite to replace it")
-    if not args.tolerance > 0:
-        raise ValueError(f"--tolerance must be > 0, got {args.tolerance}")
+    if not 0 < args.tolerance < math.inf:
+        raise ValueError(f"--tolerance must be a finite number > 0, got {args.tolerance}")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    for flag, source in (("--base", args.base), ("--adapter", args.adapter)):
+        if out.resolve() == Path(source).resolve():
+            raise ValueError(
+                f"--out {out} is the {flag} folder: the merged model would replace it; name another"
+            )
     model = LoRATransformer.from_pretrained(args.base, lora_r=0)
     model.load_adapter(args.adapter, force=args.force)
     diff, largest = max_logit_difference(model, seed=args.seed)

@@ -135,6 +135,21 @@ def test_merge_adapter_refuses_above_tolerance_and_writes_nothing(folders, tmp_p
     assert not out.exists()
     rc = merge.main(["--base", str(folders / "other"), "--adapter", str(folders / "a"), "--out", str(out)])
     assert rc == 2 and "--force" in capsys.readouterr().err and not out.exists()
+    before = {p: p.read_bytes() for p in folders.rglob("*") if p.is_file()}
+    for extra, message in (
+        (["--tolerance", "inf"], "--tolerance must be a finite number > 0, got inf"),
+        (["--seed", "-1"], "--seed must be >= 0, got -1"),
+        (
+            ["--out", str(folders / "base"), "--overwrite"],
+            "is the --base folder: the merged model would replace it",
+        ),
+        (["--out", str(folders / "a"), "--overwrite"], "is the --adapter folder"),
+    ):
+        argv = ["--base", str(folders / "base"), "--adapter", str(folders / "a"), "--out", str(out), *extra]
+        assert merge.main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert not out.exists() and {p: p.read_bytes() for p in folders.rglob("*") if p.is_file()} == before
 
 
 def test_inspect_adapter_reports_modules_norms_and_fit(folders):

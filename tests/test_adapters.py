@@ -2,6 +2,7 @@
 several adapters, weighted sums, export."""
 
 import json
+import os
 import pickle
 from pathlib import Path
 
@@ -195,6 +196,34 @@ def test_atomic_write_leaves_no_temporary_files(tmp_path):
     atomic_write_bytes(tmp_path / "f.bin", b"two")
     assert (tmp_path / "f.bin").read_bytes() == b"two"
     assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+
+
+@pytest.mark.parametrize("what", ["model", "adapter"])
+def test_a_disk_full_while_writing_a_folder_leaves_its_earlier_model_or_adapter_whole(
+    what, tmp_path, monkeypatch
+):
+    """The weights and their config.json replace the earlier pair together: a write that fails on the second
+    file (here: no space left at its fsync) leaves both old files, and no temporary one."""
+    import lora.files
+
+    old, new = tiny(seed=0), tiny(seed=1, d_model=64)  # another shape: a mixed pair would not load
+    randomise(new, 1)
+    save = (lambda m: m.save_pretrained(tmp_path / "f")) if what == "model" else (lambda m: m.save_adapter(tmp_path / "f"))  # fmt: skip
+    save(old)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "f").iterdir()}
+    real_fsync, calls = os.fsync, []
+
+    def fsync(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(lora.files.os, "fsync", fsync)
+    with pytest.raises(OSError, match="No space left"):
+        save(new)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "f").iterdir()} == before
 
 
 # ---------------------------------------------------------------------------------------------------------
