@@ -875,12 +875,19 @@ WORKER_OPTIONS = ("device", "dtype", "compile", "compile_mode", "threads", "step
                   "loss")  # fmt: skip
 
 
+# the run's size and length: by default, and with --quick (which refuses them given)
+RUN_DEFAULTS = {"sizes": "small", "steps": 10, "warmup": 3, "rounds": 1}
+QUICK = {"sizes": "tiny", "steps": 3, "warmup": 1, "rounds": 1}
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = CommandLineParser(
         prog="benchmark.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(
-        "--sizes", default="small", help=f"comma-separated, from {', '.join(SIZES)} (base: --base)"
+        "--sizes",
+        default=None,
+        help=f"comma-separated, from {', '.join(SIZES)} (base: --base; default: small)",
     )
     p.add_argument("--base", default=None, help="a model folder to time as the size 'base' (its own weights)")
     p.add_argument("--base_batch", type=int, default=4, help="sequences per step for the size 'base'")
@@ -892,9 +899,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="torch.compile's mode with --compile (reduce-overhead: CUDA graphs, for the launch-bound "
                    "small shapes on a GPU; default: default)")  # fmt: skip
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    p.add_argument("--rounds", type=int, default=1, help="fresh processes per configuration, interleaved")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per configuration (default: 10)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 3)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="fresh processes per configuration, interleaved (default: 1)")  # fmt: skip
     p.add_argument("--configs", default=None, help="comma-separated subset of the configurations")
     p.add_argument("--gradient_checkpointing", action="store_true", help="also time LoRA q+v checkpointed")
     p.add_argument("--skip_peer", action="store_true", help="do not run transformers + PEFT")
@@ -918,12 +926,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "giving every model's latency over the base's moments apart (0: off)",
     )
     p.add_argument("--out", default="runs/benchmark", help="folder for results.{json,md,png}")
-    p.add_argument("--quick", action="store_true", help="tiny model, 3 steps, 1 thread: seconds")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny model, 3 steps after 1, one round, 1 thread (unless --threads): seconds")  # fmt: skip
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.quick:
-        args.sizes, args.steps, args.warmup, args.rounds = "tiny", 3, 1, 1
-        args.threads = args.threads or 1  # a tiny model: thread start-up and contention would dominate
+    settings = QUICK if args.quick else RUN_DEFAULTS
+    if args.quick and (given := [k for k in QUICK if getattr(args, k) is not None]):
+        p.error(f"--quick sets --{given[0]} itself ({QUICK[given[0]]}): drop one of them")
+    for key, value in settings.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.quick and args.threads is None:  # a tiny model: thread start-up and contention would dominate
+        args.threads = 1
     args.sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     if args.base is not None:
         if args.base_batch < 1:

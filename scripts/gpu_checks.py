@@ -437,8 +437,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError("--device cuda, but torch sees no CUDA device (try --device cpu for a dry run)")
         if args.steps < 2:
             raise ValueError(f"--steps must be >= 2, got {args.steps}")
-        if args.bench_rounds < 1 or args.bench_steps < 1 or args.budget_s < 0:
-            raise ValueError("--bench_rounds and --bench_steps must be >= 1, --budget_s >= 0")
+        if args.bench_rounds < 1 or args.bench_steps < 1 or not 0 <= args.budget_s < math.inf:
+            raise ValueError("--bench_rounds and --bench_steps must be >= 1, --budget_s a finite number >= 0 "
+                             f"(got {args.bench_rounds}, {args.bench_steps}, {args.budget_s})")  # fmt: skip
         on_gpu = args.device != "cpu"
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -332,6 +332,10 @@ def test_peak_flops_known_gpus():
         (["--paired", "-1"], "--paired must be >= 0"),
         (["--compile_mode", "reduce-overhead"], "--compile_mode has no effect without --compile"),
         (["--compile", "--compile_mode", "graphs"], "invalid choice: 'graphs'"),
+        (["--quick", "--steps", "-1"], "--quick sets --steps itself (3): drop one of them"),
+        (["--quick", "--sizes", "huge"], "--quick sets --sizes itself (tiny)"),
+        (["--quick", "--rounds", "5"], "--quick sets --rounds itself (1)"),
+        (["--quick", "--threads", "0"], "--threads >= 1"),
     ],
 )
 def test_bad_flags_are_refused(argv, message, capsys):
@@ -600,3 +604,15 @@ def test_the_chunked_loss_option_trains_our_model_as_train_lora_does(tmp_path):
         assert result["settings"]["loss"] == loss
         losses[loss] = result["results"]["tiny"]["lora_qv"]["final_loss"]
     assert losses["chunked"] == pytest.approx(losses["full"], rel=1e-6)
+
+
+@pytest.mark.parametrize("argv", [["--budget_s", "nan"], ["--budget_s", "inf"], ["--budget_s", "-5"],
+                                  ["--bench_rounds", "0"]])  # fmt: skip
+def test_the_gpu_check_script_refuses_a_budget_it_could_not_keep(argv, tmp_path, capsys):
+    """``nan < 0`` is false: a NaN budget passed the old check, and no stage was ever skipped."""
+    from scripts.gpu_checks import main as gpu_checks
+
+    assert gpu_checks(["--device", "cpu", "--size", "tiny", "--out", str(tmp_path / "o"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert "--budget_s a finite number >= 0" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()
