@@ -464,7 +464,12 @@ def resolve_config(yaml_values: dict[str, Any] | None = None, overrides: dict[st
 
 
 class CommandLineParser(argparse.ArgumentParser):
-    """argparse that reports a usage error on one line, with a pointer to ``--help`` (exit status 2)."""
+    """argparse that reports a usage error on one line, with a pointer to ``--help`` (exit status 2), and takes
+    no abbreviations: a script's own ``--seeds`` must not swallow ``--seed``, meant for the runs."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         if message.startswith("unrecognized arguments:"):  # --lora_rank: did you mean --lora_r?

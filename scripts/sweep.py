@@ -207,6 +207,30 @@ def sweep(shared: TrainConfig, mode: str, todo: list[Cell]) -> Path:
     return folder
 
 
+# the sweep's own flags, and the modes that use each
+MODE_FLAGS = {"ranks": ("rank", "grid"), "targets": ("grid",), "mlp": ("grid",)}
+# what each mode's cells set themselves (so the same option given for the runs would be ignored)
+MODE_SETS = {
+    "rank": "its cells set the rank (alpha = 2 r) and targets (q+v, q+k+v+o) and take the seeds of --seeds",
+    "budget": "its cells set the rank (alpha = 2 r) and targets of one budget and take the seeds of --seeds",
+    "grid": "its cells set the rank (alpha = 2 r) and targets (--ranks, --targets, --mlp) and take the seeds "
+            "of --seeds",
+    "variants": "its cells set the variants themselves at the shared --lora_r and --lora_targets and take the "
+                "seeds of --seeds",
+}  # fmt: skip
+CELL_KEYS = ("lora_r", "lora_alpha", "lora_targets", "adapt_feedforward")  # set per cell but in variants mode
+
+
+def ignored_options(mode: str, shared: TrainConfig, own_given: dict[str, bool]) -> list[str]:
+    """The options given (differing from their defaults) that ``mode``'s cells would override: ``--name`` each."""
+    default = TrainConfig()
+    keys = ["seed", "run_name", "resume"] + (
+        list(VARIANT_DEFAULTS) if mode == "variants" else list(CELL_KEYS)
+    )
+    ignored = [f"--{k}" for k in keys if getattr(shared, k) != getattr(default, k)]
+    return ignored + [f"--{k}" for k, modes in MODE_FLAGS.items() if own_given[k] and mode not in modes]
+
+
 def _ints(text: str, name: str, low: int) -> list[int]:
     """``"1,2,4"`` -> ``[1, 2, 4]``: at least one, each once, none below ``low``."""
     try:
@@ -241,12 +265,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"--targets must be sets of the letters q, k, v, o, each letter once, got {quote(own.targets)}"
             )
         mlp = {"no": [False], "yes": [True], "both": [False, True]}[own.mlp]
-        if own.mode == "variants":  # each cell sets its variant; the rank and targets are the shared ones
-            given = [f"--{k}" for k, v in VARIANT_DEFAULTS.items() if getattr(shared, k) != v]
-            given += [f"--{k}" for k in ("ranks", "targets", "mlp") if getattr(own, k) != p.get_default(k)]
-            if given:
-                raise LoRAError(f"{', '.join(given)} has no effect with --mode variants, whose cells set the "
-                                "variants themselves at the shared --lora_r and --lora_targets: drop it")  # fmt: skip
+        ignored = ignored_options(
+            own.mode, shared, {k: getattr(own, k) != p.get_default(k) for k in MODE_FLAGS}
+        )
+        if ignored:
+            raise LoRAError(f"{', '.join(ignored)} has no effect with --mode {own.mode}: {MODE_SETS[own.mode]}; "
+                            "drop it")  # fmt: skip
         todo = cells(
             own.mode, _ints(own.ranks, "ranks", 1), targets, mlp, _ints(own.seeds, "seeds", 0), shared
         )

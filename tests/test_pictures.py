@@ -164,3 +164,20 @@ def test_sweep_writes_its_tables_and_resumes_without_rerunning_finished_cells(tm
                         (["--targets", "qq"], "each letter once")):  # fmt: skip
         assert sweep([*argv, *bad]) == 2, bad
         assert needle in capsys.readouterr().err, bad
+
+
+@pytest.mark.parametrize(("mode", "extra", "needle"), [
+    ("rank", ["--lora_r", "5"], "--lora_r has no effect with --mode rank: its cells set the rank"),
+    ("rank", ["--lora_alpha", "3", "--lora_targets", "q"], "--lora_alpha, --lora_targets has no effect"),
+    ("rank", ["--targets", "q"], "--targets has no effect with --mode rank"),
+    ("rank", ["--mlp", "yes"], "--mlp has no effect with --mode rank"),
+    ("budget", ["--ranks", "1"], "--ranks has no effect with --mode budget"),
+    ("grid", ["--adapt_feedforward", "--run_name", "foo"], "--run_name, --adapt_feedforward has no effect"),
+    ("grid", ["--seed", "7"], "--seed has no effect with --mode grid"),  # not taken as --seeds
+    ("variants", ["--seed", "7"], "--seed has no effect with --mode variants"),
+])  # fmt: skip
+def test_a_sweep_refuses_the_options_its_cells_would_override(mode, extra, needle, tmp_path, capsys):
+    assert script("sweep")(["--mode", mode, *TINY_FLAGS, "--output_dir", str(tmp_path / "runs"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and needle in err and "drop it" in err, err
+    assert not (tmp_path / "runs").exists()
