@@ -824,6 +824,11 @@ class LoRATransformer(nn.Module):
             model = cls(**options)
         weights = read_gpt2_weights(path) if is_hf_folder(path) else read_model_weights(path)
         tensors = {k: v for k, v in weights.items() if k in header}
+        for key, value in tensors.items():  # else the first step "diverges", and the learning rate is blamed
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                bad = int((~torch.isfinite(value)).sum())
+                raise ValueError(f"{path}: the weights hold non-finite values (nan or inf): {key} has {bad:,} of "
+                                 f"{value.numel():,}; the file is damaged, or was saved from a diverged run")  # fmt: skip
         dtypes = {t.dtype for t in tensors.values()}
         if len(dtypes) == 1 and (dtype := dtypes.pop()) != torch.float32:
             model.to(dtype)

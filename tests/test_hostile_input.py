@@ -151,6 +151,21 @@ def test_a_config_json_that_disagrees_with_its_weights_is_refused_before_allocat
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_base_with_nan_weights_is_refused_when_loaded_not_blamed_on_the_learning_rate(
+    base, tmp_path, capsys, flags
+):
+    from lora.files import atomic_save_safetensors, read_safetensors
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(base, damaged)
+    weights = read_safetensors(damaged / "model.safetensors")
+    weights["blocks.0.mlp.fc1.weight"][0, :3] = float("nan")
+    atomic_save_safetensors(weights, damaged / "model.safetensors")
+    refused(capsys, [*flags, "--base_checkpoint", str(damaged)], "cannot load the base model",
+            "non-finite values (nan or inf): blocks.0.mlp.fc1.weight has 3 of")  # fmt: skip
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_config_json_claiming_10_8_layers_is_refused_at_once(base, tmp_path, capsys, flags):
     edited = tmp_path / "edited"
     shutil.copytree(base, edited)
