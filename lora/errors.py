@@ -11,6 +11,7 @@ import difflib
 import errno
 import signal
 import sys
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -137,10 +138,17 @@ def exit_on_signals() -> None:
 def guarded(prog: str, body: Callable[[], int], debug: bool = False) -> int:
     """Run a command line's ``body`` and return its exit code; any error is one line on stderr,
     ``<prog>: error: ...`` (``error: ...`` for an empty ``prog``), with its code (``debug``: the
-    traceback instead); Ctrl-C is 130."""
+    traceback instead); Ctrl-C is 130. A warning is one line too, ``<prog>: warning: ...``."""
     prefix = f"{prog}: " if prog else ""
+
+    def show(message: Warning | str, *_: object, **__: object) -> None:  # not the file, line and source
+        print(f"{prefix}warning: {shorten(' '.join(str(message).split()))}", file=sys.stderr)
+
     try:
-        return body()
+        with warnings.catch_warnings():  # each warning one line too (the traceback's detail with debug)
+            if not debug:
+                warnings.showwarning = show
+            return body()
     except KeyboardInterrupt:
         print(f"{prefix}interrupted", file=sys.stderr)
         return 130

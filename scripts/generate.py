@@ -109,6 +109,9 @@ def check_args(args: argparse.Namespace) -> None:
         )
     if args.top_k is not None and args.top_k < 1:
         raise ValueError(f"--top_k must be >= 1, got {args.top_k}")
+    if args.top_k is not None and args.temperature == 0:
+        raise ValueError("--top_k has no effect with --temperature 0 (greedy decoding takes the likeliest "
+                         "token): drop one of them")  # fmt: skip
     if not 0 <= args.seed < 2**63:
         raise ValueError(f"--seed must be in [0, 2**63), got {args.seed}")
     if args.no_base and not args.adapter:

@@ -91,6 +91,10 @@ def test_generate_sampling_is_seeded(folders):
             "--temperature must be a finite number >= 0",
         ),
         (["--base", "{root}/base", "--prompt", "x", "--top_k", "0"], "--top_k must be >= 1, got 0"),
+        (
+            ["--base", "{root}/base", "--prompt", "x", "--top_k", "3", "--temperature", "0"],
+            "--top_k has no effect with --temperature 0",
+        ),
         (["--base", "{root}/base", "--prompt", "x", "--max_new_tokens", "1000"], "at most"),
         (["--base", "{root}/base", "--prompt", "\udcff"], "--prompt is not valid UTF-8 text"),
         (
@@ -103,6 +107,22 @@ def test_generate_bad_input_is_one_line_and_exit_2(folders, capsys, args, messag
     rc = script("generate").main([a.format(root=folders) for a in args])
     err = capsys.readouterr().err
     assert rc == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_a_warning_is_one_line_too(folders, capsys):
+    """--force loads an adapter of other base weights with a warning: one line, not Python's two with the
+    source line."""
+    argv = ["--base", str(folders / "other"), "--adapter", str(folders / "a"), "--prompt", "x", "--max_new_tokens",
+            "2", "--force"]  # fmt: skip
+    assert script("generate").main(argv) == 0
+    err = capsys.readouterr().err
+    warning = [line for line in err.splitlines() if "warning" in line.lower()]
+    assert (
+        len(warning) == 1
+        and warning[0].startswith("generate.py: warning: ")
+        and "loaded anyway" in warning[0]
+    )
+    assert "UserWarning" not in err and "warnings.warn" not in err, err
 
 
 def test_merge_adapter_writes_an_equivalent_plain_model(folders, tmp_path):
