@@ -13,6 +13,7 @@ import importlib.util
 import math
 import os
 import re
+import warnings
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -460,7 +461,24 @@ def resolve_config(yaml_values: dict[str, Any] | None = None, overrides: dict[st
             values[key] = _coerce(key, value)
             if source is overrides or (not yaml_is_a_run and values[key] != getattr(defaults, key)):
                 given.add(key)
-    return TrainConfig(**values).validate(given)
+    cfg = TrainConfig(**values)
+    for key, why in _moot_presets(cfg, yaml_values or {}, overrides or {}, given):
+        warnings.warn(f"{where} sets {key}, which {why.split(': ')[0]}; ignored", stacklevel=2)
+        given.discard(key)
+    return cfg.validate(given)
+
+
+def _moot_presets(cfg: TrainConfig, yaml_values: dict[str, Any], overrides: dict[str, Any],
+                  given: set[str]) -> list[tuple[str, str]]:  # fmt: skip
+    """``(key, why)`` of the YAML's settings that only the command line made moot: a preset such as
+    configs/code.yaml pretrains its base for 800 steps, and ``--base_checkpoint`` on the command line makes
+    that moot. Those are reported, not refused; an option given on the command line, or one the YAML itself
+    makes moot, is still refused."""
+    if not overrides:
+        return []
+    from_yaml = {k for k in yaml_values if k in given and k not in overrides}
+    own = {key for key, _ in TrainConfig(**{k: _coerce(k, v) for k, v in yaml_values.items()})._ignored()}
+    return [(key, why) for key, why in dict(cfg._ignored()).items() if key in from_yaml and key not in own]
 
 
 class CommandLineParser(argparse.ArgumentParser):

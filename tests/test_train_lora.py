@@ -15,7 +15,7 @@ import lora.train_lora as train_lora_module
 from lora.config import TASKS, TrainConfig, load_config
 from lora.run_folder import run_folder_name
 from lora.train_lora import main
-from tests.conftest import TINY_FLAGS, task_flags
+from tests.conftest import ON_BASE_FLAGS, TINY_FLAGS, task_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_FILES = {"config.yaml", "history.json", "metrics.json", "training_curves.png", "adapter_config.json",
@@ -227,6 +227,22 @@ def test_an_ignored_yaml_key_is_refused_but_a_run_s_own_config_yaml_reruns(tiny_
     saved = tmp_path / "runs" / "first" / "config.yaml"
     assert main(["--config", str(saved), "--run_name", "second"]) == 0
     assert (tmp_path / "runs" / "second" / "metrics.json").is_file()
+
+
+def test_a_preset_s_settings_made_moot_on_the_command_line_are_reported_not_refused(base, tmp_path, capsys):
+    """configs/code.yaml pretrains its base for 800 steps; with --base_checkpoint on the command line that is
+    moot: said in one line, and the run goes on. The same YAML naming a base itself is refused."""
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("task: rot13\nbase_steps: 40\nbase_learning_rate: 0.003\n")
+    flags = [*ON_BASE_FLAGS, "--output_dir", str(tmp_path / "runs"), "--config", str(preset)]
+    assert main([*flags, "--base_checkpoint", str(base), "--max_steps", "2"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warnings == [f"warning: {preset} sets {key}, which has no effect with --base_checkpoint {base} "
+                        "(nothing is pretrained); ignored" for key in ("base_steps", "base_learning_rate")]  # fmt: skip
+    preset.write_text(f"task: rot13\nbase_steps: 40\nbase_checkpoint: {base}\n")
+    assert main([*flags, "--max_steps", "2", "--run_name", "again"]) == 2
+    assert "base_steps has no effect with --base_checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "again").exists()
 
 
 def test_a_default_base_made_with_another_learning_rate_is_refused_not_reused(tiny_flags, tmp_path, capsys):
