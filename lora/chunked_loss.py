@@ -92,7 +92,10 @@ def _chunk(
     return loss
 
 
-@torch.library.custom_op("lora::lm_loss_chunked", mutates_args=())
+# the schema spelled out: torch 2.4 cannot read it from this module's (postponed) annotations
+@torch.library.custom_op("lora::lm_loss_chunked", mutates_args=(), schema=(
+    "(Tensor hidden, Tensor weight, Tensor targets, SymInt chunk_tokens, bool need_hidden, bool need_weight) "
+    "-> (Tensor, Tensor, Tensor)"))  # fmt: skip
 def _lm_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import itertools
 import math
 import signal
@@ -215,6 +216,16 @@ def _trainer_config(config: TrainConfig | None, settings: dict[str, Any]) -> Tra
     return dataclasses.replace(config or TrainConfig(), **settings).validate()
 
 
+def _ddp_skips() -> dict[str, bool]:
+    """``DistributedDataParallel``'s options that skip what is not needed, by this torch's names: no buffer sync
+    before each forward (the model's only buffers, PiSSA/OLoRA's initial factors, are equal everywhere;
+    ``forward_sync_buffers``, ``broadcast_buffers`` before torch 2.13) and no initial sync of the frozen base
+    (``init_sync``, torch 2.5 on; the processes' fingerprints were compared)."""
+    params = inspect.signature(DistributedDataParallel).parameters
+    buffers = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
+    return {buffers: False, **({"init_sync": False} if "init_sync" in params else {})}
+
+
 def _param_groups(model: nn.Module, params: list[nn.Parameter], lora_plus_ratio: float) -> list[dict]:
     """The optimizer's groups: one, or with LoRA+ (Hayou et al. 2024, ``lora_plus_ratio != 1``) the ``lora_B``
     tensors apart with ``lr_ratio`` = the ratio (their learning rate is ``ratio x`` the schedule's)."""
@@ -287,8 +298,7 @@ class Trainer:
                 for p in self.params:
                     torch.distributed.broadcast(p, 0)
             ids = [self.device.index] if self.device.type == "cuda" else None
-            # no buffer broadcast: the model's only buffers (PiSSA/OLoRA's initial factors) are equal everywhere
-            forward = DistributedDataParallel(model, device_ids=ids, init_sync=False, broadcast_buffers=False)
+            forward = DistributedDataParallel(model, device_ids=ids, **_ddp_skips())
         # the whole forward, the chunked loss included; reduce-overhead adds CUDA graphs (the step is sync-free)
         self.forward = torch.compile(forward, mode=cfg.compile_mode) if cfg.compile else forward
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0

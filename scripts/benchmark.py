@@ -252,7 +252,11 @@ def count_launches(fn: Callable[[], object], device: torch.device, shares: bool 
     if cuda:
         # device work only: not the spans of user annotations (an optimizer step, a compiled region), which
         # the profiler also reports on the device and which cover kernels counted already
-        on_device = [e for e in events if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
+        on_device = [
+            e
+            for e in events
+            if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+        ]
         out["kernels_per_step"] = sum(1 for e in events if e.name in LAUNCH_CALLS)
         out["kernel_ms"] = sum(e.time_range.elapsed_us() for e in on_device) / 1e3
     if shares:
@@ -275,10 +279,14 @@ def operator_shares(events: Sequence, cuda: bool, top: int = 8) -> dict:
     ops = [
         e
         for e in events
-        if getattr(e, key) > 0 and not e.is_user_annotation and e.device_type == DeviceType.CPU
+        if getattr(e, key) > 0
+        and not getattr(e, "is_user_annotation", False)
+        and e.device_type == DeviceType.CPU
     ]
     ops.sort(key=lambda e: getattr(e, key), reverse=True)
-    kernels = [e for e in events if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
+    kernels = [
+        e for e in events if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+    ]
     total = (
         sum(e.self_device_time_total for e in kernels) if cuda else sum(getattr(e, key) for e in ops)
     ) or 1.0
