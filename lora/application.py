@@ -112,6 +112,9 @@ def find_resume(cfg: TrainConfig, world_size: int = 1) -> tuple[Path | None, dic
             )
         was.batch_size = cfg.batch_size  # the same global batch, split another way
     cfg.check_resume(was, f"--resume {target.parent}")
+    if cfg.max_steps is not None and cfg.max_steps < int(state["step"]):  # (equal: the outputs are written)
+        raise CheckpointError(f"--resume {target}: it is at step {state['step']}, past --max_steps {cfg.max_steps}: "
+                              "give a larger --max_steps, or none")  # fmt: skip
     return target, state
 
 

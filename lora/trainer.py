@@ -417,6 +417,11 @@ class Trainer:
                 raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
             self.config = dataclasses.replace(self.config, epochs=epochs)
             self.total_steps = self._total_steps()
+        per_epoch, max_steps = self.batches_per_epoch, self.config.max_steps
+        if per_epoch and max_steps is not None and self.total_steps < max_steps:  # --epochs came first
+            self.say(f"warning: max_steps {max_steps} is more than {self.config.epochs} epoch(s) of {per_epoch} "
+                     f"steps: training stops at step {self.total_steps}; --epochs "
+                     f"{math.ceil(max_steps / per_epoch)} reaches it")  # fmt: skip
         handlers = {}
         if torch.multiprocessing.current_process().name == "MainProcess":
             with contextlib.suppress(ValueError):  # not the main thread: leave signals alone

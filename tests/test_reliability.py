@@ -344,6 +344,10 @@ def test_bad_checkpoints_are_one_line_and_damage_nothing(finished, tmp_path, cap
     ):
         assert main(["--resume", str(finished), flag, value]) == 2
         one_error_line(capsys, f"--resume {finished} was trained with {flag[2:]} {was}", f"drop {flag}")
+    # a --max_steps below the checkpoint's step would train nothing and rewrite the outputs
+    at = read_trainer_state(find_latest(finished))["step"]
+    assert main(["--resume", str(finished), "--max_steps", str(at - 1)]) == 2
+    one_error_line(capsys, f"it is at step {at}, past --max_steps {at - 1}: give a larger --max_steps")
     # a checkpoint taken out of its run folder: its settings cannot be checked, so refused before anything
     alone = tmp_path / "alone"
     alone.mkdir()

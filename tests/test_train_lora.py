@@ -245,6 +245,16 @@ def test_a_preset_s_settings_made_moot_on_the_command_line_are_reported_not_refu
     assert not (tmp_path / "runs" / "again").exists()
 
 
+def test_a_max_steps_beyond_the_epochs_is_said_with_the_epochs_that_reach_it(base, tmp_path, capsys):
+    flags = [*ON_BASE_FLAGS, "--output_dir", str(tmp_path / "runs"), "--base_checkpoint", str(base)]
+    assert main([*flags, "--max_steps", "20"]) == 0  # 512 examples, batch 32: 16 steps an epoch
+    err = capsys.readouterr().err
+    assert "warning: max_steps 20 is more than 1 epoch(s) of 16 steps: training stops at step 16; --epochs 2 " \
+           "reaches it" in err  # fmt: skip
+    metrics = json.loads(next((tmp_path / "runs").glob("[!.]*/metrics.json")).read_text())
+    assert metrics["steps"] == 16
+
+
 def test_a_default_base_made_with_another_learning_rate_is_refused_not_reused(tiny_flags, tmp_path, capsys):
     assert main([*tiny_flags, "--run_name", "a", "--max_steps", "2"]) == 0
     base = next((tmp_path / "runs" / "bases").glob("[!.]*"))
