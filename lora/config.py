@@ -150,7 +150,9 @@ class TrainConfig:
     )
     # --- optimisation
     epochs: int = field(default=1, metadata=_help("passes over the training data"))
-    max_steps: int | None = field(default=None, metadata=_help("stop after this many optimizer steps"))
+    max_steps: int | None = field(
+        default=None, metadata=_help("stop after this many optimizer steps (or at the end of epochs)")
+    )
     batch_size: int = field(default=64, metadata=_help("sequences per optimizer step"))
     learning_rate: float = field(default=3e-3, metadata=_help("peak AdamW learning rate"))
     weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay"))
