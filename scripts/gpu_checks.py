@@ -45,6 +45,8 @@ On a CPU (``--device cpu``, e.g. to try the script) there are no syncs to count 
 small.
 
     python scripts/gpu_checks.py --budget_s 480 --out $OUT --bench_out /tmp/bench; tar czf $OUT/bench.tgz -C /tmp/bench .
+    # torchao copied in from a checkout's venv, with its metadata (carry both folders to the GPU machine):
+    mkdir -p /tmp/ao && ln -s $PWD/.venv/lib/python3.11/site-packages/torchao{,-0.18.0.dist-info} /tmp/ao/ && export PYTHONPATH=/tmp/ao
     python scripts/gpu_checks.py --stages bench_compiled,bench_graphs --out $OUT   # what an earlier call left
     python scripts/gpu_checks.py --device cpu --size tiny --steps 4 --bench_rounds 1 --bench_steps 2 --out /tmp/gc
 """
