@@ -277,9 +277,6 @@ class TrainConfig:
                                              "the base's (its config.json); drop it"))
         if not self.compile:
             rules.append((["compile_mode"], "has no effect without --compile: add --compile, or drop it"))
-        if not self.save_every:
-            rules.append((["keep_checkpoints"], "has no effect without --save_every (no checkpoints are written "
-                                                "but the one a stop leaves): add --save_every N, or drop it"))
         if self.resume is not None:
             rules.append((["overwrite"], "has no effect with --resume: a resumed run continues in its own folder"))
         if self.resume not in (None, "auto"):

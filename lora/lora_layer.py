@@ -483,6 +483,7 @@ class LoRALinear(nn.Module):
         until :meth:`unmerge` (memory: one more weight of this layer's while merged). Idempotent."""
         if self.merged or self.r == 0:
             return
+        self._refuse_if_narrow()  # (before the copy: a refused merge keeps nothing)
         self._merged_base = self.weight.detach().clone()
         self.weight.copy_(self._folded()[0])  # (copy_ casts to the weight's dtype)
         self.merged = True

@@ -201,8 +201,6 @@ IGNORED = {  # the task's tiny flags, the flags under test, what the refusal mus
     "val_fraction beside val_file": ("text", ["--train_file", "t.txt", "--val_file", "v.txt", "--val_fraction", "0.2"],
                                      "val_fraction has no effect with --val_file"),
     "base_steps, given base": ("rot13", ["--base_checkpoint", "B"], "base_steps has no effect with --base_checkpoint B"),
-    "keep_checkpoints, no checkpoints": ("rot13", ["--keep_checkpoints", "5"],
-                                         "keep_checkpoints has no effect without --save_every"),
 }  # fmt: skip
 
 
