@@ -35,8 +35,9 @@ import contextvars
 import fnmatch
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -487,6 +488,17 @@ class LoRALinear(nn.Module):
         self._merged_base = self.weight.detach().clone()
         self.weight.copy_(self._folded()[0])  # (copy_ casts to the weight's dtype)
         self.merged = True
+
+    def _load_from_state_dict(
+        self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        """``load_state_dict`` into a merged layer is refused: the weight loaded would stand for a merged one over
+        the ``W0`` that the merge kept, which unmerge would then put back."""
+        if self.merged and prefix + "weight" in state_dict:
+            raise RuntimeError(
+                f"{prefix}weight: load_state_dict into a merged layer; unmerge first (unmerge_lora())"
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def unmerge(self) -> None:

@@ -22,6 +22,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -527,6 +528,15 @@ class LoRATransformer(nn.Module):
                 own[k].copy_(v)
         for layer in merged:
             layer.merge()
+
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> Any:
+        """``nn.Module.load_state_dict``, refused while merged before any tensor is loaded (not part way, as each
+        merged layer's own refusal would): see ``LoRALinear._load_from_state_dict``."""
+        if any(layer.merged for _, layer in lora_modules(self)):
+            raise RuntimeError("load_state_dict into a merged model: unmerge_lora() first")
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def merge_lora(self) -> LoRATransformer:
         """Fold every adapter into its base weight, in place (idempotent). Each merged layer keeps its ``W0``

@@ -535,3 +535,22 @@ def test_a_switch_that_fails_halfway_puts_the_previous_adapter_back(tmp_path, mo
     monkeypatch.undo()
     assert calls and lm.list_adapters() == ["default"] and lm.cls_head is None
     assert lm.lora_config.lora_r == 8 and torch.equal(lm(IDX), before)
+
+
+def test_a_state_dict_is_not_loaded_into_a_merged_model(tmp_path):
+    """The weight loaded would stand for a merged one, over the W0 that the merge kept (which unmerge would then
+    put back beside the other tensors' new values): refused, before any tensor changes."""
+    a, b = tiny(seed=0), tiny(seed=1)
+    randomise(a, 1)
+    randomise(b, 2)
+    a.merge_lora()
+    before = {k: v.clone() for k, v in a.state_dict().items()}
+    with pytest.raises(RuntimeError, match="load_state_dict into a merged model: unmerge_lora"):
+        a.load_state_dict(b.state_dict())
+    assert all(torch.equal(a.state_dict()[k], v) for k, v in before.items())
+    layer = next(layer for _, layer in a.lora_layers())
+    with pytest.raises(RuntimeError, match="load_state_dict into a merged layer"):
+        layer.load_state_dict(layer.state_dict())
+    a.unmerge_lora()
+    a.load_state_dict(b.state_dict())  # unmerged: loads as any module does
+    assert a.base_fingerprint() == b.base_fingerprint()
