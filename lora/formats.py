@@ -46,6 +46,7 @@ __all__ = [
     "read_model_config",
     "read_model_header",
     "read_model_weights",
+    "write_adapter_files",
     "write_adapter_folder",
     "write_model_folder",
 ]
@@ -178,8 +179,15 @@ def write_adapter_folder(
         "base_quantization": base_quantization,
         "version": __version__,
     }
-    folder = Path(folder)  # the tensors and their settings replace an earlier adapter's together
-    atomic_write_files({folder / ADAPTER_WEIGHTS_NAME: safetensors_file_bytes(adapter.tensors(), {"adapter_name": name}),
+    return write_adapter_files(folder, adapter.tensors(), config, {"adapter_name": name})
+
+
+def write_adapter_files(folder: str | Path, tensors: Mapping[str, torch.Tensor], config: Mapping,
+                        metadata: dict[str, str] | None = None) -> Path:  # fmt: skip
+    """``adapter_model.safetensors`` (``tensors``, with ``metadata``) and ``adapter_config.json`` (``config``),
+    replacing an earlier pair together (:func:`~lora.files.atomic_write_files`): ours and PEFT's layout."""
+    folder = Path(folder)
+    atomic_write_files({folder / ADAPTER_WEIGHTS_NAME: safetensors_file_bytes(tensors, metadata),
                         folder / ADAPTER_CONFIG_NAME: json_bytes(config)})  # fmt: skip
     return folder
 

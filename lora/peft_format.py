@@ -52,14 +52,12 @@ import torch
 from lora.adapter import Adapter, LayerAdapter
 from lora.errors import quote
 from lora.files import (
-    atomic_save_safetensors,
-    atomic_write_json,
     describe_mismatch,
     existing_folder,
     read_json,
     read_safetensors,
 )
-from lora.formats import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
+from lora.formats import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, write_adapter_files
 from lora.lora_layer import lora_scaling, validate_lora_args
 from lora.model_config import LoRAConfig, ModelConfig, target_of
 
@@ -250,13 +248,10 @@ def write_peft_folder(
     base_model_name_or_path: str | None = None,
     base_norms: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (:func:`adapter_to_peft`), each
-    atomically; ``PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base), folder)`` loads them."""
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (:func:`adapter_to_peft`), atomically and
+    together; ``PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base), folder)`` loads them."""
     peft_config, tensors = adapter_to_peft(adapter, config, base_model_name_or_path, base_norms)
-    folder = Path(folder)
-    atomic_save_safetensors(tensors, folder / ADAPTER_WEIGHTS_NAME, {"format": "pt"})
-    atomic_write_json(folder / ADAPTER_CONFIG_NAME, peft_config)
-    return folder
+    return write_adapter_files(folder, tensors, peft_config)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from torch import nn
 
 from lora.files import atomic_save_safetensors, atomic_write_bytes, read_safetensors
 from lora.lora_transformer import LoRATransformer
+from lora.peft_format import write_peft_folder
 
 TINY = {"vocab_size": 260, "d_model": 32, "num_heads": 4, "num_layers": 2, "max_seq_len": 16, "dropout": 0.0}
 
@@ -198,7 +199,7 @@ def test_atomic_write_leaves_no_temporary_files(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
 
 
-@pytest.mark.parametrize("what", ["model", "adapter"])
+@pytest.mark.parametrize("what", ["model", "adapter", "peft"])
 def test_a_disk_full_while_writing_a_folder_leaves_its_earlier_model_or_adapter_whole(
     what, tmp_path, monkeypatch
 ):
@@ -208,7 +209,9 @@ def test_a_disk_full_while_writing_a_folder_leaves_its_earlier_model_or_adapter_
 
     old, new = tiny(seed=0), tiny(seed=1, d_model=64)  # another shape: a mixed pair would not load
     randomise(new, 1)
-    save = (lambda m: m.save_pretrained(tmp_path / "f")) if what == "model" else (lambda m: m.save_adapter(tmp_path / "f"))  # fmt: skip
+    save = {"model": lambda m: m.save_pretrained(tmp_path / "f"),
+            "adapter": lambda m: m.save_adapter(tmp_path / "f"),
+            "peft": lambda m: write_peft_folder(tmp_path / "f", m.get_adapter(), m.config)}[what]  # fmt: skip
     save(old)
     before = {p.name: p.read_bytes() for p in (tmp_path / "f").iterdir()}
     real_fsync, calls = os.fsync, []
