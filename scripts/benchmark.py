@@ -82,6 +82,7 @@ from lora.lora_transformer import LoRATransformer
 from lora.memory import peak_memory_mb as steps_peak_mb
 from lora.memory import reset_peak_memory, tensor_peak
 from lora.quantize import import_torchao_quietly
+from lora.versions import library_versions
 
 
 @dataclass(frozen=True)
@@ -316,26 +317,6 @@ def machine_info(device: str) -> dict:
     }
     info.update(library_versions(("transformers", "peft")))
     return info
-
-
-def library_versions(names: Sequence[str]) -> dict[str, str | None]:
-    """Each library's version, ``None`` when it is not installed, or ``"broken: <error>"`` when it is there but
-    fails to import (e.g. transformers when a copied torchao lacks its ``.dist-info``: it reads torchao's
-    version at import)."""
-    # torchao imported quietly first (transformers and peft import it when it is there); broken, it is
-    # reported below, in its own row or a peer's
-    with contextlib.suppress(Exception):
-        import_torchao_quietly()
-    versions: dict[str, str | None] = {}
-    for name in names:
-        if importlib.util.find_spec(name) is None:
-            versions[name] = None
-            continue
-        try:
-            versions[name] = str(importlib.import_module(name).__version__)
-        except Exception as e:  # recorded in the report, not raised: the rest of the run does not need it
-            versions[name] = f"broken: {type(e).__name__}: {e}".splitlines()[0]
-    return versions
 
 
 # -------------------------------------------------------------------------------------------------------

@@ -86,7 +86,7 @@ from lora.errors import guarded
 from lora.files import atomic_write_bytes
 from lora.lora_transformer import LoRATransformer
 from lora.trainer import LoRATrainer, Trainer
-from scripts.benchmark import library_versions
+from lora.versions import library_versions
 
 SIZES = {  # (d_model, layers, heads, vocabulary, sequence, batch)
     "tiny": (128, 2, 2, 256, 64, 4),  # 128 wide: the smallest width whose weights tile NF4's blocks

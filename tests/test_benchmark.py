@@ -16,6 +16,7 @@ from torch import nn
 
 from lora.lora_layer import LoRALinear
 from lora.lora_transformer import LoRATransformer
+from lora.versions import library_versions
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("benchmark", ROOT / "scripts" / "benchmark.py")
@@ -295,7 +296,7 @@ def test_library_versions_tell_a_broken_library_from_a_missing_one(tmp_path, mon
     (tmp_path / "broken_lib").mkdir()
     (tmp_path / "broken_lib" / "__init__.py").write_text('raise ValueError("bad metadata")\n')
     monkeypatch.syspath_prepend(str(tmp_path))
-    got = benchmark.library_versions(("fine_lib", "broken_lib", "absent_lib_xyz"))
+    got = library_versions(("fine_lib", "broken_lib", "absent_lib_xyz"))
     assert got == {
         "fine_lib": "1.2.3",
         "broken_lib": "broken: ValueError: bad metadata",

@@ -18,6 +18,7 @@ LAYERS = [
     "files",  # atomic writes, checked reads
     "distributed",  # torchrun's processes: the process group, sums over processes, failures
     "quantize",  # a frozen weight in 4-bit NF4 (QLoRA), dequantized on the fly (torchao)
+    "versions",  # the optional libraries' versions, as reports record them
     "lora_layer",  # LoRA for one linear layer; helpers for any nn.Module
     "fused_qkv",  # LoRA layers sharing one input (q, k, v) computed in one product
     "chunked_loss",  # the LM loss with the head applied a chunk of tokens at a time
