@@ -32,6 +32,7 @@ __all__ = [
     "TrainConfig",
     "build_parser",
     "load_config",
+    "load_config_and_flags",
     "load_yaml",
     "resolve_config",
 ]
@@ -526,6 +527,13 @@ def load_config(argv: Sequence[str] | None = None, description: str | None = Non
 
     ``--resume <run folder or checkpoint>`` without ``--config`` reuses that run's saved ``config.yaml``.
     """
+    return load_config_and_flags(argv, description, prog)[0]
+
+
+def load_config_and_flags(argv: Sequence[str] | None = None, description: str | None = None,
+                          prog: str = "train_lora.py") -> tuple[TrainConfig, frozenset[str]]:  # fmt: skip
+    """:func:`load_config`'s config, and the keys given as flags (not by the YAML): a script that sets some
+    keys itself refuses those flags, and only reports a preset's values of them."""
     args = vars(build_parser(prog, description=description).parse_args(argv))
     path = args.pop("config", None)
     resume = args.get("resume")
@@ -535,4 +543,6 @@ def load_config(argv: Sequence[str] | None = None, description: str | None = Non
         if (folder / "config.yaml").is_file():
             path, run_config = folder / "config.yaml", True
     yaml_values = load_yaml(path) if path else {}
-    return resolve_config(yaml_values, args, where=str(path or "config"), yaml_is_a_run=run_config)
+    return resolve_config(
+        yaml_values, args, where=str(path or "config"), yaml_is_a_run=run_config
+    ), frozenset(args)

@@ -23,6 +23,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,7 +36,7 @@ if __package__ in (None, ""):  # `python scripts/compare_methods.py` from a chec
 
 import yaml
 
-from lora.config import CommandLineParser, TrainConfig, load_config
+from lora.config import CommandLineParser, TrainConfig, load_config_and_flags
 from lora.errors import LoRAError, guarded
 from lora.figures import lines
 from lora.files import atomic_write_bytes
@@ -102,16 +103,23 @@ def _cell(value: object) -> str:
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
-def plan(cfg: TrainConfig, full_learning_rate: float) -> tuple[TrainConfig, TrainConfig]:
+OWN_KEYS = {"method": "lora", "run_name": None, "resume": None}  # what the script sets for its two runs
+
+
+def plan(cfg: TrainConfig, full_learning_rate: float,
+         flags: frozenset[str] = frozenset()) -> tuple[TrainConfig, TrainConfig]:  # fmt: skip
     """The two runs' settings, every one checked before either trains: the LoRA run and full fine-tuning at
     ``full_learning_rate``, named ``compare-lora`` and ``compare-full``; earlier ones are replaced only with
-    ``--overwrite``."""
-    if cfg.method != "lora":
-        raise LoRAError("compare_methods.py runs both methods itself: drop --method")
-    for key in ("run_name", "resume"):
-        if getattr(cfg, key) is not None:
-            raise LoRAError(f"the runs are compare-lora and compare-full, started afresh: drop --{key}")
-    lora_cfg = dataclasses.replace(cfg, run_name="compare-lora").validate()
+    ``--overwrite``. The method, run name and resume are the script's: refused as ``flags`` (given on the
+    command line), reported and ignored when a preset YAML sets them."""
+    given = [k for k, own in OWN_KEYS.items() if getattr(cfg, k) != own]
+    if refused := [k for k in given if k in flags]:
+        raise LoRAError(f"the runs are LoRA's and full fine-tuning's, compare-lora and compare-full, started "
+                        f"afresh: drop --{refused[0]}")  # fmt: skip
+    if given:
+        warnings.warn(f"the config sets {', '.join(given)}, which the comparison sets itself; ignored",
+                      stacklevel=1)  # fmt: skip
+    lora_cfg = dataclasses.replace(cfg, **{**OWN_KEYS, "run_name": "compare-lora"}).validate()
     full_cfg = dataclasses.replace(lora_cfg, method="full", run_name="compare-full",
                                    learning_rate=full_learning_rate)  # fmt: skip
     try:
@@ -125,9 +133,10 @@ def plan(cfg: TrainConfig, full_learning_rate: float) -> tuple[TrainConfig, Trai
     return lora_cfg, full_cfg
 
 
-def compare(cfg: TrainConfig, full_learning_rate: float) -> tuple[list[dict], Path]:
+def compare(cfg: TrainConfig, full_learning_rate: float,
+            flags: frozenset[str] = frozenset()) -> tuple[list[dict], Path]:  # fmt: skip
     root = output_root(cfg.output_dir)
-    lora_cfg, full_cfg = plan(cfg, full_learning_rate)
+    lora_cfg, full_cfg = plan(cfg, full_learning_rate, flags)
     lora = run_method(lora_cfg, root / "compare-lora")
     full = run_method(full_cfg, root / "compare-full")
     rows = table_rows(lora, full, root / "compare-lora", root / "compare-full")
@@ -162,8 +171,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     own, rest = p.parse_known_args(argv)
 
     def body() -> int:
-        cfg = load_config(rest, prog="compare_methods.py")
-        _, out = compare(cfg, own.full_learning_rate)
+        cfg, flags = load_config_and_flags(rest, prog="compare_methods.py")
+        _, out = compare(cfg, own.full_learning_rate, flags)
         print((out / "comparison.md").read_text(), end="")
         print(f"wrote comparison.md, comparison.csv and comparison.png to {out}")
         return 0

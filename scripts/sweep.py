@@ -23,6 +23,7 @@ import dataclasses
 import json
 import statistics
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -37,7 +38,7 @@ from tqdm.auto import tqdm
 
 from lora.application import run, say
 from lora.base_model import ensure_base
-from lora.config import CommandLineParser, TrainConfig, load_config
+from lora.config import CommandLineParser, TrainConfig, load_config_and_flags
 from lora.errors import LoRAError, guarded, quote
 from lora.figures import heatmap, lines
 from lora.files import atomic_write_bytes
@@ -221,14 +222,17 @@ MODE_SETS = {
 CELL_KEYS = ("lora_r", "lora_alpha", "lora_targets", "adapt_feedforward")  # set per cell but in variants mode
 
 
-def ignored_options(mode: str, shared: TrainConfig, own_given: dict[str, bool]) -> list[str]:
-    """The options given (differing from their defaults) that ``mode``'s cells would override: ``--name`` each."""
+def ignored_options(mode: str, shared: TrainConfig, flags: frozenset[str],
+                    own_given: dict[str, bool]) -> tuple[list[str], list[str]]:  # fmt: skip
+    """What ``mode``'s cells would override: ``(flags given on the command line, refused: --name each;
+    keys a preset YAML set away from their defaults, reported and ignored)``."""
     default = TrainConfig()
-    keys = ["seed", "run_name", "resume"] + (
-        list(VARIANT_DEFAULTS) if mode == "variants" else list(CELL_KEYS)
-    )
-    ignored = [f"--{k}" for k in keys if getattr(shared, k) != getattr(default, k)]
-    return ignored + [f"--{k}" for k, modes in MODE_FLAGS.items() if own_given[k] and mode not in modes]
+    cell = list(VARIANT_DEFAULTS) if mode == "variants" else list(CELL_KEYS)
+    keys = ["seed", "run_name", "resume", *cell]
+    refused = [f"--{k}" for k in keys if k in flags]
+    refused += [f"--{k}" for k, modes in MODE_FLAGS.items() if own_given[k] and mode not in modes]
+    moot = [k for k in keys if k not in flags and getattr(shared, k) != getattr(default, k)]
+    return refused, moot
 
 
 def _ints(text: str, name: str, low: int) -> list[int]:
@@ -257,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     own, rest = p.parse_known_args(argv)
 
     def body() -> int:
-        shared = load_config(rest, prog="sweep.py")
+        shared, flags = load_config_and_flags(rest, prog="sweep.py")
         targets = list(dict.fromkeys(t.strip() for t in own.targets.split(",") if t.strip()))
         bad = [t for t in targets if set(t) - set("qkvo") or len(set(t)) != len(t)]
         if bad or not targets:
@@ -265,12 +269,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"--targets must be sets of the letters q, k, v, o, each letter once, got {quote(own.targets)}"
             )
         mlp = {"no": [False], "yes": [True], "both": [False, True]}[own.mlp]
-        ignored = ignored_options(
-            own.mode, shared, {k: getattr(own, k) != p.get_default(k) for k in MODE_FLAGS}
-        )
+        given = {k: getattr(own, k) != p.get_default(k) for k in MODE_FLAGS}
+        ignored, moot = ignored_options(own.mode, shared, flags, given)
         if ignored:
             raise LoRAError(f"{', '.join(ignored)} has no effect with --mode {own.mode}: {MODE_SETS[own.mode]}; "
                             "drop it")  # fmt: skip
+        if moot:  # a preset's (configs/code.yaml sets the targets): the sweep's cells are the experiment
+            warnings.warn(f"the config sets {', '.join(moot)}, which --mode {own.mode} sets per cell; ignored",
+                          stacklevel=1)  # fmt: skip
         todo = cells(
             own.mode, _ints(own.ranks, "ranks", 1), targets, mlp, _ints(own.seeds, "seeds", 0), shared
         )

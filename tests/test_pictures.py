@@ -119,11 +119,25 @@ def test_compare_methods_writes_one_table_and_one_picture(tmp_path, capsys):
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
 
 
+def test_compare_methods_takes_a_full_fine_tuning_preset_and_says_it_runs_both(tmp_path, capsys):
+    """configs/full_finetune.yaml sets method full: the comparison runs both methods whatever the preset says."""
+    from lora import config
+
+    preset = tmp_path / "full.yaml"
+    preset.write_text("method: full\nlearning_rate: 1.0e-3\n")
+    plan = sys.modules[script("compare_methods").__module__].plan
+    cfg, flags = config.load_config_and_flags(["--config", str(preset), *TINY_FLAGS])
+    with pytest.warns(UserWarning, match="the config sets method, which the comparison sets itself; ignored"):
+        lora_cfg, full_cfg = plan(cfg, 3e-4, flags)
+    assert (lora_cfg.method, full_cfg.method, full_cfg.learning_rate) == ("lora", "full", 3e-4)
+
+
 @pytest.mark.parametrize(("argv", "needle"), [
     (["--full_learning_rate", "nan"], "full_learning_rate must be a finite number, got nan"),
     (["--full_learning_rate", "-1"], "full_learning_rate must be"),
-    (["--run_name", "mine"], "the runs are compare-lora and compare-full, started afresh: drop --run_name"),
+    (["--run_name", "mine"], "compare-lora and compare-full, started afresh: drop --run_name"),
     (["--resume", "auto"], "drop --resume"),
+    (["--method", "full"], "drop --method"),
 ])  # fmt: skip
 def test_compare_methods_refuses_before_either_run(argv, needle, tmp_path, capsys):
     out = tmp_path / "runs"
@@ -164,6 +178,21 @@ def test_sweep_writes_its_tables_and_resumes_without_rerunning_finished_cells(tm
                         (["--targets", "qq"], "each letter once")):  # fmt: skip
         assert sweep([*argv, *bad]) == 2, bad
         assert needle in capsys.readouterr().err, bad
+
+
+def test_a_preset_s_targets_are_reported_and_left_to_the_sweep_s_cells(tmp_path, capsys):
+    """configs/code.yaml sets lora_targets and adapt_feedforward: a rank sweep on it says that its cells set them,
+    and runs (the sweep's own docstring example); the same options given as flags are refused (below)."""
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("lora_targets: [q, k, v, o]\nadapt_feedforward: true\nlora_r: 4\n")
+    argv = ["--mode", "rank", "--ranks", "1", "--seeds", "0", "--config", str(preset), *TINY_FLAGS,
+            "--max_steps", "2", "--output_dir", str(tmp_path / "runs")]  # fmt: skip
+    assert script("sweep")(argv) == 0
+    err = capsys.readouterr().err
+    assert "sweep.py: warning: the config sets lora_r, lora_targets, adapt_feedforward, which --mode rank sets " \
+           "per cell; ignored" in err, err  # fmt: skip
+    cells = json.loads((tmp_path / "runs" / "sweep-rank" / "results.json").read_text())["cells"]
+    assert sorted(cells) == ["qkvo-r1-s0", "qv-r1-s0"]
 
 
 @pytest.mark.parametrize(("mode", "extra", "needle"), [
