@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import uuid
@@ -49,6 +50,9 @@ def run_folder_name(cfg: TrainConfig) -> str:
     return cfg.run_name or (f"{cfg.task}-full" if cfg.method == "full" else f"{cfg.task}-lora-r{cfg.lora_r}")
 
 
+STAGED = re.compile(r"(.+)\.incomplete-[0-9a-f]{8}")  # <name>.incomplete-<random>: an --overwrite's folder
+
+
 def prepare_run_folder(cfg: TrainConfig, resume: Path | None) -> tuple[Path, Path]:
     """``(folder, final)``: the folder this run writes into, and where its outputs end up.
 
@@ -58,10 +62,10 @@ def prepare_run_folder(cfg: TrainConfig, resume: Path | None) -> tuple[Path, Pat
     run it replaces is untouched. A resumed run continues in its folder (an ``.incomplete`` one still
     replaces ``<name>`` when it finishes).
     """
-    if resume is not None:
+    if resume is not None:  # an --overwrite's staged folder, however resumed (by path, or --resume auto)
         folder = resume.parent if resume.is_file() else resume
-        staged = cfg.overwrite and folder.name.startswith(f"{cfg.run_name}.incomplete-")
-        return folder, folder.parent / cfg.run_name if staged else folder
+        staged = STAGED.fullmatch(folder.name)
+        return folder, folder.parent / staged.group(1) if staged else folder
     root = output_root(cfg.output_dir)
     name = run_folder_name(cfg)
     final = root / name

@@ -766,6 +766,21 @@ def test_an_interrupted_overwrite_keeps_the_previous_run_until_it_is_resumed(
     assert not staged.exists()
 
 
+def test_resume_auto_finishes_an_interrupted_overwrite_in_the_run_s_own_name(
+    flags, tmp_path, capsys, monkeypatch
+):
+    """--resume auto with the run's flags looks in the staged folder first; when it finishes, that folder
+    replaces runs/<name> (it used to finish in the .incomplete folder and stay there)."""
+    assert main([*flags, "--run_name", "x", "--max_steps", "4"]) == 0
+    at_training_step(monkeypatch, 3, sigterm)
+    assert main([*flags, "--run_name", "x", "--overwrite"]) == 130
+    monkeypatch.undo()
+    folder = tmp_path / "runs" / "x"
+    assert main([*flags, "--run_name", "x", "--resume", "auto"]) == 0
+    assert json.loads((folder / "history.json").read_text())["step"] == list(range(1, 13))
+    assert not list(folder.parent.glob("x.incomplete-*"))
+
+
 CONCURRENT = "import sys, lora.train_lora as t; sys.exit(t.main())"
 
 
