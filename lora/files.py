@@ -103,7 +103,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 def atomic_write_files(files: Mapping[Path, bytes]) -> list[Path]:
     """Write several files as :func:`atomic_write_bytes` does, each to its temporary file first, and replace
     the files only once every one is written: a failure while writing (a full disk) leaves all of them as
-    they were, never the new one of two beside the old other (a model's weights and its ``config.json``)."""
+    they were, never the new one of two beside the old other (a model's weights and its ``config.json``).
+    The renames, which allocate nothing, then follow one another: only a kill between two of them (a window
+    of microseconds) can leave a mixed pair."""
     temps: list[tuple[Path, Path]] = []
     try:
         for path, data in files.items():
