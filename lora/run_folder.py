@@ -16,7 +16,7 @@ import re
 import shutil
 import signal
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from lora.config import TrainConfig
@@ -30,6 +30,7 @@ __all__ = [
     "output_root",
     "prepare_run_folder",
     "publish",
+    "refuse_replacing",
     "run_folder_name",
     "run_lock",
 ]
@@ -83,6 +84,14 @@ def prepare_run_folder(cfg: TrainConfig, resume: Path | None) -> tuple[Path, Pat
             return folder, folder
         except FileExistsError:
             suffix += 1
+
+
+def refuse_replacing(folders: Sequence[Path], overwrite: bool, what: str) -> None:
+    """A script's runs of fixed names (``compare-lora``, ``multitask-rot13``) replace earlier ones only with
+    ``--overwrite``: refuse, naming the first that exists and ``what`` it is, before anything trains."""
+    earlier = [folder for folder in folders if folder.exists()]
+    if earlier and not overwrite:
+        raise ConfigError(f"{earlier[0]} exists ({what}): pass --overwrite to replace it")
 
 
 def _claim(folder: Path) -> Path:

@@ -41,7 +41,7 @@ from lora.errors import LoRAError, guarded
 from lora.figures import lines
 from lora.files import atomic_write_bytes
 from lora.formats import ADAPTER_WEIGHTS_NAME, WEIGHTS_NAME
-from lora.run_folder import output_root
+from lora.run_folder import output_root, refuse_replacing
 
 ROOT = Path(__file__).resolve().parents[1]
 # runs a TrainConfig saved as YAML; its LoRA settings simply do not apply to method full
@@ -127,9 +127,7 @@ def plan(cfg: TrainConfig, full_learning_rate: float,
     except LoRAError as e:  # it is the script's own flag that set it
         raise LoRAError(str(e).replace("learning_rate", "full_learning_rate", 1)) from None
     root = output_root(cfg.output_dir)
-    earlier = [name for name in ("compare-lora", "compare-full") if (root / name).exists()]
-    if earlier and not cfg.overwrite:
-        raise LoRAError(f"{root / earlier[0]} exists (an earlier comparison): pass --overwrite to replace it")
+    refuse_replacing([root / "compare-lora", root / "compare-full"], cfg.overwrite, "an earlier comparison")
     return lora_cfg, full_cfg
 
 

@@ -33,6 +33,7 @@ from lora.data import BatchLoader, load_task
 from lora.errors import ConfigError, guarded
 from lora.files import atomic_write_bytes
 from lora.lora_transformer import LoRATransformer
+from lora.run_folder import refuse_replacing
 from lora.trainer import evaluate_model
 
 TASKS = ("rot13", "atbash")
@@ -65,9 +66,7 @@ def plan(shared: dict, out_dir: Path, overwrite: bool) -> dict:
                for task in TASKS}  # fmt: skip
     if any(cfg.method != "lora" for cfg in configs.values()):
         raise ConfigError("the demo trains adapters: drop method from the YAML (or set it to lora)")
-    earlier = [out_dir / f"multitask-{t}" for t in TASKS if (out_dir / f"multitask-{t}").exists()]
-    if earlier and not overwrite:
-        raise ConfigError(f"{earlier[0]} exists (an earlier demo): pass --overwrite to replace it")
+    refuse_replacing([out_dir / f"multitask-{t}" for t in TASKS], overwrite, "an earlier demo")
     return configs
 
 
