@@ -454,7 +454,10 @@ def resolve_config(yaml_values: dict[str, Any] | None = None, overrides: dict[st
     values: dict[str, Any] = {}
     given: set[str] = set()
     defaults = TrainConfig()
+    preset: dict[str, Any] = {}  # the YAML's values alone, coerced
     for source, label in ((yaml_values or {}, where), (overrides or {}, "arguments")):
+        if source is overrides:
+            preset = dict(values)
         for key, value in source.items():
             if key not in _FIELDS or key == "config":
                 raise _unknown_key(str(key), label)
@@ -462,22 +465,22 @@ def resolve_config(yaml_values: dict[str, Any] | None = None, overrides: dict[st
             if source is overrides or (not yaml_is_a_run and values[key] != getattr(defaults, key)):
                 given.add(key)
     cfg = TrainConfig(**values)
-    for key, why in _moot_presets(cfg, yaml_values or {}, overrides or {}, given):
+    for key, why in _moot_presets(cfg, preset, overrides or {}, given):
         warnings.warn(f"{where} sets {key}, which {why.split(': ')[0]}; ignored", stacklevel=2)
         given.discard(key)
     return cfg.validate(given)
 
 
-def _moot_presets(cfg: TrainConfig, yaml_values: dict[str, Any], overrides: dict[str, Any],
+def _moot_presets(cfg: TrainConfig, preset: dict[str, Any], overrides: dict[str, Any],
                   given: set[str]) -> list[tuple[str, str]]:  # fmt: skip
-    """``(key, why)`` of the YAML's settings that only the command line made moot: a preset such as
-    configs/code.yaml pretrains its base for 800 steps, and ``--base_checkpoint`` on the command line makes
-    that moot. Those are reported, not refused; an option given on the command line, or one the YAML itself
-    makes moot, is still refused."""
+    """``(key, why)`` of the YAML's settings (``preset``, coerced) that only the command line made moot: a
+    preset such as configs/code.yaml pretrains its base for 800 steps, and ``--base_checkpoint`` on the
+    command line makes that moot. Those are reported, not refused; an option given on the command line, or
+    one the YAML itself makes moot, is still refused."""
     if not overrides:
         return []
-    from_yaml = {k for k in yaml_values if k in given and k not in overrides}
-    own = {key for key, _ in TrainConfig(**{k: _coerce(k, v) for k, v in yaml_values.items()})._ignored()}
+    from_yaml = {k for k in preset if k in given and k not in overrides}
+    own = {key for key, _ in TrainConfig(**preset)._ignored()}
     return [(key, why) for key, why in dict(cfg._ignored()).items() if key in from_yaml and key not in own]
 
 

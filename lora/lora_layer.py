@@ -391,22 +391,22 @@ class LoRALinear(nn.Module):
         kept."""
         return self._merged_base if self.merged else dequantize(self.weight)
 
-    def _folded(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(W, g)``: the unmerged weight with the update folded in, float32 (out, in), and DoRA's row scale
-        ``g = m / ||W0 + s B A||_row`` (out,) already applied to it (``None`` without DoRA)."""
+    def _folded(self) -> torch.Tensor:
+        """The unmerged weight with the update folded in, float32 (out, in): ``W0 + s B A``, and with DoRA each row
+        scaled by ``g = m / ||W0 + s B A||_row`` (out,)."""
         self._refuse_if_narrow()
         w = self.weight.float() + self.delta_weight()
         if not self.use_dora:
-            return w, None
+            return w
         g = self.lora_magnitude.detach().float() / w.norm(dim=1)
-        return w * g[:, None], g
+        return w * g[:, None]
 
     def merged_weight(self) -> torch.Tensor:
         """The weight with this adapter folded in, in the weight's dtype: ``W0 + s B A`` (minus ``s B0 A0``
         for PiSSA/OLoRA), DoRA's rows scaled by ``m / ||.||_row``. Computed in float32, cast once."""
         if self.merged:
             return self.weight.detach()
-        return self._folded()[0].to(self.weight.dtype)
+        return self._folded().to(self.weight.dtype)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A, B)`` of the whole update ``B A`` (:func:`whole_update`)."""
@@ -486,7 +486,7 @@ class LoRALinear(nn.Module):
             return
         self._refuse_if_narrow()  # (before the copy: a refused merge keeps nothing)
         self._merged_base = self.weight.detach().clone()
-        self.weight.copy_(self._folded()[0])  # (copy_ casts to the weight's dtype)
+        self.weight.copy_(self._folded())  # (copy_ casts to the weight's dtype)
         self.merged = True
 
     def _load_from_state_dict(
