@@ -83,7 +83,7 @@ def write_model_folder(
     failure while writing leaves the folder's earlier model whole (:func:`~lora.files.atomic_write_files`)."""
     folder = Path(folder)
     atomic_write_files({folder / WEIGHTS_NAME: safetensors_file_bytes(tensors),
-                        folder / CONFIG_NAME: json_bytes({**config.to_dict(), **(extra or {})})})  # fmt: skip
+                        folder / CONFIG_NAME: json_bytes({**config.to_file_dict(), **(extra or {})})})  # fmt: skip
     return folder
 
 

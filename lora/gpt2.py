@@ -20,6 +20,12 @@ GPT-2 (``transformer.`` prefix or not)   here
 GPT-2's ``Conv1D`` stores its weight as ``(in, out)`` and computes ``x W + b``; ``nn.Linear`` stores
 ``(out, in)``: hence the transposes. The checks speak GPT-2's names (the file's), before anything is
 converted. Nothing is fetched from a network.
+
+This is a family importer: a pure converter (the ``config.json`` dict -> :class:`ModelConfig`, the names
+a checkpoint holds, its tensors -> this model's). It reads no weights: ``lora/pretrained.py`` reads a
+base folder once and hands it what it read (only :func:`is_hf_folder`, for callers that have nothing but
+a path, looks at a ``config.json``). GPT-2's own names (``c_attn``, ``c_fc``, ``Conv1D``) appear
+only here and in the PEFT mapping (``lora/peft_format.py``).
 """
 
 from __future__ import annotations
@@ -29,30 +35,20 @@ from pathlib import Path
 
 import torch
 
-from lora.errors import first_line, quote
-from lora.files import (
-    FLOAT_DTYPES,
-    check_regular_file,
-    describe_mismatch,
-    existing_folder,
-    read_json,
-    read_safetensors,
-    read_safetensors_header,
-)
+from lora.errors import quote
+from lora.files import describe_mismatch, read_json
 from lora.model_config import ModelConfig
 
 __all__ = [
-    "GPT2_BIN_NAME",
-    "gpt2_model_config",
+    "check_gpt2_tensors",
+    "convert_gpt2",
+    "gpt2_config",
     "gpt2_names",
+    "is_hf_config",
     "is_hf_folder",
-    "read_gpt2_header",
-    "read_gpt2_weights",
+    "strip_gpt2",
 ]
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-GPT2_BIN_NAME = "pytorch_model.bin"
 # GPT-2's activation_function -> ours ("gelu_new", "gelu_fast" and "gelu_pytorch_tanh" are the same function)
 ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
                "gelu": "gelu", "relu": "relu", "silu": "silu", "swish": "silu"}  # fmt: skip
@@ -63,24 +59,26 @@ _UNSUPPORTED = {"scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": F
                 "add_cross_attention": False, "tie_word_embeddings": True}  # fmt: skip
 
 
-def is_hf_folder(path: str | Path) -> bool:
-    """Whether ``path`` looks like a Hugging Face model folder: its ``config.json`` has a ``model_type``
-    (or, as the oldest GPT-2 configs, ``n_embd`` without one)."""
-    config = Path(path) / CONFIG_NAME
-    if not config.is_file():
-        return False
-    try:
-        hf = read_json(config)
-    except ValueError:
-        return False
+def is_hf_config(hf: Mapping) -> bool:
+    """Whether a ``config.json`` mapping is a Hugging Face model's: it has a ``model_type`` (or, as the oldest
+    GPT-2 configs, ``n_embd`` without one)."""
     return "model_type" in hf or "n_embd" in hf
 
 
-def gpt2_model_config(path: str | Path) -> ModelConfig:
-    """The :class:`ModelConfig` of a GPT-2 folder's ``config.json``; another architecture (BERT, Llama, ...)
-    or a setting this model cannot honour raises a one-line ``ValueError`` naming it."""
-    where = existing_folder(path, "model") / CONFIG_NAME
-    hf = read_json(where)
+def is_hf_folder(path: str | Path) -> bool:
+    """Whether ``path`` holds a Hugging Face model's ``config.json`` (:func:`is_hf_config`)."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return is_hf_config(read_json(config))
+    except ValueError:
+        return False
+
+
+def gpt2_config(hf: Mapping, where: object) -> ModelConfig:
+    """The :class:`ModelConfig` of a GPT-2 ``config.json`` mapping read from ``where``; another architecture
+    (BERT, Llama, ...) or a setting this model cannot honour raises a one-line ``ValueError`` naming it."""
     kind = hf.get("model_type", "gpt2" if "n_embd" in hf else None)  # the oldest GPT-2 configs name none
     if kind != "gpt2":
         raise ValueError(f"{where}: model_type {quote(kind)} is not supported; only GPT-2 checkpoints (model_type "
@@ -122,48 +120,9 @@ def gpt2_names(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return names
 
 
-def _weights_path(folder: Path) -> Path:
-    for name in (WEIGHTS_NAME, GPT2_BIN_NAME):
-        if (folder / name).is_file():
-            return folder / name
-    if (folder / f"{WEIGHTS_NAME}.index.json").is_file():
-        raise ValueError(f"{folder}: sharded checkpoints (model.safetensors.index.json) are not supported; "
-                         "save the model as one model.safetensors")  # fmt: skip
-    raise ValueError(f"{folder}: no {WEIGHTS_NAME} (or {GPT2_BIN_NAME}) beside {CONFIG_NAME}")
-
-
-def _load_bin(path: Path) -> dict[str, torch.Tensor]:
-    """A ``pytorch_model.bin`` state dict through ``torch.load(weights_only=True)``: tensors and plain
-    containers only, never arbitrary objects."""
-    check_regular_file(path, 1 << 40, "checkpoint")
-    try:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:  # the legacy (pre-zip) format cannot be memory-mapped: read it whole
-            if "mmap" not in str(e):
-                raise
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError for anything but tensors, or a corrupt file
-        raise ValueError(f"{path}: not a readable weights-only PyTorch checkpoint ({first_line(e)}); convert "
-                         "it with transformers: from_pretrained(folder).save_pretrained(folder)") from None  # fmt: skip
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: expected a state dict of tensors")
-    return state
-
-
-def _read(path: Path, header_only: bool) -> dict[str, torch.Tensor]:
-    """The weights file's tensors without prefix and buffers (``meta`` ones for ``header_only``)."""
-    if path.name == WEIGHTS_NAME:
-        return _strip(read_safetensors_header(path) if header_only else read_safetensors(path))
-    state = _strip(_load_bin(path))
-    bad = [k for k, v in state.items() if v.dtype not in FLOAT_DTYPES.values()]
-    if bad:
-        raise ValueError(f"{path}: tensor {bad[0]} has dtype {state[bad[0]].dtype}, expected floating point")
-    return {k: v.to("meta") for k, v in state.items()} if header_only else state
-
-
-def _strip(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop the ``transformer.`` prefix and the attention buffers (``lm_head.weight`` stays)."""
+def strip_gpt2(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A GPT-2 file's tensors without the ``transformer.`` prefix and the attention buffers (``lm_head.weight``
+    stays)."""
     out = {}
     for key, value in tensors.items():
         name = key.removeprefix("transformer.")
@@ -173,12 +132,14 @@ def _strip(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _check(tensors: Mapping[str, torch.Tensor], config: ModelConfig, where: Path) -> None:
+def check_gpt2_tensors(tensors: Mapping[str, torch.Tensor], config: ModelConfig, where: object) -> None:
+    """Refuse (a one-line ``ValueError`` in GPT-2's names) stripped tensors that are not ``config``'s GPT-2
+    checkpoint; ``meta`` tensors are checked by shape, real ones also for the tied head's values."""
     # the blocks first: a config.json claiming 10**8 layers would take minutes to list
     blocks = {k.split(".")[1] for k in tensors if k.startswith("h.")}
     if len(blocks) != config.num_layers:
         raise ValueError(
-            f"{where} holds {len(blocks)} blocks, but {CONFIG_NAME} says n_layer {config.num_layers}"
+            f"{where} holds {len(blocks)} blocks, but config.json says n_layer {config.num_layers}"
         )
     expected = {k: torch.empty(s, device="meta") for k, s in gpt2_names(config).items()}
     got = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
@@ -195,8 +156,8 @@ def _check(tensors: Mapping[str, torch.Tensor], config: ModelConfig, where: Path
         )
 
 
-def _convert(tensors: Mapping[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    """GPT-2's names and layout -> this model's (see the module docstring)."""
+def convert_gpt2(tensors: Mapping[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Checked GPT-2 tensors -> this model's names and layout (see the module docstring); ``meta`` ones too."""
     C = config.d_model
     out = {k: tensors[k] for k in ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias")}
     for i in range(config.num_layers):
@@ -218,25 +179,3 @@ def _convert(tensors: Mapping[str, torch.Tensor], config: ModelConfig) -> dict[s
             out[f"{b}{ours}.weight"] = tensors[f"{h}{theirs}.weight"].t().contiguous()  # (out, in)
             out[f"{b}{ours}.bias"] = tensors[f"{h}{theirs}.bias"]
     return out
-
-
-def read_gpt2_header(path: str | Path, config: ModelConfig | None = None) -> dict[str, torch.Tensor]:
-    """The base tensors of a GPT-2 folder under this model's names, as ``meta`` tensors (shapes and dtypes;
-    nothing of the safetensors file is read but its header). Missing, unexpected or mis-shaped tensors
-    raise a one-line ``ValueError`` naming them as the file does."""
-    return _load(path, config, header_only=True)
-
-
-def read_gpt2_weights(path: str | Path, config: ModelConfig | None = None) -> dict[str, torch.Tensor]:
-    """The base tensors of a GPT-2 folder under this model's names, on the CPU (checked as
-    :func:`read_gpt2_header` does; a saved ``lm_head.weight`` must equal ``wte.weight``)."""
-    return _load(path, config, header_only=False)
-
-
-def _load(path: str | Path, config: ModelConfig | None, header_only: bool) -> dict[str, torch.Tensor]:
-    folder = existing_folder(path, "model")
-    config = config or gpt2_model_config(folder)
-    weights = _weights_path(folder)
-    tensors = _read(weights, header_only)
-    _check(tensors, config, weights)
-    return _convert(tensors, config)

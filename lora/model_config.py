@@ -18,6 +18,7 @@ from lora.lora_layer import BASE_DERIVED_INITS, lora_scaling, validate_lora_args
 __all__ = [
     "ACTIVATIONS",
     "ATTENTION_TARGETS",
+    "FAMILY_CHOICES",
     "PROJECTIONS",
     "LoRAConfig",
     "ModelConfig",
@@ -30,6 +31,16 @@ PROJECTIONS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}  # ta
 FEEDFORWARD = ("fc1", "fc2")
 # the MLP's activation: gelu_tanh is GPT-2's (tanh-approximated GELU), gelu the exact (erf) one
 ACTIVATIONS = ("gelu_tanh", "gelu", "relu", "silu")
+# What differs between decoder families, as ModelConfig fields, and the values this version builds: GPT-2's
+# (its values are the defaults, so every config.json and adapter folder written before reads unchanged).
+# The model-family work adds values here and branches on them in lora/decoder.py, not in copies of it.
+FAMILY_CHOICES: dict[str, tuple[object, ...]] = {
+    "norm": ("layernorm",),  # the blocks' and the final normalisation (LayerNorm with a bias)
+    "mlp": ("plain",),  # fc2(act(fc1(x))); a gated MLP would have gate, up and down projections
+    "positions": ("learned",),  # a learned position embedding wpe (max_seq_len, d_model) added to wte
+    "bias": (True,),  # biases on every block projection
+    "tied_head": (True,),  # the LM head is the token embedding (wte), stored once
+}
 
 
 def target_of(module_name: str) -> str | None:
@@ -62,10 +73,13 @@ def _positive_int(name: str, value: Any) -> None:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The architecture of a GPT-2-layout model; ``d_ff`` defaults to ``4 d_model``.
+    """The architecture of a decoder; ``d_ff`` defaults to ``4 d_model``, ``num_kv_heads`` to ``num_heads``.
 
     ``layer_norm_eps`` and ``activation`` (of :data:`ACTIVATIONS`) change no tensor's shape; they are GPT-2's
-    ``layer_norm_epsilon`` and ``activation_function`` for an imported checkpoint.
+    ``layer_norm_epsilon`` and ``activation_function`` for an imported checkpoint. ``norm``, ``mlp``,
+    ``positions``, ``num_kv_heads``, ``bias`` and ``tied_head`` name what decoder families differ in
+    (:data:`FAMILY_CHOICES`); their defaults are GPT-2's, the layout this version builds.
+    :meth:`projection_shapes` is the one place the block's linear layers take their shapes from.
     """
 
     vocab_size: int
@@ -78,6 +92,12 @@ class ModelConfig:
     num_classes: int | None = None
     layer_norm_eps: float = 1e-5
     activation: str = "gelu_tanh"
+    norm: str = "layernorm"
+    mlp: str = "plain"
+    positions: str = "learned"
+    num_kv_heads: int | None = None
+    bias: bool = True
+    tied_head: bool = True
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "num_heads", "num_layers", "max_seq_len"):
@@ -104,16 +124,60 @@ class ModelConfig:
             raise ConfigError(
                 f"activation must be one of {', '.join(ACTIVATIONS)}, got {quote(self.activation)}"
             )
+        for name, choices in FAMILY_CHOICES.items():
+            value = getattr(self, name)
+            if not any(value is c or (type(value) is type(c) and value == c) for c in choices):
+                raise ConfigError(f"{name} {quote(value)} is not supported; this version builds "
+                                  f"{' or '.join(quote(c) for c in choices)}")  # fmt: skip
+        if self.num_kv_heads is None:
+            object.__setattr__(self, "num_kv_heads", self.num_heads)
+        _positive_int("num_kv_heads", self.num_kv_heads)
+        if self.num_kv_heads != self.num_heads:  # grouped-query attention comes with the model families
+            raise ConfigError(f"num_kv_heads {self.num_kv_heads} is not supported; this version builds "
+                              f"num_kv_heads = num_heads ({self.num_heads})")  # fmt: skip
 
     # the keys an adapter must agree on with its base (dropout is a training setting; a head is the adapter's)
     SHAPE_KEYS = ("vocab_size", "d_model", "num_heads", "num_layers", "d_ff", "max_seq_len")
+    # the family fields that fix a base tensor's shape or name too; recorded where they are not GPT-2's
+    FAMILY_SHAPE_KEYS = ("norm", "mlp", "positions", "num_kv_heads", "bias", "tied_head")
+    # the block's projections that write into the residual stream: GPT-2 starts them smaller
+    RESIDUAL_PROJECTIONS = ("attn.o_proj", "mlp.fc2")
 
-    def shape(self) -> dict[str, int]:
-        """The architecture keys that fix every base tensor's shape."""
-        return {k: getattr(self, k) for k in self.SHAPE_KEYS}
+    def shape(self) -> dict[str, Any]:
+        """The architecture keys that fix every base tensor's shape: :attr:`SHAPE_KEYS`, and the family keys
+        whose value is not GPT-2's (so an adapter folder of a GPT-2 layout records what it always did)."""
+        return {**{k: getattr(self, k) for k in self.SHAPE_KEYS}, **self.family_changes()}
+
+    def family_changes(self) -> dict[str, Any]:
+        """The family keys whose value is not GPT-2's (``num_kv_heads`` other than ``num_heads``)."""
+        gpt2 = self.gpt2_family(self.num_heads)
+        return {k: getattr(self, k) for k in self.FAMILY_SHAPE_KEYS if getattr(self, k) != gpt2[k]}
+
+    @staticmethod
+    def gpt2_family(num_heads: int | None) -> dict[str, Any]:
+        """The family keys' values of GPT-2's layout (what a file that records none of them means)."""
+        return {**_GPT2_FAMILY, "num_kv_heads": num_heads}
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    def projection_shapes(self) -> dict[str, tuple[int, int]]:
+        """Every linear projection of one block, ``name -> (out_features, in_features)``, in the order the block
+        applies them: what the block builds, the nf4 tile check, the memory estimate and weight init all ask."""
+        C, F, kv = self.d_model, self.d_ff, self.num_kv_heads * self.head_dim
+        return {"attn.q_proj": (C, C), "attn.k_proj": (kv, C), "attn.v_proj": (kv, C), "attn.o_proj": (C, C),
+                "mlp.fc1": (F, C), "mlp.fc2": (C, F)}  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field: the constructor's keywords (``LoRATransformer(**config.to_dict())``)."""
         return dataclasses.asdict(self)
+
+    def to_file_dict(self) -> dict[str, Any]:
+        """What ``config.json`` records: every field but the family keys at GPT-2's values (read back as the
+        defaults), so a GPT-2-layout model folder is written as it always was."""
+        changes = self.family_changes()
+        return {k: v for k, v in self.to_dict().items() if k not in self.FAMILY_SHAPE_KEYS or k in changes}
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], where: str = "config") -> ModelConfig:
@@ -126,6 +190,10 @@ class ModelConfig:
             return cls(**{k: v for k, v in values.items() if k in known})
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from None
+
+
+# the family keys' values for GPT-2 (num_kv_heads: num_heads, filled in by family_changes)
+_GPT2_FAMILY: dict[str, Any] = {k: v[0] for k, v in FAMILY_CHOICES.items()}
 
 
 @dataclass(frozen=True)

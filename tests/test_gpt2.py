@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lora.gpt2 import gpt2_model_config, read_gpt2_weights
 from lora.lora_transformer import LoRATransformer
+from lora.pretrained import read_base_tensors, resolve_base
 
 transformers = pytest.importorskip("transformers")
 
@@ -34,7 +34,7 @@ def test_config_is_honoured(tmp_path):
 
     folder = make_gpt2_folder(tmp_path / "g", n_positions=48, layer_norm_epsilon=1e-3, activation_function="relu",
                               n_inner=40)  # fmt: skip
-    config = gpt2_model_config(folder)
+    config = resolve_base(folder).architecture
     assert (config.max_seq_len, config.layer_norm_eps, config.activation, config.d_ff) == (
         48,
         1e-3,
@@ -49,7 +49,7 @@ def test_config_is_honoured(tmp_path):
 
 def test_split_and_transpose_by_hand(gpt2_folder):
     raw = load_file(gpt2_folder / "model.safetensors")
-    ours = read_gpt2_weights(gpt2_folder)
+    ours = read_base_tensors(resolve_base(gpt2_folder))
     w, b = raw["transformer.h.1.attn.c_attn.weight"], raw["transformer.h.1.attn.c_attn.bias"]  # (32, 96)
     assert torch.equal(ours["blocks.1.attn.k_proj.weight"], w[:, 32:64].T)
     assert torch.equal(ours["blocks.1.attn.v_proj.bias"], b[64:])
@@ -83,7 +83,9 @@ def test_prefixless_bin_with_buffers_reads_the_same(gpt2_folder, tmp_path):
     }
     state["h.0.attn.bias"] = torch.tril(torch.ones(1, 1, 64, 64, dtype=torch.bool))
     torch.save(state, folder / "pytorch_model.bin")
-    assert read_gpt2_weights(folder).keys() == read_gpt2_weights(gpt2_folder).keys()
+    assert (
+        read_base_tensors(resolve_base(folder)).keys() == read_base_tensors(resolve_base(gpt2_folder)).keys()
+    )
     a = LoRATransformer.from_gpt2(folder, lora_r=0)
     b = LoRATransformer.from_gpt2(gpt2_folder, lora_r=0)
     assert a.base_fingerprint() == b.base_fingerprint()

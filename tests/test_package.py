@@ -33,7 +33,11 @@ LAYERS = [
     "analysis",  # spectra, subspace similarity, amplification
     "formats",  # model and adapter folders on disk
     "peft_format",  # Hugging Face PEFT's LoRA folders for GPT-2, both ways
-    "lora_transformer",  # the model, owning its adapters
+    "decoder",  # the architecture: attention, MLP, block, the decoder; forward, loss, generation
+    "adapter_set",  # a model's adapters: active and parked, fit checks, their folders
+    "base_storage",  # the frozen base stored narrower: 4-bit NF4 or bf16, made dense for a while
+    "pretrained",  # the one reader of a base folder (config, header, meta check), then its tensors
+    "lora_transformer",  # the model: decoder + adapters + base storage, delegating to the rooms below
     "memory",  # what a run will allocate, checked first
     "checkpoint",  # training checkpoints
     "trainer",  # Trainer, LoRATrainer

@@ -485,7 +485,7 @@ def test_a_fresh_adapter_on_a_4_bit_base_starts_at_that_base_and_exports_full_pr
         with model.disable_adapter():
             base = model(IDX)
     torch.testing.assert_close(adapted, base, rtol=0, atol=1e-5)
-    _, tensors = adapter_to_peft(model.get_adapter(), model.config, base_norms=model._fused_row_norms())
+    _, tensors = adapter_to_peft(model.get_adapter(), model.config, base_norms=model.fused_row_norms())
     magnitude = tensors["base_model.model.transformer.h.0.attn.c_attn.lora_magnitude_vector"]  # (3C,)
     assert torch.equal(magnitude[128:256], full_k)  # k: not adapted, scale 1 on the full-precision base
 

@@ -1,0 +1,278 @@
+"""The architecture: a decoder-only transformer, readable on its own (no adapter set, no files).
+
+Token + learned position embeddings, ``num_layers`` pre-LayerNorm blocks (causal self-attention with
+separate ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``, the first three computed in one fused path; a
+GELU MLP ``fc1``/``fc2``), a final LayerNorm and an LM head tied to the token embedding; optionally a
+classification head over the last token. That is GPT-2's layout, the values of :class:`ModelConfig`'s
+family fields this version builds. Every block projection is a :class:`~lora.lora_layer.LoRALinear`
+whose shape comes from :meth:`ModelConfig.projection_shapes`; the ones not adapted have ``r = 0`` and are
+plain linear layers.
+
+:class:`Decoder` is the module: ``forward``, ``logits``, ``lm_loss``, ``generate``. The model that owns
+adapters, stores its base narrower and reads and writes folders is
+:class:`~lora.lora_transformer.LoRATransformer`, built on it.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from lora.chunked_loss import chunked_lm_loss
+from lora.fused_qkv import FrozenConcat, can_fuse, fused_lora_linear
+from lora.lora_layer import LORA_LEAVES, LoRALinear
+from lora.model_config import PROJECTIONS, LoRAConfig, ModelConfig
+from lora.quantize import frozen_linear
+
+__all__ = ["ACTIVATION_FUNCTIONS", "MLP", "Block", "CausalSelfAttention", "Decoder"]
+
+
+def _linear(config: ModelConfig, name: str, lora: LoRAConfig, adapted: bool) -> LoRALinear:
+    """Block projection ``name`` (``"attn.q_proj"``, ...) of ``config``'s shape, with ``lora``'s adapter if
+    ``adapted``, else a plain one (``r = 0``)."""
+    d_out, d_in = config.projection_shapes()[name]
+    r = lora.lora_r if adapted else 0
+    return LoRALinear(d_in, d_out, r, lora.lora_alpha, lora.lora_dropout, use_rslora=lora.use_rslora,
+                      use_dora=lora.use_dora, lora_init=lora.lora_init)  # fmt: skip
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with separate Q, K, V and output projections.
+
+    ``q_proj``, ``k_proj``, ``v_proj`` own their parameters, but with ``fused_qkv`` (the default) they are
+    computed together: one product against their stacked frozen weights, one against their stacked A's
+    (``lora/fused_qkv.py``). Cases it does not cover (base weights being trained, as in full fine-tuning)
+    and ``fused_qkv = False`` take one product per projection.
+    """
+
+    def __init__(self, config: ModelConfig, lora: LoRAConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.dropout = config.dropout
+        for t, name in PROJECTIONS.items():
+            setattr(self, name, _linear(config, f"attn.{name}", lora, t in lora.lora_targets))
+        self.resid_drop = nn.Dropout(config.dropout)
+        self.fused_qkv = True
+        # the stacked frozen q/k/v weights and biases; the layers' own become views of it
+        self._frozen_qkv = FrozenConcat(adopt=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, T, C) -> (B, T, C)``."""
+        B, T, C = x.shape
+        hs = C // self.num_heads
+        layers = (self.q_proj, self.k_proj, self.v_proj)
+        if self.fused_qkv and can_fuse(layers):
+            q, k, v = fused_lora_linear(x, layers, self._frozen_qkv).split(C, dim=2)  # 3 x (B, T, C)
+        else:
+            q, k, v = (layer(x) for layer in layers)  # 3 x (B, T, C)
+        q = q.view(B, T, self.num_heads, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.num_heads, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.num_heads, hs).transpose(1, 2)  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+        )  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_drop(self.o_proj(y))
+
+
+ACTIVATION_FUNCTIONS = {
+    "gelu_tanh": partial(F.gelu, approximate="tanh"),  # GPT-2's "gelu_new"
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
+class MLP(nn.Module):
+    """``fc2(act(fc1(x)))``; ``act`` is GPT-2's tanh-approximated GELU unless the config says otherwise."""
+
+    def __init__(self, config: ModelConfig, lora: LoRAConfig) -> None:
+        super().__init__()
+        self.act = ACTIVATION_FUNCTIONS[config.activation]
+        self.fc1 = _linear(config, "mlp.fc1", lora, lora.adapt_feedforward)
+        self.fc2 = _linear(config, "mlp.fc2", lora, lora.adapt_feedforward)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, T, C) -> (B, T, C)``."""
+        return self.drop(self.fc2(self.act(self.fc1(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm block: ``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``."""
+
+    def __init__(self, config: ModelConfig, lora: LoRAConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.attn = CausalSelfAttention(config, lora)
+        self.ln_2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.mlp = MLP(config, lora)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, T, C) -> (B, T, C)``."""
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class Decoder(nn.Module):
+    """Embeddings -> blocks -> final norm -> head, for ``config``, with ``lora``'s adapters in the blocks.
+
+    ``wte`` ``(V, C)``, ``wpe`` ``(max_seq_len, C)``, ``blocks``, ``ln_f``, ``lm_head`` (tied to ``wte``) and,
+    with ``config.num_classes``, ``cls_head`` ``(classes, C)``. Setting ``gradient_checkpointing = True``
+    stores only each block's input in training and recomputes the rest in backward: less activation memory
+    for long sequences, about one more forward. ``fused_qkv = False`` computes q, k, v as three products
+    instead of one fused path (same results to float rounding; for comparisons). ``loss_chunk_tokens`` is
+    how many tokens' logits exist at once in :meth:`lm_loss`.
+    """
+
+    def __init__(self, config: ModelConfig, lora: LoRAConfig) -> None:
+        super().__init__()
+        self.config, self.lora_config = config, lora
+        # Recompute each block's activations in backward instead of storing them (long sequences).
+        self.gradient_checkpointing = False
+        # tokens whose logits exist at once in forward(..., targets=...): the LM loss without the whole logits
+        self.loss_chunk_tokens = 1024
+        self.wte = nn.Embedding(config.vocab_size, config.d_model)
+        self.wpe = nn.Embedding(config.max_seq_len, config.d_model)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, lora) for _ in range(config.num_layers))
+        self.ln_f = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied, as GPT-2
+        num_classes = config.num_classes
+        self.cls_head = nn.Linear(config.d_model, num_classes) if num_classes else None
+        self._init_weights()
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.config.max_seq_len
+
+    @property
+    def fused_qkv(self) -> bool:
+        """Whether every block computes q, k, v in one fused path (``lora/fused_qkv.py``); default ``True``."""
+        return all(block.attn.fused_qkv for block in self.blocks)
+
+    @fused_qkv.setter
+    def fused_qkv(self, value: bool) -> None:
+        for block in self.blocks:
+            block.attn.fused_qkv = bool(value)
+
+    def is_base_key(self, key: str) -> bool:
+        """Whether state-dict ``key`` is a frozen base tensor: not a LoRA tensor, not the classification head,
+        and not a tied LM head (stored once, as ``wte.weight``)."""
+        leaf = key.rpartition(".")[2]
+        tied = key == "lm_head.weight" and self.config.tied_head
+        return leaf not in LORA_LEAVES and not key.startswith("cls_head.") and not tied
+
+    @torch.no_grad()
+    def _init_weights(self) -> None:
+        """GPT-2 init: N(0, 0.02), the residual projections N(0, 0.02 / sqrt(2 L)); LoRA tensors untouched."""
+        residual = tuple(name.rsplit(".", 1)[-1] for name in self.config.RESIDUAL_PROJECTIONS)
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, LoRALinear, nn.Embedding)):
+                small = name.endswith(residual)
+                std = 0.02 / math.sqrt(2 * self.config.num_layers) if small else 0.02
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+
+    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids ``(B, T)`` -> final hidden states ``(B, T, C)`` (after ``ln_f``)."""
+        T = idx.shape[1]
+        if T > self.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len {self.max_seq_len}")
+        pos = torch.arange(T, device=idx.device)
+        dtype = self.ln_f.weight.dtype  # the computation's; a 4-bit base stores its embeddings narrower
+        x = self.drop(self.wte(idx).to(dtype) + self.wpe(pos).to(dtype))  # (B, T, C)
+        for block in self.blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                # non-reentrant: LoRA grads flow even though x (frozen embeddings) needs no grad
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return self.ln_f(x)
+
+    def forward(
+        self, idx: torch.Tensor, lengths: torch.Tensor | None = None, targets: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Language-model logits ``(B, T, vocab)``; with a classification head, class logits ``(B, classes)``.
+
+        For classification, ``lengths`` (B,) gives each right-padded sequence's true length; the head reads
+        the hidden state of the last real token (the causal mask means it has seen the whole sequence).
+        With ``targets`` (B, T) a language model returns its mean loss instead, the head and cross-entropy
+        computed ``loss_chunk_tokens`` tokens at a time (:meth:`lm_loss`): what training calls, through
+        whatever wraps the model (DDP, ``torch.compile``).
+        """
+        if targets is not None:
+            return self.lm_loss(idx, targets, self.loss_chunk_tokens)
+        h = self.hidden_states(idx)
+        if self.cls_head is None:
+            return self.logits(h)
+        last = (lengths - 1) if lengths is not None else torch.full((h.shape[0],), h.shape[1] - 1)
+        return self.cls_head(h[torch.arange(h.shape[0], device=h.device), last.to(h.device)])  # (B, classes)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The tied LM head: hidden states ``(..., C)`` -> logits ``(..., vocab)``, in ``h``'s dtype (a 4-bit
+        base's bfloat16 head is widened for the product, :func:`~lora.quantize.frozen_linear`; autocast chooses
+        its own)."""
+        return frozen_linear(h, self.lm_head.weight)
+
+    def lm_loss(self, idx: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = 1024) -> torch.Tensor:
+        """Mean next-token cross-entropy of ``idx`` (B, T) against ``targets`` (B, T), ``-100`` not scored.
+
+        Equal to ``F.cross_entropy(model(idx).float().reshape(-1, V), targets.reshape(-1))`` to float
+        rounding, gradients included, but the tied LM head's logits exist ``chunk_tokens`` tokens at a time,
+        in forward and backward alike (:func:`~lora.chunked_loss.chunked_lm_loss`).
+        """
+        if self.cls_head is not None:
+            raise RuntimeError("lm_loss() needs a language model; this one has a classification head")
+        return chunked_lm_loss(self.hidden_states(idx), self.lm_head.weight, targets, chunk_tokens)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Append ``max_new_tokens`` sampled tokens to ``idx`` (B, T) -> (B, T + max_new_tokens).
+
+        ``temperature == 0`` decodes greedily; ``top_k`` keeps the k most likely tokens. Each step reads the
+        last ``max_seq_len`` tokens.
+        """
+        if self.cls_head is not None:
+            raise RuntimeError("generate() needs a language model; this one has a classification head")
+        return self._sample(idx, max_new_tokens, temperature, top_k, generator)
+
+    def _sample(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float,
+        top_k: int | None,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        for _ in range(max_new_tokens):
+            ctx = idx[:, -self.max_seq_len :]
+            logits = self.logits(self.hidden_states(ctx)[:, -1, :]).float()  # (B, vocab)
+            if not torch.isfinite(logits).all():
+                raise ValueError(
+                    "the model's logits are not finite (inf or nan): check the adapter's weights and lora_alpha"
+                )
+            if temperature == 0:
+                nxt = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, [-1]]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+            idx = torch.cat([idx, nxt], dim=1)
+        return idx

@@ -1,0 +1,172 @@
+"""The one reader of a base folder: what it holds, read and checked once, then its tensors.
+
+:func:`resolve_base` parses the folder's ``config.json`` once, picks the family importer (this project's
+own model folder, or a Hugging Face one: GPT-2 today, ``lora/gpt2.py``), reads the weights file's header
+once (names, shapes, dtypes; nothing allocated), and checks it against the architecture on a model built
+on the ``meta`` device once. It returns a frozen :class:`BaseSource` that everything after it asks
+instead of the folder. :func:`read_base_tensors` then reads the weights themselves, under this model's
+names. A folder that does not fit raises a one-line ``ValueError`` naming the file and what is wrong.
+
+Weights files: ``model.safetensors``; a Hugging Face folder may hold ``pytorch_model.bin`` instead, read
+with ``torch.load(weights_only=True)`` (tensors and plain containers only, never arbitrary objects).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lora.decoder import Decoder
+from lora.errors import first_line
+from lora.files import (
+    FLOAT_DTYPES,
+    check_regular_file,
+    describe_mismatch,
+    existing_folder,
+    read_json,
+    read_safetensors,
+    read_safetensors_header,
+)
+from lora.formats import CONFIG_NAME, WEIGHTS_NAME
+from lora.gpt2 import check_gpt2_tensors, convert_gpt2, gpt2_config, is_hf_config, strip_gpt2
+from lora.lora_layer import deferred_base_init
+from lora.model_config import LoRAConfig, ModelConfig
+from lora.tokenizer import tokenizer_files
+
+__all__ = ["BIN_NAME", "BaseSource", "read_base_tensors", "resolve_base"]
+
+BIN_NAME = "pytorch_model.bin"
+HEAD_PREFIX = "cls_head."
+
+
+@dataclass(frozen=True)
+class BaseSource:
+    """A base folder, resolved: everything a run needs to know about it before reading its weights.
+
+    ``importer`` is ``"lora"`` (a model folder of this project's) or a family importer (``"gpt2"``);
+    ``architecture`` the :class:`ModelConfig`; ``header`` the tensors to load, under this model's names, as
+    empty ``meta`` tensors (their dtypes are the file's); ``weights_path`` the file holding them;
+    ``tokenizer_files`` the folder's tokenizer (``[tokenizer.json]``, ``[vocab.json, merges.txt]`` or none).
+    """
+
+    folder: Path
+    importer: str
+    architecture: ModelConfig
+    header: Mapping[str, torch.Tensor]
+    weights_path: Path
+    tokenizer_files: tuple[Path, ...]
+
+    @property
+    def config_path(self) -> Path:
+        return self.folder / CONFIG_NAME
+
+    @property
+    def hf_model(self) -> bool:
+        """Whether the folder holds a Hugging Face model (which needs its own tokenizer)."""
+        return self.importer != "lora"
+
+    @property
+    def head_saved(self) -> bool:
+        """Whether the weights hold a classification head of ``architecture.num_classes``."""
+        return any(k.startswith(HEAD_PREFIX) for k in self.header)
+
+
+def resolve_base(path: str | Path) -> BaseSource:
+    """Read and check the base folder ``path`` once (see the module docstring)."""
+    folder = existing_folder(path, "model")
+    config_path = folder / CONFIG_NAME
+    values = read_json(config_path)
+    if is_hf_config(values):  # a Hugging Face folder: checked in its own names, then converted
+        importer, arch = "gpt2", gpt2_config(values, config_path)
+        weights = _hf_weights_file(folder)
+        tensors = _read_gpt2(weights, header_only=True)
+        check_gpt2_tensors(tensors, arch, weights)
+        header = convert_gpt2(tensors, arch)
+    else:
+        importer, arch = "lora", ModelConfig.from_dict(values, where=str(config_path))
+        weights = folder / WEIGHTS_NAME
+        header = read_safetensors_header(weights)  # names, shapes, dtypes: nothing read or allocated yet
+    header = _check_against_architecture(header, arch, weights)
+    return BaseSource(folder, importer, arch, header, weights, tuple(tokenizer_files(folder)))
+
+
+def read_base_tensors(source: BaseSource) -> dict[str, torch.Tensor]:
+    """The tensors of ``source.header``, on the CPU, under this model's names (a GPT-2 file's saved LM head
+    must equal its token embedding: the tied head is the only one this layout has)."""
+    if source.importer == "gpt2":
+        tensors = _read_gpt2(source.weights_path, header_only=False)
+        check_gpt2_tensors(tensors, source.architecture, source.weights_path)
+        tensors = convert_gpt2(tensors, source.architecture)
+    else:
+        tensors = read_safetensors(source.weights_path)
+    return {k: v for k, v in tensors.items() if k in source.header}
+
+
+def _check_against_architecture(
+    header: Mapping[str, torch.Tensor], arch: ModelConfig, where: Path
+) -> dict[str, torch.Tensor]:
+    """``header`` checked against the tensors a model of ``arch`` has (built once on the ``meta`` device);
+    returned without a saved classification head that ``arch`` does not describe."""
+    # the blocks first: even on the meta device, a model of 10**8 blocks would take minutes to build
+    blocks = {k.split(".")[1] for k in header if k.startswith("blocks.")}
+    if len(blocks) != arch.num_layers:
+        raise ValueError(
+            f"{where} holds {len(blocks)} blocks, but {CONFIG_NAME} says num_layers {arch.num_layers}"
+        )
+    try:
+        with torch.device("meta"), deferred_base_init():  # the expected tensors, none allocated or derived
+            probe = Decoder(arch, LoRAConfig(lora_r=0, lora_targets=()))
+    except ValueError as e:
+        raise ValueError(f"{where.parent / CONFIG_NAME}: cannot build the model ({e})") from None
+    expected = {k: v for k, v in probe.state_dict().items() if probe.is_base_key(k)}
+    if arch.num_classes is not None and any(k.startswith(HEAD_PREFIX) for k in header):
+        expected.update({f"{HEAD_PREFIX}{k}": v for k, v in probe.cls_head.state_dict().items()})
+    else:  # a head config.json does not describe is not loaded
+        header = {k: v for k, v in header.items() if not k.startswith(HEAD_PREFIX)}
+    problem = describe_mismatch(header, expected)
+    if problem:  # a config.json that disagrees with the weights is refused before the model is built
+        raise ValueError(f"{where}: {problem}")
+    return dict(header)
+
+
+def _hf_weights_file(folder: Path) -> Path:
+    for name in (WEIGHTS_NAME, BIN_NAME):
+        if (folder / name).is_file():
+            return folder / name
+    if (folder / f"{WEIGHTS_NAME}.index.json").is_file():
+        raise ValueError(f"{folder}: sharded checkpoints (model.safetensors.index.json) are not supported; "
+                         "save the model as one model.safetensors")  # fmt: skip
+    raise ValueError(f"{folder}: no {WEIGHTS_NAME} (or {BIN_NAME}) beside {CONFIG_NAME}")
+
+
+def _read_gpt2(path: Path, header_only: bool) -> dict[str, torch.Tensor]:
+    """A GPT-2 weights file's tensors, stripped (``meta`` ones for ``header_only``)."""
+    if path.name != BIN_NAME:
+        return strip_gpt2(read_safetensors_header(path) if header_only else read_safetensors(path))
+    state = strip_gpt2(_load_bin(path))
+    bad = [k for k, v in state.items() if v.dtype not in FLOAT_DTYPES.values()]
+    if bad:
+        raise ValueError(f"{path}: tensor {bad[0]} has dtype {state[bad[0]].dtype}, expected floating point")
+    return {k: v.to("meta") for k, v in state.items()} if header_only else state
+
+
+def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    """A ``pytorch_model.bin`` state dict through ``torch.load(weights_only=True)``: tensors and plain
+    containers only, never arbitrary objects (memory-mapped where the format allows)."""
+    check_regular_file(path, 1 << 40, "checkpoint")
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:  # the legacy (pre-zip) format cannot be memory-mapped: read it whole
+            if "mmap" not in str(e):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for anything but tensors, or a corrupt file
+        raise ValueError(f"{path}: not a readable weights-only PyTorch checkpoint ({first_line(e)}); convert "
+                         "it with transformers: from_pretrained(folder).save_pretrained(folder)") from None  # fmt: skip
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: expected a state dict of tensors")
+    return state
