@@ -263,14 +263,21 @@ class AdapterSet:
         self.activate(name, self.from_folder(folder))
         return name
 
-    def save(self, path: str | Path, name: str | None = None, extra: dict[str, Any] | None = None) -> Path:
-        """Write adapter ``name`` (default: the active one) to the folder ``path``, with ``extra`` facts."""
+    def save(
+        self,
+        path: str | Path,
+        name: str | None = None,
+        extra: dict[str, Any] | None = None,
+        fingerprint: str | None = None,
+    ) -> Path:
+        """Write adapter ``name`` (default: the active one) to the folder ``path``, with ``extra`` facts and the
+        base's ``fingerprint`` (default: computed now)."""
         name = self.active_name() if name is None else name
         adapter = self.get(name)
         adapter = dataclasses.replace(adapter, extra={**adapter.extra, **(extra or {})})
         model = self.model
-        return write_adapter_folder(path, adapter, name, model.config, model.base_fingerprint(),
-                                    model.base_quantization)  # fmt: skip
+        fingerprint = model.base_fingerprint() if fingerprint is None else fingerprint
+        return write_adapter_folder(path, adapter, name, model.config, fingerprint, model.base_quantization)
 
     def export_peft(self, path: str | Path, name: str | None = None, base: str | None = None) -> Path:
         """Write adapter ``name`` (default: the active one) as a Hugging Face PEFT LoRA folder."""

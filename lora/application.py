@@ -1,8 +1,10 @@
 """The training application: one run from a :class:`TrainConfig`, from the data to the run folder.
 
-It checks every input first (config, data, base, checkpoint to resume), only then creates the run folder,
-trains (LoRA, or full fine-tuning), and writes config.yaml, history.json, metrics.json,
-training_curves.png, the adapter or model, and samples.txt.
+``run(cfg)`` is ``execute(plan_run(cfg))``: ``lora/plan.py`` resolves and checks every input first (output
+folder, base, sequence width, checkpoint to resume, storage, memory, tokenizer), and only then does this
+module act: tokenize the data, pretrain a missing default base, build the model from the resolved base,
+take its fingerprint once, create the run folder, train (LoRA, or full fine-tuning), and write
+config.yaml, history.json, metrics.json, training_curves.png, the adapter or model, and samples.txt.
 """
 
 from __future__ import annotations
@@ -17,10 +19,9 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from lora.base_model import base_dir_for, ensure_base
-from lora.checkpoint import find_latest, read_trainer_state
-from lora.config import TrainConfig, load_yaml, resolve_config
-from lora.data import IGNORE, VOCAB_SIZE, BatchLoader, Task, load_task
+from lora.base_model import ensure_base
+from lora.config import TrainConfig
+from lora.data import IGNORE, BatchLoader, Task, load_task
 from lora.distributed import (
     Distributed,
     PeerFailedError,
@@ -33,24 +34,15 @@ from lora.distributed import (
     stop,
 )
 from lora.errors import CheckpointError, ConfigError, Interrupted, LoRAError, exit_code, one_line
-from lora.formats import WEIGHTS_NAME
 from lora.lora_transformer import LoRATransformer
-from lora.memory import check_memory, peak_memory_mb, reset_peak_memory
-from lora.model_config import ModelConfig
-from lora.quantize import check_tiles
-from lora.run_folder import (
-    RunFolder,
-    discard_unless_resumable,
-    output_root,
-    prepare_run_folder,
-    publish,
-    run_folder_name,
-    run_lock,
-)
-from lora.tokenizer import TOKENIZER_NAME, ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
-from lora.trainer import LoRATrainer, Trainer, autocast_dtype, resolve_device
+from lora.memory import peak_memory_mb, reset_peak_memory
+from lora.plan import RunPlan, find_resume, plan_run, storage_for
+from lora.pretrained import BaseSource, resolve_base
+from lora.run_folder import RunFolder, discard_unless_resumable, prepare_run_folder, publish, run_lock
+from lora.tokenizer import TOKENIZER_NAME, ByteTokenizer, HFTokenizer, Tokenizer
+from lora.trainer import LoRATrainer, Trainer, resolve_device
 
-__all__ = ["RankError", "find_resume", "run", "say"]
+__all__ = ["RankError", "build_model", "execute", "find_resume", "run", "say"]
 
 
 def say(message: str) -> None:
@@ -68,54 +60,6 @@ class RankError(LoRAError):
     def __init__(self, message: str, code: int) -> None:
         super().__init__(message)
         self.exit_code = code
-
-
-def find_resume(cfg: TrainConfig, world_size: int = 1) -> tuple[Path | None, dict[str, Any]]:
-    """``--resume``: a checkpoint file, a run folder (its newest checkpoint) or ``auto`` (this run's).
-
-    Returns the checkpoint and its trainer state, or ``(None, {})`` when not resuming. A run may resume on
-    another number of processes (``world_size``) when the global batch stays the same.
-    """
-    if cfg.resume is None:
-        return None, {}
-    if cfg.resume == "auto":  # this config's run; an unfinished --overwrite of it comes first
-        final = output_root(cfg.output_dir) / run_folder_name(cfg)
-        latest = [
-            c for p in final.parent.glob(f"{final.name}.incomplete-*") if (c := find_latest(p)) is not None
-        ]
-        target = max(latest, key=lambda c: c.stat().st_mtime).parent if latest else final
-    else:
-        target = Path(cfg.resume)
-    if target.is_dir():
-        latest = find_latest(target)
-        if latest is None:
-            raise CheckpointError(f"no checkpoint to resume from in {target}")
-        target = latest
-    elif not target.is_file():
-        raise CheckpointError(f"checkpoint not found: {target}")
-    state = read_trainer_state(target)  # truncated, corrupted or not one: one line, before any output
-    saved = target.parent / "config.yaml"
-    if not saved.is_file():  # a checkpoint records no settings: without them any task or rank would go on
-        raise CheckpointError(f"--resume {target}: no config.yaml beside it (a run folder has one from its "
-                              "start), so the settings it was trained with cannot be checked; resume from the "
-                              "run folder it was written in")  # fmt: skip
-    # the run's own settings: another task or rank would train something else
-    was = resolve_config(load_yaml(saved), where=str(saved), yaml_is_a_run=True)
-    was_world = int(state.get("world_size", 1))
-    if was_world != world_size or was.batch_size != cfg.batch_size:
-        global_batch = was.batch_size * was_world
-        if cfg.batch_size * world_size != global_batch:
-            raise CheckpointError(
-                f"--resume {target.parent}: it was trained with a global batch of {global_batch} "
-                f"(batch_size {was.batch_size} x {was_world} processes); with {world_size} process(es) "
-                f"pass --batch_size {global_batch / world_size:g} to keep it"
-            )
-        was.batch_size = cfg.batch_size  # the same global batch, split another way
-    cfg.check_resume(was, f"--resume {target.parent}")
-    if cfg.max_steps is not None and cfg.max_steps < int(state["step"]):  # (equal: the outputs are written)
-        raise CheckpointError(f"--resume {target}: it is at step {state['step']}, past --max_steps {cfg.max_steps}: "
-                              "give a larger --max_steps, or none")  # fmt: skip
-    return target, state
 
 
 def samples(
@@ -155,76 +99,30 @@ def samples(
     return "\n".join(lines) + "\n"
 
 
-def _given_base(cfg: TrainConfig) -> ModelConfig | None:
-    """The architecture of a given base folder, its config.json checked against its weights once (a bad
-    folder: one line); ``None`` for the default base, or a folder that does not exist (reported when the
-    base is looked for)."""
-    if cfg.base_checkpoint == "auto" or not Path(cfg.base_checkpoint).is_dir():
-        return None
-    try:
-        options, _ = LoRATransformer.check_pretrained(cfg.base_checkpoint, lora_r=0)
-    except ValueError as e:
-        raise LoRAError(f"cannot load the base model: {e}") from None
-    return ModelConfig(**{k: options[k] for k in ModelConfig.__dataclass_fields__})
-
-
-def _check_memory(cfg: TrainConfig, base: ModelConfig | None, device: torch.device) -> None:
-    """Refuse a run that cannot fit in memory, from the base's architecture (a base to pretrain: the
-    config's; a given one: ``base``)."""
-    if cfg.base_checkpoint == "auto":
-        arch, pretraining = cfg.model_config(VOCAB_SIZE), not (base_dir_for(cfg) / WEIGHTS_NAME).is_file()
-    elif base is None:  # no such folder: ensure_base says so
-        return
-    else:
-        arch, pretraining = base, False
-    check_memory(cfg, arch, pretraining, device)
-
-
-def _check_quantization(cfg: TrainConfig, base: ModelConfig | None) -> None:
-    """Refuse ``--quantize_base`` for an architecture whose weights do not tile its blocks, before a base is
-    pretrained or loaded (``base``: the given base's architecture; ``None``: the one pretrained here)."""
-    if cfg.quantize_base != "nf4" or cfg.method != "lora":
-        return
-    arch = base or cfg.model_config(vocab_size=1)
-    try:  # the block weights' shapes: attention (q, k, v, o) and MLP (fc1, fc2; fc2's has fc1's count)
-        check_tiles({"attention": (arch.d_model, arch.d_model), "MLP": (arch.d_ff, arch.d_model)})
-    except ValueError as e:
-        raise ConfigError(f"quantize_base {cfg.quantize_base}: {e}") from None
-
-
-def _tokenizer(cfg: TrainConfig, base: ModelConfig | None) -> Tokenizer:
-    """The base's tokenizer: bytes for a base made here, else the base folder's own."""
-    return ByteTokenizer() if base is None else load_tokenizer(cfg.base_checkpoint, base.vocab_size)
-
-
 CPU = torch.device("cpu")
 
 
-def base_storage(cfg: TrainConfig, device: torch.device) -> str:
-    """How the run stores its frozen base (``--quantize_base``): as given, and ``auto`` resolved to bf16 where
-    LoRA trains under bf16 autocast (whose products of the float32 base are the bfloat16 base's, bit for bit,
-    so nothing need be cast per step), else none."""
-    if cfg.quantize_base != "auto":
-        return cfg.quantize_base
-    bf16 = cfg.method == "lora" and autocast_dtype(cfg.precision, device) == torch.bfloat16
-    return "bf16" if bf16 else "none"
-
-
-def _load_base(cfg: TrainConfig, base_dir: Path, task: Task, device: torch.device = CPU) -> LoRATransformer:
-    """The base with this run's adapter (none for full fine-tuning) and head, stored as :func:`base_storage`
-    says for ``device``."""
+def build_model(
+    cfg: TrainConfig,
+    source: BaseSource,
+    num_classes: int | None,
+    device: torch.device = CPU,
+    storage: str | None = None,
+) -> LoRATransformer:
+    """The model a run of ``cfg`` trains: the resolved base with this run's adapter (none for full
+    fine-tuning) and head, float32, its frozen base stored as ``storage`` says (default:
+    :func:`~lora.plan.storage_for` ``device``), its adapter's base-dependent start derived from the weights it
+    trains on. What the training command, and any script that trains, builds."""
     lora = cfg.lora_config().to_dict() if cfg.method == "lora" else {"lora_r": 0}
     try:
-        model = LoRATransformer.from_pretrained(
-            base_dir, num_classes=task.num_classes, dropout=cfg.dropout, **lora
-        )
+        model = LoRATransformer.from_pretrained(source, num_classes=num_classes, dropout=cfg.dropout, **lora)
     except ValueError as e:  # a missing, truncated or corrupted base: one line
         raise LoRAError(f"cannot load the base model: {e}") from None
     # training keeps float32 weights (bf16 is autocast's to use): an fp16 or bf16 file is widened, so that
     # the adapter and AdamW never work in half precision (AdamW's eps of 1e-8 is 0 in fp16)
     widened = model.wte.weight.dtype != torch.float32
     model = model.float()
-    storage = base_storage(cfg, device)
+    storage = storage_for(cfg, device) if storage is None else storage
     if storage != "none":  # the frozen block weights in bf16 or 4 bits (QLoRA), the adapter in float32
         model.configure_lora_training()
         try:
@@ -261,10 +159,10 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     place = from_environment()
     device = _device(cfg, place)
     if not place.enabled:
-        return _run(cfg, place, device)
+        return execute(plan_run(cfg, device), place)
     backend = start(place, device)
     try:
-        metrics = _run(cfg, place, device, backend)
+        metrics = execute(plan_run(cfg, device, place.world_size), place, backend)
         barrier()  # the others wait for rank 0's writing: all leave the process group together
     except (Interrupted, PeerFailedError):
         raise
@@ -281,32 +179,38 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     return metrics
 
 
+def _made_base(folder: Path) -> BaseSource:
+    """The default base that rank 0 has just pretrained, resolved."""
+    try:
+        return resolve_base(folder)
+    except ValueError as e:
+        raise LoRAError(f"cannot load the base model: {e}") from None
+
+
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 1)
 
 
-def _run(
-    cfg: TrainConfig, place: Distributed, device: torch.device, backend: str | None = None
-) -> dict[str, Any]:
+def execute(plan: RunPlan, place: Distributed | None = None, backend: str | None = None) -> dict[str, Any]:
+    """Carry out ``plan`` (``lora/plan.py``), which has checked every input: the data, the default base if it
+    is still to be made (by rank 0 under torchrun; the others wait), the model, training and the outputs."""
+    cfg, device, place = plan.cfg, plan.device, place or from_environment()
     t_start = time.perf_counter()
     reset_peak_memory(device)
     tell = say if place.is_main else _silent
-    base = _given_base(cfg)
-    _check_quantization(cfg, base)
-    _check_memory(cfg, base, device)  # before the data or a model is made
-    tokenizer = _tokenizer(cfg, base)
     torch.manual_seed(cfg.seed)
-    task = load_task(cfg, tokenizer=tokenizer)
-    resume, resume_state = find_resume(cfg, place.world_size)
+    task = load_task(cfg, tokenizer=plan.tokenizer)
+    assert task.train.x.shape[1] == cfg.sequence_width, (task.train.x.shape, cfg.sequence_width)
     if place.is_main:  # rank 0 pretrains a missing default base; the others wait for it, then load it
-        ensure_base(cfg, device, say)
+        if plan.make_base:
+            ensure_base(cfg, device, say)
+        else:
+            say(f"base model: {plan.base_dir} (reused)")
     barrier()  # every process has its data, and the base exists
-    base_dir = base_dir_for(cfg)
+    source = plan.base or _made_base(plan.base_dir)
     torch.manual_seed(cfg.seed)
-    model = _load_base(cfg, base_dir, task, device)
-    width = task.train.x.shape[1]
-    if width > model.max_seq_len:
-        raise ConfigError(f"seq_len {width} exceeds the base model's max_seq_len {model.max_seq_len}")
+    model = build_model(cfg, source, task.num_classes, device, plan.storage)
+    resume, resume_state, tokenizer, base_dir = plan.resume, plan.resume_state, plan.tokenizer, plan.base_dir
     fingerprint = model.base_fingerprint()
     check_same(fingerprint, "the base's fingerprint")  # every process holds the same frozen base
     saved = resume_state.get("base_fingerprint")
@@ -410,7 +314,7 @@ def _train_and_write(cfg: TrainConfig, task: Task, model: LoRATransformer, devic
         "tokenizer": tokenizer.name,
     }
     if cfg.method == "lora":
-        model.save_adapter(folder, extra=extra)
+        model.save_adapter(folder, extra=extra, base_fingerprint=fingerprint)
     else:
         out.write_model(model, "model")
     out.write("history.json", trainer.history)

@@ -21,7 +21,7 @@ from lora.lora_transformer import LoRATransformer
 from lora.run_folder import output_root
 from lora.trainer import Trainer
 
-__all__ = ["RECIPE_NAME", "base_dir_for", "ensure_base", "pretrain_base"]
+__all__ = ["RECIPE_NAME", "base_dir_for", "check_recipe", "ensure_base", "pretrain_base", "require_folder"]
 
 RECIPE_NAME = "pretraining.json"
 
@@ -66,15 +66,17 @@ def _recipe(cfg: TrainConfig) -> dict:
 
 
 def ensure_base(cfg: TrainConfig, device: torch.device, say: Callable[[str], None]) -> Path:
-    """Return the base folder, pretraining (once) when the default base is missing.
+    """Return the base folder, pretraining (once) when the default base is missing (a given base folder must
+    exist; what it holds is checked where it is read).
 
     A default base made with another ``base_learning_rate`` than asked for is refused, not reused. Runs
     that need the same missing base at the same time pretrain it once: the others wait and reuse it.
     """
     folder = base_dir_for(cfg)
+    if cfg.base_checkpoint != "auto":  # a given base: what it holds is lora/pretrained.py's to check
+        say(f"base model: {require_folder(folder)} (reused)")
+        return folder
     exists = lambda: (folder / CONFIG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file()  # noqa: E731
-    if cfg.base_checkpoint != "auto" and not exists():
-        raise ConfigError(f"base checkpoint not found: {folder} (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
     if not exists():
         try:  # an output_dir that cannot be written fails now, not after pretraining
             folder.parent.mkdir(parents=True, exist_ok=True)
@@ -89,13 +91,20 @@ def ensure_base(cfg: TrainConfig, device: torch.device, say: Callable[[str], Non
                     model.save_pretrained(tmp)
                     atomic_write_json(tmp / RECIPE_NAME, _recipe(cfg))
                 return folder
-    if cfg.base_checkpoint == "auto":
-        _check_recipe(cfg, folder)
+    check_recipe(cfg, folder)
     say(f"base model: {folder} (reused)")
     return folder
 
 
-def _check_recipe(cfg: TrainConfig, folder: Path) -> None:
+def require_folder(folder: Path) -> Path:
+    """A given base folder, which must exist (a missing one: one line)."""
+    if not folder.is_dir():
+        raise ConfigError(f"base checkpoint not found: {folder} (expected a model folder: {CONFIG_NAME} and its "
+                          "weights)")  # fmt: skip
+    return folder
+
+
+def check_recipe(cfg: TrainConfig, folder: Path) -> None:
     """Refuse a default base pretrained with other settings than the ones asked for now."""
     recipe = folder / RECIPE_NAME
     if not recipe.is_file():  # made before recipes were recorded

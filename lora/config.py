@@ -309,6 +309,11 @@ class TrainConfig:
         return ModelConfig(vocab_size, self.d_model, self.num_heads, self.num_layers, None, self.max_seq_len,
                            self.dropout, num_classes)  # fmt: skip
 
+    @property
+    def sequence_width(self) -> int:
+        """Tokens in each training sequence: the generated tasks' fixed width, else ``seq_len``."""
+        return CIPHER_WIDTH if self.task in GENERATED_TASKS else self.seq_len
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -459,14 +459,20 @@ class LoRATransformer(Decoder):
         return {**source.architecture.to_dict(), **lora_options}
 
     def save_adapter(
-        self, path: str | Path, adapter_name: str | None = None, extra: dict | None = None
+        self,
+        path: str | Path,
+        adapter_name: str | None = None,
+        extra: dict | None = None,
+        *,
+        base_fingerprint: str | None = None,
     ) -> Path:
         """Write adapter ``adapter_name`` (default: the active one) to the folder ``path``.
 
         ``extra`` facts (task, run, ...) go into ``adapter_config.json`` beside the settings, the per-module
-        ranks, the base's architecture and fingerprint and the project's version.
+        ranks, the base's architecture and fingerprint (``base_fingerprint``, where the caller has taken it
+        already, else computed now) and the project's version.
         """
-        return self.adapters.save(path, adapter_name, extra)
+        return self.adapters.save(path, adapter_name, extra, base_fingerprint)
 
     def load_adapter(self, path: str | Path, adapter_name: str = "default", force: bool = False) -> str:
         """Load the adapter in ``path`` as ``adapter_name`` and make it active; returns the name.

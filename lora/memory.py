@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from lora.config import CIPHER_WIDTH, GENERATED_TASKS, TrainConfig
+from lora.config import GENERATED_TASKS, TrainConfig
 from lora.errors import ConfigError
 from lora.lora_transformer import LoRATransformer
 from lora.model_config import ModelConfig
@@ -146,10 +146,10 @@ def estimate_bytes(cfg: TrainConfig, arch: ModelConfig, pretraining: bool) -> di
     trained = total if (pretraining or cfg.method == "full") else lora_params
     if cfg.task in GENERATED_TASKS:
         examples = cfg.num_examples + max(512, cfg.num_examples // 10)
-        data, width = examples * BYTES_PER_EXAMPLE, CIPHER_WIDTH
+        data = examples * BYTES_PER_EXAMPLE
     else:
         data = (_file_bytes(cfg.train_file) + _file_bytes(cfg.val_file)) * BYTES_PER_FILE_BYTE
-        width = cfg.seq_len
+    width = cfg.sequence_width
     d, L = arch.d_model, arch.num_layers
     activations = 4 * cfg.batch_size * width * (L * (16 * d + 4 * arch.d_ff) + 3 * arch.vocab_size)
     return {"model": 4 * total + 12 * trained, "data": data, "activations": activations}

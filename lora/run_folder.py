@@ -10,6 +10,7 @@ where it counts from the project folder, so runs land in the top-level ``runs/``
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -26,6 +27,7 @@ from lora.files import atomic_folder, atomic_write_bytes, file_lock
 __all__ = [
     "PACKAGE_DIR",
     "RunFolder",
+    "check_run_folder",
     "discard_unless_resumable",
     "output_root",
     "prepare_run_folder",
@@ -70,12 +72,7 @@ def prepare_run_folder(cfg: TrainConfig, resume: Path | None) -> tuple[Path, Pat
     root = output_root(cfg.output_dir)
     name = run_folder_name(cfg)
     final = root / name
-    if cfg.overwrite:
-        if final.exists() and not final.is_dir():
-            raise ConfigError(f"--overwrite refused: {final} is a file, not a run folder")
-        visible = [p for p in final.iterdir() if not p.name.startswith(".")] if final.is_dir() else []
-        if visible and not (final / "config.yaml").is_file():
-            raise ConfigError(f"--overwrite refused: {final} is not a run folder (no config.yaml)")
+    if cfg.overwrite:  # (check_run_folder has refused a final that is not a run folder)
         return _claim(root / f"{name}.incomplete-{uuid.uuid4().hex[:8]}"), final
     suffix = 1
     while True:
@@ -84,6 +81,23 @@ def prepare_run_folder(cfg: TrainConfig, resume: Path | None) -> tuple[Path, Pat
             return folder, folder
         except FileExistsError:
             suffix += 1
+
+
+def check_run_folder(cfg: TrainConfig) -> None:
+    """Refuse, before anything is read or written, an output folder that cannot hold the run: a path
+    through a regular file, or for ``--overwrite`` a ``runs/<name>`` that is not a run folder."""
+    root = output_root(cfg.output_dir)
+    final = root / run_folder_name(cfg)
+    blocker = next((p for p in (root, *root.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:  # (mkdir would say ENOTDIR, or EEXIST for the root itself)
+        raise ConfigError(f"cannot create the run folder {final}: {os.strerror(errno.ENOTDIR)} ({blocker} is a "
+                          "file)")  # fmt: skip
+    if cfg.overwrite and cfg.resume is None:
+        if final.exists() and not final.is_dir():
+            raise ConfigError(f"--overwrite refused: {final} is a file, not a run folder")
+        visible = [p for p in final.iterdir() if not p.name.startswith(".")] if final.is_dir() else []
+        if visible and not (final / "config.yaml").is_file():
+            raise ConfigError(f"--overwrite refused: {final} is not a run folder (no config.yaml)")
 
 
 def refuse_replacing(folders: Sequence[Path], overwrite: bool, what: str) -> None:
@@ -96,8 +110,11 @@ def refuse_replacing(folders: Sequence[Path], overwrite: bool, what: str) -> Non
 
 def _claim(folder: Path) -> Path:
     """Create ``folder`` (not existing before: ``FileExistsError``), writable, or refuse in one line."""
-    try:
+    try:  # a parent that is a file raises FileExistsError too: not a name to step past
         folder.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create the run folder {folder}: {e.strerror}") from None
+    try:
         folder.mkdir()
     except FileExistsError:
         raise

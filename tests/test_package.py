@@ -43,6 +43,7 @@ LAYERS = [
     "trainer",  # Trainer, LoRATrainer
     "run_folder",  # where a run's outputs go
     "base_model",  # the default base, pretrained once
+    "plan",  # a run's plan: every input resolved and checked, cheapest first, nothing written
     "application",  # one run from a TrainConfig
     "train_lora",  # the command line
 ]

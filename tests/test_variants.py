@@ -591,16 +591,15 @@ def test_a_4_bit_base_keeps_its_embeddings_in_bfloat16_and_computes_in_float32(t
 def test_a_run_s_dora_adapter_on_a_bf16_or_4_bit_base_starts_at_the_weights_it_trains_on(tmp_path, quantize):
     """The run widens a bf16 file to float32 (and quantizes it): DoRA's magnitudes are derived from those
     weights, not kept from the bf16 ones, so the output starts at that base's."""
-    from types import SimpleNamespace
-
-    from lora.application import _load_base
+    from lora.application import build_model
+    from lora.pretrained import resolve_base
 
     if quantize == "nf4":
         pytest.importorskip("torchao")
     torch.manual_seed(0)
     LoRATransformer(**QUANT, lora_r=0).to(torch.bfloat16).save_pretrained(tmp_path / "base")
     cfg = TrainConfig(use_dora=True, lora_init="olora", quantize_base=quantize, dropout=0.0)
-    model = _load_base(cfg, tmp_path / "base", SimpleNamespace(num_classes=None)).eval()
+    model = build_model(cfg, resolve_base(tmp_path / "base"), None).eval()
     assert model.ln_f.weight.dtype == torch.float32 and model.lora_config.use_dora
     assert model.wte.weight.dtype == (
         torch.bfloat16 if quantize == "nf4" else torch.float32
