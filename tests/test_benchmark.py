@@ -17,6 +17,7 @@ from torch import nn
 from lora.lora_layer import LoRALinear
 from lora.lora_transformer import LoRATransformer
 from lora.versions import library_versions
+from scripts import bench_report
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("benchmark", ROOT / "scripts" / "benchmark.py")
@@ -67,14 +68,14 @@ def test_profile_names_the_step_s_top_operators():
     assert 0 < sum(o["share"] for o in ops) <= 1 + 1e-9
     assert any(o["op"] in ("aten::mm", "aten::addmm") for o in ops)  # the products are always among them
     assert "profile" not in benchmark.run_config(benchmark.SIZES["tiny"], cfg, opts)
-    md = benchmark.markdown(
+    md = bench_report.markdown(
         {
             "machine": {"gpu": None, "cpu": "x", "cpu_count": 1, "torch": "t", "transformers": None,
                         "peft": None, "load_average_start": None, "load_average_end": None},
             "settings": {**opts, "rounds": 1, "threads_used": 1},
             "shapes": {"tiny": vars(benchmark.SIZES["tiny"])},
             "results": {"tiny": {"lora_qv": benchmark.merge_rounds([row])}},
-            "summary": {"tiny": benchmark.summarise({"lora_qv": benchmark.merge_rounds([row])})},
+            "summary": {"tiny": bench_report.summarise({"lora_qv": benchmark.merge_rounds([row])})},
         }
     )  # fmt: skip
     assert f"- lora_qv: matrix products {100 * share:.0f} %; {ops[0]['op']} " in md
@@ -173,7 +174,7 @@ def test_target_ratios_are_taken_within_rounds():
         "peft_qv": benchmark.merge_rounds(runs([120.0, 140.0, 210.0, 60.0])),
     }
     assert rows["lora_qv"]["step_ms_rounds"] == [90.0, 70.0, 210.0, None]
-    summary = benchmark.summarise(rows)
+    summary = bench_report.summarise(rows)
     assert summary["lora_qv_step_vs_full_rounds"] == [0.9, 0.7, 0.7]
     assert summary["lora_qv_step_vs_full"] == pytest.approx(0.7)
     assert summary["lora_qv_tokens_vs_peft_rounds"] == [round(120 / 90, 4), 2.0, 1.0]
@@ -196,7 +197,7 @@ def test_a_gpu_run_is_held_to_the_issue_s_gpu_targets():
         "lora_qv": benchmark.merge_rounds(runs([70.0, 74.0, 80.0], [0.30, 0.45, 0.41])),
         "peft_qv": benchmark.merge_rounds(runs([100.0, 100.0, 100.0], [0.3, 0.3, 0.3])),
     }
-    summary = benchmark.summarise(rows)
+    summary = bench_report.summarise(rows)
     assert summary["lora_qv_mfu"] == pytest.approx(0.41) and summary["lora_qv_mfu_rounds"] == [
         0.3,
         0.45,
@@ -206,7 +207,7 @@ def test_a_gpu_run_is_held_to_the_issue_s_gpu_targets():
 
     def report(size: str, **settings) -> str:
         opts = {"device": "cuda", "dtype": "bf16", "compile": False, "steps": 1, "warmup": 0, **settings}
-        return benchmark.markdown({
+        return bench_report.markdown({
             "machine": {"gpu": "NVIDIA H200", "cpu": "x", "cpu_count": 1, "torch": "t", "transformers": None,
                         "peft": None, "load_average_start": None, "load_average_end": None},
             "settings": {**opts, "rounds": 3, "threads_used": 1},
@@ -266,8 +267,8 @@ def test_the_lever_configurations_take_their_lever_and_fill_the_levers_table(mon
         return benchmark.merge_rounds([{"status": "ok", "step_ms": step, "peak_mem_mb": mem, "train_peak_mem_mb": mem,
                                         "mem_before_model_mb": 1.0, "tokens_per_s": 1.0, "mfu": None}])  # fmt: skip
 
-    ratios = benchmark.summarise({"lora_qv": rows(80.0, 100.0), "lora_qv_sync": rows(100.0, 100.0),
-                                  "lora_qv_chunked": rows(84.0, 60.0)})  # fmt: skip
+    ratios = bench_report.summarise({"lora_qv": rows(80.0, 100.0), "lora_qv_sync": rows(100.0, 100.0),
+                                     "lora_qv_chunked": rows(84.0, 60.0)})  # fmt: skip
     assert ratios["sync_free_vs_sync"] == pytest.approx(0.8) and ratios[
         "chunked_vs_full_loss"
     ] == pytest.approx(1.05)
@@ -278,14 +279,14 @@ def test_the_lever_configurations_take_their_lever_and_fill_the_levers_table(mon
     summary = {"lora_qv_fused_vs_unfused": 0.9, "sync_free_vs_sync": 0.8, "sync_free_vs_sync_paired": 0.85,
                "sync_free_vs_sync_paired_range": [0.8, 0.9], "chunked_vs_full_loss": 1.01,
                "chunked_vs_full_loss_mem": 0.5}  # fmt: skip
-    lines = benchmark.lever_lines(summary)
+    lines = bench_report.lever_lines(summary)
     assert "| fused q/k/v: one product for q, k and v, one for the A's | 0.900 | - | - |" in lines
     assert (
         "| no read of the loss in the step (the trainer reads every log_every) | 0.800 | 0.850 (0.800-0.900) | - |"
         in lines
     )
     assert "| LM head and loss a chunk of tokens at a time | 1.010 | - | 0.500 |" in lines
-    assert not any("bf16" in line for line in lines) and benchmark.lever_lines({}) == []
+    assert not any("bf16" in line for line in lines) and bench_report.lever_lines({}) == []
 
 
 def test_library_versions_tell_a_broken_library_from_a_missing_one(tmp_path, monkeypatch):
@@ -356,9 +357,9 @@ def test_compile_mode_reaches_torch_compile(monkeypatch):
             "steps": 1, "warmup": 0}  # fmt: skip
     assert benchmark.run_config(benchmark.SIZES["tiny"], cfg, opts)["status"] == "ok"
     assert seen == ["reduce-overhead"]
-    assert benchmark.compiled_label(opts) == ", compiled (reduce-overhead)"
-    assert benchmark.compiled_label({**opts, "compile_mode": "default"}) == ", compiled"
-    assert benchmark.compiled_label({**opts, "compile": False}) == ""
+    assert bench_report.compiled_label(opts) == ", compiled (reduce-overhead)"
+    assert bench_report.compiled_label({**opts, "compile_mode": "default"}) == ", compiled"
+    assert bench_report.compiled_label({**opts, "compile": False}) == ""
 
 
 def test_gradient_checkpointing_keeps_lora_gradients():
