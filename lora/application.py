@@ -123,12 +123,10 @@ def build_model(
     widened = model.wte.weight.dtype != torch.float32
     model = model.float()
     storage = storage_for(cfg, device) if storage is None else storage
-    if storage != "none":  # the frozen block weights in bf16 or 4 bits (QLoRA), the adapter in float32
-        model.configure_lora_training()
-        try:
-            model.quantize_base(storage)
-        except ValueError as e:  # a base whose weights do not tile the 4-bit blocks: one line
-            raise ConfigError(f"quantize_base {storage}: {e}") from None
+    try:  # the frozen block weights in bf16 or 4 bits (QLoRA), the adapter in float32; or every weight trains
+        model.prepare_training(cfg.method, storage)
+    except ValueError as e:  # a base whose weights do not tile the 4-bit blocks: one line
+        raise ConfigError(f"quantize_base {storage}: {e}") from None
     # the fresh adapter's base-dependent start (DoRA's magnitudes, PiSSA/OLoRA's factors) from the weights
     # it trains on, where they are not the ones from_pretrained derived it from: widened to float32, or 4-bit
     # (as PEFT's QLoRA), so it starts at that base's output. Not from a bf16 copy: its start stays the float32
@@ -282,7 +280,6 @@ def _train_and_write(cfg: TrainConfig, task: Task, model: LoRATransformer, devic
         label = f"{name}: r={cfg.lora_r}, alpha={cfg.lora_alpha:g}, targets={targets}{variant}"
     else:
         kind, label = Trainer, f"{name}: full fine-tuning"
-        model.requires_grad_(True)
     shard = {"rank": place.rank, "world_size": place.world_size}
     trainer = kind(model, BatchLoader(task.train, cfg.batch_size, seed=cfg.seed, **shard),
                    BatchLoader(task.val, cfg.batch_size, shuffle=False, **shard), cfg, device=str(device),

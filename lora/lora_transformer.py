@@ -198,6 +198,23 @@ class LoRATransformer(Decoder):
             p.requires_grad_(name.rsplit(".", 1)[-1] in TRAINED_LEAVES or name.startswith("cls_head."))
         return self.get_parameter_stats()
 
+    def prepare_training(self, method: str = "lora", storage: str = "none") -> dict:
+        """Make the model what a run of ``method`` trains, and return :meth:`get_parameter_stats`: ``"lora"``
+        trains the adapter (:meth:`configure_lora_training`) with the frozen base stored as ``storage``
+        (``"none"``, or ``"bf16"``/``"nf4"``: :meth:`quantize_base`); ``"full"`` trains every weight (LoRA
+        layers freeze their base weights when built), its base stored as it is."""
+        if method == "full":
+            if storage != "none":
+                raise ValueError(f"a full fine-tune trains its base: it cannot be stored as {storage}")
+            self.requires_grad_(True)
+            return self.get_parameter_stats()
+        if method != "lora":
+            raise ValueError(f"method must be lora or full, got {method!r}")
+        stats = self.configure_lora_training()
+        if storage != "none":
+            self.quantize_base(storage)
+        return stats
+
     def get_parameter_stats(self) -> dict:
         """Counts of total / trainable / LoRA / frozen parameters (tied weights counted once)."""
         params = dict(self.named_parameters())  # named_parameters skips the tied duplicate

@@ -330,12 +330,8 @@ def build_ours(shape: Shape, config: Config, device: torch.device) -> nn.Module:
                                 max_seq_len=shape.seq_len, dropout=0.0, **lora).to(device)  # fmt: skip
     model.gradient_checkpointing = config.checkpointing
     model.fused_qkv = config.fused_qkv
-    if config.targets:
-        model.configure_lora_training()
-        if config.quantize:
-            model.quantize_base(config.quantize)
-    elif config.task == "train":
-        model.requires_grad_(True)  # full fine-tuning: LoRALinear froze its base weights
+    if config.targets or config.task == "train":  # a LoRA run's model, or a full fine-tune's
+        model.prepare_training("lora" if config.targets else "full", config.quantize or "none")
     # (inference: the base stays frozen, as the merged model's, so both take the fused q/k/v path)
     return model
 

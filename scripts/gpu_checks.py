@@ -124,14 +124,10 @@ def time_trainer(size: str, lora: bool, device: str, steps: int, compile: bool, 
     _, _, _, vocab, seq, batch = SIZES[size]
     cuda = device != "cpu"
     model = build(size, lora, device)
-    if storage is not None:
-        model.configure_lora_training()
-        model.quantize_base(storage)
+    model.prepare_training("lora" if lora else "full", storage or "none")
     log_every = max(steps // 2, 1)
     data = random_data(vocab, seq, batch * (steps + log_every))  # one epoch holds every step
     kind = LoRATrainer if lora else Trainer
-    if not lora:
-        model.requires_grad_(True)
     trainer = kind(model, BatchLoader(data, batch, seed=0), BatchLoader(data, batch, shuffle=False),
                    device=device, max_steps=steps + log_every, eval_every=10**6, log_every=log_every,
                    compile=compile, compile_mode=compile_mode, quiet=True)  # fmt: skip
@@ -217,9 +213,7 @@ def check_bf16_base(size: str, device: str) -> dict:
         with torch.no_grad():
             for _, layer in model.lora_layers():
                 layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen))
-        model.configure_lora_training()
-        if storage:
-            model.quantize_base(storage)
+        model.prepare_training("lora", storage or "none")
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
             loss = model(idx, targets=torch.roll(idx, -1, dims=1))
         grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
