@@ -43,7 +43,7 @@ def check_narrowable(model: Decoder, kind: str) -> None:
     if any(layer.merged for layer in layers):
         raise ValueError("unmerge the adapter before quantizing the base (merged weights hold it)")
     frozen = [layer.weight for layer in layers] + [layer.bias for layer in layers if layer.bias is not None]
-    if any(t.requires_grad for t in [*frozen, model.wte.weight, model.wpe.weight]):
+    if any(t.requires_grad for t in [*frozen, *(emb.weight for emb in model.embeddings())]):
         raise ValueError(f"the base's weights are being trained (full fine-tuning): a {NARROW_BASES[kind]} "
                          "base stays frozen; call configure_lora_training() first")  # fmt: skip
     if kind == "nf4":
@@ -67,7 +67,7 @@ def narrow_base_(model: Decoder, kind: str) -> None:
 @torch.no_grad()
 def set_embedding_dtype(model: Decoder, dtype: torch.dtype) -> None:
     """Store the frozen embeddings (and so the tied LM head) in ``dtype``."""
-    for emb in (model.wte, model.wpe):
+    for emb in model.embeddings():
         if emb.weight.dtype != dtype:
             emb.weight = nn.Parameter(emb.weight.to(dtype), requires_grad=False)
     model.lm_head.weight = model.wte.weight
@@ -82,7 +82,7 @@ def dense_weights(model: Decoder) -> Iterator[None]:
     dtype = model.ln_f.weight.dtype
     kept = [(layer, name, tensor) for _, layer in lora_modules(model) for name in ("weight", "bias")
             if (tensor := getattr(layer, name)) is not None]  # fmt: skip
-    embeddings = [(emb, emb.weight) for emb in (model.wte, model.wpe)]
+    embeddings = [(emb, emb.weight) for emb in model.embeddings()]
     try:
         for layer, name, tensor in kept:
             setattr(layer, name, nn.Parameter(dequantize(tensor).to(dtype), requires_grad=False))

@@ -162,6 +162,10 @@ class Decoder(nn.Module):
         for block in self.blocks:
             block.attn.fused_qkv = bool(value)
 
+    def embeddings(self) -> list[nn.Embedding]:
+        """The embedding tables: the tokens' (``wte``, also the tied LM head) and the learned positions'."""
+        return [self.wte, self.wpe]
+
     def is_base_key(self, key: str) -> bool:
         """Whether state-dict ``key`` is a frozen base tensor: not a LoRA tensor, not the classification head,
         and not a tied LM head (stored once, as ``wte.weight``)."""

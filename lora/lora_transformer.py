@@ -49,7 +49,7 @@ from lora.lora_layer import (
     unmerge_lora,
 )
 from lora.model_config import LoRAConfig, ModelConfig, target_of
-from lora.pretrained import HEAD_PREFIX, BaseSource, read_base_tensors, resolve_base
+from lora.pretrained import BaseSource, read_base_tensors, resolve_base
 
 __all__ = ["LoRATransformer"]
 
@@ -411,29 +411,15 @@ class LoRATransformer(Decoder):
         dtype when all its floating tensors share one.
         """
         source = path if isinstance(path, BaseSource) else resolve_base(path)
-        options = cls._pretrained_options(source, lora_options)
+        options = _pretrained_options(source, lora_options)
         try:
             with deferred_base_init():  # no PiSSA/OLoRA SVDs of the random weights about to be replaced
                 model = cls(**options)
         except ValueError as e:
             raise ValueError(f"{source.config_path}: cannot build the model ({e})") from None
-        header = dict(source.header)
-        if model.cls_head is None or model.config.num_classes != source.architecture.num_classes:
-            header = {
-                k: v for k, v in header.items() if not k.startswith(HEAD_PREFIX)
-            }  # a fresh head, or none
-        else:
-            problem = describe_mismatch({k: v for k, v in header.items() if k.startswith(HEAD_PREFIX)},
-                                        model.head_state())  # fmt: skip
-            if problem:
-                raise ValueError(f"{source.weights_path}: {problem}")
-        tensors = {k: v for k, v in read_base_tensors(source).items() if k in header}
-        for key, value in tensors.items():  # else the first step "diverges", and the learning rate is blamed
-            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                bad = int((~torch.isfinite(value)).sum())
-                raise ValueError(f"{source.folder}: the weights hold non-finite values (nan or inf): {key} has "
-                                 f"{bad:,} of {value.numel():,}; the file is damaged, or was saved from a diverged "
-                                 "run")  # fmt: skip
+        # a saved head is loaded when the model's has its number of classes; another number gets a fresh one
+        with_head = model.cls_head is not None and model.config.num_classes == source.architecture.num_classes
+        tensors = read_base_tensors(source, with_head)
         dtypes = {t.dtype for t in tensors.values()}
         if len(dtypes) == 1 and (dtype := dtypes.pop()) != torch.float32:
             model.to(dtype)
@@ -463,17 +449,7 @@ class LoRATransformer(Decoder):
         its ``config.json`` against its weights file's header. Returns the constructor's options and the
         header of the base tensors; a folder that does not fit raises a one-line ``ValueError``."""
         source = resolve_base(path)
-        return cls._pretrained_options(source, lora_options), dict(source.header)
-
-    @staticmethod
-    def _pretrained_options(source: BaseSource, lora_options: Mapping[str, object]) -> dict[str, Any]:
-        """The constructor's keywords: the folder's architecture, then the given LoRA options (others refused)."""
-        unknown = sorted(set(lora_options) - set(FROM_PRETRAINED_OPTIONS))
-        if unknown:
-            raise ValueError(
-                f"unknown from_pretrained options {unknown}; expected some of {list(FROM_PRETRAINED_OPTIONS)}"
-            )
-        return {**source.architecture.to_dict(), **lora_options}
+        return _pretrained_options(source, lora_options), dict(source.header)
 
     def save_adapter(
         self,
@@ -528,6 +504,16 @@ class LoRATransformer(Decoder):
         """
         merged = {"merged_adapter": {"name": self.adapters.active, **(extra or {})}}
         return write_model_folder(path, self.config, self.merged_state_dict(), merged)
+
+
+def _pretrained_options(source: BaseSource, lora_options: Mapping[str, object]) -> dict[str, Any]:
+    """The constructor's keywords: the folder's architecture, then the given LoRA options (others refused)."""
+    unknown = sorted(set(lora_options) - set(FROM_PRETRAINED_OPTIONS))
+    if unknown:
+        raise ValueError(
+            f"unknown from_pretrained options {unknown}; expected some of {list(FROM_PRETRAINED_OPTIONS)}"
+        )
+    return {**source.architecture.to_dict(), **lora_options}
 
 
 def _demo() -> None:

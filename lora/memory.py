@@ -163,8 +163,11 @@ def _size(n: float) -> str:
     raise AssertionError
 
 
-def check_memory(cfg: TrainConfig, arch: ModelConfig, pretraining: bool, device: torch.device) -> None:
-    """Refuse (one line, with the estimate) a run that would need more memory than is available.
+def check_memory(
+    cfg: TrainConfig, arch: ModelConfig, pretraining: bool, device: torch.device
+) -> dict[str, int]:
+    """Refuse (one line, with the estimate) a run that would need more memory than is available; return the
+    estimate (:func:`estimate_bytes`; on a GPU the data alone).
 
     On a GPU only the data are held in the machine's memory; the model and activations are the device's
     business (CUDA reports its own out-of-memory error).
@@ -178,3 +181,4 @@ def check_memory(cfg: TrainConfig, arch: ModelConfig, pretraining: bool, device:
         raise ConfigError(f"this run would need about {_size(need)} of memory ({detail}), more than the "
                           f"{_size(have)} available: use a smaller d_model, num_layers, num_examples, "
                           "batch_size or data file")  # fmt: skip
+    return parts

@@ -42,7 +42,9 @@ class RunPlan:
 
     ``base`` is the resolved base folder (``None``: the default base, still to be pretrained by rank 0, at
     ``base_dir``); ``architecture`` the base's; ``storage`` how the frozen base is kept (``none``, ``bf16``,
-    ``nf4``); ``resume`` the checkpoint to continue and ``resume_state`` its trainer state.
+    ``nf4``); ``memory`` the bytes the run is estimated to need (``lora/memory.py``); ``run_folder`` where
+    it writes (a resumed run: the checkpoint's folder; a new run takes ``<name>-2`` ... if the name is
+    taken); ``resume`` the checkpoint to continue and ``resume_state`` its trainer state.
     """
 
     cfg: TrainConfig
@@ -52,6 +54,8 @@ class RunPlan:
     architecture: ModelConfig
     storage: str
     tokenizer: Tokenizer
+    memory: dict[str, int]
+    run_folder: Path
     resume: Path | None = None
     resume_state: dict[str, Any] = field(default_factory=dict)
 
@@ -80,12 +84,15 @@ def plan_run(cfg: TrainConfig, device: torch.device, world_size: int = 1) -> Run
             check_tiles(arch.projection_shapes())
         except ValueError as e:
             raise ConfigError(f"quantize_base {cfg.quantize_base}: {e}") from None
-    check_memory(cfg, arch, base is None, device)  # before the data or a model is made
+    memory = check_memory(cfg, arch, base is None, device)  # before the data or a model is made
     if base is None or cfg.base_checkpoint == "auto":  # a base made here reads bytes
         tokenizer: Tokenizer = ByteTokenizer()
     else:
         tokenizer = load_tokenizer(base.folder, arch.vocab_size, hf_model=base.hf_model)
-    return RunPlan(cfg, device, base_dir, base, arch, storage, tokenizer, resume, resume_state)
+    folder = resume.parent if resume is not None else output_root(cfg.output_dir) / run_folder_name(cfg)
+    return RunPlan(
+        cfg, device, base_dir, base, arch, storage, tokenizer, memory, folder, resume, resume_state
+    )
 
 
 def _given_base(folder: Path) -> BaseSource:

@@ -93,16 +93,27 @@ def resolve_base(path: str | Path) -> BaseSource:
     return BaseSource(folder, importer, arch, header, weights, tuple(tokenizer_files(folder)))
 
 
-def read_base_tensors(source: BaseSource) -> dict[str, torch.Tensor]:
-    """The tensors of ``source.header``, on the CPU, under this model's names (a GPT-2 file's saved LM head
-    must equal its token embedding: the tied head is the only one this layout has)."""
+def read_base_tensors(source: BaseSource, with_head: bool = False) -> dict[str, torch.Tensor]:
+    """The base tensors of ``source.header``, on the CPU, under this model's names, and with ``with_head`` the
+    saved classification head (which must be there). A GPT-2 file's saved LM head must equal its token
+    embedding (the tied head is the only one this layout has); a tensor holding nan or inf is refused, naming
+    it (else the first step "diverges", and the learning rate is blamed)."""
+    keep = {k for k in source.header if with_head or not k.startswith(HEAD_PREFIX)}
+    if with_head and not source.head_saved:
+        raise ValueError(f"{source.weights_path}: missing tensors: {HEAD_PREFIX}bias, {HEAD_PREFIX}weight")
     if source.importer == "gpt2":
         tensors = _read_gpt2(source.weights_path, header_only=False)
         check_gpt2_tensors(tensors, source.architecture, source.weights_path)
         tensors = convert_gpt2(tensors, source.architecture)
     else:
         tensors = read_safetensors(source.weights_path)
-    return {k: v for k, v in tensors.items() if k in source.header}
+    tensors = {k: v for k, v in tensors.items() if k in keep}
+    for key, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise ValueError(f"{source.folder}: the weights hold non-finite values (nan or inf): {key} has {bad:,} "
+                             f"of {value.numel():,}; the file is damaged, or was saved from a diverged run")  # fmt: skip
+    return tensors
 
 
 def _check_against_architecture(

@@ -98,3 +98,12 @@ def test_the_version_is_written_once():
     assert 'dynamic = ["version"]' in pyproject and 'attr = "lora._version.__version__"' in pyproject
     sources = [p for p in PACKAGE.glob("*.py") if "__version__ = " in p.read_text()]
     assert sources == [PACKAGE / "_version.py"]
+
+
+def test_no_class_holds_several_rooms():
+    """A class of more than about 450 lines holds several concepts: split it (the model's architecture, adapter
+    set, base reading and storage each have a module of their own)."""
+    long = [f"lora/{p.name}: {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for p in sorted(PACKAGE.glob("*.py")) for node in ast.walk(ast.parse(p.read_text()))
+            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > 450]  # fmt: skip
+    assert not long, long

@@ -143,3 +143,22 @@ def test_an_output_dir_that_is_a_file_is_refused_at_once_with_a_given_base(flags
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot create the run folder" in err and "is a file" in err, err
     assert blocker.read_text() == "not a folder\n"
+
+
+def test_the_plan_resolves_every_input_and_writes_nothing(gpt2_folder, text, tmp_path):
+    pytest.importorskip("tokenizers")
+    from lora.config import load_config
+    from lora.plan import plan_run
+
+    runs = tmp_path / "runs"
+    cfg = load_config([*RUN, "--task", "text", "--train_file", str(text), "--base_checkpoint", str(gpt2_folder),
+                       "--output_dir", str(runs), "--run_name", "p"])  # fmt: skip
+    plan = plan_run(cfg, torch.device("cpu"))
+    assert plan.base.importer == "gpt2" and plan.base.folder == gpt2_folder and not plan.make_base
+    assert plan.architecture == LoRATransformer.from_gpt2(gpt2_folder, lora_r=0).config
+    assert {k for k in plan.base.header if k.startswith("blocks.0.attn.")} >= {"blocks.0.attn.q_proj.weight"}
+    assert plan.base.tokenizer_files == (gpt2_folder / "tokenizer.json",)
+    assert plan.tokenizer.vocab_size == 300 and plan.storage == "none" and plan.resume is None
+    assert plan.run_folder == runs / "p" and set(plan.memory) == {"model", "data", "activations"}
+    assert all(v > 0 for v in plan.memory.values())
+    assert not runs.exists()  # a plan writes nothing
