@@ -31,6 +31,24 @@ TINY_FLAGS = [*TINY_ARCH, *TINY_RUN, *CIPHER_DATA]  # rot13 on a base pretrained
 ON_BASE_FLAGS = [*TINY_RUN, *CIPHER_DATA]  # rot13 on a given --base_checkpoint of TINY_ARCH's shape
 
 
+def magnitude(*values) -> float:
+    """``max(1, max |x|)`` over the finite ``x`` of ``values`` (tensors, numbers or lists of numbers): the size
+    that a float computation's rounding grows with (one float32 rounding step is ~1.2e-7 of it). An inf or
+    NaN does not widen the bound: assert_close wants those equal."""
+    finite = [t[t.isfinite()] for t in (torch.as_tensor(v).detach().abs().double() for v in values)]
+    return max(1.0, *(t.max().item() for t in finite if t.numel()))
+
+
+def assert_close_scaled(actual, expected, tol: float, *, rtol: float = 0.0, msg=None) -> None:
+    """``actual`` equals ``expected`` within ``tol * magnitude(actual, expected)`` (and ``rtol`` of each
+    value, as torch.testing.assert_close): ``tol`` absolute for values up to 1, growing with the largest
+    value compared, since BLAS kernels round differently between processors (1e-6 is ~8 float32 rounding
+    steps of the largest value). ``tol=0, rtol=0`` is bit for bit; ``msg`` is put before torch's message."""
+    atol = tol * magnitude(actual, expected)
+    label = None if msg is None else lambda default: f"{msg}: {default}"
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=label)
+
+
 def task_flags(flags: list[str], task: str) -> list[str]:
     """``flags`` (for rot13) changed for ``task``: text tasks take ``seq_len``, not ``num_examples``."""
     if task in ("rot13", "atbash"):

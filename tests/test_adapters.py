@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_close_scaled
 from torch import nn
 
 from lora.files import atomic_save_safetensors, atomic_write_bytes, read_safetensors
@@ -362,10 +363,10 @@ def test_switching_a_merged_model_keeps_it_merged(tmp_path, base):
     model.merge_lora()
     model.set_adapter("a")
     assert all(layer.merged for _, layer in model.lora_layers())
-    assert (model(IDX) - out_a).abs().max() <= 1e-5
+    assert_close_scaled(model(IDX), out_a, 1e-5)
     model.set_adapter("b")
     model.unmerge_lora()
-    assert (model(IDX) - out_b).abs().max() <= 1e-5
+    assert_close_scaled(model(IDX), out_b, 1e-5)
     now = model.state_dict()
     assert all(torch.equal(now[k], v) for k, v in before.items())  # W0 back, bit for bit
 
@@ -420,7 +421,7 @@ def test_weighted_adapter_is_the_exact_weighted_sum(tmp_path, base):
     zero = torch.zeros(())
     for n, d in got.items():
         by_hand = 0.7 * delta["a"].get(n, zero) - 0.3 * delta["b"].get(n, zero)
-        assert (d - by_hand).abs().max() <= 1e-6
+        assert_close_scaled(d, by_hand, 1e-6)
     q = model.blocks[0].attn.q_proj
     assert q.r == 8 + 4 and q.scaling == 1.0
 
@@ -430,7 +431,7 @@ def test_weighted_adapter_is_the_exact_weighted_sum(tmp_path, base):
         for n, layer in plain.named_modules():
             if n in got:
                 layer.weight += 0.7 * delta["a"].get(n, zero) - 0.3 * delta["b"].get(n, zero)
-    assert (model(IDX) - plain(IDX)).abs().max() <= 1e-5
+    assert_close_scaled(model(IDX), plain(IDX), 1e-5)
 
     model.save_adapter(tmp_path / "mix")
     config = json.loads((tmp_path / "mix" / "adapter_config.json").read_text())
@@ -466,7 +467,7 @@ def test_merge_and_export_matches_and_leaves_the_model_unchanged(tmp_path, base,
     assert not any("lora_" in k for k in tensors)
     merged = LoRATransformer.from_pretrained(tmp_path / "merged", lora_r=0).eval()
     assert merged.config.num_classes == num_classes
-    assert (merged(IDX) - expected).abs().max() <= 1e-5
+    assert_close_scaled(merged(IDX), expected, 1e-5)
     assert model.list_adapters() == adapters
     assert not any(layer.merged for _, layer in model.lora_layers())
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())

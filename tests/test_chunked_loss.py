@@ -4,6 +4,7 @@ holds all the logits (a memory measurement); the model's ``lm_loss`` on top of i
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_close_scaled
 from torch import nn
 
 from lora.chunked_loss import chunked_lm_loss
@@ -32,11 +33,11 @@ def test_equals_the_plain_loss_and_its_gradients(chunk_tokens, ignored):
     hidden, weight, targets = inputs(ignored)
     plain = plain_loss(hidden, weight, targets)
     chunked = chunked_lm_loss(hidden, weight, targets, chunk_tokens)
-    torch.testing.assert_close(chunked, plain, rtol=0, atol=1e-6)
+    assert_close_scaled(chunked, plain, 1e-6)
     expected = torch.autograd.grad(plain, (hidden, weight))
     got = torch.autograd.grad(chunked, (hidden, weight))
     for a, b in zip(got, expected, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        assert_close_scaled(a, b, 1e-6)
     if ignored:  # an ignored token's hidden state gets no gradient
         rows = (targets.reshape(-1) == -100).nonzero().squeeze(1)
         assert torch.equal(got[0].reshape(-1, C)[rows], torch.zeros(ignored, C))
@@ -77,13 +78,13 @@ def test_compiled_equals_eager():
     fn = torch.compile(lambda h, w, t: chunked_lm_loss(h, w, t, 7), backend="aot_eager", fullgraph=True)
     compiled = fn(hidden, weight, targets)
     plain = plain_loss(hidden, weight, targets)
-    torch.testing.assert_close(compiled, plain, rtol=0, atol=1e-6)
+    assert_close_scaled(compiled, plain, 1e-6)
     for a, b in zip(
         torch.autograd.grad(compiled, (hidden, weight)),
         torch.autograd.grad(plain, (hidden, weight)),
         strict=True,
     ):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        assert_close_scaled(a, b, 1e-6)
 
 
 def test_autocast_computes_the_logits_in_bfloat16_as_the_plain_head():
@@ -92,12 +93,12 @@ def test_autocast_computes_the_logits_in_bfloat16_as_the_plain_head():
         plain = plain_loss(hidden, weight, targets)
         chunked = chunked_lm_loss(hidden, weight, targets, 7)
     assert chunked.dtype == torch.float32
-    torch.testing.assert_close(chunked, plain, rtol=0, atol=1e-5)  # the same bfloat16 logits, upcast
+    assert_close_scaled(chunked, plain, 1e-5)  # the same bfloat16 logits, upcast
     got = torch.autograd.grad(chunked, (hidden, weight))
     expected = torch.autograd.grad(plain, (hidden, weight))
     for a, b in zip(got, expected, strict=True):
         assert a.dtype == torch.float32
-        torch.testing.assert_close(a, b, rtol=0.02, atol=1e-3)  # bfloat16 products in both
+        assert_close_scaled(a, b, 1e-3, rtol=0.02)  # bfloat16 products in both
 
 
 @pytest.mark.parametrize("slice_rows", [7, 40, 8192])  # 7 does not divide V = 40
@@ -115,11 +116,11 @@ def test_a_frozen_bfloat16_head_is_widened_slice_by_slice_and_equals_its_float32
     plain = plain_loss(hidden, wide, targets)
     got = chunked_lm_loss(hidden, narrow, targets, 7)
     assert got.dtype == torch.float32
-    torch.testing.assert_close(got, plain, rtol=0, atol=1e-6)
+    assert_close_scaled(got, plain, 1e-6)
     (dh,) = torch.autograd.grad(got, hidden)
     (want,) = torch.autograd.grad(plain, hidden)
     assert dh.dtype == torch.float32
-    torch.testing.assert_close(dh, want, rtol=0, atol=1e-6)
+    assert_close_scaled(dh, want, 1e-6)
     with pytest.raises(ValueError, match=r"hidden is torch\.float32 but weight is torch\.bfloat16"):
         chunked_lm_loss(hidden, narrow.requires_grad_(True), targets, 7)  # a trained head is not widened
 
@@ -171,17 +172,17 @@ def test_model_lm_loss_equals_cross_entropy_of_its_logits():
     expected = torch.autograd.grad(plain, [p for p in model.parameters() if p.requires_grad])
     loss = model.lm_loss(idx, targets, chunk_tokens=10)
     got = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
-    torch.testing.assert_close(loss, plain, rtol=0, atol=1e-6)
+    assert_close_scaled(loss, plain, 1e-6)
     assert len(got) == 2 * 2 * 2
     for a, b in zip(got, expected, strict=True):
         assert b.abs().sum() > 0
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        assert_close_scaled(a, b, 1e-6)
     model.requires_grad_(True)  # full fine-tuning: the tied head/embedding gets its gradient through it too
     (g_chunked,) = torch.autograd.grad(model.lm_loss(idx, targets, 7), model.wte.weight)
     (g_plain,) = torch.autograd.grad(
         F.cross_entropy(model(idx).reshape(-1, V), targets.reshape(-1)), model.wte.weight
     )
-    torch.testing.assert_close(g_chunked, g_plain, rtol=0, atol=1e-6)
+    assert_close_scaled(g_chunked, g_plain, 1e-6)
     classifier = LoRATransformer(V, 16, 2, 1, max_seq_len=T, num_classes=3)
     with pytest.raises(RuntimeError, match="needs a language model"):
         classifier.lm_loss(idx, targets)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_close_scaled
 from torch import nn
 
 from lora.lora_layer import (
@@ -35,7 +36,7 @@ def test_forward_is_base_plus_scaled_low_rank_update():
     nn.init.normal_(layer.lora_B)
     x = torch.randn(7, 6)
     expected = x @ layer.weight.T + layer.bias + 1.5 * (x @ layer.lora_A.T @ layer.lora_B.T)
-    torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-5)
+    assert_close_scaled(layer(x), expected, 1e-5)
 
 
 def test_rslora_scaling():
@@ -67,7 +68,7 @@ def test_merge_is_idempotent_and_unmerge_restores_base():
     once = layer.weight.detach().clone()
     layer.merge()
     assert layer.merged and torch.equal(layer.weight, once)
-    torch.testing.assert_close(layer(x), unmerged, rtol=0, atol=1e-5)
+    assert_close_scaled(layer(x), unmerged, 1e-5)
     layer.unmerge()
     layer.unmerge()
     assert not layer.merged
@@ -133,9 +134,9 @@ def test_eval_does_not_merge_and_disable_adapter_gives_base():
         if merged:
             layer.merge()
         with layer.disable_adapter():
-            torch.testing.assert_close(layer(x), ref(x), rtol=0, atol=1e-6)
+            assert_close_scaled(layer(x), ref(x), 1e-6)
         assert layer.merged == merged
-        torch.testing.assert_close(layer(x), adapted, rtol=0, atol=1e-5)
+        assert_close_scaled(layer(x), adapted, 1e-5)
 
 
 def test_linear_with_lora_wraps_and_keeps_weights():
@@ -157,7 +158,7 @@ def test_linear_with_lora_scales_by_alpha_over_rank_and_the_readme_says_so():
     nn.init.normal_(layer.lora_B)
     x = torch.randn(3, 512)
     by_hand = base(x) + 2.0 * (x @ layer.lora_A.T @ layer.lora_B.T)  # alpha / r = 8 / 4
-    torch.testing.assert_close(layer(x), by_hand, rtol=1e-5, atol=1e-5)
+    assert_close_scaled(layer(x), by_hand, 1e-5, rtol=1e-5)
     assert not torch.allclose(layer(x), base(x) + 8.0 * (x @ layer.lora_A.T @ layer.lora_B.T), atol=1e-3)
     readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
     assert "`LinearWithLoRA(nn.Linear(512, 256), rank=4, alpha=8)` has scaling 2, not 8" in readme
@@ -221,10 +222,10 @@ def test_inject_lora_on_sequential_and_helpers():
     nn.init.normal_(model[0].lora_B)
     adapted = model(x)
     merge_lora(model)
-    torch.testing.assert_close(model(x), adapted, rtol=0, atol=1e-5)
+    assert_close_scaled(model(x), adapted, 1e-5)
     unmerge_lora(model)
     with disable_adapter(model):
-        torch.testing.assert_close(model(x), before, rtol=0, atol=1e-6)
+        assert_close_scaled(model(x), before, 1e-6)
 
 
 def test_mark_only_lora_bias_modes():
@@ -271,7 +272,7 @@ def test_inject_lora_into_transformer_encoder_layer_with_fast_path_off():
     finally:
         torch.backends.mha.set_fastpath_enabled(True)
     assert (adapted - base).abs().max() > 1e-3
-    torch.testing.assert_close(merged, adapted, rtol=0, atol=1e-5)
+    assert_close_scaled(merged, adapted, 1e-5)
 
 
 def test_inject_lora_refuses_multihead_attention_internals():

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_close_scaled
 from safetensors.torch import load_file, save_file
 
 from lora.lora_transformer import LoRATransformer
@@ -85,7 +86,7 @@ def test_our_export_gives_peft_our_logits(gpt2_folder, tmp_path, variant):
     with torch.no_grad():
         base = hf_model(gpt2_folder)(IDX).logits
     assert (mine - base).abs().max() > 1e-2  # the adapter matters: the comparison can fail
-    assert (theirs - mine).abs().max() <= 1e-4
+    assert_close_scaled(theirs, mine, 1e-4)
 
 
 def test_export_layout_by_hand(gpt2_folder):
@@ -137,7 +138,7 @@ def test_round_trip_of_mixed_scalings_keeps_ranks_and_updates(gpt2_folder, tmp_p
     trained, loaded = model.get_adapter(), back.get_adapter()
     assert {m: s.r for m, s in loaded.layers.items()} == {m: s.r for m, s in trained.layers.items()}
     for m, spec in trained.layers.items():
-        torch.testing.assert_close(loaded.layers[m].delta_weight(), spec.delta_weight(), rtol=1e-6, atol=1e-7)
+        assert_close_scaled(loaded.layers[m].delta_weight(), spec.delta_weight(), 1e-7, rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -183,7 +184,7 @@ def test_peft_adapter_gives_us_peft_s_logits(gpt2_folder, tmp_path, options):
     model.load_adapter(folder)
     mine = our_logits(model)
     assert (mine - hf_model(gpt2_folder)(IDX).logits).abs().max() > 1e-2
-    assert (mine - peft_logits(gpt2_folder, folder)).abs().max() <= 1e-4
+    assert_close_scaled(mine, peft_logits(gpt2_folder, folder), 1e-4)
 
 
 def test_peft_patterns_set_each_module_s_rank(gpt2_folder, tmp_path):
@@ -238,7 +239,7 @@ def test_zero_columns_of_a_part_are_dropped(gpt2_folder, tmp_path):
     assert {m: s.r for m, s in model.get_adapter().layers.items()} == {
         f"blocks.{i}.attn.{p}_proj": 4 for i in range(2) for p in "qv"
     }
-    assert (our_logits(model) - peft_logits(gpt2_folder, folder)).abs().max() <= 1e-4
+    assert_close_scaled(our_logits(model), peft_logits(gpt2_folder, folder), 1e-4)
 
 
 def test_tensor_names_without_prefixes_are_read(gpt2_folder, peft_folder, tmp_path):
@@ -324,7 +325,7 @@ def test_script_exports_what_peft_loads(gpt2_folder, tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.startswith(f"wrote {tmp_path / 'peft'}/adapter_config.json")
     assert "PeftModel.from_pretrained" in out
-    assert (peft_logits(gpt2_folder, tmp_path / "peft") - our_logits(model)).abs().max() <= 1e-4
+    assert_close_scaled(peft_logits(gpt2_folder, tmp_path / "peft"), our_logits(model), 1e-4)
     assert export_script().main(args) == 2  # --out is not empty now
     assert "pass --overwrite" in capsys.readouterr().err
     assert export_script().main([*args, "--overwrite"]) == 0
