@@ -16,6 +16,7 @@ adapters, stores its base narrower and reads and writes folders is
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager, nullcontext
 from functools import partial
 
 import torch
@@ -249,11 +250,17 @@ class Decoder(nn.Module):
         """Append ``max_new_tokens`` sampled tokens to ``idx`` (B, T) -> (B, T + max_new_tokens).
 
         ``temperature == 0`` decodes greedily; ``top_k`` keeps the k most likely tokens. Each step reads the
-        last ``max_seq_len`` tokens.
+        last ``max_seq_len`` tokens. The whole call runs under :meth:`generation_context`.
         """
         if self.cls_head is not None:
             raise RuntimeError("generate() needs a language model; this one has a classification head")
-        return self._sample(idx, max_new_tokens, temperature, top_k, generator)
+        with self.generation_context():
+            return self._sample(idx, max_new_tokens, temperature, top_k, generator)
+
+    def generation_context(self) -> AbstractContextManager:
+        """What :meth:`generate` runs under, once for all its steps: nothing here (a model that stores its
+        base narrower makes it dense for the call)."""
+        return nullcontext()
 
     def _sample(
         self,

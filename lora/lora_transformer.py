@@ -162,20 +162,12 @@ class LoRATransformer(Decoder):
     # ----------------------------------------------------------------------------------------------------
     # Generation
 
-    @torch.no_grad()
-    def generate(
-        self,
-        idx: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """:meth:`Decoder.generate <lora.decoder.Decoder.generate>`, with a 4-bit base dequantized once for the
-        whole call (:meth:`dense_base`), not once per token, and DoRA's row norms computed once
-        (:func:`~lora.lora_layer.fixed_dora_norms`)."""
+    @contextmanager
+    def generation_context(self) -> Iterator[None]:
+        """:meth:`generate` with a 4-bit base dequantized once for the whole call (:meth:`dense_base`), not once
+        per token, and DoRA's row norms computed once (:func:`~lora.lora_layer.fixed_dora_norms`)."""
         with self.dense_base(), fixed_dora_norms(self):
-            return super().generate(idx, max_new_tokens, temperature, top_k, generator)
+            yield
 
     @contextmanager
     def dense_base(self) -> Iterator[None]:
