@@ -42,6 +42,7 @@ __all__ = [
     "CONFIG_NAME",
     "WEIGHTS_NAME",
     "AdapterFolder",
+    "check_ranks",
     "read_adapter_folder",
     "read_model_config",
     "read_model_header",
@@ -192,6 +193,28 @@ def write_adapter_files(folder: str | Path, tensors: Mapping[str, torch.Tensor],
     return folder
 
 
+# the axis of the rank in each factor: A and A0 are (r, in), B and B0 (out, r)
+_RANK_AXIS = {"lora_A": 0, "lora_A0": 0, "lora_B": 1, "lora_B0": 1}
+
+
+def check_ranks(header: Mapping[str, torch.Tensor], ranks: Mapping[str, int], config_path: Path) -> None:
+    """Refuse a factor of rank 0, and a module whose rank in ``ranks`` (what ``config_path`` claims) is not
+    the rank its factors in ``header`` hold (the rows of A, the columns of B): on the weights file's header,
+    before a layer of the claimed rank is allocated. A factor missing or not 2-D is left to the shape checks."""
+    weights = config_path.parent / ADAPTER_WEIGHTS_NAME
+    for name, t in header.items():
+        module, _, leaf = name.rpartition(".")
+        if leaf in _RANK_AXIS and t.ndim == 2 and t.shape[_RANK_AXIS[leaf]] == 0:
+            raise ValueError(f"{weights}: {name} has shape {tuple(t.shape)}: module {quote(module)} has rank 0, "
+                             "but a rank must be a positive integer")  # fmt: skip
+    for m, r in ranks.items():
+        for leaf, axis in _RANK_AXIS.items():
+            t = header.get(f"{m}.{leaf}")
+            if t is not None and t.ndim == 2 and t.shape[axis] != r:
+                raise ValueError(f"{config_path}: module {quote(m)} claims rank {r}, but its {leaf} in "
+                                 f"{weights.name} has shape {tuple(t.shape)}, rank {t.shape[axis]}")  # fmt: skip
+
+
 def read_adapter_folder(path: str | Path) -> AdapterFolder:
     """Read and check ``adapter_config.json`` (required keys, ranks) and the tensors of an adapter folder."""
     folder = existing_folder(path, "adapter")
@@ -230,11 +253,9 @@ def read_adapter_folder(path: str | Path) -> AdapterFolder:
             f"{config_path}: num_classes must be an integer >= 2 or null, got {quote(num_classes)}"
         )
     extra = {k: v for k, v in config.items() if k not in RESERVED_KEYS}
-    tensors = read_safetensors(folder / ADAPTER_WEIGHTS_NAME)
-    for name, t in tensors.items():
-        if not t.is_floating_point():
-            raise ValueError(
-                f"{folder / ADAPTER_WEIGHTS_NAME}: tensor {name} has dtype {t.dtype}, expected floating point"
-            )
+    weights_path = folder / ADAPTER_WEIGHTS_NAME
+    # the header first (names, shapes, float dtypes): a claimed rank is checked before anything is allocated
+    check_ranks(read_safetensors_header(weights_path), {m: r for m, (r, _) in modules.items()}, config_path)
+    tensors = read_safetensors(weights_path)
     return AdapterFolder(folder, settings, modules, num_classes, config["base"], str(config["base_fingerprint"]),
                          extra, tensors, config)  # fmt: skip
