@@ -14,7 +14,7 @@ These functions read and write the files; whether an adapter fits a model is the
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -138,11 +138,7 @@ class AdapterFolder:
         """The :class:`Adapter`; a tensor the config lists but the file lacks raises (shapes are checked by the
         model that loads it)."""
         s = self.settings
-        names = [f"{m}.{k}" for m in self.modules for k in s.leaves]
-        names += [f"cls_head.{k}" for k in ("weight", "bias")] if self.num_classes is not None else []
-        missing = [n for n in names if n not in self.tensors]
-        if missing:
-            raise ValueError(f"{self.weights_path} lacks {missing} listed in {ADAPTER_CONFIG_NAME}")
+        _refuse_missing(self.tensors, self.modules, s, self.num_classes, self.weights_path)
         layers = {
             m: LayerAdapter(r, alpha, s.lora_dropout, s.use_rslora,
                             *(self.tensors.get(f"{m}.{k}") for k in LORA_LEAVES))
@@ -191,6 +187,17 @@ def write_adapter_files(folder: str | Path, tensors: Mapping[str, torch.Tensor],
     atomic_write_files({folder / ADAPTER_WEIGHTS_NAME: safetensors_file_bytes(tensors, metadata),
                         folder / ADAPTER_CONFIG_NAME: json_bytes(config)})  # fmt: skip
     return folder
+
+
+def _refuse_missing(present: Collection[str], modules: Collection[str], settings: LoRAConfig,
+                   num_classes: int | None, weights_path: Path) -> None:  # fmt: skip
+    """Refuse a weights file without a tensor that ``adapter_config.json`` lists: each module's factors (the
+    leaves ``settings`` name) and, for ``num_classes``, the head's."""
+    names = [f"{m}.{k}" for m in modules for k in settings.leaves]
+    names += [f"cls_head.{k}" for k in ("weight", "bias")] if num_classes is not None else []
+    missing = [n for n in names if n not in present]
+    if missing:
+        raise ValueError(f"{weights_path} lacks {missing} listed in {ADAPTER_CONFIG_NAME}")
 
 
 # the axis of the rank in each factor: A and A0 are (r, in), B and B0 (out, r)
@@ -255,7 +262,9 @@ def read_adapter_folder(path: str | Path) -> AdapterFolder:
     extra = {k: v for k, v in config.items() if k not in RESERVED_KEYS}
     weights_path = folder / ADAPTER_WEIGHTS_NAME
     # the header first (names, shapes, float dtypes): a claimed rank is checked before anything is allocated
-    check_ranks(read_safetensors_header(weights_path), {m: r for m, (r, _) in modules.items()}, config_path)
+    header = read_safetensors_header(weights_path)
+    _refuse_missing(header, modules, settings, num_classes, weights_path)
+    check_ranks(header, {m: r for m, (r, _) in modules.items()}, config_path)
     tensors = read_safetensors(weights_path)
     return AdapterFolder(folder, settings, modules, num_classes, config["base"], str(config["base_fingerprint"]),
                          extra, tensors, config)  # fmt: skip

@@ -262,17 +262,24 @@ def test_a_rank_0_tensor_in_an_adapter_is_one_line(finished, base, tmp_path):
         LoRATransformer.from_pretrained(base).load_adapter(adapter)
 
 
-def test_an_adapter_claiming_rank_10_9_is_refused_before_allocating(finished, base, tmp_path, capsys):
+@pytest.mark.parametrize(("module", "needle"), [
+    ("blocks.0.attn.q_proj", "adapter_config.json: module 'blocks.0.attn.q_proj' claims rank 1000000000, but its "
+                             "lora_A in adapter_model.safetensors has shape (8, 32), rank 8"),
+    ("blocks.0.attn.k_proj", "adapter_model.safetensors lacks ['blocks.0.attn.k_proj.lora_A', "
+                             "'blocks.0.attn.k_proj.lora_B'] listed in adapter_config.json"),
+])  # fmt: skip
+def test_an_adapter_claiming_rank_10_9_is_refused_before_allocating(module, needle, finished, base, tmp_path,
+                                                                    capsys):  # fmt: skip
+    """A module of the run (its factors in the file) or one it did not adapt (no factors) claims rank 10**9."""
     adapter = tmp_path / "adapter"
     shutil.copytree(finished, adapter)
     path = adapter / "adapter_config.json"
     config = json.loads(path.read_text())
-    config["modules"]["blocks.0.attn.q_proj"]["r"] = 10**9  # (10**9, 32) float32: 128 GB
+    config["modules"].setdefault(module, {"lora_alpha": 16.0})["r"] = 10**9  # (10**9, 32) float32: 128 GB
     path.write_text(json.dumps(config))
-    needle = "module 'blocks.0.attn.q_proj' claims rank 1000000000, but its lora_A in"
     t = time.perf_counter()
-    refused(capsys, ["--base", base, "--adapter", adapter, "--prompt", "a", "--max_new_tokens", "1"],
-            f"{needle} adapter_model.safetensors has shape (8, 32), rank 8", prog="generate.py")  # fmt: skip
+    refused(capsys, ["--base", base, "--adapter", adapter, "--prompt", "a", "--max_new_tokens", "1"], needle,
+            prog="generate.py")  # fmt: skip
     refused(capsys, ["--adapter", adapter], needle, prog="inspect_adapter.py")
     assert time.perf_counter() - t < 10
 
