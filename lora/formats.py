@@ -14,7 +14,7 @@ These functions read and write the files; whether an adapter fits a model is the
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ __all__ = [
     "CONFIG_NAME",
     "WEIGHTS_NAME",
     "AdapterFolder",
+    "check_ranks",
     "read_adapter_folder",
     "read_model_config",
     "read_model_header",
@@ -137,11 +138,7 @@ class AdapterFolder:
         """The :class:`Adapter`; a tensor the config lists but the file lacks raises (shapes are checked by the
         model that loads it)."""
         s = self.settings
-        names = [f"{m}.{k}" for m in self.modules for k in s.leaves]
-        names += [f"cls_head.{k}" for k in ("weight", "bias")] if self.num_classes is not None else []
-        missing = [n for n in names if n not in self.tensors]
-        if missing:
-            raise ValueError(f"{self.weights_path} lacks {missing} listed in {ADAPTER_CONFIG_NAME}")
+        _refuse_missing(self.tensors, self.modules, s, self.num_classes, self.weights_path)
         layers = {
             m: LayerAdapter(r, alpha, s.lora_dropout, s.use_rslora,
                             *(self.tensors.get(f"{m}.{k}") for k in LORA_LEAVES))
@@ -192,6 +189,39 @@ def write_adapter_files(folder: str | Path, tensors: Mapping[str, torch.Tensor],
     return folder
 
 
+def _refuse_missing(present: Collection[str], modules: Collection[str], settings: LoRAConfig,
+                   num_classes: int | None, weights_path: Path) -> None:  # fmt: skip
+    """Refuse a weights file without a tensor that ``adapter_config.json`` lists: each module's factors (the
+    leaves ``settings`` name) and, for ``num_classes``, the head's."""
+    names = [f"{m}.{k}" for m in modules for k in settings.leaves]
+    names += [f"cls_head.{k}" for k in ("weight", "bias")] if num_classes is not None else []
+    missing = [n for n in names if n not in present]
+    if missing:
+        raise ValueError(f"{weights_path} lacks {missing} listed in {ADAPTER_CONFIG_NAME}")
+
+
+# the axis of the rank in each factor: A and A0 are (r, in), B and B0 (out, r)
+_RANK_AXIS = {"lora_A": 0, "lora_A0": 0, "lora_B": 1, "lora_B0": 1}
+
+
+def check_ranks(header: Mapping[str, torch.Tensor], ranks: Mapping[str, int], config_path: Path) -> None:
+    """Refuse a factor of rank 0, and a module whose rank in ``ranks`` (what ``config_path`` claims) is not
+    the rank its factors in ``header`` hold (the rows of A, the columns of B): on the weights file's header,
+    before a layer of the claimed rank is allocated. A factor missing or not 2-D is left to the shape checks."""
+    weights = config_path.parent / ADAPTER_WEIGHTS_NAME
+    for name, t in header.items():
+        module, _, leaf = name.rpartition(".")
+        if leaf in _RANK_AXIS and t.ndim == 2 and t.shape[_RANK_AXIS[leaf]] == 0:
+            raise ValueError(f"{weights}: {name} has shape {tuple(t.shape)}: module {quote(module)} has rank 0, "
+                             "but a rank must be a positive integer")  # fmt: skip
+    for m, r in ranks.items():
+        for leaf, axis in _RANK_AXIS.items():
+            t = header.get(f"{m}.{leaf}")
+            if t is not None and t.ndim == 2 and t.shape[axis] != r:
+                raise ValueError(f"{config_path}: module {quote(m)} claims rank {r}, but its {leaf} in "
+                                 f"{weights.name} has shape {tuple(t.shape)}, rank {t.shape[axis]}")  # fmt: skip
+
+
 def read_adapter_folder(path: str | Path) -> AdapterFolder:
     """Read and check ``adapter_config.json`` (required keys, ranks) and the tensors of an adapter folder."""
     folder = existing_folder(path, "adapter")
@@ -230,11 +260,11 @@ def read_adapter_folder(path: str | Path) -> AdapterFolder:
             f"{config_path}: num_classes must be an integer >= 2 or null, got {quote(num_classes)}"
         )
     extra = {k: v for k, v in config.items() if k not in RESERVED_KEYS}
-    tensors = read_safetensors(folder / ADAPTER_WEIGHTS_NAME)
-    for name, t in tensors.items():
-        if not t.is_floating_point():
-            raise ValueError(
-                f"{folder / ADAPTER_WEIGHTS_NAME}: tensor {name} has dtype {t.dtype}, expected floating point"
-            )
+    weights_path = folder / ADAPTER_WEIGHTS_NAME
+    # the header first (names, shapes, float dtypes): a claimed rank is checked before anything is allocated
+    header = read_safetensors_header(weights_path)
+    _refuse_missing(header, modules, settings, num_classes, weights_path)
+    check_ranks(header, {m: r for m, (r, _) in modules.items()}, config_path)
+    tensors = read_safetensors(weights_path)
     return AdapterFolder(folder, settings, modules, num_classes, config["base"], str(config["base_fingerprint"]),
                          extra, tensors, config)  # fmt: skip

@@ -432,12 +432,13 @@ def adapter_from_peft(
         raise ValueError(f"{folder}: only adapter_model.bin, a pickle, which is not read; save the adapter with "
                          "safe_serialization=True (PEFT's default) to get adapter_model.safetensors")  # fmt: skip
     tensors = _tensor_names(read_safetensors(weights_path), weights_path)
-    io, expected = _io(config), {}
+    io, expected = _io(config), {}  # shapes only, on the meta device: a claimed r of 10**9 allocates nothing
     for m, (r, _) in modules.items():
         d_in, d_out = io[m.split(".", 2)[2]]
-        expected[f"{m}.lora_A"], expected[f"{m}.lora_B"] = torch.empty(r, d_in), torch.empty(d_out, r)
+        expected[f"{m}.lora_A"] = torch.empty(r, d_in, device="meta")
+        expected[f"{m}.lora_B"] = torch.empty(d_out, r, device="meta")
         if dora:
-            expected[f"{m}.lora_magnitude_vector"] = torch.empty(d_out)
+            expected[f"{m}.lora_magnitude_vector"] = torch.empty(d_out, device="meta")
     problem = describe_mismatch(tensors, expected)
     if problem:
         raise ValueError(f"{weights_path}: {problem}")

@@ -33,6 +33,7 @@ __all__ = [
     "prepare_run_folder",
     "publish",
     "refuse_replacing",
+    "refuse_uncreatable",
     "run_folder_name",
     "run_lock",
 ]
@@ -106,6 +107,18 @@ def refuse_replacing(folders: Sequence[Path], overwrite: bool, what: str) -> Non
     earlier = [folder for folder in folders if folder.exists()]
     if earlier and not overwrite:
         raise ConfigError(f"{earlier[0]} exists ({what}): pass --overwrite to replace it")
+
+
+def refuse_uncreatable(folders: Sequence[Path]) -> None:
+    """Refuse, naming it, a folder that cannot be created (or written into) where it is: one with a file in
+    its place or in its path, or under a folder not writable; checked before anything trains, creating nothing."""
+    for folder in folders:
+        nearest = next(p for p in (folder, *folder.parents) if p.exists() or p.is_symlink())
+        it = "it" if nearest == folder else str(nearest)
+        if not nearest.is_dir():
+            raise ConfigError(f"cannot create the folder {folder}: {it} exists and is not a folder")
+        if not os.access(nearest, os.W_OK | os.X_OK):
+            raise ConfigError(f"cannot create the folder {folder}: {it} is not writable")
 
 
 def _claim(folder: Path) -> Path:

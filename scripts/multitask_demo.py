@@ -33,7 +33,7 @@ from lora.data import BatchLoader, load_task
 from lora.errors import ConfigError, guarded
 from lora.files import atomic_write_bytes
 from lora.lora_transformer import LoRATransformer
-from lora.run_folder import refuse_replacing
+from lora.run_folder import refuse_replacing, refuse_uncreatable
 from lora.trainer import evaluate_model
 
 TASKS = ("rot13", "atbash")
@@ -54,7 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def plan(shared: dict, out_dir: Path, overwrite: bool) -> dict:
     """Each task's settings, all checked before anything trains: ``{task: TrainConfig}``. The keys the demo
     sets for each run are taken from a preset YAML with a one-line warning (configs/rot13.yaml names its
-    task), full fine-tuning is refused, and earlier ``multitask-*`` runs are replaced only with ``overwrite``."""
+    task), full fine-tuning is refused, earlier ``multitask-*`` runs are replaced only with ``overwrite``, and
+    the runs' and the summary's folders must be creatable."""
     moot = [key for key in OWN_KEYS if key in shared]
     if moot:
         warnings.warn(
@@ -66,7 +67,9 @@ def plan(shared: dict, out_dir: Path, overwrite: bool) -> dict:
                for task in TASKS}  # fmt: skip
     if any(cfg.method != "lora" for cfg in configs.values()):
         raise ConfigError("the demo trains adapters: drop method from the YAML (or set it to lora)")
-    refuse_replacing([out_dir / f"multitask-{t}" for t in TASKS], overwrite, "an earlier demo")
+    runs = [out_dir / f"multitask-{t}" for t in TASKS]
+    refuse_replacing(runs, overwrite, "an earlier demo")
+    refuse_uncreatable([*runs, out_dir / "multitask"])  # the summary is written after both have trained
     return configs
 
 

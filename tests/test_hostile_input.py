@@ -1,8 +1,10 @@
 """Hostile but realistic input: every case ends in one line, the documented exit code, nothing written,
 and bounded time and memory. The inputs are made here (YAML bombs, FIFOs, hand-edited JSON, ...)."""
 
+import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -55,11 +57,22 @@ print(seconds, peak // 2**20, rss_mb() - before)
 """
 
 
-def refused(capsys, argv, *needles, code=2) -> str:
-    assert main(argv) == code
+def script(name: str):
+    """Import ``scripts/<name>.py`` as a module, to call its ``main`` in-process."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def refused(capsys, argv, *needles, code=2, prog="") -> str:
+    """``train_lora.py`` (``prog``: ``scripts/<prog>``) refuses ``argv`` in one line with ``needles``."""
+    run = main if not prog else script(prog.removesuffix(".py")).main
+    assert run([str(a) for a in argv]) == code
     err = capsys.readouterr().err
     lines = err.splitlines()  # progress messages may come first; the error is the one last line
-    assert "Traceback" not in err and lines[-1].startswith("error: ") and err.count("error") == 1, err
+    prefix = f"{prog}: error: " if prog else "error: "
+    assert "Traceback" not in err and lines[-1].startswith(prefix) and err.count("error") == 1, err
     for needle in needles:
         assert needle in lines[-1], (needle, err)
     assert len(lines[-1]) < 400  # values are quoted shortened, never echoed whole
@@ -246,6 +259,47 @@ def test_a_rank_0_tensor_in_an_adapter_is_one_line(finished, base, tmp_path):
     tensors[name] = torch.tensor(1.0)
     save_file(tensors, str(adapter / "adapter_model.safetensors"))
     with pytest.raises(ValueError, match=rf"wrong shapes: {name} \(\) \(expected \(8, 32\)\)"):
+        LoRATransformer.from_pretrained(base).load_adapter(adapter)
+
+
+@pytest.mark.parametrize(("module", "needle"), [
+    ("blocks.0.attn.q_proj", "adapter_config.json: module 'blocks.0.attn.q_proj' claims rank 1000000000, but its "
+                             "lora_A in adapter_model.safetensors has shape (8, 32), rank 8"),
+    ("blocks.0.attn.k_proj", "adapter_model.safetensors lacks ['blocks.0.attn.k_proj.lora_A', "
+                             "'blocks.0.attn.k_proj.lora_B'] listed in adapter_config.json"),
+])  # fmt: skip
+def test_an_adapter_claiming_rank_10_9_is_refused_before_allocating(module, needle, finished, base, tmp_path,
+                                                                    capsys):  # fmt: skip
+    """A module of the run (its factors in the file) or one it did not adapt (no factors) claims rank 10**9."""
+    adapter = tmp_path / "adapter"
+    shutil.copytree(finished, adapter)
+    path = adapter / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config["modules"].setdefault(module, {"lora_alpha": 16.0})["r"] = 10**9  # (10**9, 32) float32: 128 GB
+    path.write_text(json.dumps(config))
+    t = time.perf_counter()
+    refused(capsys, ["--base", base, "--adapter", adapter, "--prompt", "a", "--max_new_tokens", "1"], needle,
+            prog="generate.py")  # fmt: skip
+    refused(capsys, ["--adapter", adapter], needle, prog="inspect_adapter.py")
+    assert time.perf_counter() - t < 10
+
+
+@pytest.mark.parametrize("modules", ["kept", "dropped"])
+def test_an_adapter_of_rank_0_is_refused_wherever_it_is_read(modules, finished, base, tmp_path, capsys):
+    """Factors (0, in) and (out, 0) with lora_r 0: the modules kept at their rank, or dropped from the list."""
+    adapter = tmp_path / "adapter"
+    shutil.copytree(finished, adapter)
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    for name, t in tensors.items():
+        tensors[name] = t[:0] if name.endswith("lora_A") else t[:, :0] if name.endswith("lora_B") else t
+    save_file(tensors, str(adapter / "adapter_model.safetensors"))
+    path = adapter / "adapter_config.json"
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps({**config, "lora_r": 0, **({"modules": {}} if modules == "dropped" else {})}))
+    needle = ("blocks.0.attn.q_proj.lora_A has shape (0, 32): module 'blocks.0.attn.q_proj' has rank 0, but a "
+              "rank must be a positive integer")  # fmt: skip
+    refused(capsys, ["--adapter", adapter], needle, prog="inspect_adapter.py")
+    with pytest.raises(ValueError, match=re.escape(needle)):
         LoRATransformer.from_pretrained(base).load_adapter(adapter)
 
 

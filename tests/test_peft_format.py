@@ -286,6 +286,7 @@ C_ATTN_B = "base_model.model.transformer.h.1.attn.c_attn.lora_B.weight"
         (None, lambda t: {k.replace(".weight", ".default.weight"): v for k, v in t.items()}, "an adapter name"),
         (None, lambda t: {**t, "base_model.model.lm_head.lora_A.weight": torch.zeros(4, 32)},
          "unexpected tensors: lm_head.lora_A"),
+        ({"r": 10**9}, None, r"wrong shapes: h.0.attn.c_attn.lora_A \(4, 32\) \(expected \(1000000000, 32\)\)"),
     ],
 )  # fmt: skip
 def test_what_this_model_cannot_compute_is_refused_in_one_line(
