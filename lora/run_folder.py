@@ -10,7 +10,6 @@ where it counts from the project folder, so runs land in the top-level ``runs/``
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import re
@@ -89,10 +88,7 @@ def check_run_folder(cfg: TrainConfig) -> None:
     through a regular file, or for ``--overwrite`` a ``runs/<name>`` that is not a run folder."""
     root = output_root(cfg.output_dir)
     final = root / run_folder_name(cfg)
-    blocker = next((p for p in (root, *root.parents) if p.exists() and not p.is_dir()), None)
-    if blocker is not None:  # (mkdir would say ENOTDIR, or EEXIST for the root itself)
-        raise ConfigError(f"cannot create the run folder {final}: {os.strerror(errno.ENOTDIR)} ({blocker} is a "
-                          "file)")  # fmt: skip
+    refuse_uncreatable([root])  # (a new run's own name, if taken, becomes <name>-2)
     if cfg.overwrite and cfg.resume is None:
         if final.exists() and not final.is_dir():
             raise ConfigError(f"--overwrite refused: {final} is a file, not a run folder")

@@ -41,7 +41,7 @@ from lora.errors import LoRAError, guarded
 from lora.figures import lines
 from lora.files import atomic_write_bytes
 from lora.formats import ADAPTER_WEIGHTS_NAME, WEIGHTS_NAME
-from lora.run_folder import output_root, refuse_replacing
+from lora.run_folder import output_root, refuse_replacing, refuse_uncreatable
 
 ROOT = Path(__file__).resolve().parents[1]
 # runs a TrainConfig saved as YAML; its LoRA settings simply do not apply to method full
@@ -128,6 +128,9 @@ def plan(cfg: TrainConfig, full_learning_rate: float,
         raise LoRAError(str(e).replace("learning_rate", "full_learning_rate", 1)) from None
     root = output_root(cfg.output_dir)
     refuse_replacing([root / "compare-lora", root / "compare-full"], cfg.overwrite, "an earlier comparison")
+    refuse_uncreatable(
+        [root / "compare-lora", root / "compare-full", root / "compare"]
+    )  # (compare: written last)
     return lora_cfg, full_cfg
 
 

@@ -146,6 +146,16 @@ def test_compare_methods_refuses_before_either_run(argv, needle, tmp_path, capsy
     assert not out.exists()
 
 
+def test_compare_methods_refuses_a_file_where_its_summary_goes_before_either_run(tmp_path, capsys):
+    out = tmp_path / "runs"
+    out.mkdir()
+    (out / "compare").write_text("mine")  # the summary's folder, written after both runs trained
+    assert script("compare_methods")([*TINY_FLAGS, "--output_dir", str(out)]) == 2
+    one_line(capsys, f"cannot create the folder {out / 'compare'}: it exists and is not a folder",
+             prog="compare_methods.py")  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == ["compare"] and (out / "compare").read_text() == "mine"
+
+
 def test_sweep_writes_its_tables_and_resumes_without_rerunning_finished_cells(tmp_path, capsys):
     out = tmp_path / "runs"
     argv = ["--mode", "grid", "--ranks", "1,4", "--targets", "v,qv", "--seeds", "0,1", *TINY_FLAGS,

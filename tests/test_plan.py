@@ -141,7 +141,9 @@ def test_an_output_dir_that_is_a_file_is_refused_at_once_with_a_given_base(flags
     argv = [*flags[: flags.index("--output_dir")], *flags[flags.index("--output_dir") + 2 :]]
     assert main([*argv, "--output_dir", str(blocker)]) == 2  # it spun at full CPU, never ending
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "cannot create the run folder" in err and "is a file" in err, err
+    assert (
+        err.count("\n") == 1 and f"cannot create the folder {blocker}: it exists and is not a folder" in err
+    ), err
     assert blocker.read_text() == "not a folder\n"
 
 
