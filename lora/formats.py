@@ -42,7 +42,6 @@ __all__ = [
     "CONFIG_NAME",
     "WEIGHTS_NAME",
     "AdapterFolder",
-    "check_ranks",
     "read_adapter_folder",
     "read_model_config",
     "read_model_header",
@@ -204,7 +203,7 @@ def _refuse_missing(present: Collection[str], modules: Collection[str], settings
 _RANK_AXIS = {"lora_A": 0, "lora_A0": 0, "lora_B": 1, "lora_B0": 1}
 
 
-def check_ranks(header: Mapping[str, torch.Tensor], ranks: Mapping[str, int], config_path: Path) -> None:
+def _check_ranks(header: Mapping[str, torch.Tensor], ranks: Mapping[str, int], config_path: Path) -> None:
     """Refuse a factor of rank 0, and a module whose rank in ``ranks`` (what ``config_path`` claims) is not
     the rank its factors in ``header`` hold (the rows of A, the columns of B): on the weights file's header,
     before a layer of the claimed rank is allocated. A factor missing or not 2-D is left to the shape checks."""
@@ -264,7 +263,7 @@ def read_adapter_folder(path: str | Path) -> AdapterFolder:
     # the header first (names, shapes, float dtypes): a claimed rank is checked before anything is allocated
     header = read_safetensors_header(weights_path)
     _refuse_missing(header, modules, settings, num_classes, weights_path)
-    check_ranks(header, {m: r for m, (r, _) in modules.items()}, config_path)
+    _check_ranks(header, {m: r for m, (r, _) in modules.items()}, config_path)
     tensors = read_safetensors(weights_path)
     return AdapterFolder(folder, settings, modules, num_classes, config["base"], str(config["base_fingerprint"]),
                          extra, tensors, config)  # fmt: skip
