@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from lora.adapter import Adapter, LayerAdapter, weighted_sum
-from lora.decoder import Decoder
 from lora.errors import quote
 from lora.files import describe_mismatch
 from lora.formats import AdapterFolder, read_adapter_folder, write_adapter_folder
@@ -29,19 +28,38 @@ from lora.lora_layer import BASE_DERIVED_INITS, LORA_LEAVES, LoRALinear, lora_mo
 from lora.model_config import LoRAConfig, ModelConfig
 from lora.peft_format import adapter_from_peft, is_peft_folder, write_peft_folder
 
-__all__ = ["AdapterSet"]
+__all__ = ["AdaptedModel", "AdapterSet"]
+
+
+class AdaptedModel(Protocol):
+    """What an :class:`AdapterSet` asks of its model beyond the :class:`~lora.decoder.Decoder`'s modules
+    (``LoRATransformer`` offers it; the set also sets the model's ``config``, ``lora_config`` and ``cls_head``
+    when it installs an adapter)."""
+
+    config: ModelConfig
+    lora_config: LoRAConfig
+    cls_head: nn.Linear | None
+    wte: nn.Embedding
+    ln_f: nn.Module
+
+    @property
+    def base_quantization(self) -> str | None: ...
+    def base_fingerprint(self) -> str: ...
+    def fused_row_norms(self) -> dict[str, torch.Tensor]: ...
+    def head_state(self) -> dict[str, torch.Tensor]: ...
+    def merge_lora(self) -> object: ...
+    def unmerge_lora(self) -> object: ...
+    def named_modules(self) -> Iterator[tuple[str, nn.Module]]: ...
 
 
 class AdapterSet:
-    """The adapters of ``model`` (a :class:`~lora.decoder.Decoder` that also offers ``base_fingerprint()``,
-    ``base_quantization``, ``fused_row_norms()``, ``head_state()``, ``merge_lora()`` and ``unmerge_lora()``,
-    as :class:`~lora.lora_transformer.LoRATransformer` does).
+    """The adapters of ``model`` (an :class:`AdaptedModel`: a ``LoRATransformer``).
 
     ``active`` is the active adapter's name (``None``: no adapter), ``active_extra`` its extra facts (task,
     run, ...), ``parked`` the others by name.
     """
 
-    def __init__(self, model: Decoder) -> None:
+    def __init__(self, model: AdaptedModel) -> None:
         self.model = model
         has_adapter = any(layer.r > 0 for _, layer in lora_modules(model)) or model.cls_head is not None
         self.active: str | None = "default" if has_adapter else None

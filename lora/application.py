@@ -36,13 +36,13 @@ from lora.distributed import (
 from lora.errors import CheckpointError, ConfigError, Interrupted, LoRAError, exit_code, one_line
 from lora.lora_transformer import LoRATransformer
 from lora.memory import peak_memory_mb, reset_peak_memory
-from lora.plan import RunPlan, find_resume, plan_run, storage_for
-from lora.pretrained import BaseSource, resolve_base
+from lora.plan import RunPlan, plan_run, resolve_or_refuse, storage_for
+from lora.pretrained import BaseSource
 from lora.run_folder import RunFolder, discard_unless_resumable, prepare_run_folder, publish, run_lock
 from lora.tokenizer import TOKENIZER_NAME, ByteTokenizer, HFTokenizer, Tokenizer
 from lora.trainer import LoRATrainer, Trainer, resolve_device
 
-__all__ = ["RankError", "build_model", "execute", "find_resume", "run", "say"]
+__all__ = ["RankError", "build_model", "execute", "run", "say"]
 
 
 def say(message: str) -> None:
@@ -156,11 +156,13 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     """
     place = from_environment()
     device = _device(cfg, place)
+    started = time.perf_counter()  # the run's time and peak memory count its plan too
+    reset_peak_memory(device)
     if not place.enabled:
-        return execute(plan_run(cfg, device), place)
+        return execute(plan_run(cfg, device), place, started=started)
     backend = start(place, device)
     try:
-        metrics = execute(plan_run(cfg, device, place.world_size), place, backend)
+        metrics = execute(plan_run(cfg, device, place.world_size), place, backend, started)
         barrier()  # the others wait for rank 0's writing: all leave the process group together
     except (Interrupted, PeerFailedError):
         raise
@@ -177,24 +179,20 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     return metrics
 
 
-def _made_base(folder: Path) -> BaseSource:
-    """The default base that rank 0 has just pretrained, resolved."""
-    try:
-        return resolve_base(folder)
-    except ValueError as e:
-        raise LoRAError(f"cannot load the base model: {e}") from None
-
-
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 1)
 
 
-def execute(plan: RunPlan, place: Distributed | None = None, backend: str | None = None) -> dict[str, Any]:
+def execute(
+    plan: RunPlan, place: Distributed | None = None, backend: str | None = None, started: float | None = None
+) -> dict[str, Any]:
     """Carry out ``plan`` (``lora/plan.py``), which has checked every input: the data, the default base if it
-    is still to be made (by rank 0 under torchrun; the others wait), the model, training and the outputs."""
+    is still to be made (by rank 0 under torchrun; the others wait), the model, training and the outputs.
+    ``started``: when the run began (its ``wall_time_s`` counts from there; default now)."""
     cfg, device, place = plan.cfg, plan.device, place or from_environment()
-    t_start = time.perf_counter()
-    reset_peak_memory(device)
+    t_start = time.perf_counter() if started is None else started
+    if started is None:
+        reset_peak_memory(device)
     tell = say if place.is_main else _silent
     torch.manual_seed(cfg.seed)
     task = load_task(cfg, tokenizer=plan.tokenizer)
@@ -205,7 +203,7 @@ def execute(plan: RunPlan, place: Distributed | None = None, backend: str | None
         else:
             say(f"base model: {plan.base_dir} (reused)")
     barrier()  # every process has its data, and the base exists
-    source = plan.base or _made_base(plan.base_dir)
+    source = plan.base or resolve_or_refuse(plan.base_dir)  # the default base rank 0 has just made
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, source, task.num_classes, device, plan.storage)
     resume, resume_state, tokenizer, base_dir = plan.resume, plan.resume_state, plan.tokenizer, plan.base_dir

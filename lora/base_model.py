@@ -21,7 +21,15 @@ from lora.lora_transformer import LoRATransformer
 from lora.run_folder import output_root
 from lora.trainer import Trainer
 
-__all__ = ["RECIPE_NAME", "base_dir_for", "check_recipe", "ensure_base", "pretrain_base", "require_folder"]
+__all__ = [
+    "RECIPE_NAME",
+    "base_dir_for",
+    "check_recipe",
+    "default_base_exists",
+    "ensure_base",
+    "pretrain_base",
+    "require_folder",
+]
 
 RECIPE_NAME = "pretraining.json"
 
@@ -76,7 +84,7 @@ def ensure_base(cfg: TrainConfig, device: torch.device, say: Callable[[str], Non
     if cfg.base_checkpoint != "auto":  # a given base: what it holds is lora/pretrained.py's to check
         say(f"base model: {require_folder(folder)} (reused)")
         return folder
-    exists = lambda: (folder / CONFIG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file()  # noqa: E731
+    exists = lambda: default_base_exists(folder)  # noqa: E731
     if not exists():
         try:  # an output_dir that cannot be written fails now, not after pretraining
             folder.parent.mkdir(parents=True, exist_ok=True)
@@ -94,6 +102,11 @@ def ensure_base(cfg: TrainConfig, device: torch.device, say: Callable[[str], Non
     check_recipe(cfg, folder)
     say(f"base model: {folder} (reused)")
     return folder
+
+
+def default_base_exists(folder: Path) -> bool:
+    """Whether the default base folder holds a model (written whole, or not at all)."""
+    return (folder / CONFIG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file()
 
 
 def require_folder(folder: Path) -> Path:

@@ -9,7 +9,8 @@
   ``(out, r)``; with DoRA ``<module>.lora_magnitude`` ``(out,)``; after a PiSSA or OLoRA start the initial
   factors ``<module>.lora_A0`` ``(r, in)`` and ``<module>.lora_B0`` ``(out, r)``; and ``cls_head.*`` if any).
 
-These functions read and write the files; whether an adapter fits a model is the model's question.
+These functions read and write the files (a model folder is read by ``lora/pretrained.py``); whether an
+adapter fits a model is its adapter set's question (``lora/adapter_set.py``).
 """
 
 from __future__ import annotations
@@ -43,9 +44,6 @@ __all__ = [
     "WEIGHTS_NAME",
     "AdapterFolder",
     "read_adapter_folder",
-    "read_model_config",
-    "read_model_header",
-    "read_model_weights",
     "write_adapter_files",
     "write_adapter_folder",
     "write_model_folder",
@@ -87,22 +85,6 @@ def write_model_folder(
     return folder
 
 
-def read_model_config(path: str | Path) -> ModelConfig:
-    """The architecture in a model folder's ``config.json`` (a bad folder: a one-line ``ValueError``)."""
-    config_path = existing_folder(path, "model") / CONFIG_NAME
-    return ModelConfig.from_dict(read_json(config_path), where=str(config_path))
-
-
-def read_model_header(path: str | Path) -> dict[str, torch.Tensor]:
-    """The weights of a model folder as empty ``meta`` tensors (names, shapes, dtypes): nothing allocated."""
-    return read_safetensors_header(existing_folder(path, "model") / WEIGHTS_NAME)
-
-
-def read_model_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a model folder's ``model.safetensors``, on the CPU."""
-    return read_safetensors(existing_folder(path, "model") / WEIGHTS_NAME)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Adapter folders
 
@@ -134,10 +116,9 @@ class AdapterFolder:
         return self.path / ADAPTER_WEIGHTS_NAME
 
     def to_adapter(self) -> Adapter:
-        """The :class:`Adapter`; a tensor the config lists but the file lacks raises (shapes are checked by the
-        model that loads it)."""
+        """The :class:`Adapter` (:func:`read_adapter_folder` has refused a tensor the config lists but the file
+        lacks; shapes are checked by the model that loads it)."""
         s = self.settings
-        _refuse_missing(self.tensors, self.modules, s, self.num_classes, self.weights_path)
         layers = {
             m: LayerAdapter(r, alpha, s.lora_dropout, s.use_rslora,
                             *(self.tensors.get(f"{m}.{k}") for k in LORA_LEAVES))

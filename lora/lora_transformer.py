@@ -395,15 +395,17 @@ class LoRATransformer(Decoder):
         """A model with the architecture and weights saved in ``path`` and the given LoRA options.
 
         ``path`` is a model folder of this project's or a Hugging Face GPT-2 folder (:meth:`from_gpt2`), or
-        a :class:`~lora.pretrained.BaseSource` that ``resolve_base`` made of one (nothing is read twice).
+        a :class:`~lora.pretrained.BaseSource` that ``resolve_base`` made of one (its config is not parsed
+        again, nor a safetensors header read again).
 
         ``lora_options`` are any of ``lora_r, lora_alpha, lora_dropout, lora_targets, adapt_attention,
         adapt_feedforward, use_rslora, use_dora, lora_init, num_classes, dropout``. A saved classification head is loaded when
         ``num_classes`` matches it; another ``num_classes`` gets a fresh head. The model takes the file's
         dtype when all its floating tensors share one.
         """
+        _refuse_unknown(lora_options)  # before the folder is read
         source = path if isinstance(path, BaseSource) else resolve_base(path)
-        options = _pretrained_options(source, lora_options)
+        options = {**source.architecture.to_dict(), **lora_options}
         try:
             with deferred_base_init():  # no PiSSA/OLoRA SVDs of the random weights about to be replaced
                 model = cls(**options)
@@ -432,16 +434,6 @@ class LoRATransformer(Decoder):
             raise ValueError(f"{source.config_path}: not a Hugging Face GPT-2 folder (no model_type 'gpt2'): a "
                              "model folder of this project's; load it with from_pretrained")  # fmt: skip
         return cls.from_pretrained(source, **lora_options)
-
-    @classmethod
-    def check_pretrained(
-        cls, path: str | Path, **lora_options: object
-    ) -> tuple[dict, dict[str, torch.Tensor]]:
-        """Check a model folder before anything is allocated (``lora/pretrained.py``'s :func:`resolve_base`):
-        its ``config.json`` against its weights file's header. Returns the constructor's options and the
-        header of the base tensors; a folder that does not fit raises a one-line ``ValueError``."""
-        source = resolve_base(path)
-        return _pretrained_options(source, lora_options), dict(source.header)
 
     def save_adapter(
         self,
@@ -498,14 +490,13 @@ class LoRATransformer(Decoder):
         return write_model_folder(path, self.config, self.merged_state_dict(), merged)
 
 
-def _pretrained_options(source: BaseSource, lora_options: Mapping[str, object]) -> dict[str, Any]:
-    """The constructor's keywords: the folder's architecture, then the given LoRA options (others refused)."""
+def _refuse_unknown(lora_options: Mapping[str, object]) -> None:
+    """Refuse a ``from_pretrained`` keyword that is not a LoRA option (the architecture is the folder's)."""
     unknown = sorted(set(lora_options) - set(FROM_PRETRAINED_OPTIONS))
     if unknown:
         raise ValueError(
             f"unknown from_pretrained options {unknown}; expected some of {list(FROM_PRETRAINED_OPTIONS)}"
         )
-    return {**source.architecture.to_dict(), **lora_options}
 
 
 def _demo() -> None:

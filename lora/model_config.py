@@ -164,7 +164,8 @@ class ModelConfig:
 
     def projection_shapes(self) -> dict[str, tuple[int, int]]:
         """Every linear projection of one block, ``name -> (out_features, in_features)``, in the order the block
-        applies them: what the block builds, the nf4 tile check, the memory estimate and weight init all ask."""
+        applies them: what the block builds (and so the memory estimate's meta block) and the nf4 tile check
+        ask; weight init asks :attr:`RESIDUAL_PROJECTIONS` which of them start smaller."""
         C, F, kv = self.d_model, self.d_ff, self.num_kv_heads * self.head_dim
         return {"attn.q_proj": (C, C), "attn.k_proj": (kv, C), "attn.v_proj": (kv, C), "attn.o_proj": (C, C),
                 "mlp.fc1": (F, C), "mlp.fc2": (C, F)}  # fmt: skip

@@ -1,10 +1,11 @@
 """A run's plan: every input resolved and checked, the cheap refusals first, nothing written or trained.
 
 :func:`plan_run` turns a :class:`TrainConfig` into a frozen :class:`RunPlan` (device, base folder resolved
-once, how the base is stored, tokenizer, checkpoint to resume, where the outputs go) in this order: the
-output folder, the data files (found, not opened), the base folder (its ``config.json`` parsed once, its header read once, checked on the meta
-device once), the sequence width against the base, the checkpoint to resume and its settings, the base's
-storage, the memory the run needs, the tokenizer. Only then does ``lora/application.py`` tokenize the data,
+once, how the base is stored, tokenizer, checkpoint to resume, memory, where the outputs go) in this
+order: the output folder, the data files (found, not opened), the checkpoint to resume and its settings,
+the base folder (its ``config.json`` parsed once, its header read once, checked on the meta device
+once), the sequence width against the base, the base's storage, the memory the run needs, the
+tokenizer. Only then does ``lora/application.py`` tokenize the data,
 pretrain a missing default base and load the weights. A typo costs one line and touches nothing.
 
 Under torchrun every process plans; the default base may exist only once rank 0 has pretrained it, so a
@@ -19,21 +20,20 @@ from typing import Any
 
 import torch
 
-from lora.base_model import base_dir_for, check_recipe, require_folder
+from lora.base_model import base_dir_for, check_recipe, default_base_exists, require_folder
 from lora.checkpoint import find_latest, read_trainer_state
 from lora.config import TrainConfig, load_yaml, resolve_config
 from lora.data import VOCAB_SIZE, check_data_files
 from lora.errors import CheckpointError, ConfigError, LoRAError
-from lora.formats import CONFIG_NAME, WEIGHTS_NAME
 from lora.memory import check_memory
 from lora.model_config import ModelConfig
 from lora.pretrained import BaseSource, resolve_base
 from lora.quantize import check_tiles
-from lora.run_folder import check_run_folder, output_root, run_folder_name
+from lora.run_folder import check_run_folder, final_folder, output_root, run_folder_name
 from lora.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 from lora.trainer import autocast_dtype
 
-__all__ = ["RunPlan", "find_resume", "plan_run", "storage_for"]
+__all__ = ["RunPlan", "find_resume", "plan_run", "resolve_or_refuse", "storage_for"]
 
 
 @dataclass(frozen=True)
@@ -42,9 +42,10 @@ class RunPlan:
 
     ``base`` is the resolved base folder (``None``: the default base, still to be pretrained by rank 0, at
     ``base_dir``); ``architecture`` the base's; ``storage`` how the frozen base is kept (``none``, ``bf16``,
-    ``nf4``); ``memory`` the bytes the run is estimated to need (``lora/memory.py``); ``run_folder`` where
-    it writes (a resumed run: the checkpoint's folder; a new run takes ``<name>-2`` ... if the name is
-    taken); ``resume`` the checkpoint to continue and ``resume_state`` its trainer state.
+    ``nf4``); ``memory`` the bytes the run is estimated to need (``lora/memory.py``); ``final`` where its
+    outputs end up (``runs/<name>``, or a resumed run's; ``lora/run_folder.py``: a new run whose name is
+    taken writes ``<name>-2``, an ``--overwrite`` is built aside and swapped in); ``resume`` the checkpoint
+    to continue and ``resume_state`` its trainer state.
     """
 
     cfg: TrainConfig
@@ -55,7 +56,7 @@ class RunPlan:
     storage: str
     tokenizer: Tokenizer
     memory: dict[str, int]
-    run_folder: Path
+    final: Path
     resume: Path | None = None
     resume_state: dict[str, Any] = field(default_factory=dict)
 
@@ -70,6 +71,7 @@ def plan_run(cfg: TrainConfig, device: torch.device, world_size: int = 1) -> Run
     :class:`~lora.errors.LoRAError` for the first problem found."""
     check_run_folder(cfg)
     check_data_files(cfg)  # (found, files, not too large: read only when the plan holds)
+    resume, resume_state = find_resume(cfg, world_size)  # its settings, before the base's are read
     base_dir = base_dir_for(cfg)
     base = _given_base(base_dir) if cfg.base_checkpoint != "auto" else _default_base(cfg, base_dir)
     arch = base.architecture if base is not None else cfg.model_config(VOCAB_SIZE)
@@ -77,7 +79,6 @@ def plan_run(cfg: TrainConfig, device: torch.device, world_size: int = 1) -> Run
     if width > arch.max_seq_len:
         raise ConfigError(f"seq_len {width} exceeds the base model's max_seq_len {arch.max_seq_len} "
                           f"({base_dir})")  # fmt: skip
-    resume, resume_state = find_resume(cfg, world_size)
     storage = storage_for(cfg, device)
     if storage == "nf4":  # the block weights must tile NF4's blocks: refused before a base is made or loaded
         try:
@@ -88,26 +89,26 @@ def plan_run(cfg: TrainConfig, device: torch.device, world_size: int = 1) -> Run
     if base is None or cfg.base_checkpoint == "auto":  # a base made here reads bytes
         tokenizer: Tokenizer = ByteTokenizer()
     else:
-        tokenizer = load_tokenizer(base.folder, arch.vocab_size, hf_model=base.hf_model)
-    folder = resume.parent if resume is not None else output_root(cfg.output_dir) / run_folder_name(cfg)
-    return RunPlan(
-        cfg, device, base_dir, base, arch, storage, tokenizer, memory, folder, resume, resume_state
-    )
+        tokenizer = load_tokenizer(base.folder, arch.vocab_size, base.hf_model, base.tokenizer_files)
+    final = final_folder(cfg, resume)
+    return RunPlan(cfg, device, base_dir, base, arch, storage, tokenizer, memory, final, resume, resume_state)
 
 
 def _given_base(folder: Path) -> BaseSource:
     """A given base folder, resolved (a missing or bad one: one line)."""
-    try:
-        return resolve_base(require_folder(folder))
-    except ValueError as e:
-        raise LoRAError(f"cannot load the base model: {e}") from None
+    return resolve_or_refuse(require_folder(folder))
 
 
 def _default_base(cfg: TrainConfig, folder: Path) -> BaseSource | None:
     """The default base if it exists (made with the settings asked for now), else ``None``: to pretrain."""
-    if not ((folder / CONFIG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file()):
+    if not default_base_exists(folder):
         return None
     check_recipe(cfg, folder)
+    return resolve_or_refuse(folder)
+
+
+def resolve_or_refuse(folder: Path) -> BaseSource:
+    """:func:`~lora.pretrained.resolve_base`, a folder that does not fit refused as a run refuses it."""
     try:
         return resolve_base(folder)
     except ValueError as e:

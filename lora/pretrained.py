@@ -6,6 +6,8 @@ once (names, shapes, dtypes; nothing allocated), and checks it against the archi
 on the ``meta`` device once. It returns a frozen :class:`BaseSource` that everything after it asks
 instead of the folder. :func:`read_base_tensors` then reads the weights themselves, under this model's
 names. A folder that does not fit raises a one-line ``ValueError`` naming the file and what is wrong.
+(A ``pytorch_model.bin`` has no header to read apart: it is unpickled, memory-mapped where it can be, for
+the check, and again for its values.)
 
 Weights files: ``model.safetensors``; a Hugging Face folder may hold ``pytorch_model.bin`` instead, read
 with ``torch.load(weights_only=True)`` (tensors and plain containers only, never arbitrary objects).
@@ -68,11 +70,6 @@ class BaseSource:
         """Whether the folder holds a Hugging Face model (which needs its own tokenizer)."""
         return self.importer != "lora"
 
-    @property
-    def head_saved(self) -> bool:
-        """Whether the weights hold a classification head of ``architecture.num_classes``."""
-        return any(k.startswith(HEAD_PREFIX) for k in self.header)
-
 
 def resolve_base(path: str | Path) -> BaseSource:
     """Read and check the base folder ``path`` once (see the module docstring)."""
@@ -95,12 +92,10 @@ def resolve_base(path: str | Path) -> BaseSource:
 
 def read_base_tensors(source: BaseSource, with_head: bool = False) -> dict[str, torch.Tensor]:
     """The base tensors of ``source.header``, on the CPU, under this model's names, and with ``with_head`` the
-    saved classification head (which must be there). A GPT-2 file's saved LM head must equal its token
+    saved classification head (of ``architecture.num_classes``). A GPT-2 file's saved LM head must equal its token
     embedding (the tied head is the only one this layout has); a tensor holding nan or inf is refused, naming
     it (else the first step "diverges", and the learning rate is blamed)."""
     keep = {k for k in source.header if with_head or not k.startswith(HEAD_PREFIX)}
-    if with_head and not source.head_saved:
-        raise ValueError(f"{source.weights_path}: missing tensors: {HEAD_PREFIX}bias, {HEAD_PREFIX}weight")
     if source.importer == "gpt2":
         tensors = _read_gpt2(source.weights_path, header_only=False)
         check_gpt2_tensors(tensors, source.architecture, source.weights_path)
@@ -133,7 +128,7 @@ def _check_against_architecture(
     except ValueError as e:
         raise ValueError(f"{where.parent / CONFIG_NAME}: cannot build the model ({e})") from None
     expected = {k: v for k, v in probe.state_dict().items() if probe.is_base_key(k)}
-    if arch.num_classes is not None and any(k.startswith(HEAD_PREFIX) for k in header):
+    if arch.num_classes is not None:  # a head config.json describes: the weights must hold it
         expected.update({f"{HEAD_PREFIX}{k}": v for k, v in probe.cls_head.state_dict().items()})
     else:  # a head config.json does not describe is not loaded
         header = {k: v for k, v in header.items() if not k.startswith(HEAD_PREFIX)}

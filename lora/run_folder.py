@@ -28,6 +28,7 @@ __all__ = [
     "RunFolder",
     "check_run_folder",
     "discard_unless_resumable",
+    "final_folder",
     "output_root",
     "prepare_run_folder",
     "publish",
@@ -65,13 +66,10 @@ def prepare_run_folder(cfg: TrainConfig, resume: Path | None) -> tuple[Path, Pat
     run it replaces is untouched. A resumed run continues in its folder (an ``.incomplete`` one still
     replaces ``<name>`` when it finishes).
     """
-    if resume is not None:  # an --overwrite's staged folder, however resumed (by path, or --resume auto)
-        folder = resume.parent if resume.is_file() else resume
-        staged = STAGED.fullmatch(folder.name)
-        return folder, folder.parent / staged.group(1) if staged else folder
-    root = output_root(cfg.output_dir)
-    name = run_folder_name(cfg)
-    final = root / name
+    final = final_folder(cfg, resume)
+    if resume is not None:
+        return (resume.parent if resume.is_file() else resume), final
+    root, name = final.parent, final.name
     if cfg.overwrite:  # (check_run_folder has refused a final that is not a run folder)
         return _claim(root / f"{name}.incomplete-{uuid.uuid4().hex[:8]}"), final
     suffix = 1
@@ -83,13 +81,27 @@ def prepare_run_folder(cfg: TrainConfig, resume: Path | None) -> tuple[Path, Pat
             suffix += 1
 
 
+def final_folder(cfg: TrainConfig, resume: Path | None = None) -> Path:
+    """Where a run's outputs end up: ``<output root>/<name>`` (a new run whose name is taken writes
+    ``<name>-2`` ...); resuming, the checkpoint's folder, or the run an ``--overwrite``'s staged folder
+    replaces (however resumed: by path, or ``--resume auto``)."""
+    if resume is None:
+        return output_root(cfg.output_dir) / run_folder_name(cfg)
+    folder = resume.parent if resume.is_file() else resume
+    staged = STAGED.fullmatch(folder.name)
+    return folder.parent / staged.group(1) if staged else folder
+
+
 def check_run_folder(cfg: TrainConfig) -> None:
-    """Refuse, before anything is read or written, an output folder that cannot hold the run: a path
-    through a regular file, or for ``--overwrite`` a ``runs/<name>`` that is not a run folder."""
+    """Refuse, before anything is read or written, an output folder that cannot hold a new run: a path
+    through a regular file, or for ``--overwrite`` a ``runs/<name>`` that is not a run folder (a resumed
+    run writes into its own folder, wherever it is)."""
+    if cfg.resume is not None:
+        return
     root = output_root(cfg.output_dir)
     final = root / run_folder_name(cfg)
     refuse_uncreatable([root])  # (a new run's own name, if taken, becomes <name>-2)
-    if cfg.overwrite and cfg.resume is None:
+    if cfg.overwrite:
         if final.exists() and not final.is_dir():
             raise ConfigError(f"--overwrite refused: {final} is a file, not a run folder")
         visible = [p for p in final.iterdir() if not p.name.startswith(".")] if final.is_dir() else []

@@ -109,15 +109,22 @@ def _tokenizers_library() -> object:
     return tokenizers
 
 
-def load_tokenizer(folder: str | Path | None, vocab_size: int, hf_model: bool | None = None) -> Tokenizer:
+def load_tokenizer(
+    folder: str | Path | None,
+    vocab_size: int,
+    hf_model: bool | None = None,
+    files: Sequence[Path] | None = None,
+) -> Tokenizer:
     """The tokenizer of a model folder whose model has ``vocab_size`` ids.
 
     ``folder`` ``None`` or without tokenizer files: bytes (a model of this project's with 256 to
     :data:`MAX_BYTE_VOCAB` ids; a Hugging Face folder, or a larger vocabulary, needs its own tokenizer).
     A tokenizer with more ids than the model has embeddings is refused. ``hf_model``: whether the folder
-    holds a Hugging Face model (``None``: look at its ``config.json``).
+    holds a Hugging Face model, and ``files`` its tokenizer files, where the caller knows them already
+    (``None``: look at its ``config.json``; :func:`tokenizer_files`).
     """
-    files = [] if folder is None else tokenizer_files(folder)
+    if files is None:
+        files = [] if folder is None else tokenizer_files(folder)
     if not files:
         if folder is not None and (is_hf_folder(folder) if hf_model is None else hf_model):
             raise ConfigError(f"{folder}: no tokenizer beside the model ({TOKENIZER_NAME}, or "

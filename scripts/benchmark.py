@@ -81,6 +81,7 @@ from lora.gpt2 import is_hf_folder
 from lora.lora_transformer import LoRATransformer
 from lora.memory import peak_memory_mb as steps_peak_mb
 from lora.memory import reset_peak_memory, tensor_peak
+from lora.pretrained import resolve_base
 from lora.quantize import import_torchao_quietly
 from lora.versions import library_versions
 from scripts.bench_report import FLOPS_NOTE, markdown, plot, summarise
@@ -651,10 +652,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.base is not None:
         if args.base_batch < 1:
             p.error(f"--base_batch must be >= 1, got {args.base_batch}")
-        config, _ = LoRATransformer.check_pretrained(args.base, lora_r=0)  # a bad folder: one line, exit 2
-        SIZES["base"] = Shape(config["d_model"], config["num_layers"], config["num_heads"],
-                              min(128, config["max_seq_len"]), args.base_batch, config["vocab_size"],
-                              str(Path(args.base).resolve()))  # fmt: skip
+        arch = resolve_base(args.base).architecture  # a bad folder: one line, exit 2
+        SIZES["base"] = Shape(arch.d_model, arch.num_layers, arch.num_heads, min(128, arch.max_seq_len),
+                              args.base_batch, arch.vocab_size, str(Path(args.base).resolve()))  # fmt: skip
     elif "base" in args.sizes:
         p.error("--sizes base needs --base DIR")
     bad = [s for s in args.sizes if s not in SIZES]

@@ -1,4 +1,4 @@
-"""The model's adapters (lora/lora_transformer.py, lora/adapter.py, lora/formats.py): round trips, base checks,
+"""The model's adapters (lora/adapter_set.py, lora/adapter.py, lora/formats.py): round trips, base checks,
 several adapters, weighted sums, export."""
 
 import json

@@ -24,7 +24,7 @@ LAYERS = [
     "chunked_loss",  # the LM loss with the head applied a chunk of tokens at a time
     "model_config",  # ModelConfig, LoRAConfig
     "config",  # TrainConfig: YAML and flags
-    "gpt2",  # Hugging Face GPT-2 folders read as this model's tensors
+    "gpt2",  # the GPT-2 importer: a Hugging Face GPT-2 config and tensors converted to this model's
     "tokenizer",  # text <-> token ids: bytes, or a model folder's own tokenizer
     "data",  # tasks, BatchLoader
     "plotting",  # the training-curve figure

@@ -161,6 +161,6 @@ def test_the_plan_resolves_every_input_and_writes_nothing(gpt2_folder, text, tmp
     assert {k for k in plan.base.header if k.startswith("blocks.0.attn.")} >= {"blocks.0.attn.q_proj.weight"}
     assert plan.base.tokenizer_files == (gpt2_folder / "tokenizer.json",)
     assert plan.tokenizer.vocab_size == 300 and plan.storage == "none" and plan.resume is None
-    assert plan.run_folder == runs / "p" and set(plan.memory) == {"model", "data", "activations"}
+    assert plan.final == runs / "p" and set(plan.memory) == {"model", "data", "activations"}
     assert all(v > 0 for v in plan.memory.values())
     assert not runs.exists()  # a plan writes nothing

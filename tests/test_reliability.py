@@ -431,7 +431,7 @@ def test_bad_base_models_are_one_line_exit_2(base, flags, tmp_path, capsys):
         one_error_line(capsys, "cannot load the base model", str(folder), needle, alone=False)
     assert main([*flags, "--base_checkpoint", str(tmp_path / "none")]) == 2
     one_error_line(capsys, f"base checkpoint not found: {tmp_path / 'none'}")
-    # a base shorter than the data's sequences: caught when the model is built
+    # a base shorter than the data's sequences: caught by the plan, before the data are read
     text = tmp_path / "t.txt"
     text.write_text("some words of English text. " * 200)
     argv = [*task_flags(flags, "text"), "--train_file", str(text)]
