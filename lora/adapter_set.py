@@ -266,10 +266,18 @@ class AdapterSet:
     # ----------------------------------------------------------------------------------------------------
     # Folders
 
+    def _refuse_peft_unless_gpt2(self, what: str) -> None:
+        """PEFT's format is mapped for GPT-2's modules only (``lora/peft_format.py``): refuse another layout."""
+        other = self.model.config.family_changes()
+        if other:
+            raise ValueError(f"cannot {what} for this model: PEFT's format is mapped for GPT-2-layout models "
+                             f"only, and this one differs in {', '.join(sorted(other))}")  # fmt: skip
+
     def load(self, path: str | Path, name: str = "default", force: bool = False) -> str:
         """Load the adapter folder (ours or PEFT's) in ``path`` as ``name`` and make it active; returns the
         name (see ``LoRATransformer.load_adapter``)."""
         if is_peft_folder(path):
+            self._refuse_peft_unless_gpt2("load a PEFT adapter")
             adapter = adapter_from_peft(path, self.model.config, self.model.fused_row_norms())
             ranks = {m: s.r for m, s in adapter.layers.items()}
             self.check_tensors(adapter.tensors(), ranks, None, path, settings=adapter.settings)
@@ -299,6 +307,7 @@ class AdapterSet:
 
     def export_peft(self, path: str | Path, name: str | None = None, base: str | None = None) -> Path:
         """Write adapter ``name`` (default: the active one) as a Hugging Face PEFT LoRA folder."""
+        self._refuse_peft_unless_gpt2("export to PEFT")
         adapter = self.get(self.active_name() if name is None else name)
         return write_peft_folder(path, adapter, self.model.config, base, self.model.fused_row_norms())
 

@@ -66,11 +66,17 @@ def narrow_base_(model: Decoder, kind: str) -> None:
 
 @torch.no_grad()
 def set_embedding_dtype(model: Decoder, dtype: torch.dtype) -> None:
-    """Store the frozen embeddings (and so the tied LM head) in ``dtype``."""
+    """Store the frozen embeddings (and so a tied LM head) in ``dtype``."""
     for emb in model.embeddings():
         if emb.weight.dtype != dtype:
             emb.weight = nn.Parameter(emb.weight.to(dtype), requires_grad=False)
-    model.lm_head.weight = model.wte.weight
+    _retie(model)
+
+
+def _retie(model: Decoder) -> None:
+    """A tied LM head is the token embedding again (after ``wte.weight`` was replaced)."""
+    if model.config.tied_head:
+        model.lm_head.weight = model.wte.weight
 
 
 @contextmanager
@@ -93,6 +99,6 @@ def dense_weights(model: Decoder) -> Iterator[None]:
             setattr(layer, name, tensor)
         for emb, weight in embeddings:
             emb.weight = weight
-        model.lm_head.weight = model.wte.weight
+        _retie(model)
         for block in model.blocks:
             block.attn._frozen_qkv.clear()

@@ -129,7 +129,9 @@ class TrainConfig:
     lora_targets: list[str] = field(
         default_factory=lambda: ["q", "v"], metadata=_help("attention projections to adapt, of q,k,v,o")
     )
-    adapt_feedforward: bool = field(default=False, metadata=_help("also adapt the MLP (fc1, fc2)"))
+    adapt_feedforward: bool = field(
+        default=False, metadata=_help("also adapt the MLP (fc1, fc2; or gate, up, down)")
+    )
     use_rslora: bool = field(default=False, metadata=_help("rank-stabilised scaling alpha / sqrt(r)"))
     use_dora: bool = field(
         default=False,

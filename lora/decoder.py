@@ -1,13 +1,23 @@
 """The architecture: a decoder-only transformer, readable on its own (no adapter set, no files).
 
-Token + learned position embeddings, ``num_layers`` pre-LayerNorm blocks (causal self-attention with
-separate ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``, the first three computed in one fused path; a
-GELU MLP ``fc1``/``fc2``), a final LayerNorm and an LM head tied to the token embedding; optionally a
-classification head over the last token. That is GPT-2's layout, the values of :class:`ModelConfig`'s
-family fields this version builds. Every block projection is a :class:`~lora.lora_layer.LoRALinear`
-whose shape comes from :meth:`ModelConfig.projection_shapes`; the ones not adapted have ``r = 0`` and are
-plain linear layers.
+Token embeddings (+ learned position embeddings), ``num_layers`` pre-norm blocks (causal self-attention
+with separate ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``, the first three computed in one fused path;
+an MLP), a final norm and an LM head, optionally a classification head over the last token. What differs
+between decoder families are :class:`ModelConfig`'s family fields, and the modules branch on them:
 
+==============  ==============================================  ===========================================
+field           GPT-2 (the defaults)                            Llama, Mistral
+==============  ==============================================  ===========================================
+``norm``        LayerNorm (weight, bias)                        RMSNorm (weight)
+``mlp``         ``fc2(gelu(fc1(x)))``                           ``down_proj(silu(gate_proj(x)) * up_proj(x))``
+``positions``   learned ``wpe`` added to ``wte``                rotary: q and k rotated (``rope_theta``)
+kv heads        ``num_kv_heads = num_heads``                    fewer: each serves a group of query heads
+``bias``        on every projection                             none
+``tied_head``   the LM head is ``wte``                          its own weight (or tied)
+==============  ==============================================  ===========================================
+
+Every block projection is a :class:`~lora.lora_layer.LoRALinear` whose shape comes from
+:meth:`ModelConfig.projection_shapes`; the ones not adapted have ``r = 0`` and are plain linear layers.
 :class:`Decoder` is the module: ``forward``, ``logits``, ``lm_loss``, ``generate``. The model that owns
 adapters, stores its base narrower and reads and writes folders is
 :class:`~lora.lora_transformer.LoRATransformer`, built on it.
@@ -38,8 +48,33 @@ def _linear(config: ModelConfig, name: str, lora: LoRAConfig, adapted: bool) -> 
     ``adapted``, else a plain one (``r = 0``)."""
     d_out, d_in = config.projection_shapes()[name]
     r = lora.lora_r if adapted else 0
-    return LoRALinear(d_in, d_out, r, lora.lora_alpha, lora.lora_dropout, use_rslora=lora.use_rslora,
-                      use_dora=lora.use_dora, lora_init=lora.lora_init)  # fmt: skip
+    return LoRALinear(d_in, d_out, r, lora.lora_alpha, lora.lora_dropout, bias=config.bias,
+                      use_rslora=lora.use_rslora, use_dora=lora.use_dora, lora_init=lora.lora_init)  # fmt: skip
+
+
+def _norm(config: ModelConfig) -> nn.Module:
+    """The family's normalisation over ``d_model``: LayerNorm (weight, bias) or RMSNorm (weight only)."""
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.d_model, eps=config.layer_norm_eps)
+    return nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+
+
+def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary position embedding (RoFormer): for positions ``(T,)`` the ``cos`` and ``sin`` ``(T, hs)`` of the
+    angles ``p / theta^(2i / hs)``, i < hs / 2, each half of the head repeated (the layout Llama's weights
+    use), in float32."""
+    inv_freq = 1.0 / theta ** (
+        torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim
+    )
+    angles = positions.float()[:, None] * inv_freq[None, :]  # (T, hs / 2)
+    angles = torch.cat([angles, angles], dim=-1)  # (T, hs)
+    return angles.cos(), angles.sin()
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x`` (B, nh, T, hs) rotated: ``x cos + rotate_half(x) sin``, ``rotate_half([a, b]) = [-b, a]``."""
+    a, b = x.chunk(2, dim=-1)
+    return (x * cos + torch.cat([-b, a], dim=-1) * sin).to(x.dtype)
 
 
 class CausalSelfAttention(nn.Module):
@@ -53,7 +88,9 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, config: ModelConfig, lora: LoRAConfig) -> None:
         super().__init__()
-        self.num_heads = config.num_heads
+        self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
+        self.rotary = config.positions == "rotary"
+        self.rope_theta = config.rope_theta
         self.dropout = config.dropout
         for t, name in PROJECTIONS.items():
             setattr(self, name, _linear(config, f"attn.{name}", lora, t in lora.lora_targets))
@@ -63,17 +100,24 @@ class CausalSelfAttention(nn.Module):
         self._frozen_qkv = FrozenConcat(adopt=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, T, C) -> (B, T, C)``."""
+        """``(B, T, C) -> (B, T, C)``; with ``num_kv_heads < num_heads`` each key/value head serves
+        ``num_heads / num_kv_heads`` query heads (grouped-query attention)."""
         B, T, C = x.shape
-        hs = C // self.num_heads
+        hs, nkv = C // self.num_heads, self.num_kv_heads
         layers = (self.q_proj, self.k_proj, self.v_proj)
-        if self.fused_qkv and can_fuse(layers):
-            q, k, v = fused_lora_linear(x, layers, self._frozen_qkv).split(C, dim=2)  # 3 x (B, T, C)
+        if self.fused_qkv and can_fuse(layers):  # (B, T, C), 2 x (B, T, nkv hs)
+            q, k, v = fused_lora_linear(x, layers, self._frozen_qkv).split([C, nkv * hs, nkv * hs], dim=2)
         else:
-            q, k, v = (layer(x) for layer in layers)  # 3 x (B, T, C)
+            q, k, v = (layer(x) for layer in layers)
         q = q.view(B, T, self.num_heads, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.num_heads, hs).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.num_heads, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        if self.rotary:
+            cos, sin = rotary_cos_sin(torch.arange(T, device=x.device), hs, self.rope_theta)  # (T, hs)
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        if nkv != self.num_heads:  # each key/value head repeated for its group of query heads
+            k = k.repeat_interleave(self.num_heads // nkv, dim=1)  # (B, nh, T, hs)
+            v = v.repeat_interleave(self.num_heads // nkv, dim=1)  # (B, nh, T, hs)
         y = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
         )  # (B, nh, T, hs)
@@ -90,17 +134,22 @@ ACTIVATION_FUNCTIONS = {
 
 
 class MLP(nn.Module):
-    """``fc2(act(fc1(x)))``; ``act`` is GPT-2's tanh-approximated GELU unless the config says otherwise."""
+    """``fc2(act(fc1(x)))`` (plain), or ``down_proj(act(gate_proj(x)) * up_proj(x))`` (gated: SwiGLU with
+    ``silu``); ``act`` is GPT-2's tanh-approximated GELU unless the config says otherwise."""
 
     def __init__(self, config: ModelConfig, lora: LoRAConfig) -> None:
         super().__init__()
         self.act = ACTIVATION_FUNCTIONS[config.activation]
-        self.fc1 = _linear(config, "mlp.fc1", lora, lora.adapt_feedforward)
-        self.fc2 = _linear(config, "mlp.fc2", lora, lora.adapt_feedforward)
+        self.gated = config.mlp == "gated"
+        for name in config.projection_shapes():
+            if name.startswith("mlp."):
+                setattr(self, name[len("mlp.") :], _linear(config, name, lora, lora.adapt_feedforward))
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, T, C) -> (B, T, C)``."""
+        if self.gated:
+            return self.drop(self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x)))
         return self.drop(self.fc2(self.act(self.fc1(x))))
 
 
@@ -109,9 +158,9 @@ class Block(nn.Module):
 
     def __init__(self, config: ModelConfig, lora: LoRAConfig) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.ln_1 = _norm(config)
         self.attn = CausalSelfAttention(config, lora)
-        self.ln_2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.ln_2 = _norm(config)
         self.mlp = MLP(config, lora)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -139,12 +188,14 @@ class Decoder(nn.Module):
         # tokens whose logits exist at once in forward(..., targets=...): the LM loss without the whole logits
         self.loss_chunk_tokens = 1024
         self.wte = nn.Embedding(config.vocab_size, config.d_model)
-        self.wpe = nn.Embedding(config.max_seq_len, config.d_model)
+        learned = config.positions == "learned"  # (rotary positions are the attention's)
+        self.wpe = nn.Embedding(config.max_seq_len, config.d_model) if learned else None
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, lora) for _ in range(config.num_layers))
-        self.ln_f = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.ln_f = _norm(config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # tied, as GPT-2
+        if config.tied_head:
+            self.lm_head.weight = self.wte.weight  # tied, as GPT-2
         num_classes = config.num_classes
         self.cls_head = nn.Linear(config.d_model, num_classes) if num_classes else None
         self._init_weights()
@@ -165,7 +216,7 @@ class Decoder(nn.Module):
 
     def embeddings(self) -> list[nn.Embedding]:
         """The embedding tables: the tokens' (``wte``, also the tied LM head) and the learned positions'."""
-        return [self.wte, self.wpe]
+        return [self.wte] + ([self.wpe] if self.wpe is not None else [])
 
     def is_base_key(self, key: str) -> bool:
         """Whether state-dict ``key`` is a frozen base tensor: not a LoRA tensor, not the classification head,
@@ -191,9 +242,11 @@ class Decoder(nn.Module):
         T = idx.shape[1]
         if T > self.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len {self.max_seq_len}")
-        pos = torch.arange(T, device=idx.device)
         dtype = self.ln_f.weight.dtype  # the computation's; a 4-bit base stores its embeddings narrower
-        x = self.drop(self.wte(idx).to(dtype) + self.wpe(pos).to(dtype))  # (B, T, C)
+        x = self.wte(idx).to(dtype)  # (B, T, C)
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(T, device=idx.device)).to(dtype)
+        x = self.drop(x)
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 # non-reentrant: LoRA grads flow even though x (frozen embeddings) needs no grad
@@ -222,7 +275,7 @@ class Decoder(nn.Module):
         return self.cls_head(h[torch.arange(h.shape[0], device=h.device), last.to(h.device)])  # (B, classes)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """The tied LM head: hidden states ``(..., C)`` -> logits ``(..., vocab)``, in ``h``'s dtype (a 4-bit
+        """The LM head: hidden states ``(..., C)`` -> logits ``(..., vocab)``, in ``h``'s dtype (a 4-bit
         base's bfloat16 head is widened for the product, :func:`~lora.quantize.frozen_linear`; autocast chooses
         its own)."""
         return frozen_linear(h, self.lm_head.weight)

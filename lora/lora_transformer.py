@@ -1,8 +1,7 @@
 """The LoRA-capable model: the decoder (``lora/decoder.py``) with its adapters, its base and its folders.
 
-:class:`LoRATransformer` is the :class:`~lora.decoder.Decoder` (GPT-2's layout: token + position
-embeddings, pre-LayerNorm blocks with q, k, v, o attention projections and an ``fc1``/``fc2`` MLP, a tied
-LM head) whose projections carry LoRA adapters. It adds what an adapted model needs around the
+:class:`LoRATransformer` is the :class:`~lora.decoder.Decoder` (GPT-2's layout by default, or a Llama-family
+one: its family fields) whose projections carry LoRA adapters. It adds what an adapted model needs around the
 architecture: ``configure_lora_training`` and ``get_parameter_stats``, LoRA state dicts, merge and unmerge,
 the frozen base's tensors and fingerprint, storing the base narrower (4-bit NF4 or bf16), and the public
 adapter methods, delegated to its :class:`~lora.adapter_set.AdapterSet` (``model.adapters``). Model folders
@@ -66,7 +65,8 @@ class LoRATransformer(Decoder):
     """The decoder (``lora/decoder.py``) whose attention (and optionally MLP) projections carry LoRA adapters.
 
     ``lora_targets`` picks among the attention projections q, k, v, o (used when ``adapt_attention``);
-    ``adapt_feedforward`` adapts ``fc1`` and ``fc2`` too. ``lora_r = 0`` builds a LoRA-free model.
+    ``adapt_feedforward`` adapts the MLP's projections too (``fc1``, ``fc2``; a gated MLP's ``gate_proj``,
+    ``up_proj``, ``down_proj``). ``lora_r = 0`` builds a LoRA-free model.
     With ``num_classes`` the model also has a classification head over the last token's hidden state.
     ``model.config`` (:class:`ModelConfig`) and ``model.lora_config`` (:class:`LoRAConfig`) say what it is;
     ``gradient_checkpointing``, ``fused_qkv``, :meth:`lm_loss` and :meth:`generate` are the decoder's.
@@ -101,8 +101,9 @@ class LoRATransformer(Decoder):
         **family: Any,
     ) -> None:
         """The model of these settings; ``family`` takes :class:`ModelConfig`'s family keys (``norm``,
-        ``mlp``, ``positions``, ``num_kv_heads``, ``bias``, ``tied_head``), GPT-2's values by default."""
-        unknown = sorted(set(family) - set(ModelConfig.FAMILY_SHAPE_KEYS))
+        ``mlp``, ``positions``, ``num_kv_heads``, ``bias``, ``tied_head``, ``rope_theta``), GPT-2's values by
+        default."""
+        unknown = sorted(set(family) - {*ModelConfig.FAMILY_SHAPE_KEYS, *ModelConfig.FAMILY_VALUE_KEYS})
         if unknown:
             raise TypeError(f"LoRATransformer got unexpected keyword arguments {unknown}")
         config = ModelConfig(vocab_size, d_model, num_heads, num_layers, d_ff, max_seq_len, dropout, num_classes,
@@ -337,7 +338,8 @@ class LoRATransformer(Decoder):
             plain = LoRATransformer.from_config(self.config)
         plain.to(device=self.wte.weight.device, dtype=self.wte.weight.dtype)
         missing, unexpected = plain.load_state_dict(tensors, strict=False)
-        assert missing == ["lm_head.weight"] and not unexpected, (missing, unexpected)  # lm_head is tied
+        tied = ["lm_head.weight"] if self.config.tied_head else []  # (a tied head is wte, stored once)
+        assert missing == tied and not unexpected, (missing, unexpected)
         return plain.eval()
 
     # ----------------------------------------------------------------------------------------------------

@@ -28,18 +28,21 @@ __all__ = [
 
 ATTENTION_TARGETS = ("q", "k", "v", "o")
 PROJECTIONS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}  # target -> the module's name
-FEEDFORWARD = ("fc1", "fc2")
+FEEDFORWARD = ("fc1", "fc2", "gate_proj", "up_proj", "down_proj")  # a plain MLP's, a gated MLP's
 # the MLP's activation: gelu_tanh is GPT-2's (tanh-approximated GELU), gelu the exact (erf) one
 ACTIVATIONS = ("gelu_tanh", "gelu", "relu", "silu")
-# What differs between decoder families, as ModelConfig fields, and the values this version builds: GPT-2's
-# (its values are the defaults, so every config.json and adapter folder written before reads unchanged).
-# The model-family work adds values here and branches on them in lora/decoder.py, not in copies of it.
+# What differs between decoder families, as ModelConfig fields, and the values this version builds, GPT-2's
+# first (its values are the defaults, so every config.json and adapter folder written before reads
+# unchanged). lora/decoder.py branches on them; a family is a set of values, not a copy of the model.
 FAMILY_CHOICES: dict[str, tuple[object, ...]] = {
-    "norm": ("layernorm",),  # the blocks' and the final normalisation (LayerNorm with a bias)
-    "mlp": ("plain",),  # fc2(act(fc1(x))); a gated MLP would have gate, up and down projections
-    "positions": ("learned",),  # a learned position embedding wpe (max_seq_len, d_model) added to wte
-    "bias": (True,),  # biases on every block projection
-    "tied_head": (True,),  # the LM head is the token embedding (wte), stored once
+    # the blocks' and the final normalisation: LayerNorm (weight and bias), or RMSNorm (weight only)
+    "norm": ("layernorm", "rmsnorm"),
+    # plain: fc2(act(fc1(x))); gated (SwiGLU): down_proj(act(gate_proj(x)) * up_proj(x))
+    "mlp": ("plain", "gated"),
+    # learned: an embedding wpe (max_seq_len, d_model) added to wte; rotary: q and k rotated (rope_theta)
+    "positions": ("learned", "rotary"),
+    "bias": (True, False),  # biases on every block projection (False: on none)
+    "tied_head": (True, False),  # the LM head is the token embedding (wte), stored once; else its own weight
 }
 
 
@@ -98,6 +101,7 @@ class ModelConfig:
     num_kv_heads: int | None = None
     bias: bool = True
     tied_head: bool = True
+    rope_theta: float = 10000.0
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "num_heads", "num_layers", "max_seq_len"):
@@ -132,31 +136,40 @@ class ModelConfig:
         if self.num_kv_heads is None:
             object.__setattr__(self, "num_kv_heads", self.num_heads)
         _positive_int("num_kv_heads", self.num_kv_heads)
-        if self.num_kv_heads != self.num_heads:  # grouped-query attention comes with the model families
-            raise ConfigError(f"num_kv_heads {self.num_kv_heads} is not supported; this version builds "
-                              f"num_kv_heads = num_heads ({self.num_heads})")  # fmt: skip
+        if self.num_heads % self.num_kv_heads:  # grouped-query attention: each key/value head serves a group
+            raise ConfigError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                              f"({self.num_kv_heads})")  # fmt: skip
+        theta = self.rope_theta
+        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not 0 < theta < float("inf"):
+            raise ConfigError(f"rope_theta must be a positive number, got {quote(theta)}")
+        if self.positions == "rotary" and self.head_dim % 2:
+            raise ConfigError(f"rotary positions need an even head size, got {self.head_dim}")
 
     # the keys an adapter must agree on with its base (dropout is a training setting; a head is the adapter's)
     SHAPE_KEYS = ("vocab_size", "d_model", "num_heads", "num_layers", "d_ff", "max_seq_len")
     # the family fields that fix a base tensor's shape or name too; recorded where they are not GPT-2's
     FAMILY_SHAPE_KEYS = ("norm", "mlp", "positions", "num_kv_heads", "bias", "tied_head")
+    # family keys that change no tensor's shape or name (like layer_norm_eps and activation)
+    FAMILY_VALUE_KEYS = ("rope_theta",)
     # the block's projections that write into the residual stream: GPT-2 starts them smaller
-    RESIDUAL_PROJECTIONS = ("attn.o_proj", "mlp.fc2")
+    RESIDUAL_PROJECTIONS = ("attn.o_proj", "mlp.fc2", "mlp.down_proj")
 
     def shape(self) -> dict[str, Any]:
         """The architecture keys that fix every base tensor's shape: :attr:`SHAPE_KEYS`, and the family keys
         whose value is not GPT-2's (so an adapter folder of a GPT-2 layout records what it always did)."""
-        return {**{k: getattr(self, k) for k in self.SHAPE_KEYS}, **self.family_changes()}
+        family = {k: v for k, v in self.family_changes().items() if k in self.FAMILY_SHAPE_KEYS}
+        return {**{k: getattr(self, k) for k in self.SHAPE_KEYS}, **family}
 
     def family_changes(self) -> dict[str, Any]:
         """The family keys whose value is not GPT-2's (``num_kv_heads`` other than ``num_heads``)."""
         gpt2 = self.gpt2_family(self.num_heads)
-        return {k: getattr(self, k) for k in self.FAMILY_SHAPE_KEYS if getattr(self, k) != gpt2[k]}
+        keys = (*self.FAMILY_SHAPE_KEYS, *self.FAMILY_VALUE_KEYS)
+        return {k: getattr(self, k) for k in keys if getattr(self, k) != gpt2[k]}
 
     @staticmethod
     def gpt2_family(num_heads: int | None) -> dict[str, Any]:
         """The family keys' values of GPT-2's layout (what a file that records none of them means)."""
-        return {**_GPT2_FAMILY, "num_kv_heads": num_heads}
+        return {**_GPT2_FAMILY, "num_kv_heads": num_heads, "rope_theta": 10000.0}
 
     @property
     def head_dim(self) -> int:
@@ -167,8 +180,15 @@ class ModelConfig:
         applies them: what the block builds (and so the memory estimate's meta block) and the nf4 tile check
         ask; weight init asks :attr:`RESIDUAL_PROJECTIONS` which of them start smaller."""
         C, F, kv = self.d_model, self.d_ff, self.num_kv_heads * self.head_dim
-        return {"attn.q_proj": (C, C), "attn.k_proj": (kv, C), "attn.v_proj": (kv, C), "attn.o_proj": (C, C),
-                "mlp.fc1": (F, C), "mlp.fc2": (C, F)}  # fmt: skip
+        attention = {
+            "attn.q_proj": (C, C),
+            "attn.k_proj": (kv, C),
+            "attn.v_proj": (kv, C),
+            "attn.o_proj": (C, C),
+        }
+        if self.mlp == "gated":
+            return {**attention, "mlp.gate_proj": (F, C), "mlp.up_proj": (F, C), "mlp.down_proj": (C, F)}
+        return {**attention, "mlp.fc1": (F, C), "mlp.fc2": (C, F)}
 
     def to_dict(self) -> dict[str, Any]:
         """Every field: the constructor's keywords (``LoRATransformer(**config.to_dict())``)."""
@@ -178,7 +198,8 @@ class ModelConfig:
         """What ``config.json`` records: every field but the family keys at GPT-2's values (read back as the
         defaults), so a GPT-2-layout model folder is written as it always was."""
         changes = self.family_changes()
-        return {k: v for k, v in self.to_dict().items() if k not in self.FAMILY_SHAPE_KEYS or k in changes}
+        family = (*self.FAMILY_SHAPE_KEYS, *self.FAMILY_VALUE_KEYS)
+        return {k: v for k, v in self.to_dict().items() if k not in family or k in changes}
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], where: str = "config") -> ModelConfig:

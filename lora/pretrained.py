@@ -15,14 +15,15 @@ with ``torch.load(weights_only=True)`` (tensors and plain containers only, never
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from lora.decoder import Decoder
-from lora.errors import first_line
+from lora.errors import first_line, quote
 from lora.files import (
     FLOAT_DTYPES,
     check_regular_file,
@@ -34,6 +35,7 @@ from lora.files import (
 )
 from lora.formats import CONFIG_NAME, WEIGHTS_NAME
 from lora.gpt2 import check_gpt2_tensors, convert_gpt2, gpt2_config, is_hf_config, strip_gpt2
+from lora.llama import LLAMA_TYPES, check_llama_tensors, convert_llama, llama_config, strip_llama
 from lora.lora_layer import deferred_base_init
 from lora.model_config import LoRAConfig, ModelConfig
 from lora.tokenizer import tokenizer_files
@@ -44,11 +46,32 @@ BIN_NAME = "pytorch_model.bin"
 HEAD_PREFIX = "cls_head."
 
 
+class Importer(NamedTuple):
+    """A family importer's four pure steps: the config dict -> :class:`ModelConfig`; the file's tensors
+    stripped of what is not a weight; checked in the file's names (``meta`` tensors by shape); converted to
+    this model's names and layout."""
+
+    config: Callable[[Mapping, object], ModelConfig]
+    strip: Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]
+    check: Callable[[Mapping[str, torch.Tensor], ModelConfig, object], None]
+    convert: Callable[[Mapping[str, torch.Tensor], ModelConfig], dict[str, torch.Tensor]]
+
+
+# Hugging Face model_type -> its importer
+IMPORTERS = {
+    "gpt2": Importer(gpt2_config, strip_gpt2, check_gpt2_tensors, convert_gpt2),
+    **dict.fromkeys(LLAMA_TYPES, Importer(llama_config, strip_llama, check_llama_tensors, convert_llama)),
+}
+# mixture-of-experts layouts, named as such when refused
+_MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "dbrx", "olmoe", "jamba")
+
+
 @dataclass(frozen=True)
 class BaseSource:
     """A base folder, resolved: everything a run needs to know about it before reading its weights.
 
-    ``importer`` is ``"lora"`` (a model folder of this project's) or a family importer (``"gpt2"``);
+    ``importer`` is ``"lora"`` (a model folder of this project's) or a Hugging Face ``model_type`` whose
+    importer read it (``"gpt2"``, ``"llama"``, ``"mistral"``: :data:`IMPORTERS`);
     ``architecture`` the :class:`ModelConfig`; ``header`` the tensors to load, under this model's names, as
     empty ``meta`` tensors (their dtypes are the file's); ``weights_path`` the file holding them;
     ``tokenizer_files`` the folder's tokenizer (``[tokenizer.json]``, ``[vocab.json, merges.txt]`` or none).
@@ -77,11 +100,13 @@ def resolve_base(path: str | Path) -> BaseSource:
     config_path = folder / CONFIG_NAME
     values = read_json(config_path)
     if is_hf_config(values):  # a Hugging Face folder: checked in its own names, then converted
-        importer, arch = "gpt2", gpt2_config(values, config_path)
+        importer = values.get("model_type", "gpt2" if "n_embd" in values else None)  # (the oldest GPT-2s)
+        family = _importer(importer, config_path)
+        arch = family.config(values, config_path)
         weights = _hf_weights_file(folder)
-        tensors = _read_gpt2(weights, header_only=True)
-        check_gpt2_tensors(tensors, arch, weights)
-        header = convert_gpt2(tensors, arch)
+        tensors = _read(weights, family.strip, header_only=True)
+        family.check(tensors, arch, weights)
+        header = family.convert(tensors, arch)
     else:
         importer, arch = "lora", ModelConfig.from_dict(values, where=str(config_path))
         weights = folder / WEIGHTS_NAME
@@ -96,10 +121,11 @@ def read_base_tensors(source: BaseSource, with_head: bool = False) -> dict[str, 
     embedding (the tied head is the only one this layout has); a tensor holding nan or inf is refused, naming
     it (else the first step "diverges", and the learning rate is blamed)."""
     keep = {k for k in source.header if with_head or not k.startswith(HEAD_PREFIX)}
-    if source.importer == "gpt2":
-        tensors = _read_gpt2(source.weights_path, header_only=False)
-        check_gpt2_tensors(tensors, source.architecture, source.weights_path)
-        tensors = convert_gpt2(tensors, source.architecture)
+    if source.importer != "lora":
+        family = IMPORTERS[source.importer]
+        tensors = _read(source.weights_path, family.strip, header_only=False)
+        family.check(tensors, source.architecture, source.weights_path)  # (a tied head's values)
+        tensors = family.convert(tensors, source.architecture)
     else:
         tensors = read_safetensors(source.weights_path)
     tensors = {k: v for k, v in tensors.items() if k in keep}
@@ -148,11 +174,23 @@ def _hf_weights_file(folder: Path) -> Path:
     raise ValueError(f"{folder}: no {WEIGHTS_NAME} (or {BIN_NAME}) beside {CONFIG_NAME}")
 
 
-def _read_gpt2(path: Path, header_only: bool) -> dict[str, torch.Tensor]:
-    """A GPT-2 weights file's tensors, stripped (``meta`` ones for ``header_only``)."""
+def _importer(model_type: object, where: Path) -> Importer:
+    """The importer of ``model_type``; another is refused naming the supported ones."""
+    if model_type in IMPORTERS:
+        return IMPORTERS[model_type]
+    kind = " (a mixture-of-experts model)" if model_type in _MOE_TYPES else ""
+    raise ValueError(f"{where}: model_type {quote(model_type)}{kind} is not supported; the supported ones are "
+                     f"{', '.join(IMPORTERS)}")  # fmt: skip
+
+
+def _read(
+    path: Path, strip: Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]], header_only: bool
+) -> dict[str, torch.Tensor]:
+    """A Hugging Face weights file's tensors, ``strip`` ped of what the family does not count as weights
+    (``meta`` ones for ``header_only``); in a ``.bin``, the weights must be floating point."""
     if path.name != BIN_NAME:
-        return strip_gpt2(read_safetensors_header(path) if header_only else read_safetensors(path))
-    state = strip_gpt2(_load_bin(path))
+        return strip(read_safetensors_header(path) if header_only else read_safetensors(path))
+    state = strip(_load_bin(path))
     bad = [k for k, v in state.items() if v.dtype not in FLOAT_DTYPES.values()]
     if bad:
         raise ValueError(f"{path}: tensor {bad[0]} has dtype {state[bad[0]].dtype}, expected floating point")

@@ -109,7 +109,7 @@ class Exploit:
     ("change", "message"),
     [
         ({"model_type": "bert"}, "model_type 'bert' is not supported"),
-        ({"model_type": "llama"}, "model_type 'llama' is not supported"),
+        ({"model_type": "falcon"}, "model_type 'falcon' is not supported"),
         ({"activation_function": "mish"}, "activation_function 'mish'"),
         ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx"),
         ({"n_layer": 3}, "holds 2 blocks"),

@@ -1,0 +1,154 @@
+"""Hugging Face Llama-layout folders (Llama 2/3, SmolLM2, TinyLlama, Mistral) read as this project's models.
+
+A family importer, a pure converter as ``lora/gpt2.py`` is: the ``config.json`` dict ->
+:class:`ModelConfig`, the names a checkpoint holds, its tensors -> this model's. It reads nothing itself
+(``lora/pretrained.py`` does). The layout is the decoder's with the family fields RMSNorm, a gated (SwiGLU)
+MLP, rotary positions, grouped-query attention, no biases and a separate or tied head, so converting is a
+renaming (no transpose: Llama's ``nn.Linear`` weights are ``(out, in)`` as ours):
+
+=============================================  ======================================
+Llama (``model.`` prefix)                        here
+=============================================  ======================================
+``embed_tokens``                                 ``wte``
+``layers.{i}.input_layernorm``                   ``blocks.{i}.ln_1``
+``layers.{i}.self_attn.{q,k,v,o}_proj``          ``blocks.{i}.attn.{q,k,v,o}_proj``
+``layers.{i}.post_attention_layernorm``          ``blocks.{i}.ln_2``
+``layers.{i}.mlp.{gate,up,down}_proj``           ``blocks.{i}.mlp.{gate,up,down}_proj``
+``norm``                                         ``ln_f``
+``lm_head`` (no prefix; absent when tied)        ``lm_head`` (tied: ``wte``)
+=============================================  ======================================
+
+Mistral's ``sliding_window`` is honoured by refusal: the model's ``max_seq_len`` is the window when it is
+shorter than ``max_position_embeddings``, so no sequence exceeds it. Rotary scaling (``rope_scaling``, or
+a ``rope_parameters`` type other than ``default``) is refused by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from lora.errors import quote
+from lora.files import describe_mismatch
+from lora.model_config import ModelConfig
+
+__all__ = [
+    "LLAMA_TYPES",
+    "check_llama_tensors",
+    "convert_llama",
+    "llama_config",
+    "llama_names",
+    "strip_llama",
+]
+
+LLAMA_TYPES = ("llama", "mistral")  # the model_type values this importer reads
+_ACTIVATIONS = {
+    "silu": "silu",
+    "swish": "silu",
+    "gelu": "gelu",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "relu": "relu",
+}
+# settings a Llama config may have that this model cannot honour, with the value it can
+_UNSUPPORTED = {"attention_bias": False, "mlp_bias": False, "pretraining_tp": 1}
+
+
+def llama_config(hf: Mapping, where: object) -> ModelConfig:
+    """The :class:`ModelConfig` of a Llama-layout ``config.json`` mapping read from ``where``; a setting this
+    model cannot honour raises a one-line ``ValueError`` naming it."""
+    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                           "num_attention_heads", "max_position_embeddings") if k not in hf]  # fmt: skip
+    if missing:
+        raise ValueError(f"{where}: missing {hf.get('model_type')} keys {missing}")
+    for key, value in _UNSUPPORTED.items():
+        if hf.get(key, value) != value:
+            raise ValueError(f"{where}: {key} {quote(hf[key])} is not supported (only {value})")
+    act = hf.get("hidden_act", "silu")
+    if act not in _ACTIVATIONS:
+        raise ValueError(
+            f"{where}: hidden_act {quote(act)} is not supported; expected one of {', '.join(_ACTIVATIONS)}"
+        )
+    heads, d = hf["num_attention_heads"], hf["hidden_size"]
+    if hf.get("head_dim") not in (None, d // max(heads, 1)):
+        raise ValueError(f"{where}: head_dim {quote(hf['head_dim'])} other than hidden_size / num_attention_heads "
+                         f"({d // max(heads, 1)}) is not supported")  # fmt: skip
+    max_len = hf["max_position_embeddings"]
+    window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
+    if isinstance(window, int) and 0 < window < max_len:  # no sequence may exceed the window
+        max_len = window
+    try:
+        return ModelConfig(
+            vocab_size=hf["vocab_size"], d_model=d, num_heads=heads, num_layers=hf["num_hidden_layers"],
+            d_ff=hf["intermediate_size"], max_seq_len=max_len, dropout=hf.get("attention_dropout", 0.0),
+            layer_norm_eps=hf.get("rms_norm_eps", 1e-6), activation=_ACTIVATIONS[act], norm="rmsnorm",
+            mlp="gated", positions="rotary", num_kv_heads=hf.get("num_key_value_heads") or heads, bias=False,
+            tied_head=bool(hf.get("tie_word_embeddings", False)), rope_theta=_rope_theta(hf, where),
+        )  # fmt: skip
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def _rope_theta(hf: Mapping, where: object) -> float:
+    """The rotary base from either spelling: ``rope_theta`` (+ ``rope_scaling``) or ``rope_parameters``."""
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    kinds = {params.get("rope_type"), scaling.get("rope_type"), scaling.get("type")} - {None, "default"}
+    if kinds:
+        raise ValueError(f"{where}: rotary scaling {quote(sorted(kinds, key=str)[0])} is not supported (only "
+                         "unscaled rotary positions)")  # fmt: skip
+    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def llama_names(config: ModelConfig) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """The tensors a Llama checkpoint of ``config`` holds: ``{their name: (our name, shape)}`` (the LM head
+    only when it is not tied)."""
+    shapes = config.projection_shapes()
+    C = config.d_model
+    names = {"model.embed_tokens.weight": ("wte.weight", (config.vocab_size, C)),
+             "model.norm.weight": ("ln_f.weight", (C,))}  # fmt: skip
+    if not config.tied_head:
+        names["lm_head.weight"] = ("lm_head.weight", (config.vocab_size, C))
+    for i in range(config.num_layers):
+        h, b = f"model.layers.{i}.", f"blocks.{i}."
+        names[f"{h}input_layernorm.weight"] = (f"{b}ln_1.weight", (C,))
+        names[f"{h}post_attention_layernorm.weight"] = (f"{b}ln_2.weight", (C,))
+        for ours, shape in shapes.items():
+            theirs = ours.replace("attn.", "self_attn.", 1)
+            names[f"{h}{theirs}.weight"] = (f"{b}{ours}.weight", shape)
+    return names
+
+
+def strip_llama(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A Llama file's tensors without the rotary buffers older checkpoints saved (``rotary_emb.inv_freq``)."""
+    return {k: v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")}
+
+
+def check_llama_tensors(tensors: Mapping[str, torch.Tensor], config: ModelConfig, where: object) -> None:
+    """Refuse (a one-line ``ValueError`` in the file's names) stripped tensors that are not ``config``'s
+    Llama checkpoint. A tied model's file may also hold ``lm_head.weight``, equal to the embedding."""
+    layers = {k.split(".")[2] for k in tensors if k.startswith("model.layers.")}
+    if len(layers) != config.num_layers:  # before listing the names of 10**8 layers
+        raise ValueError(f"{where} holds {len(layers)} layers, but config.json says num_hidden_layers "
+                         f"{config.num_layers}")  # fmt: skip
+    expected = {k: torch.empty(s, device="meta") for k, (_, s) in llama_names(config).items()}
+    got = {k: v for k, v in tensors.items() if not (config.tied_head and k == "lm_head.weight")}
+    problem = describe_mismatch(got, expected)
+    if problem:
+        raise ValueError(f"{where}: {problem}")
+    head = tensors.get("lm_head.weight") if config.tied_head else None
+    if head is not None and head.shape != expected["model.embed_tokens.weight"].shape:
+        raise ValueError(f"{where}: lm_head.weight has shape {tuple(head.shape)}, but the head is tied "
+                         f"(tie_word_embeddings) to embed_tokens {tuple(expected['model.embed_tokens.weight'].shape)}")  # fmt: skip
+    if (
+        head is not None
+        and head.device.type != "meta"
+        and not torch.equal(head, tensors["model.embed_tokens.weight"])
+    ):
+        raise ValueError(f"{where}: lm_head.weight differs from embed_tokens.weight, but config.json ties them "
+                         "(tie_word_embeddings true)")  # fmt: skip
+
+
+def convert_llama(tensors: Mapping[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Checked Llama tensors -> this model's names (``meta`` ones too)."""
+    return {ours: tensors[theirs] for theirs, (ours, _) in llama_names(config).items()}

@@ -1,0 +1,143 @@
+"""Llama-layout folders (Llama, Mistral): the same logits and greedy tokens as transformers' own models,
+LoRA on every projection exact, a run through the command line, and what is not supported refused by name."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import GPT2_TEXT, assert_close_scaled
+
+from lora.lora_transformer import LoRATransformer
+from lora.train_lora import main
+
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = {"vocab_size": 300, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64, "rope_theta": 500.0}  # fmt: skip
+
+
+def make_llama_folder(folder: Path, kind: str = "llama", seed: int = 0, **config) -> Path:
+    """A tiny Llama-layout folder as transformers writes it (random weights, ``seed``; grouped-query
+    attention, 2 key/value heads for 4), with a byte-level BPE tokenizer trained here: nothing downloaded."""
+    from lora.tokenizer import train_byte_bpe
+
+    classes = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+               "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM)}  # fmt: skip
+    config_class, model_class = classes[kind]
+    torch.manual_seed(seed)
+    model_class(config_class(**{**TINY, **config})).save_pretrained(folder)
+    train_byte_bpe([GPT2_TEXT], TINY["vocab_size"]).save(str(folder / "tokenizer.json"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory) -> Path:
+    return make_llama_folder(tmp_path_factory.mktemp("llama") / "tiny-llama")
+
+
+@pytest.mark.parametrize(
+    ("kind", "config"),
+    [("llama", {}), ("llama", {"tie_word_embeddings": True}), ("mistral", {"sliding_window": 48})],
+    ids=["llama", "llama-tied", "mistral"],
+)
+def test_logits_and_greedy_tokens_equal_transformers(kind, config, tmp_path):
+    folder = make_llama_folder(tmp_path / kind, kind, **config)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    ours = LoRATransformer.from_pretrained(folder, lora_r=0).eval()
+    assert (ours.config.norm, ours.config.mlp, ours.config.positions) == ("rmsnorm", "gated", "rotary")
+    assert (ours.config.num_kv_heads, ours.config.tied_head) == (2, bool(config.get("tie_word_embeddings")))
+    assert ours.config.max_seq_len == config.get("sliding_window", 64)  # no sequence exceeds Mistral's window
+    idx = torch.randint(0, 300, (3, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert_close_scaled(ours(idx), theirs(idx).logits, 1e-4)
+    expected = theirs.generate(idx[:1, :6], max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert ours.generate(idx[:1, :6], 12, temperature=0).tolist() == expected.tolist()
+
+
+def test_lora_on_every_projection_merges_exactly_and_leaves_the_base(llama_folder, tmp_path):
+    model = LoRATransformer.from_pretrained(
+        llama_folder, lora_r=4, lora_targets="q,k,v,o", adapt_feedforward=True
+    )
+    model.eval()
+    adapted = sorted({name.rsplit(".", 1)[-1] for name, _ in model.lora_layers()})
+    assert adapted == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    k = model.blocks[0].attn.k_proj
+    assert (k.lora_A.shape, k.lora_B.shape) == ((4, 64), (32, 4))  # k: 2 key/value heads of 16
+    before = model.base_fingerprint()
+    torch.manual_seed(1)
+    for _, layer in model.lora_layers():
+        torch.nn.init.normal_(layer.lora_B, std=0.05)
+    idx = torch.randint(0, 300, (2, 30))
+    with torch.no_grad():
+        unmerged = model(idx)
+        model.merge_lora()
+        merged = model(idx)
+        model.unmerge_lora()
+        with model.disable_adapter():
+            base = model(idx)
+    assert_close_scaled(merged, unmerged, 1e-5)
+    assert not torch.allclose(unmerged, base, atol=1e-3)  # the adapter does something
+    assert model.base_fingerprint() == before
+    model.save_adapter(tmp_path / "adapter")
+    again = LoRATransformer.from_pretrained(llama_folder, lora_r=0).eval()
+    again.load_adapter(tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.equal(again(idx), unmerged)
+    with torch.no_grad():  # the merged model, written as a folder of ours, reads back with its family fields
+        model.merge_and_export(tmp_path / "merged")
+        saved = json.loads((tmp_path / "merged" / "config.json").read_text())
+        assert (saved["norm"], saved["mlp"], saved["positions"], saved["tied_head"]) == (
+            "rmsnorm", "gated", "rotary", False)  # fmt: skip
+        assert_close_scaled(
+            LoRATransformer.from_pretrained(tmp_path / "merged", lora_r=0).eval()(idx), merged, 1e-5
+        )
+
+
+def test_a_llama_folder_trains_through_the_command_line(llama_folder, tmp_path):
+    pytest.importorskip("tokenizers")
+    text = tmp_path / "my.txt"
+    text.write_text(GPT2_TEXT)
+    runs = tmp_path / "runs"
+    argv = ["--task", "text", "--train_file", str(text), "--base_checkpoint", str(llama_folder), "--seq_len", "16",
+            "--batch_size", "8", "--max_steps", "4", "--eval_every", "2", "--eval_batches", "1", "--device", "cpu",
+            "--lora_targets", "q,k,v,o", "--adapt_feedforward", "--output_dir", str(runs), "--run_name", "llama"]  # fmt: skip
+    assert main(argv) == 0
+    metrics = json.loads((runs / "llama" / "metrics.json").read_text())
+    assert metrics["steps"] == 4 and metrics["final_val_loss"] < metrics["base_val_loss"]
+    model = LoRATransformer.from_pretrained(llama_folder, lora_r=0)
+    assert metrics["base_fingerprint"] == model.base_fingerprint()
+    model.load_adapter(runs / "llama")
+    assert len(list(model.lora_layers())) == 2 * 7
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
+            "rotary scaling 'llama3' is not supported",
+        ),
+        ({"attention_bias": True}, "attention_bias True is not supported"),
+        ({"model_type": "mixtral"}, "model_type 'mixtral' (a mixture-of-experts model) is not supported"),
+        ({"model_type": "falcon"}, "supported ones are gpt2, llama, mistral"),
+        ({"num_hidden_layers": 3}, "holds 2 layers, but config.json says num_hidden_layers 3"),
+    ],
+)
+def test_what_cannot_be_read_is_refused_by_name(llama_folder, tmp_path, change, message):
+    folder = tmp_path / "bad"
+    shutil.copytree(llama_folder, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")) as e:
+        LoRATransformer.from_pretrained(folder)
+    assert "\n" not in str(e.value)
+
+
+def test_peft_export_of_another_layout_is_refused(llama_folder, tmp_path):
+    model = LoRATransformer.from_pretrained(llama_folder, lora_r=4)
+    with pytest.raises(ValueError, match="PEFT's format is mapped for GPT-2-layout models only"):
+        model.export_peft(tmp_path / "peft")
+    assert not (tmp_path / "peft").exists()
