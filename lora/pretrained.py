@@ -73,7 +73,8 @@ class BaseSource:
     ``importer`` is ``"lora"`` (a model folder of this project's) or a Hugging Face ``model_type`` whose
     importer read it (``"gpt2"``, ``"llama"``, ``"mistral"``: :data:`IMPORTERS`);
     ``architecture`` the :class:`ModelConfig`; ``header`` the tensors to load, under this model's names, as
-    empty ``meta`` tensors (their dtypes are the file's); ``weights_path`` the file holding them;
+    empty ``meta`` tensors (their dtypes are the file's); ``weights_path`` the file holding them, or a sharded
+    checkpoint's ``model.safetensors.index.json`` (what messages name), and ``shards`` the files themselves;
     ``tokenizer_files`` the folder's tokenizer (``[tokenizer.json]``, ``[vocab.json, merges.txt]`` or none).
     """
 
@@ -82,6 +83,7 @@ class BaseSource:
     architecture: ModelConfig
     header: Mapping[str, torch.Tensor]
     weights_path: Path
+    shards: tuple[Path, ...]
     tokenizer_files: tuple[Path, ...]
 
     @property
@@ -103,16 +105,17 @@ def resolve_base(path: str | Path) -> BaseSource:
         importer = values.get("model_type", "gpt2" if "n_embd" in values else None)  # (the oldest GPT-2s)
         family = _importer(importer, config_path)
         arch = family.config(values, config_path)
-        weights = _hf_weights_file(folder)
-        tensors = _read(weights, family.strip, header_only=True)
+        weights, shards = _hf_weights(folder)
+        tensors = _read(weights, shards, family.strip, header_only=True)
         family.check(tensors, arch, weights)
         header = family.convert(tensors, arch)
     else:
         importer, arch = "lora", ModelConfig.from_dict(values, where=str(config_path))
         weights = folder / WEIGHTS_NAME
+        shards = (weights,)
         header = read_safetensors_header(weights)  # names, shapes, dtypes: nothing read or allocated yet
     header = _check_against_architecture(header, arch, weights)
-    return BaseSource(folder, importer, arch, header, weights, tuple(tokenizer_files(folder)))
+    return BaseSource(folder, importer, arch, header, weights, shards, tuple(tokenizer_files(folder)))
 
 
 def read_base_tensors(source: BaseSource, with_head: bool = False) -> dict[str, torch.Tensor]:
@@ -123,7 +126,7 @@ def read_base_tensors(source: BaseSource, with_head: bool = False) -> dict[str, 
     keep = {k for k in source.header if with_head or not k.startswith(HEAD_PREFIX)}
     if source.importer != "lora":
         family = IMPORTERS[source.importer]
-        tensors = _read(source.weights_path, family.strip, header_only=False)
+        tensors = _read(source.weights_path, source.shards, family.strip, header_only=False)
         family.check(tensors, source.architecture, source.weights_path)  # (a tied head's values)
         tensors = family.convert(tensors, source.architecture)
     else:
@@ -164,14 +167,33 @@ def _check_against_architecture(
     return dict(header)
 
 
-def _hf_weights_file(folder: Path) -> Path:
-    for name in (WEIGHTS_NAME, BIN_NAME):
-        if (folder / name).is_file():
-            return folder / name
-    if (folder / f"{WEIGHTS_NAME}.index.json").is_file():
-        raise ValueError(f"{folder}: sharded checkpoints (model.safetensors.index.json) are not supported; "
-                         "save the model as one model.safetensors")  # fmt: skip
-    raise ValueError(f"{folder}: no {WEIGHTS_NAME} (or {BIN_NAME}) beside {CONFIG_NAME}")
+def _hf_weights(folder: Path) -> tuple[Path, tuple[Path, ...]]:
+    """``(what messages name, the files holding the tensors)`` of a Hugging Face folder: ``model.safetensors``;
+    the shards that ``model.safetensors.index.json`` maps the tensors to (each must be there); or a
+    ``pytorch_model.bin``."""
+    single, index = folder / WEIGHTS_NAME, folder / f"{WEIGHTS_NAME}.index.json"
+    if single.is_file():
+        return single, (single,)
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index}: no weight_map (tensor name -> shard file)")
+        names = sorted({str(f) for f in weight_map.values()})
+        odd = [n for n in names if Path(n).name != n or not n.endswith(".safetensors")]
+        if odd:
+            raise ValueError(f"{index}: shard {quote(odd[0])} is not a .safetensors file beside it")
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise ValueError(
+                f"{index}: shard {missing[0]} is missing ({len(missing)} of {len(names)} shards)"
+            )
+        return index, tuple(folder / n for n in names)
+    if (folder / BIN_NAME).is_file():
+        return folder / BIN_NAME, (folder / BIN_NAME,)
+    if (folder / f"{BIN_NAME}.index.json").is_file():
+        raise ValueError(f"{folder}: sharded .bin checkpoints (pytorch_model.bin.index.json) are not read; save "
+                         "the model with safetensors (transformers' default)")  # fmt: skip
+    raise ValueError(f"{folder}: no {WEIGHTS_NAME} (or its shards, or {BIN_NAME}) beside {CONFIG_NAME}")
 
 
 def _importer(model_type: object, where: Path) -> Importer:
@@ -184,12 +206,23 @@ def _importer(model_type: object, where: Path) -> Importer:
 
 
 def _read(
-    path: Path, strip: Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]], header_only: bool
+    path: Path,
+    shards: tuple[Path, ...],
+    strip: Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]],
+    header_only: bool,
 ) -> dict[str, torch.Tensor]:
-    """A Hugging Face weights file's tensors, ``strip`` ped of what the family does not count as weights
-    (``meta`` ones for ``header_only``); in a ``.bin``, the weights must be floating point."""
+    """A Hugging Face checkpoint's tensors (``path``: what messages name; ``shards``: its files), ``strip`` ped
+    of what the family does not count as weights (``meta`` ones for ``header_only``); in a ``.bin``, the
+    weights must be floating point; a tensor in two shards is refused."""
     if path.name != BIN_NAME:
-        return strip(read_safetensors_header(path) if header_only else read_safetensors(path))
+        tensors: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            part = read_safetensors_header(shard) if header_only else read_safetensors(shard)
+            twice = sorted(set(part) & set(tensors))
+            if twice:
+                raise ValueError(f"{path}: tensor {twice[0]} is in two shards (the second: {shard.name})")
+            tensors.update(part)
+        return strip(tensors)
     state = strip(_load_bin(path))
     bad = [k for k, v in state.items() if v.dtype not in FLOAT_DTYPES.values()]
     if bad:

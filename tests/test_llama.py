@@ -141,3 +141,18 @@ def test_peft_export_of_another_layout_is_refused(llama_folder, tmp_path):
     with pytest.raises(ValueError, match="PEFT's format is mapped for GPT-2-layout models only"):
         model.export_peft(tmp_path / "peft")
     assert not (tmp_path / "peft").exists()
+
+
+def test_a_sharded_checkpoint_reads_as_one_and_a_missing_shard_is_named(tmp_path):
+    folder = make_llama_folder(tmp_path / "one")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    sharded = tmp_path / "sharded"
+    theirs.save_pretrained(sharded, max_shard_size="60KB")  # as the hub's larger checkpoints are
+    shutil.copy(folder / "tokenizer.json", sharded)
+    shards = sorted(p.name for p in sharded.glob("model-*.safetensors"))
+    assert len(shards) > 2 and (sharded / "model.safetensors.index.json").is_file()
+    a, b = (LoRATransformer.from_pretrained(f, lora_r=0).eval() for f in (folder, sharded))
+    assert a.base_fingerprint() == b.base_fingerprint()
+    (sharded / shards[1]).unlink()
+    with pytest.raises(ValueError, match=f"shard {shards[1]} is missing \\(1 of {len(shards)} shards\\)"):
+        LoRATransformer.from_pretrained(sharded)
