@@ -6,13 +6,13 @@ an MLP), a final norm and an LM head, optionally a classification head over the 
 between decoder families are :class:`ModelConfig`'s family fields, and the modules branch on them:
 
 ==============  ==============================================  ===========================================
-field           GPT-2 (the defaults)                            Llama, Mistral
+field           GPT-2 (the defaults)                            Llama, Mistral, Qwen2
 ==============  ==============================================  ===========================================
 ``norm``        LayerNorm (weight, bias)                        RMSNorm (weight)
 ``mlp``         ``fc2(gelu(fc1(x)))``                           ``down_proj(silu(gate_proj(x)) * up_proj(x))``
 ``positions``   learned ``wpe`` added to ``wte``                rotary: q and k rotated (``rope_theta``)
 kv heads        ``num_kv_heads = num_heads``                    fewer: each serves a group of query heads
-``bias``        on every projection                             none
+``bias``        on every projection                             none (Qwen2: on q, k, v: ``qkv_bias``)
 ``tied_head``   the LM head is ``wte``                          its own weight (or tied)
 ==============  ==============================================  ===========================================
 
@@ -48,7 +48,8 @@ def _linear(config: ModelConfig, name: str, lora: LoRAConfig, adapted: bool) -> 
     ``adapted``, else a plain one (``r = 0``)."""
     d_out, d_in = config.projection_shapes()[name]
     r = lora.lora_r if adapted else 0
-    return LoRALinear(d_in, d_out, r, lora.lora_alpha, lora.lora_dropout, bias=config.bias,
+    bias = config.bias or (config.qkv_bias and name in ("attn.q_proj", "attn.k_proj", "attn.v_proj"))
+    return LoRALinear(d_in, d_out, r, lora.lora_alpha, lora.lora_dropout, bias=bias,
                       use_rslora=lora.use_rslora, use_dora=lora.use_dora, lora_init=lora.lora_init)  # fmt: skip
 
 

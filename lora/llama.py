@@ -1,10 +1,11 @@
-"""Hugging Face Llama-layout folders (Llama 2/3, SmolLM2, TinyLlama, Mistral) read as this project's models.
+"""Hugging Face Llama-layout folders (Llama 2/3, SmolLM2, TinyLlama, Mistral, Qwen2/2.5) read as this
+project's models.
 
 A family importer, a pure converter as ``lora/gpt2.py`` is: the ``config.json`` dict ->
 :class:`ModelConfig`, the names a checkpoint holds, its tensors -> this model's. It reads nothing itself
 (``lora/pretrained.py`` does). The layout is the decoder's with the family fields RMSNorm, a gated (SwiGLU)
-MLP, rotary positions, grouped-query attention, no biases and a separate or tied head, so converting is a
-renaming (no transpose: Llama's ``nn.Linear`` weights are ``(out, in)`` as ours):
+MLP, rotary positions, grouped-query attention, no biases (Qwen2: on q, k, v) and a separate or tied head,
+so converting is a renaming (no transpose: Llama's ``nn.Linear`` weights are ``(out, in)`` as ours):
 
 =============================================  ======================================
 Llama (``model.`` prefix)                        here
@@ -42,7 +43,8 @@ __all__ = [
     "strip_llama",
 ]
 
-LLAMA_TYPES = ("llama", "mistral")  # the model_type values this importer reads
+LLAMA_TYPES = ("llama", "mistral", "qwen2")  # the model_type values this importer reads
+_QKV_BIAS = ("qwen2",)  # families whose q, k, v projections have biases (and no other projection)
 _ACTIVATIONS = {
     "silu": "silu",
     "swish": "silu",
@@ -84,6 +86,7 @@ def llama_config(hf: Mapping, where: object) -> ModelConfig:
             layer_norm_eps=hf.get("rms_norm_eps", 1e-6), activation=_ACTIVATIONS[act], norm="rmsnorm",
             mlp="gated", positions="rotary", num_kv_heads=hf.get("num_key_value_heads") or heads, bias=False,
             tied_head=bool(hf.get("tie_word_embeddings", False)), rope_theta=_rope_theta(hf, where),
+            qkv_bias=hf.get("model_type") in _QKV_BIAS,
         )  # fmt: skip
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
@@ -116,6 +119,8 @@ def llama_names(config: ModelConfig) -> dict[str, tuple[str, tuple[int, ...]]]:
         for ours, shape in shapes.items():
             theirs = ours.replace("attn.", "self_attn.", 1)
             names[f"{h}{theirs}.weight"] = (f"{b}{ours}.weight", shape)
+            if config.qkv_bias and ours in ("attn.q_proj", "attn.k_proj", "attn.v_proj"):
+                names[f"{h}{theirs}.bias"] = (f"{b}{ours}.bias", shape[:1])
     return names
 
 

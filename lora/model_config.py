@@ -42,6 +42,7 @@ FAMILY_CHOICES: dict[str, tuple[object, ...]] = {
     # learned: an embedding wpe (max_seq_len, d_model) added to wte; rotary: q and k rotated (rope_theta)
     "positions": ("learned", "rotary"),
     "bias": (True, False),  # biases on every block projection (False: on none)
+    "qkv_bias": (False, True),  # biases on q, k and v even where bias is False (Qwen2)
     "tied_head": (True, False),  # the LM head is the token embedding (wte), stored once; else its own weight
 }
 
@@ -101,6 +102,7 @@ class ModelConfig:
     num_kv_heads: int | None = None
     bias: bool = True
     tied_head: bool = True
+    qkv_bias: bool = False
     rope_theta: float = 10000.0
 
     def __post_init__(self) -> None:
@@ -148,7 +150,7 @@ class ModelConfig:
     # the keys an adapter must agree on with its base (dropout is a training setting; a head is the adapter's)
     SHAPE_KEYS = ("vocab_size", "d_model", "num_heads", "num_layers", "d_ff", "max_seq_len")
     # the family fields that fix a base tensor's shape or name too; recorded where they are not GPT-2's
-    FAMILY_SHAPE_KEYS = ("norm", "mlp", "positions", "num_kv_heads", "bias", "tied_head")
+    FAMILY_SHAPE_KEYS = ("norm", "mlp", "positions", "num_kv_heads", "bias", "tied_head", "qkv_bias")
     # family keys that change no tensor's shape or name (like layer_norm_eps and activation)
     FAMILY_VALUE_KEYS = ("rope_theta",)
     # the block's projections that write into the residual stream: GPT-2 starts them smaller

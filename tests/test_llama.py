@@ -25,7 +25,8 @@ def make_llama_folder(folder: Path, kind: str = "llama", seed: int = 0, **config
     from lora.tokenizer import train_byte_bpe
 
     classes = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-               "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM)}  # fmt: skip
+               "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+               "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}  # fmt: skip
     config_class, model_class = classes[kind]
     torch.manual_seed(seed)
     model_class(config_class(**{**TINY, **config})).save_pretrained(folder)
@@ -40,8 +41,13 @@ def llama_folder(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize(
     ("kind", "config"),
-    [("llama", {}), ("llama", {"tie_word_embeddings": True}), ("mistral", {"sliding_window": 48})],
-    ids=["llama", "llama-tied", "mistral"],
+    [
+        ("llama", {}),
+        ("llama", {"tie_word_embeddings": True}),
+        ("mistral", {"sliding_window": 48}),
+        ("qwen2", {"tie_word_embeddings": True}),
+    ],
+    ids=["llama", "llama-tied", "mistral", "qwen2"],
 )
 def test_logits_and_greedy_tokens_equal_transformers(kind, config, tmp_path):
     folder = make_llama_folder(tmp_path / kind, kind, **config)
@@ -50,6 +56,7 @@ def test_logits_and_greedy_tokens_equal_transformers(kind, config, tmp_path):
     assert (ours.config.norm, ours.config.mlp, ours.config.positions) == ("rmsnorm", "gated", "rotary")
     assert (ours.config.num_kv_heads, ours.config.tied_head) == (2, bool(config.get("tie_word_embeddings")))
     assert ours.config.max_seq_len == config.get("sliding_window", 64)  # no sequence exceeds Mistral's window
+    assert ours.config.qkv_bias == (kind == "qwen2") and ours.blocks[0].attn.o_proj.bias is None
     idx = torch.randint(0, 300, (3, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert_close_scaled(ours(idx), theirs(idx).logits, 1e-4)
@@ -122,7 +129,7 @@ def test_a_llama_folder_trains_through_the_command_line(llama_folder, tmp_path):
         ),
         ({"attention_bias": True}, "attention_bias True is not supported"),
         ({"model_type": "mixtral"}, "model_type 'mixtral' (a mixture-of-experts model) is not supported"),
-        ({"model_type": "falcon"}, "supported ones are gpt2, llama, mistral"),
+        ({"model_type": "falcon"}, "supported ones are gpt2, llama, mistral, qwen2"),
         ({"num_hidden_layers": 3}, "holds 2 layers, but config.json says num_hidden_layers 3"),
     ],
 )
