@@ -26,8 +26,10 @@ adapters, stores its base narrower and reads and writes folders is
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -60,14 +62,33 @@ def _norm(config: ModelConfig) -> nn.Module:
     return nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
 
 
-def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary position embedding (RoFormer): for positions ``(T,)`` the ``cos`` and ``sin`` ``(T, hs)`` of the
-    angles ``p / theta^(2i / hs)``, i < hs / 2, each half of the head repeated (the layout Llama's weights
-    use), in float32."""
-    inv_freq = 1.0 / theta ** (
-        torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim
-    )
-    angles = positions.float()[:, None] * inv_freq[None, :]  # (T, hs / 2)
+def rotary_frequencies(head_dim: int, theta: float, scaling: Mapping[str, Any] | None = None) -> torch.Tensor:
+    """The rotary frequencies ``f_i = theta^(-2i / hs)``, i < hs / 2, float32 ``(hs / 2,)``; scaled as
+    ``scaling`` says (:data:`~lora.model_config.ROPE_SCALINGS`): ``linear`` divides them all by ``factor``;
+    ``llama3`` divides those of wavelength ``2 pi / f`` above ``L / low_freq_factor`` (``L`` the original
+    context) by ``factor``, keeps those below ``L / high_freq_factor``, and between them blends
+    ``(1 - s) f / factor + s f`` with ``s = (L / wavelength - low) / (high - low)``."""
+    freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    if scaling is None:
+        return freq
+    factor = scaling["factor"]
+    if scaling["rope_type"] == "linear":
+        return freq / factor
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    context = scaling["original_max_position_embeddings"]
+    wavelength = 2 * math.pi / freq
+    scaled = torch.where(wavelength > context / low, freq / factor, freq)
+    s = (context / wavelength - low) / (high - low)
+    blended = (1 - s) * scaled / factor + s * scaled
+    medium = (wavelength >= context / high) & (wavelength <= context / low)
+    return torch.where(medium, blended, scaled)
+
+
+def rotary_cos_sin(positions: torch.Tensor, freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary position embedding (RoFormer): for positions ``(T,)`` and frequencies ``(hs / 2,)``
+    (:func:`rotary_frequencies`) the ``cos`` and ``sin`` ``(T, hs)`` of the angles ``p f_i``, each half of the
+    head repeated (the layout Llama's weights use), in float32."""
+    angles = positions.float()[:, None] * freq.to(positions.device)[None, :]  # (T, hs / 2)
     angles = torch.cat([angles, angles], dim=-1)  # (T, hs)
     return angles.cos(), angles.sin()
 
@@ -91,7 +112,8 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
         self.rotary = config.positions == "rotary"
-        self.rope_theta = config.rope_theta
+        # (a plain attribute, not a buffer: no state-dict key, moved to the input's device when used)
+        self.rope_freq = rotary_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
         self.dropout = config.dropout
         for t, name in PROJECTIONS.items():
             setattr(self, name, _linear(config, f"attn.{name}", lora, t in lora.lora_targets))
@@ -114,7 +136,7 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
         v = v.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
         if self.rotary:
-            cos, sin = rotary_cos_sin(torch.arange(T, device=x.device), hs, self.rope_theta)  # (T, hs)
+            cos, sin = rotary_cos_sin(torch.arange(T, device=x.device), self.rope_freq)  # (T, hs)
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         if nkv != self.num_heads:  # each key/value head repeated for its group of query heads
             k = k.repeat_interleave(self.num_heads // nkv, dim=1)  # (B, nh, T, hs)

@@ -21,7 +21,7 @@ Llama (``model.`` prefix)                        here
 
 Mistral's ``sliding_window`` is honoured by refusal: the model's ``max_seq_len`` is the window when it is
 shorter than ``max_position_embeddings``, so no sequence exceeds it. Rotary scaling (``rope_scaling``, or
-a ``rope_parameters`` type other than ``default``) is refused by name.
+``rope_parameters``' type) ``linear`` and ``llama3`` (Llama 3.1 on) are honoured; another is refused by name.
 """
 
 from __future__ import annotations
@@ -85,22 +85,32 @@ def llama_config(hf: Mapping, where: object) -> ModelConfig:
             d_ff=hf["intermediate_size"], max_seq_len=max_len, dropout=hf.get("attention_dropout", 0.0),
             layer_norm_eps=hf.get("rms_norm_eps", 1e-6), activation=_ACTIVATIONS[act], norm="rmsnorm",
             mlp="gated", positions="rotary", num_kv_heads=hf.get("num_key_value_heads") or heads, bias=False,
-            tied_head=bool(hf.get("tie_word_embeddings", False)), rope_theta=_rope_theta(hf, where),
+            tied_head=bool(hf.get("tie_word_embeddings", False)), rope_theta=_rope_theta(hf),
+            rope_scaling=_rope_scaling(hf),
             qkv_bias=hf.get("model_type") in _QKV_BIAS,
         )  # fmt: skip
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
 
 
-def _rope_theta(hf: Mapping, where: object) -> float:
-    """The rotary base from either spelling: ``rope_theta`` (+ ``rope_scaling``) or ``rope_parameters``."""
+def _rope_theta(hf: Mapping) -> float:
+    """The rotary base from either spelling: ``rope_theta``, or ``rope_parameters``' (transformers 5)."""
     params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    kinds = {params.get("rope_type"), scaling.get("rope_type"), scaling.get("type")} - {None, "default"}
-    if kinds:
-        raise ValueError(f"{where}: rotary scaling {quote(sorted(kinds, key=str)[0])} is not supported (only "
-                         "unscaled rotary positions)")  # fmt: skip
     return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def _rope_scaling(hf: Mapping) -> dict | None:
+    """The rotary scaling from either spelling (``rope_scaling``, or ``rope_parameters``), ``None`` when the
+    positions are not scaled; what is not :data:`~lora.model_config.ROPE_SCALINGS`' is refused by ModelConfig."""
+    for scaling in (
+        hf.get("rope_parameters") or {},
+        hf.get("rope_scaling") or {},
+    ):  # the newer spelling first
+        kind = scaling.get("rope_type", scaling.get("type", "default"))
+        if kind != "default":
+            rest = {k: v for k, v in scaling.items() if k not in ("rope_type", "type", "rope_theta")}
+            return {"rope_type": kind, **rest}
+    return None
 
 
 def llama_names(config: ModelConfig) -> dict[str, tuple[str, tuple[int, ...]]]:

@@ -104,6 +104,7 @@ class ModelConfig:
     tied_head: bool = True
     qkv_bias: bool = False
     rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "num_heads", "num_layers", "max_seq_len"):
@@ -144,6 +145,7 @@ class ModelConfig:
         theta = self.rope_theta
         if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not 0 < theta < float("inf"):
             raise ConfigError(f"rope_theta must be a positive number, got {quote(theta)}")
+        _check_rope_scaling(self.rope_scaling)
         if self.positions == "rotary" and self.head_dim % 2:
             raise ConfigError(f"rotary positions need an even head size, got {self.head_dim}")
 
@@ -152,7 +154,7 @@ class ModelConfig:
     # the family fields that fix a base tensor's shape or name too; recorded where they are not GPT-2's
     FAMILY_SHAPE_KEYS = ("norm", "mlp", "positions", "num_kv_heads", "bias", "tied_head", "qkv_bias")
     # family keys that change no tensor's shape or name (like layer_norm_eps and activation)
-    FAMILY_VALUE_KEYS = ("rope_theta",)
+    FAMILY_VALUE_KEYS = ("rope_theta", "rope_scaling")
     # the block's projections that write into the residual stream: GPT-2 starts them smaller
     RESIDUAL_PROJECTIONS = ("attn.o_proj", "mlp.fc2", "mlp.down_proj")
 
@@ -171,7 +173,7 @@ class ModelConfig:
     @staticmethod
     def gpt2_family(num_heads: int | None) -> dict[str, Any]:
         """The family keys' values of GPT-2's layout (what a file that records none of them means)."""
-        return {**_GPT2_FAMILY, "num_kv_heads": num_heads, "rope_theta": 10000.0}
+        return {**_GPT2_FAMILY, "num_kv_heads": num_heads, "rope_theta": 10000.0, "rope_scaling": None}
 
     @property
     def head_dim(self) -> int:
@@ -214,6 +216,28 @@ class ModelConfig:
             return cls(**{k: v for k, v in values.items() if k in known})
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from None
+
+
+# rotary scalings: their keys (beside rope_type); linear divides every frequency by factor, llama3 (Llama 3.1
+# on) divides the low frequencies, keeps the high ones and blends those between
+ROPE_SCALINGS = {"linear": ("factor",),
+                 "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}  # fmt: skip
+
+
+def _check_rope_scaling(scaling: Any) -> None:
+    """Refuse a rotary scaling that is not ``None`` or one of :data:`ROPE_SCALINGS` with its numbers."""
+    if scaling is None:
+        return
+    kind = scaling.get("rope_type") if isinstance(scaling, Mapping) else None
+    if kind not in ROPE_SCALINGS:
+        raise ConfigError(f"rotary scaling {quote(kind if isinstance(scaling, Mapping) else scaling)} is not "
+                          f"supported; the supported ones are {', '.join(ROPE_SCALINGS)}")  # fmt: skip
+    for key in ROPE_SCALINGS[kind]:
+        value = scaling.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+            raise ConfigError(f"rotary scaling {kind} needs a positive {key}, got {quote(value)}")
+    if kind == "llama3" and not scaling["low_freq_factor"] < scaling["high_freq_factor"]:
+        raise ConfigError("rotary scaling llama3 needs low_freq_factor < high_freq_factor")
 
 
 # the family keys' values for GPT-2 (num_kv_heads: num_heads, filled in by family_changes)

@@ -46,8 +46,21 @@ def llama_folder(tmp_path_factory) -> Path:
         ("llama", {"tie_word_embeddings": True}),
         ("mistral", {"sliding_window": 48}),
         ("qwen2", {"tie_word_embeddings": True}),
+        (
+            "llama",
+            {
+                "rope_scaling": {
+                    "rope_type": "llama3",
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 16,
+                }
+            },
+        ),
+        ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
     ],
-    ids=["llama", "llama-tied", "mistral", "qwen2"],
+    ids=["llama", "llama-tied", "mistral", "qwen2", "llama3-scaling", "linear-scaling"],
 )
 def test_logits_and_greedy_tokens_equal_transformers(kind, config, tmp_path):
     folder = make_llama_folder(tmp_path / kind, kind, **config)
@@ -123,9 +136,10 @@ def test_a_llama_folder_trains_through_the_command_line(llama_folder, tmp_path):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rotary scaling 'yarn' is not supported"),
         (
             {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
-            "rotary scaling 'llama3' is not supported",
+            "scaling llama3 needs a positive low_freq_factor",
         ),
         ({"attention_bias": True}, "attention_bias True is not supported"),
         ({"model_type": "mixtral"}, "model_type 'mixtral' (a mixture-of-experts model) is not supported"),
