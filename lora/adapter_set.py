@@ -234,11 +234,14 @@ class AdapterSet:
         A family key an adapter folder does not record is GPT-2's (folders written before families).
         """
         own = self.model.config
-        recorded = {**ModelConfig.gpt2_family(folder.base.get("num_heads")), **folder.base}
+        # a family key the folder does not record is GPT-2's: a mismatch where this model's is not GPT-2's
+        gpt2 = ModelConfig.gpt2_family(own.num_heads, own.d_model)
+        recorded = {**{k: gpt2[k] for k in own.family_changes()}, **folder.base}
         diff = [
             f"{k}: adapter {quote(recorded.get(k))}, model {getattr(own, k)!r}"
             for k in (*ModelConfig.SHAPE_KEYS, *ModelConfig.FAMILY_SHAPE_KEYS)
-            if recorded.get(k) != getattr(own, k)
+            if (k in recorded and recorded[k] != getattr(own, k))
+            or (k in ModelConfig.SHAPE_KEYS and k not in recorded)
         ]
         if diff:
             raise ValueError("adapter was trained on a base of another architecture: " + "; ".join(diff))

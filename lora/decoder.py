@@ -6,12 +6,13 @@ an MLP), a final norm and an LM head, optionally a classification head over the 
 between decoder families are :class:`ModelConfig`'s family fields, and the modules branch on them:
 
 ==============  ==============================================  ===========================================
-field           GPT-2 (the defaults)                            Llama, Mistral, Qwen2
+field           GPT-2 (the defaults)                            Llama, Mistral, Qwen2, Qwen3
 ==============  ==============================================  ===========================================
 ``norm``        LayerNorm (weight, bias)                        RMSNorm (weight)
 ``mlp``         ``fc2(gelu(fc1(x)))``                           ``down_proj(silu(gate_proj(x)) * up_proj(x))``
 ``positions``   learned ``wpe`` added to ``wte``                rotary: q and k rotated (``rope_theta``)
 kv heads        ``num_kv_heads = num_heads``                    fewer: each serves a group of query heads
+``head_dim``    ``d_model / num_heads``                         Qwen3: its own; ``qk_norm``: q, k normed
 ``bias``        on every projection                             none (Qwen2: on q, k, v: ``qkv_bias``)
 ``tied_head``   the LM head is ``wte``                          its own weight (or tied)
 ==============  ==============================================  ===========================================
@@ -110,13 +111,22 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, config: ModelConfig, lora: LoRAConfig) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            config.num_heads,
+            config.num_kv_heads,
+            config.head_dim,
+        )
         self.rotary = config.positions == "rotary"
         # (a plain attribute, not a buffer: no state-dict key, moved to the input's device when used)
         self.rope_freq = rotary_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
         self.dropout = config.dropout
         for t, name in PROJECTIONS.items():
             setattr(self, name, _linear(config, f"attn.{name}", lora, t in lora.lora_targets))
+        if (
+            config.qk_norm
+        ):  # Qwen3: each head of q and of k normalised (RMSNorm over head_dim) before rotating
+            self.q_norm = nn.RMSNorm(config.head_dim, eps=config.layer_norm_eps)
+            self.k_norm = nn.RMSNorm(config.head_dim, eps=config.layer_norm_eps)
         self.resid_drop = nn.Dropout(config.dropout)
         self.fused_qkv = True
         # the stacked frozen q/k/v weights and biases; the layers' own become views of it
@@ -125,16 +135,20 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, T, C) -> (B, T, C)``; with ``num_kv_heads < num_heads`` each key/value head serves
         ``num_heads / num_kv_heads`` query heads (grouped-query attention)."""
-        B, T, C = x.shape
-        hs, nkv = C // self.num_heads, self.num_kv_heads
+        B, T = x.shape[:2]
+        nh, nkv, hs = self.num_heads, self.num_kv_heads, self.head_dim  # (nh hs = C unless head_dim is set)
         layers = (self.q_proj, self.k_proj, self.v_proj)
-        if self.fused_qkv and can_fuse(layers):  # (B, T, C), 2 x (B, T, nkv hs)
-            q, k, v = fused_lora_linear(x, layers, self._frozen_qkv).split([C, nkv * hs, nkv * hs], dim=2)
+        if self.fused_qkv and can_fuse(layers):  # (B, T, nh hs), 2 x (B, T, nkv hs)
+            q, k, v = fused_lora_linear(x, layers, self._frozen_qkv).split(
+                [nh * hs, nkv * hs, nkv * hs], dim=2
+            )
         else:
             q, k, v = (layer(x) for layer in layers)
-        q = q.view(B, T, self.num_heads, hs).transpose(1, 2)  # (B, nh, T, hs)
+        q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
         v = v.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.rotary:
             cos, sin = rotary_cos_sin(torch.arange(T, device=x.device), self.rope_freq)  # (T, hs)
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
@@ -144,7 +158,7 @@ class CausalSelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
         )  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, nh * hs)  # (B, T, nh hs)
         return self.resid_drop(self.o_proj(y))
 
 

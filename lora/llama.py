@@ -1,11 +1,11 @@
-"""Hugging Face Llama-layout folders (Llama 2/3, SmolLM2, TinyLlama, Mistral, Qwen2/2.5) read as this
-project's models.
+"""Hugging Face Llama-layout folders (Llama 2/3, SmolLM2, TinyLlama, Mistral, Qwen2/2.5, Qwen3) read as
+this project's models.
 
 A family importer, a pure converter as ``lora/gpt2.py`` is: the ``config.json`` dict ->
 :class:`ModelConfig`, the names a checkpoint holds, its tensors -> this model's. It reads nothing itself
 (``lora/pretrained.py`` does). The layout is the decoder's with the family fields RMSNorm, a gated (SwiGLU)
-MLP, rotary positions, grouped-query attention, no biases (Qwen2: on q, k, v) and a separate or tied head,
-so converting is a renaming (no transpose: Llama's ``nn.Linear`` weights are ``(out, in)`` as ours):
+MLP, rotary positions, grouped-query attention, no biases (Qwen2: on q, k, v), a separate or tied head
+(Qwen3: a head size of its own and an RMSNorm over each head of q and k), so converting is a renaming (no transpose: Llama's ``nn.Linear`` weights are ``(out, in)`` as ours):
 
 =============================================  ======================================
 Llama (``model.`` prefix)                        here
@@ -43,8 +43,9 @@ __all__ = [
     "strip_llama",
 ]
 
-LLAMA_TYPES = ("llama", "mistral", "qwen2")  # the model_type values this importer reads
+LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # the model_type values this importer reads
 _QKV_BIAS = ("qwen2",)  # families whose q, k, v projections have biases (and no other projection)
+_QK_NORM = ("qwen3",)  # families that normalise each head of q and k (q_norm, k_norm)
 _ACTIVATIONS = {
     "silu": "silu",
     "swish": "silu",
@@ -72,9 +73,6 @@ def llama_config(hf: Mapping, where: object) -> ModelConfig:
             f"{where}: hidden_act {quote(act)} is not supported; expected one of {', '.join(_ACTIVATIONS)}"
         )
     heads, d = hf["num_attention_heads"], hf["hidden_size"]
-    if hf.get("head_dim") not in (None, d // max(heads, 1)):
-        raise ValueError(f"{where}: head_dim {quote(hf['head_dim'])} other than hidden_size / num_attention_heads "
-                         f"({d // max(heads, 1)}) is not supported")  # fmt: skip
     max_len = hf["max_position_embeddings"]
     window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
     if isinstance(window, int) and 0 < window < max_len:  # no sequence may exceed the window
@@ -87,7 +85,8 @@ def llama_config(hf: Mapping, where: object) -> ModelConfig:
             mlp="gated", positions="rotary", num_kv_heads=hf.get("num_key_value_heads") or heads, bias=False,
             tied_head=bool(hf.get("tie_word_embeddings", False)), rope_theta=_rope_theta(hf),
             rope_scaling=_rope_scaling(hf),
-            qkv_bias=hf.get("model_type") in _QKV_BIAS,
+            qkv_bias=hf.get("model_type") in _QKV_BIAS, qk_norm=hf.get("model_type") in _QK_NORM,
+            head_dim=hf.get("head_dim"),
         )  # fmt: skip
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
@@ -131,6 +130,9 @@ def llama_names(config: ModelConfig) -> dict[str, tuple[str, tuple[int, ...]]]:
             names[f"{h}{theirs}.weight"] = (f"{b}{ours}.weight", shape)
             if config.qkv_bias and ours in ("attn.q_proj", "attn.k_proj", "attn.v_proj"):
                 names[f"{h}{theirs}.bias"] = (f"{b}{ours}.bias", shape[:1])
+        if config.qk_norm:
+            for norm in ("q_norm", "k_norm"):
+                names[f"{h}self_attn.{norm}.weight"] = (f"{b}attn.{norm}.weight", (config.head_dim,))
     return names
 
 

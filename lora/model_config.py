@@ -43,6 +43,7 @@ FAMILY_CHOICES: dict[str, tuple[object, ...]] = {
     "positions": ("learned", "rotary"),
     "bias": (True, False),  # biases on every block projection (False: on none)
     "qkv_bias": (False, True),  # biases on q, k and v even where bias is False (Qwen2)
+    "qk_norm": (False, True),  # an RMSNorm over each head of q and of k, before the rotation (Qwen3)
     "tied_head": (True, False),  # the LM head is the token embedding (wte), stored once; else its own weight
 }
 
@@ -103,6 +104,8 @@ class ModelConfig:
     bias: bool = True
     tied_head: bool = True
     qkv_bias: bool = False
+    qk_norm: bool = False
+    head_dim: int | None = None
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None
 
@@ -112,8 +115,13 @@ class ModelConfig:
         if self.d_ff is None:
             object.__setattr__(self, "d_ff", 4 * self.d_model)
         _positive_int("d_ff", self.d_ff)
-        if self.d_model % self.num_heads:
-            raise ConfigError(f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})")
+        if self.head_dim is None:  # the usual head size; Qwen3 and Gemma name their own
+            if self.d_model % self.num_heads:
+                raise ConfigError(
+                    f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})"
+                )
+            object.__setattr__(self, "head_dim", self.d_model // self.num_heads)
+        _positive_int("head_dim", self.head_dim)
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
             raise ConfigError(f"dropout must be a number in [0, 1), got {quote(self.dropout)}")
         if not 0.0 <= self.dropout < 1.0:
@@ -152,7 +160,8 @@ class ModelConfig:
     # the keys an adapter must agree on with its base (dropout is a training setting; a head is the adapter's)
     SHAPE_KEYS = ("vocab_size", "d_model", "num_heads", "num_layers", "d_ff", "max_seq_len")
     # the family fields that fix a base tensor's shape or name too; recorded where they are not GPT-2's
-    FAMILY_SHAPE_KEYS = ("norm", "mlp", "positions", "num_kv_heads", "bias", "tied_head", "qkv_bias")
+    FAMILY_SHAPE_KEYS = ("norm", "mlp", "positions", "num_kv_heads", "bias", "tied_head", "qkv_bias", "qk_norm",
+                         "head_dim")  # fmt: skip
     # family keys that change no tensor's shape or name (like layer_norm_eps and activation)
     FAMILY_VALUE_KEYS = ("rope_theta", "rope_scaling")
     # the block's projections that write into the residual stream: GPT-2 starts them smaller
@@ -166,29 +175,31 @@ class ModelConfig:
 
     def family_changes(self) -> dict[str, Any]:
         """The family keys whose value is not GPT-2's (``num_kv_heads`` other than ``num_heads``)."""
-        gpt2 = self.gpt2_family(self.num_heads)
+        gpt2 = self.gpt2_family(self.num_heads, self.d_model)
         keys = (*self.FAMILY_SHAPE_KEYS, *self.FAMILY_VALUE_KEYS)
         return {k: getattr(self, k) for k in keys if getattr(self, k) != gpt2[k]}
 
     @staticmethod
-    def gpt2_family(num_heads: int | None) -> dict[str, Any]:
+    def gpt2_family(num_heads: int | None, d_model: int | None) -> dict[str, Any]:
         """The family keys' values of GPT-2's layout (what a file that records none of them means)."""
-        return {**_GPT2_FAMILY, "num_kv_heads": num_heads, "rope_theta": 10000.0, "rope_scaling": None}
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.num_heads
+        head_dim = d_model // num_heads if isinstance(d_model, int) and isinstance(num_heads, int) else None
+        return {**_GPT2_FAMILY, "num_kv_heads": num_heads, "head_dim": head_dim, "rope_theta": 10000.0,
+                "rope_scaling": None}  # fmt: skip
 
     def projection_shapes(self) -> dict[str, tuple[int, int]]:
         """Every linear projection of one block, ``name -> (out_features, in_features)``, in the order the block
         applies them: what the block builds (and so the memory estimate's meta block) and the nf4 tile check
         ask; weight init asks :attr:`RESIDUAL_PROJECTIONS` which of them start smaller."""
-        C, F, kv = self.d_model, self.d_ff, self.num_kv_heads * self.head_dim
+        C, F = self.d_model, self.d_ff
+        q, kv = (
+            self.num_heads * self.head_dim,
+            self.num_kv_heads * self.head_dim,
+        )  # (q: C unless head_dim is set)
         attention = {
-            "attn.q_proj": (C, C),
+            "attn.q_proj": (q, C),
             "attn.k_proj": (kv, C),
             "attn.v_proj": (kv, C),
-            "attn.o_proj": (C, C),
+            "attn.o_proj": (C, q),
         }
         if self.mlp == "gated":
             return {**attention, "mlp.gate_proj": (F, C), "mlp.up_proj": (F, C), "mlp.down_proj": (C, F)}
