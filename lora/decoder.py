@@ -12,7 +12,8 @@ field           GPT-2 (the defaults)                            Llama, Mistral, 
 ``mlp``         ``fc2(gelu(fc1(x)))``                           ``down_proj(silu(gate_proj(x)) * up_proj(x))``
 ``positions``   learned ``wpe`` added to ``wte``                rotary: q and k rotated (``rope_theta``)
 kv heads        ``num_kv_heads = num_heads``                    fewer: each serves a group of query heads
-``head_dim``    ``d_model / num_heads``                         Qwen3: its own; ``qk_norm``: q, k normed
+``head_dim``    ``d_model / num_heads``                         Qwen3, Gemma: its own; Qwen3 norms q and k
+Gemma           --                                              RMSNorm by ``1 + w``; ``wte`` x sqrt(C); GeGLU
 ``bias``        on every projection                             none (Qwen2: on q, k, v: ``qkv_bias``)
 ``tied_head``   the LM head is ``wte``                          its own weight (or tied)
 ==============  ==============================================  ===========================================
@@ -56,10 +57,29 @@ def _linear(config: ModelConfig, name: str, lora: LoRAConfig, adapted: bool) -> 
                       use_rslora=lora.use_rslora, use_dora=lora.use_dora, lora_init=lora.lora_init)  # fmt: skip
 
 
+class RMSNormPlusOne(nn.Module):
+    """Gemma's RMSNorm: ``x / rms(x) * (1 + weight)`` over the last dimension, in float32, cast back to
+    ``x``'s dtype; ``weight`` starts at 0 (the identity scale)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(..., dim) -> (..., dim)``."""
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * (1.0 + self.weight.float())).type_as(x)
+
+
 def _norm(config: ModelConfig) -> nn.Module:
-    """The family's normalisation over ``d_model``: LayerNorm (weight, bias) or RMSNorm (weight only)."""
+    """The family's normalisation over ``d_model``: LayerNorm (weight, bias), RMSNorm (weight only), or
+    Gemma's (scaled by ``1 + weight``)."""
     if config.norm == "rmsnorm":
         return nn.RMSNorm(config.d_model, eps=config.layer_norm_eps)
+    if config.norm == "rmsnorm_plus_one":
+        return RMSNormPlusOne(config.d_model, config.layer_norm_eps)
     return nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
 
 
@@ -281,6 +301,8 @@ class Decoder(nn.Module):
             raise ValueError(f"sequence length {T} exceeds max_seq_len {self.max_seq_len}")
         dtype = self.ln_f.weight.dtype  # the computation's; a 4-bit base stores its embeddings narrower
         x = self.wte(idx).to(dtype)  # (B, T, C)
+        if self.config.scale_embeddings:  # Gemma: sqrt(d_model), rounded to the computation's dtype first
+            x = x * torch.tensor(self.config.d_model**0.5, dtype=x.dtype)
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(T, device=idx.device)).to(dtype)
         x = self.drop(x)

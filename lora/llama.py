@@ -1,11 +1,12 @@
-"""Hugging Face Llama-layout folders (Llama 2/3, SmolLM2, TinyLlama, Mistral, Qwen2/2.5, Qwen3) read as
-this project's models.
+"""Hugging Face Llama-layout folders (Llama 2/3, SmolLM2, TinyLlama, Mistral, Qwen2/2.5, Qwen3, Gemma) read
+as this project's models.
 
 A family importer, a pure converter as ``lora/gpt2.py`` is: the ``config.json`` dict ->
 :class:`ModelConfig`, the names a checkpoint holds, its tensors -> this model's. It reads nothing itself
 (``lora/pretrained.py`` does). The layout is the decoder's with the family fields RMSNorm, a gated (SwiGLU)
 MLP, rotary positions, grouped-query attention, no biases (Qwen2: on q, k, v), a separate or tied head
-(Qwen3: a head size of its own and an RMSNorm over each head of q and k), so converting is a renaming (no transpose: Llama's ``nn.Linear`` weights are ``(out, in)`` as ours):
+(Qwen3: a head size of its own and an RMSNorm over each head of q and k; Gemma: RMSNorm scaled by
+``1 + weight``, the embeddings times ``sqrt(hidden_size)``, a GeGLU MLP), so converting is a renaming (no transpose: Llama's ``nn.Linear`` weights are ``(out, in)`` as ours):
 
 =============================================  ======================================
 Llama (``model.`` prefix)                        here
@@ -43,7 +44,7 @@ __all__ = [
     "strip_llama",
 ]
 
-LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # the model_type values this importer reads
+LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma")  # the model_type values this importer reads
 _QKV_BIAS = ("qwen2",)  # families whose q, k, v projections have biases (and no other projection)
 _QK_NORM = ("qwen3",)  # families that normalise each head of q and k (q_norm, k_norm)
 _ACTIVATIONS = {
@@ -67,7 +68,12 @@ def llama_config(hf: Mapping, where: object) -> ModelConfig:
     for key, value in _UNSUPPORTED.items():
         if hf.get(key, value) != value:
             raise ValueError(f"{where}: {key} {quote(hf[key])} is not supported (only {value})")
-    act = hf.get("hidden_act", "silu")
+    gemma = hf.get("model_type") == "gemma"
+    act = (
+        (hf.get("hidden_activation") or hf.get("hidden_act") or "silu")
+        if gemma
+        else hf.get("hidden_act", "silu")
+    )
     if act not in _ACTIVATIONS:
         raise ValueError(
             f"{where}: hidden_act {quote(act)} is not supported; expected one of {', '.join(_ACTIVATIONS)}"
@@ -81,12 +87,13 @@ def llama_config(hf: Mapping, where: object) -> ModelConfig:
         return ModelConfig(
             vocab_size=hf["vocab_size"], d_model=d, num_heads=heads, num_layers=hf["num_hidden_layers"],
             d_ff=hf["intermediate_size"], max_seq_len=max_len, dropout=hf.get("attention_dropout", 0.0),
-            layer_norm_eps=hf.get("rms_norm_eps", 1e-6), activation=_ACTIVATIONS[act], norm="rmsnorm",
+            layer_norm_eps=hf.get("rms_norm_eps", 1e-6), activation=_ACTIVATIONS[act],
+            norm="rmsnorm_plus_one" if gemma else "rmsnorm",
             mlp="gated", positions="rotary", num_kv_heads=hf.get("num_key_value_heads") or heads, bias=False,
-            tied_head=bool(hf.get("tie_word_embeddings", False)), rope_theta=_rope_theta(hf),
+            tied_head=bool(hf.get("tie_word_embeddings", gemma)), rope_theta=_rope_theta(hf),
             rope_scaling=_rope_scaling(hf),
             qkv_bias=hf.get("model_type") in _QKV_BIAS, qk_norm=hf.get("model_type") in _QK_NORM,
-            head_dim=hf.get("head_dim"),
+            head_dim=hf.get("head_dim"), scale_embeddings=gemma,
         )  # fmt: skip
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None

@@ -35,8 +35,9 @@ ACTIVATIONS = ("gelu_tanh", "gelu", "relu", "silu")
 # first (its values are the defaults, so every config.json and adapter folder written before reads
 # unchanged). lora/decoder.py branches on them; a family is a set of values, not a copy of the model.
 FAMILY_CHOICES: dict[str, tuple[object, ...]] = {
-    # the blocks' and the final normalisation: LayerNorm (weight and bias), or RMSNorm (weight only)
-    "norm": ("layernorm", "rmsnorm"),
+    # the blocks' and the final normalisation: LayerNorm (weight and bias), RMSNorm (weight only), or Gemma's
+    # RMSNorm that scales by 1 + weight (its weights start at 0)
+    "norm": ("layernorm", "rmsnorm", "rmsnorm_plus_one"),
     # plain: fc2(act(fc1(x))); gated (SwiGLU): down_proj(act(gate_proj(x)) * up_proj(x))
     "mlp": ("plain", "gated"),
     # learned: an embedding wpe (max_seq_len, d_model) added to wte; rotary: q and k rotated (rope_theta)
@@ -44,6 +45,7 @@ FAMILY_CHOICES: dict[str, tuple[object, ...]] = {
     "bias": (True, False),  # biases on every block projection (False: on none)
     "qkv_bias": (False, True),  # biases on q, k and v even where bias is False (Qwen2)
     "qk_norm": (False, True),  # an RMSNorm over each head of q and of k, before the rotation (Qwen3)
+    "scale_embeddings": (False, True),  # the token embeddings times sqrt(d_model) (Gemma)
     "tied_head": (True, False),  # the LM head is the token embedding (wte), stored once; else its own weight
 }
 
@@ -106,6 +108,7 @@ class ModelConfig:
     qkv_bias: bool = False
     qk_norm: bool = False
     head_dim: int | None = None
+    scale_embeddings: bool = False
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None
 
@@ -163,7 +166,7 @@ class ModelConfig:
     FAMILY_SHAPE_KEYS = ("norm", "mlp", "positions", "num_kv_heads", "bias", "tied_head", "qkv_bias", "qk_norm",
                          "head_dim")  # fmt: skip
     # family keys that change no tensor's shape or name (like layer_norm_eps and activation)
-    FAMILY_VALUE_KEYS = ("rope_theta", "rope_scaling")
+    FAMILY_VALUE_KEYS = ("rope_theta", "rope_scaling", "scale_embeddings")
     # the block's projections that write into the residual stream: GPT-2 starts them smaller
     RESIDUAL_PROJECTIONS = ("attn.o_proj", "mlp.fc2", "mlp.down_proj")
 

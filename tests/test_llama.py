@@ -27,7 +27,8 @@ def make_llama_folder(folder: Path, kind: str = "llama", seed: int = 0, **config
     classes = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
                "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
                "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-               "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM)}  # fmt: skip
+               "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+               "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM)}  # fmt: skip
     config_class, model_class = classes[kind]
     torch.manual_seed(seed)
     model_class(config_class(**{**TINY, **config})).save_pretrained(folder)
@@ -48,6 +49,7 @@ def llama_folder(tmp_path_factory) -> Path:
         ("mistral", {"sliding_window": 48}),
         ("qwen2", {"tie_word_embeddings": True}),
         ("qwen3", {"head_dim": 24}),
+        ("gemma", {"head_dim": 24}),
         (
             "llama",
             {
@@ -62,17 +64,20 @@ def llama_folder(tmp_path_factory) -> Path:
         ),
         ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
     ],
-    ids=["llama", "llama-tied", "mistral", "qwen2", "qwen3", "llama3-scaling", "linear-scaling"],
+    ids=["llama", "llama-tied", "mistral", "qwen2", "qwen3", "gemma", "llama3-scaling", "linear-scaling"],
 )
 def test_logits_and_greedy_tokens_equal_transformers(kind, config, tmp_path):
     folder = make_llama_folder(tmp_path / kind, kind, **config)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
     ours = LoRATransformer.from_pretrained(folder, lora_r=0).eval()
-    assert (ours.config.norm, ours.config.mlp, ours.config.positions) == ("rmsnorm", "gated", "rotary")
-    assert (ours.config.num_kv_heads, ours.config.tied_head) == (2, bool(config.get("tie_word_embeddings")))
+    norm = "rmsnorm_plus_one" if kind == "gemma" else "rmsnorm"
+    assert (ours.config.norm, ours.config.mlp, ours.config.positions) == (norm, "gated", "rotary")
+    tied = bool(config.get("tie_word_embeddings", kind == "gemma"))  # (Gemma ties by default)
+    assert (ours.config.num_kv_heads, ours.config.tied_head) == (2, tied)
     assert ours.config.max_seq_len == config.get("sliding_window", 64)  # no sequence exceeds Mistral's window
     assert ours.config.qkv_bias == (kind == "qwen2") and ours.blocks[0].attn.o_proj.bias is None
     assert ours.config.qk_norm == (kind == "qwen3") and ours.config.head_dim == config.get("head_dim", 16)
+    assert ours.config.scale_embeddings == (kind == "gemma")
     idx = torch.randint(0, 300, (3, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert_close_scaled(ours(idx), theirs(idx).logits, 1e-4)
@@ -146,7 +151,7 @@ def test_a_llama_folder_trains_through_the_command_line(llama_folder, tmp_path):
         ),
         ({"attention_bias": True}, "attention_bias True is not supported"),
         ({"model_type": "mixtral"}, "model_type 'mixtral' (a mixture-of-experts model) is not supported"),
-        ({"model_type": "falcon"}, "supported ones are gpt2, llama, mistral, qwen2, qwen3"),
+        ({"model_type": "falcon"}, "supported ones are gpt2, llama, mistral, qwen2, qwen3, gemma"),
         ({"num_hidden_layers": 3}, "holds 2 layers, but config.json says num_hidden_layers 3"),
     ],
 )
