@@ -6,7 +6,7 @@ an MLP), a final norm and an LM head, optionally a classification head over the 
 between decoder families are :class:`ModelConfig`'s family fields, and the modules branch on them:
 
 ==============  ==============================================  ===========================================
-field           GPT-2 (the defaults)                            Llama, Mistral, Qwen2, Qwen3
+field           GPT-2 (the defaults)                            Llama, Mistral, Qwen, Gemma, Phi-3
 ==============  ==============================================  ===========================================
 ``norm``        LayerNorm (weight, bias)                        RMSNorm (weight)
 ``mlp``         ``fc2(gelu(fc1(x)))``                           ``down_proj(silu(gate_proj(x)) * up_proj(x))``

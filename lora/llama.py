@@ -20,6 +20,9 @@ Llama (``model.`` prefix)                        here
 ``lm_head`` (no prefix; absent when tied)        ``lm_head`` (tied: ``wte``)
 =============================================  ======================================
 
+Phi-3 (``phi3``) is this layout with q, k, v stored as one ``qkv_proj`` and gate, up as one
+``gate_up_proj``: they are split on import (:func:`convert_phi3`).
+
 Mistral's ``sliding_window`` is honoured by refusal: the model's ``max_seq_len`` is the window when it is
 shorter than ``max_position_embeddings``, so no sequence exceeds it. Rotary scaling (``rope_scaling``, or
 ``rope_parameters``' type) ``linear`` and ``llama3`` (Llama 3.1 on) are honoured; another is refused by name.
@@ -151,11 +154,21 @@ def strip_llama(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def check_llama_tensors(tensors: Mapping[str, torch.Tensor], config: ModelConfig, where: object) -> None:
     """Refuse (a one-line ``ValueError`` in the file's names) stripped tensors that are not ``config``'s
     Llama checkpoint. A tied model's file may also hold ``lm_head.weight``, equal to the embedding."""
+    _check(tensors, config, where, {k: s for k, (_, s) in llama_names(config).items()})
+
+
+def _check(
+    tensors: Mapping[str, torch.Tensor],
+    config: ModelConfig,
+    where: object,
+    names: Mapping[str, tuple[int, ...]],
+) -> None:
+    """:func:`check_llama_tensors` against ``names`` (the file's names and shapes)."""
     layers = {k.split(".")[2] for k in tensors if k.startswith("model.layers.")}
     if len(layers) != config.num_layers:  # before listing the names of 10**8 layers
         raise ValueError(f"{where} holds {len(layers)} layers, but config.json says num_hidden_layers "
                          f"{config.num_layers}")  # fmt: skip
-    expected = {k: torch.empty(s, device="meta") for k, (_, s) in llama_names(config).items()}
+    expected = {k: torch.empty(s, device="meta") for k, s in names.items()}
     got = {k: v for k, v in tensors.items() if not (config.tied_head and k == "lm_head.weight")}
     problem = describe_mismatch(got, expected)
     if problem:
@@ -176,3 +189,48 @@ def check_llama_tensors(tensors: Mapping[str, torch.Tensor], config: ModelConfig
 def convert_llama(tensors: Mapping[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
     """Checked Llama tensors -> this model's names (``meta`` ones too)."""
     return {ours: tensors[theirs] for theirs, (ours, _) in llama_names(config).items()}
+
+
+# Phi-3 stores q, k, v as one qkv_proj (rows q, then k, then v) and gate, up as one gate_up_proj (gate first)
+_PHI3_FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+               "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}  # fmt: skip
+
+
+def phi3_config(hf: Mapping, where: object) -> ModelConfig:
+    """The :class:`ModelConfig` of a Phi-3 ``config.json`` mapping: Llama's layout (:func:`llama_config`) with
+    its rotary over every dimension of a head (a ``partial_rotary_factor`` below 1 is refused)."""
+    if hf.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"{where}: partial_rotary_factor {quote(hf['partial_rotary_factor'])} is not supported "
+                         "(only 1.0: every dimension of a head rotated)")  # fmt: skip
+    return llama_config(hf, where)
+
+
+def phi3_names(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The tensors a Phi-3 checkpoint of ``config`` holds, with their shapes: Llama's, with q, k, v and gate,
+    up each stacked into one weight."""
+    names = {k: s for k, (_, s) in llama_names(config).items()}
+    for i in range(config.num_layers):
+        h = f"model.layers.{i}."
+        for fused, parts in _PHI3_FUSED.items():
+            shapes = [names.pop(f"{h}{p}.weight") for p in parts]
+            names[f"{h}{fused}.weight"] = (sum(s[0] for s in shapes), shapes[0][1])
+    return names
+
+
+def check_phi3_tensors(tensors: Mapping[str, torch.Tensor], config: ModelConfig, where: object) -> None:
+    """:func:`check_llama_tensors` in Phi-3's names (``qkv_proj``, ``gate_up_proj``)."""
+    _check(tensors, config, where, phi3_names(config))
+
+
+def convert_phi3(tensors: Mapping[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Checked Phi-3 tensors -> this model's: ``qkv_proj`` split into q ``(nh hs, C)``, k and v
+    ``(nkv hs, C)`` each, ``gate_up_proj`` into gate and up ``(F, C)`` each, then renamed as Llama's."""
+    out = dict(tensors)
+    q, kv, F = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim, config.d_ff
+    sizes = {"self_attn.qkv_proj": [q, kv, kv], "mlp.gate_up_proj": [F, F]}
+    for i in range(config.num_layers):
+        h = f"model.layers.{i}."
+        for fused, parts in _PHI3_FUSED.items():
+            for part, piece in zip(parts, out.pop(f"{h}{fused}.weight").split(sizes[fused]), strict=True):
+                out[f"{h}{part}.weight"] = piece.contiguous()
+    return convert_llama(out, config)

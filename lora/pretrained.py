@@ -35,7 +35,16 @@ from lora.files import (
 )
 from lora.formats import CONFIG_NAME, WEIGHTS_NAME
 from lora.gpt2 import check_gpt2_tensors, convert_gpt2, gpt2_config, is_hf_config, strip_gpt2
-from lora.llama import LLAMA_TYPES, check_llama_tensors, convert_llama, llama_config, strip_llama
+from lora.llama import (
+    LLAMA_TYPES,
+    check_llama_tensors,
+    check_phi3_tensors,
+    convert_llama,
+    convert_phi3,
+    llama_config,
+    phi3_config,
+    strip_llama,
+)
 from lora.lora_layer import deferred_base_init
 from lora.model_config import LoRAConfig, ModelConfig
 from lora.tokenizer import tokenizer_files
@@ -61,6 +70,7 @@ class Importer(NamedTuple):
 IMPORTERS = {
     "gpt2": Importer(gpt2_config, strip_gpt2, check_gpt2_tensors, convert_gpt2),
     **dict.fromkeys(LLAMA_TYPES, Importer(llama_config, strip_llama, check_llama_tensors, convert_llama)),
+    "phi3": Importer(phi3_config, strip_llama, check_phi3_tensors, convert_phi3),
 }
 # mixture-of-experts layouts, named as such when refused
 _MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "dbrx", "olmoe", "jamba")

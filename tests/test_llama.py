@@ -28,7 +28,8 @@ def make_llama_folder(folder: Path, kind: str = "llama", seed: int = 0, **config
                "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
                "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
                "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
-               "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM)}  # fmt: skip
+               "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM),
+               "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM)}  # fmt: skip
     config_class, model_class = classes[kind]
     torch.manual_seed(seed)
     model_class(config_class(**{**TINY, **config})).save_pretrained(folder)
@@ -50,6 +51,7 @@ def llama_folder(tmp_path_factory) -> Path:
         ("qwen2", {"tie_word_embeddings": True}),
         ("qwen3", {"head_dim": 24}),
         ("gemma", {"head_dim": 24}),
+        ("phi3", {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}),  # (its defaults exceed 300 ids)
         (
             "llama",
             {
@@ -64,7 +66,17 @@ def llama_folder(tmp_path_factory) -> Path:
         ),
         ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
     ],
-    ids=["llama", "llama-tied", "mistral", "qwen2", "qwen3", "gemma", "llama3-scaling", "linear-scaling"],
+    ids=[
+        "llama",
+        "llama-tied",
+        "mistral",
+        "qwen2",
+        "qwen3",
+        "gemma",
+        "phi3",
+        "llama3-scaling",
+        "linear-scaling",
+    ],
 )
 def test_logits_and_greedy_tokens_equal_transformers(kind, config, tmp_path):
     folder = make_llama_folder(tmp_path / kind, kind, **config)
@@ -151,7 +163,7 @@ def test_a_llama_folder_trains_through_the_command_line(llama_folder, tmp_path):
         ),
         ({"attention_bias": True}, "attention_bias True is not supported"),
         ({"model_type": "mixtral"}, "model_type 'mixtral' (a mixture-of-experts model) is not supported"),
-        ({"model_type": "falcon"}, "supported ones are gpt2, llama, mistral, qwen2, qwen3, gemma"),
+        ({"model_type": "falcon"}, "supported ones are gpt2, llama, mistral, qwen2, qwen3, gemma, phi3"),
         ({"num_hidden_layers": 3}, "holds 2 layers, but config.json says num_hidden_layers 3"),
     ],
 )
