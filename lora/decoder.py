@@ -131,20 +131,16 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, config: ModelConfig, lora: LoRAConfig) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = (
-            config.num_heads,
-            config.num_kv_heads,
-            config.head_dim,
-        )
+        self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
+        self.head_dim, self.qk_norm = config.head_dim, config.qk_norm
         self.rotary = config.positions == "rotary"
-        # (a plain attribute, not a buffer: no state-dict key, moved to the input's device when used)
+        # a plain attribute, not a buffer: no state-dict key, and model.to(bfloat16) does not round it; moved
+        # to the input's device when used
         self.rope_freq = rotary_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
         self.dropout = config.dropout
         for t, name in PROJECTIONS.items():
             setattr(self, name, _linear(config, f"attn.{name}", lora, t in lora.lora_targets))
-        if (
-            config.qk_norm
-        ):  # Qwen3: each head of q and of k normalised (RMSNorm over head_dim) before rotating
+        if config.qk_norm:  # Qwen3: each head of q and of k normalised (RMSNorm over head_dim), then rotated
             self.q_norm = nn.RMSNorm(config.head_dim, eps=config.layer_norm_eps)
             self.k_norm = nn.RMSNorm(config.head_dim, eps=config.layer_norm_eps)
         self.resid_drop = nn.Dropout(config.dropout)
@@ -167,7 +163,7 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
         v = v.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
-        if hasattr(self, "q_norm"):
+        if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rotary:
             cos, sin = rotary_cos_sin(torch.arange(T, device=x.device), self.rope_freq)  # (T, hs)
