@@ -433,8 +433,13 @@ class LoRATransformer(Decoder):
         ``c_attn`` and the ``Conv1D`` layout are converted as ``lora/gpt2.py`` describes."""
         source = resolve_base(path)
         if source.importer != "gpt2":  # another kind of folder is refused, naming what it is
-            raise ValueError(f"{source.config_path}: not a Hugging Face GPT-2 folder (no model_type 'gpt2'): a "
-                             "model folder of this project's; load it with from_pretrained")  # fmt: skip
+            what = (
+                "a model folder of this project's"
+                if source.importer == "lora"
+                else f"a {source.importer} folder"
+            )
+            raise ValueError(f"{source.config_path}: not a Hugging Face GPT-2 folder (model_type 'gpt2'): {what}; "
+                             "load it with from_pretrained")  # fmt: skip
         return cls.from_pretrained(source, **lora_options)
 
     def save_adapter(

@@ -182,6 +182,10 @@ def test_peft_export_of_another_layout_is_refused(llama_folder, tmp_path):
     with pytest.raises(ValueError, match="PEFT's format is mapped for GPT-2-layout models only"):
         model.export_peft(tmp_path / "peft")
     assert not (tmp_path / "peft").exists()
+    with pytest.raises(
+        ValueError, match="not a Hugging Face GPT-2 folder \\(model_type 'gpt2'\\): a llama folder"
+    ):
+        LoRATransformer.from_gpt2(llama_folder)  # (what export_peft.py reads its base with)
 
 
 def test_a_sharded_checkpoint_reads_as_one_and_a_missing_shard_is_named(tmp_path):
