@@ -153,6 +153,22 @@ def test_a_llama_folder_trains_through_the_command_line(llama_folder, tmp_path):
     assert len(list(model.lora_layers())) == 2 * 7
 
 
+def test_a_killed_run_on_a_llama_folder_resumes_exactly(llama_folder, tmp_path):
+    from test_reliability import adapter_tensors, finish, start
+
+    text = tmp_path / "my.txt"
+    text.write_text(GPT2_TEXT)
+    argv = ["--task", "text", "--train_file", str(text), "--base_checkpoint", str(llama_folder), "--seq_len", "16",
+            "--batch_size", "8", "--max_steps", "6", "--eval_every", "3", "--eval_batches", "1", "--device", "cpu",
+            "--adapt_feedforward", "--lora_dropout", "0.1", "--save_every", "1", "--output_dir", str(tmp_path / "runs")]  # fmt: skip
+    log = tmp_path / "log"
+    finish(start([*argv, "--run_name", "ref"], log), log, 0)
+    finish(start([*argv, "--run_name", "killed"], log, TEST_DIE_WRITING="4"), log, -9)  # kill -9 mid-write
+    finish(start(["--resume", str(tmp_path / "runs" / "killed")], log), log, 0)
+    got, want = (adapter_tensors(tmp_path / "runs" / name) for name in ("killed", "ref"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
