@@ -107,7 +107,7 @@ BAD_FOLDERS = {
     "no files": (lambda f: [p.unlink() for p in f.iterdir()], "config.json: file not found"),
     "no weights": (lambda f: (f / "model.safetensors").unlink(), "no model.safetensors"),
     "BERT": (lambda f: _edit_config(f, model_type="bert"), "model_type 'bert' is not supported"),
-    "Llama": (lambda f: _edit_config(f, model_type="llama"), "model_type 'llama' is not supported"),
+    "Llama": (lambda f: _edit_config(f, model_type="llama"), "missing llama keys ['hidden_size'"),  # (GPT-2's)
     "missing tensor": (lambda f: _edit_tensors(f, lambda t: t.pop("transformer.ln_f.bias")),
                        "missing tensors: ln_f.bias"),
     "unexpected tensor": (lambda f: _edit_tensors(f, lambda t: t.update(stray=torch.zeros(1))),
