@@ -95,6 +95,17 @@ GPT2_TEXT = (
 ) * 40
 
 
+def copy_with_config(source: Path, folder: Path, **change) -> Path:
+    """A copy of the model folder ``source`` at ``folder`` whose ``config.json`` has the keys of ``change``."""
+    import json
+    import shutil
+
+    shutil.copytree(source, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **change}))
+    return folder
+
+
 def make_gpt2_folder(folder: Path, vocab_size: int = 300, seed: int = 0, **config) -> Path:
     """A tiny GPT-2 folder as transformers writes it (random weights, ``seed``), with a byte-level BPE
     tokenizer trained here on ``GPT2_TEXT`` (``tokenizer.json``): nothing is downloaded."""

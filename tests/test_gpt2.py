@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import assert_close_scaled
+from conftest import assert_close_scaled, copy_with_config
 from safetensors.torch import load_file, save_file
 
 from lora.lora_transformer import LoRATransformer
@@ -116,10 +116,7 @@ class Exploit:
     ],
 )
 def test_bad_config_is_refused_in_one_line(gpt2_folder, tmp_path, change, message):
-    folder = tmp_path / "bad"
-    shutil.copytree(gpt2_folder, folder)
-    config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, **change}))
+    folder = copy_with_config(gpt2_folder, tmp_path / "bad", **change)
     with pytest.raises(ValueError, match=message) as e:
         LoRATransformer.from_pretrained(folder)
     assert "\n" not in str(e.value)

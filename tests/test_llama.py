@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import GPT2_TEXT, assert_close_scaled
+from conftest import GPT2_TEXT, assert_close_scaled, copy_with_config
 
 from lora.lora_transformer import LoRATransformer
 from lora.train_lora import main
@@ -184,10 +184,7 @@ def test_a_killed_run_on_a_llama_folder_resumes_exactly(llama_folder, tmp_path):
     ],
 )
 def test_what_cannot_be_read_is_refused_by_name(llama_folder, tmp_path, change, message):
-    folder = tmp_path / "bad"
-    shutil.copytree(llama_folder, folder)
-    config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, **change}))
+    folder = copy_with_config(llama_folder, tmp_path / "bad", **change)
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")) as e:
         LoRATransformer.from_pretrained(folder)
     assert "\n" not in str(e.value)
