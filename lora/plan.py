@@ -29,7 +29,7 @@ from lora.memory import check_memory
 from lora.model_config import ModelConfig
 from lora.pretrained import BaseSource, resolve_base
 from lora.quantize import check_tiles
-from lora.run_folder import check_run_folder, final_folder, output_root, run_folder_name
+from lora.run_folder import check_run_folder, final_folder
 from lora.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 from lora.trainer import autocast_dtype
 
@@ -135,7 +135,7 @@ def find_resume(cfg: TrainConfig, world_size: int = 1) -> tuple[Path | None, dic
     if cfg.resume is None:
         return None, {}
     if cfg.resume == "auto":  # this config's run; an unfinished --overwrite of it comes first
-        final = output_root(cfg.output_dir) / run_folder_name(cfg)
+        final = final_folder(cfg)
         latest = [
             c for p in final.parent.glob(f"{final.name}.incomplete-*") if (c := find_latest(p)) is not None
         ]

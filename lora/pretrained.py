@@ -1,16 +1,17 @@
 """The one reader of a base folder: what it holds, read and checked once, then its tensors.
 
 :func:`resolve_base` parses the folder's ``config.json`` once, picks the family importer (this project's
-own model folder, or a Hugging Face one: GPT-2 today, ``lora/gpt2.py``), reads the weights file's header
-once (names, shapes, dtypes; nothing allocated), and checks it against the architecture on a model built
-on the ``meta`` device once. It returns a frozen :class:`BaseSource` that everything after it asks
+own model folder, or a Hugging Face one by its ``model_type``: :data:`IMPORTERS`, ``lora/gpt2.py`` and
+``lora/llama.py``), reads the weights' header once (names, shapes, dtypes; nothing allocated), and checks
+it against the architecture on a model built on the ``meta`` device once. It returns a frozen :class:`BaseSource` that everything after it asks
 instead of the folder. :func:`read_base_tensors` then reads the weights themselves, under this model's
 names. A folder that does not fit raises a one-line ``ValueError`` naming the file and what is wrong.
 (A ``pytorch_model.bin`` has no header to read apart: it is unpickled, memory-mapped where it can be, for
 the check, and again for its values.)
 
-Weights files: ``model.safetensors``; a Hugging Face folder may hold ``pytorch_model.bin`` instead, read
-with ``torch.load(weights_only=True)`` (tensors and plain containers only, never arbitrary objects).
+Weights files: ``model.safetensors``; a Hugging Face folder may instead hold the shards that
+``model.safetensors.index.json`` names, or ``pytorch_model.bin``, read with ``torch.load(weights_only=True)``
+(tensors and plain containers only, never arbitrary objects).
 """
 
 from __future__ import annotations
