@@ -44,7 +44,7 @@ from lora.lora_layer import LORA_LEAVES, LoRALinear
 from lora.model_config import PROJECTIONS, LoRAConfig, ModelConfig
 from lora.quantize import frozen_linear
 
-__all__ = ["ACTIVATION_FUNCTIONS", "MLP", "Block", "CausalSelfAttention", "Decoder"]
+__all__ = ["ACTIVATION_FUNCTIONS", "MLP", "Block", "CausalSelfAttention", "Decoder", "KVCache"]
 
 
 def _linear(config: ModelConfig, name: str, lora: LoRAConfig, adapted: bool) -> LoRALinear:
@@ -120,6 +120,27 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return (x * cos + torch.cat([-b, a], dim=-1) * sin).to(x.dtype)
 
 
+class KVCache:
+    """The keys and values of the tokens a generation has seen, per block: ``(B, nkv, T, hs)`` each, before
+    grouped-query heads are repeated. ``length`` is ``T``; the next token's position."""
+
+    def __init__(self, num_layers: int) -> None:
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys[0] is None else self.keys[0].shape[2]
+
+    def extend(self, index: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block ``index``'s keys and values with the new ``k``, ``v`` ``(B, nkv, T_new, hs)`` appended."""
+        if self.keys[index] is not None:
+            k = torch.cat([self.keys[index], k], dim=2)
+            v = torch.cat([self.values[index], v], dim=2)
+        self.keys[index], self.values[index] = k, v
+        return k, v
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with separate Q, K, V and output projections.
 
@@ -148,9 +169,13 @@ class CausalSelfAttention(nn.Module):
         # the stacked frozen q/k/v weights and biases; the layers' own become views of it
         self._frozen_qkv = FrozenConcat(adopt=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, index: int = 0, start: int = 0
+    ) -> torch.Tensor:
         """``(B, T, C) -> (B, T, C)``; with ``num_kv_heads < num_heads`` each key/value head serves
-        ``num_heads / num_kv_heads`` query heads (grouped-query attention)."""
+        ``num_heads / num_kv_heads`` query heads (grouped-query attention). With a ``cache`` (generation) the
+        ``T`` tokens sit at positions ``start ...`` and attend to the cached ones too (block ``index``'s keys
+        and values, extended by theirs): a whole prompt from ``start = 0``, then one token at a time."""
         B, T = x.shape[:2]
         nh, nkv, hs = self.num_heads, self.num_kv_heads, self.head_dim  # (nh hs = C unless head_dim is set)
         layers = (self.q_proj, self.k_proj, self.v_proj)
@@ -166,13 +191,18 @@ class CausalSelfAttention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rotary:
-            cos, sin = rotary_cos_sin(torch.arange(T, device=x.device), self.rope_freq)  # (T, hs)
+            positions = torch.arange(start, start + T, device=x.device)
+            cos, sin = rotary_cos_sin(positions, self.rope_freq)  # (T, hs)
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        if cache is not None:  # (B, nkv, start + T, hs): the keys and values so far
+            k, v = cache.extend(index, k, v)
+        if start and T != 1:
+            raise ValueError("a cached step takes one token at a time")
         if nkv != self.num_heads:  # each key/value head repeated for its group of query heads
             k = k.repeat_interleave(self.num_heads // nkv, dim=1)  # (B, nh, T, hs)
             v = v.repeat_interleave(self.num_heads // nkv, dim=1)  # (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(  # one new token attends to every cached one: no mask
+            q, k, v, is_causal=start == 0, dropout_p=self.dropout if self.training else 0.0
         )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, nh * hs)  # (B, T, nh hs)
         return self.resid_drop(self.o_proj(y))
@@ -216,9 +246,11 @@ class Block(nn.Module):
         self.ln_2 = _norm(config)
         self.mlp = MLP(config, lora)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, T, C) -> (B, T, C)``."""
-        x = x + self.attn(self.ln_1(x))
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, index: int = 0, start: int = 0
+    ) -> torch.Tensor:
+        """``(B, T, C) -> (B, T, C)`` (``cache``, ``index``, ``start``: :meth:`CausalSelfAttention.forward`)."""
+        x = x + self.attn(self.ln_1(x), cache, index, start)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -290,20 +322,24 @@ class Decoder(nn.Module):
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
 
-    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
-        """Token ids ``(B, T)`` -> final hidden states ``(B, T, C)`` (after ``ln_f``)."""
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Token ids ``(B, T)`` -> final hidden states ``(B, T, C)`` (after ``ln_f``). With a ``cache`` the
+        tokens follow the ones it holds (and are added to it): generation's prompt, then one at a time."""
         T = idx.shape[1]
-        if T > self.max_seq_len:
-            raise ValueError(f"sequence length {T} exceeds max_seq_len {self.max_seq_len}")
+        start = 0 if cache is None else cache.length
+        if start + T > self.max_seq_len:
+            raise ValueError(f"sequence length {start + T} exceeds max_seq_len {self.max_seq_len}")
         dtype = self.ln_f.weight.dtype  # the computation's; a 4-bit base stores its embeddings narrower
         x = self.wte(idx).to(dtype)  # (B, T, C)
         if self.config.scale_embeddings:  # Gemma: sqrt(d_model), rounded to the computation's dtype first
             x = x * torch.tensor(self.config.d_model**0.5, dtype=x.dtype)
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(T, device=idx.device)).to(dtype)
+            x = x + self.wpe(torch.arange(start, start + T, device=idx.device)).to(dtype)
         x = self.drop(x)
-        for block in self.blocks:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
+        for i, block in enumerate(self.blocks):
+            if cache is not None:
+                x = block(x, cache, i, start)
+            elif self.gradient_checkpointing and torch.is_grad_enabled():
                 # non-reentrant: LoRA grads flow even though x (frozen embeddings) needs no grad
                 x = checkpoint(block, x, use_reentrant=False)
             else:
@@ -357,8 +393,10 @@ class Decoder(nn.Module):
     ) -> torch.Tensor:
         """Append ``max_new_tokens`` sampled tokens to ``idx`` (B, T) -> (B, T + max_new_tokens).
 
-        ``temperature == 0`` decodes greedily; ``top_k`` keeps the k most likely tokens. Each step reads the
-        last ``max_seq_len`` tokens. The whole call runs under :meth:`generation_context`.
+        ``temperature == 0`` decodes greedily; ``top_k`` keeps the k most likely tokens. The prompt's keys and
+        values are computed once and kept (:class:`KVCache`), so each new token costs one token's work;
+        once the sequence fills ``max_seq_len`` positions, each step reads the last ``max_seq_len`` tokens
+        afresh (the window slides). The whole call runs under :meth:`generation_context`.
         """
         if self.cls_head is not None:
             raise RuntimeError("generate() needs a language model; this one has a classification head")
@@ -378,9 +416,10 @@ class Decoder(nn.Module):
         top_k: int | None,
         generator: torch.Generator | None,
     ) -> torch.Tensor:
-        for _ in range(max_new_tokens):
-            ctx = idx[:, -self.max_seq_len :]
-            logits = self.logits(self.hidden_states(ctx)[:, -1, :]).float()  # (B, vocab)
+        cache = KVCache(len(self.blocks))
+        h = self.hidden_states(idx[:, -self.max_seq_len :], cache)  # the prompt, once
+        for step in range(max_new_tokens):
+            logits = self.logits(h[:, -1, :]).float()  # (B, vocab)
             if not torch.isfinite(logits).all():
                 raise ValueError(
                     "the model's logits are not finite (inf or nan): check the adapter's weights and lora_alpha"
@@ -394,4 +433,11 @@ class Decoder(nn.Module):
                     logits = logits.masked_fill(logits < kth, float("-inf"))
                 nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
             idx = torch.cat([idx, nxt], dim=1)
+            if step == max_new_tokens - 1:
+                break
+            if cache is not None and cache.length < self.max_seq_len:  # a position left: one token's work
+                h = self.hidden_states(nxt, cache)
+            else:  # the window is full: it slides, and the last max_seq_len tokens are read afresh
+                cache = None
+                h = self.hidden_states(idx[:, -self.max_seq_len :])
         return idx

@@ -93,8 +93,8 @@ def test_logits_and_greedy_tokens_equal_transformers(kind, config, tmp_path):
     idx = torch.randint(0, 300, (3, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert_close_scaled(ours(idx), theirs(idx).logits, 1e-4)
-    expected = theirs.generate(idx[:1, :6], max_new_tokens=12, do_sample=False, pad_token_id=0)
-    assert ours.generate(idx[:1, :6], 12, temperature=0).tolist() == expected.tolist()
+    expected = theirs.generate(idx[:1, :6], max_new_tokens=32, do_sample=False, pad_token_id=0)
+    assert ours.generate(idx[:1, :6], 32, temperature=0).tolist() == expected.tolist()  # with the cache
 
 
 def test_lora_on_every_projection_merges_exactly_and_leaves_the_base(llama_folder, tmp_path):
@@ -214,3 +214,21 @@ def test_a_sharded_checkpoint_reads_as_one_and_a_missing_shard_is_named(tmp_path
     (sharded / shards[1]).unlink()
     with pytest.raises(ValueError, match=f"shard {shards[1]} is missing \\(1 of {len(shards)} shards\\)"):
         LoRATransformer.from_pretrained(sharded)
+
+
+def test_a_cached_step_costs_one_token_and_a_full_window_slides(llama_folder):
+    """Generation computes the prompt once and then one token a step (the rows a block sees); past the
+    positions the window slides and each step reads the last max_seq_len tokens, as a fresh forward does."""
+    model = LoRATransformer.from_pretrained(llama_folder, lora_r=4).eval()
+    rows = []
+    model.blocks[0].register_forward_hook(lambda m, args, out: rows.append(tuple(args[0].shape[:2])))
+    prompt = torch.randint(0, 300, (2, 6), generator=torch.Generator().manual_seed(2))
+    out = model.generate(prompt, 10, temperature=0)
+    assert rows == [(2, 6)] + [(2, 1)] * 9
+    expected = prompt
+    with torch.no_grad():  # the reference: every step a whole forward of the last max_seq_len tokens
+        for _ in range(80):  # 6 + 80 > 64 positions: the window slides
+            logits = model(expected[:, -model.max_seq_len :])[:, -1]
+            expected = torch.cat([expected, logits.argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, expected[:, :16])
+    assert torch.equal(model.generate(prompt, 80, temperature=0), expected)
