@@ -1,8 +1,8 @@
 """How a decoder's frozen base is stored: narrower than the adapter, which stays float32 and trains as before.
 
 ``"nf4"`` (QLoRA, ``lora/quantize.py``): every block's linear weight (q, k, v, o, fc1, fc2) in 4-bit
-NormalFloat, dequantized on the fly in each product, and the token and position embeddings (the tied LM
-head too) in bfloat16, as QLoRA keeps what it does not quantize: NF4's blocks do not tile GPT-2's 50,257
+NormalFloat, dequantized on the fly in each product, and the token and position embeddings and the LM head
+(tied to the embedding, or its own) in bfloat16, as QLoRA keeps what it does not quantize: NF4's blocks do not tile GPT-2's 50,257
 rows, and the embedding is 38.6 M of its 124 M weights. Products stay in float32 (the decoder's
 ``hidden_states``, ``logits`` and :func:`~lora.chunked_loss.chunked_lm_loss` widen what they read).
 
@@ -66,11 +66,13 @@ def narrow_base_(model: Decoder, kind: str) -> None:
 
 @torch.no_grad()
 def set_embedding_dtype(model: Decoder, dtype: torch.dtype) -> None:
-    """Store the frozen embeddings (and so a tied LM head) in ``dtype``."""
+    """Store the frozen embeddings and the LM head (tied to ``wte``, or its own) in ``dtype``."""
     for emb in model.embeddings():
         if emb.weight.dtype != dtype:
             emb.weight = nn.Parameter(emb.weight.to(dtype), requires_grad=False)
     _retie(model)
+    if not model.config.tied_head and model.lm_head.weight.dtype != dtype:
+        model.lm_head.weight = nn.Parameter(model.lm_head.weight.to(dtype), requires_grad=False)
 
 
 def _retie(model: Decoder) -> None:
@@ -89,6 +91,8 @@ def dense_weights(model: Decoder) -> Iterator[None]:
     kept = [(layer, name, tensor) for _, layer in lora_modules(model) for name in ("weight", "bias")
             if (tensor := getattr(layer, name)) is not None]  # fmt: skip
     embeddings = [(emb, emb.weight) for emb in model.embeddings()]
+    if not model.config.tied_head:  # a separate LM head is narrowed with the embeddings
+        embeddings.append((model.lm_head, model.lm_head.weight))
     try:
         for layer, name, tensor in kept:
             setattr(layer, name, nn.Parameter(dequantize(tensor).to(dtype), requires_grad=False))

@@ -58,32 +58,44 @@ _ACTIVATIONS = {
     "relu": "relu",
 }
 # settings a Llama config may have that this model cannot honour, with the value it can
-_UNSUPPORTED = {"attention_bias": False, "mlp_bias": False, "pretraining_tp": 1}
+_UNSUPPORTED = {
+    "attention_bias": False,
+    "mlp_bias": False,
+    "pretraining_tp": 1,
+    "use_bidirectional_attention": False,
+}
+# what transformers' config classes assume for a key a config.json lacks, where it is not our default
+_DEFAULTS = {"mistral": {"sliding_window": 4096}, "qwen2": {"use_sliding_window": False},
+             "qwen3": {"head_dim": 128, "use_sliding_window": False}, "gemma": {"head_dim": 256},
+             "phi3": {"rms_norm_eps": 1e-5}}  # fmt: skip
 
 
 def llama_config(hf: Mapping, where: object) -> ModelConfig:
     """The :class:`ModelConfig` of a Llama-layout ``config.json`` mapping read from ``where``; a setting this
     model cannot honour raises a one-line ``ValueError`` naming it."""
+    hf = {**_DEFAULTS.get(hf.get("model_type"), {}), **hf}  # what transformers assumes where a key is missing
     missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                            "num_attention_heads", "max_position_embeddings") if k not in hf]  # fmt: skip
     if missing:
         raise ValueError(f"{where}: missing {hf.get('model_type')} keys {missing}")
     for key, value in _UNSUPPORTED.items():
-        if hf.get(key, value) != value:
+        if hf.get(key) is not None and hf[key] != value:  # (null: the default)
             raise ValueError(f"{where}: {key} {quote(hf[key])} is not supported (only {value})")
+    for holder in (hf, hf.get("rope_parameters") or {}):  # (transformers 5 keeps it in rope_parameters)
+        if holder.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError(f"{where}: partial_rotary_factor {quote(holder['partial_rotary_factor'])} is not "
+                             "supported (only 1.0: every dimension of a head rotated)")  # fmt: skip
     gemma = hf.get("model_type") == "gemma"
-    act = (
-        (hf.get("hidden_activation") or hf.get("hidden_act") or "silu")
-        if gemma
-        else hf.get("hidden_act", "silu")
-    )
+    act = hf.get("hidden_act") or ("gelu_pytorch_tanh" if gemma else "silu")
+    if gemma and act == "gelu":  # transformers runs Gemma's "gelu" as the tanh approximation
+        act = "gelu_pytorch_tanh"
     if act not in _ACTIVATIONS:
         raise ValueError(
             f"{where}: hidden_act {quote(act)} is not supported; expected one of {', '.join(_ACTIVATIONS)}"
         )
     heads, d = hf["num_attention_heads"], hf["hidden_size"]
     max_len = hf["max_position_embeddings"]
-    window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
+    window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None  # (Qwen's switch)
     if isinstance(window, int) and 0 < window < max_len:  # no sequence may exceed the window
         max_len = window
     try:
@@ -194,15 +206,6 @@ def convert_llama(tensors: Mapping[str, torch.Tensor], config: ModelConfig) -> d
 # Phi-3 stores q, k, v as one qkv_proj (rows q, then k, then v) and gate, up as one gate_up_proj (gate first)
 _PHI3_FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
                "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}  # fmt: skip
-
-
-def phi3_config(hf: Mapping, where: object) -> ModelConfig:
-    """The :class:`ModelConfig` of a Phi-3 ``config.json`` mapping: Llama's layout (:func:`llama_config`) with
-    its rotary over every dimension of a head (a ``partial_rotary_factor`` below 1 is refused)."""
-    if hf.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ValueError(f"{where}: partial_rotary_factor {quote(hf['partial_rotary_factor'])} is not supported "
-                         "(only 1.0: every dimension of a head rotated)")  # fmt: skip
-    return llama_config(hf, where)
 
 
 def phi3_names(config: ModelConfig) -> dict[str, tuple[int, ...]]:

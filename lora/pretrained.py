@@ -43,7 +43,6 @@ from lora.llama import (
     convert_llama,
     convert_phi3,
     llama_config,
-    phi3_config,
     strip_llama,
 )
 from lora.lora_layer import deferred_base_init
@@ -71,7 +70,7 @@ class Importer(NamedTuple):
 IMPORTERS = {
     "gpt2": Importer(gpt2_config, strip_gpt2, check_gpt2_tensors, convert_gpt2),
     **dict.fromkeys(LLAMA_TYPES, Importer(llama_config, strip_llama, check_llama_tensors, convert_llama)),
-    "phi3": Importer(phi3_config, strip_llama, check_phi3_tensors, convert_phi3),
+    "phi3": Importer(llama_config, strip_llama, check_phi3_tensors, convert_phi3),
 }
 # mixture-of-experts layouts, named as such when refused
 _MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "dbrx", "olmoe", "jamba")

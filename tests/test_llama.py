@@ -178,6 +178,11 @@ def test_a_killed_run_on_a_llama_folder_resumes_exactly(llama_folder, tmp_path):
             "scaling llama3 needs a positive low_freq_factor",
         ),
         ({"attention_bias": True}, "attention_bias True is not supported"),
+        ({"use_bidirectional_attention": True}, "use_bidirectional_attention True is not supported"),
+        (
+            {"rope_parameters": {"rope_type": "default", "rope_theta": 500.0, "partial_rotary_factor": 0.5}},
+            "partial_rotary_factor 0.5 is not supported",
+        ),
         ({"model_type": "mixtral"}, "model_type 'mixtral' (a mixture-of-experts model) is not supported"),
         ({"model_type": "falcon"}, "supported ones are gpt2, llama, mistral, qwen2, qwen3, gemma, phi3"),
         ({"num_hidden_layers": 3}, "holds 2 layers, but config.json says num_hidden_layers 3"),
@@ -232,3 +237,35 @@ def test_a_cached_step_costs_one_token_and_a_full_window_slides(llama_folder):
             expected = torch.cat([expected, logits.argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(out, expected[:, :16])
     assert torch.equal(model.generate(prompt, 80, temperature=0), expected)
+
+
+def test_keys_a_config_lacks_mean_what_transformers_assumes():
+    from lora.llama import llama_config
+
+    base = {"vocab_size": 300, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "max_position_embeddings": 8192}  # fmt: skip
+    assert llama_config({**base, "model_type": "qwen3"}, "c").head_dim == 128
+    assert llama_config({**base, "model_type": "gemma"}, "c").head_dim == 256
+    assert llama_config({**base, "model_type": "mistral"}, "c").max_seq_len == 4096  # its default window
+    assert llama_config({**base, "model_type": "qwen2", "sliding_window": 4096}, "c").max_seq_len == 8192
+    assert llama_config({**base, "model_type": "phi3"}, "c").layer_norm_eps == 1e-5
+    gemma = llama_config({**base, "model_type": "gemma", "hidden_act": "gelu"}, "c")
+    assert gemma.activation == "gelu_tanh"  # transformers runs Gemma's "gelu" as the tanh approximation
+
+
+def test_a_4_bit_base_with_its_own_lm_head_keeps_the_head_in_bfloat16(llama_folder):
+    pytest.importorskip("torchao")
+    model = LoRATransformer.from_pretrained(llama_folder, lora_r=4).eval()
+    idx = torch.randint(0, 300, (2, 20))
+    model.configure_lora_training()
+    model.quantize_base("bf16")  # (the tiny widths do not tile nf4's blocks: the embeddings' narrowing alone)
+    from lora.base_storage import set_embedding_dtype
+
+    with torch.no_grad():
+        before = model(idx)
+        set_embedding_dtype(model, torch.bfloat16)
+        assert model.lm_head.weight.dtype == torch.bfloat16 and model.wte.weight.dtype == torch.bfloat16
+        with model.dense_base():
+            assert model.lm_head.weight.dtype == torch.float32
+        assert model.lm_head.weight.dtype == torch.bfloat16
+        assert_close_scaled(model(idx), before, 5e-2)  # the head rounded to bfloat16
