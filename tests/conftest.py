@@ -95,6 +95,16 @@ GPT2_TEXT = (
 ) * 40
 
 
+def unmerged_and_merged(model: LoRATransformer, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``model``'s outputs on ``idx`` with its adapter unmerged and merged (left unmerged again), no grad."""
+    with torch.no_grad():
+        unmerged = model(idx)
+        model.merge_lora()
+        merged = model(idx)
+        model.unmerge_lora()
+    return unmerged, merged
+
+
 def copy_with_config(source: Path, folder: Path, **change) -> Path:
     """A copy of the model folder ``source`` at ``folder`` whose ``config.json`` has the keys of ``change``."""
     import json

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import assert_close_scaled, copy_with_config
+from conftest import assert_close_scaled, copy_with_config, unmerged_and_merged
 from safetensors.torch import load_file, save_file
 
 from lora.lora_transformer import LoRATransformer
@@ -64,12 +64,7 @@ def test_lora_on_gpt2_merges_exactly_and_keeps_the_base(gpt2_folder):
     for _, layer in model.lora_layers():
         torch.nn.init.normal_(layer.lora_B, std=0.05)
     assert model.base_fingerprint() == before  # the adapter is not the base
-    idx = torch.randint(0, 300, (2, 30))
-    with torch.no_grad():
-        unmerged = model(idx)
-        model.merge_lora()
-        merged = model(idx)
-        model.unmerge_lora()
+    unmerged, merged = unmerged_and_merged(model, torch.randint(0, 300, (2, 30)))
     assert_close_scaled(merged, unmerged, 1e-5)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import GPT2_TEXT, assert_close_scaled, copy_with_config
+from conftest import GPT2_TEXT, assert_close_scaled, copy_with_config, unmerged_and_merged
 
 from lora.lora_transformer import LoRATransformer
 from lora.train_lora import main
@@ -111,13 +111,9 @@ def test_lora_on_every_projection_merges_exactly_and_leaves_the_base(llama_folde
     for _, layer in model.lora_layers():
         torch.nn.init.normal_(layer.lora_B, std=0.05)
     idx = torch.randint(0, 300, (2, 30))
-    with torch.no_grad():
-        unmerged = model(idx)
-        model.merge_lora()
-        merged = model(idx)
-        model.unmerge_lora()
-        with model.disable_adapter():
-            base = model(idx)
+    unmerged, merged = unmerged_and_merged(model, idx)
+    with torch.no_grad(), model.disable_adapter():
+        base = model(idx)
     assert_close_scaled(merged, unmerged, 1e-5)
     assert not torch.allclose(unmerged, base, atol=1e-3)  # the adapter does something
     assert model.base_fingerprint() == before
