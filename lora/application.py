@@ -220,7 +220,7 @@ def execute(
         return _train_and_write(cfg, task, model, device, None, None, resume, base_dir, fingerprint, t_start,
                                 tokenizer, place)  # fmt: skip
     # only now that every input is checked: a typo touches no folder
-    folder, final = prepare_run_folder(cfg, resume)
+    folder, final = prepare_run_folder(cfg, resume, plan.final)
     say(f"run folder: {folder}" + (f" (replaces {final} when it succeeds)" if final != folder else ""))
     if final != folder:
         say(f"if this run stops, continue it with --resume {folder}")

@@ -57,8 +57,9 @@ def run_folder_name(cfg: TrainConfig) -> str:
 STAGED = re.compile(r"(.+)\.incomplete-[0-9a-f]{8}")  # <name>.incomplete-<random>: an --overwrite's folder
 
 
-def prepare_run_folder(cfg: TrainConfig, resume: Path | None) -> tuple[Path, Path]:
-    """``(folder, final)``: the folder this run writes into, and where its outputs end up.
+def prepare_run_folder(cfg: TrainConfig, resume: Path | None, final: Path) -> tuple[Path, Path]:
+    """``(folder, final)``: the folder this run writes into, and where its outputs end up (``final``, which the
+    run's plan took from :func:`final_folder`).
 
     A new run claims the first free name (``<name>``, ``<name>-2``, ...) with an atomic ``mkdir``, so runs
     started together never share a folder. With ``--overwrite`` the run is built aside, in
@@ -66,7 +67,6 @@ def prepare_run_folder(cfg: TrainConfig, resume: Path | None) -> tuple[Path, Pat
     run it replaces is untouched. A resumed run continues in its folder (an ``.incomplete`` one still
     replaces ``<name>`` when it finishes).
     """
-    final = final_folder(cfg, resume)
     if resume is not None:
         return (resume.parent if resume.is_file() else resume), final
     root, name = final.parent, final.name
