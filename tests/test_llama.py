@@ -7,34 +7,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import GPT2_TEXT, assert_close_scaled, copy_with_config, unmerged_and_merged
+from conftest import (
+    GPT2_TEXT,
+    assert_close_scaled,
+    copy_with_config,
+    make_llama_folder,
+    unmerged_and_merged,
+)
 
 from lora.lora_transformer import LoRATransformer
 from lora.train_lora import main
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-TINY = {"vocab_size": 300, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64, "rope_theta": 500.0}  # fmt: skip
-
-
-def make_llama_folder(folder: Path, kind: str = "llama", seed: int = 0, **config) -> Path:
-    """A tiny Llama-layout folder as transformers writes it (random weights, ``seed``; grouped-query
-    attention, 2 key/value heads for 4), with a byte-level BPE tokenizer trained here: nothing downloaded."""
-    from lora.tokenizer import train_byte_bpe
-
-    classes = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-               "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
-               "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-               "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
-               "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM),
-               "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM)}  # fmt: skip
-    config_class, model_class = classes[kind]
-    torch.manual_seed(seed)
-    model_class(config_class(**{**TINY, **config})).save_pretrained(folder)
-    train_byte_bpe([GPT2_TEXT], TINY["vocab_size"]).save(str(folder / "tokenizer.json"))
-    return folder
 
 
 @pytest.fixture(scope="module")
