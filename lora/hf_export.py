@@ -101,6 +101,7 @@ def hf_config(config: ModelConfig, base: BaseSource | None) -> tuple[str, dict]:
         kind = values.get(
             "model_type", "gpt2" if "n_embd" in values else None
         )  # (the oldest GPT-2s name none)
+        values.setdefault("model_type", kind)
         values.setdefault("architectures", ["GPT2LMHeadModel" if kind == "gpt2" else ARCHITECTURES[kind]])
     else:  # a model of this project's format: its architecture written in the family's words
         where = "the model"
