@@ -98,10 +98,7 @@ def hf_config(config: ModelConfig, base: BaseSource | None) -> tuple[str, dict]:
     if base is not None and base.hf_model:
         where: object = base.config_path
         values = read_json(base.config_path)
-        kind = values.get(
-            "model_type", "gpt2" if "n_embd" in values else None
-        )  # (the oldest GPT-2s name none)
-        values.setdefault("model_type", kind)
+        kind = values.setdefault("model_type", "gpt2" if "n_embd" in values else None)  # (old GPT-2s: none)
         values.setdefault("architectures", ["GPT2LMHeadModel" if kind == "gpt2" else ARCHITECTURES[kind]])
     else:  # a model of this project's format: its architecture written in the family's words
         where = "the model"
