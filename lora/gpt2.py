@@ -25,7 +25,9 @@ This is a family importer: a pure converter (the ``config.json`` dict -> :class:
 a checkpoint holds, its tensors -> this model's). It reads no weights: ``lora/pretrained.py`` reads a
 base folder once and hands it what it read (only :func:`is_hf_folder`, for callers that have nothing but
 a path, looks at a ``config.json``). GPT-2's own names (``c_attn``, ``c_fc``, ``Conv1D``) appear
-only here and in the PEFT mapping (``lora/peft_format.py``).
+only here and in the PEFT mapping (``lora/peft_format.py``). The way back is here too, for the merged export
+(``lora/hf_export.py``): :func:`gpt2_hf_config` and :func:`gpt2_tensors` (q, k, v fused into ``c_attn`` again,
+transposed to ``Conv1D``'s layout).
 """
 
 from __future__ import annotations
@@ -43,7 +45,9 @@ __all__ = [
     "check_gpt2_tensors",
     "convert_gpt2",
     "gpt2_config",
+    "gpt2_hf_config",
     "gpt2_names",
+    "gpt2_tensors",
     "is_hf_config",
     "is_hf_folder",
     "strip_gpt2",
@@ -178,4 +182,44 @@ def convert_gpt2(tensors: Mapping[str, torch.Tensor], config: ModelConfig) -> di
         ):
             out[f"{b}{ours}.weight"] = tensors[f"{h}{theirs}.weight"].t().contiguous()  # (out, in)
             out[f"{b}{ours}.bias"] = tensors[f"{h}{theirs}.bias"]
+    return out
+
+
+# The export direction (lora/hf_export.py): this model's config and tensors -> a GPT-2 folder's
+
+
+def gpt2_hf_config(config: ModelConfig) -> dict:
+    """A GPT-2 ``config.json`` mapping for ``config`` (the inverse of :func:`gpt2_config`, which reads it back
+    into ``config``, or tells what it cannot hold: the exporter checks that it does). No token ids: a model
+    made here knows none."""
+    act = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu"}[config.activation]
+    return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": config.vocab_size,
+            "n_embd": config.d_model, "n_head": config.num_heads, "n_layer": config.num_layers,
+            "n_inner": config.d_ff, "n_positions": config.max_seq_len, "activation_function": act,
+            "layer_norm_epsilon": config.layer_norm_eps, "resid_pdrop": config.dropout,
+            "embd_pdrop": config.dropout, "attn_pdrop": config.dropout, "scale_attn_weights": True,
+            "tie_word_embeddings": True, "bos_token_id": None, "eos_token_id": None}  # fmt: skip
+
+
+def gpt2_tensors(tensors: Mapping[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """This model's tensors -> a GPT-2 checkpoint's, as transformers saves them (``transformer.`` prefix, the
+    tied head not stored): :func:`convert_gpt2` inverted, q, k, v fused into ``c_attn``
+    ``(C, 3C) = [W_q^T | W_k^T | W_v^T]``, every ``nn.Linear`` ``(out, in)`` transposed to ``Conv1D``'s
+    ``(in, out)``."""
+    out = {f"transformer.{k}": tensors[k] for k in ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias")}
+    for i in range(config.num_layers):
+        h, b = f"transformer.h.{i}.", f"blocks.{i}."
+        for ln in ("ln_1", "ln_2"):
+            for leaf in ("weight", "bias"):
+                out[f"{h}{ln}.{leaf}"] = tensors[f"{b}{ln}.{leaf}"]
+        qkv = [f"{b}attn.{p}" for p in ("q_proj", "k_proj", "v_proj")]
+        out[f"{h}attn.c_attn.weight"] = torch.cat([tensors[f"{p}.weight"].t() for p in qkv], dim=1)  # (C, 3C)
+        out[f"{h}attn.c_attn.bias"] = torch.cat([tensors[f"{p}.bias"] for p in qkv])  # (3C,)
+        for theirs, ours in (
+            ("attn.c_proj", "attn.o_proj"),
+            ("mlp.c_fc", "mlp.fc1"),
+            ("mlp.c_proj", "mlp.fc2"),
+        ):
+            out[f"{h}{theirs}.weight"] = tensors[f"{b}{ours}.weight"].t().contiguous()  # (in, out)
+            out[f"{h}{theirs}.bias"] = tensors[f"{b}{ours}.bias"]
     return out

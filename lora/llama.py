@@ -23,6 +23,9 @@ Llama (``model.`` prefix)                        here
 Phi-3 (``phi3``) is this layout with q, k, v stored as one ``qkv_proj`` and gate, up as one
 ``gate_up_proj``: they are split on import (:func:`convert_phi3`).
 
+The way back, for the merged export (``lora/hf_export.py``): :func:`llama_tensors` and :func:`phi3_tensors`
+(fused again), and :func:`llama_hf_config` for a model that has no ``config.json`` of Hugging Face's.
+
 Mistral's ``sliding_window`` is honoured by refusal: the model's ``max_seq_len`` is the window when it is
 shorter than ``max_position_embeddings``, so no sequence exceeds it. Rotary scaling (``rope_scaling``, or
 ``rope_parameters``' type) ``linear`` and ``llama3`` (Llama 3.1 on) are honoured; another is refused by name.
@@ -39,17 +42,26 @@ from lora.files import describe_mismatch
 from lora.model_config import ModelConfig
 
 __all__ = [
+    "ARCHITECTURES",
     "LLAMA_TYPES",
     "check_llama_tensors",
     "convert_llama",
     "llama_config",
+    "llama_hf_config",
     "llama_names",
+    "llama_tensors",
+    "phi3_tensors",
     "strip_llama",
 ]
 
 LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma")  # the model_type values this importer reads
+# each model_type's class in transformers (config.json's "architectures"), Phi-3's too
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM", "phi3": "Phi3ForCausalLM"}  # fmt: skip
 _QKV_BIAS = ("qwen2",)  # families whose q, k, v projections have biases (and no other projection)
 _QK_NORM = ("qwen3",)  # families that normalise each head of q and k (q_norm, k_norm)
+# this model's activation -> hidden_act, when a config is written from it
+_HF_ACTIVATIONS = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"}
 _ACTIVATIONS = {
     "silu": "silu",
     "swish": "silu",
@@ -132,6 +144,32 @@ def _rope_scaling(hf: Mapping) -> dict | None:
             rest = {k: v for k, v in scaling.items() if k not in ("rope_type", "type", "rope_theta")}
             return {"rope_type": kind, **rest}
     return None
+
+
+def llama_hf_config(config: ModelConfig) -> dict:
+    """A ``config.json`` mapping for ``config`` of a Llama-layout family, the one its fields name (Qwen3: q/k
+    norms; Qwen2: q, k, v biases; Gemma: RMSNorm of ``1 + weight``; else Llama), in the older spelling of the
+    rotary settings (``rope_theta``, ``rope_scaling``: what transformers 4 and 5, vLLM and llama.cpp read).
+    :func:`llama_config` reads it back into ``config`` or tells what it cannot hold (the exporter checks that
+    it does: a mixture no family has, such as Gemma's norm without its embedding scale, is refused there). No
+    token ids: a model made here knows none."""
+    kind = "llama"
+    for name, field in (("gemma", config.norm == "rmsnorm_plus_one"), ("qwen2", config.qkv_bias),
+                        ("qwen3", config.qk_norm)):  # fmt: skip
+        kind = name if field else kind  # (the last that holds: a Qwen3 with Qwen2's biases is refused)
+    act = _HF_ACTIVATIONS[config.activation]
+    out = {"model_type": kind, "architectures": [ARCHITECTURES[kind]], "vocab_size": config.vocab_size,
+           "hidden_size": config.d_model, "intermediate_size": config.d_ff, "num_hidden_layers": config.num_layers,
+           "num_attention_heads": config.num_heads, "num_key_value_heads": config.num_kv_heads,
+           "head_dim": config.head_dim, "max_position_embeddings": config.max_seq_len,
+           "rms_norm_eps": config.layer_norm_eps, "hidden_act": act, "rope_theta": config.rope_theta,
+           "rope_scaling": config.rope_scaling, "tie_word_embeddings": config.tied_head,
+           "attention_dropout": 0.0, "bos_token_id": None, "eos_token_id": None}  # fmt: skip
+    if kind != "qwen2":  # (Qwen2's q, k, v biases are its class's, not a setting)
+        out["attention_bias"] = False
+    if kind.startswith("qwen"):
+        out["use_sliding_window"] = False
+    return out
 
 
 def llama_names(config: ModelConfig) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -237,3 +275,20 @@ def convert_phi3(tensors: Mapping[str, torch.Tensor], config: ModelConfig) -> di
             for part, piece in zip(parts, out.pop(f"{h}{fused}.weight").split(sizes[fused]), strict=True):
                 out[f"{h}{part}.weight"] = piece.contiguous()
     return convert_llama(out, config)
+
+
+def llama_tensors(tensors: Mapping[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """This model's tensors -> a Llama checkpoint's names (:func:`convert_llama` inverted; a tied head not
+    stored, as transformers saves it)."""
+    return {theirs: tensors[ours] for theirs, (ours, _) in llama_names(config).items()}
+
+
+def phi3_tensors(tensors: Mapping[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """This model's tensors -> a Phi-3 checkpoint's (:func:`convert_phi3` inverted): Llama's names, then q, k, v
+    stacked into ``qkv_proj`` ``(nh hs + 2 nkv hs, C)`` and gate, up into ``gate_up_proj`` ``(2F, C)``."""
+    out = llama_tensors(tensors, config)
+    for i in range(config.num_layers):
+        h = f"model.layers.{i}."
+        for fused, parts in _PHI3_FUSED.items():
+            out[f"{h}{fused}.weight"] = torch.cat([out.pop(f"{h}{p}.weight") for p in parts])
+    return out

@@ -33,6 +33,7 @@ from lora.base_storage import QUANTIZATIONS, check_narrowable, dense_weights, na
 from lora.decoder import Decoder
 from lora.files import describe_mismatch
 from lora.formats import AdapterFolder, write_model_folder
+from lora.hf_export import export_hf
 from lora.lora_layer import (
     NARROW_BASES,
     QUANTIZED_MERGE,
@@ -120,6 +121,7 @@ class LoRATransformer(Decoder):
         self._quantization: tuple[str, str] | None = None
         # ||W0||_row of each q, k, v projection's full-precision weight, kept by quantize_base (DoRA's export)
         self._full_precision_norms: dict[str, torch.Tensor] | None = None
+        self.base_source: BaseSource | None = None  # the folder from_pretrained read (export_hf's base)
 
     @classmethod
     def from_config(cls, config: ModelConfig, lora: LoRAConfig | None = None) -> LoRATransformer:
@@ -424,6 +426,7 @@ class LoRATransformer(Decoder):
             for key, value in tensors.items():
                 own[key].copy_(value)
         model.init_adapter_from_base()  # PiSSA/OLoRA factors and DoRA magnitudes of these weights
+        model.base_source = source
         return model
 
     @classmethod
@@ -495,6 +498,12 @@ class LoRATransformer(Decoder):
         """
         merged = {"merged_adapter": {"name": self.adapters.active, **(extra or {})}}
         return write_model_folder(path, self.config, self.merged_state_dict(), merged)
+
+    def export_hf(self, path: str | Path, base: BaseSource | None = None, max_shard_size: int | str = "5GB") -> Path:  # fmt: skip
+        """Write the model with the active adapter merged (float32 math, the weights' dtype kept) as a Hugging Face
+        folder (``lora/hf_export.py``: the family's names, ``base``'s config.json and tokenizer files, ``base``
+        by default the folder :meth:`from_pretrained` read); refused: a classification head, a 4-bit base."""
+        return export_hf(path, self.config, self.merged_state_dict, base or self.base_source, max_shard_size)
 
 
 def _refuse_unknown(lora_options: Mapping[str, object]) -> None:

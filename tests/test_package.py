@@ -40,6 +40,7 @@ LAYERS = [
     "adapter_set",  # a model's adapters: active and parked, fit checks, their folders
     "base_storage",  # the frozen base stored narrower: 4-bit NF4 or bf16, made dense for a while
     "pretrained",  # the one reader of a base folder (config, header, meta check), then its tensors
+    "hf_export",  # the merged model written as a Hugging Face folder (config.json, shards, tokenizer files)
     "lora_transformer",  # the model: decoder + adapters + base storage, delegating to the rooms below
     "memory",  # what a run will allocate, checked first
     "checkpoint",  # training checkpoints
