@@ -20,8 +20,8 @@ from lora.errors import ConfigError, first_line
 from lora.gpt2 import is_hf_folder
 from lora.special_tokens import NO_SPECIAL_TOKENS, SpecialTokens, read_special_tokens
 
-__all__ = ["TOKENIZER_NAME", "ByteTokenizer", "HFTokenizer", "Tokenizer", "load_tokenizer", "tokenizer_files",
-           "train_byte_bpe"]  # fmt: skip
+__all__ = ["TOKENIZER_NAME", "ByteTokenizer", "HFTokenizer", "Tokenizer", "fits_embeddings", "load_tokenizer",
+           "tokenizer_files", "train_byte_bpe"]  # fmt: skip
 
 TOKENIZER_NAME = "tokenizer.json"
 BPE_FILES = ("vocab.json", "merges.txt")
@@ -30,7 +30,8 @@ MAX_BYTE_VOCAB = 512
 END_OF_TEXT = "<|endoftext|>"  # GPT-2's one special token
 _BREAK = re.compile(r"\n(?=\S)")  # a newline that a non-space character follows
 CHUNK_CHARS = 1 << 20  # characters encoded at a time: the library's per-token objects stay small
-VOCAB_PADDING = 64  # a model's vocabulary may be its tokenizer's rounded up to a multiple of this
+VOCAB_PADDING = 64  # a model's vocabulary may be its tokenizer's rounded up to a multiple of this,
+VOCAB_RESERVE = 1  # or up to this many percent larger (tokens reserved); a larger gap is another tokenizer
 
 
 def _pieces(text: str, size: int = CHUNK_CHARS) -> list[str]:
@@ -115,6 +116,15 @@ def tokenizer_files(folder: str | Path) -> list[Path]:
     return []
 
 
+def fits_embeddings(tokens: int, embeddings: int) -> bool:
+    """Whether a tokenizer of ``tokens`` ids can be a model's of ``embeddings``: never an id beyond the
+    embeddings, and no more embeddings than its vocabulary rounded up to a multiple of :data:`VOCAB_PADDING`
+    or :data:`VOCAB_RESERVE` percent reserved for tokens to be added (Qwen2.5's 151,665 tokens have 151,936
+    embeddings, Phi-3's 32,011 have 32,064): a larger gap is another model's tokenizer."""
+    rounded = -(-tokens // VOCAB_PADDING) * VOCAB_PADDING
+    return tokens <= embeddings <= max(rounded, tokens + embeddings * VOCAB_RESERVE // 100)
+
+
 def _tokenizers_library() -> object:
     try:
         import tokenizers
@@ -135,7 +145,8 @@ def load_tokenizer(
 
     ``folder`` ``None`` or without tokenizer files: bytes (a model of this project's with 256 to
     :data:`MAX_BYTE_VOCAB` ids; a Hugging Face folder, or a larger vocabulary, needs its own tokenizer).
-    A tokenizer with more ids than the model has embeddings is refused, as are special tokens that are not
+    A tokenizer with more ids than the model has embeddings is refused, and one with far fewer (more than
+    :data:`VOCAB_PADDING` rounding or a :data:`VOCAB_RESERVE` percent reserve: another model's), as are special tokens that are not
     in its vocabulary or not below the embeddings (:func:`~lora.special_tokens.read_special_tokens`, from the
     files beside the tokenizer). ``hf_model``: whether the folder
     holds a Hugging Face model, and ``files`` its tokenizer files, where the caller knows them already
@@ -165,8 +176,7 @@ def load_tokenizer(
         raise ConfigError(f"{files[0]}: not a readable tokenizer ({first_line(e)})") from None
     tokenizer = HFTokenizer(tok, files[0])
     n = tokenizer.vocab_size
-    padded = -(-n // VOCAB_PADDING) * VOCAB_PADDING
-    if vocab_size not in (n, padded):
+    if not fits_embeddings(n, vocab_size):
         raise ConfigError(f"{files[0]}: the tokenizer has {n} tokens but the model {vocab_size} embeddings: "
                           f"it is not this model's tokenizer")  # fmt: skip
     tokenizer.special_tokens = read_special_tokens(files[0].parent, tok, vocab_size)

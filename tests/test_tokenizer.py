@@ -50,8 +50,18 @@ def test_vocab_and_merges_read_as_the_tokenizer_json_does(trained, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("model_vocab", "ok"), [(300, True), (320, True), (299, False), (280, False), (384, False)]
-)
+    ("model_vocab", "ok"),
+    [
+        (300, True),
+        (320, True),
+        (310, True),
+        (303, True),
+        (299, False),
+        (280, False),
+        (384, False),
+        (321, False),
+    ],
+)  # (rounded up to a multiple of 64, or a reserve of 1% as Qwen's 151,665 tokens for 151,936 embeddings)
 def test_the_vocabulary_must_be_the_model_s_or_its_padding(trained, tmp_path, model_vocab, ok):
     trained.save(str(tmp_path / "tokenizer.json"))
     if ok:
@@ -59,6 +69,14 @@ def test_the_vocabulary_must_be_the_model_s_or_its_padding(trained, tmp_path, mo
     else:
         with pytest.raises(ConfigError, match=f"the tokenizer has 300 tokens but the model {model_vocab}"):
             load_tokenizer(tmp_path, model_vocab)
+
+
+def test_the_embeddings_may_round_up_or_reserve_a_little_room_but_never_lack_an_id():
+    fits = tokenizer_module.fits_embeddings
+    assert fits(128_256, 128_256) and fits(50_257, 50_304)  # Llama 3; GPT-2 rounded up to a multiple of 64
+    assert fits(151_665, 151_936) and fits(32_011, 32_064)  # Qwen2.5's reserve (0.18%), Phi-3's
+    assert not fits(128_257, 128_256) and not fits(50_257, 151_936)  # an id beyond; GPT-2's beside Qwen's
+    assert not fits(151_665, 153_600)  # (a reserve of 1.3%)
 
 
 def test_a_long_text_encodes_in_pieces_to_the_same_ids(trained, tmp_path, monkeypatch):
