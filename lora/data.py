@@ -342,9 +342,8 @@ def _encode_rows(
     lengths = torch.zeros(len(rows), dtype=torch.long)
     y = torch.tensor([labels.index(label) for _, label in rows], dtype=torch.long)
     for i, (text, _) in enumerate(rows):
-        ids = (tokenizer.special_tokens.prefix + (tokenizer.encode(text)[:seq_len] or tokenizer.encode(" ")))[
-            :seq_len
-        ]
+        ids = tokenizer.encode(text)[:seq_len] or tokenizer.encode(" ")
+        ids = (tokenizer.special_tokens.prefix + ids)[:seq_len]
         x[i, : len(ids)] = torch.tensor(ids, dtype=dtype)
         lengths[i] = len(ids)
     return TaskData(x, y, lengths)

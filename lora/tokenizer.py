@@ -145,12 +145,11 @@ def load_tokenizer(
 
     ``folder`` ``None`` or without tokenizer files: bytes (a model of this project's with 256 to
     :data:`MAX_BYTE_VOCAB` ids; a Hugging Face folder, or a larger vocabulary, needs its own tokenizer).
-    A tokenizer with more ids than the model has embeddings is refused, and one with far fewer (more than
-    :data:`VOCAB_PADDING` rounding or a :data:`VOCAB_RESERVE` percent reserve: another model's), as are special tokens that are not
-    in its vocabulary or not below the embeddings (:func:`~lora.special_tokens.read_special_tokens`, from the
-    files beside the tokenizer). ``hf_model``: whether the folder
-    holds a Hugging Face model, and ``files`` its tokenizer files, where the caller knows them already
-    (``None``: look at its ``config.json``; :func:`tokenizer_files`).
+    A tokenizer with more ids than the model has embeddings is refused, or with far fewer
+    (:func:`fits_embeddings`), as are special tokens not in its vocabulary or not below the embeddings
+    (:func:`~lora.special_tokens.read_special_tokens`, from the files beside the tokenizer). ``hf_model``:
+    whether the folder holds a Hugging Face model, and ``files`` its tokenizer files, where the caller knows
+    them already (``None``: look at its ``config.json``; :func:`tokenizer_files`).
     """
     if files is None:
         files = [] if folder is None else tokenizer_files(folder)
