@@ -39,7 +39,7 @@ from lora.memory import peak_memory_mb, reset_peak_memory
 from lora.plan import RunPlan, plan_run, resolve_or_refuse, storage_for
 from lora.pretrained import BaseSource
 from lora.run_folder import RunFolder, discard_unless_resumable, prepare_run_folder, publish, run_lock
-from lora.tokenizer import TOKENIZER_NAME, ByteTokenizer, HFTokenizer, Tokenizer
+from lora.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 from lora.trainer import LoRATrainer, Trainer, resolve_device
 
 __all__ = ["RankError", "build_model", "execute", "run", "say"]
@@ -86,14 +86,19 @@ def samples(
     length = 160 if isinstance(tokenizer, ByteTokenizer) else 48
     for prompt in ("def ", "import ", "class ", "The "):
         lines.append(f"=== prompt {prompt!r} (temperature 0.8, top-k 40, seed 0)")
-        ids = tokenizer.encode(prompt)
+        ids, special = tokenizer.encode(prompt, add_bos=True), tokenizer.special_tokens
         for adapted in (False, True):
             g = torch.Generator(device=device).manual_seed(0)
             idx = torch.tensor([ids], device=device)
             new = min(length, model.max_seq_len - len(ids))
             with contextlib.nullcontext() if adapted else model.disable_adapter():
-                out = model.generate(idx, new, temperature=0.8, top_k=40, generator=g)
-            text = tokenizer.decode(out[0].tolist())
+                out = model.generate(
+                    idx, new, temperature=0.8, top_k=40, generator=g, eos_token_id=special.eos_ids
+                )
+            # the text after BOS, up to the EOS where generation stopped
+            text = tokenizer.decode(
+                ids[len(special.prefix) :] + special.until_eos(out[0, len(ids) :].tolist())
+            )
             lines += ["--- adapted:" if adapted else "--- base:", text]
         lines.append("")
     return "\n".join(lines) + "\n"
@@ -263,8 +268,9 @@ def _train_and_write(cfg: TrainConfig, task: Task, model: LoRATransformer, devic
     out = RunFolder(folder) if writes else None
     if writes and resume is None:
         out.write("config.yaml", yaml.safe_dump({**cfg.to_saved(), "run_name": final.name}, sort_keys=False))
-        if isinstance(tokenizer, HFTokenizer):  # the run's text is read back with the tokenizer that made it
-            out.write(TOKENIZER_NAME, tokenizer.to_json())
+        if isinstance(tokenizer, HFTokenizer):  # the run's text is read back with the tokenizer that made it,
+            for file, data in tokenizer.run_files().items():  # and its special tokens
+                out.write(file, data)
     model.gradient_checkpointing = cfg.gradient_checkpointing
     targets = ",".join(cfg.lora_targets) + (",ff" if cfg.adapt_feedforward else "")
     name = final.name if writes else f"rank {place.rank}"

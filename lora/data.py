@@ -1,8 +1,11 @@
 """Built-in tasks and user data, all local: nothing is downloaded.
 
 The built-in bases are byte-level (vocabulary 256: token id = byte value), so one base architecture
-serves every task. On an imported base (a GPT-2 folder) the text tasks are tokenized with the folder's own
-tokenizer (:mod:`lora.tokenizer`) and language modelling is scored in bits per token.
+serves every task. On an imported base (a GPT-2 or Llama-family folder) the text tasks are tokenized with
+the folder's own tokenizer (:mod:`lora.tokenizer`) and language modelling is scored in bits per token.
+Documents are separated by the tokenizer's EOS token written in the text (GPT-2's ``<|endoftext|>``,
+Llama's ``</s>``, ...), and each document, and each JSONL example, starts with its BOS where the
+tokenizer adds one (Llama, Mistral, Gemma; not GPT-2 or Qwen), exactly once.
 
 - ``rot13`` / ``atbash``: letter ciphers of random 8-letter words, read and written letter by letter
   (``h u e r l y l y o b ...``: each plain letter is followed by its cipher). Their base is pretrained on
@@ -29,6 +32,7 @@ import torch
 from lora.config import CIPHER_WIDTH, TASKS, TrainConfig
 from lora.errors import DataError, quote
 from lora.files import MAX_DATA_BYTES, check_regular_file, read_limited
+from lora.special_tokens import SpecialTokens
 from lora.tokenizer import ByteTokenizer, Tokenizer
 
 T = TypeVar("T")
@@ -176,15 +180,35 @@ def cipher_task(kind: str, num_examples: int, seed: int) -> Task:
 
 
 def token_ids(data: bytes, tokenizer: Tokenizer) -> torch.Tensor:
-    """UTF-8 text as a 1-D tensor of ids: the bytes themselves (``uint8``) or the tokenizer's (``int32``)."""
+    """UTF-8 text as a 1-D tensor of ids: the bytes themselves (``uint8``) or the tokenizer's (``int32``),
+    each document starting with BOS where the tokenizer adds one (:func:`documents_with_bos`)."""
     if isinstance(tokenizer, ByteTokenizer):
         return (
             torch.frombuffer(bytearray(data), dtype=torch.uint8)
             if data
             else torch.zeros(0, dtype=torch.uint8)
         )
-    return torch.cat([torch.tensor(ids, dtype=torch.int32) for ids in tokenizer.encode_chunks(data.decode("utf-8"))]
-                     or [torch.zeros(0, dtype=torch.int32)])  # fmt: skip
+    ids = torch.cat([torch.tensor(ids, dtype=torch.int32) for ids in tokenizer.encode_chunks(data.decode("utf-8"))]
+                    or [torch.zeros(0, dtype=torch.int32)])  # fmt: skip
+    return documents_with_bos(ids, tokenizer.special_tokens)
+
+
+def documents_with_bos(ids: torch.Tensor, special: SpecialTokens) -> torch.Tensor:
+    """The 1-D ``ids`` of a text whose documents the EOS token separates, with BOS put at the start of each
+    document where ``special`` adds one (``add_bos``) and the document does not start with it already: the
+    ids a tokenizer adding BOS gives each document, joined by EOS. Unchanged where no BOS is added."""
+    if not special.add_bos or ids.numel() == 0:
+        return ids
+    after_eos = (ids[:-1] == special.eos_id).nonzero()[:, 0] + 1 if special.eos_id is not None else []
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), torch.as_tensor(after_eos, dtype=torch.long)])
+    starts = starts[ids[starts] != special.bos_id]  # (a document that begins with BOS keeps its one)
+    bos = torch.full((len(starts),), special.bos_id, dtype=ids.dtype)
+    out = torch.empty(len(ids) + len(starts), dtype=ids.dtype)
+    at = starts + torch.arange(len(starts))  # where each BOS lands once the ones before it are in
+    keep = torch.ones(len(out), dtype=torch.bool)
+    keep[at] = False
+    out[at], out[keep] = bos, ids
+    return out
 
 
 def _chunks(ids: torch.Tensor, seq_len: int) -> TaskData:
@@ -311,13 +335,15 @@ def read_jsonl(path: str | Path) -> list[tuple[str, object]]:
 def _encode_rows(
     rows: list[tuple[str, object]], labels: list, seq_len: int, tokenizer: Tokenizer
 ) -> TaskData:
-    """Each text's first ``seq_len`` ids, right-padded (an empty text reads as one space)."""
+    """Each text's first ``seq_len`` ids, BOS first where the tokenizer adds one, right-padded (an empty
+    text reads as one space)."""
     dtype = torch.uint8 if isinstance(tokenizer, ByteTokenizer) else torch.int32
     x = torch.zeros(len(rows), seq_len, dtype=dtype)
     lengths = torch.zeros(len(rows), dtype=torch.long)
     y = torch.tensor([labels.index(label) for _, label in rows], dtype=torch.long)
     for i, (text, _) in enumerate(rows):
         ids = tokenizer.encode(text)[:seq_len] or tokenizer.encode(" ")
+        ids = (tokenizer.special_tokens.prefix + ids)[:seq_len]
         x[i, : len(ids)] = torch.tensor(ids, dtype=dtype)
         lengths[i] = len(ids)
     return TaskData(x, y, lengths)

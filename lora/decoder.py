@@ -28,7 +28,7 @@ adapters, stores its base narrower and reads and writes folders is
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from functools import partial
 from typing import Any
@@ -390,18 +390,26 @@ class Decoder(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
     ) -> torch.Tensor:
-        """Append ``max_new_tokens`` sampled tokens to ``idx`` (B, T) -> (B, T + max_new_tokens).
+        """Append up to ``max_new_tokens`` sampled tokens to ``idx`` (B, T) -> (B, T + n), n <= max_new_tokens.
 
-        ``temperature == 0`` decodes greedily; ``top_k`` keeps the k most likely tokens. The prompt's keys and
+        ``temperature == 0`` decodes greedily; ``top_k`` keeps the k most likely tokens. With ``eos_token_id``
+        (an id or several), a row that has produced one of them is finished: its later tokens are the first
+        EOS id, and the call returns as soon as every row is finished (n < max_new_tokens), as transformers'
+        ``generate(eos_token_id=..., pad_token_id=<the first EOS id>)`` does. The prompt's keys and
         values are computed once and kept (:class:`KVCache`), so each new token costs one token's work;
         once the sequence fills ``max_seq_len`` positions, each step reads the last ``max_seq_len`` tokens
         afresh (the window slides). The whole call runs under :meth:`generation_context`.
         """
         if self.cls_head is not None:
             raise RuntimeError("generate() needs a language model; this one has a classification head")
+        eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+        vocab = self.config.vocab_size
+        if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab for i in eos):
+            raise ValueError(f"eos_token_id must be token ids in [0, {vocab}), got {eos_token_id!r}")
         with self.generation_context():
-            return self._sample(idx, max_new_tokens, temperature, top_k, generator)
+            return self._sample(idx, max_new_tokens, temperature, top_k, generator, eos)
 
     def generation_context(self) -> AbstractContextManager:
         """What :meth:`generate` runs under, once for all its steps: nothing here (a model that stores its
@@ -415,7 +423,10 @@ class Decoder(nn.Module):
         temperature: float,
         top_k: int | None,
         generator: torch.Generator | None,
+        eos_ids: Sequence[int] = (),
     ) -> torch.Tensor:
+        eos = torch.tensor(eos_ids, dtype=torch.long, device=idx.device) if eos_ids else None
+        finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)  # (B,) a row past its EOS
         cache = KVCache(len(self.blocks))
         h = self.hidden_states(idx[:, -self.max_seq_len :], cache)  # the prompt, once
         for step in range(max_new_tokens):
@@ -432,8 +443,11 @@ class Decoder(nn.Module):
                     kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, [-1]]
                     logits = logits.masked_fill(logits < kth, float("-inf"))
                 nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+            if eos is not None:  # a finished row continues with EOS; a row that produces an EOS is finished
+                nxt = torch.where(finished[:, None], eos[0], nxt)  # (B, 1)
+                finished |= torch.isin(nxt[:, 0], eos)
             idx = torch.cat([idx, nxt], dim=1)
-            if step == max_new_tokens - 1:
+            if step == max_new_tokens - 1 or (eos is not None and bool(finished.all())):
                 break
             if cache is not None and cache.length < self.max_seq_len:  # a position left: one token's work
                 h = self.hidden_states(nxt, cache)

@@ -5,7 +5,7 @@ once, how the base is stored, tokenizer, checkpoint to resume, memory, where the
 order: the output folder, the data files (found, not opened), the checkpoint to resume and its settings,
 the base folder (its ``config.json`` parsed once, its header read once, checked on the meta device
 once), the sequence width against the base, the base's storage, the memory the run needs, the
-tokenizer. Only then does ``lora/application.py`` tokenize the data,
+tokenizer and its special tokens (a BOS or EOS the model does not have is refused here). Only then does ``lora/application.py`` tokenize the data,
 pretrain a missing default base and load the weights. A typo costs one line and touches nothing.
 
 Under torchrun every process plans; the default base may exist only once rank 0 has pretrained it, so a

@@ -2,10 +2,12 @@
 
 * :class:`ByteTokenizer`: token id = UTF-8 byte value (vocabulary 256), the built-in tasks' tokenizer.
 * :class:`HFTokenizer`: a base folder's ``tokenizer.json`` (or GPT-2's ``vocab.json`` + ``merges.txt``),
-  read with the ``tokenizers`` library, an optional extra (``pip install -e ".[hf]"``).
+  read with the ``tokenizers`` library, an optional extra (``pip install -e ".[hf]"``), with the folder's
+  special tokens (:mod:`lora.special_tokens`: BOS, whether it starts each text, the EOS ids).
 
 :func:`load_tokenizer` picks the one a base folder calls for; a run folder keeps a copy of the tokenizer it
-used (``tokenizer.json``), so generation decodes with the same one.
+used (``tokenizer.json``, and the files its special tokens came from: :meth:`HFTokenizer.run_files`), so
+generation encodes, stops and decodes with the same one.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from pathlib import Path
 
 from lora.errors import ConfigError, first_line
 from lora.gpt2 import is_hf_folder
+from lora.special_tokens import NO_SPECIAL_TOKENS, SpecialTokens, read_special_tokens
 
-__all__ = ["TOKENIZER_NAME", "ByteTokenizer", "HFTokenizer", "Tokenizer", "load_tokenizer", "tokenizer_files",
-           "train_byte_bpe"]  # fmt: skip
+__all__ = ["TOKENIZER_NAME", "ByteTokenizer", "HFTokenizer", "Tokenizer", "fits_embeddings", "load_tokenizer",
+           "tokenizer_files", "train_byte_bpe"]  # fmt: skip
 
 TOKENIZER_NAME = "tokenizer.json"
 BPE_FILES = ("vocab.json", "merges.txt")
@@ -27,7 +30,8 @@ MAX_BYTE_VOCAB = 512
 END_OF_TEXT = "<|endoftext|>"  # GPT-2's one special token
 _BREAK = re.compile(r"\n(?=\S)")  # a newline that a non-space character follows
 CHUNK_CHARS = 1 << 20  # characters encoded at a time: the library's per-token objects stay small
-VOCAB_PADDING = 64  # a model's vocabulary may be its tokenizer's rounded up to a multiple of this
+VOCAB_PADDING = 64  # a model's vocabulary may be its tokenizer's rounded up to a multiple of this,
+VOCAB_RESERVE = 1  # or up to this many percent larger (tokens reserved); a larger gap is another tokenizer
 
 
 def _pieces(text: str, size: int = CHUNK_CHARS) -> list[str]:
@@ -46,12 +50,14 @@ def _pieces(text: str, size: int = CHUNK_CHARS) -> list[str]:
 
 
 class ByteTokenizer:
-    """UTF-8 bytes as ids 0..255; decoding skips other ids and shows invalid UTF-8 as U+FFFD."""
+    """UTF-8 bytes as ids 0..255, no special tokens; decoding skips other ids and shows invalid UTF-8 as
+    U+FFFD."""
 
     name = "byte"
     vocab_size = 256
+    special_tokens = NO_SPECIAL_TOKENS
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
         return list(text.encode("utf-8"))
 
     def encode_chunks(self, text: str) -> list[list[int]]:
@@ -62,16 +68,22 @@ class ByteTokenizer:
 
 
 class HFTokenizer:
-    """A ``tokenizers.Tokenizer`` (GPT-2's byte-level BPE, or whatever ``tokenizer.json`` describes)."""
+    """A ``tokenizers.Tokenizer`` (GPT-2's byte-level BPE, or whatever ``tokenizer.json`` describes) and its
+    folder's ``special_tokens``."""
 
     name = "tokenizer.json"
 
-    def __init__(self, tokenizer: object, source: Path) -> None:
-        self.tokenizer, self.source = tokenizer, source
+    def __init__(
+        self, tokenizer: object, source: Path, special_tokens: SpecialTokens = NO_SPECIAL_TOKENS
+    ) -> None:
+        self.tokenizer, self.source, self.special_tokens = tokenizer, source, special_tokens
         self.vocab_size = int(tokenizer.get_vocab_size(with_added_tokens=True))
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        """``text``'s ids; with ``add_bos`` (a document, an example or a prompt), BOS first where the
+        tokenizer adds one. The post-processor of ``tokenizer.json`` is not run: BOS comes once, from here."""
+        prefix = self.special_tokens.prefix if add_bos else []
+        return prefix + self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def encode_chunks(self, text: str) -> list[list[int]]:
         """A long text's ids, a piece at a time (see :func:`_pieces`): the same ids as :meth:`encode`, with
@@ -85,6 +97,11 @@ class HFTokenizer:
         """The tokenizer as one ``tokenizer.json`` text (what a run folder keeps)."""
         return self.tokenizer.to_str()
 
+    def run_files(self) -> dict[str, bytes]:
+        """What a run folder keeps to read text as this run did: ``tokenizer.json`` and the files of its
+        special tokens (``tokenizer_config.json``, ``special_tokens_map.json``, ``generation_config.json``)."""
+        return {TOKENIZER_NAME: self.to_json().encode("utf-8"), **dict(self.special_tokens.files)}
+
 
 Tokenizer = ByteTokenizer | HFTokenizer
 
@@ -97,6 +114,15 @@ def tokenizer_files(folder: str | Path) -> list[Path]:
     if all((folder / name).is_file() for name in BPE_FILES):
         return [folder / name for name in BPE_FILES]
     return []
+
+
+def fits_embeddings(tokens: int, embeddings: int) -> bool:
+    """Whether a tokenizer of ``tokens`` ids can be a model's of ``embeddings``: never an id beyond the
+    embeddings, and no more embeddings than its vocabulary rounded up to a multiple of :data:`VOCAB_PADDING`
+    or :data:`VOCAB_RESERVE` percent reserved for tokens to be added (Qwen2.5's 151,665 tokens have 151,936
+    embeddings, Phi-3's 32,011 have 32,064): a larger gap is another model's tokenizer."""
+    rounded = -(-tokens // VOCAB_PADDING) * VOCAB_PADDING
+    return tokens <= embeddings <= max(rounded, tokens + embeddings * VOCAB_RESERVE // 100)
 
 
 def _tokenizers_library() -> object:
@@ -119,9 +145,11 @@ def load_tokenizer(
 
     ``folder`` ``None`` or without tokenizer files: bytes (a model of this project's with 256 to
     :data:`MAX_BYTE_VOCAB` ids; a Hugging Face folder, or a larger vocabulary, needs its own tokenizer).
-    A tokenizer with more ids than the model has embeddings is refused. ``hf_model``: whether the folder
-    holds a Hugging Face model, and ``files`` its tokenizer files, where the caller knows them already
-    (``None``: look at its ``config.json``; :func:`tokenizer_files`).
+    A tokenizer with more ids than the model has embeddings is refused, or with far fewer
+    (:func:`fits_embeddings`), as are special tokens not in its vocabulary or not below the embeddings
+    (:func:`~lora.special_tokens.read_special_tokens`, from the files beside the tokenizer). ``hf_model``:
+    whether the folder holds a Hugging Face model, and ``files`` its tokenizer files, where the caller knows
+    them already (``None``: look at its ``config.json``; :func:`tokenizer_files`).
     """
     if files is None:
         files = [] if folder is None else tokenizer_files(folder)
@@ -147,10 +175,10 @@ def load_tokenizer(
         raise ConfigError(f"{files[0]}: not a readable tokenizer ({first_line(e)})") from None
     tokenizer = HFTokenizer(tok, files[0])
     n = tokenizer.vocab_size
-    padded = -(-n // VOCAB_PADDING) * VOCAB_PADDING
-    if vocab_size not in (n, padded):
+    if not fits_embeddings(n, vocab_size):
         raise ConfigError(f"{files[0]}: the tokenizer has {n} tokens but the model {vocab_size} embeddings: "
                           f"it is not this model's tokenizer")  # fmt: skip
+    tokenizer.special_tokens = read_special_tokens(files[0].parent, tok, vocab_size)
     return tokenizer
 
 

@@ -2,7 +2,10 @@
 
 Text is read and written with the tokenizer the run used (the adapter folder's ``tokenizer.json``), else
 the base folder's own, else bytes (the built-in bases: token id = byte value; invalid UTF-8 shows as
-U+FFFD). Every variant starts from the same seed, so differences come from the adapters.
+U+FFFD). With a folder's own tokenizer the prompt starts with its BOS where the tokenizer adds one, and
+generation stops at its EOS (any of ``generation_config.json``'s ``eos_token_id``), read from the same folder
+as the tokenizer: a run folder keeps those files. Every variant starts from the same seed, so differences
+come from the adapters.
 
     python scripts/generate.py --base runs/bases/english-d256-h4-l2-s128-steps800-seed0 --prompt "The "
     python scripts/generate.py --base runs/bases/english-d256-h4-l2-s128-steps800-seed0 --adapter runs/code-lora-r8 --prompt "def " --top_k 40
@@ -38,7 +41,8 @@ MIN_TEMPERATURE = 1e-4
 
 
 def encode(text: str, tokenizer: Tokenizer) -> list[int]:
-    """``text`` as token ids; text that is not valid UTF-8, or no token at all, is refused."""
+    """``text`` as token ids, BOS first where the tokenizer adds one; text that is not valid UTF-8, or no
+    token at all, is refused."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:  # bytes that are not UTF-8 reach Python as lone surrogates
@@ -46,7 +50,7 @@ def encode(text: str, tokenizer: Tokenizer) -> list[int]:
     ids = tokenizer.encode(text)
     if not ids:
         raise ValueError("--prompt must not be empty")
-    return ids
+    return tokenizer.special_tokens.prefix + ids
 
 
 def pick_tokenizer(base: str, adapters: Sequence[str], vocab_size: int) -> Tokenizer:
@@ -66,18 +70,23 @@ def sample(
     out: list[int] | None = None,
     tokenizer: Tokenizer | None = None,
 ) -> str:
-    """The text generated after ``prompt`` (the prompt itself not included).
+    """The text generated after ``prompt`` (the prompt itself not included), up to the tokenizer's EOS.
 
     Tokens are appended to ``out`` as they come, one ``generate`` step at a time (the same tokens as one
-    call for all of them), so that an interrupted run still has what it generated so far.
+    call for all of them), so that an interrupted run still has what it generated so far; an EOS token
+    (one of the tokenizer's ``eos_ids``) is the last one appended, and not part of the text.
     """
     out = [] if out is None else out
+    tokenizer = tokenizer or ByteTokenizer()
+    eos = set(tokenizer.special_tokens.eos_ids)
     g = torch.Generator(device=model.wte.weight.device).manual_seed(seed)
     idx = torch.tensor([prompt], device=model.wte.weight.device)  # (1, T)
     for _ in range(max_new_tokens):
         idx = model.generate(idx, 1, temperature=temperature, top_k=top_k, generator=g)
         out.append(int(idx[0, -1]))
-    return (tokenizer or ByteTokenizer()).decode(out)
+        if out[-1] in eos:
+            break
+    return text_of(out, tokenizer)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -148,8 +157,13 @@ def run(
             if model.cls_head is not None:
                 raise ValueError(f"{folder}: a classification adapter cannot generate text")
         rows.append((label, []))
-        sample(model, prompt, *gen, out=rows[-1][1])
-    return [(label, tokenizer.decode(ids)) for label, ids in rows]
+        sample(model, prompt, *gen, out=rows[-1][1], tokenizer=tokenizer)
+    return [(label, text_of(ids, tokenizer)) for label, ids in rows]
+
+
+def text_of(ids: list[int], tokenizer: Tokenizer) -> str:
+    """The text of generated ``ids``, up to the EOS where generation stopped."""
+    return tokenizer.decode(tokenizer.special_tokens.until_eos(ids))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -162,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             texts = run(args, rows, used)
         except KeyboardInterrupt:  # what was generated so far is kept
             for label, ids in rows:
-                print(f"=== {label} ===\n{args.prompt}{used[0].decode(ids)}\n")
+                print(f"=== {label} ===\n{args.prompt}{text_of(ids, used[0])}\n")
             print(
                 f"generate.py: interrupted after {sum(len(ids) for _, ids in rows)} tokens", file=sys.stderr
             )

@@ -250,3 +250,120 @@ def test_a_4_bit_base_with_its_own_lm_head_keeps_the_head_in_bfloat16(llama_fold
             assert model.lm_head.weight.dtype == torch.float32
         assert model.lm_head.weight.dtype == torch.bfloat16
         assert_close_scaled(model(idx), before, 5e-2)  # the head rounded to bfloat16
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Special tokens: generation stops at EOS, the run folder keeps them, what does not fit is refused
+
+
+@pytest.mark.parametrize("family", ["llama_folder", "gpt2_folder"])
+def test_generation_stops_at_eos_as_transformers_generate_does(family, request):
+    folder = request.getfixturevalue(family)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    ours = LoRATransformer.from_pretrained(folder, lora_r=0).eval()
+    prompt = torch.randint(0, 300, (3, 5), generator=torch.Generator().manual_seed(3))
+    free = ours.generate(prompt, 16, temperature=0)[:, 5:]  # no EOS: 16 tokens a row
+    first = int(free[0, 5])  # what row 0 produces at step 5: an EOS it meets early
+    for eos in (first, [first, int(free[1, 8])]):  # one EOS id, or several (Llama 3's list)
+        expected = theirs.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=16,
+                                   do_sample=False, eos_token_id=eos, pad_token_id=first)  # fmt: skip
+        got = ours.generate(prompt, 16, temperature=0, eos_token_id=eos)
+        assert got.tolist() == expected.tolist()
+    stop = free[0].tolist().index(first)  # (<= 5: the token may come earlier too)
+    alone = ours.generate(prompt[:1], 16, temperature=0, eos_token_id=first)
+    assert alone[0, 5:].tolist() == free[0, : stop + 1].tolist()  # it stops there, the EOS its last token
+    rows = ours.generate(prompt, 16, temperature=0, eos_token_id=first)[:, 5:]
+    assert rows[0, stop:].eq(first).all() and rows[0, :stop].tolist() == free[0, :stop].tolist()
+
+
+def _llama_with_special_tokens(folder: Path, **config) -> Path:
+    """A tiny Llama folder whose tokenizer has ``<s>`` 297, ``</s>`` 298, ``<|eot|>`` 299 (BOS added by its
+    post-processor, as Llama's), with tokenizer_config.json, special_tokens_map.json and generation_config.json
+    (EOS any of ``</s>``, ``<|eot|>``)."""
+    from test_tokenizer import LLAMA2, special_folder
+
+    make_llama_folder(folder, **config)
+    files = {"tokenizer_config.json": LLAMA2, "special_tokens_map.json": {"bos_token": "<s>", "eos_token": "</s>"},
+             "generation_config.json": {"bos_token_id": 297, "eos_token_id": [298, 299]}}  # fmt: skip
+    return special_folder(folder, files, post_bos=True)
+
+
+def test_the_run_folder_keeps_the_special_tokens_and_generate_stops_there_without_the_base_files(tmp_path):
+    pytest.importorskip("tokenizers")
+    from lora.tokenizer import load_tokenizer
+    from scripts.generate import parse_args, run
+
+    base = _llama_with_special_tokens(tmp_path / "base")
+    text = tmp_path / "my.txt"
+    text.write_text((GPT2_TEXT[:400] + "</s>") * 10)  # documents separated by the folder's EOS
+    runs = tmp_path / "runs"
+    argv = ["--task", "text", "--train_file", str(text), "--base_checkpoint", str(base), "--seq_len", "16",
+            "--batch_size", "8", "--max_steps", "2", "--eval_every", "2", "--eval_batches", "1", "--device", "cpu",
+            "--output_dir", str(runs), "--run_name", "special"]  # fmt: skip
+    assert main(argv) == 0
+    folder = runs / "special"
+    for name in ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        assert (folder / name).read_bytes() == (base / name).read_bytes()
+        (base / name).unlink()  # generation below reads the run folder's alone
+    model = LoRATransformer.from_pretrained(base, lora_r=0).eval()
+    model.load_adapter(folder)
+    tokenizer = load_tokenizer(folder, 300)
+    prompt = [297, *tokenizer.encode("The quick")]  # BOS first, once
+    greedy = model.generate(torch.tensor([prompt]), 12, temperature=0)[0, len(prompt) :].tolist()
+    eos = greedy[3]  # the run folder's generation_config.json names it: generation stops there
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos, 299]}))
+    rows = []
+    args = ["--base", str(base), "--adapter", str(folder), "--prompt", "The quick", "--max_new_tokens", "12",
+            "--temperature", "0", "--no_base"]  # fmt: skip
+    texts = run(parse_args(args), rows)
+    stop = greedy.index(eos)
+    assert rows[0][1] == greedy[: stop + 1]  # the EOS is the last token generated, and not in the text
+    assert texts == [(f"adapter {folder}", tokenizer.decode(greedy[:stop]))]
+
+
+def test_the_samples_of_a_run_start_after_bos_and_stop_at_eos(tmp_path):
+    from dataclasses import replace
+
+    from lora.application import samples
+    from lora.data import Task, TaskData
+    from lora.tokenizer import load_tokenizer
+
+    base = _llama_with_special_tokens(tmp_path / "base")
+    model = LoRATransformer.from_pretrained(base, lora_r=4).eval()
+    tokenizer = load_tokenizer(base, 300)
+    tokenizer.special_tokens = replace(
+        tokenizer.special_tokens, eos_ids=tuple(range(300))
+    )  # every token ends
+    empty = TaskData(torch.zeros(0, 16, dtype=torch.int32), torch.zeros(0, 16, dtype=torch.int32))
+    text = samples(model, Task("text", empty, empty, "bits_per_token", False), torch.device("cpu"), tokenizer)
+    for prompt in ("def ", "import ", "class ", "The "):  # each generation stops at its first token
+        assert f"--- base:\n{prompt}\n--- adapted:\n{prompt}\n" in text
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda f: make_llama_folder(f, vocab_size=280), "the tokenizer has 300 tokens but the model 280 embeddings"),
+        (lambda f: (f / "generation_config.json").write_text('{"eos_token_id": [2, 300]}'),
+         "generation_config.json: eos_token_id 300 is beyond the model's 300 embeddings"),
+        (lambda f: (f / "tokenizer_config.json").write_text('{"bos_token": "<s>"}'),
+         "tokenizer_config.json: bos_token '<s>' is not in the tokenizer's vocabulary"),
+    ],
+    ids=["bigger tokenizer", "eos beyond the embeddings", "bos not in the vocabulary"],
+)  # fmt: skip
+def test_a_tokenizer_that_does_not_fit_the_llama_model_is_refused_with_nothing_written(
+    damage, message, llama_folder, tmp_path, capsys
+):
+    from test_hostile_input import refused
+
+    folder = tmp_path / "llama"
+    shutil.copytree(llama_folder, folder)
+    tokenizer = (folder / "tokenizer.json").read_bytes()
+    damage(folder)
+    (folder / "tokenizer.json").write_bytes(tokenizer)  # (300 tokens, whatever the model now has)
+    text = tmp_path / "my.txt"
+    text.write_text(GPT2_TEXT)
+    argv = ["--task", "text", "--train_file", text, "--base_checkpoint", folder, "--seq_len", "16",
+            "--device", "cpu", "--output_dir", tmp_path / "runs"]  # fmt: skip
+    refused(capsys, argv, message)
+    assert not (tmp_path / "runs").exists()

@@ -26,6 +26,7 @@ LAYERS = [
     "config",  # TrainConfig: YAML and flags
     "gpt2",  # the GPT-2 importer: a Hugging Face GPT-2 config and tensors converted to this model's
     "llama",  # the Llama-layout importer (llama, mistral, qwen2, qwen3, gemma, phi3): config, tensors
+    "special_tokens",  # a model folder's BOS and EOS: read, checked, whether BOS is added, generation's stop
     "tokenizer",  # text <-> token ids: bytes, or a model folder's own tokenizer
     "chat_data",  # chat and instruction files read as conversations (messages, ShareGPT, prompt, Alpaca)
     "chat_template",  # a conversation rendered by a Jinja chat template, tokenized, its answers-only loss mask
