@@ -64,9 +64,9 @@ FROM_PRETRAINED_OPTIONS = (
 class LoRATransformer(Decoder):
     """The decoder (``lora/decoder.py``) whose attention (and optionally MLP) projections carry LoRA adapters.
 
-    ``lora_targets`` picks among the attention projections q, k, v, o (used when ``adapt_attention``);
-    ``adapt_feedforward`` adapts the MLP's projections too (``fc1``, ``fc2``; a gated MLP's ``gate_proj``,
-    ``up_proj``, ``down_proj``). ``lora_r = 0`` builds a LoRA-free model.
+    ``lora_targets`` picks the projections to adapt (used when ``adapt_attention``): q, k, v, o, and the MLP's
+    (GPT-2's fc1, fc2; a gated MLP's gate, up, down), or the shortcuts mlp and all (:class:`LoRAConfig`);
+    ``adapt_feedforward`` adapts every MLP projection. ``lora_r = 0`` builds a LoRA-free model.
     With ``num_classes`` the model also has a classification head over the last token's hidden state.
     ``model.config`` (:class:`ModelConfig`) and ``model.lora_config`` (:class:`LoRAConfig`) say what it is;
     ``gradient_checkpointing``, ``fused_qkv``, :meth:`lm_loss` and :meth:`generate` are the decoder's.
@@ -209,11 +209,13 @@ class LoRATransformer(Decoder):
         return stats
 
     def get_parameter_stats(self) -> dict:
-        """Counts of total / trainable / LoRA / frozen parameters (tied weights counted once)."""
+        """Counts of total / trainable / LoRA / frozen parameters (tied weights counted once);
+        ``lora_params_by_projection`` counts the LoRA tensors on each of the family's targets
+        (``q, k, v, o, fc1, fc2`` or ``q, k, v, o, gate, up, down``), 0 where none is adapted."""
         params = dict(self.named_parameters())  # named_parameters skips the tied duplicate
         total = sum(p.numel() for p in params.values())
         trainable = sum(p.numel() for p in params.values() if p.requires_grad)
-        per_proj = dict.fromkeys(("q", "k", "v", "o", "ff"), 0)
+        per_proj = dict.fromkeys(self.config.targets(), 0)
         for name, layer in self.lora_layers():
             magnitude = 0 if layer.lora_magnitude is None else layer.lora_magnitude.numel()
             per_proj[target_of(name)] += layer.lora_A.numel() + layer.lora_B.numel() + magnitude
