@@ -35,21 +35,22 @@ PROJECTIONS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}  # ta
 TARGET_MODULES = {**{t: f"attn.{name}" for t, name in PROJECTIONS.items()}, "fc1": "mlp.fc1", "fc2": "mlp.fc2",
                   "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}  # fmt: skip
 MLP_TARGETS = tuple(t for t, m in TARGET_MODULES.items() if m.startswith("mlp."))
-FEEDFORWARD = tuple(TARGET_MODULES[t].removeprefix("mlp.") for t in MLP_TARGETS)  # the MLP modules' names
 # the shortcuts: every MLP projection of the family (what adapt_feedforward adds), every projection
 MLP, ALL = "mlp", "all"
-# other spellings: PEFT's module names, Llama's and GPT-2's (whose c_attn is q, k and v in one module)
+# other spellings: PEFT's module names, Llama's, GPT-2's and Phi-3's (whose fused c_attn and qkv_proj are q, k
+# and v, gate_up_proj gate and up)
 TARGET_SPELLINGS = {
     **{f"{t}_proj": (t,) for t in ("q", "k", "v", "o", "gate", "up", "down")},
     "c_attn": ("q", "k", "v"), "attn.c_attn": ("q", "k", "v"), "attn.c_proj": ("o",), "c_fc": ("fc1",),
-    "mlp.c_fc": ("fc1",), "mlp.c_proj": ("fc2",), "all-linear": (ALL,),
+    "mlp.c_fc": ("fc1",), "mlp.c_proj": ("fc2",), "qkv_proj": ("q", "k", "v"), "gate_up_proj": ("gate", "up"),
+    "all-linear": (ALL,),
 }  # fmt: skip
 _AMBIGUOUS = {
     "c_proj": "GPT-2's name for two projections, attn.c_proj (o) and mlp.c_proj (fc2): write o or fc2"
 }
 TARGETS_HELP = ("q, k, v, o (attention), gate, up, down (a gated MLP: Llama, Mistral, Qwen, Gemma, Phi-3), fc1, "
                 "fc2 (GPT-2's MLP), mlp (every MLP projection), all (every projection), or PEFT's module names "
-                "(q_proj ... down_proj, c_attn, c_fc, attn.c_proj, mlp.c_proj, all-linear)")  # fmt: skip
+                "(q_proj ... down_proj, c_attn, c_fc, attn.c_proj, mlp.c_proj, qkv_proj, gate_up_proj, all-linear)")  # fmt: skip
 # the MLP's activation: gelu_tanh is GPT-2's (tanh-approximated GELU), gelu the exact (erf) one
 ACTIVATIONS = ("gelu_tanh", "gelu", "relu", "silu")
 # What differs between decoder families, as ModelConfig fields, and the values this version builds, GPT-2's

@@ -2,25 +2,21 @@
 this model's projections each one holds.
 
 PEFT names the modules of the transformers model it wraps (``base_model.model.`` + the model's own names).
-Per block ``i`` (ours: ``blocks.{i}.``), a fused module holds several of our projections, its output rows
-stacked in the order listed (q, k, v: ``nh hs``, ``nkv hs``, ``nkv hs`` rows; gate, up: ``F`` each):
+Per block ``i`` (ours: ``blocks.{i}.``), each family's modules and the projections of ours they hold; a
+fused module holds several, its output rows stacked in the order listed (q, k, v: ``nh hs``, ``nkv hs``,
+``nkv hs`` rows; gate, up: ``F`` rows each):
 
-======================  =====================  ==================================================  ===========
-family (``model_type``)  block                  PEFT module: our projections                        Conv1D
-======================  =====================  ==================================================  ===========
-gpt2                     ``transformer.h.{i}``  ``attn.c_attn``: q, k, v; ``attn.c_proj``: o;       yes
-                                                ``mlp.c_fc``: fc1; ``mlp.c_proj``: fc2
-llama, mistral, qwen2,   ``model.layers.{i}``   ``self_attn.{q,k,v,o}_proj``: q, k, v, o;           no
-qwen3, gemma                                    ``mlp.{gate,up,down}_proj``: gate, up, down
-phi3                     ``model.layers.{i}``   ``self_attn.qkv_proj``: q, k, v; ``self_attn.o_proj``: no
-                                                o; ``mlp.gate_up_proj``: gate, up; ``mlp.down_proj``:
-                                                down
-======================  =====================  ==================================================  ===========
+- ``gpt2``, blocks ``transformer.h.{i}.``: ``attn.c_attn`` (q, k, v), ``attn.c_proj`` (o), ``mlp.c_fc``
+  (fc1), ``mlp.c_proj`` (fc2); ``Conv1D`` layers, whose weight is stored ``(in, out)`` (``fan_in_fan_out``).
+- ``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``gemma``, blocks ``model.layers.{i}.``:
+  ``self_attn.{q,k,v,o}_proj`` (q, k, v, o), ``mlp.{gate,up,down}_proj`` (gate, up, down); ``nn.Linear``.
+- ``phi3``, blocks ``model.layers.{i}.``: ``self_attn.qkv_proj`` (q, k, v), ``self_attn.o_proj`` (o),
+  ``mlp.gate_up_proj`` (gate, up), ``mlp.down_proj`` (down); ``nn.Linear``.
 
-GPT-2's ``Conv1D`` stores its weight ``(in, out)`` (``fan_in_fan_out``); PEFT's LoRA tensors are
-``A (r, in)``, ``B (out, r)`` either way. ``adapter_config.json`` names targets by the module's last name
-(``q_proj``) where that is unique in a block, else by its two last (GPT-2's ``attn.c_proj``,
-``mlp.c_proj``; and ``attn.c_attn`` and ``mlp.c_fc`` beside them, as exports always named them).
+PEFT's LoRA tensors are ``A (r, in)``, ``B (out, r)`` on either kind of layer. ``adapter_config.json`` names
+targets by the module's last name (``q_proj``) in the Llama families, and by its name in the block in
+GPT-2's (``attn.c_proj`` and ``mlp.c_proj`` share a last name; ``attn.c_attn`` and ``mlp.c_fc`` beside them,
+as exports always named them).
 """
 
 from __future__ import annotations

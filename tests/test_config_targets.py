@@ -35,6 +35,7 @@ LLAMA = ModelConfig(vocab_size=10, d_model=8, num_heads=2, num_layers=1, norm="r
         ("c_attn", ("q", "k", "v"), False),  # PEFT's GPT-2 names: c_attn is q, k and v
         ("attn.c_proj,mlp.c_fc", ("o", "fc1"), False),
         ("mlp.c_proj", ("fc2",), False),
+        ("qkv_proj,gate_up_proj", ("q", "k", "v", "gate", "up"), False),  # PEFT's Phi-3 names
         ("mlp", (), True),  # the shortcuts
         ("q,mlp,gate", ("q",), True),
         ("all", ("q", "k", "v", "o"), True),
