@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from lora.lora_layer import LORA_LEAVES, lora_scaling, whole_update
-from lora.model_config import LoRAConfig, parse_targets, target_of
+from lora.model_config import LoRAConfig, lora_targets_of
 
 __all__ = ["Adapter", "LayerAdapter", "weighted_sum"]
 
@@ -109,8 +109,7 @@ def weighted_sum(
         r, dtype = A.shape[0], parts[0][1].lora_A.dtype
         layers[m] = LayerAdapter(r, float(r), 0.0, False, A.to(dtype), B.to(dtype))
     r_max = max((s.r for s in layers.values()), default=0)
-    kinds = {target_of(m) for m in modules}
-    settings = LoRAConfig(r_max, float(max(r_max, 1)), 0.0, parse_targets(sorted(kinds - {"ff", None})),
-                          "ff" in kinds, False)  # fmt: skip
+    targets, every_mlp = lora_targets_of(modules)
+    settings = LoRAConfig(r_max, float(max(r_max, 1)), 0.0, targets, every_mlp, False)
     made_from = {"method": "add_weighted_adapter", "weights": {n: float(w) for n, w in weights.items()}}
     return Adapter(layers, None, settings, {"made_from": made_from})

@@ -27,6 +27,7 @@ from lora.formats import AdapterFolder, read_adapter_folder, write_adapter_folde
 from lora.lora_layer import BASE_DERIVED_INITS, LORA_LEAVES, LoRALinear, lora_modules
 from lora.model_config import LoRAConfig, ModelConfig
 from lora.peft_format import adapter_from_peft, is_peft_folder, write_peft_folder
+from lora.peft_names import PeftLayout, peft_layout
 
 __all__ = ["AdaptedModel", "AdapterSet"]
 
@@ -39,6 +40,7 @@ class AdaptedModel(Protocol):
     config: ModelConfig
     lora_config: LoRAConfig
     cls_head: nn.Linear | None
+    hf_model_type: str | None
     wte: nn.Embedding
     ln_f: nn.Module
 
@@ -269,19 +271,17 @@ class AdapterSet:
     # ----------------------------------------------------------------------------------------------------
     # Folders
 
-    def _refuse_peft_unless_gpt2(self, what: str) -> None:
-        """PEFT's format is mapped for GPT-2's modules only (``lora/peft_format.py``): refuse another layout."""
-        other = self.model.config.family_changes()
-        if other:
-            raise ValueError(f"cannot {what} for this model: PEFT's format is mapped for GPT-2-layout models "
-                             f"only, and this one differs in {', '.join(sorted(other))}")  # fmt: skip
+    def peft_layout(self) -> PeftLayout:
+        """PEFT's names for this model's modules (``lora/peft_names.py``): its Hugging Face folder's family, or
+        GPT-2's or Llama's by its layout; a model of another layout raises ``ValueError``."""
+        return peft_layout(self.model.config, self.model.hf_model_type)
 
     def load(self, path: str | Path, name: str = "default", force: bool = False) -> str:
         """Load the adapter folder (ours or PEFT's) in ``path`` as ``name`` and make it active; returns the
         name (see ``LoRATransformer.load_adapter``)."""
         if is_peft_folder(path):
-            self._refuse_peft_unless_gpt2("load a PEFT adapter")
-            adapter = adapter_from_peft(path, self.model.config, self.model.fused_row_norms())
+            model = self.model
+            adapter = adapter_from_peft(path, model.config, model.fused_row_norms(), self.peft_layout())
             ranks = {m: s.r for m, s in adapter.layers.items()}
             self.check_tensors(adapter.tensors(), ranks, None, path, settings=adapter.settings)
             self.activate(name, adapter)
@@ -310,9 +310,9 @@ class AdapterSet:
 
     def export_peft(self, path: str | Path, name: str | None = None, base: str | None = None) -> Path:
         """Write adapter ``name`` (default: the active one) as a Hugging Face PEFT LoRA folder."""
-        self._refuse_peft_unless_gpt2("export to PEFT")
+        layout = self.peft_layout()
         adapter = self.get(self.active_name() if name is None else name)
-        return write_peft_folder(path, adapter, self.model.config, base, self.model.fused_row_norms())
+        return write_peft_folder(path, adapter, self.model.config, base, self.model.fused_row_norms(), layout)
 
 
 def _dropout_p(layer: LoRALinear) -> float:

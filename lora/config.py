@@ -127,10 +127,15 @@ class TrainConfig:
     lora_alpha: float = field(default=16.0, metadata=_help("LoRA alpha; scaling = alpha / r"))
     lora_dropout: float = field(default=0.0, metadata=_help("dropout on the LoRA branch input"))
     lora_targets: list[str] = field(
-        default_factory=lambda: ["q", "v"], metadata=_help("attention projections to adapt, of q,k,v,o")
+        default_factory=lambda: ["q", "v"],
+        metadata=_help(
+            "projections to adapt: q,k,v,o (attention); gate,up,down (a gated MLP: Llama, Mistral, "
+            "Qwen, Gemma, Phi-3) or fc1,fc2 (GPT-2's MLP); mlp (every MLP projection); all (every "
+            "projection). PEFT's names are read too (q_proj, gate_proj, c_attn, c_fc, all-linear)"
+        ),
     )
     adapt_feedforward: bool = field(
-        default=False, metadata=_help("also adapt the MLP (fc1, fc2; or gate, up, down)")
+        default=False, metadata=_help("also adapt every MLP projection (fc1, fc2; or gate, up, down)")
     )
     use_rslora: bool = field(default=False, metadata=_help("rank-stabilised scaling alpha / sqrt(r)"))
     use_dora: bool = field(
@@ -220,12 +225,15 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
-        self.lora_config()  # the LoRA rules: lora_alpha > 0, lora_dropout in [0, 1), targets of q,k,v,o
+        lora = self.lora_config()  # the LoRA rules: lora_alpha > 0, lora_dropout in [0, 1), known targets
+        # in LoRAConfig's one form: --lora_targets all is q,k,v,o with adapt_feedforward, as a run records it
+        self.lora_targets, self.adapt_feedforward = list(lora.lora_targets), lora.adapt_feedforward
         self.model_config(
             vocab_size=1
         )  # the architecture rules (any vocabulary): sizes, heads dividing d_model
         if not self.lora_targets and not self.adapt_feedforward:
-            raise ConfigError("lora_targets must name at least one of q,k,v,o (or set adapt_feedforward)")
+            raise ConfigError("lora_targets must name at least one projection (q,k,v,o, an MLP's, mlp or all), "
+                              "or set adapt_feedforward")  # fmt: skip
         if self.task in FILE_TASKS and not self.train_file:
             raise ConfigError(f"task {self.task} needs --train_file")
         name = self.run_name

@@ -159,8 +159,8 @@ class CausalSelfAttention(nn.Module):
         # to the input's device when used
         self.rope_freq = rotary_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
         self.dropout = config.dropout
-        for t, name in PROJECTIONS.items():
-            setattr(self, name, _linear(config, f"attn.{name}", lora, t in lora.lora_targets))
+        for name in PROJECTIONS.values():
+            setattr(self, name, _linear(config, f"attn.{name}", lora, lora.adapts(f"attn.{name}")))
         if config.qk_norm:  # Qwen3: each head of q and of k normalised (RMSNorm over head_dim), then rotated
             self.q_norm = nn.RMSNorm(config.head_dim, eps=config.layer_norm_eps)
             self.k_norm = nn.RMSNorm(config.head_dim, eps=config.layer_norm_eps)
@@ -226,7 +226,7 @@ class MLP(nn.Module):
         self.gated = config.mlp == "gated"
         for name in config.projection_shapes():
             if name.startswith("mlp."):
-                setattr(self, name[len("mlp.") :], _linear(config, name, lora, lora.adapt_feedforward))
+                setattr(self, name[len("mlp.") :], _linear(config, name, lora, lora.adapts(name)))
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -267,6 +267,7 @@ class Decoder(nn.Module):
 
     def __init__(self, config: ModelConfig, lora: LoRAConfig) -> None:
         super().__init__()
+        lora.check_family(config)  # a target this architecture lacks (gate on GPT-2) is refused, not ignored
         self.config, self.lora_config = config, lora
         # Recompute each block's activations in backward instead of storing them (long sequences).
         self.gradient_checkpointing = False

@@ -65,9 +65,9 @@ FROM_PRETRAINED_OPTIONS = (
 class LoRATransformer(Decoder):
     """The decoder (``lora/decoder.py``) whose attention (and optionally MLP) projections carry LoRA adapters.
 
-    ``lora_targets`` picks among the attention projections q, k, v, o (used when ``adapt_attention``);
-    ``adapt_feedforward`` adapts the MLP's projections too (``fc1``, ``fc2``; a gated MLP's ``gate_proj``,
-    ``up_proj``, ``down_proj``). ``lora_r = 0`` builds a LoRA-free model.
+    ``lora_targets`` picks the projections to adapt (used when ``adapt_attention``): q, k, v, o, and the MLP's
+    (GPT-2's fc1, fc2; a gated MLP's gate, up, down), or the shortcuts mlp and all (:class:`LoRAConfig`);
+    ``adapt_feedforward`` adapts every MLP projection. ``lora_r = 0`` builds a LoRA-free model.
     With ``num_classes`` the model also has a classification head over the last token's hidden state.
     ``model.config`` (:class:`ModelConfig`) and ``model.lora_config`` (:class:`LoRAConfig`) say what it is;
     ``gradient_checkpointing``, ``fused_qkv``, :meth:`lm_loss` and :meth:`generate` are the decoder's.
@@ -119,7 +119,7 @@ class LoRATransformer(Decoder):
         self.adapters = AdapterSet(self)
         # set by quantize_base: the data type of the block weights and the full-precision base's fingerprint
         self._quantization: tuple[str, str] | None = None
-        # ||W0||_row of each q, k, v projection's full-precision weight, kept by quantize_base (DoRA's export)
+        # ||W0||_row of each projection PEFT may fuse, of the full-precision weights: kept by quantize_base (DoRA)
         self._full_precision_norms: dict[str, torch.Tensor] | None = None
         self.base_source: BaseSource | None = None  # the folder from_pretrained read (export_hf's base)
 
@@ -156,6 +156,13 @@ class LoRATransformer(Decoder):
         narrow_base_(self, kind)
         self._quantization = (kind, fingerprint)
         return self
+
+    @property
+    def hf_model_type(self) -> str | None:
+        """The ``model_type`` of the Hugging Face folder the base was read from; ``None`` for a model made here
+        or read from this project's folder. PEFT's module names follow it (``lora/peft_names.py``)."""
+        source = self.base_source
+        return source.importer if source is not None and source.hf_model else None
 
     @property
     def base_quantization(self) -> str | None:
@@ -211,11 +218,13 @@ class LoRATransformer(Decoder):
         return stats
 
     def get_parameter_stats(self) -> dict:
-        """Counts of total / trainable / LoRA / frozen parameters (tied weights counted once)."""
+        """Counts of total / trainable / LoRA / frozen parameters (tied weights counted once);
+        ``lora_params_by_projection`` counts the LoRA tensors on each of the family's targets
+        (``q, k, v, o, fc1, fc2`` or ``q, k, v, o, gate, up, down``), 0 where none is adapted."""
         params = dict(self.named_parameters())  # named_parameters skips the tied duplicate
         total = sum(p.numel() for p in params.values())
         trainable = sum(p.numel() for p in params.values() if p.requires_grad)
-        per_proj = dict.fromkeys(("q", "k", "v", "o", "ff"), 0)
+        per_proj = dict.fromkeys(self.config.targets(), 0)
         for name, layer in self.lora_layers():
             magnitude = 0 if layer.lora_magnitude is None else layer.lora_magnitude.numel()
             per_proj[target_of(name)] += layer.lora_A.numel() + layer.lora_B.numel() + magnitude
@@ -468,9 +477,11 @@ class LoRATransformer(Decoder):
         for other base weights (fingerprint); ``force=True`` skips only the fingerprint check. The adapter
         may have another rank, targets or head than the model had: layers are reconfigured.
 
-        ``path`` may also be a Hugging Face PEFT LoRA folder for GPT-2 (its ``adapter_config.json`` names a
-        ``peft_type``; converted by ``lora/peft_format.py``). PEFT records no fingerprint of the base
-        weights, so only the shapes can be checked: loading it on another GPT-2 of the same shape succeeds.
+        ``path`` may also be a Hugging Face PEFT LoRA folder (its ``adapter_config.json`` names a ``peft_type``)
+        for this model's family: GPT-2, Llama, Mistral, Qwen2, Qwen3, Gemma or Phi-3, with the module names of
+        the Hugging Face folder the base was read from (``hf_model_type``; GPT-2's or Llama's by the layout
+        otherwise), converted by ``lora/peft_format.py``. PEFT records no fingerprint of the base weights, so
+        only the shapes can be checked: loading it on another model of the same shape succeeds.
         """
         return self.adapters.load(path, adapter_name, force)
 
@@ -478,18 +489,23 @@ class LoRATransformer(Decoder):
         self, path: str | Path, adapter_name: str | None = None, base_model_name_or_path: str | None = None
     ) -> Path:
         """Write adapter ``adapter_name`` (default: the active one) as a Hugging Face PEFT LoRA folder:
-        ``PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base), path)`` then computes this model's
-        logits (q, k, v fused into ``c_attn``: ``lora/peft_format.py``). An adapter with a head is refused."""
+        ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), path)`` then computes this
+        model's logits. The modules are named as the family of the folder the base was read from names them
+        (``hf_model_type``; GPT-2's or Llama's by the layout otherwise): ``q_proj`` ... ``down_proj``, or fused
+        (GPT-2's ``c_attn``, Phi-3's ``qkv_proj`` and ``gate_up_proj``: ``lora/peft_format.py``). An adapter
+        with a head is refused, as is a model of a layout no Hugging Face family has."""
         return self.adapters.export_peft(path, adapter_name, base_model_name_or_path)
 
     def fused_row_norms(self) -> dict[str, torch.Tensor]:
-        """``||W0||_row`` (float32, (C,)) of every q, k, v projection: the DoRA magnitude that leaves a
-        projection unchanged, for the rows of PEFT's fused ``c_attn`` that an adapter does not train. Those of
-        the full-precision weights, also for a 4-bit base (PEFT loads the adapter on the full-precision one)."""
+        """``||W0||_row`` (float32, (out,)) of every projection PEFT may fuse (q, k, v; gate, up): the DoRA
+        magnitude that leaves a projection unchanged, for the rows of a fused PEFT module (GPT-2's ``c_attn``,
+        Phi-3's ``qkv_proj``, ``gate_up_proj``) that an adapter does not train. Those of the full-precision
+        weights, also for a 4-bit base (PEFT loads the adapter on the full-precision one)."""
         if self._full_precision_norms is not None:
             return dict(self._full_precision_norms)
+        fused = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
         return {name: layer.base_weight().detach().float().norm(dim=1)
-                for name, layer in lora_modules(self) if name.endswith(("q_proj", "k_proj", "v_proj"))}  # fmt: skip
+                for name, layer in lora_modules(self) if name.endswith(fused)}  # fmt: skip
 
     def merge_and_export(self, path: str | Path, extra: dict | None = None) -> Path:
         """Write a LoRA-free model folder with the active adapter merged; this model is left unchanged.

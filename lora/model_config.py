@@ -8,11 +8,11 @@ here (and the LoRA arguments by :func:`lora.lora_layer.validate_lora_args`, the 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lora.errors import ConfigError, quote
+from lora.errors import ConfigError, did_you_mean, quote
 from lora.lora_layer import BASE_DERIVED_INITS, lora_scaling, validate_lora_args, validate_lora_init
 
 __all__ = [
@@ -20,15 +20,37 @@ __all__ = [
     "ATTENTION_TARGETS",
     "FAMILY_CHOICES",
     "PROJECTIONS",
+    "TARGET_MODULES",
     "LoRAConfig",
     "ModelConfig",
+    "lora_targets_of",
     "parse_targets",
     "target_of",
 ]
 
 ATTENTION_TARGETS = ("q", "k", "v", "o")
 PROJECTIONS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}  # target -> the module's name
-FEEDFORWARD = ("fc1", "fc2", "gate_proj", "up_proj", "down_proj")  # a plain MLP's, a gated MLP's
+# every target: a projection's short name -> the block module it adapts, in the order blocks apply them. A
+# family has the attention four and one MLP's: GPT-2's plain fc1, fc2, or a gated MLP's gate, up, down
+TARGET_MODULES = {**{t: f"attn.{name}" for t, name in PROJECTIONS.items()}, "fc1": "mlp.fc1", "fc2": "mlp.fc2",
+                  "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}  # fmt: skip
+MLP_TARGETS = tuple(t for t, m in TARGET_MODULES.items() if m.startswith("mlp."))
+# the shortcuts: every MLP projection of the family (what adapt_feedforward adds), every projection
+MLP, ALL = "mlp", "all"
+# other spellings: PEFT's module names, Llama's, GPT-2's and Phi-3's (whose fused c_attn and qkv_proj are q, k
+# and v, gate_up_proj gate and up)
+TARGET_SPELLINGS = {
+    **{f"{t}_proj": (t,) for t in ("q", "k", "v", "o", "gate", "up", "down")},
+    "c_attn": ("q", "k", "v"), "attn.c_attn": ("q", "k", "v"), "attn.c_proj": ("o",), "c_fc": ("fc1",),
+    "mlp.c_fc": ("fc1",), "mlp.c_proj": ("fc2",), "qkv_proj": ("q", "k", "v"), "gate_up_proj": ("gate", "up"),
+    "all-linear": (ALL,),
+}  # fmt: skip
+_AMBIGUOUS = {
+    "c_proj": "GPT-2's name for two projections, attn.c_proj (o) and mlp.c_proj (fc2): write o or fc2"
+}
+TARGETS_HELP = ("q, k, v, o (attention), gate, up, down (a gated MLP: Llama, Mistral, Qwen, Gemma, Phi-3), fc1, "
+                "fc2 (GPT-2's MLP), mlp (every MLP projection), all (every projection), or PEFT's module names "
+                "(q_proj ... down_proj, c_attn, c_fc, attn.c_proj, mlp.c_proj, qkv_proj, gate_up_proj, all-linear)")  # fmt: skip
 # the MLP's activation: gelu_tanh is GPT-2's (tanh-approximated GELU), gelu the exact (erf) one
 ACTIVATIONS = ("gelu_tanh", "gelu", "relu", "silu")
 # What differs between decoder families, as ModelConfig fields, and the values this version builds, GPT-2's
@@ -51,26 +73,55 @@ FAMILY_CHOICES: dict[str, tuple[object, ...]] = {
 
 
 def target_of(module_name: str) -> str | None:
-    """``"blocks.0.attn.v_proj"`` -> ``"v"``; an MLP layer -> ``"ff"``; anything else -> ``None``."""
-    leaf = module_name.rsplit(".", 1)[-1]
-    if leaf in FEEDFORWARD:
-        return "ff"
-    return next((t for t, name in PROJECTIONS.items() if name == leaf), None)
+    """``"blocks.0.attn.v_proj"`` -> ``"v"``, ``"blocks.0.mlp.gate_proj"`` -> ``"gate"`` (the keys of
+    :data:`TARGET_MODULES`); anything else -> ``None``."""
+    return next(
+        (t for t, m in TARGET_MODULES.items() if module_name == m or module_name.endswith(f".{m}")), None
+    )
 
 
 def parse_targets(lora_targets: Sequence[str] | str) -> tuple[str, ...]:
-    """``"q,v"`` or ``["v", "q"]`` -> ``("q", "v")``: in q, k, v, o order, once each; others raise."""
+    """``"q,v"`` or ``["v_proj", "q"]`` -> ``("q", "v")``: targets of :data:`TARGET_MODULES` and the shortcut
+    ``mlp``, in that order, once each. ``all`` (PEFT's ``all-linear``) is q, k, v, o and mlp; PEFT's module
+    names are read as the targets they adapt (:data:`TARGET_SPELLINGS`); GPT-2's ``c_proj``, which names
+    two, and anything else raise. Whether the model has each is :meth:`LoRAConfig.check_family`'s question."""
     if isinstance(lora_targets, str):
         items = lora_targets.split(",")
     elif isinstance(lora_targets, Sequence) and all(isinstance(t, str) for t in lora_targets):
         items = list(lora_targets)
     else:
-        raise ConfigError(f"lora_targets must be a list of q, k, v, o, got {quote(lora_targets)}")
-    items = [t.strip().lower() for t in items if t.strip()]
-    bad = [t for t in items if t not in ATTENTION_TARGETS]
-    if bad:
-        raise ConfigError(f"lora_targets must be a subset of q,k,v,o, got {','.join(items)}")
-    return tuple(t for t in ATTENTION_TARGETS if t in items)
+        raise ConfigError(f"lora_targets must be a list of {TARGETS_HELP}, got {quote(lora_targets)}")
+    known = (*TARGET_MODULES, MLP, ALL)
+    found = set()
+    for item in (t.strip().lower() for t in items if t.strip()):
+        if item in _AMBIGUOUS:
+            raise ConfigError(f"lora_targets: {item} is {_AMBIGUOUS[item]}")
+        targets = TARGET_SPELLINGS.get(item, (item,))
+        if targets == (ALL,):
+            targets = (*ATTENTION_TARGETS, MLP)
+        unknown = [t for t in targets if t not in known]
+        if unknown:
+            hint = did_you_mean(item, [*known, *TARGET_SPELLINGS])
+            raise ConfigError(
+                f"lora_targets: unknown target {quote(item)}; the targets are {TARGETS_HELP}{hint}"
+            )
+        found.update(targets)
+    return tuple(t for t in (*ATTENTION_TARGETS, MLP, *MLP_TARGETS) if t in found)
+
+
+def lora_targets_of(modules: Iterable[str]) -> tuple[tuple[str, ...], bool]:
+    """The ``(lora_targets, adapt_feedforward)`` that adapt the kinds of ``modules`` (``blocks.{i}.<module>``):
+    every MLP projection of one family (fc1, fc2; or gate, up, down) is ``adapt_feedforward``, as a model made
+    with it names them; other targets are listed. Names that are not projections are left out."""
+    kinds = {target_of(m) for m in modules}
+    every = _every_mlp(kinds)
+    return tuple(t for t in TARGET_MODULES if t in kinds and not (every and t in MLP_TARGETS)), every
+
+
+def _every_mlp(targets: Iterable[str | None]) -> bool:
+    """Whether ``targets`` hold the shortcut ``mlp`` or one family's every MLP projection."""
+    mlp = set(targets) & {MLP, *MLP_TARGETS}
+    return MLP in mlp or mlp in ({"fc1", "fc2"}, {"gate", "up", "down"})
 
 
 def _positive_int(name: str, value: Any) -> None:
@@ -208,6 +259,12 @@ class ModelConfig:
             return {**attention, "mlp.gate_proj": (F, C), "mlp.up_proj": (F, C), "mlp.down_proj": (C, F)}
         return {**attention, "mlp.fc1": (F, C), "mlp.fc2": (C, F)}
 
+    def targets(self) -> tuple[str, ...]:
+        """The LoRA targets this architecture has (of :data:`TARGET_MODULES`): q, k, v, o and its MLP's
+        projections (fc1, fc2; or a gated MLP's gate, up, down)."""
+        shapes = self.projection_shapes()
+        return tuple(t for t, m in TARGET_MODULES.items() if m in shapes)
+
     def to_dict(self) -> dict[str, Any]:
         """Every field: the constructor's keywords (``LoRATransformer(**config.to_dict())``)."""
         return dataclasses.asdict(self)
@@ -262,8 +319,12 @@ _GPT2_FAMILY: dict[str, Any] = {k: v[0] for k, v in FAMILY_CHOICES.items()}
 class LoRAConfig:
     """Which projections carry adapters and how: ``scaling = lora_alpha / lora_r`` (rsLoRA: ``/ sqrt``).
 
-    ``lora_targets`` are among the attention projections q, k, v, o; ``adapt_feedforward`` adds the MLP's
-    ``fc1`` and ``fc2``. ``lora_r = 0`` means no adapter at all. ``use_dora`` adds DoRA's magnitude vectors;
+    ``lora_targets`` names projections by their targets (:data:`TARGET_MODULES`: q, k, v, o; fc1, fc2 or
+    gate, up, down; :func:`parse_targets` reads the other spellings); ``adapt_feedforward`` adds every
+    projection of the MLP, whichever the family has. They are kept in one form: the shortcut ``mlp`` (and
+    ``all``'s) or one MLP's every projection becomes ``adapt_feedforward``, and the MLP targets it covers are
+    dropped, so ``--lora_targets all`` is ``q,k,v,o`` with ``adapt_feedforward``, as before. :meth:`check_family` refuses a target the
+    architecture lacks. ``lora_r = 0`` means no adapter at all. ``use_dora`` adds DoRA's magnitude vectors;
     ``lora_init`` (of :data:`~lora.lora_layer.LORA_INITS`) is how ``A`` and ``B`` start.
     """
 
@@ -286,10 +347,30 @@ class LoRAConfig:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         object.__setattr__(self, "lora_alpha", float(self.lora_alpha))
-        object.__setattr__(self, "lora_targets", parse_targets(self.lora_targets))
         for name in ("adapt_feedforward", "use_rslora", "use_dora"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {quote(getattr(self, name))}")
+        targets = parse_targets(self.lora_targets)
+        every_mlp = self.adapt_feedforward or _every_mlp(targets)
+        object.__setattr__(self, "adapt_feedforward", every_mlp)
+        covered = (MLP, *MLP_TARGETS) if every_mlp else ()
+        object.__setattr__(self, "lora_targets", tuple(t for t in targets if t not in covered))
+
+    def adapts(self, module: str) -> bool:
+        """Whether the block projection ``module`` (``"attn.q_proj"``, ``"mlp.gate_proj"``) carries an adapter."""
+        return target_of(module) in self.lora_targets or (
+            self.adapt_feedforward and module.startswith("mlp.")
+        )
+
+    def check_family(self, config: ModelConfig) -> None:
+        """Refuse targets the architecture ``config`` lacks (GPT-2's MLP has no gate; a gated one no fc1), in
+        one line naming the ones it has."""
+        has = config.targets()
+        lacking = [t for t in self.lora_targets if t not in has]
+        if lacking:
+            mlp = "gated (gate, up, down)" if config.mlp == "gated" else "plain, as GPT-2's (fc1, fc2)"
+            raise ConfigError(f"lora_targets {','.join(lacking)}: this model has no such projection (its MLP is "
+                              f"{mlp}); its targets are {', '.join(has)}, or mlp, all")  # fmt: skip
 
     @property
     def scaling(self) -> float:

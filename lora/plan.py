@@ -4,9 +4,10 @@
 once, how the base is stored, tokenizer, checkpoint to resume, memory, where the outputs go) in this
 order: the output folder, the data files (found, not opened), the checkpoint to resume and its settings,
 the base folder (its ``config.json`` parsed once, its header read once, checked on the meta device
-once), the sequence width against the base, the base's storage, the memory the run needs, the
-tokenizer and its special tokens (a BOS or EOS the model does not have is refused here). Only then does ``lora/application.py`` tokenize the data,
-pretrain a missing default base and load the weights. A typo costs one line and touches nothing.
+once), the LoRA targets against the base's family, the sequence width against the base, the base's
+storage, the memory the run needs, the tokenizer and its special tokens (a BOS or EOS the model does not
+have is refused here). Only then does ``lora/application.py`` tokenize the data, pretrain a missing default
+base and load the weights. A typo costs one line and touches nothing.
 
 Under torchrun every process plans; the default base may exist only once rank 0 has pretrained it, so a
 plan whose default base is still to be made resolves it after that (``RunPlan.base`` is ``None``).
@@ -75,6 +76,8 @@ def plan_run(cfg: TrainConfig, device: torch.device, world_size: int = 1) -> Run
     base_dir = base_dir_for(cfg)
     base = _given_base(base_dir) if cfg.base_checkpoint != "auto" else _default_base(cfg, base_dir)
     arch = base.architecture if base is not None else cfg.model_config(VOCAB_SIZE)
+    if cfg.method == "lora":  # a target the base's family lacks (gate on GPT-2, fc1 on Llama)
+        cfg.lora_config().check_family(arch)
     width = cfg.sequence_width
     if width > arch.max_seq_len:
         raise ConfigError(f"seq_len {width} exceeds the base model's max_seq_len {arch.max_seq_len} "

@@ -176,15 +176,12 @@ def test_what_cannot_be_read_is_refused_by_name(llama_folder, tmp_path, change, 
     assert "\n" not in str(e.value)
 
 
-def test_peft_export_of_another_layout_is_refused(llama_folder, tmp_path):
-    model = LoRATransformer.from_pretrained(llama_folder, lora_r=4)
-    with pytest.raises(ValueError, match="PEFT's format is mapped for GPT-2-layout models only"):
-        model.export_peft(tmp_path / "peft")
-    assert not (tmp_path / "peft").exists()
+def test_from_gpt2_refuses_a_llama_folder(llama_folder):
+    # (PEFT both ways for every family: tests/test_peft_families.py)
     with pytest.raises(
         ValueError, match="not a Hugging Face GPT-2 folder \\(model_type 'gpt2'\\): a llama folder"
     ):
-        LoRATransformer.from_gpt2(llama_folder)  # (what export_peft.py reads its base with)
+        LoRATransformer.from_gpt2(llama_folder)
 
 
 def test_a_sharded_checkpoint_reads_as_one_and_a_missing_shard_is_named(tmp_path):

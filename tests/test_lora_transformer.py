@@ -92,7 +92,8 @@ def test_trainable_count_matches_formula(targets, ff, r):
     assert stats["reduction_factor"] == pytest.approx(stats["total_params"] / stats["trainable_params"])
     by = stats["lora_params_by_projection"]
     assert by["q"] == (TINY["num_layers"] * r * 2 * d if "q" in targets else 0)
-    assert by["ff"] == (TINY["num_layers"] * 2 * r * (d + d_ff) if ff else 0)
+    assert list(by) == ["q", "k", "v", "o", "fc1", "fc2"]  # GPT-2's targets, each counted
+    assert by["fc1"] == by["fc2"] == (TINY["num_layers"] * r * (d + d_ff) if ff else 0)
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     assert all(n.endswith(("lora_A", "lora_B")) for n in names)
 
@@ -163,7 +164,7 @@ def test_generate_shapes_and_greedy_determinism():
     ("kwargs", "match"),
     [
         ({"d_model": 30}, "d_model .30. must be divisible by num_heads .4."),
-        ({"lora_targets": "q,x"}, "lora_targets must be a subset of q,k,v,o, got q,x"),
+        ({"lora_targets": "q,x"}, "lora_targets: unknown target 'x'; the targets are q, k, v, o"),
         ({"lora_r": -1}, "lora_r must be"),
         ({"lora_alpha": 0}, "lora_alpha must be"),
         ({"num_layers": 0}, "num_layers must be a positive integer"),

@@ -36,7 +36,8 @@ LAYERS = [
     "adapter",  # one adapter as data
     "analysis",  # spectra, subspace similarity, amplification
     "formats",  # model and adapter folders on disk
-    "peft_format",  # Hugging Face PEFT's LoRA folders for GPT-2, both ways
+    "peft_names",  # where PEFT's LoRA modules sit in each family: module names, fused projections
+    "peft_format",  # Hugging Face PEFT's LoRA folders for every family, both ways
     "decoder",  # the architecture: attention, MLP, block, the decoder; forward, loss, generation
     "adapter_set",  # a model's adapters: active and parked, fit checks, their folders
     "base_storage",  # the frozen base stored narrower: 4-bit NF4 or bf16, made dense for a while

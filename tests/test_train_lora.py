@@ -66,7 +66,8 @@ def test_help_lists_every_flag_with_its_default():
     for name in TrainConfig().to_dict():
         assert f"--{name}" in proc.stdout, name
     text = " ".join(proc.stdout.split())  # argparse wraps lines
-    assert "LoRA rank r (default: 8)" in text and "of q,k,v,o (default: q,v)" in text
+    assert "LoRA rank r (default: 8)" in text and "all-linear) (default: q,v)" in text
+    assert "projections to adapt: q,k,v,o (attention); gate,up,down" in text
 
 
 def test_precedence_defaults_then_yaml_then_flags(tmp_path):
