@@ -111,12 +111,12 @@ def at_training_step(monkeypatch, step: int, action) -> None:
     real, calls = trainer_module.batch_loss, []
 
     def patched(*args, **kwargs):
-        loss, logits = real(*args, **kwargs)
+        loss, n, logits = real(*args, **kwargs)
         if torch.is_grad_enabled():  # a training step, not an evaluation
             calls.append(1)
             if len(calls) == step:
                 loss = action(loss)
-        return loss, logits
+        return loss, n, logits
 
     monkeypatch.setattr(trainer_module, "batch_loss", patched)
 
@@ -563,13 +563,13 @@ def test_a_non_finite_gradient_stops_even_without_clipping(flags, tmp_path, caps
     real, calls = trainer_module.batch_loss, []
 
     def nan_gradient_at_step_3(forward, *args, **kwargs):
-        loss, logits = real(forward, *args, **kwargs)
+        loss, n, logits = real(forward, *args, **kwargs)
         if torch.is_grad_enabled():
             calls.append(1)
             if len(calls) == 3:  # a finite loss whose gradient is 0 * inf = nan
                 p = next(p for p in forward.parameters() if p.requires_grad)
                 loss = loss + 0 * torch.sqrt(p.sum() - p.sum())
-        return loss, logits
+        return loss, n, logits
 
     monkeypatch.setattr(trainer_module, "batch_loss", nan_gradient_at_step_3)
     assert main([*flags, "--run_name", "nan-grad", "--save_every", "1", "--grad_clip", "0"]) == 3
