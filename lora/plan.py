@@ -128,7 +128,7 @@ def storage_for(cfg: TrainConfig, device: torch.device) -> str:
 
 def _effective(cfg: TrainConfig, world_size: int) -> str:
     accumulated = f" x grad_accum_steps {cfg.grad_accum_steps}" if cfg.grad_accum_steps > 1 else ""
-    return f"batch_size {cfg.batch_size} x {world_size} processes{accumulated}"
+    return f"batch_size {cfg.batch_size} x {world_size} process{'es' if world_size > 1 else ''}{accumulated}"
 
 
 def _check_effective_batch(cfg: TrainConfig, was: TrainConfig, was_world: int, world_size: int,

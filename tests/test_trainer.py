@@ -506,3 +506,46 @@ def test_early_stopping_that_could_never_stop_is_refused(task):
         TrainConfig(max_steps=12, early_stopping_patience=1).validate(given={"early_stopping_patience"})
     with pytest.raises(ConfigError, match=r"^early_stopping_patience must be >= 0 \(0: off\), got -1$"):
         TrainConfig(early_stopping_patience=-1).validate()
+
+
+def test_a_run_with_early_stopping_keeps_the_best_adapter_beside_the_last(base, tmp_path):
+    """Trained on one text and validated on another, at a learning rate that makes the validation loss
+    rise after step 4: patience 1 stops after step 5; best/ holds step 4's adapter, which gives the
+    recorded validation loss again; metrics.json says so."""
+    import json
+
+    from conftest import ON_BASE_FLAGS, task_flags
+
+    from lora.train_lora import main
+    from lora.trainer import evaluate_model
+
+    train, val = tmp_path / "train.txt", tmp_path / "val.txt"
+    train.write_text("the cat sat on the mat. " * 300)
+    val.write_text("Quick zephyrs blow, vexing daft Jim! 0123456789 " * 40)
+    flags = task_flags(
+        [*ON_BASE_FLAGS, "--output_dir", str(tmp_path / "runs"), "--base_checkpoint", str(base)], "text"
+    )
+    assert main([*flags, "--train_file", str(train), "--val_file", str(val), "--learning_rate", "0.1",
+                 "--lr_schedule", "constant", "--warmup_steps", "0", "--eval_every", "1",
+                 "--early_stopping_patience", "1", "--run_name", "early"]) == 0  # fmt: skip
+    folder = tmp_path / "runs" / "early"
+    metrics = json.loads((folder / "metrics.json").read_text())
+    history = json.loads((folder / "history.json").read_text())
+    assert history["step"] == [1, 2, 3, 4, 5] and history["val_loss"][4] > history["val_loss"][3]
+    assert min(history["val_loss"]) == history["val_loss"][3]
+    assert {k: metrics[k] for k in ("best_step", "best_val_loss", "stopped_early", "stopped_at_step", "steps")} == {
+        "best_step": 4, "best_val_loss": history["val_loss"][3], "stopped_early": True, "stopped_at_step": 5,
+        "steps": 5}  # fmt: skip
+    assert sorted(p.name for p in (folder / "best").iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    config = json.loads((folder / "best" / "adapter_config.json").read_text())
+    assert (config["best_step"], config["best_val_loss"]) == (4, history["val_loss"][3])
+    cfg = TrainConfig(task="text", train_file=str(train), val_file=str(val), seq_len=16)
+    loader = BatchLoader(load_task(cfg).val, 32, shuffle=False)
+    model = LoRATransformer.from_pretrained(base)
+    for adapter, step in ((folder / "best", 4), (folder, 5)):  # the best, and the last
+        model.load_adapter(adapter)
+        got = evaluate_model(model, loader, "bits_per_byte", max_batches=2)["val_loss"]
+        assert got == pytest.approx(history["val_loss"][step - 1], rel=1e-6), adapter
