@@ -217,6 +217,10 @@ def execute(
     if place.enabled:
         tell(f"data parallel: {place.world_size} processes ({backend}), global batch {cfg.batch_size} x "
              f"{place.world_size} = {cfg.batch_size * place.world_size} sequences a step")  # fmt: skip
+    if cfg.grad_accum_steps > 1:
+        rows = cfg.batch_size * place.world_size
+        tell(f"gradient accumulation: one update from {cfg.grad_accum_steps} micro-batches of {rows} sequences = "
+             f"{rows * cfg.grad_accum_steps} sequences")  # fmt: skip
     if not place.is_main:  # rank 0 alone writes: the others train, evaluate and agree
         return _train_and_write(cfg, task, model, device, None, None, resume, base_dir, fingerprint, t_start,
                                 tokenizer, place)  # fmt: skip

@@ -468,17 +468,23 @@ def test_accumulation_with_a_dataloader_and_its_bad_values(task):
 # Early stopping
 
 
-def test_early_stopping_stops_after_patience_evaluations_without_improvement_and_keeps_the_best(task):
+def stopping_trainer(task, **settings) -> LoRATrainer:
     """Trained on ROT13 and validated on Atbash: the validation loss falls while the model learns to answer
     with letters, then rises as it learns ROT13's letters (here after step 8)."""
+    val = BatchLoader(load_task(TrainConfig(num_examples=256), "atbash").val, 128, shuffle=False)
+    return LoRATrainer(tiny_model(), BatchLoader(task.train, 16, seed=0), val, device="cpu", quiet=True,
+                       learning_rate=0.1, lr_schedule="constant", warmup_steps=0, epochs=3, eval_every=2,
+                       eval_batches=0, early_stopping_patience=2, **settings)  # fmt: skip
+
+
+def test_early_stopping_stops_after_patience_evaluations_without_improvement_and_keeps_the_best(
+    task, tmp_path
+):
     from lora.trainer import evaluate_model
 
-    val = BatchLoader(load_task(TrainConfig(num_examples=256), "atbash").val, 128, shuffle=False)
-    trainer = LoRATrainer(tiny_model(), BatchLoader(task.train, 16, seed=0), val, device="cpu", quiet=True,
-                          learning_rate=0.1, lr_schedule="constant", warmup_steps=0, epochs=3, eval_every=2,
-                          eval_batches=0, early_stopping_patience=2)  # fmt: skip
+    trainer = stopping_trainer(task, run_dir=tmp_path, save_every=1, keep_checkpoints=20)
     history = trainer.train()
-    early = trainer.early_stopping
+    early, val = trainer.early_stopping, trainer.val_loader
     losses = {s: v for s, v in zip(history["step"], history["val_loss"], strict=True) if v is not None}
     assert trainer.stopped_early_at == trainer.step == history["step"][-1] < trainer.total_steps == 48
     best = min(losses, key=losses.get)
@@ -494,6 +500,18 @@ def test_early_stopping_stops_after_patience_evaluations_without_improvement_and
     assert evaluate_model(trainer.model, val, "exact_match")["val_loss"] == pytest.approx(
         losses[best + 4], rel=1e-6
     )
+
+    # resumed between the best step and the stop (its checkpoint keeps the best weights): the same end
+    for at in (best + 3, best + 4):
+        resumed = stopping_trainer(task)
+        resumed.resume_from(tmp_path / f"checkpoint-{at:07d}.safetensors")
+        again = resumed.train()
+        assert all(
+            again[k] == history[k] for k in ("step", "epoch", "train_loss", "val_loss", "metric", "lr")
+        )
+        assert resumed.stopped_early_at == best + 4 and resumed.early_stopping.best_step == best
+        for name, weight in early.weights.items():
+            assert torch.equal(resumed.early_stopping.weights[name], weight), name
 
 
 def test_early_stopping_that_could_never_stop_is_refused(task):
