@@ -2,8 +2,8 @@
 
 :class:`Trainer` trains the parameters that require grad (base pretraining, full fine-tuning);
 :class:`LoRATrainer` freezes everything but the LoRA tensors first. Both run AdamW with warmup + cosine
-(or constant) learning rate, gradient clipping, bf16 autocast on CUDA, periodic evaluation, atomic
-checkpoints with exact resume, and SIGINT/SIGTERM handling. Their settings are :class:`TrainConfig`'s
+(or constant) learning rate, gradient clipping, gradient accumulation, bf16 autocast on CUDA, periodic
+evaluation with early stopping, atomic checkpoints with exact resume, and SIGINT/SIGTERM handling. Their settings are :class:`TrainConfig`'s
 fields, with its defaults: ``LoRATrainer(model=m, train_loader=t, val_loader=v, learning_rate=1e-4)``.
 
 A loader is any iterable of batches with a length (or ``max_steps`` set): a :class:`BatchLoader`, or a
