@@ -567,3 +567,23 @@ def test_a_run_with_early_stopping_keeps_the_best_adapter_beside_the_last(base, 
         model.load_adapter(adapter)
         got = evaluate_model(model, loader, "bits_per_byte", max_batches=2)["val_loss"]
         assert got == pytest.approx(history["val_loss"][step - 1], rel=1e-6), adapter
+
+
+def test_the_default_base_is_pretrained_without_the_fine_tune_s_accumulation_or_early_stopping(monkeypatch):
+    """A base pretrained here is shared by every fine-tune of its architecture: those settings are not its."""
+    import lora.base_model
+    import lora.trainer
+
+    seen = []
+
+    def record(model, train, val, config, **settings):
+        trainer_settings = {k: v for k, v in settings.items() if k in lora.trainer.TRAINER_SETTINGS}
+        seen.append(lora.trainer._trainer_config(config, trainer_settings))
+        raise KeyboardInterrupt  # no training needed
+
+    monkeypatch.setattr(lora.base_model, "Trainer", record)
+    cfg = TrainConfig(grad_accum_steps=4, early_stopping_patience=3, num_examples=64, batch_size=8, d_model=32,
+                      num_heads=2, num_layers=1, max_seq_len=32)  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        lora.base_model.pretrain_base(cfg, torch.device("cpu"), lambda message: None)
+    assert (seen[0].grad_accum_steps, seen[0].early_stopping_patience, seen[0].batch_size) == (1, 0, 8)
