@@ -34,6 +34,7 @@ from lora.distributed import (
     stop,
 )
 from lora.errors import CheckpointError, ConfigError, Interrupted, LoRAError, exit_code, one_line
+from lora.files import atomic_folder
 from lora.lora_transformer import LoRATransformer
 from lora.memory import peak_memory_mb, reset_peak_memory
 from lora.plan import RunPlan, plan_run, resolve_or_refuse, storage_for
@@ -221,6 +222,10 @@ def execute(
     if place.enabled:
         tell(f"data parallel: {place.world_size} processes ({backend}), global batch {cfg.batch_size} x "
              f"{place.world_size} = {cfg.batch_size * place.world_size} sequences a step")  # fmt: skip
+    if cfg.grad_accum_steps > 1:
+        rows = cfg.batch_size * place.world_size
+        tell(f"gradient accumulation: one update from {cfg.grad_accum_steps} micro-batches of {rows} sequences = "
+             f"{rows * cfg.grad_accum_steps} sequences")  # fmt: skip
     if not place.is_main:  # rank 0 alone writes: the others train, evaluate and agree
         return _train_and_write(cfg, task, model, device, None, None, resume, base_dir, fingerprint, t_start,
                                 tokenizer, place)  # fmt: skip
@@ -318,6 +323,18 @@ def _train_and_write(cfg: TrainConfig, task: Task, model: LoRATransformer, devic
         model.save_adapter(folder, extra=extra, base_fingerprint=fingerprint)
     else:
         out.write_model(model, "model")
+    early = trainer.early_stopping
+    if early is not None and early.best_step is not None:  # the best weights beside the last, in best/
+        with early.best_loaded(trainer.trainable_weights()):
+            if cfg.method == "lora":
+                with atomic_folder(folder / "best") as best:
+                    model.save_adapter(
+                        best,
+                        extra={**extra, "best_step": early.best_step, "best_val_loss": early.best_loss},
+                        base_fingerprint=fingerprint,
+                    )
+            else:
+                out.write_model(model, "best")
     out.write("history.json", trainer.history)
     trainer.plot_training_history(base_metric=base_eval["metric"])
     tps = trainer.history["tokens_per_s"]
@@ -331,7 +348,7 @@ def _train_and_write(cfg: TrainConfig, task: Task, model: LoRATransformer, devic
         "tokens_per_s": tps[-1] if tps else None, "device": str(device), "base_checkpoint": str(base_dir),
         "base_fingerprint": fingerprint, "tokenizer": tokenizer.name,
         "peak_memory_mb": _round(peak_memory_mb(device)), "world_size": place.world_size,
-        "global_batch_size": cfg.batch_size * place.world_size,
+        "global_batch_size": cfg.batch_size * place.world_size, **trainer.summary(),
     }  # fmt: skip
     out.write("metrics.json", metrics)
     if not task.is_classification:

@@ -57,6 +57,7 @@ def pretrain_base(cfg: TrainConfig, device: torch.device, say: Callable[[str], N
         weight_decay=0.01, eval_every=max(cfg.base_steps // 5, 1), lr_schedule="cosine", save_every=0,
         device=str(device), metric_name=base_task.metric_name, label=f"pretraining base ({base_task.name})",
         lora_plus_ratio=1.0,  # the fine-tune's LoRA+ is for its adapter's B; the base has none
+        grad_accum_steps=1, early_stopping_patience=0,  # the fine-tune's: one base for any of them
     )  # fmt: skip
     try:
         trainer.train()

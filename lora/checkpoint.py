@@ -1,7 +1,8 @@
 """Training checkpoints: everything needed to continue a run exactly, written atomically, no pickle.
 
 A checkpoint is one ``checkpoint-<step>.safetensors`` file. Its tensors are the trainable weights
-(``model.<name>``), the AdamW moments (``optim.<i>.<key>``) and the torch RNG states (``rng.*``); its
+(``model.<name>``), the AdamW moments (``optim.<i>.<key>``), the torch RNG states (``rng.*``) and, with
+early stopping, the best weights so far (``best.<name>``); its
 header metadata holds the step, the epoch, the position inside the epoch, the history so far, the
 optimizer's hyper-parameters and the Python / NumPy RNG states, as JSON. Loading goes through safetensors
 and JSON only, so a crafted file cannot run code.
@@ -13,6 +14,7 @@ import json
 import math
 import random
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +60,10 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     state: dict[str, Any],
     keep: int,
+    best: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write ``folder/checkpoint-<step>.safetensors`` atomically and keep only the newest ``keep``."""
+    """Write ``folder/checkpoint-<step>.safetensors`` atomically and keep only the newest ``keep``; ``best``:
+    the best weights so far by trainable parameter name (early stopping), kept too."""
     names = {p: n for n, p in model.named_parameters()}
     tensors = {
         f"model.{n}": p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad
@@ -68,6 +72,7 @@ def save_checkpoint(
     for i, s in opt["state"].items():
         for key, value in s.items():
             tensors[f"optim.{i}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    tensors.update({f"best.{n}": t.detach().cpu().contiguous() for n, t in (best or {}).items()})
     rng_tensors, rng_meta = _rng_state()
     tensors.update(rng_tensors)
     groups = [{k: v for k, v in g.items() if k != "params"} for g in opt["param_groups"]]
@@ -182,7 +187,8 @@ def _check_state(meta: dict[str, Any]) -> str:
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore weights, optimizer and RNG states from ``path``; return the trainer state (step, history...)."""
+    """Restore weights, optimizer and RNG states from ``path``; return the trainer state (step, history...),
+    with ``best_weights`` (by parameter name) where the checkpoint keeps the best weights so far."""
     meta = read_trainer_state(path)
     try:
         tensors = load_file(str(path))
@@ -197,6 +203,13 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     problem = describe_mismatch(saved, trainable, noun="weights")
     if problem:
         raise CheckpointError(f"checkpoint {path} does not match this run's trainable weights: {problem}")
+    best = {k.removeprefix("best."): v for k, v in tensors.items() if k.startswith("best.")}
+    problem = describe_mismatch(
+        best, {k.removeprefix("model."): p for k, p in trainable.items()}, noun="weights"
+    )
+    if best and problem:
+        raise CheckpointError(f"checkpoint {path}: its best weights do not match this run's trainable weights: "
+                              f"{problem}")  # fmt: skip
     with torch.no_grad():
         for key, target in trainable.items():
             target.copy_(tensors[key])
@@ -220,4 +233,5 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         _set_rng_state(tensors, meta["rng"])
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
         raise _corrupted(path, e) from None
-    return {k: v for k, v in meta.items() if k not in ("rng", "param_groups", "param_names")}
+    state = {k: v for k, v in meta.items() if k not in ("rng", "param_groups", "param_names")}
+    return {**state, "best_weights": best} if best else state

@@ -161,7 +161,13 @@ class TrainConfig:
     max_steps: int | None = field(
         default=None, metadata=_help("stop after this many optimizer steps (or at the end of epochs)")
     )
-    batch_size: int = field(default=64, metadata=_help("sequences per optimizer step"))
+    batch_size: int = field(
+        default=64, metadata=_help("sequences per forward pass of each process (a micro-batch)")
+    )
+    grad_accum_steps: int = field(
+        default=1,
+        metadata=_help("micro-batches per optimizer update (of batch_size x processes x this rows)"),
+    )
     learning_rate: float = field(default=3e-3, metadata=_help("peak AdamW learning rate"))
     weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay"))
     warmup_steps: int = field(default=20, metadata=_help("linear warmup steps"))
@@ -169,6 +175,10 @@ class TrainConfig:
     grad_clip: float = field(default=1.0, metadata=_help("clip the gradient norm to this (0: off)"))
     eval_every: int = field(default=50, metadata=_help("evaluate every N steps (and at the end)"))
     eval_batches: int = field(default=8, metadata=_help("validation batches per evaluation (0: all)"))
+    early_stopping_patience: int = field(
+        default=0,
+        metadata=_help("stop after this many evaluations without a lower val_loss; keep the best (0: off)"),
+    )
     log_every: int | None = field(
         default=None, metadata=_help("read the loss every N steps (default: 1 on CPU, 10 on a GPU)")
     )
@@ -200,6 +210,9 @@ class TrainConfig:
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.grad_accum_steps >= 1, f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}"),
+            (self.early_stopping_patience >= 0,
+             f"early_stopping_patience must be >= 0 (0: off), got {self.early_stopping_patience}"),
             (self.seq_len >= 2, f"seq_len must be >= 2, got {self.seq_len}"),
             (self.base_checkpoint != "auto" or self.task in GENERATED_TASKS or self.seq_len <= self.max_seq_len,
              f"seq_len ({self.seq_len}) must not exceed max_seq_len ({self.max_seq_len})"),
@@ -286,6 +299,12 @@ class TrainConfig:
                           "--base_checkpoint auto"))
             rules.append((ARCHITECTURE_KEYS, f"has no effect with --base_checkpoint {base}: the architecture is "
                                              "the base's (its config.json); drop it"))
+        evaluations = math.ceil(self.max_steps / max(1, self.eval_every)) if self.max_steps else None
+        if evaluations is not None and evaluations <= self.early_stopping_patience:
+            rules.append((["early_stopping_patience"],
+                          f"has no effect: --max_steps {self.max_steps} with --eval_every {self.eval_every} evaluates "
+                          f"{evaluations} time(s), too few to see {self.early_stopping_patience} without improvement "
+                          "after a first one; evaluate more often (--eval_every) or drop it"))
         if not self.compile:
             rules.append((["compile_mode"], "has no effect without --compile: add --compile, or drop it"))
         if self.resume is not None:

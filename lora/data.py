@@ -413,9 +413,10 @@ def load_task(cfg: TrainConfig, name: str | None = None, tokenizer: Tokenizer | 
         task = jsonl_task(cfg, tokenizer)
     else:
         raise DataError(f"unknown task {quote(name)}")
-    if len(task.train) < cfg.batch_size:
+    accum = f" x grad_accum_steps {cfg.grad_accum_steps}" if cfg.grad_accum_steps > 1 else ""
+    if len(task.train) < cfg.batch_size * cfg.grad_accum_steps:  # (one update reads that many)
         raise DataError(
             f"the training data of task {name} has {len(task.train)} sequences, fewer than one batch "
-            f"(batch_size {cfg.batch_size})"
+            f"(batch_size {cfg.batch_size}{accum})"
         )
     return task

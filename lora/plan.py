@@ -129,11 +129,39 @@ def storage_for(cfg: TrainConfig, device: torch.device) -> str:
     return "bf16" if autocast_dtype(cfg.precision, device) == torch.bfloat16 else "none"
 
 
+def _effective(cfg: TrainConfig, world_size: int) -> str:
+    accumulated = f" x grad_accum_steps {cfg.grad_accum_steps}" if cfg.grad_accum_steps > 1 else ""
+    return f"batch_size {cfg.batch_size} x {world_size} process{'es' if world_size > 1 else ''}{accumulated}"
+
+
+def _check_effective_batch(cfg: TrainConfig, was: TrainConfig, was_world: int, world_size: int,
+                           target: Path) -> None:  # fmt: skip
+    """Refuse to resume with another number of rows per optimizer update (``batch_size x processes x
+    grad_accum_steps``); the same rows split another way are the same update (update ``u`` reads rows
+    ``[u E, (u + 1) E)`` of the epoch's order, whatever the split of ``E``), so ``was`` takes ``cfg``'s split."""
+    rows = was.batch_size * was_world * was.grad_accum_steps
+    if cfg.batch_size * world_size * cfg.grad_accum_steps != rows:
+        split = world_size * cfg.grad_accum_steps
+        if rows % split:
+            keep = f"pass a --batch_size and --grad_accum_steps whose product is {rows / world_size:g}"
+        else:
+            keep = f"pass --batch_size {rows // split}" + (
+                f" (with --grad_accum_steps {cfg.grad_accum_steps})" if cfg.grad_accum_steps > 1 else ""
+            )
+        raise CheckpointError(f"--resume {target.parent}: it was trained with a global batch of {rows} "
+                              f"({_effective(was, was_world)}); with {world_size} process(es) {keep} to keep it")  # fmt: skip
+    was.batch_size, was.grad_accum_steps = (
+        cfg.batch_size,
+        cfg.grad_accum_steps,
+    )  # the same rows, split another way
+
+
 def find_resume(cfg: TrainConfig, world_size: int = 1) -> tuple[Path | None, dict[str, Any]]:
     """``--resume``: a checkpoint file, a run folder (its newest checkpoint) or ``auto`` (this run's).
 
     Returns the checkpoint and its trainer state, or ``(None, {})`` when not resuming. A run may resume on
-    another number of processes (``world_size``) when the global batch stays the same.
+    another number of processes (``world_size``), with another ``batch_size`` or ``grad_accum_steps``, when
+    the rows of one optimizer update stay the same.
     """
     if cfg.resume is None:
         return None, {}
@@ -160,16 +188,7 @@ def find_resume(cfg: TrainConfig, world_size: int = 1) -> tuple[Path | None, dic
                               "run folder it was written in")  # fmt: skip
     # the run's own settings: another task or rank would train something else
     was = resolve_config(load_yaml(saved), where=str(saved), yaml_is_a_run=True)
-    was_world = int(state.get("world_size", 1))
-    if was_world != world_size or was.batch_size != cfg.batch_size:
-        global_batch = was.batch_size * was_world
-        if cfg.batch_size * world_size != global_batch:
-            raise CheckpointError(
-                f"--resume {target.parent}: it was trained with a global batch of {global_batch} "
-                f"(batch_size {was.batch_size} x {was_world} processes); with {world_size} process(es) "
-                f"pass --batch_size {global_batch / world_size:g} to keep it"
-            )
-        was.batch_size = cfg.batch_size  # the same global batch, split another way
+    _check_effective_batch(cfg, was, int(state.get("world_size", 1)), world_size, target)
     cfg.check_resume(was, f"--resume {target.parent}")
     if cfg.max_steps is not None and cfg.max_steps < int(state["step"]):  # (equal: the outputs are written)
         raise CheckpointError(f"--resume {target}: it is at step {state['step']}, past --max_steps {cfg.max_steps}: "

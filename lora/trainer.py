@@ -2,8 +2,8 @@
 
 :class:`Trainer` trains the parameters that require grad (base pretraining, full fine-tuning);
 :class:`LoRATrainer` freezes everything but the LoRA tensors first. Both run AdamW with warmup + cosine
-(or constant) learning rate, gradient clipping, bf16 autocast on CUDA, periodic evaluation, atomic
-checkpoints with exact resume, and SIGINT/SIGTERM handling. Their settings are :class:`TrainConfig`'s
+(or constant) learning rate, gradient clipping, gradient accumulation, bf16 autocast on CUDA, periodic
+evaluation with early stopping, atomic checkpoints with exact resume, and SIGINT/SIGTERM handling. Their settings are :class:`TrainConfig`'s
 fields, with its defaults: ``LoRATrainer(model=m, train_loader=t, val_loader=v, learning_rate=1e-4)``.
 
 A loader is any iterable of batches with a length (or ``max_steps`` set): a :class:`BatchLoader`, or a
@@ -36,7 +36,8 @@ from lora.checkpoint import load_checkpoint, save_checkpoint
 from lora.config import TrainConfig
 from lora.data import IGNORE
 from lora.distributed import Distributed, all_sum
-from lora.errors import ConfigError, DivergenceError, Interrupted, did_you_mean
+from lora.early_stopping import EarlyStopping
+from lora.errors import CheckpointError, ConfigError, DivergenceError, Interrupted, did_you_mean
 from lora.files import atomic_write_bytes
 from lora.lora_layer import fixed_dora_norms, mark_only_lora_as_trainable
 from lora.plotting import render_history
@@ -58,7 +59,7 @@ __all__ = [
 TRAINER_SETTINGS = (
     "learning_rate", "weight_decay", "epochs", "max_steps", "warmup_steps", "lr_schedule", "grad_clip",
     "eval_every", "eval_batches", "log_every", "device", "precision", "compile", "compile_mode", "save_every",
-    "keep_checkpoints", "lora_plus_ratio",
+    "keep_checkpoints", "lora_plus_ratio", "grad_accum_steps", "early_stopping_patience",
 )  # fmt: skip
 HISTORY_KEYS = ("step", "epoch", "train_loss", "val_loss", "metric", "lr", "tokens_per_s", "elapsed_s")
 
@@ -120,19 +121,28 @@ def batch_loss(
     device: torch.device,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     chunked: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Cross-entropy (mean over scored tokens, in float32) and the logits of one batch; ``chunked``: the
-    loss alone, from a language model's ``forward(x, targets=y)``, which never holds the whole logits."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(Σ loss, n, logits)`` of one batch: the cross-entropy summed over its ``n`` scored tokens (labels
+    not ``-100``; float32, 0 when ``n`` is 0), ``n`` (an int64 tensor on ``device``, counted without a host
+    sync) and the logits. Sums and counts, not means, so that batches add up: the mean over several
+    (accumulated micro-batches, data-parallel shards) is ``Σ sums / Σ n``, not a mean of their means.
+    ``chunked``: the loss alone (logits ``None``), from a language model's ``forward(x, targets=y)``, which
+    never holds the whole logits and returns the mean (times ``n`` here, which is the sum to float rounding).
+    """
     x = batch["x"].to(device, non_blocking=True).long()
     y = batch["y"].to(device, non_blocking=True).long()
+    n = (y != IGNORE).sum()
     if chunked:
         with autocast():
-            return forward(x, targets=y).float(), None
+            mean = forward(x, targets=y).float()
+        return torch.where(n > 0, mean, 0.0) * n, n, None  # no scored token: 0, not NaN x 0
     extra = {"lengths": batch["lengths"].to(device)} if "lengths" in batch else {}
     with autocast():
         logits = forward(x, **extra).float()  # (B, T, vocab) or, classifying, (B, classes)
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=IGNORE)
-    return loss, logits
+    total = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
+    return total, n, logits
 
 
 LOSS_METRICS = ("bits_per_byte", "bits_per_token")  # metrics read from the loss alone
@@ -180,11 +190,10 @@ def evaluate_model(
                 break
             batch = as_batch(raw)
             run = forward if forward is not None else model
-            loss, logits = batch_loss(run, batch, device, autocast, loss_only)
+            total, scored, logits = batch_loss(run, batch, device, autocast, loss_only)
             y = batch["y"].to(device).long()
-            scored = (y != IGNORE).sum().item()
-            loss_sum += loss.item() * scored
-            tokens += scored
+            loss_sum += total.item()
+            tokens += scored.item()
             rows += y.shape[0]
             if logits is None:
                 continue
@@ -255,6 +264,13 @@ class Trainer:
     batches with ``lengths`` call ``model(x, lengths=...)``). Settings are :class:`TrainConfig` fields
     (:data:`TRAINER_SETTINGS`), from ``config`` and keyword arguments, with ``TrainConfig``'s defaults.
     ``run_dir``: where checkpoints and the training-curve PNG go (``None``: no checkpoints).
+
+    A step is one optimizer update, from ``grad_accum_steps`` batches of the loader (micro-batches): the
+    learning-rate schedule, ``max_steps``, ``eval_every``, ``save_every``, the history and the checkpoints
+    count updates, and a checkpoint is only written between two. Its loss is the mean over every scored
+    token of all of them, on every process: ``Σ sums / Σ n`` (:func:`batch_loss`), not a mean of means.
+    With ``early_stopping_patience`` P >= 1, training stops after P evaluations in a row without a lower
+    validation loss; :attr:`early_stopping` holds the best step, its loss and weights.
     """
 
     def __init__(
@@ -277,7 +293,8 @@ class Trainer:
         self.train_loader, self.val_loader = train_loader, val_loader
         self.metric_name, self.label, self.quiet = metric_name, label, quiet
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.batches_per_epoch = _length(train_loader)  # None: a loader without len()
+        self.accum = cfg.grad_accum_steps  # loader batches (micro-batches) per optimizer update
+        self.batches_per_epoch = self._updates_per_epoch()  # None: a loader without len()
         self.total_steps = self._total_steps()
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
@@ -293,12 +310,13 @@ class Trainer:
         self.autocast_dtype = autocast_dtype(cfg.precision, self.device)
         self.distributed = distributed or Distributed()
         forward: nn.Module = model
+        self.ddp: DistributedDataParallel | None = None
         if self.distributed.enabled:  # the trainable tensors start equal everywhere; only their grads sync
             with torch.no_grad():
                 for p in self.params:
                     torch.distributed.broadcast(p, 0)
             ids = [self.device.index] if self.device.type == "cuda" else None
-            forward = DistributedDataParallel(model, device_ids=ids, **_ddp_skips())
+            forward = self.ddp = DistributedDataParallel(model, device_ids=ids, **_ddp_skips())
         # the whole forward, the chunked loss included; reduce-overhead adds CUDA graphs (the step is sync-free)
         self.forward = torch.compile(forward, mode=cfg.compile_mode) if cfg.compile else forward
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
@@ -307,20 +325,45 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         # JSON kept in every checkpoint (the application puts the base fingerprint there)
         self.run_info: dict[str, Any] = {}
+        patience = cfg.early_stopping_patience
+        self.early_stopping = EarlyStopping(patience) if patience else None
+        self.stopped_early_at: int | None = None  # the step after which early stopping ended training
+        if self.early_stopping is not None:
+            self._check_evaluations(patience)
 
     # ----------------------------------------------------------------------------------------------------
 
+    def _updates_per_epoch(self) -> int | None:
+        """Optimizer updates in an epoch: ``len(train_loader) // grad_accum_steps`` (the last micro-batches,
+        too few for an update, are left out, as a loader leaves out its last partial batch)."""
+        batches = _length(self.train_loader)
+        if batches is None:
+            return None
+        if batches < 1:
+            raise ValueError("the training loader yields no batch (fewer rows than one batch?)")
+        if batches < self.accum:
+            raise ConfigError(f"grad_accum_steps {self.accum} is more than the {batches} batch(es) the training "
+                              f"loader yields in an epoch: no update could be made; lower it")  # fmt: skip
+        return batches // self.accum
+
     def _total_steps(self) -> int:
-        """``epochs x len(train_loader)``, capped by ``max_steps``; a loader without a length needs it."""
+        """``epochs x`` the updates of an epoch, capped by ``max_steps``; a loader without a length needs it."""
         max_steps, per_epoch = self.config.max_steps, self.batches_per_epoch
         if per_epoch is None:
             if max_steps is None:
                 raise ValueError("the training loader has no len(): set max_steps")
             return max_steps
-        if per_epoch < 1:
-            raise ValueError("the training loader yields no batch (fewer rows than one batch?)")
         total = self.config.epochs * per_epoch
         return total if max_steps is None else min(total, max_steps)
+
+    def _check_evaluations(self, patience: int) -> None:
+        """Refuse early stopping that cannot happen: ``patience`` evaluations without improvement need
+        ``patience + 1`` of them (one every ``eval_every`` steps and one at the end)."""
+        evaluations = math.ceil(self.total_steps / self.config.eval_every)
+        if evaluations <= patience:
+            raise ConfigError(f"early_stopping_patience {patience} has no effect: {self.total_steps} steps with "
+                              f"eval_every {self.config.eval_every} evaluate {evaluations} time(s); evaluate more "
+                              "often (--eval_every) or drop it")  # fmt: skip
 
     def say(self, message: str) -> None:
         """A message on stderr that does not break the progress bar."""
@@ -332,29 +375,46 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
-    def _step_loss(
-        self, batch: dict[str, torch.Tensor]
+    def _update(
+        self, micro_batches: list[dict[str, torch.Tensor]]
     ) -> tuple[torch.Tensor, torch.Tensor, bool | torch.Tensor]:
-        """``(loss to backpropagate, the batch's mean loss, stop)`` for one step.
+        """One optimizer update from ``micro_batches``: ``(its mean loss, the gradient norm, stop)``.
 
-        One process: the batch's mean loss, twice. Data parallel: each process's sum of token losses over
-        the global count of scored tokens, times ``world_size`` (DDP averages the gradients), so the update
-        is the one a single process would make on the whole global batch; the mean and the stop request
-        (a signal seen by any process) are agreed with one small all-reduce.
+        Each micro-batch back-propagates its summed loss; the gradients add up in ``.grad``, and once all
+        are in they are divided by the count ``N`` of scored tokens of all the micro-batches of every
+        process, which makes them the gradient of ``Σ sums / N``: the mean loss over the whole accumulated
+        (and global) batch, exactly the update of one batch ``grad_accum_steps x processes`` times larger.
+        Data parallel, DDP exchanges gradients only in the last micro-batch's backward (the others run in
+        ``no_sync()``) and averages them over the ``world_size`` processes, which the sums are multiplied
+        by first; ``N``, the loss and the stop request (a signal seen by any process) are then agreed with
+        one small all-reduce. Nothing here waits for the device.
         """
-        if not self.distributed.enabled:
-            loss, _ = batch_loss(self.forward, batch, self.device, self._autocast, self.chunked_loss)
-            return loss, loss, self._stop_signal is not None
-        # the labels moved once (batch_loss's move is then a no-op) and their scored tokens counted on the
-        # device: a count made on the host, or a tensor made from a Python value, would be a blocking copy
-        y = batch["y"].to(self.device, non_blocking=True)
-        loss, _ = batch_loss(self.forward, {**batch, "y": y}, self.device, self._autocast, self.chunked_loss)
+        world = self.distributed.world_size
+        total = count = None
+        for i, batch in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            sync = self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
+            with sync:
+                loss_sum, n, _ = batch_loss(
+                    self.forward, batch, self.device, self._autocast, self.chunked_loss
+                )
+                (loss_sum * world if world > 1 else loss_sum).backward()
+            total = loss_sum.detach() if total is None else total + loss_sum.detach()
+            count = n if count is None else count + n
         stop = self._stop_signal is not None
-        local = (y != IGNORE).sum().float()
-        local_sum = torch.where(local > 0, loss, torch.zeros_like(loss)) * local
-        stats = all_sum(torch.stack([local, local_sum.detach().float(), local.new_full((), float(stop))]))
-        count = stats[0].clamp(min=1)
-        return local_sum * self.distributed.world_size / count, stats[1] / count, stats[2]  # stop: read later
+        if self.distributed.enabled:
+            stats = all_sum(
+                torch.stack(
+                    [count.double(), total.double(), count.new_full((), float(stop), dtype=torch.float64)]
+                )
+            )
+            count, total, stop = stats[0], stats[1], stats[2]  # stop: read later
+        count = count.clamp(min=1).to(torch.float32)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        torch._foreach_div_(grads, count)
+        # with clipping off, max_norm inf only measures (the grads are scaled by exactly 1)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip or math.inf)
+        return (total / count).float(), norm, stop
 
     def evaluate(self, max_batches: int | None = None) -> dict[str, float]:
         """Validation loss (mean nats per scored token) and the task metric."""
@@ -364,14 +424,25 @@ class Trainer:
                               reduce=all_sum if self.distributed.enabled else None)  # fmt: skip
 
     def _epoch_batches(self) -> Iterator[Any]:
-        """This epoch's batches from ``batch_in_epoch`` on (exactly reproducible with a ``BatchLoader``)."""
-        loader = self.train_loader
+        """This epoch's batches from update ``batch_in_epoch`` on (exactly reproducible with a
+        ``BatchLoader``): each update reads ``grad_accum_steps`` of them."""
+        loader, first = self.train_loader, self.batch_in_epoch * self.accum
         if hasattr(loader, "batches"):
-            return loader.batches(self.epoch, self.batch_in_epoch)
+            return loader.batches(self.epoch, first)
         sampler = getattr(loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):  # DistributedSampler and friends: a new order every epoch
             sampler.set_epoch(self.epoch)
-        return itertools.islice(iter(loader), self.batch_in_epoch, None)
+        return itertools.islice(iter(loader), first, None)
+
+    def _epoch_updates(self) -> Iterator[list[dict[str, torch.Tensor]]]:
+        """This epoch's updates from ``batch_in_epoch`` on, each ``grad_accum_steps`` batches (the last
+        ones, too few for an update, are left out)."""
+        batches, pin = self._epoch_batches(), self.device.type == "cuda"
+        while len(group := list(itertools.islice(batches, self.accum))) == self.accum:
+            group = [as_batch(raw) for raw in group]
+            if pin:  # page-locked: the copy to the GPU runs without blocking the host
+                group = [{k: v.pin_memory() for k, v in batch.items()} for batch in group]
+            yield group
 
     def _state(self) -> dict[str, Any]:
         epoch, batch = self.epoch, self.batch_in_epoch
@@ -384,8 +455,9 @@ class Trainer:
         """Write a checkpoint into ``run_dir`` (none without one); return its path."""
         if self.run_dir is None:
             return None
+        best = self.early_stopping.weights if self.early_stopping is not None else None
         path = save_checkpoint(
-            self.run_dir, self.model, self.optimizer, self._state(), self.config.keep_checkpoints
+            self.run_dir, self.model, self.optimizer, self._state(), self.config.keep_checkpoints, best
         )
         self.last_checkpoint = path
         return path
@@ -396,6 +468,13 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.history = state["history"]
         self.last_checkpoint = path
+        if self.early_stopping is not None:  # the evaluations so far again, the best weights from the file
+            self.early_stopping = early = EarlyStopping(self.early_stopping.patience)
+            early.replay(self.history["step"], self.history["val_loss"])
+            early.weights = state.get("best_weights", {})
+            if early.best_step is not None and not early.weights:
+                raise CheckpointError(f"checkpoint {path} keeps no best weights, which early stopping needs: "
+                                      "resume with the run's own early_stopping_patience")  # fmt: skip
         self.say(
             f"resumed from {path} at step {self.step} (epoch {self.epoch + 1}, batch {self.batch_in_epoch})"
         )
@@ -446,30 +525,26 @@ class Trainer:
         elapsed = self.history["elapsed_s"][-1] if self.history["elapsed_s"] else 0.0
         self._window = {"t0": time.perf_counter(), "tokens": 0, "time": 0.0, "elapsed": elapsed}
         pending: list[tuple] = []
-        pin = self.device.type == "cuda"
+        if self.early_stopping is not None and self.early_stopping.should_stop:  # resumed after it stopped
+            self.stopped_early_at = self.step
         try:
-            while self.step < self.total_steps:
+            while self.step < self.total_steps and self.stopped_early_at is None:
                 start = self.step
-                for raw in self._epoch_batches():
-                    batch = as_batch(raw)
-                    if pin:  # page-locked: the copy to the GPU runs without blocking the host
-                        batch = {k: v.pin_memory() for k, v in batch.items()}
+                for micro_batches in self._epoch_updates():
                     lr = get_lr(
                         self.step + 1, cfg.learning_rate, cfg.warmup_steps, self.total_steps, cfg.lr_schedule
                     )
                     for group in self.optimizer.param_groups:
                         group["lr"] = lr * group.get("lr_ratio", 1.0)  # LoRA+: B's group runs faster
-                    to_backprop, loss, stop = self._step_loss(batch)
-                    to_backprop.backward()
-                    # with clipping off, max_norm inf only measures (the grads are scaled by exactly 1)
-                    norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip or math.inf)
+                    loss, norm, stop = self._update(micro_batches)
                     if self.fused:  # a non-finite loss or gradient: the step skips itself on the device
                         self.optimizer.found_inf = (~(torch.isfinite(loss) & torch.isfinite(norm))).float()
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
                     self.step += 1
                     self.batch_in_epoch += 1
-                    self._window["tokens"] += batch["x"].numel() * self.distributed.world_size
+                    tokens = sum(batch["x"].numel() for batch in micro_batches)
+                    self._window["tokens"] += tokens * self.distributed.world_size
                     # a copy: a forward compiled with CUDA graphs (reduce-overhead) writes the next step's
                     # loss over this one's memory, and the pending losses are read steps later
                     kept = loss.detach().clone()
@@ -483,21 +558,53 @@ class Trainer:
                             evaluation = self.evaluate()
                             self.history["val_loss"][-1] = evaluation["val_loss"]
                             self.history["metric"][-1] = evaluation["metric"]
+                            self._observe(evaluation["val_loss"])
                             self._window["t0"] = time.perf_counter()  # evaluation is not training time
                         if save:
                             self.save_checkpoint()
                         if stop:  # every process stops after the same step; rank 0 writes the checkpoint
                             raise Interrupted(self.save_checkpoint())
-                    if self.step >= self.total_steps:
+                    if self.step >= self.total_steps or self.stopped_early_at is not None:
                         break
                 else:
                     if self.step == start:
-                        raise ValueError("the training loader yielded no batch in an epoch")
+                        raise ValueError(f"the training loader yielded fewer than {self.accum} batch(es) in an "
+                                         "epoch: no update")  # fmt: skip
                     self.epoch, self.batch_in_epoch = self.epoch + 1, 0
                     continue
                 break
         finally:
             bar.close()
+
+    def _observe(self, val_loss: float) -> None:
+        """Early stopping: this step's evaluation (every process has the same loss, so all stop together)."""
+        early = self.early_stopping
+        if early is None:
+            return
+        early.observe(self.step, val_loss, self.trainable_weights())
+        if early.should_stop:
+            self.stopped_early_at = self.step
+            self.say(f"early stopping after step {self.step}: validation loss {early.best_loss:.4f} at step "
+                     f"{early.best_step}, not lower in the {early.patience} evaluation(s) since")  # fmt: skip
+
+    def trainable_weights(self) -> dict[str, nn.Parameter]:
+        """The parameters that train, by name (the names checkpoints use)."""
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def summary(self) -> dict[str, Any]:
+        """How the run batched its updates and how it ended, for its metrics: ``grad_accum_steps``, the
+        ``effective_batch_size`` (rows per update: batch x processes x micro-batches, for a loader with a
+        ``batch_size``), and with early stopping the best step, its validation loss, and where it stopped."""
+        rows = getattr(self.train_loader, "batch_size", None)
+        out: dict[str, Any] = {
+            "grad_accum_steps": self.accum,
+            "effective_batch_size": rows * self.distributed.world_size * self.accum if rows else None,
+        }
+        early = self.early_stopping
+        if early is not None:
+            out.update(best_step=early.best_step, best_val_loss=early.best_loss if early.best_step is not None else None,
+                       stopped_early=self.stopped_early_at is not None, stopped_at_step=self.step)  # fmt: skip
+        return out
 
     def _epoch_now(self) -> float:
         per_epoch = self.batches_per_epoch

@@ -56,6 +56,20 @@ if rank == os.environ.get("TEST_STOP_RANK"):
         if self.step == int(os.environ["TEST_STOP_AT"]):
             self._stop_signal = signal.SIGINT
     trainer_module.Trainer._record = _record
+if os.environ.get("TEST_COUNT_EXCHANGES"):  # count DDP's gradient all-reduces (one per bucket and exchange)
+    import atexit, inspect
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    DDP, exchanges = trainer_module.DistributedDataParallel, [0]
+    class Counted(DDP):
+        __signature__ = inspect.signature(DDP)
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            def hook(group, bucket):
+                exchanges[0] += 1
+                return allreduce_hook(group, bucket)
+            self.register_comm_hook(None, hook)
+    trainer_module.DistributedDataParallel = Counted
+    atexit.register(lambda: print(f"rank {rank}: {exchanges[0]} gradient exchanges", file=sys.stderr))
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -76,11 +90,11 @@ def adapter(folder: Path) -> dict[str, torch.Tensor]:
     return read_safetensors(folder / "adapter_model.safetensors")
 
 
-def assert_close_adapters(a: Path, b: Path) -> None:
+def assert_close_adapters(a: Path, b: Path, tol: float = 1e-5) -> None:
     x, y = adapter(a), adapter(b)
     assert x.keys() == y.keys()
     for k in x:
-        assert_close_scaled(x[k], y[k], 1e-5, msg=k)
+        assert_close_scaled(x[k], y[k], tol, msg=k)
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +125,33 @@ def test_two_processes_train_the_single_process_adapter_and_rank_0_alone_writes(
     assert len(evaluated) == 3 and [two_history["val_loss"][i] for i in evaluated] == pytest.approx(
         [one_history["val_loss"][i] for i in evaluated], abs=1e-5, rel=1e-5
     )
+
+
+def test_accumulating_micro_batches_on_two_processes_trains_the_single_process_adapter(
+    base, one_process, tmp_path
+):
+    """2 processes x batch 4 x 4 micro-batches = the one-process batch of 32: the same adapter within 1e-6, with
+    one gradient exchange per update (none in the first three micro-batches' backward), and the same on one
+    process with 8 x 4."""
+    from lora.train_lora import main
+
+    res = torchrun(tmp_path, [*flags(base, tmp_path / "runs", 4, "two"), "--grad_accum_steps", "4"],
+                   TEST_COUNT_EXCHANGES="1")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "rank 0: 12 gradient exchanges" in res.stderr and "rank 1: 12 gradient exchanges" in res.stderr
+    assert main([*flags(base, tmp_path / "runs", 8, "one"), "--grad_accum_steps", "4"]) == 0
+    for name in ("two", "one"):
+        folder = tmp_path / "runs" / name
+        assert_close_adapters(folder, one_process, 1e-6)
+        metrics = json.loads((folder / "metrics.json").read_text())
+        assert (metrics["steps"], metrics["grad_accum_steps"], metrics["effective_batch_size"]) == (12, 4, 32)
+        history, want = (json.loads((f / "history.json").read_text()) for f in (folder, one_process))
+        assert (
+            history["step"] == want["step"]
+            and history["lr"] == want["lr"]
+            and history["epoch"] == want["epoch"]
+        )
+        assert_close_scaled(torch.tensor(history["train_loss"]), torch.tensor(want["train_loss"]), 1e-6)
 
 
 @pytest.mark.parametrize(("at", "message"), [

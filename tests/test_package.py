@@ -46,6 +46,7 @@ LAYERS = [
     "lora_transformer",  # the model: decoder + adapters + base storage, delegating to the rooms below
     "memory",  # what a run will allocate, checked first
     "checkpoint",  # training checkpoints
+    "early_stopping",  # the best validation loss, its weights, and when to stop
     "trainer",  # Trainer, LoRATrainer
     "run_folder",  # where a run's outputs go
     "base_model",  # the default base, pretrained once

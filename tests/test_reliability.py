@@ -37,7 +37,8 @@ HISTORY_KEYS = ("step", "epoch", "train_loss", "val_loss", "metric", "lr")  # al
 PAUSE = 0.05  # seconds the harness sleeps after each step, so that a kill can land at a chosen step
 
 # The CLI with test hooks, run as `python -c HARNESS <flags>`: TEST_STEP_PAUSE prints "step N" after each
-# step and sleeps; TEST_DIE_WRITING=N kills the process (SIGKILL) halfway through writing checkpoint N.
+# step and sleeps; TEST_DIE_WRITING=N kills the process (SIGKILL) halfway through writing checkpoint N;
+# TEST_DIE_MICRO=N kills it in the forward of its N-th training micro-batch.
 HARNESS = r"""
 import os, signal, sys, time
 import lora.train_lora as tl
@@ -59,6 +60,17 @@ if die:
             os.kill(os.getpid(), signal.SIGKILL)
         fsync(fd)
     os.fsync = _fsync
+micro = os.environ.get("TEST_DIE_MICRO")
+if micro:  # SIGKILL in the forward of training micro-batch N (counted from this process's start)
+    import torch
+    real, calls = trainer_module.batch_loss, [0]
+    def batch_loss(*args, **kwargs):
+        if torch.is_grad_enabled():
+            calls[0] += 1
+            if calls[0] == int(micro):
+                os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args, **kwargs)
+    trainer_module.batch_loss = batch_loss
 sys.exit(tl.main())
 """
 
@@ -111,12 +123,12 @@ def at_training_step(monkeypatch, step: int, action) -> None:
     real, calls = trainer_module.batch_loss, []
 
     def patched(*args, **kwargs):
-        loss, logits = real(*args, **kwargs)
+        loss, n, logits = real(*args, **kwargs)
         if torch.is_grad_enabled():  # a training step, not an evaluation
             calls.append(1)
             if len(calls) == step:
                 loss = action(loss)
-        return loss, logits
+        return loss, n, logits
 
     monkeypatch.setattr(trainer_module, "batch_loss", patched)
 
@@ -172,6 +184,21 @@ CONFIG_CASES = {
     "learning_rate < 0": ("learning_rate: -1e-3\n", [], ["learning_rate must be > 0, got -0.001"]),
     "epochs 0": (None, ["--epochs", "0"], ["epochs must be >= 1, got 0"]),
     "batch_size 0": (None, ["--batch_size", "0"], ["batch_size must be >= 1, got 0"]),
+    "grad_accum_steps 0": (None, ["--grad_accum_steps", "0"], ["grad_accum_steps must be >= 1, got 0"]),
+    "grad_accum_steps 1.5": ("grad_accum_steps: 1.5\n", [], ["grad_accum_steps must be int, got 1.5"]),
+    "early_stopping_patience -1": (
+        None,
+        ["--early_stopping_patience", "-1"],
+        ["early_stopping_patience must be >= 0 (0: off), got -1"],
+    ),
+    "early stopping, one evaluation": (
+        None,
+        ["--early_stopping_patience", "1", "--eval_every", "12"],
+        [
+            "early_stopping_patience has no effect: --max_steps 12 with --eval_every 12 evaluates 1 time(s)",
+            "--eval_every",
+        ],
+    ),
     "d_model % heads": (None, ["--d_model", "30", "--num_heads", "4"], ["d_model (30)", "num_heads (4)"]),
     "lora_targets": (None, ["--lora_targets", "q,x"], ["lora_targets", "q,k,v,o", "got q,x"]),
     "seq_len > max": (
@@ -263,6 +290,10 @@ def test_bad_data_is_one_line_exit_2(case, tiny_flags, tmp_path, capsys):
 def test_data_smaller_than_one_batch_and_a_folder_as_data(tiny_flags, tmp_path, capsys):
     assert main([*tiny_flags, "--num_examples", "10"]) == 2
     one_error_line(capsys, "task rot13 has 10 sequences, fewer than one batch (batch_size 32)")
+    assert main([*tiny_flags, "--num_examples", "100", "--grad_accum_steps", "4"]) == 2
+    one_error_line(
+        capsys, "task rot13 has 100 sequences, fewer than one batch (batch_size 32 x grad_accum_steps 4)"
+    )
     assert main([*task_flags(tiny_flags, "text"), "--train_file", str(tmp_path)]) == 2
     one_error_line(capsys, f"data file is a folder, expected a file: {tmp_path}")
 
@@ -563,13 +594,13 @@ def test_a_non_finite_gradient_stops_even_without_clipping(flags, tmp_path, caps
     real, calls = trainer_module.batch_loss, []
 
     def nan_gradient_at_step_3(forward, *args, **kwargs):
-        loss, logits = real(forward, *args, **kwargs)
+        loss, n, logits = real(forward, *args, **kwargs)
         if torch.is_grad_enabled():
             calls.append(1)
             if len(calls) == 3:  # a finite loss whose gradient is 0 * inf = nan
                 p = next(p for p in forward.parameters() if p.requires_grad)
                 loss = loss + 0 * torch.sqrt(p.sum() - p.sum())
-        return loss, logits
+        return loss, n, logits
 
     monkeypatch.setattr(trainer_module, "batch_loss", nan_gradient_at_step_3)
     assert main([*flags, "--run_name", "nan-grad", "--save_every", "1", "--grad_clip", "0"]) == 3
@@ -650,6 +681,55 @@ def test_kill_9_at_random_steps_then_resume_is_bit_exact(reference, flags, tmp_p
     finish(start(["--resume", str(folder)], log), log, 0)
     assert_same_run(folder, reference, note)
     assert not list(folder.glob(".*.tmp")), "the stale temporary file is cleaned up"
+
+
+# the same 3 updates an epoch, each from 2 micro-batches of 16
+ACCUM_FLAGS = [*RESUME_FLAGS, "--batch_size", "16", "--grad_accum_steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def accumulated(tmp_path_factory, base) -> Path:
+    """The uninterrupted run with gradient accumulation that the interrupted ones must reproduce."""
+    root = tmp_path_factory.mktemp("accumulated")
+    argv = [
+        *ON_BASE_FLAGS,
+        *ACCUM_FLAGS,
+        "--output_dir",
+        str(root),
+        "--base_checkpoint",
+        str(base),
+        "--run_name",
+        "ref",
+    ]
+    finish(start(argv, root / "log"), root / "log", 0)
+    return root / "ref"
+
+
+def test_kill_9_mid_accumulation_then_resume_is_bit_exact(accumulated, flags, tmp_path, capsys):
+    """Killed in the second micro-batch of an update (its first one's gradients already added up): the run
+    resumes from the last update's checkpoint and ends as the uninterrupted run, bit for bit. A resume that
+    would change the rows of an update is refused."""
+    seed = random.randrange(10**6)
+    update = random.Random(seed).randrange(2, 12)
+    folder, log, note = (
+        tmp_path / "runs" / "killed",
+        tmp_path / "log",
+        f"seed {seed}: killed in update {update}",
+    )
+    finish(start([*flags, *ACCUM_FLAGS, "--run_name", "killed"], log, TEST_DIE_MICRO=str(2 * update)), log,
+           -signal.SIGKILL)  # fmt: skip
+    assert read_trainer_state(find_latest(folder))["step"] == update - 1, note
+    assert main(["--resume", str(folder), "--grad_accum_steps", "4"]) == 2
+    one_error_line(capsys, "it was trained with a global batch of 32 (batch_size 16 x 1 process x grad_accum_steps "
+                           "2); with 1 process(es) pass --batch_size 8 (with --grad_accum_steps 4) to keep it")  # fmt: skip
+    finish(start(["--resume", str(folder)], log), log, 0)
+    assert_same_run(folder, accumulated, note)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert (metrics["grad_accum_steps"], metrics["effective_batch_size"], metrics["global_batch_size"]) == (
+        2,
+        32,
+        16,
+    )
 
 
 def test_sigint_finishes_the_step_checkpoints_and_prints_the_resume_command(reference, flags, tmp_path):

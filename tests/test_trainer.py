@@ -10,11 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from conftest import assert_close_scaled
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lora.config import TrainConfig
-from lora.data import BatchLoader, load_task
+from lora.data import IGNORE, BatchLoader, TaskData, load_task
 from lora.errors import ConfigError
 from lora.lora_layer import inject_lora
 from lora.lora_transformer import LoRATransformer
@@ -280,8 +282,8 @@ def test_a_non_finite_step_is_skipped_on_the_device_and_reported_with_its_step(t
 
     def nan_at_step_3(*args, **kwargs):
         calls[0] += 1
-        loss, logits = original(*args, **kwargs)
-        return (loss * float("nan") if calls[0] == 3 else loss), logits
+        loss, n, logits = original(*args, **kwargs)
+        return (loss * float("nan") if calls[0] == 3 else loss), n, logits
 
     monkeypatch.setattr(trainer_module, "batch_loss", nan_at_step_3)
     model = tiny_model()
@@ -372,3 +374,216 @@ def test_a_loss_only_metric_is_evaluated_without_the_whole_logits():
     _, chunked = tensor_peak(lambda: evaluate_model(model, batches, "bits_per_token"))
     _, whole = tensor_peak(lambda: evaluate_model(model, batches, "accuracy"))  # needs the logits' argmax
     assert chunked < B * T * V * 4 / 4 < whole  # a quarter of one batch's logits, against all of them
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Gradient accumulation: N micro-batches of B make the update of one batch of N x B
+
+
+def trained(
+    model: LoRATransformer, loader, val, **settings
+) -> tuple[dict[str, list], dict[str, torch.Tensor]]:
+    trainer = LoRATrainer(model, loader, val, device="cpu", quiet=True, **settings)
+    history = trainer.train()
+    return history, {n: p.detach().clone() for n, p in trainer.trainable_weights().items()}
+
+
+def assert_same_training(got, want) -> None:
+    """The same steps, epochs and learning rates; losses and weights within 1e-6 (scaled)."""
+    (history, weights), (want_history, want_weights) = got, want
+    for key in ("step", "epoch", "lr"):
+        assert history[key] == want_history[key], key
+    assert_close_scaled(torch.tensor(history["train_loss"]), torch.tensor(want_history["train_loss"]), 1e-6)
+    assert weights.keys() == want_weights.keys()
+    for name in weights:
+        assert_close_scaled(weights[name], want_weights[name], 1e-6, msg=name)
+
+
+@pytest.mark.parametrize(("batch", "accum"), [(4, 4), (4, 3)])
+def test_accumulated_micro_batches_train_the_adapter_of_one_big_batch(task, batch, accum):
+    """batch 4 x 4 micro-batches = batch 16, over two epochs (256 rows: 16 updates each). With 3 micro-batches
+    an epoch has 64 // 3 = 21 updates and its last micro-batch is left out, as batch 12 leaves out 4 rows."""
+    val = BatchLoader(task.val, 64, shuffle=False)
+    settings = {"max_steps": 30, "epochs": 2, "eval_every": 10, "eval_batches": 2, "learning_rate": 1e-2}
+    big = trained(tiny_model(), BatchLoader(task.train, batch * accum, seed=1), val, **settings)
+    small = trained(
+        tiny_model(), BatchLoader(task.train, batch, seed=1), val, grad_accum_steps=accum, **settings
+    )
+    assert small[0]["step"] == list(range(1, 31)) and small[0]["epoch"][-1] > 1  # into the second epoch
+    assert_same_training(small, big)
+    assert_close_scaled(torch.tensor([v for v in small[0]["val_loss"] if v is not None]),
+                        torch.tensor([v for v in big[0]["val_loss"] if v is not None]), 1e-6)  # fmt: skip
+
+
+def masked_rows(n: int = 64, width: int = 15, seed: int = 0) -> TaskData:
+    """Rows scored unevenly (each a share of its tokens, from none to all), as padded or answers-only rows
+    are; rows 0-3 (the first micro-batch of 4) are not scored at all."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(97, 123, (n, width), generator=g)
+    y = torch.roll(x, -1, dims=1)
+    y[torch.rand(n, width, generator=g) > torch.rand(n, 1, generator=g)] = IGNORE
+    y[:4] = IGNORE
+    return TaskData(x, y)
+
+
+@pytest.mark.parametrize("chunked", [True, False], ids=["chunked loss", "whole logits"])
+def test_the_accumulated_loss_is_the_mean_over_every_scored_token_not_a_mean_of_means(chunked, monkeypatch):
+    data = masked_rows()
+    val = BatchLoader(data, 64, shuffle=False)
+    if not chunked:  # the loss from the logits (as for a model without a chunked loss)
+        monkeypatch.setattr("lora.trainer.has_chunked_loss", lambda model: False)
+    settings = {"max_steps": 4, "eval_every": 100, "learning_rate": 1e-2, "warmup_steps": 0}
+    big = trained(tiny_model(), BatchLoader(data, 16, shuffle=False), val, **settings)
+    small = trained(tiny_model(), BatchLoader(data, 4, shuffle=False), val, grad_accum_steps=4, **settings)
+    assert_same_training(small, big)
+    # the first update's loss by hand: Σ token losses / Σ scored tokens of its 16 rows
+    model = tiny_model()
+    with torch.no_grad():
+        losses = [F.cross_entropy(model(data.x[i : i + 4]).flatten(0, 1), data.y[i : i + 4].flatten(),
+                                  ignore_index=IGNORE, reduction="none") for i in range(0, 16, 4)]  # fmt: skip
+    counts = [int((data.y[i : i + 4] != IGNORE).sum()) for i in range(0, 16, 4)]
+    mean = (sum(loss.sum() for loss in losses) / sum(counts)).item()
+    assert counts[0] == 0 and min(counts[1:]) > 0 and len(set(counts[1:])) == 3  # uneven micro-batches
+    assert small[0]["train_loss"][0] == pytest.approx(mean, rel=1e-6)
+    mean_of_means = sum(loss.sum().item() / c for loss, c in zip(losses[1:], counts[1:], strict=True)) / 3
+    assert abs(mean_of_means - mean) > 1e-3  # what the test tells apart
+
+
+def test_accumulation_with_a_dataloader_and_its_bad_values(task):
+    """Any loader accumulates (a DataLoader of tuples here); too many micro-batches for an epoch, or a
+    value below 1, is refused in one line."""
+    val = tuples(task.val, 256)
+    settings = {"max_steps": 6, "eval_every": 100, "learning_rate": 1e-2}
+    assert_same_training(trained(tiny_model(), tuples(task.train, 8), val, grad_accum_steps=4, **settings),
+                         trained(tiny_model(), tuples(task.train, 32), val, **settings))  # fmt: skip
+    with pytest.raises(
+        ConfigError, match=r"^grad_accum_steps 33 is more than the 32 batch\(es\) the training "
+    ):
+        LoRATrainer(tiny_model(), tuples(task.train, 8), val, grad_accum_steps=33)
+    with pytest.raises(ConfigError, match=r"^grad_accum_steps must be >= 1, got 0$"):
+        LoRATrainer(tiny_model(), tuples(task.train, 8), val, grad_accum_steps=0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Early stopping
+
+
+def stopping_trainer(task, **settings) -> LoRATrainer:
+    """Trained on ROT13 and validated on Atbash: the validation loss falls while the model learns to answer
+    with letters, then rises as it learns ROT13's letters (here after step 8)."""
+    val = BatchLoader(load_task(TrainConfig(num_examples=256), "atbash").val, 128, shuffle=False)
+    return LoRATrainer(tiny_model(), BatchLoader(task.train, 16, seed=0), val, device="cpu", quiet=True,
+                       learning_rate=0.1, lr_schedule="constant", warmup_steps=0, epochs=3, eval_every=2,
+                       eval_batches=0, early_stopping_patience=2, **settings)  # fmt: skip
+
+
+def test_early_stopping_stops_after_patience_evaluations_without_improvement_and_keeps_the_best(
+    task, tmp_path
+):
+    from lora.trainer import evaluate_model
+
+    trainer = stopping_trainer(task, run_dir=tmp_path, save_every=1, keep_checkpoints=20)
+    history = trainer.train()
+    early, val = trainer.early_stopping, trainer.val_loader
+    losses = {s: v for s, v in zip(history["step"], history["val_loss"], strict=True) if v is not None}
+    assert trainer.stopped_early_at == trainer.step == history["step"][-1] < trainer.total_steps == 48
+    best = min(losses, key=losses.get)
+    assert (early.best_step, early.best_loss) == (best, losses[best])
+    assert [s for s in losses if s > best] == [best + 2, best + 4]  # two evaluations without improvement
+    assert trainer.summary() == {"grad_accum_steps": 1, "effective_batch_size": 16, "best_step": best,
+                                 "best_val_loss": losses[best], "stopped_early": True,
+                                 "stopped_at_step": best + 4}  # fmt: skip
+    with early.best_loaded(trainer.trainable_weights()):  # the kept weights give the best loss again
+        assert evaluate_model(trainer.model, val, "exact_match")["val_loss"] == pytest.approx(
+            losses[best], rel=1e-6
+        )
+    assert evaluate_model(trainer.model, val, "exact_match")["val_loss"] == pytest.approx(
+        losses[best + 4], rel=1e-6
+    )
+
+    # resumed between the best step and the stop (its checkpoint keeps the best weights): the same end
+    for at in (best + 3, best + 4):
+        resumed = stopping_trainer(task)
+        resumed.resume_from(tmp_path / f"checkpoint-{at:07d}.safetensors")
+        again = resumed.train()
+        assert all(
+            again[k] == history[k] for k in ("step", "epoch", "train_loss", "val_loss", "metric", "lr")
+        )
+        assert resumed.stopped_early_at == best + 4 and resumed.early_stopping.best_step == best
+        for name, weight in early.weights.items():
+            assert torch.equal(resumed.early_stopping.weights[name], weight), name
+
+
+def test_early_stopping_that_could_never_stop_is_refused(task):
+    loader = BatchLoader(task.train, 64)  # 4 steps an epoch
+    with pytest.raises(ConfigError, match=r"^early_stopping_patience 2 has no effect: 8 steps with eval_every 4 "
+                                          r"evaluate 2 time\(s\)"):  # fmt: skip
+        LoRATrainer(tiny_model(), loader, loader, epochs=2, eval_every=4, early_stopping_patience=2)
+    with pytest.raises(ConfigError, match=r"^early_stopping_patience has no effect: --max_steps 12 with "
+                                          r"--eval_every 50 evaluates 1 time"):  # fmt: skip
+        TrainConfig(max_steps=12, early_stopping_patience=1).validate(given={"early_stopping_patience"})
+    with pytest.raises(ConfigError, match=r"^early_stopping_patience must be >= 0 \(0: off\), got -1$"):
+        TrainConfig(early_stopping_patience=-1).validate()
+
+
+def test_a_run_with_early_stopping_keeps_the_best_adapter_beside_the_last(base, tmp_path):
+    """Trained on one text and validated on another, at a learning rate that makes the validation loss
+    rise after step 4: patience 1 stops after step 5; best/ holds step 4's adapter, which gives the
+    recorded validation loss again; metrics.json says so."""
+    import json
+
+    from conftest import ON_BASE_FLAGS, task_flags
+
+    from lora.train_lora import main
+    from lora.trainer import evaluate_model
+
+    train, val = tmp_path / "train.txt", tmp_path / "val.txt"
+    train.write_text("the cat sat on the mat. " * 300)
+    val.write_text("Quick zephyrs blow, vexing daft Jim! 0123456789 " * 40)
+    flags = task_flags(
+        [*ON_BASE_FLAGS, "--output_dir", str(tmp_path / "runs"), "--base_checkpoint", str(base)], "text"
+    )
+    assert main([*flags, "--train_file", str(train), "--val_file", str(val), "--learning_rate", "0.1",
+                 "--lr_schedule", "constant", "--warmup_steps", "0", "--eval_every", "1",
+                 "--early_stopping_patience", "1", "--run_name", "early"]) == 0  # fmt: skip
+    folder = tmp_path / "runs" / "early"
+    metrics = json.loads((folder / "metrics.json").read_text())
+    history = json.loads((folder / "history.json").read_text())
+    assert history["step"] == [1, 2, 3, 4, 5] and history["val_loss"][4] > history["val_loss"][3]
+    assert min(history["val_loss"]) == history["val_loss"][3]
+    assert {k: metrics[k] for k in ("best_step", "best_val_loss", "stopped_early", "stopped_at_step", "steps")} == {
+        "best_step": 4, "best_val_loss": history["val_loss"][3], "stopped_early": True, "stopped_at_step": 5,
+        "steps": 5}  # fmt: skip
+    assert sorted(p.name for p in (folder / "best").iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    config = json.loads((folder / "best" / "adapter_config.json").read_text())
+    assert (config["best_step"], config["best_val_loss"]) == (4, history["val_loss"][3])
+    cfg = TrainConfig(task="text", train_file=str(train), val_file=str(val), seq_len=16)
+    loader = BatchLoader(load_task(cfg).val, 32, shuffle=False)
+    model = LoRATransformer.from_pretrained(base)
+    for adapter, step in ((folder / "best", 4), (folder, 5)):  # the best, and the last
+        model.load_adapter(adapter)
+        got = evaluate_model(model, loader, "bits_per_byte", max_batches=2)["val_loss"]
+        assert got == pytest.approx(history["val_loss"][step - 1], rel=1e-6), adapter
+
+
+def test_the_default_base_is_pretrained_without_the_fine_tune_s_accumulation_or_early_stopping(monkeypatch):
+    """A base pretrained here is shared by every fine-tune of its architecture: those settings are not its."""
+    import lora.base_model
+    import lora.trainer
+
+    seen = []
+
+    def record(model, train, val, config, **settings):
+        trainer_settings = {k: v for k, v in settings.items() if k in lora.trainer.TRAINER_SETTINGS}
+        seen.append(lora.trainer._trainer_config(config, trainer_settings))
+        raise KeyboardInterrupt  # no training needed
+
+    monkeypatch.setattr(lora.base_model, "Trainer", record)
+    cfg = TrainConfig(grad_accum_steps=4, early_stopping_patience=3, num_examples=64, batch_size=8, d_model=32,
+                      num_heads=2, num_layers=1, max_seq_len=32)  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        lora.base_model.pretrain_base(cfg, torch.device("cpu"), lambda message: None)
+    assert (seen[0].grad_accum_steps, seen[0].early_stopping_patience, seen[0].batch_size) == (1, 0, 8)
