@@ -28,6 +28,7 @@ from torch import nn
 
 from lora.decoder import Decoder, rotary_frequencies
 from lora.lora_layer import LORA_LEAVES, LoRALinear, deferred_base_init
+from lora.quantize import release_freed_memory
 
 __all__ = ["build_on_meta", "construction_draws", "fill"]
 
@@ -73,6 +74,7 @@ def construction_draws(model: Decoder, fresh_head: bool) -> dict[str, torch.Tens
             weight = torch.empty(m.weight.shape).normal_(0.0, 0.02)
             if fresh_head and name == "cls_head":
                 made["cls_head.weight"], made["cls_head.bias"] = weight, torch.zeros(m.out_features)
+    release_freed_memory()  # the scratch tensors' pages back to the system before the file's are read
     return made
 
 
