@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_LLAMA, assert_close_scaled, make_gpt2_folder, make_llama_folder
+from conftest import TINY_LLAMA, assert_close_scaled, make_llama_folder
 from safetensors.torch import load_file
 
 from lora.application import build_model
@@ -22,12 +22,12 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
+def folders(tmp_path_factory, gpt2_folder):
     """A tiny Llama folder in float32, the same weights in bfloat16 and in float16, and a tied GPT-2 one."""
     import transformers
 
     root = tmp_path_factory.mktemp("half")
-    out = {"fp32": make_llama_folder(root / "fp32"), "gpt2": make_gpt2_folder(root / "gpt2")}
+    out = {"fp32": make_llama_folder(root / "fp32"), "gpt2": gpt2_folder}
     theirs = transformers.AutoModelForCausalLM.from_pretrained(out["fp32"])
     for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
         theirs.to(dtype).save_pretrained(root / name)
@@ -130,16 +130,19 @@ def test_a_bf16_folder_gives_transformers_logits(folders):
             assert_close_scaled(logits, theirs(IDX).logits.float(), tol)
 
 
-def mapped(tensor: torch.Tensor, path: Path) -> bool:
-    """Whether ``tensor``'s memory lies in a mapping of the file ``path`` (Linux's ``/proc/self/maps``)."""
-    ptr = tensor.untyped_storage().data_ptr()
+def mappings(path: Path) -> list[tuple[int, int]]:
+    """The address ranges where the file ``path`` is mapped into this process (Linux's ``/proc/self/maps``)."""
+    ranges = []
     for line in Path("/proc/self/maps").read_text().splitlines():
         parts = line.split(maxsplit=5)
         if len(parts) == 6 and parts[5] == str(path.resolve()):
-            lo, hi = (int(x, 16) for x in parts[0].split("-"))
-            if lo <= ptr < hi:
-                return True
-    return False
+            ranges.append(tuple(int(x, 16) for x in parts[0].split("-")))
+    return ranges
+
+
+def mapped(tensor: torch.Tensor, ranges: list[tuple[int, int]]) -> bool:
+    """Whether ``tensor``'s memory lies in one of ``ranges``."""
+    return any(lo <= tensor.untyped_storage().data_ptr() < hi for lo, hi in ranges)
 
 
 @pytest.mark.parametrize("kind", ["bf16", "fp32"])
@@ -149,11 +152,13 @@ def test_loading_maps_the_file_instead_of_copying_it(folders, kind):
     adapter are the only tensors allocated. Widening (``base_dtype=torch.float32``) copies."""
     path = folders[kind] / "model.safetensors"
     model = LoRATransformer.from_pretrained(folders[kind], lora_r=4)
+    ranges = mappings(path)
     for name, p in model.named_parameters():
         file_dtype = kind == "fp32" or p.dtype == torch.bfloat16
-        assert mapped(p, path) == (file_dtype and "lora_" not in name), name
+        assert mapped(p, ranges) == (file_dtype and "lora_" not in name), name
+    del model
     wide = LoRATransformer.from_pretrained(folders[kind], torch.float32, lora_r=4)
-    assert any(mapped(p, path) for p in wide.parameters()) == (kind == "fp32")
+    assert any(mapped(p, mappings(path)) for p in wide.parameters()) == (kind == "fp32")
 
 
 def test_training_leaves_a_half_base_and_its_file_bit_for_bit_unchanged(folders, tmp_path):
