@@ -235,7 +235,9 @@ def _safetensors_file(path: str | Path) -> Path:
 
 
 def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors from a safetensors file (on CPU). Never unpickles; a bad file raises a one-line ``ValueError``."""
+    """Tensors from a safetensors file (on CPU), memory-mapped: nothing is read until used, and the pages
+    read are the file's (shared with the page cache, not copied; writes to a tensor are the process's own
+    and never reach the file). Never unpickles; a bad file raises a one-line ``ValueError``."""
     path = _safetensors_file(path)
     try:
         return load_file(str(path), device="cpu")

@@ -129,10 +129,11 @@ def resolve_base(path: str | Path) -> BaseSource:
 
 
 def read_base_tensors(source: BaseSource, with_head: bool = False) -> dict[str, torch.Tensor]:
-    """The base tensors of ``source.header``, on the CPU, under this model's names, and with ``with_head`` the
-    saved classification head (of ``architecture.num_classes``). A GPT-2 file's saved LM head must equal its token
-    embedding (the tied head is the only one this layout has); a tensor holding nan or inf is refused, naming
-    it (else the first step "diverges", and the learning rate is blamed)."""
+    """The base tensors of ``source.header``, on the CPU, in the file's dtypes, under this model's names, and with
+    ``with_head`` the saved classification head (of ``architecture.num_classes``); memory-mapped from the file,
+    not copied (but a GPT-2 file's transposed and a Phi-3 file's split ones). A GPT-2 file's saved LM head must
+    equal its token embedding (the tied head is the only one this layout has); a tensor holding nan or inf is
+    refused, naming it (else the first step "diverges", and the learning rate is blamed)."""
     keep = {k for k in source.header if with_head or not k.startswith(HEAD_PREFIX)}
     if source.importer != "lora":
         family = IMPORTERS[source.importer]
