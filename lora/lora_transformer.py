@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -35,12 +34,11 @@ from lora.base_storage import (
     check_narrowable,
     dense_weights,
     freeze_half,
-    half_dtype,
     kept_as,
     narrow_base_,
 )
 from lora.decoder import Decoder
-from lora.files import describe_mismatch
+from lora.files import describe_mismatch, tensors_fingerprint
 from lora.formats import AdapterFolder, write_model_folder
 from lora.hf_export import export_hf
 from lora.lora_layer import (
@@ -57,9 +55,9 @@ from lora.lora_layer import (
     merge_lora,
     unmerge_lora,
 )
-from lora.model_config import LoRAConfig, ModelConfig, target_of
-from lora.pretrained import BaseSource, read_base_tensors, resolve_base
-from lora.skeleton import build_on_meta, construction_draws, fill
+from lora.model_config import LoRAConfig, ModelConfig
+from lora.pretrained import BaseSource, load_base_into, resolve_base
+from lora.skeleton import build_on_meta, fill
 
 __all__ = ["LoRATransformer"]
 
@@ -236,23 +234,7 @@ class LoRATransformer(Decoder):
         """Counts of total / trainable / LoRA / frozen parameters (tied weights counted once);
         ``lora_params_by_projection`` counts the LoRA tensors on each of the family's targets
         (``q, k, v, o, fc1, fc2`` or ``q, k, v, o, gate, up, down``), 0 where none is adapted."""
-        params = dict(self.named_parameters())  # named_parameters skips the tied duplicate
-        total = sum(p.numel() for p in params.values())
-        trainable = sum(p.numel() for p in params.values() if p.requires_grad)
-        per_proj = dict.fromkeys(self.config.targets(), 0)
-        for name, layer in self.lora_layers():
-            magnitude = 0 if layer.lora_magnitude is None else layer.lora_magnitude.numel()
-            per_proj[target_of(name)] += layer.lora_A.numel() + layer.lora_B.numel() + magnitude
-        lora = sum(per_proj.values())
-        return {
-            "total_params": total,
-            "trainable_params": trainable,
-            "lora_params": lora,
-            "frozen_params": total - trainable,
-            "trainable_percent": 100.0 * trainable / total,
-            "reduction_factor": total / trainable if trainable else float("inf"),
-            "lora_params_by_projection": per_proj,
-        }
+        return self.adapters.parameter_stats()
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
         """The LoRA tensors, plus the classification head if there is one (it has no pretrained weights)."""
@@ -331,12 +313,7 @@ class LoRATransformer(Decoder):
         """
         if self._quantization is not None:
             return self._quantization[1]
-        h = hashlib.sha256()
-        for key, value in sorted(self.base_state_dict().items()):
-            t = value.detach().to("cpu", torch.float32).contiguous()
-            h.update(f"{key}|{tuple(t.shape)}|{t.dtype}\n".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-        return h.hexdigest()[:16]
+        return tensors_fingerprint(self.base_state_dict())
 
     def head_state(self) -> dict[str, torch.Tensor]:
         if self.cls_head is None:
@@ -448,14 +425,7 @@ class LoRATransformer(Decoder):
             model = build_on_meta(lambda: cls(**options))
         except ValueError as e:
             raise ValueError(f"{source.config_path}: cannot build the model ({e})") from None
-        # a saved head is loaded when the model's has its number of classes; another number gets a fresh one
-        with_head = model.cls_head is not None and model.config.num_classes == source.architecture.num_classes
-        fresh = construction_draws(model, fresh_head=model.cls_head is not None and not with_head)
-        tensors = read_base_tensors(source, with_head)
-        model._half = half_dtype(tensors) if base_dtype is None else None
-        fill(model, {**kept_as(model, tensors, model._half), **fresh})
-        if model._half is not None:
-            freeze_half(model)
+        model._half = load_base_into(model, source, widen=base_dtype is not None)
         model.init_adapter_from_base()  # PiSSA/OLoRA factors and DoRA magnitudes of these weights
         model.base_source = source
         return model
