@@ -111,6 +111,10 @@ def generation_lines(rows: dict, summary: dict) -> list[str]:
     ratio, rounds = summary.get("generate_tokens_vs_hf"), summary.get("generate_tokens_vs_hf_rounds", [])
     spread = f" (rounds {min(rounds):.3f}-{max(rounds):.3f})" if len(rounds) > 1 else ""
     shown = "-" if ratio is None else f"{ratio:.3f}{spread}"
+    side = summary.get("generate_tokens_vs_hf_paired")
+    if side is not None:  # (--paired: within passes of the two side by side in one process)
+        low, high = summary["generate_tokens_vs_hf_paired_range"]
+        shown += f", side by side {side:.3f} (passes {low:.3f}-{high:.3f})"
     return ["", f"Greedy generation with the key/value cache, {len(ours.get('generated', []))} new tokens of "
             "one sequence: ours (`model.generate`) "
             f"{ours['tokens_per_s']:,.1f} tokens/s, transformers' `generate(do_sample=False)` "

@@ -57,5 +57,9 @@ def test_a_llama_size_s_heading_and_generation_line():
             "128.0 tokens/s, transformers' `generate(do_sample=False)` 106.7 tokens/s; ours over transformers' "
             "(within rounds): 1.350 (rounds 1.200-1.500); the same tokens: yes.") in md  # fmt: skip
     assert "here they are a guide" not in md  # (the CPU targets are set for this size)
+    paired = {"generate": {"ms_passes": [500.0, 300.0]}, "hf_generate": {"ms_passes": [550.0, 600.0]}}
+    result["summary"]["smollm2"] = summarise(result["results"]["smollm2"], paired)  # (--paired: 1.1 and 2.0)
+    assert ("(within rounds): 1.350 (rounds 1.200-1.500), side by side 1.550 (passes 1.100-2.000); the same "
+            "tokens: yes.") in markdown(result)  # fmt: skip
     assert summarise(_llama_result(same=False)["results"]["smollm2"])["generate_same_tokens"] is False
     assert "the same tokens: no." in markdown(_llama_result(same=False))
