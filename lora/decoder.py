@@ -107,17 +107,21 @@ def rotary_frequencies(head_dim: int, theta: float, scaling: Mapping[str, Any] |
 
 def rotary_cos_sin(positions: torch.Tensor, freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary position embedding (RoFormer): for positions ``(T,)`` and frequencies ``(hs / 2,)``
-    (:func:`rotary_frequencies`) the ``cos`` and ``sin`` ``(T, hs)`` of the angles ``p f_i``, each half of the
-    head repeated (the layout Llama's weights use), in float32."""
+    (:func:`rotary_frequencies`) the ``cos`` ``(T, hs)`` of the angles ``p f_i``, each half of the head
+    repeated (the layout Llama's weights use), and the signed ``sin`` ``(T, hs)``: ``[-sin, sin]`` (the sign
+    :func:`rotate` needs), in float32. Computed once per forward, for every block."""
     angles = positions.float()[:, None] * freq.to(positions.device)[None, :]  # (T, hs / 2)
-    angles = torch.cat([angles, angles], dim=-1)  # (T, hs)
-    return angles.cos(), angles.sin()
+    sin = angles.sin()
+    return torch.cat([angles, angles], dim=-1).cos(), torch.cat([-sin, sin], dim=-1)
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``x`` (B, nh, T, hs) rotated: ``x cos + rotate_half(x) sin``, ``rotate_half([a, b]) = [-b, a]``."""
-    a, b = x.chunk(2, dim=-1)
-    return (x * cos + torch.cat([-b, a], dim=-1) * sin).to(x.dtype)
+def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """``x`` (B, nh, T, hs) rotated: ``x cos + rotate_half(x) sin``, ``rotate_half([a, b]) = [-b, a]``.
+
+    ``rotate_half(x) sin = [b, a] [-sin, sin]`` (:func:`rotary_cos_sin`'s signed sine), and ``[b, a]`` is
+    ``x`` rolled by half a head: one copy, where negating ``b`` and concatenating take two (and the same
+    products: ``-b s`` and ``b (-s)`` are the same float)."""
+    return (x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin).to(x.dtype)
 
 
 class KVCache:
@@ -155,9 +159,6 @@ class CausalSelfAttention(nn.Module):
         self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
         self.head_dim, self.qk_norm = config.head_dim, config.qk_norm
         self.rotary = config.positions == "rotary"
-        # a plain attribute, not a buffer: no state-dict key, and model.to(bfloat16) does not round it; moved
-        # to the input's device when used
-        self.rope_freq = rotary_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
         self.dropout = config.dropout
         for name in PROJECTIONS.values():
             setattr(self, name, _linear(config, f"attn.{name}", lora, lora.adapts(f"attn.{name}")))
@@ -170,12 +171,20 @@ class CausalSelfAttention(nn.Module):
         self._frozen_qkv = FrozenConcat(adopt=True)
 
     def forward(
-        self, x: torch.Tensor, cache: KVCache | None = None, index: int = 0, start: int = 0
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        index: int = 0,
+        start: int = 0,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """``(B, T, C) -> (B, T, C)``; with ``num_kv_heads < num_heads`` each key/value head serves
-        ``num_heads / num_kv_heads`` query heads (grouped-query attention). With a ``cache`` (generation) the
-        ``T`` tokens sit at positions ``start ...`` and attend to the cached ones too (block ``index``'s keys
-        and values, extended by theirs): a whole prompt from ``start = 0``, then one token at a time."""
+        ``num_heads / num_kv_heads`` query heads (grouped-query attention, SDPA's ``enable_gqa``: the keys
+        and values are not copied per group). With a ``cache`` (generation) the ``T`` tokens sit at positions
+        ``start ...`` and attend to the cached ones too (block ``index``'s keys and values, extended by
+        theirs): a whole prompt from ``start = 0``, then one token at a time. ``rope``: rotary positions'
+        ``cos`` and signed ``sin`` ``(T, hs)`` of those positions (:func:`rotary_cos_sin`, made once for all
+        the blocks by :meth:`Decoder.hidden_states`)."""
         B, T = x.shape[:2]
         nh, nkv, hs = self.num_heads, self.num_kv_heads, self.head_dim  # (nh hs = C unless head_dim is set)
         layers = (self.q_proj, self.k_proj, self.v_proj)
@@ -191,18 +200,21 @@ class CausalSelfAttention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rotary:
-            positions = torch.arange(start, start + T, device=x.device)
-            cos, sin = rotary_cos_sin(positions, self.rope_freq)  # (T, hs)
+            if rope is None:
+                raise ValueError("rotary positions need rope: the cos and sin of the tokens' positions")
+            cos, sin = rope  # (T, hs)
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         if cache is not None:  # (B, nkv, start + T, hs): the keys and values so far
             k, v = cache.extend(index, k, v)
         if start and T != 1:
             raise ValueError("a cached step takes one token at a time")
-        if nkv != self.num_heads:  # each key/value head repeated for its group of query heads
-            k = k.repeat_interleave(self.num_heads // nkv, dim=1)  # (B, nh, T, hs)
-            v = v.repeat_interleave(self.num_heads // nkv, dim=1)  # (B, nh, T, hs)
         y = F.scaled_dot_product_attention(  # one new token attends to every cached one: no mask
-            q, k, v, is_causal=start == 0, dropout_p=self.dropout if self.training else 0.0
+            q,
+            k,
+            v,
+            is_causal=start == 0,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=nkv != nh,  # query head h reads key/value head h // (nh / nkv)
         )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, nh * hs)  # (B, T, nh hs)
         return self.resid_drop(self.o_proj(y))
@@ -247,10 +259,16 @@ class Block(nn.Module):
         self.mlp = MLP(config, lora)
 
     def forward(
-        self, x: torch.Tensor, cache: KVCache | None = None, index: int = 0, start: int = 0
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        index: int = 0,
+        start: int = 0,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """``(B, T, C) -> (B, T, C)`` (``cache``, ``index``, ``start``: :meth:`CausalSelfAttention.forward`)."""
-        x = x + self.attn(self.ln_1(x), cache, index, start)
+        """``(B, T, C) -> (B, T, C)`` (``cache``, ``index``, ``start``, ``rope``:
+        :meth:`CausalSelfAttention.forward`)."""
+        x = x + self.attn(self.ln_1(x), cache, index, start, rope)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -276,6 +294,10 @@ class Decoder(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.d_model)
         learned = config.positions == "learned"  # (rotary positions are the attention's)
         self.wpe = nn.Embedding(config.max_seq_len, config.d_model) if learned else None
+        # rotary frequencies (hs / 2,): a plain attribute, not a buffer: no state-dict key, and
+        # model.to(bfloat16) does not round it; moved to the input's device when used
+        self.rope_freq = (None if learned else
+                          rotary_frequencies(config.head_dim, config.rope_theta, config.rope_scaling))  # fmt: skip
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, lora) for _ in range(config.num_layers))
         self.ln_f = _norm(config)
@@ -337,14 +359,17 @@ class Decoder(nn.Module):
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(start, start + T, device=idx.device)).to(dtype)
         x = self.drop(x)
+        rope = None  # rotary positions' cos and sin (T, hs), once for every block
+        if self.rope_freq is not None:
+            rope = rotary_cos_sin(torch.arange(start, start + T, device=idx.device), self.rope_freq)
         for i, block in enumerate(self.blocks):
             if cache is not None:
-                x = block(x, cache, i, start)
+                x = block(x, cache, i, start, rope)
             elif self.gradient_checkpointing and torch.is_grad_enabled():
                 # non-reentrant: LoRA grads flow even though x (frozen embeddings) needs no grad
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, None, 0, 0, rope, use_reentrant=False)
             else:
-                x = block(x)
+                x = block(x, rope=rope)
         return self.ln_f(x)
 
     def forward(
