@@ -20,16 +20,16 @@ Gemma           --                                              RMSNorm by ``1 +
 
 Every block projection is a :class:`~lora.lora_layer.LoRALinear` whose shape comes from
 :meth:`ModelConfig.projection_shapes`; the ones not adapted have ``r = 0`` and are plain linear layers.
-:class:`Decoder` is the module: ``forward``, ``logits``, ``lm_loss``, ``generate``. The model that owns
-adapters, stores its base narrower and reads and writes folders is
-:class:`~lora.lora_transformer.LoRATransformer`, built on it.
+:class:`Decoder` is the module: ``forward``, ``logits``, ``lm_loss``, ``generate`` (and ``stream``: its tokens
+one step at a time; ``adapter_names``: a row each its own adapter). The model that owns adapters, stores its base
+narrower and reads and writes folders is :class:`~lora.lora_transformer.LoRATransformer`, built on it.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from functools import partial
 from typing import Any
 
@@ -435,7 +435,9 @@ class Decoder(nn.Module):
             raise ValueError(f"adapter_names must name one adapter per row: {idx.shape[0]} rows, "
                              f"{len(adapter_names)} names")  # fmt: skip
         rows = nullcontext() if adapter_names is None else self.per_row_adapters(adapter_names)
-        return self._steps(idx, max_new_tokens, temperature, top_k, generator, eos, rows)
+        return self._steps(
+            idx, max_new_tokens, temperature, top_k, generator, eos, [self.generation_context(), rows]
+        )
 
     def generation_context(self) -> AbstractContextManager:
         """What :meth:`generate` runs under, once for all its steps: nothing here (a model that stores its
@@ -458,34 +460,49 @@ class Decoder(nn.Module):
         top_k: int | None,
         generator: torch.Generator | None,
         eos_ids: Sequence[int],
-        rows: AbstractContextManager,
+        contexts: Sequence[AbstractContextManager] = (),
     ) -> Iterator[torch.Tensor]:
-        with self.generation_context(), rows:
+        """The steps of :meth:`stream`, within ``contexts`` (entered at the first step, left at the last)."""
+        with ExitStack() as stack:
+            for context in contexts:
+                stack.enter_context(context)
+            eos = torch.tensor(eos_ids, dtype=torch.long, device=idx.device) if eos_ids else None
+            # (B,) whether a row is past its EOS
+            finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+            cache = KVCache(len(self.blocks))
             with torch.no_grad():
-                eos = torch.tensor(eos_ids, dtype=torch.long, device=idx.device) if eos_ids else None
-                finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)  # (B,) past its EOS
-                cache = KVCache(len(self.blocks))
                 h = self.hidden_states(idx[:, -self.max_seq_len :], cache)  # the prompt, once
             for step in range(max_new_tokens):
                 with torch.no_grad():
                     nxt = self._next_token(h, temperature, top_k, generator)  # (B, 1)
-                    if (
-                        eos is not None
-                    ):  # a finished row continues with EOS; one that produces an EOS is finished
-                        nxt = torch.where(finished[:, None], eos[0], nxt)  # (B, 1)
-                        finished |= torch.isin(nxt[:, 0], eos)
-                    idx = torch.cat([idx, nxt], dim=1)
+                # a finished row continues with EOS; a row that produces an EOS is finished
+                if eos is not None:
+                    nxt = torch.where(finished[:, None], eos[0], nxt)  # (B, 1)
+                    finished |= torch.isin(nxt[:, 0], eos)
+                idx = torch.cat([idx, nxt], dim=1)
                 yield nxt[:, 0]
                 if step == max_new_tokens - 1 or (eos is not None and bool(finished.all())):
                     break
                 with torch.no_grad():
-                    if (
-                        cache is not None and cache.length < self.max_seq_len
-                    ):  # a position left: one token's work
+                    if cache is not None and cache.length < self.max_seq_len:  # a position left: one token
                         h = self.hidden_states(nxt, cache)
                     else:  # the window is full: it slides, and the last max_seq_len tokens are read afresh
                         cache = None
                         h = self.hidden_states(idx[:, -self.max_seq_len :])
+
+    def _sample(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float,
+        top_k: int | None,
+        generator: torch.Generator | None,
+        eos_ids: Sequence[int] = (),
+    ) -> torch.Tensor:
+        """:meth:`generate`'s result without :meth:`generation_context` (each forward as the model is): for
+        comparisons."""
+        steps = list(self._steps(idx, max_new_tokens, temperature, top_k, generator, eos_ids))
+        return torch.cat([idx, *(t[:, None] for t in steps)], dim=1)
 
     def _next_token(
         self, h: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None

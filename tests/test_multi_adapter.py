@@ -1,6 +1,8 @@
 """Several adapters in one batch (lora/multi_adapter.py): each row equals its adapter run alone."""
 
 import dataclasses
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from lora.decoder import Decoder
 from lora.lora_transformer import LoRATransformer
 from lora.model_config import LoRAConfig, ModelConfig
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY = {"vocab_size": 50, "d_model": 32, "num_heads": 4, "num_layers": 2, "max_seq_len": 32, "dropout": 0.0}
 NAMES = ["a", "b", "base", "c"]  # 4 rows over 3 adapters and the base; "c" adapts q only
 
@@ -77,7 +80,7 @@ def test_a_batch_over_4_adapters_equals_the_4_single_runs(family, request, one_t
         assert torch.equal(out[i : i + 1], alone), f"row {i} ({name})"
 
 
-def test_the_state_is_restored_after_the_block_and_after_an_error():
+def test_the_state_is_restored_after_the_block_and_after_an_error(one_thread):
     model = gpt2_model()
     idx = torch.randint(0, 50, (2, 5))
     with torch.no_grad():
@@ -132,3 +135,58 @@ def test_stream_yields_generate_s_tokens_one_at_a_time():
     )  # between steps: per-row mode, gradients as they were
     it.close()
     assert model.fused_qkv and all(layer._per_row is None for _, layer in model.lora_layers())
+
+
+def script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_generate_batched_answers_as_one_adapter_at_a_time(tmp_path, one_thread):
+    """generate.py --batched: the base and two adapters in one mixed batch, each answer as it is alone."""
+    byte = {**TINY, "vocab_size": 260}
+    torch.manual_seed(0)
+    LoRATransformer(**byte, lora_r=0).save_pretrained(tmp_path / "base")
+    for name, opts in (("a", {}), ("b", {"lora_r": 4, "lora_targets": "q,k,v,o", "adapt_feedforward": True})):
+        model = LoRATransformer.from_pretrained(tmp_path / "base", **opts)
+        with torch.no_grad():
+            for _, layer in model.lora_layers():
+                layer.lora_B.normal_(std=0.3)
+        model.save_adapter(tmp_path / name)
+    gen = script("generate")
+    argv = ["--base", str(tmp_path / "base"), "--adapter", str(tmp_path / "a"), "--adapter", str(tmp_path / "b"),
+            "--prompt", "héllo", "--max_new_tokens", "10", "--temperature", "0"]  # fmt: skip
+    one_at_a_time = gen.run(gen.parse_args(argv))
+    assert gen.run(gen.parse_args([*argv, "--batched"])) == one_at_a_time
+    assert [label for label, _ in one_at_a_time] == [
+        "base",
+        f"adapter {tmp_path / 'a'}",
+        f"adapter {tmp_path / 'b'}",
+    ]
+    assert len({text for _, text in one_at_a_time}) == 3  # the adapters change the answer
+
+
+def test_the_benchmark_runs_and_its_tokens_agree(capsys):
+    bench = script("bench_multi_adapter")
+    argv = [
+        "--d_model",
+        "32",
+        "--num_layers",
+        "1",
+        "--prompt_len",
+        "4",
+        "--new_tokens",
+        "4",
+        "--repeats",
+        "1",
+    ]
+    assert bench.main([*argv, "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "mixed batch:" in out and "separate runs:" in out and "greedy tokens equal: True" in out
+    for name in ("bench_multi_adapter", "chat"):
+        with pytest.raises(SystemExit) as e:
+            script(name).main(["--no-such-option"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and err.endswith("(see --help)\n"), err
