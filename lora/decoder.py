@@ -20,16 +20,16 @@ Gemma           --                                              RMSNorm by ``1 +
 
 Every block projection is a :class:`~lora.lora_layer.LoRALinear` whose shape comes from
 :meth:`ModelConfig.projection_shapes`; the ones not adapted have ``r = 0`` and are plain linear layers.
-:class:`Decoder` is the module: ``forward``, ``logits``, ``lm_loss``, ``generate``. The model that owns
-adapters, stores its base narrower and reads and writes folders is
-:class:`~lora.lora_transformer.LoRATransformer`, built on it.
+:class:`Decoder` is the module: ``forward``, ``logits``, ``lm_loss``, ``generate`` (and ``stream``: its tokens
+one step at a time; ``adapter_names``: a row each its own adapter). The model that owns adapters, stores its base
+narrower and reads and writes folders is :class:`~lora.lora_transformer.LoRATransformer`, built on it.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from functools import partial
 from typing import Any
 
@@ -408,7 +408,6 @@ class Decoder(nn.Module):
             raise RuntimeError("lm_loss() needs a language model; this one has a classification head")
         return chunked_lm_loss(self.hidden_states(idx), self.lm_head.weight, targets, chunk_tokens)
 
-    @torch.no_grad()
     def generate(
         self,
         idx: torch.Tensor,
@@ -417,6 +416,7 @@ class Decoder(nn.Module):
         top_k: int | None = None,
         generator: torch.Generator | None = None,
         eos_token_id: int | Sequence[int] | None = None,
+        adapter_names: Sequence[str | None] | None = None,
     ) -> torch.Tensor:
         """Append up to ``max_new_tokens`` sampled tokens to ``idx`` (B, T) -> (B, T + n), n <= max_new_tokens.
 
@@ -427,20 +427,93 @@ class Decoder(nn.Module):
         values are computed once and kept (:class:`KVCache`), so each new token costs one token's work;
         once the sequence fills ``max_seq_len`` positions, each step reads the last ``max_seq_len`` tokens
         afresh (the window slides). The whole call runs under :meth:`generation_context`.
+        ``adapter_names`` (one per row, ``None`` or ``"base"``: no adapter) gives each row its own adapter
+        (:meth:`per_row_adapters`). The tokens are :meth:`stream`'s, collected.
         """
+        steps = list(
+            self.stream(idx, max_new_tokens, temperature, top_k, generator, eos_token_id, adapter_names)
+        )
+        return torch.cat([idx, *(t[:, None] for t in steps)], dim=1)
+
+    def stream(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        adapter_names: Sequence[str | None] | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """:meth:`generate`'s tokens one step at a time, as they are made: each item is the next token of every
+        row, ``(B,)`` (a finished row's is the first EOS id). The arguments are checked at once; the model stays
+        in :meth:`generation_context` (and with ``adapter_names`` in its per-row adapters) until the iterator
+        ends or is closed (``close()``, or dropped), which restores it. Gradients are off for each step only,
+        not for the caller's code between steps."""
         if self.cls_head is not None:
             raise RuntimeError("generate() needs a language model; this one has a classification head")
         eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
         vocab = self.config.vocab_size
         if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab for i in eos):
             raise ValueError(f"eos_token_id must be token ids in [0, {vocab}), got {eos_token_id!r}")
-        with self.generation_context():
-            return self._sample(idx, max_new_tokens, temperature, top_k, generator, eos)
+        if adapter_names is not None and len(adapter_names) != idx.shape[0]:
+            raise ValueError(f"adapter_names must name one adapter per row: {idx.shape[0]} rows, "
+                             f"{len(adapter_names)} names")  # fmt: skip
+        rows = nullcontext() if adapter_names is None else self.per_row_adapters(adapter_names)
+        return self._steps(
+            idx, max_new_tokens, temperature, top_k, generator, eos, [self.generation_context(), rows]
+        )
 
     def generation_context(self) -> AbstractContextManager:
         """What :meth:`generate` runs under, once for all its steps: nothing here (a model that stores its
         base narrower makes it dense for the call)."""
         return nullcontext()
+
+    def per_row_adapters(self, names: Sequence[str | None]) -> AbstractContextManager:
+        """A block where row ``i`` of every batch is computed with adapter ``names[i]``: the model's adapter set's
+        (``self.adapters.per_row``, :mod:`lora.multi_adapter`); a decoder without one refuses."""
+        adapters = getattr(self, "adapters", None)
+        if adapters is None:
+            raise ValueError("adapter_names needs a model with an adapter set (LoRATransformer)")
+        return adapters.per_row(names)
+
+    def _steps(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float,
+        top_k: int | None,
+        generator: torch.Generator | None,
+        eos_ids: Sequence[int],
+        contexts: Sequence[AbstractContextManager] = (),
+    ) -> Iterator[torch.Tensor]:
+        """The steps of :meth:`stream`, within ``contexts`` (entered at the first step, left at the last)."""
+        with ExitStack() as stack:
+            for context in contexts:
+                stack.enter_context(context)
+            eos = torch.tensor(eos_ids, dtype=torch.long, device=idx.device) if eos_ids else None
+            # (B,) whether a row is past its EOS
+            finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+            cache = KVCache(len(self.blocks))
+            with torch.no_grad():
+                h = self.hidden_states(idx[:, -self.max_seq_len :], cache)  # the prompt, once
+            for step in range(max_new_tokens):
+                with torch.no_grad():
+                    nxt = self._next_token(h, temperature, top_k, generator)  # (B, 1)
+                # a finished row continues with EOS; a row that produces an EOS is finished
+                if eos is not None:
+                    nxt = torch.where(finished[:, None], eos[0], nxt)  # (B, 1)
+                    finished |= torch.isin(nxt[:, 0], eos)
+                idx = torch.cat([idx, nxt], dim=1)
+                yield nxt[:, 0]
+                if step == max_new_tokens - 1 or (eos is not None and bool(finished.all())):
+                    break
+                with torch.no_grad():
+                    if cache is not None and cache.length < self.max_seq_len:  # a position left: one token
+                        h = self.hidden_states(nxt, cache)
+                    else:  # the window is full: it slides, and the last max_seq_len tokens are read afresh
+                        cache = None
+                        h = self.hidden_states(idx[:, -self.max_seq_len :])
 
     def _sample(
         self,
@@ -451,33 +524,24 @@ class Decoder(nn.Module):
         generator: torch.Generator | None,
         eos_ids: Sequence[int] = (),
     ) -> torch.Tensor:
-        eos = torch.tensor(eos_ids, dtype=torch.long, device=idx.device) if eos_ids else None
-        finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)  # (B,) a row past its EOS
-        cache = KVCache(len(self.blocks))
-        h = self.hidden_states(idx[:, -self.max_seq_len :], cache)  # the prompt, once
-        for step in range(max_new_tokens):
-            logits = self.logits(h[:, -1, :]).float()  # (B, vocab)
-            if not torch.isfinite(logits).all():
-                raise ValueError(
-                    "the model's logits are not finite (inf or nan): check the adapter's weights and lora_alpha"
-                )
-            if temperature == 0:
-                nxt = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, [-1]]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
-            if eos is not None:  # a finished row continues with EOS; a row that produces an EOS is finished
-                nxt = torch.where(finished[:, None], eos[0], nxt)  # (B, 1)
-                finished |= torch.isin(nxt[:, 0], eos)
-            idx = torch.cat([idx, nxt], dim=1)
-            if step == max_new_tokens - 1 or (eos is not None and bool(finished.all())):
-                break
-            if cache is not None and cache.length < self.max_seq_len:  # a position left: one token's work
-                h = self.hidden_states(nxt, cache)
-            else:  # the window is full: it slides, and the last max_seq_len tokens are read afresh
-                cache = None
-                h = self.hidden_states(idx[:, -self.max_seq_len :])
-        return idx
+        """:meth:`generate`'s result without :meth:`generation_context` (each forward as the model is): for
+        comparisons."""
+        steps = list(self._steps(idx, max_new_tokens, temperature, top_k, generator, eos_ids))
+        return torch.cat([idx, *(t[:, None] for t in steps)], dim=1)
+
+    def _next_token(
+        self, h: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        """The next token of each row, ``(B, 1)``, from the last hidden state ``h`` (B, T, C)."""
+        logits = self.logits(h[:, -1, :]).float()  # (B, vocab)
+        if not torch.isfinite(logits).all():
+            raise ValueError(
+                "the model's logits are not finite (inf or nan): check the adapter's weights and lora_alpha"
+            )
+        if temperature == 0:
+            return logits.argmax(dim=-1, keepdim=True)
+        logits = logits / temperature
+        if top_k is not None:
+            kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, [-1]]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
