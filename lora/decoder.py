@@ -292,7 +292,7 @@ class Decoder(nn.Module):
         # tokens whose logits exist at once in forward(..., targets=...): the LM loss without the whole logits
         self.loss_chunk_tokens = 1024
         self.wte = nn.Embedding(config.vocab_size, config.d_model)
-        learned = config.positions == "learned"  # (rotary positions are the attention's)
+        learned = config.positions == "learned"  # (else rotary: q and k rotated in each attention)
         self.wpe = nn.Embedding(config.max_seq_len, config.d_model) if learned else None
         # rotary frequencies (hs / 2,): a plain attribute, not a buffer: no state-dict key, and
         # model.to(bfloat16) does not round it; moved to the input's device when used
