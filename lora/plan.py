@@ -93,7 +93,9 @@ def plan_run(cfg: TrainConfig, device: torch.device, world_size: int = 1) -> Run
     if base is None or cfg.base_checkpoint == "auto":  # a base made here reads bytes
         tokenizer: Tokenizer = ByteTokenizer()
     else:
-        tokenizer = load_tokenizer(base.folder, arch.vocab_size, base.hf_model, base.tokenizer_files)
+        tokenizer = load_tokenizer(
+            base.folder, arch.vocab_size, base.hf_model, base.tokenizer_files, base.config
+        )
     final = final_folder(cfg, resume)
     return RunPlan(cfg, device, base_dir, base, arch, storage, tokenizer, memory, final, resume, resume_state)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -87,7 +87,8 @@ class BaseSource:
     ``architecture`` the :class:`ModelConfig`; ``header`` the tensors to load, under this model's names, as
     empty ``meta`` tensors (their dtypes are the file's); ``weights_path`` the file holding them, or a sharded
     checkpoint's ``model.safetensors.index.json`` (what messages name), and ``shards`` the files themselves;
-    ``tokenizer_files`` the folder's tokenizer (``[tokenizer.json]``, ``[vocab.json, merges.txt]`` or none).
+    ``tokenizer_files`` the folder's tokenizer (``[tokenizer.json]``, ``[vocab.json, merges.txt]`` or none);
+    ``config`` its ``config.json`` as read (a Hugging Face one names the model's BOS and EOS ids).
     """
 
     folder: Path
@@ -97,6 +98,7 @@ class BaseSource:
     weights_path: Path
     shards: tuple[Path, ...]
     tokenizer_files: tuple[Path, ...]
+    config: Mapping[str, Any]
 
     @property
     def config_path(self) -> Path:
@@ -127,7 +129,7 @@ def resolve_base(path: str | Path) -> BaseSource:
         shards = (weights,)
         header = read_safetensors_header(weights)  # names, shapes, dtypes: nothing read or allocated yet
     header = _check_against_architecture(header, arch, weights)
-    return BaseSource(folder, importer, arch, header, weights, shards, tuple(tokenizer_files(folder)))
+    return BaseSource(folder, importer, arch, header, weights, shards, tuple(tokenizer_files(folder)), values)
 
 
 def read_base_tensors(source: BaseSource, with_head: bool = False) -> dict[str, torch.Tensor]:

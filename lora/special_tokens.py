@@ -171,12 +171,18 @@ def _model_ids(
     return ids, kept
 
 
-def read_special_tokens(folder: str | Path, tokenizer: Any, vocab_size: int) -> SpecialTokens:
+def read_special_tokens(
+    folder: str | Path, tokenizer: Any, vocab_size: int, model_config: Mapping[str, Any] | None = None
+) -> SpecialTokens:
     """The special tokens of the model folder ``folder`` (or a run folder that kept its files), whose
-    tokenizer is ``tokenizer`` (a ``tokenizers.Tokenizer``) and whose model has ``vocab_size`` embeddings."""
+    tokenizer is ``tokenizer`` (a ``tokenizers.Tokenizer``) and whose model has ``vocab_size`` embeddings;
+    ``model_config``: the folder's ``config.json`` where the caller has read it already (else read here)."""
     folder = Path(folder)
-    read = {name: _read(folder / name) for name in (*SPECIAL_TOKEN_FILES, CONFIG)}
+    names = SPECIAL_TOKEN_FILES if model_config is not None else (*SPECIAL_TOKEN_FILES, CONFIG)
+    read = {name: _read(folder / name) for name in names}
     files = {name: found[0] for name, found in read.items() if found is not None}
+    if model_config is not None:
+        files[CONFIG] = dict(model_config)
     strings = _token_strings(folder, files)
     model_ids, generation = _model_ids(folder, files, vocab_size)
 

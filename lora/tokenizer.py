@@ -13,8 +13,9 @@ generation encodes, stops and decodes with the same one.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from lora.errors import ConfigError, first_line
 from lora.gpt2 import is_hf_folder
@@ -140,6 +141,7 @@ def load_tokenizer(
     vocab_size: int,
     hf_model: bool | None = None,
     files: Sequence[Path] | None = None,
+    model_config: Mapping[str, Any] | None = None,
 ) -> Tokenizer:
     """The tokenizer of a model folder whose model has ``vocab_size`` ids.
 
@@ -149,7 +151,8 @@ def load_tokenizer(
     (:func:`fits_embeddings`), as are special tokens not in its vocabulary or not below the embeddings
     (:func:`~lora.special_tokens.read_special_tokens`, from the files beside the tokenizer). ``hf_model``:
     whether the folder holds a Hugging Face model, and ``files`` its tokenizer files, where the caller knows
-    them already (``None``: look at its ``config.json``; :func:`tokenizer_files`).
+    them already (``None``: look at its ``config.json``; :func:`tokenizer_files`), and ``model_config`` its
+    ``config.json`` where the caller has read it (``None``: read here).
     """
     if files is None:
         files = [] if folder is None else tokenizer_files(folder)
@@ -178,7 +181,7 @@ def load_tokenizer(
     if not fits_embeddings(n, vocab_size):
         raise ConfigError(f"{files[0]}: the tokenizer has {n} tokens but the model {vocab_size} embeddings: "
                           f"it is not this model's tokenizer")  # fmt: skip
-    tokenizer.special_tokens = read_special_tokens(files[0].parent, tok, vocab_size)
+    tokenizer.special_tokens = read_special_tokens(files[0].parent, tok, vocab_size, model_config)
     return tokenizer
 
 

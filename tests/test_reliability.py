@@ -200,7 +200,11 @@ CONFIG_CASES = {
         ],
     ),
     "d_model % heads": (None, ["--d_model", "30", "--num_heads", "4"], ["d_model (30)", "num_heads (4)"]),
-    "lora_targets": (None, ["--lora_targets", "q,x"], ["lora_targets", "q,k,v,o", "got q,x"]),
+    "lora_targets": (
+        None,
+        ["--lora_targets", "q,x"],
+        ["lora_targets", "unknown target 'x'", "q, k, v, o (attention)"],
+    ),
     "seq_len > max": (
         None,
         ["--task", "text", "--train_file", "t.txt", "--seq_len", "64"],
