@@ -44,7 +44,15 @@ from lora.lora_layer import LORA_LEAVES, LoRALinear
 from lora.model_config import PROJECTIONS, LoRAConfig, ModelConfig
 from lora.quantize import frozen_linear
 
-__all__ = ["ACTIVATION_FUNCTIONS", "MLP", "Block", "CausalSelfAttention", "Decoder", "KVCache"]
+__all__ = [
+    "ACTIVATION_FUNCTIONS",
+    "MLP",
+    "Block",
+    "CausalSelfAttention",
+    "Decoder",
+    "KVCache",
+    "packed_attention",
+]
 
 
 def _linear(config: ModelConfig, name: str, lora: LoRAConfig, adapted: bool) -> LoRALinear:
@@ -106,11 +114,11 @@ def rotary_frequencies(head_dim: int, theta: float, scaling: Mapping[str, Any] |
 
 
 def rotary_cos_sin(positions: torch.Tensor, freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary position embedding (RoFormer): for positions ``(T,)`` and frequencies ``(hs / 2,)``
-    (:func:`rotary_frequencies`) the ``cos`` and ``sin`` ``(T, hs)`` of the angles ``p f_i``, each half of the
-    head repeated (the layout Llama's weights use), in float32."""
-    angles = positions.float()[:, None] * freq.to(positions.device)[None, :]  # (T, hs / 2)
-    angles = torch.cat([angles, angles], dim=-1)  # (T, hs)
+    """Rotary position embedding (RoFormer): for positions ``(T,)`` (or ``(B, T)``, one row each) and
+    frequencies ``(hs / 2,)`` (:func:`rotary_frequencies`) the ``cos`` and ``sin`` ``(T, hs)`` (``(B, T, hs)``) of
+    the angles ``p f_i``, each half of the head repeated (the layout Llama's weights use), in float32."""
+    angles = positions.float()[..., None] * freq.to(positions.device)  # (..., T, hs / 2)
+    angles = torch.cat([angles, angles], dim=-1)  # (..., T, hs)
     return angles.cos(), angles.sin()
 
 
@@ -118,6 +126,21 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     """``x`` (B, nh, T, hs) rotated: ``x cos + rotate_half(x) sin``, ``rotate_half([a, b]) = [-b, a]``."""
     a, b = x.chunk(2, dim=-1)
     return (x * cos + torch.cat([-b, a], dim=-1) * sin).to(x.dtype)
+
+
+def packed_attention(segment_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of several sequences, ``segment_ids`` ``(B, T)`` numbering them along each row (a sequence's tokens
+    are contiguous) -> ``(positions (B, T), mask (B, 1, T, T))``: each token's position from its sequence's
+    first token, and ``mask[b, 0, i, j] = j <= i and segment_ids[b, j] == segment_ids[b, i]`` (block-diagonal
+    causal: a token never sees another sequence's)."""
+    B, T = segment_ids.shape
+    index = torch.arange(T, device=segment_ids.device).expand(B, T)
+    first = torch.ones_like(segment_ids, dtype=torch.bool)
+    first[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]  # (B, T) where a sequence starts
+    starts = torch.cummax(torch.where(first, index, 0), dim=1).values  # (B, T) its sequence's first index
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
+    return index - starts, (same & causal)[:, None]
 
 
 class KVCache:
@@ -170,12 +193,15 @@ class CausalSelfAttention(nn.Module):
         self._frozen_qkv = FrozenConcat(adopt=True)
 
     def forward(
-        self, x: torch.Tensor, cache: KVCache | None = None, index: int = 0, start: int = 0
-    ) -> torch.Tensor:
+        self, x: torch.Tensor, cache: KVCache | None = None, index: int = 0, start: int = 0,
+        packed: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:  # fmt: skip
         """``(B, T, C) -> (B, T, C)``; with ``num_kv_heads < num_heads`` each key/value head serves
         ``num_heads / num_kv_heads`` query heads (grouped-query attention). With a ``cache`` (generation) the
         ``T`` tokens sit at positions ``start ...`` and attend to the cached ones too (block ``index``'s keys
-        and values, extended by theirs): a whole prompt from ``start = 0``, then one token at a time."""
+        and values, extended by theirs): a whole prompt from ``start = 0``, then one token at a time.
+        ``packed``: rows holding several sequences (training only): ``(positions (B, T), mask (B, 1, T, T))``,
+        each token's position in its own sequence and where it may attend (True: its sequence, causally)."""
         B, T = x.shape[:2]
         nh, nkv, hs = self.num_heads, self.num_kv_heads, self.head_dim  # (nh hs = C unless head_dim is set)
         layers = (self.q_proj, self.k_proj, self.v_proj)
@@ -190,7 +216,10 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        if self.rotary:
+        if self.rotary and packed is not None:  # each sequence of a row from position 0
+            cos, sin = rotary_cos_sin(packed[0], self.rope_freq)  # (B, T, hs)
+            q, k = rotate(q, cos[:, None], sin[:, None]), rotate(k, cos[:, None], sin[:, None])
+        elif self.rotary:
             positions = torch.arange(start, start + T, device=x.device)
             cos, sin = rotary_cos_sin(positions, self.rope_freq)  # (T, hs)
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
@@ -201,8 +230,14 @@ class CausalSelfAttention(nn.Module):
         if nkv != self.num_heads:  # each key/value head repeated for its group of query heads
             k = k.repeat_interleave(self.num_heads // nkv, dim=1)  # (B, nh, T, hs)
             v = v.repeat_interleave(self.num_heads // nkv, dim=1)  # (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(  # one new token attends to every cached one: no mask
-            q, k, v, is_causal=start == 0, dropout_p=self.dropout if self.training else 0.0
+        # one new token attends to every cached one: no mask; packed rows: the block-diagonal causal mask
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=None if packed is None else packed[1],
+            is_causal=start == 0 and packed is None,
+            dropout_p=self.dropout if self.training else 0.0,
         )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, nh * hs)  # (B, T, nh hs)
         return self.resid_drop(self.o_proj(y))
@@ -247,10 +282,12 @@ class Block(nn.Module):
         self.mlp = MLP(config, lora)
 
     def forward(
-        self, x: torch.Tensor, cache: KVCache | None = None, index: int = 0, start: int = 0
-    ) -> torch.Tensor:
-        """``(B, T, C) -> (B, T, C)`` (``cache``, ``index``, ``start``: :meth:`CausalSelfAttention.forward`)."""
-        x = x + self.attn(self.ln_1(x), cache, index, start)
+        self, x: torch.Tensor, cache: KVCache | None = None, index: int = 0, start: int = 0,
+        packed: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """``(B, T, C) -> (B, T, C)`` (``cache``, ``index``, ``start``, ``packed``:
+        :meth:`CausalSelfAttention.forward`)."""
+        x = x + self.attn(self.ln_1(x), cache, index, start, packed)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -323,9 +360,12 @@ class Decoder(nn.Module):
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
 
-    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def hidden_states(
+        self, idx: torch.Tensor, cache: KVCache | None = None, segment_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Token ids ``(B, T)`` -> final hidden states ``(B, T, C)`` (after ``ln_f``). With a ``cache`` the
-        tokens follow the ones it holds (and are added to it): generation's prompt, then one at a time."""
+        tokens follow the ones it holds (and are added to it): generation's prompt, then one at a time.
+        ``segment_ids`` ``(B, T)``: packed rows (:func:`packed_attention`), each sequence on its own."""
         T = idx.shape[1]
         start = 0 if cache is None else cache.length
         if start + T > self.max_seq_len:
@@ -334,33 +374,39 @@ class Decoder(nn.Module):
         x = self.wte(idx).to(dtype)  # (B, T, C)
         if self.config.scale_embeddings:  # Gemma: sqrt(d_model), rounded to the computation's dtype first
             x = x * torch.tensor(self.config.d_model**0.5, dtype=x.dtype)
+        packed = None if segment_ids is None else packed_attention(segment_ids.to(idx.device))
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(start, start + T, device=idx.device)).to(dtype)
+            at = torch.arange(start, start + T, device=idx.device) if packed is None else packed[0]
+            x = x + self.wpe(at).to(dtype)
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
             if cache is not None:
                 x = block(x, cache, i, start)
             elif self.gradient_checkpointing and torch.is_grad_enabled():
                 # non-reentrant: LoRA grads flow even though x (frozen embeddings) needs no grad
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, None, 0, 0, packed, use_reentrant=False)
             else:
-                x = block(x)
+                x = block(x, packed=packed)
         return self.ln_f(x)
 
     def forward(
-        self, idx: torch.Tensor, lengths: torch.Tensor | None = None, targets: torch.Tensor | None = None
-    ) -> torch.Tensor:
+        self, idx: torch.Tensor, lengths: torch.Tensor | None = None, targets: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # fmt: skip
         """Language-model logits ``(B, T, vocab)``; with a classification head, class logits ``(B, classes)``.
 
         For classification, ``lengths`` (B,) gives each right-padded sequence's true length; the head reads
         the hidden state of the last real token (the causal mask means it has seen the whole sequence).
         With ``targets`` (B, T) a language model returns its mean loss instead, the head and cross-entropy
         computed ``loss_chunk_tokens`` tokens at a time (:meth:`lm_loss`): what training calls, through
-        whatever wraps the model (DDP, ``torch.compile``).
+        whatever wraps the model (DDP, ``torch.compile``). ``segment_ids`` ``(B, T)``: rows packed with several
+        sequences, numbered along each row; a token attends only to its own sequence's earlier tokens and its
+        position counts from its sequence's start (:func:`packed_attention`), so each sequence's logits are
+        the ones it has alone.
         """
         if targets is not None:
-            return self.lm_loss(idx, targets, self.loss_chunk_tokens)
-        h = self.hidden_states(idx)
+            return self.lm_loss(idx, targets, self.loss_chunk_tokens, segment_ids)
+        h = self.hidden_states(idx, segment_ids=segment_ids)
         if self.cls_head is None:
             return self.logits(h)
         last = (lengths - 1) if lengths is not None else torch.full((h.shape[0],), h.shape[1] - 1)
@@ -372,7 +418,8 @@ class Decoder(nn.Module):
         its own)."""
         return frozen_linear(h, self.lm_head.weight)
 
-    def lm_loss(self, idx: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = 1024) -> torch.Tensor:
+    def lm_loss(self, idx: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = 1024,
+                segment_ids: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """Mean next-token cross-entropy of ``idx`` (B, T) against ``targets`` (B, T), ``-100`` not scored.
 
         Equal to ``F.cross_entropy(model(idx).float().reshape(-1, V), targets.reshape(-1))`` to float
@@ -381,7 +428,8 @@ class Decoder(nn.Module):
         """
         if self.cls_head is not None:
             raise RuntimeError("lm_loss() needs a language model; this one has a classification head")
-        return chunked_lm_loss(self.hidden_states(idx), self.lm_head.weight, targets, chunk_tokens)
+        hidden = self.hidden_states(idx, segment_ids=segment_ids)
+        return chunked_lm_loss(hidden, self.lm_head.weight, targets, chunk_tokens)
 
     @torch.no_grad()
     def generate(
