@@ -258,7 +258,7 @@ def instructions(n: int, seed: int, exclude: set[str] | frozenset[str] = frozens
 def _split_conversations(cfg: TrainConfig) -> tuple[list[Conversation], list[Conversation], str]:
     """(train, val, description) of the task's conversations."""
     if cfg.task == "instruct":
-        n_val = max(200, cfg.num_examples // 10)
+        n_val = max(50, cfg.num_examples // 10)
         val = instructions(n_val, cfg.seed + 1_000_003)
         seen = {c[0].content for c in val}
         train = instructions(
