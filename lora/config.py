@@ -311,7 +311,7 @@ class TrainConfig:
                                             f"{', '.join(SIZED_TASKS)}; drop it"))
         if task not in CHAT_TASKS:
             rules.append((["chat_template", "train_on_prompt", "packing"],
-                          f"has no effect on task {task}: it is for conversations (--task chat or --task instruct)"))
+                          f"has no effect on task {task}: it is for conversations; drop it, or use --task chat or instruct"))
         if task not in FILE_TASKS:
             rules.append((["train_file", "val_file", "val_fraction"],
                           f"has no effect on task {task}, which uses built-in data: for your own file use "
