@@ -25,7 +25,7 @@ from lora.errors import quote
 from lora.files import describe_mismatch
 from lora.formats import AdapterFolder, read_adapter_folder, write_adapter_folder
 from lora.lora_layer import BASE_DERIVED_INITS, LORA_LEAVES, LoRALinear, lora_modules
-from lora.model_config import LoRAConfig, ModelConfig
+from lora.model_config import LoRAConfig, ModelConfig, target_of
 from lora.peft_format import adapter_from_peft, is_peft_folder, write_peft_folder
 from lora.peft_names import PeftLayout, peft_layout
 
@@ -52,6 +52,8 @@ class AdaptedModel(Protocol):
     def merge_lora(self) -> object: ...
     def unmerge_lora(self) -> object: ...
     def named_modules(self) -> Iterator[tuple[str, nn.Module]]: ...
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]: ...
+    def lora_layers(self) -> Iterator[tuple[str, LoRALinear]]: ...
 
 
 class AdapterSet:
@@ -313,6 +315,27 @@ class AdapterSet:
         layout = self.peft_layout()
         adapter = self.get(self.active_name() if name is None else name)
         return write_peft_folder(path, adapter, self.model.config, base, self.model.fused_row_norms(), layout)
+
+    def parameter_stats(self) -> dict:
+        """Counts of total / trainable / LoRA / frozen parameters (tied weights counted once) and, per target
+        of the family (``lora_params_by_projection``), of the LoRA tensors on it."""
+        params = dict(self.model.named_parameters())  # named_parameters skips the tied duplicate
+        total = sum(p.numel() for p in params.values())
+        trainable = sum(p.numel() for p in params.values() if p.requires_grad)
+        per_proj = dict.fromkeys(self.model.config.targets(), 0)
+        for name, layer in self.model.lora_layers():
+            magnitude = 0 if layer.lora_magnitude is None else layer.lora_magnitude.numel()
+            per_proj[target_of(name)] += layer.lora_A.numel() + layer.lora_B.numel() + magnitude
+        lora = sum(per_proj.values())
+        return {
+            "total_params": total,
+            "trainable_params": trainable,
+            "lora_params": lora,
+            "frozen_params": total - trainable,
+            "trainable_percent": 100.0 * trainable / total,
+            "reduction_factor": total / trainable if trainable else float("inf"),
+            "lora_params_by_projection": per_proj,
+        }
 
 
 def _dropout_p(layer: LoRALinear) -> float:

@@ -124,29 +124,32 @@ def build_model(
     storage: str | None = None,
 ) -> LoRATransformer:
     """The model a run of ``cfg`` trains: the resolved base with this run's adapter (none for full
-    fine-tuning) and head, float32, its frozen base stored as ``storage`` says (default:
-    :func:`~lora.plan.storage_for` ``device``), its adapter's base-dependent start derived from the weights it
-    trains on. What the training command, and any script that trains, builds."""
+    fine-tuning) and head, its frozen base stored as ``storage`` says (default: :func:`~lora.plan.storage_for`
+    ``device``): ``half`` keeps a half-precision folder as stored, ``none`` is float32 (such a folder widened
+    while read, as for full fine-tuning), ``bf16``/``nf4`` narrow it; the adapter float32, its base-dependent
+    start derived from the weights it trains on. What the training command, and any script that trains,
+    builds."""
     lora = cfg.lora_config().to_dict() if cfg.method == "lora" else {"lora_r": 0}
+    storage = storage_for(cfg, device, source) if storage is None else storage
+    # training keeps float32 weights where they train or were asked for (bf16 is autocast's to use): a half
+    # file is widened then, so that AdamW never works in half precision (its eps of 1e-8 is 0 in fp16)
+    widen = torch.float32 if cfg.method == "full" or storage == "none" else None
     try:
-        model = LoRATransformer.from_pretrained(source, num_classes=num_classes, dropout=cfg.dropout, **lora)
+        model = LoRATransformer.from_pretrained(
+            source, base_dtype=widen, num_classes=num_classes, dropout=cfg.dropout, **lora
+        )
     except ValueError as e:  # a missing, truncated or corrupted base: one line
         raise LoRAError(f"cannot load the base model: {e}") from None
-    # training keeps float32 weights (bf16 is autocast's to use): an fp16 or bf16 file is widened, so that
-    # the adapter and AdamW never work in half precision (AdamW's eps of 1e-8 is 0 in fp16)
-    widened = model.wte.weight.dtype != torch.float32
-    model = model.float()
-    storage = storage_for(cfg, device) if storage is None else storage
     try:  # the frozen block weights in bf16 or 4 bits (QLoRA), the adapter in float32; or every weight trains
-        model.prepare_training(cfg.method, storage)
+        model.prepare_training(cfg.method, "none" if storage == "half" else storage)
     except ValueError as e:  # a base whose weights do not tile the 4-bit blocks: one line
         raise ConfigError(f"quantize_base {storage}: {e}") from None
-    # the fresh adapter's base-dependent start (DoRA's magnitudes, PiSSA/OLoRA's factors) from the weights
-    # it trains on, where they are not the ones from_pretrained derived it from: widened to float32, or 4-bit
-    # (as PEFT's QLoRA), so it starts at that base's output. Not from a bf16 copy: its start stays the float32
-    # weights', as on the float32 base (whose products under autocast the bf16 base's equal), wherever a run
-    # or its resumption happens to store the base
-    if widened or storage == "nf4":
+    # the fresh adapter's base-dependent start (DoRA's magnitudes, PiSSA/OLoRA's factors) from the weights it
+    # trains on, where they are not the ones from_pretrained derived it from: 4-bit (as PEFT's QLoRA), so it
+    # starts at that base's output. Not from a bf16 copy: its start stays the weights' as loaded, as on the
+    # float32 base (whose products under autocast the bf16 base's equal), wherever a run or its resumption
+    # happens to store the base
+    if storage == "nf4":
         model.init_adapter_from_base()
     return model
 

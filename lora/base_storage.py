@@ -12,6 +12,14 @@ products are those of the float32 base under autocast, bit for bit (the same rou
 float32 (the residual stream starts from them, outside autocast), and so do the LayerNorms (autocast runs
 them in float32). Outside autocast each product widens its weight.
 
+A half-precision file (every tensor bfloat16, or every one float16) is kept as it is stored, not widened
+(:func:`kept_as`): the block linear weights and biases, the embeddings and the LM head in the file's dtype,
+only the norms (and a saved classification head, which trains) widened to float32, the computation's dtype;
+the adapter float32, the half weights frozen (:func:`freeze_half`). Widening a half value is exact, so every product is the one
+the float32 copy of the file gives, outside autocast (the weight widened for it) and under bf16 autocast
+(the same rounding to bfloat16) alike: half the memory, the same numbers. Nothing was rounded, so such a base
+merges and saves (back in the file's dtype: :func:`as_stored`).
+
 :func:`narrow_base_` stores a model's base so; :func:`dense_weights` makes it dense for a while (sampling).
 The model keeps which storage it has and the full-precision fingerprint
 (``LoRATransformer.quantize_base``).
@@ -19,7 +27,7 @@ The model keeps which storage it has and the full-precision fingerprint
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
@@ -29,9 +37,62 @@ from lora.decoder import Decoder
 from lora.lora_layer import NARROW_BASES, lora_modules
 from lora.quantize import check_tiles, dequantize, narrow_linear_, quantize_linear_, release_freed_memory
 
-__all__ = ["QUANTIZATIONS", "check_narrowable", "dense_weights", "narrow_base_", "set_embedding_dtype"]
+__all__ = [
+    "HALF_DTYPES",
+    "QUANTIZATIONS",
+    "as_stored",
+    "check_narrowable",
+    "dense_weights",
+    "freeze_half",
+    "half_dtype",
+    "kept_as",
+    "narrow_base_",
+    "set_embedding_dtype",
+]
 
 QUANTIZATIONS = ("nf4", "bf16")
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def half_dtype(tensors: Mapping[str, torch.Tensor]) -> torch.dtype | None:
+    """The half-precision dtype every one of ``tensors`` has (bfloat16 or float16; ``meta`` ones too), or
+    ``None`` (float32, or dtypes mixed: such a file is widened to float32)."""
+    dtypes = {t.dtype for t in tensors.values()}
+    return dtypes.pop() if len(dtypes) == 1 and dtypes <= set(HALF_DTYPES) else None
+
+
+def _half_keys(model: Decoder) -> set[str]:
+    """The state-dict keys a half-precision file's base keeps in its dtype: every block linear weight and
+    bias, the embeddings and an untied LM head (the bulk of the weights; each read widened)."""
+    keys = {f"{n}.{leaf}" for n, _ in lora_modules(model) for leaf in ("weight", "bias")}
+    return keys | {"wte.weight", "wpe.weight", "lm_head.weight"}
+
+
+def kept_as(
+    model: Decoder, tensors: Mapping[str, torch.Tensor], half: torch.dtype | None
+) -> dict[str, torch.Tensor]:
+    """``tensors`` (base tensors for ``model``) in the dtypes the model keeps them in: with ``half`` (the
+    file's dtype) the block linear layers, embeddings and LM head as they are, the rest widened to float32;
+    without, all float32. A tensor already in its dtype is not copied (a memory-mapped one stays so)."""
+    keys = _half_keys(model) if half is not None else set()
+    return {k: v if k in keys else v.float() for k, v in tensors.items()}
+
+
+def freeze_half(model: Decoder) -> None:
+    """A half-precision file's weights, kept so, frozen (full fine-tuning widens them first: AdamW's updates
+    would round away in half precision), and every adapter made for ``model``'s layers later (a loaded one
+    of another rank) float32 beside them, as the ones it has."""
+    for _, layer in lora_modules(model):
+        layer.adapter_dtype = torch.float32
+    for name, p in model.named_parameters():
+        if name in _half_keys(model):
+            p.requires_grad_(False)
+
+
+def as_stored(tensors: Mapping[str, torch.Tensor], half: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Base tensors as a half-precision file stored them (``half``: its dtype; the widened norms narrowed
+    back, exactly), or as they are (``None``)."""
+    return dict(tensors) if half is None else {k: v.to(half) for k, v in tensors.items()}
 
 
 def check_narrowable(model: Decoder, kind: str) -> None:
@@ -54,8 +115,14 @@ def narrow_base_(model: Decoder, kind: str) -> None:
     """Store ``model``'s block weights as ``kind`` (and for nf4 its embeddings in bfloat16), in place; checked
     first by :func:`check_narrowable`."""
     for _, layer in lora_modules(model):
-        layer.adapter_dtype = layer.weight.dtype  # adapters made later stay in full precision
+        # adapters made later stay in full precision (float32 beside a half-precision file's weights)
+        layer.adapter_dtype = layer.adapter_dtype or layer.weight.dtype
+        if kind == "nf4" and layer.weight.dtype != torch.float32:  # quantized from the float32 values
+            layer.weight = nn.Parameter(layer.weight.float(), requires_grad=False)
+            if layer.bias is not None:
+                layer.bias = nn.Parameter(layer.bias.float(), requires_grad=False)
         (quantize_linear_ if kind == "nf4" else narrow_linear_)(layer)
+        layer.narrowed = True
     if kind == "nf4":
         set_embedding_dtype(model, torch.bfloat16)
     for block in model.blocks:

@@ -175,8 +175,9 @@ class TrainConfig:
     quantize_base: str = field(
         default="auto",
         metadata=_help(
-            "store the frozen base's linear weights as none (float32), bf16 (nothing cast per step under bf16 "
-            "autocast) or nf4 (4-bit, QLoRA); auto: bf16 where LoRA trains under bf16 autocast, else none"
+            "store the frozen base's linear weights as none (float32; a bf16/fp16 base folder widened), bf16 "
+            "(nothing cast per step under bf16 autocast) or nf4 (4-bit, QLoRA); auto: a bf16/fp16 folder as "
+            "stored (exact, half the memory), else bf16 where LoRA trains under bf16 autocast, else none"
         ),
     )
     # --- optimisation

@@ -7,6 +7,7 @@ safetensors, metadata through JSON; a bad file raises a one-line ``ValueError`` 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -41,6 +42,7 @@ __all__ = [
     "read_safetensors",
     "read_safetensors_header",
     "safetensors_file_bytes",
+    "tensors_fingerprint",
 ]
 
 
@@ -235,7 +237,9 @@ def _safetensors_file(path: str | Path) -> Path:
 
 
 def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors from a safetensors file (on CPU). Never unpickles; a bad file raises a one-line ``ValueError``."""
+    """Tensors from a safetensors file (on CPU), memory-mapped: nothing is read until used, and the pages
+    read are the file's (shared with the page cache, not copied; writes to a tensor are the process's own
+    and never reach the file). Never unpickles; a bad file raises a one-line ``ValueError``."""
     path = _safetensors_file(path)
     try:
         return load_file(str(path), device="cpu")
@@ -286,3 +290,14 @@ def describe_mismatch(
             extra = f" (+{len(items) - 4} more)" if len(items) > 4 else ""
             parts.append(f"{label}: {', '.join(items[:4])}{extra}")
     return "; ".join(parts)
+
+
+def tensors_fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
+    """First 16 hex digits of a sha256 over the sorted names, the shapes and the float32 values of ``tensors``
+    (float32 holds fp16 and bf16 exactly: a half tensor and its widened copy hash alike)."""
+    h = hashlib.sha256()
+    for key, value in sorted(tensors.items()):
+        t = value.detach().to("cpu", torch.float32).contiguous()
+        h.update(f"{key}|{tuple(t.shape)}|{t.dtype}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]

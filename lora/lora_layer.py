@@ -258,9 +258,12 @@ class LoRALinear(nn.Module):
         return layer
 
     # the dtype every adapter of this layer takes; None: the weight's (float32 beside a 4-bit one). A base stored
-    # narrower than it was made (LoRATransformer.quantize_base) keeps the full-precision dtype here, so that an
-    # adapter loaded or added afterwards is float32 too
+    # narrower than it was made (LoRATransformer.quantize_base), or kept in a half-precision file's dtype, keeps
+    # float32 here, so that an adapter loaded or added afterwards is float32 too
     adapter_dtype: torch.dtype | None = None
+    # whether the weight was stored narrower than it was made (quantize_base), so rounded: not merged into. A
+    # half-precision file's weight kept as stored was not
+    narrowed: bool = False
 
     def _init_from(
         self,
@@ -371,11 +374,11 @@ class LoRALinear(nn.Module):
 
     @property
     def narrow_base(self) -> str | None:
-        """How the frozen ``weight`` is stored narrower than the adapter: ``"nf4"``, ``"bf16"`` (a bfloat16
-        weight under a float32 :attr:`adapter_dtype`) or ``None`` (as the adapter)."""
+        """How the frozen ``weight`` is stored narrower than it was made: ``"nf4"``, ``"bf16"`` (a bfloat16
+        weight under a float32 :attr:`adapter_dtype`, :attr:`narrowed`) or ``None`` (as made or loaded)."""
         if self.quantized:
             return "nf4"
-        if self.adapter_dtype is not None and self.weight.dtype != self.adapter_dtype:
+        if self.narrowed and self.adapter_dtype is not None and self.weight.dtype != self.adapter_dtype:
             return {torch.bfloat16: "bf16"}.get(
                 self.weight.dtype, str(self.weight.dtype).removeprefix("torch.")
             )

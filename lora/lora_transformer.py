@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -29,9 +28,17 @@ if __package__ in (None, ""):  # `python lora/lora_transformer.py` without insta
 
 from lora.adapter import Adapter
 from lora.adapter_set import AdapterSet
-from lora.base_storage import QUANTIZATIONS, check_narrowable, dense_weights, narrow_base_
+from lora.base_storage import (
+    QUANTIZATIONS,
+    as_stored,
+    check_narrowable,
+    dense_weights,
+    freeze_half,
+    kept_as,
+    narrow_base_,
+)
 from lora.decoder import Decoder
-from lora.files import describe_mismatch
+from lora.files import describe_mismatch, tensors_fingerprint
 from lora.formats import AdapterFolder, write_model_folder
 from lora.hf_export import export_hf
 from lora.lora_layer import (
@@ -48,8 +55,9 @@ from lora.lora_layer import (
     merge_lora,
     unmerge_lora,
 )
-from lora.model_config import LoRAConfig, ModelConfig, target_of
-from lora.pretrained import BaseSource, read_base_tensors, resolve_base
+from lora.model_config import LoRAConfig, ModelConfig
+from lora.pretrained import BaseSource, load_base_into, resolve_base
+from lora.skeleton import build_on_meta, fill
 
 __all__ = ["LoRATransformer"]
 
@@ -122,6 +130,8 @@ class LoRATransformer(Decoder):
         # ||W0||_row of each projection PEFT may fuse, of the full-precision weights: kept by quantize_base (DoRA)
         self._full_precision_norms: dict[str, torch.Tensor] | None = None
         self.base_source: BaseSource | None = None  # the folder from_pretrained read (export_hf's base)
+        # a half-precision file's dtype, its base kept so (from_pretrained): saved and merged back in it
+        self._half: torch.dtype | None = None
 
     @classmethod
     def from_config(cls, config: ModelConfig, lora: LoRAConfig | None = None) -> LoRATransformer:
@@ -183,7 +193,8 @@ class LoRATransformer(Decoder):
     def dense_base(self) -> Iterator[None]:
         """Within the block a narrow base's weights are dense, dequantized or widened once
         (:func:`~lora.base_storage.dense_weights`); nothing happens for a base as loaded."""
-        with contextlib.nullcontext() if self._quantization is None else dense_weights(self):
+        narrow = self._quantization is not None or self._half is not None
+        with dense_weights(self) if narrow else contextlib.nullcontext():
             yield
 
     # ----------------------------------------------------------------------------------------------------
@@ -206,8 +217,10 @@ class LoRATransformer(Decoder):
         (``"none"``, or ``"bf16"``/``"nf4"``: :meth:`quantize_base`); ``"full"`` trains every weight (LoRA
         layers freeze their base weights when built), its base stored as it is."""
         if method == "full":
-            if storage != "none":
-                raise ValueError(f"a full fine-tune trains its base: it cannot be stored as {storage}")
+            if storage != "none" or self._half is not None:
+                what = f"{self._half} as its file" if storage == "none" else storage
+                raise ValueError(f"a full fine-tune trains its base: it cannot be stored as {what} (load it with "
+                                 "from_pretrained(..., base_dtype=torch.float32))")  # fmt: skip
             self.requires_grad_(True)
             return self.get_parameter_stats()
         if method != "lora":
@@ -221,23 +234,7 @@ class LoRATransformer(Decoder):
         """Counts of total / trainable / LoRA / frozen parameters (tied weights counted once);
         ``lora_params_by_projection`` counts the LoRA tensors on each of the family's targets
         (``q, k, v, o, fc1, fc2`` or ``q, k, v, o, gate, up, down``), 0 where none is adapted."""
-        params = dict(self.named_parameters())  # named_parameters skips the tied duplicate
-        total = sum(p.numel() for p in params.values())
-        trainable = sum(p.numel() for p in params.values() if p.requires_grad)
-        per_proj = dict.fromkeys(self.config.targets(), 0)
-        for name, layer in self.lora_layers():
-            magnitude = 0 if layer.lora_magnitude is None else layer.lora_magnitude.numel()
-            per_proj[target_of(name)] += layer.lora_A.numel() + layer.lora_B.numel() + magnitude
-        lora = sum(per_proj.values())
-        return {
-            "total_params": total,
-            "trainable_params": trainable,
-            "lora_params": lora,
-            "frozen_params": total - trainable,
-            "trainable_percent": 100.0 * trainable / total,
-            "reduction_factor": total / trainable if trainable else float("inf"),
-            "lora_params_by_projection": per_proj,
-        }
+        return self.adapters.parameter_stats()
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
         """The LoRA tensors, plus the classification head if there is one (it has no pretrained weights)."""
@@ -304,7 +301,7 @@ class LoRATransformer(Decoder):
             if leaf == "weight" and layer is not None and layer.merged:
                 value = layer.base_weight()
             out[key] = value.detach()
-        return out
+        return as_stored(out, self._half)
 
     def base_fingerprint(self) -> str:
         """First 16 hex digits of a sha256 over the names, shapes and float32 values of the base tensors.
@@ -316,12 +313,7 @@ class LoRATransformer(Decoder):
         """
         if self._quantization is not None:
             return self._quantization[1]
-        h = hashlib.sha256()
-        for key, value in sorted(self.base_state_dict().items()):
-            t = value.detach().to("cpu", torch.float32).contiguous()
-            h.update(f"{key}|{tuple(t.shape)}|{t.dtype}\n".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-        return h.hexdigest()[:16]
+        return tensors_fingerprint(self.base_state_dict())
 
     def head_state(self) -> dict[str, torch.Tensor]:
         if self.cls_head is None:
@@ -343,14 +335,14 @@ class LoRATransformer(Decoder):
         return {**tensors, **self.head_state()}
 
     def merged_model(self) -> LoRATransformer:
-        """A LoRA-free copy (``lora_r = 0``, eval mode) with the active adapter merged in."""
-        tensors = self.merged_state_dict()
-        with torch.random.fork_rng(devices=[]):  # the fresh init is overwritten; leave the caller's RNG alone
-            plain = LoRATransformer.from_config(self.config)
-        plain.to(device=self.wte.weight.device, dtype=self.wte.weight.dtype)
-        missing, unexpected = plain.load_state_dict(tensors, strict=False)
-        tied = ["lm_head.weight"] if self.config.tied_head else []  # (a tied head is wte, stored once)
-        assert missing == tied and not unexpected, (missing, unexpected)
+        """A LoRA-free copy (``lora_r = 0``, eval mode) with the active adapter merged in; its tensors in this
+        model's dtypes (a half-precision file's base kept so)."""
+        tensors = {k: v.clone() for k, v in self.merged_state_dict().items()}
+        plain = build_on_meta(lambda: LoRATransformer.from_config(self.config))  # (no random draw)
+        plain._half = self._half
+        fill(plain, kept_as(plain, tensors, self._half) if self._half else tensors)
+        if self._half:
+            freeze_half(plain)
         return plain.eval()
 
     # ----------------------------------------------------------------------------------------------------
@@ -404,36 +396,36 @@ class LoRATransformer(Decoder):
         return write_model_folder(path, self.config, {**self.base_state_dict(), **self.head_state()})
 
     @classmethod
-    def from_pretrained(cls, path: str | Path | BaseSource, **lora_options: object) -> LoRATransformer:
+    def from_pretrained(
+        cls, path: str | Path | BaseSource, base_dtype: torch.dtype | None = None, **lora_options: object
+    ) -> LoRATransformer:
         """A model with the architecture and weights saved in ``path`` and the given LoRA options.
 
-        ``path`` is a model folder of this project's or a Hugging Face GPT-2 folder (:meth:`from_gpt2`), or
-        a :class:`~lora.pretrained.BaseSource` that ``resolve_base`` made of one (its config is not parsed
-        again, nor a safetensors header read again).
+        ``path`` is a model folder of this project's or a Hugging Face one (:func:`~lora.pretrained.resolve_base`),
+        or a :class:`~lora.pretrained.BaseSource` made of one (its config is not parsed again, nor a header read
+        again). ``lora_options`` are any of ``lora_r, lora_alpha, lora_dropout, lora_targets, adapt_attention,
+        adapt_feedforward, use_rslora, use_dora, lora_init, num_classes, dropout``. A saved classification head
+        is loaded when ``num_classes`` matches it; another ``num_classes`` gets a fresh head.
 
-        ``lora_options`` are any of ``lora_r, lora_alpha, lora_dropout, lora_targets, adapt_attention,
-        adapt_feedforward, use_rslora, use_dora, lora_init, num_classes, dropout``. A saved classification head is loaded when
-        ``num_classes`` matches it; another ``num_classes`` gets a fresh head. The model takes the file's
-        dtype when all its floating tensors share one.
+        The file's tensors, memory-mapped, become the weights as they are: no random model is made first and
+        no copy (``lora/skeleton.py``; the adapter and the random generator are what building the model
+        would have made). A half-precision file (every tensor bfloat16, or float16) stays half
+        (``lora/base_storage.py``): its linear weights, embeddings and head in its dtype, the norms and the
+        adapter float32; ``base_dtype=torch.float32`` widens it (a float32 copy; what full fine-tuning needs,
+        whose AdamW would lose updates on half-precision weights). Other files are read as float32.
         """
         _refuse_unknown(lora_options)  # before the folder is read
+        if base_dtype not in (None, torch.float32):
+            raise ValueError(
+                f"base_dtype must be None (as the file stores it) or torch.float32, got {base_dtype}"
+            )
         source = path if isinstance(path, BaseSource) else resolve_base(path)
         options = {**source.architecture.to_dict(), **lora_options}
         try:
-            with deferred_base_init():  # no PiSSA/OLoRA SVDs of the random weights about to be replaced
-                model = cls(**options)
+            model = build_on_meta(lambda: cls(**options))
         except ValueError as e:
             raise ValueError(f"{source.config_path}: cannot build the model ({e})") from None
-        # a saved head is loaded when the model's has its number of classes; another number gets a fresh one
-        with_head = model.cls_head is not None and model.config.num_classes == source.architecture.num_classes
-        tensors = read_base_tensors(source, with_head)
-        dtypes = {t.dtype for t in tensors.values()}
-        if len(dtypes) == 1 and (dtype := dtypes.pop()) != torch.float32:
-            model.to(dtype)
-        own = model.state_dict()
-        with torch.no_grad():
-            for key, value in tensors.items():
-                own[key].copy_(value)
+        model._half = load_base_into(model, source, widen=base_dtype is not None)
         model.init_adapter_from_base()  # PiSSA/OLoRA factors and DoRA magnitudes of these weights
         model.base_source = source
         return model

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from lora.base_model import base_dir_for, check_recipe, default_base_exists, require_folder
+from lora.base_storage import half_dtype
 from lora.chat_template import ChatTemplate, load_chat_template
 from lora.checkpoint import find_latest, read_trainer_state
 from lora.config import CHAT_TASKS, TrainConfig, load_yaml, resolve_config
@@ -43,8 +44,8 @@ class RunPlan:
     """What one run will do, decided before it does anything.
 
     ``base`` is the resolved base folder (``None``: the default base, still to be pretrained by rank 0, at
-    ``base_dir``); ``architecture`` the base's; ``storage`` how the frozen base is kept (``none``, ``bf16``,
-    ``nf4``); ``memory`` the bytes the run is estimated to need (``lora/memory.py``); ``final`` where its
+    ``base_dir``); ``architecture`` the base's; ``storage`` how the frozen base is kept (``none``: float32, ``bf16``,
+    ``nf4``, or ``half``: a half-precision folder's as stored); ``memory`` the bytes the run is estimated to need (``lora/memory.py``); ``final`` where its
     outputs end up (``runs/<name>``, or a resumed run's; ``lora/run_folder.py``: a new run whose name is
     taken writes ``<name>-2``, an ``--overwrite`` is built aside and swapped in); ``resume`` the checkpoint
     to continue and ``resume_state`` its trainer state.
@@ -84,7 +85,7 @@ def plan_run(cfg: TrainConfig, device: torch.device, world_size: int = 1) -> Run
     if width > arch.max_seq_len:
         raise ConfigError(f"seq_len {width} exceeds the base model's max_seq_len {arch.max_seq_len} "
                           f"({base_dir})")  # fmt: skip
-    storage = storage_for(cfg, device)
+    storage = storage_for(cfg, device, base)
     if storage == "nf4":  # the block weights must tile NF4's blocks: refused before a base is made or loaded
         try:
             check_tiles(arch.projection_shapes())
@@ -128,14 +129,19 @@ def resolve_or_refuse(folder: Path) -> BaseSource:
         raise LoRAError(f"cannot load the base model: {e}") from None
 
 
-def storage_for(cfg: TrainConfig, device: torch.device) -> str:
-    """How the run stores its frozen base (``--quantize_base``): as given, and ``auto`` resolved to bf16 where
-    LoRA trains under bf16 autocast (whose products of the float32 base are the bfloat16 base's, bit for bit,
-    so nothing need be cast per step), else none. Full fine-tuning trains the base: always none."""
+def storage_for(cfg: TrainConfig, device: torch.device, base: BaseSource | None = None) -> str:
+    """How the run stores its frozen base (``--quantize_base``): as given (``none``: float32, a half-precision
+    folder widened), and ``auto`` resolved to ``half`` for a half-precision ``base`` folder (kept in its
+    bfloat16 or float16 as stored: exact, half the memory; ``lora/base_storage.py``), else to bf16 where LoRA
+    trains under bf16 autocast (whose products of the float32 base are the bfloat16 base's, bit for bit, so
+    nothing need be cast per step), else none. Full fine-tuning trains the base: always none (float32, a
+    half-precision folder widened: AdamW's updates would round away on half-precision weights)."""
     if cfg.method != "lora":
         return "none"
     if cfg.quantize_base != "auto":
         return cfg.quantize_base
+    if base is not None and half_dtype(base.header) is not None:
+        return "half"
     return "bf16" if autocast_dtype(cfg.precision, device) == torch.bfloat16 else "none"
 
 

@@ -23,6 +23,7 @@ from typing import NamedTuple
 
 import torch
 
+from lora.base_storage import freeze_half, half_dtype, kept_as
 from lora.decoder import Decoder
 from lora.errors import first_line, quote
 from lora.files import (
@@ -47,9 +48,10 @@ from lora.llama import (
 )
 from lora.lora_layer import deferred_base_init
 from lora.model_config import LoRAConfig, ModelConfig
+from lora.skeleton import construction_draws, fill
 from lora.tokenizer import tokenizer_files
 
-__all__ = ["BIN_NAME", "BaseSource", "read_base_tensors", "resolve_base"]
+__all__ = ["BIN_NAME", "BaseSource", "load_base_into", "read_base_tensors", "resolve_base"]
 
 BIN_NAME = "pytorch_model.bin"
 HEAD_PREFIX = "cls_head."
@@ -129,10 +131,11 @@ def resolve_base(path: str | Path) -> BaseSource:
 
 
 def read_base_tensors(source: BaseSource, with_head: bool = False) -> dict[str, torch.Tensor]:
-    """The base tensors of ``source.header``, on the CPU, under this model's names, and with ``with_head`` the
-    saved classification head (of ``architecture.num_classes``). A GPT-2 file's saved LM head must equal its token
-    embedding (the tied head is the only one this layout has); a tensor holding nan or inf is refused, naming
-    it (else the first step "diverges", and the learning rate is blamed)."""
+    """The base tensors of ``source.header``, on the CPU, in the file's dtypes, under this model's names, and with
+    ``with_head`` the saved classification head (of ``architecture.num_classes``); memory-mapped from the file,
+    not copied (but a GPT-2 file's transposed and a Phi-3 file's split ones). A GPT-2 file's saved LM head must
+    equal its token embedding (the tied head is the only one this layout has); a tensor holding nan or inf is
+    refused, naming it (else the first step "diverges", and the learning rate is blamed)."""
     keep = {k for k in source.header if with_head or not k.startswith(HEAD_PREFIX)}
     if source.importer != "lora":
         family = IMPORTERS[source.importer]
@@ -148,6 +151,25 @@ def read_base_tensors(source: BaseSource, with_head: bool = False) -> dict[str, 
             raise ValueError(f"{source.folder}: the weights hold non-finite values (nan or inf): {key} has {bad:,} "
                              f"of {value.numel():,}; the file is damaged, or was saved from a diverged run")  # fmt: skip
     return tensors
+
+
+def load_base_into(model: Decoder, source: BaseSource, widen: bool = False) -> torch.dtype | None:
+    """Fill ``model``, built on the meta device (:func:`~lora.skeleton.build_on_meta`), with ``source``'s
+    tensors as they are (memory-mapped, no copy) and make what the file lacks: the LoRA tensors and a fresh
+    classification head, with the random draws building the model would have made (``lora/skeleton.py``).
+
+    A saved head is loaded when the model's has its number of classes; another number gets a fresh one. A
+    half-precision file (every tensor bfloat16, or every one float16) stays half, frozen, unless ``widen``
+    (float32, what full fine-tuning needs); returns that dtype, or ``None`` for a float32 model.
+    """
+    with_head = model.cls_head is not None and model.config.num_classes == source.architecture.num_classes
+    fresh = construction_draws(model, fresh_head=model.cls_head is not None and not with_head)
+    tensors = read_base_tensors(source, with_head)
+    half = None if widen else half_dtype(tensors)
+    fill(model, {**kept_as(model, tensors, half), **fresh})
+    if half is not None:
+        freeze_half(model)
+    return half
 
 
 def _check_against_architecture(

@@ -40,9 +40,10 @@ from lora.figures import bars, heatmap, spectra, weight_panels
 from lora.files import atomic_write_bytes
 from lora.formats import ADAPTER_CONFIG_NAME, read_adapter_folder
 from lora.lora_transformer import LoRATransformer
-from lora.model_config import PROJECTIONS
+from lora.model_config import TARGET_MODULES
 
-PROJ_NAMES = {**PROJECTIONS, "fc1": "fc1", "fc2": "fc2"}
+# a projection's name (q, ..., o, fc1, fc2, gate, up, down; or its module's, q_proj ... down_proj) -> its module
+PROJ_NAMES = {**TARGET_MODULES, **{m.rsplit(".", 1)[1]: m for m in TARGET_MODULES.values()}}
 
 
 def load(run: Path, base: str | None) -> tuple[LoRATransformer, Adapter, str]:
@@ -60,13 +61,13 @@ def load(run: Path, base: str | None) -> tuple[LoRATransformer, Adapter, str]:
 
 
 def module_name(adapter: Adapter, layer: int | None, proj: str | None, run: Path) -> str:
-    """The adapted module to draw: ``blocks.<layer>.attn.<proj>_proj`` (or ``.mlp.fc1``); by default the
-    first one the adapter has."""
+    """The adapted module to draw: ``blocks.<layer>.attn.<proj>_proj`` (or ``.mlp.fc1``, ``.mlp.gate_proj``,
+    ...); by default the first one the adapter has."""
     names = sorted(adapter.layers)
     if layer is None and proj is None:
         return names[0]
     if proj is not None and proj not in PROJ_NAMES:
-        raise ValueError(f"--proj must be one of {', '.join(PROJ_NAMES)}, got {proj!r}")
+        raise ValueError(f"--proj must be one of {', '.join(TARGET_MODULES)}, got {proj!r}")
     candidates = [n for n in names if (layer is None or n.startswith(f"blocks.{layer}."))
                   and (proj is None or n.endswith("." + PROJ_NAMES[proj]))]  # fmt: skip
     if not candidates:
@@ -146,7 +147,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--base", default=None, help="the base model folder (default: the one the adapter names)")
     p.add_argument("--layer", type=int, default=None, help="block index of the module to draw")
-    p.add_argument("--proj", default=None, help=f"projection of the module to draw: {', '.join(PROJ_NAMES)}")
+    p.add_argument(
+        "--proj", default=None, help=f"projection of the module to draw: {', '.join(TARGET_MODULES)}"
+    )
     p.add_argument("--out", default=None, help="folder for the pictures (default: <run>/pictures)")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     args = p.parse_args(argv)

@@ -172,3 +172,26 @@ def test_two_processes_on_a_family_train_the_one_process_adapter(tmp_path):
     assert not torch.equal(
         x["blocks.0.attn.q_proj.lora_B"], torch.zeros_like(x["blocks.0.attn.q_proj.lora_B"])
     )
+
+
+def test_the_pictures_of_a_gated_projection_are_drawn(qwen3_folder, tmp_path):
+    import importlib.util
+
+    text = tmp_path / "my.txt"
+    text.write_text(GPT2_TEXT)
+    argv = ["--task", "text", "--train_file", str(text), "--base_checkpoint", str(qwen3_folder), "--seq_len", "16",
+            "--batch_size", "8", "--max_steps", "2", "--eval_every", "2", "--eval_batches", "1", "--device", "cpu",
+            "--lora_targets", "q,gate,down", "--output_dir", str(tmp_path / "runs"), "--run_name", "gated"]  # fmt: skip
+    assert main(argv) == 0
+    spec = importlib.util.spec_from_file_location("visualize_lora", ROOT / "scripts" / "visualize_lora.py")
+    visualize = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(visualize)
+    out = tmp_path / "pictures"
+    run = tmp_path / "runs" / "gated"
+    assert visualize.main(["--run", str(run), "--layer", "1", "--proj", "down", "--out", str(out)]) == 0
+    analysis = json.loads((out / "analysis.json").read_text())
+    assert analysis["module"] == "blocks.1.mlp.down_proj"
+    assert (out / "weights.png").read_bytes()[:8] == PNG_MAGIC
+    assert (
+        visualize.main(["--run", str(run), "--proj", "up", "--out", str(out)]) == 2
+    )  # not adapted: one line

@@ -40,6 +40,7 @@ LAYERS = [
     "peft_names",  # where PEFT's LoRA modules sit in each family: module names, fused projections
     "peft_format",  # Hugging Face PEFT's LoRA folders for every family, both ways
     "decoder",  # the architecture: attention, MLP, block, the decoder; forward, loss, generation
+    "skeleton",  # a model built on the meta device and filled with a file's tensors, its draws made again
     "adapter_set",  # a model's adapters: active and parked, fit checks, their folders
     "base_storage",  # the frozen base stored narrower: 4-bit NF4 or bf16, made dense for a while
     "pretrained",  # the one reader of a base folder (config, header, meta check), then its tensors

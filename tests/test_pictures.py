@@ -81,7 +81,7 @@ def test_visualize_refuses_bad_input_naming_it(runs, tmp_path, capsys):
         "the adapted modules are blocks.0.attn.q_proj, blocks.0.attn.v_proj",
     )
     assert visualize(["--run", str(runs / "r8"), "--proj", "x"]) == 2
-    one_line(capsys, "--proj must be one of q, k, v, o, fc1, fc2, got 'x'")
+    one_line(capsys, "--proj must be one of q, k, v, o, fc1, fc2, gate, up, down, got 'x'")
     import torch
 
     from lora.lora_transformer import LoRATransformer
