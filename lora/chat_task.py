@@ -334,11 +334,9 @@ def answer(model: Any, conversation: Conversation, template: ChatTemplate, token
     text = tokenizer.decode(out[0, len(prompt) :].tolist())
     at = text.find(stop) if stop else -1
     if at >= 0:
-        return text[:at].strip(), True
-    for e in tokenizer.special_tokens.eos_ids:  # stopped at an EOS the text does not show
-        if e in out[0, len(prompt) :].tolist():
-            return text.strip(), True
-    return text.strip(), False
+        return text[:at], True
+    # stopped at an EOS the text does not show
+    return text, any(e in out[0, len(prompt) :].tolist() for e in tokenizer.special_tokens.eos_ids)
 
 
 def _budget(task: ChatTask, tokenizer: ByteTokenizer | HFTokenizer) -> int:
@@ -359,7 +357,7 @@ def generated_answers(model: Any, task: ChatTask, tokenizer: ByteTokenizer | HFT
 def exact_match(answers: Sequence[tuple[str, bool]], task: ChatTask) -> float:
     """The share of ``answers`` that are the expected ones (whitespace at the ends aside) and stop at the
     end-of-turn."""
-    right = sum(stopped and text == c[-1].content.strip()
+    right = sum(stopped and text.strip() == c[-1].content.strip()
                 for (text, stopped), c in zip(answers, task.val_conversations, strict=False))  # fmt: skip
     return right / max(len(answers), 1)
 
