@@ -9,7 +9,10 @@ targets, batches grouped by length, and the answers generated back for evaluatio
 
 **Rows.** Each conversation is rendered by the chat template and tokenized (:func:`~lora.chat_template.encode_chat`
 with ``max_tokens = seq_len + 1``): ``x = ids[:-1]``, ``y = ids[1:]`` with ``y = -100`` where the token is not
-scored (the prompt and the template's scaffolding; ``train_on_prompt`` scores them too). A conversation cut
+scored (the prompt and the template's scaffolding; ``train_on_prompt`` scores them too). No BOS is added: the
+ids are the rendered text tokenized without special tokens, as transformers' ``apply_chat_template(tokenize=True)``
+gives them, so a template that renders ``bos_token`` itself (Llama 3, Mistral) has it once and one that does not
+(ChatML) has none. A conversation cut
 before its first answer is dropped and counted. Rows are stored right-padded to ``seq_len`` with their true
 ``sizes``; a batch is cut to its longest row (:class:`ChatRows`), its padding takes no loss (``y = -100``) and,
 the model being causal, changes no real token's logits.
