@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -26,6 +27,7 @@ from lora.files import describe_mismatch
 from lora.formats import AdapterFolder, read_adapter_folder, write_adapter_folder
 from lora.lora_layer import BASE_DERIVED_INITS, LORA_LEAVES, LoRALinear, lora_modules
 from lora.model_config import LoRAConfig, ModelConfig, target_of
+from lora.multi_adapter import adapters_per_row
 from lora.peft_format import adapter_from_peft, is_peft_folder, write_peft_folder
 from lora.peft_names import PeftLayout, peft_layout
 
@@ -126,6 +128,22 @@ class AdapterSet:
         sources = {n: self.get(n) for n in weights}
         self.parked[name] = weighted_sum(sources, weights, self.model.wte.weight.device)
         return name
+
+    def per_row(self, names: Sequence[str | None]) -> AbstractContextManager:
+        """A block where row ``i`` of every batch is computed with adapter ``names[i]`` (``None``, or ``"base"``
+        where no adapter has that name: the base), as PEFT's ``adapter_names``: :mod:`lora.multi_adapter`. An
+        unknown name is refused before anything changes."""
+        known = self.names()
+        chosen: dict[str | None, Adapter | None] = {}
+        for n in dict.fromkeys(names):
+            if n is None or (n == "base" and n not in known):
+                chosen[n] = None
+            elif n in known:
+                chosen[n] = self.get(n)
+            else:
+                raise ValueError(f"adapter_names: no adapter named {n!r}; the adapters are {known} "
+                                 "(and 'base' or None for the base)")  # fmt: skip
+        return adapters_per_row(self.model, chosen, names)
 
     def capture(self) -> Adapter:
         """A copy of the active adapter (an optimizer still holding the old parameters cannot change it)."""

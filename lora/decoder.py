@@ -20,16 +20,16 @@ Gemma           --                                              RMSNorm by ``1 +
 
 Every block projection is a :class:`~lora.lora_layer.LoRALinear` whose shape comes from
 :meth:`ModelConfig.projection_shapes`; the ones not adapted have ``r = 0`` and are plain linear layers.
-:class:`Decoder` is the module: ``forward``, ``logits``, ``lm_loss``, ``generate``. The model that owns
-adapters, stores its base narrower and reads and writes folders is
-:class:`~lora.lora_transformer.LoRATransformer`, built on it.
+:class:`Decoder` is the module: ``forward``, ``logits``, ``lm_loss``, ``generate`` (and ``stream``: its tokens
+one step at a time; ``adapter_names``: a row each its own adapter). The model that owns adapters, stores its base
+narrower and reads and writes folders is :class:`~lora.lora_transformer.LoRATransformer`, built on it.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from functools import partial
 from typing import Any
 
@@ -114,18 +114,22 @@ def rotary_frequencies(head_dim: int, theta: float, scaling: Mapping[str, Any] |
 
 
 def rotary_cos_sin(positions: torch.Tensor, freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary position embedding (RoFormer): for positions ``(T,)`` (or ``(B, T)``, one row each) and
-    frequencies ``(hs / 2,)`` (:func:`rotary_frequencies`) the ``cos`` and ``sin`` ``(T, hs)`` (``(B, T, hs)``) of
-    the angles ``p f_i``, each half of the head repeated (the layout Llama's weights use), in float32."""
+    """Rotary position embedding (RoFormer): for positions ``(T,)`` (or ``(B, T)``: packed rows) and frequencies
+    ``(hs / 2,)`` (:func:`rotary_frequencies`) the ``cos`` ``(..., T, hs)`` of the angles ``p f_i``, each half of
+    the head repeated (the layout Llama's weights use), and the signed ``sin`` ``(..., T, hs)``: ``[-sin, sin]``
+    (the sign :func:`rotate` needs), in float32. Computed once per forward, for every block."""
     angles = positions.float()[..., None] * freq.to(positions.device)  # (..., T, hs / 2)
-    angles = torch.cat([angles, angles], dim=-1)  # (..., T, hs)
-    return angles.cos(), angles.sin()
+    sin = angles.sin()
+    return torch.cat([angles, angles], dim=-1).cos(), torch.cat([-sin, sin], dim=-1)
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``x`` (B, nh, T, hs) rotated: ``x cos + rotate_half(x) sin``, ``rotate_half([a, b]) = [-b, a]``."""
-    a, b = x.chunk(2, dim=-1)
-    return (x * cos + torch.cat([-b, a], dim=-1) * sin).to(x.dtype)
+def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """``x`` (B, nh, T, hs) rotated: ``x cos + rotate_half(x) sin``, ``rotate_half([a, b]) = [-b, a]``.
+
+    ``rotate_half(x) sin = [b, a] [-sin, sin]`` (:func:`rotary_cos_sin`'s signed sine), and ``[b, a]`` is
+    ``x`` rolled by half a head: one copy, where negating ``b`` and concatenating take two (and the same
+    products: ``-b s`` and ``b (-s)`` are the same float)."""
+    return (x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin).to(x.dtype)
 
 
 def packed_attention(segment_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,9 +182,6 @@ class CausalSelfAttention(nn.Module):
         self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
         self.head_dim, self.qk_norm = config.head_dim, config.qk_norm
         self.rotary = config.positions == "rotary"
-        # a plain attribute, not a buffer: no state-dict key, and model.to(bfloat16) does not round it; moved
-        # to the input's device when used
-        self.rope_freq = rotary_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
         self.dropout = config.dropout
         for name in PROJECTIONS.values():
             setattr(self, name, _linear(config, f"attn.{name}", lora, lora.adapts(f"attn.{name}")))
@@ -193,15 +194,23 @@ class CausalSelfAttention(nn.Module):
         self._frozen_qkv = FrozenConcat(adopt=True)
 
     def forward(
-        self, x: torch.Tensor, cache: KVCache | None = None, index: int = 0, start: int = 0,
-        packed: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor:  # fmt: skip
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        index: int = 0,
+        start: int = 0,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """``(B, T, C) -> (B, T, C)``; with ``num_kv_heads < num_heads`` each key/value head serves
-        ``num_heads / num_kv_heads`` query heads (grouped-query attention). With a ``cache`` (generation) the
-        ``T`` tokens sit at positions ``start ...`` and attend to the cached ones too (block ``index``'s keys
-        and values, extended by theirs): a whole prompt from ``start = 0``, then one token at a time.
-        ``packed``: rows holding several sequences (training only): ``(positions (B, T), mask (B, 1, T, T))``,
-        each token's position in its own sequence and where it may attend (True: its sequence, causally)."""
+        ``num_heads / num_kv_heads`` query heads (grouped-query attention, SDPA's ``enable_gqa``: the keys
+        and values are not copied per group). With a ``cache`` (generation) the ``T`` tokens sit at positions
+        ``start ...`` and attend to the cached ones too (block ``index``'s keys and values, extended by
+        theirs): a whole prompt from ``start = 0``, then one token at a time. ``rope``: rotary positions'
+        ``cos`` and signed ``sin`` ``(T, hs)`` of those positions (:func:`rotary_cos_sin`, made once for all
+        the blocks by :meth:`Decoder.hidden_states`; ``(B, 1, T, hs)`` for packed rows). ``mask`` ``(B, 1, T, T)``:
+        rows packed with several sequences (training only), True where a token may attend: its own sequence's
+        earlier tokens (:func:`packed_attention`); ``None``: causal."""
         B, T = x.shape[:2]
         nh, nkv, hs = self.num_heads, self.num_kv_heads, self.head_dim  # (nh hs = C unless head_dim is set)
         layers = (self.q_proj, self.k_proj, self.v_proj)
@@ -216,28 +225,24 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        if self.rotary and packed is not None:  # each sequence of a row from position 0
-            cos, sin = rotary_cos_sin(packed[0], self.rope_freq)  # (B, T, hs)
-            q, k = rotate(q, cos[:, None], sin[:, None]), rotate(k, cos[:, None], sin[:, None])
-        elif self.rotary:
-            positions = torch.arange(start, start + T, device=x.device)
-            cos, sin = rotary_cos_sin(positions, self.rope_freq)  # (T, hs)
+        if self.rotary:
+            if rope is None:
+                raise ValueError("rotary positions need rope: the cos and sin of the tokens' positions")
+            cos, sin = rope  # (T, hs)
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         if cache is not None:  # (B, nkv, start + T, hs): the keys and values so far
             k, v = cache.extend(index, k, v)
         if start and T != 1:
             raise ValueError("a cached step takes one token at a time")
-        if nkv != self.num_heads:  # each key/value head repeated for its group of query heads
-            k = k.repeat_interleave(self.num_heads // nkv, dim=1)  # (B, nh, T, hs)
-            v = v.repeat_interleave(self.num_heads // nkv, dim=1)  # (B, nh, T, hs)
         # one new token attends to every cached one: no mask; packed rows: the block-diagonal causal mask
         y = F.scaled_dot_product_attention(
             q,
             k,
             v,
-            attn_mask=None if packed is None else packed[1],
-            is_causal=start == 0 and packed is None,
+            attn_mask=mask,
+            is_causal=start == 0 and mask is None,
             dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=nkv != nh,  # query head h reads key/value head h // (nh / nkv)
         )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, nh * hs)  # (B, T, nh hs)
         return self.resid_drop(self.o_proj(y))
@@ -282,12 +287,17 @@ class Block(nn.Module):
         self.mlp = MLP(config, lora)
 
     def forward(
-        self, x: torch.Tensor, cache: KVCache | None = None, index: int = 0, start: int = 0,
-        packed: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor:  # fmt: skip
-        """``(B, T, C) -> (B, T, C)`` (``cache``, ``index``, ``start``, ``packed``:
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        index: int = 0,
+        start: int = 0,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``(B, T, C) -> (B, T, C)`` (``cache``, ``index``, ``start``, ``rope``, ``mask``:
         :meth:`CausalSelfAttention.forward`)."""
-        x = x + self.attn(self.ln_1(x), cache, index, start, packed)
+        x = x + self.attn(self.ln_1(x), cache, index, start, rope, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -311,8 +321,12 @@ class Decoder(nn.Module):
         # tokens whose logits exist at once in forward(..., targets=...): the LM loss without the whole logits
         self.loss_chunk_tokens = 1024
         self.wte = nn.Embedding(config.vocab_size, config.d_model)
-        learned = config.positions == "learned"  # (rotary positions are the attention's)
+        learned = config.positions == "learned"  # (else rotary: q and k rotated in each attention)
         self.wpe = nn.Embedding(config.max_seq_len, config.d_model) if learned else None
+        # rotary frequencies (hs / 2,): a plain attribute, not a buffer: no state-dict key, and
+        # model.to(bfloat16) does not round it; moved to the input's device when used
+        self.rope_freq = (None if learned else
+                          rotary_frequencies(config.head_dim, config.rope_theta, config.rope_scaling))  # fmt: skip
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, lora) for _ in range(config.num_layers))
         self.ln_f = _norm(config)
@@ -374,25 +388,36 @@ class Decoder(nn.Module):
         x = self.wte(idx).to(dtype)  # (B, T, C)
         if self.config.scale_embeddings:  # Gemma: sqrt(d_model), rounded to the computation's dtype first
             x = x * torch.tensor(self.config.d_model**0.5, dtype=x.dtype)
-        packed = None if segment_ids is None else packed_attention(segment_ids.to(idx.device))
+        positions, mask = torch.arange(start, start + T, device=idx.device), None  # (T,)
+        if (
+            segment_ids is not None
+        ):  # packed rows: (B, T) positions from each sequence's start, (B, 1, T, T) mask
+            positions, mask = packed_attention(segment_ids.to(idx.device))
         if self.wpe is not None:
-            at = torch.arange(start, start + T, device=idx.device) if packed is None else packed[0]
-            x = x + self.wpe(at).to(dtype)
+            x = x + self.wpe(positions).to(dtype)
         x = self.drop(x)
+        rope = None  # rotary positions' cos and sin (T, hs), once for every block
+        if self.rope_freq is not None:
+            rope = rotary_cos_sin(positions, self.rope_freq)
+            if mask is not None:  # (B, 1, T, hs): one row's positions for all its heads
+                rope = (rope[0][:, None], rope[1][:, None])
         for i, block in enumerate(self.blocks):
             if cache is not None:
-                x = block(x, cache, i, start)
+                x = block(x, cache, i, start, rope)
             elif self.gradient_checkpointing and torch.is_grad_enabled():
                 # non-reentrant: LoRA grads flow even though x (frozen embeddings) needs no grad
-                x = checkpoint(block, x, None, 0, 0, packed, use_reentrant=False)
+                x = checkpoint(block, x, None, 0, 0, rope, mask, use_reentrant=False)
             else:
-                x = block(x, packed=packed)
+                x = block(x, rope=rope, mask=mask)
         return self.ln_f(x)
 
     def forward(
-        self, idx: torch.Tensor, lengths: torch.Tensor | None = None, targets: torch.Tensor | None = None,
+        self,
+        idx: torch.Tensor,
+        lengths: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:  # fmt: skip
+    ) -> torch.Tensor:
         """Language-model logits ``(B, T, vocab)``; with a classification head, class logits ``(B, classes)``.
 
         For classification, ``lengths`` (B,) gives each right-padded sequence's true length; the head reads
@@ -418,8 +443,13 @@ class Decoder(nn.Module):
         its own)."""
         return frozen_linear(h, self.lm_head.weight)
 
-    def lm_loss(self, idx: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = 1024,
-                segment_ids: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    def lm_loss(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor,
+        chunk_tokens: int = 1024,
+        segment_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Mean next-token cross-entropy of ``idx`` (B, T) against ``targets`` (B, T), ``-100`` not scored.
 
         Equal to ``F.cross_entropy(model(idx).float().reshape(-1, V), targets.reshape(-1))`` to float
@@ -431,7 +461,6 @@ class Decoder(nn.Module):
         hidden = self.hidden_states(idx, segment_ids=segment_ids)
         return chunked_lm_loss(hidden, self.lm_head.weight, targets, chunk_tokens)
 
-    @torch.no_grad()
     def generate(
         self,
         idx: torch.Tensor,
@@ -440,6 +469,7 @@ class Decoder(nn.Module):
         top_k: int | None = None,
         generator: torch.Generator | None = None,
         eos_token_id: int | Sequence[int] | None = None,
+        adapter_names: Sequence[str | None] | None = None,
     ) -> torch.Tensor:
         """Append up to ``max_new_tokens`` sampled tokens to ``idx`` (B, T) -> (B, T + n), n <= max_new_tokens.
 
@@ -450,20 +480,93 @@ class Decoder(nn.Module):
         values are computed once and kept (:class:`KVCache`), so each new token costs one token's work;
         once the sequence fills ``max_seq_len`` positions, each step reads the last ``max_seq_len`` tokens
         afresh (the window slides). The whole call runs under :meth:`generation_context`.
+        ``adapter_names`` (one per row, ``None`` or ``"base"``: no adapter) gives each row its own adapter
+        (:meth:`per_row_adapters`). The tokens are :meth:`stream`'s, collected.
         """
+        steps = list(
+            self.stream(idx, max_new_tokens, temperature, top_k, generator, eos_token_id, adapter_names)
+        )
+        return torch.cat([idx, *(t[:, None] for t in steps)], dim=1)
+
+    def stream(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        adapter_names: Sequence[str | None] | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """:meth:`generate`'s tokens one step at a time, as they are made: each item is the next token of every
+        row, ``(B,)`` (a finished row's is the first EOS id). The arguments are checked at once; the model stays
+        in :meth:`generation_context` (and with ``adapter_names`` in its per-row adapters) until the iterator
+        ends or is closed (``close()``, or dropped), which restores it. Gradients are off for each step only,
+        not for the caller's code between steps."""
         if self.cls_head is not None:
             raise RuntimeError("generate() needs a language model; this one has a classification head")
         eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
         vocab = self.config.vocab_size
         if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab for i in eos):
             raise ValueError(f"eos_token_id must be token ids in [0, {vocab}), got {eos_token_id!r}")
-        with self.generation_context():
-            return self._sample(idx, max_new_tokens, temperature, top_k, generator, eos)
+        if adapter_names is not None and len(adapter_names) != idx.shape[0]:
+            raise ValueError(f"adapter_names must name one adapter per row: {idx.shape[0]} rows, "
+                             f"{len(adapter_names)} names")  # fmt: skip
+        rows = nullcontext() if adapter_names is None else self.per_row_adapters(adapter_names)
+        return self._steps(
+            idx, max_new_tokens, temperature, top_k, generator, eos, [self.generation_context(), rows]
+        )
 
     def generation_context(self) -> AbstractContextManager:
         """What :meth:`generate` runs under, once for all its steps: nothing here (a model that stores its
         base narrower makes it dense for the call)."""
         return nullcontext()
+
+    def per_row_adapters(self, names: Sequence[str | None]) -> AbstractContextManager:
+        """A block where row ``i`` of every batch is computed with adapter ``names[i]``: the model's adapter set's
+        (``self.adapters.per_row``, :mod:`lora.multi_adapter`); a decoder without one refuses."""
+        adapters = getattr(self, "adapters", None)
+        if adapters is None:
+            raise ValueError("adapter_names needs a model with an adapter set (LoRATransformer)")
+        return adapters.per_row(names)
+
+    def _steps(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float,
+        top_k: int | None,
+        generator: torch.Generator | None,
+        eos_ids: Sequence[int],
+        contexts: Sequence[AbstractContextManager] = (),
+    ) -> Iterator[torch.Tensor]:
+        """The steps of :meth:`stream`, within ``contexts`` (entered at the first step, left at the last)."""
+        with ExitStack() as stack:
+            for context in contexts:
+                stack.enter_context(context)
+            eos = torch.tensor(eos_ids, dtype=torch.long, device=idx.device) if eos_ids else None
+            # (B,) whether a row is past its EOS
+            finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+            cache = KVCache(len(self.blocks))
+            with torch.no_grad():
+                h = self.hidden_states(idx[:, -self.max_seq_len :], cache)  # the prompt, once
+            for step in range(max_new_tokens):
+                with torch.no_grad():
+                    nxt = self._next_token(h, temperature, top_k, generator)  # (B, 1)
+                # a finished row continues with EOS; a row that produces an EOS is finished
+                if eos is not None:
+                    nxt = torch.where(finished[:, None], eos[0], nxt)  # (B, 1)
+                    finished |= torch.isin(nxt[:, 0], eos)
+                idx = torch.cat([idx, nxt], dim=1)
+                yield nxt[:, 0]
+                if step == max_new_tokens - 1 or (eos is not None and bool(finished.all())):
+                    break
+                with torch.no_grad():
+                    if cache is not None and cache.length < self.max_seq_len:  # a position left: one token
+                        h = self.hidden_states(nxt, cache)
+                    else:  # the window is full: it slides, and the last max_seq_len tokens are read afresh
+                        cache = None
+                        h = self.hidden_states(idx[:, -self.max_seq_len :])
 
     def _sample(
         self,
@@ -474,33 +577,24 @@ class Decoder(nn.Module):
         generator: torch.Generator | None,
         eos_ids: Sequence[int] = (),
     ) -> torch.Tensor:
-        eos = torch.tensor(eos_ids, dtype=torch.long, device=idx.device) if eos_ids else None
-        finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)  # (B,) a row past its EOS
-        cache = KVCache(len(self.blocks))
-        h = self.hidden_states(idx[:, -self.max_seq_len :], cache)  # the prompt, once
-        for step in range(max_new_tokens):
-            logits = self.logits(h[:, -1, :]).float()  # (B, vocab)
-            if not torch.isfinite(logits).all():
-                raise ValueError(
-                    "the model's logits are not finite (inf or nan): check the adapter's weights and lora_alpha"
-                )
-            if temperature == 0:
-                nxt = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, [-1]]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
-            if eos is not None:  # a finished row continues with EOS; a row that produces an EOS is finished
-                nxt = torch.where(finished[:, None], eos[0], nxt)  # (B, 1)
-                finished |= torch.isin(nxt[:, 0], eos)
-            idx = torch.cat([idx, nxt], dim=1)
-            if step == max_new_tokens - 1 or (eos is not None and bool(finished.all())):
-                break
-            if cache is not None and cache.length < self.max_seq_len:  # a position left: one token's work
-                h = self.hidden_states(nxt, cache)
-            else:  # the window is full: it slides, and the last max_seq_len tokens are read afresh
-                cache = None
-                h = self.hidden_states(idx[:, -self.max_seq_len :])
-        return idx
+        """:meth:`generate`'s result without :meth:`generation_context` (each forward as the model is): for
+        comparisons."""
+        steps = list(self._steps(idx, max_new_tokens, temperature, top_k, generator, eos_ids))
+        return torch.cat([idx, *(t[:, None] for t in steps)], dim=1)
+
+    def _next_token(
+        self, h: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        """The next token of each row, ``(B, 1)``, from the last hidden state ``h`` (B, T, C)."""
+        logits = self.logits(h[:, -1, :]).float()  # (B, vocab)
+        if not torch.isfinite(logits).all():
+            raise ValueError(
+                "the model's logits are not finite (inf or nan): check the adapter's weights and lora_alpha"
+            )
+        if temperature == 0:
+            return logits.argmax(dim=-1, keepdim=True)
+        logits = logits / temperature
+        if top_k is not None:
+            kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, [-1]]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)

@@ -264,6 +264,8 @@ class LoRALinear(nn.Module):
     # whether the weight was stored narrower than it was made (quantize_base), so rounded: not merged into. A
     # half-precision file's weight kept as stored was not
     narrowed: bool = False
+    # within rows_adapted(): (batch, [(rows, A, B, scaling)]): each row of the batch its own adapter's update
+    _per_row: tuple[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]]] | None = None
 
     def _init_from(
         self,
@@ -455,6 +457,8 @@ class LoRALinear(nn.Module):
         """``(..., in) -> (..., out)``. The unmerged path never materialises ``B A`` (DoRA's norm does). The base
         product is :func:`~lora.quantize.frozen_linear`'s: a 4-bit ``W0`` dequantized for it, a bfloat16 one
         widened outside autocast."""
+        if self._per_row is not None:
+            return self._per_row_forward(x)
         if not self.adapter_active:
             return frozen_linear(x, self.weight, self.bias)
         a, b = self.factors()
@@ -480,6 +484,43 @@ class LoRALinear(nn.Module):
             return out
         out = out * g.to(out.dtype)  # (..., out) * (out,); under autocast in its dtype
         return out if self.bias is None else out + self.bias.to(out.dtype)
+
+    @contextmanager
+    def rows_adapted(
+        self, batch: int, groups: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]]
+    ) -> Iterator[None]:
+        """Within the block, row ``i`` of a batch of ``batch`` rows (``x``'s first dimension) gets its own update:
+        ``groups`` are ``(rows, A, B, scaling)``, ``rows`` (k,) the row indices that take ``scaling * B A``
+        (``A: (r, in)``, ``B: (out, r)``: :meth:`factors`' form); a row in no group gets the base output. The
+        layer's own adapter is not used; it is left as it is. The factors take this layer's device and adapter
+        dtype. Inference only (no dropout); a merged layer is refused (its weight holds an adapter)."""
+        if self.merged:
+            raise ValueError("per-row adapters need an unmerged model: unmerge_lora() first")
+        kw = {"device": self.weight.device, "dtype": self.adapter_dtype or _float_dtype(self.weight)}
+        prepared = []
+        for rows, a, b, scaling in groups:
+            if a.shape[1] != self.in_features or b.shape[0] != self.out_features or a.shape[0] != b.shape[1]:
+                raise ValueError(f"per-row adapter factors A {tuple(a.shape)}, B {tuple(b.shape)} do not fit a "
+                                 f"layer of in {self.in_features}, out {self.out_features}")  # fmt: skip
+            prepared.append((rows.to(self.weight.device), a.to(**kw), b.to(**kw), float(scaling)))
+        previous, self._per_row = self._per_row, (batch, prepared)
+        try:
+            yield
+        finally:
+            self._per_row = previous
+
+    def _per_row_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, ..., in) -> (B, ..., out)``: ``x W0^T + b`` for every row, plus for each group of rows its own
+        ``s (x A^T) B^T`` (:meth:`rows_adapted`)."""
+        batch, groups = self._per_row
+        if x.shape[0] != batch:
+            raise ValueError(f"per-row adapters were set for a batch of {batch} rows, got {x.shape[0]}")
+        out = frozen_linear(x, self.weight, self.bias)  # (B, ..., out)
+        for rows, a, b, scaling in groups:
+            xr = x.index_select(0, rows)  # (k, ..., in)
+            update = F.linear(F.linear(xr, a) * scaling, b)  # (k, ..., r) -> (k, ..., out)
+            out = out.index_add(0, rows, update.to(out.dtype))
+        return out
 
     @torch.no_grad()
     def merge(self) -> None:

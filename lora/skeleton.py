@@ -88,8 +88,8 @@ def fill(model: M, tensors: Mapping[str, torch.Tensor]) -> M:
     if tied:
         model.lm_head.weight = model.wte.weight  # stored once
     config = model.config
-    for block in model.blocks:
-        block.attn.rope_freq = rotary_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
+    if model.rope_freq is not None:  # (built on the meta device too)
+        model.rope_freq = rotary_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     assert not left, left
     return model

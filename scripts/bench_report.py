@@ -67,6 +67,7 @@ def summarise(rows: dict[str, dict], paired: dict | None = None) -> dict:
         "nf4_tensor_mem_vs_fp32": ("lora_qv_nf4", "lora_qv", "train_tensor_peak_mb"),
         "nf4_ckpt_train_mem_vs_fp32": ("lora_qv_nf4_ckpt", "lora_qv_ckpt", "train_peak_mem_mb"),
         "nf4_ckpt_tensor_mem_vs_fp32": ("lora_qv_nf4_ckpt", "lora_qv_ckpt", "train_tensor_peak_mb"),
+        "generate_tokens_vs_hf": ("hf_generate", "generate", "step_ms"),  # tokens/s: ours over transformers'
     }
     out: dict = {}
     for name, config in (("lora_qv_mfu", "lora_qv"), ("full_mfu", "full")):  # values, not ratios
@@ -81,6 +82,9 @@ def summarise(rows: dict[str, dict], paired: dict | None = None) -> dict:
             within = [x / y for x, y in zip(paired[a]["ms_passes"], paired[b]["ms_passes"], strict=True)]
             out[f"{name}_paired"] = statistics.median(within)
             out[f"{name}_paired_range"] = [round(min(within), 4), round(max(within), 4)]
+    ours, hf = rows.get("generate", {}), rows.get("hf_generate", {})
+    both = ours.get("status") == hf.get("status") == "ok" and "generated" in ours and "generated" in hf
+    out["generate_same_tokens"] = ours["generated"] == hf["generated"] if both else None
     return out
 
 
@@ -96,6 +100,28 @@ SPEED_TARGETS = (
     ("unmerged_qkvo_vs_base_latency", "unmerged inference time, q+k+v+o adapted / base", "max", 1.05, None),
     ("lora_qv_mem_vs_full", "LoRA q+v peak memory / full fine-tuning", "max", 1.0, 0.6),
 )
+
+
+def generation_lines(rows: dict, summary: dict) -> list[str]:
+    """One size's greedy generation with the key/value cache, ours against transformers' (else no lines)."""
+    ours, hf = rows.get("generate", {}), rows.get("hf_generate", {})
+    if ours.get("status") != "ok" or hf.get("status") != "ok":
+        return []
+    same = {True: "yes", False: "no", None: "-"}[summary.get("generate_same_tokens")]
+    ratio, rounds = summary.get("generate_tokens_vs_hf"), summary.get("generate_tokens_vs_hf_rounds", [])
+    spread = f" (rounds {min(rounds):.3f}-{max(rounds):.3f})" if len(rounds) > 1 else ""
+    shown = "-" if ratio is None else f"{ratio:.3f}{spread}"
+    side = summary.get("generate_tokens_vs_hf_paired")
+    if side is not None:  # (--paired: within passes of the two side by side in one process)
+        low, high = summary["generate_tokens_vs_hf_paired_range"]
+        shown += f", side by side {side:.3f} (passes {low:.3f}-{high:.3f})"
+    return ["", f"Greedy generation with the key/value cache, {len(ours.get('generated', []))} new tokens of "
+            "one sequence: ours (`model.generate`) "
+            f"{ours['tokens_per_s']:,.1f} tokens/s, transformers' `generate(do_sample=False)` "
+            f"{hf['tokens_per_s']:,.1f} tokens/s; ours over transformers' (within rounds): {shown}; "
+            f"the same tokens: {same}."]  # fmt: skip
+
+
 COMPILED_PEFT_LIMIT = (
     1.1  # on the GPU, both compiled alike: LoRA q+v at least this many times PEFT's tokens/s
 )
@@ -146,7 +172,7 @@ def targets_for(settings: dict) -> tuple[list, tuple[str, ...]]:
     after the speed ones), and the shapes they are set for."""
     if settings["device"] != "cuda":
         cpu_rows = [(k, label, cpu, kind) for k, label, kind, cpu, _ in SPEED_TARGETS if cpu]
-        return cpu_rows + list(VARIANT_TARGETS), ("small",)
+        return cpu_rows + list(VARIANT_TARGETS), ("small", "smollm2")
     compiled = settings["compile"]
     graphs = compiled and settings.get("compile_mode") == "reduce-overhead"
     rows = []
@@ -174,6 +200,16 @@ def compiled_label(settings: dict) -> str:
     return ", compiled" + ("" if mode == "default" else f" ({mode})")
 
 
+def family_label(shape: dict) -> str:
+    """A size's heading's end: the Llama layout's fields (``family`` "llama") and whose weights it has."""
+    weights = "" if shape.get("base") else "; random weights"
+    if shape.get("family", "gpt2") != "llama":
+        return f" (GPT-2 layout{weights})"
+    kv = shape.get("num_kv_heads") or shape["num_heads"]
+    return (f" (Llama layout: RMSNorm, rotary, gated SiLU MLP {shape['d_ff']:,}, {kv} key/value heads, "
+            f"tied head{weights})")  # fmt: skip
+
+
 def markdown(result: dict) -> str:
     """The Markdown report: one table per size, the targets, the machine."""
     m, s = result["machine"], result["settings"]
@@ -197,7 +233,7 @@ def markdown(result: dict) -> str:
         lines += [
             "",
             f"## {size}: d_model {sh['d_model']}, {sh['num_layers']} layers, {sh['num_heads']} heads, "
-            f"vocab {sh['vocab_size']}, batch {sh['batch']} x seq {sh['seq_len']}",
+            f"vocab {sh['vocab_size']}, batch {sh['batch']} x seq {sh['seq_len']}{family_label(sh)}",
             "",
             f"| configuration | step (ms) | {device_col} | tokens/s | vs full | {mem} | steps' peak (MiB) "
             f"| a step's tensors (MiB) | {count_col} | trainable params | MFU |",
@@ -245,7 +281,7 @@ def markdown(result: dict) -> str:
             low, high = summary.get(f"{key}_paired_range") or (None, None)
             side = "-" if side is None else f"{side:.3f} ({low:.3f}-{high:.3f})"
             lines.append(f"| {label} | {sign} {limit} | {shown} | {met} | {spread} | {side} |")
-        lines += lever_lines(summary)
+        lines += lever_lines(summary) + generation_lines(rows, summary)
         pairs = result.get("paired", {}).get(size)
         if pairs and pairs.get("status") == "error":
             lines += ["", f"Side by side (`--paired`): {pairs['status']}: {pairs['reason']}"]

@@ -18,6 +18,8 @@ on the fused ``c_attn``: it adapts q, k and v with as many parameters as our q+v
     python scripts/benchmark.py --sizes small,gpt2 --device cuda --dtype bf16 --compile --out ...
     python scripts/benchmark.py --sizes small --device cuda --compile --compile_mode reduce-overhead --out ...
     python scripts/benchmark.py --base path/to/gpt2 --sizes base --out runs/benchmark-gpt2   # a real base
+    python scripts/benchmark.py --sizes smollm2 --threads 2 --rounds 3 --loss chunked \
+        --configs full,lora_qv,peft_qv,infer_base,generate,hf_generate --out benchmarks/cpu_smollm2
 
 ``--configs`` may also name configurations not run by default: ``lora_qv_ckpt`` (gradient checkpointing),
 ``infer_lora_qkvo_unmerged`` (all four attention projections adapted), and ``lora_qv_unfused``,
@@ -39,9 +41,18 @@ the allocator's cache. ``lora_qv_nf4_ckpt`` is the 4-bit base with gradient chec
 cross-entropy a chunk of tokens at a time (``model(idx, targets=...)``); the peer always makes the whole
 logits tensor.
 
-``--base DIR`` adds the size ``base``: a model folder (this project's, or a Hugging Face GPT-2 folder) whose
-weights both models load (the peer from the GPT-2 folder itself; from our format it starts random), timed
-on ``--base_batch`` sequences of ``min(128, max_seq_len)`` tokens.
+``--base DIR`` adds the size ``base``: a model folder (this project's, or a Hugging Face GPT-2 or Llama-family
+folder) whose weights both models load (the peer from the Hugging Face folder itself; from our format it
+starts random), timed on ``--base_batch`` sequences of ``min(128, max_seq_len)`` tokens.
+
+The Llama family: the sizes ``smollm2`` (SmolLM2-135M's shape: hidden 576, 30 layers, 9 heads, 3 key/value
+heads, MLP 1,536 gated SiLU, vocabulary 49,152, tied embeddings, RMSNorm, rotary; random weights) and
+``tiny_llama`` build ours with those family fields and the peer as transformers' ``LlamaForCausalLM`` of the
+same config (random init, SDPA) with PEFT LoRA r 8 on ``q_proj`` and ``v_proj``: our q+v's targets and
+parameters. ``generate`` and ``hf_generate`` time greedy generation with the key/value cache, one sequence of
+``prompt`` tokens and ``new_tokens`` more (tokens/s counts the new ones): ours (``model.generate``, loaded
+from the peer's weights through a temporary Hugging Face folder) against transformers'
+``generate(do_sample=False)``; the report says whether the tokens are the same.
 
 Writes ``results.json``, ``results.md`` (table, targets, machine) and ``results.png`` into ``--out``.
 """
@@ -58,6 +69,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -89,7 +101,10 @@ from scripts.bench_report import FLOPS_NOTE, markdown, plot, summarise
 
 @dataclass(frozen=True)
 class Shape:
-    """A GPT-2-layout model and the batch it is timed on (``d_ff = 4 d_model``)."""
+    """A model and the batch it is timed on: GPT-2's layout (``family`` "gpt2": LayerNorm, learned positions,
+    a GELU MLP of ``d_ff = 4 d_model``) or Llama's ("llama": RMSNorm, rotary positions, a gated SiLU MLP of
+    ``d_ff``, ``num_kv_heads`` key/value heads, no biases, the head tied to the embeddings). Generation
+    reads a ``prompt``-token prompt of one sequence and appends ``new_tokens`` greedily."""
 
     d_model: int
     num_layers: int
@@ -98,11 +113,36 @@ class Shape:
     batch: int
     vocab_size: int
     base: str | None = None  # a model folder whose weights are loaded (the size "base")
+    family: str = "gpt2"
+    num_kv_heads: int | None = None  # (None: num_heads)
+    d_ff: int | None = None  # (None: 4 d_model)
+    rope_theta: float = 10000.0
+    prompt: int = 32
+    new_tokens: int = 64
+
+    @property
+    def llama(self) -> bool:
+        return self.family == "llama"
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def ff(self) -> int:
+        return self.d_ff or 4 * self.d_model
+
+    @property
+    def positions(self) -> int:
+        """The models' position count: a Llama's 2,048 (rotary: no weights), GPT-2's what a step or a
+        generation reaches."""
+        return 2048 if self.llama else max(self.seq_len, self.prompt + self.new_tokens)
 
 
 @dataclass(frozen=True)
 class Config:
-    """One thing to time: ``task`` "train" or "infer"; ``impl`` "ours" or "peft"; LoRA ``targets``."""
+    """One thing to time: ``task`` "train", "infer" or "generate"; ``impl`` "ours", "peft" (transformers +
+    PEFT) or "hf" (transformers alone); LoRA ``targets``."""
 
     name: str
     task: str
@@ -124,7 +164,17 @@ SIZES = {
     # the GPU-speed issue's shapes: GPT-2 small at its full context, batch 8 and 16 (for a GPU, not a CPU)
     "gpt2_1024x8": Shape(d_model=768, num_layers=12, num_heads=12, seq_len=1024, batch=8, vocab_size=50257),
     "gpt2_1024x16": Shape(d_model=768, num_layers=12, num_heads=12, seq_len=1024, batch=16, vocab_size=50257),
-}
+    # the Llama family: a tiny one (tests, --quick), and SmolLM2-135M's shape (random weights)
+    "tiny_llama": Shape(d_model=64, num_layers=2, num_heads=4, seq_len=64, batch=4, vocab_size=256, family="llama",
+                        num_kv_heads=2, d_ff=96, prompt=8, new_tokens=8),
+    "smollm2": Shape(d_model=576, num_layers=30, num_heads=9, seq_len=128, batch=4, vocab_size=49152,
+                     family="llama", num_kv_heads=3, d_ff=1536, rope_theta=100000.0),
+    # the same on a GPU, at sequence 1,024, batch 8
+    "smollm2_1024x8": Shape(d_model=576, num_layers=30, num_heads=9, seq_len=1024, batch=8, vocab_size=49152,
+                            family="llama", num_kv_heads=3, d_ff=1536, rope_theta=100000.0),
+}  # fmt: skip
+# the sizes --quick runs (and the Llama family's in tests)
+QUICK_SIZES = ("tiny", "tiny_llama")
 CONFIGS = (
     Config("full", "train"),
     Config("lora_qv", "train", targets=("q", "v")),
@@ -133,6 +183,9 @@ CONFIGS = (
     Config("infer_base", "infer"),
     Config("infer_lora_unmerged", "infer", targets=("q", "v")),
     Config("infer_lora_merged", "infer", targets=("q", "v"), merged=True),
+    # greedy generation with a key/value cache: ours (model.generate) and transformers' generate, same weights
+    Config("generate", "generate"),
+    Config("hf_generate", "generate", impl="hf"),
 )
 CHECKPOINTED = Config("lora_qv_ckpt", "train", targets=("q", "v"), checkpointing=True)
 # timed only when --configs names them: all four projections adapted, and the unfused q/k/v layout
@@ -160,10 +213,17 @@ PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("
 
 
 def flops_per_token(shape: Shape, config: Config) -> float:
-    """Model FLOPs per token as ``bench_report.FLOPS_NOTE`` states them (the peer counts as LoRA q+v)."""
+    """Model FLOPs per token as ``bench_report.FLOPS_NOTE`` states them (the peer counts as LoRA q+v).
+    Generation: per new token, its context the prompt and half the new tokens (the prompt's own pass not
+    counted)."""
     d, L, T = shape.d_model, shape.num_layers, shape.seq_len
-    n = L * (4 * d * d + 2 * d * 4 * d) + d * shape.vocab_size  # (q, k, v, o, fc1, fc2) x L + LM head
-    n_lora = L * len(config.targets) * LORA_R * 2 * d
+    kv = d * shape.kv_heads // shape.num_heads  # the keys' and values' width
+    mlp = (3 if shape.llama else 2) * d * shape.ff  # (gate, up, down) or (fc1, fc2)
+    n = L * (2 * d * d + 2 * d * kv + mlp) + d * shape.vocab_size  # (q, k, v, o, MLP) x L + LM head
+    lora_in_out = {"q": 2 * d, "k": d + kv, "v": d + kv, "o": 2 * d}  # each adapted projection's in + out
+    n_lora = L * LORA_R * sum(lora_in_out[t] for t in config.targets)
+    if config.task == "generate":
+        return 2 * n + 4 * L * (shape.prompt + shape.new_tokens // 2) * d
     attn = 4 * L * T * d
     if config.task == "infer":
         return 2 * n + attn + (0 if config.merged else 2 * n_lora)
@@ -324,11 +384,32 @@ def build_ours(shape: Shape, config: Config, device: torch.device) -> nn.Module:
     torch.manual_seed(0)
     lora = {"lora_r": LORA_R if config.targets else 0, "lora_alpha": LORA_ALPHA, "use_dora": config.dora,
             "lora_targets": config.targets or ("q",), "adapt_attention": bool(config.targets)}  # fmt: skip
+    if config.task == "generate" and not shape.base and peer_installed():  # the peer's weights, loaded
+        with tempfile.TemporaryDirectory(prefix="benchmark-") as folder:
+            build_hf(shape, device).save_pretrained(folder)
+            return LoRATransformer.from_pretrained(folder, dropout=0.0, lora_r=0).to(device).eval()
     if shape.base:
         model = LoRATransformer.from_pretrained(shape.base, dropout=0.0, **lora).to(device)
     else:
+        family = (
+            dict(
+                norm="rmsnorm",
+                mlp="gated",
+                positions="rotary",
+                num_kv_heads=shape.kv_heads,
+                bias=False,
+                tied_head=True,
+                rope_theta=shape.rope_theta,
+                activation="silu",
+            )
+            if shape.llama
+            else {}
+        )
         model = LoRATransformer(shape.vocab_size, shape.d_model, shape.num_heads, shape.num_layers,
-                                max_seq_len=shape.seq_len, dropout=0.0, **lora).to(device)  # fmt: skip
+                                d_ff=shape.ff, max_seq_len=shape.positions, dropout=0.0, **lora,
+                                **family).to(device)  # fmt: skip
+    if config.task == "generate":
+        return model.eval()
     model.gradient_checkpointing = config.checkpointing
     model.fused_qkv = config.fused_qkv
     if config.targets or config.task == "train":  # a LoRA run's model, or a full fine-tune's
@@ -337,27 +418,52 @@ def build_ours(shape: Shape, config: Config, device: torch.device) -> nn.Module:
     return model
 
 
-def build_peer(shape: Shape, device: torch.device) -> nn.Module:
-    """transformers GPT-2 of the same shape, random init, with PEFT LoRA r 8 on the fused q/k/v."""
+def build_hf(shape: Shape, device: torch.device) -> nn.Module:
+    """transformers' model of ``shape`` (``GPT2LMHeadModel`` or ``LlamaForCausalLM``, SDPA attention, no
+    dropout), random init from seed 0 (or a GPT-2 folder's weights for the size ``base``); no end-of-text
+    token, so a generation runs its whole length."""
     import_torchao_quietly()  # peft and transformers import it when installed: without its log lines
-    from peft import LoraConfig, get_peft_model
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    lora = LoraConfig(
-        r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=["c_attn"],
-        fan_in_fan_out=True, bias="none",
-    )  # fmt: skip
-    if shape.base and is_hf_folder(shape.base):  # the same GPT-2 folder, loaded by transformers
-        peer = GPT2LMHeadModel.from_pretrained(shape.base, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                               use_cache=False, attn_implementation="sdpa")  # fmt: skip
-        return get_peft_model(peer, lora).to(device)
+    if shape.base and is_hf_folder(shape.base):  # the same folder, loaded by transformers
+        if shape.llama:  # (a Llama-family folder: its attention dropout is 0 unless it says otherwise)
+            from transformers import AutoModelForCausalLM
+
+            return AutoModelForCausalLM.from_pretrained(shape.base, attention_dropout=0.0, use_cache=False,
+                                                        attn_implementation="sdpa").to(device)  # fmt: skip
+        return GPT2LMHeadModel.from_pretrained(shape.base, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                               use_cache=False, attn_implementation="sdpa").to(device)  # fmt: skip
+    if shape.llama:
+        cfg = LlamaConfig(
+            vocab_size=shape.vocab_size, hidden_size=shape.d_model, intermediate_size=shape.ff,
+            num_hidden_layers=shape.num_layers, num_attention_heads=shape.num_heads,
+            num_key_value_heads=shape.kv_heads, hidden_act="silu", max_position_embeddings=shape.positions,
+            rms_norm_eps=1e-5, tie_word_embeddings=True, rope_theta=shape.rope_theta, attention_dropout=0.0,
+            use_cache=False, bos_token_id=None, eos_token_id=None, pad_token_id=None, attn_implementation="sdpa",
+        )  # fmt: skip
+        return LlamaForCausalLM(cfg).to(device)
     cfg = GPT2Config(
-        vocab_size=shape.vocab_size, n_positions=shape.seq_len, n_embd=shape.d_model,
+        vocab_size=shape.vocab_size, n_positions=shape.positions, n_embd=shape.d_model,
         n_layer=shape.num_layers, n_head=shape.num_heads, resid_pdrop=0.0, embd_pdrop=0.0,
-        attn_pdrop=0.0, use_cache=False, bos_token_id=0, eos_token_id=0, attn_implementation="sdpa",
+        attn_pdrop=0.0, use_cache=False, bos_token_id=None, eos_token_id=None, attn_implementation="sdpa",
     )  # fmt: skip
-    return get_peft_model(GPT2LMHeadModel(cfg), lora).to(device)
+    return GPT2LMHeadModel(cfg).to(device)
+
+
+def build_peer(shape: Shape, device: torch.device) -> nn.Module:
+    """:func:`build_hf`'s model with PEFT LoRA r 8 as ours: GPT-2's on the fused ``c_attn`` (q, k and v, with
+    as many parameters as our q+v), a Llama's on ``q_proj`` and ``v_proj``."""
+    import_torchao_quietly()
+    from peft import LoraConfig, get_peft_model
+
+    model = build_hf(shape, device)
+    gpt2 = not shape.llama
+    lora = LoraConfig(
+        r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, bias="none",
+        target_modules=["c_attn"] if gpt2 else ["q_proj", "v_proj"], fan_in_fan_out=gpt2,
+    )  # fmt: skip
+    return get_peft_model(model, lora).to(device)
 
 
 def prepare_inference(model: nn.Module, config: Config, idx: torch.Tensor, autocast: Callable) -> dict:
@@ -419,6 +525,8 @@ class Step:
 def make_step(model: nn.Module, shape: Shape, config: Config, opts: dict, device: torch.device) -> Step:
     """One step of ``config`` on ``model``: a forward under ``inference_mode`` (the adapter given and merged
     by :func:`prepare_inference`), or forward, loss, backward and AdamW over the trainable parameters."""
+    if config.task == "generate":
+        return generation_step(model, shape, config, device)
     idx, targets = batch(shape, device)
     peer = config.impl == "peft"
     forward = (lambda m, x: m(input_ids=x).logits) if peer else (lambda m, x: m(x))
@@ -459,6 +567,35 @@ def make_step(model: nn.Module, shape: Shape, config: Config, opts: dict, device
     return Step(train, opt, losses)
 
 
+def generation_step(model: nn.Module, shape: Shape, config: Config, device: torch.device) -> Step:
+    """One greedy generation of ``shape.new_tokens`` tokens after a random ``shape.prompt``-token prompt (one
+    sequence), each with the key/value cache: ours ``model.generate(temperature=0)``, transformers'
+    ``generate(do_sample=False)``. ``extra["generated"]``: the new tokens of the last call (with the same
+    weights, ours and the peer's are the same tokens)."""
+    g = torch.Generator().manual_seed(2)
+    prompt = torch.randint(0, shape.vocab_size, (1, shape.prompt), generator=g).to(device)
+    extra: dict = {}
+    if config.impl == "hf":
+        mask = torch.ones_like(prompt)
+
+        def generate() -> torch.Tensor:
+            return model.generate(prompt, attention_mask=mask, max_new_tokens=shape.new_tokens, do_sample=False,
+                                  use_cache=True, pad_token_id=0)  # fmt: skip
+    else:
+
+        def generate() -> torch.Tensor:
+            return model.generate(prompt, shape.new_tokens, temperature=0.0)
+
+    def step() -> None:
+        out = generate()
+        if out.shape[1] != shape.prompt + shape.new_tokens:  # (no end-of-text token stops it early)
+            raise RuntimeError(f"{config.name} generated {out.shape[1] - shape.prompt} tokens, not "
+                               f"{shape.new_tokens}")  # fmt: skip
+        extra["generated"] = out[0, shape.prompt :].tolist()
+
+    return Step(step, extra=extra)
+
+
 def compiled(model: nn.Module, opts: dict) -> Callable[..., object]:
     """``model`` under ``torch.compile`` in ``opts["compile_mode"]`` (reduce-overhead: CUDA graphs) with
     ``--compile``, else the model itself."""
@@ -466,8 +603,10 @@ def compiled(model: nn.Module, opts: dict) -> Callable[..., object]:
 
 
 def build(shape: Shape, config: Config, device: torch.device) -> nn.Module:
-    """The model ``config`` times: the peer (transformers + PEFT) or ours."""
+    """The model ``config`` times: the peer (transformers + PEFT, or transformers alone) or ours."""
     with device:  # parameters are made (and initialised) where they will live
+        if config.impl == "hf":
+            return build_hf(shape, device).eval()
         return build_peer(shape, device) if config.impl == "peft" else build_ours(shape, config, device)
 
 
@@ -483,7 +622,7 @@ def run_config(shape: Shape, config: Config, opts: dict) -> dict:
     reset_peak_memory(device)  # from here: the peak of the steps (VmHWM / CUDA's statistics), not of building
     made = make_step(model, shape, config, opts, device)
     step, opt, extra = made.fn, made.optimizer, made.extra
-    B, T = shape.batch, shape.seq_len
+    B, T = (1, shape.new_tokens) if config.task == "generate" else (shape.batch, shape.seq_len)
     bf16 = opts["dtype"] == "bf16"
 
     times, device_times = time_steps(step, opts["warmup"], opts["steps"], device)
@@ -523,7 +662,7 @@ def run_config(shape: Shape, config: Config, opts: dict) -> dict:
 
 def run_in_subprocess(shape: Shape, config: Config, opts: dict) -> dict:
     """Run one configuration in a fresh Python process and parse its JSON reply."""
-    if config.impl == "peft" and not peer_installed():
+    if config.impl != "ours" and not peer_installed():
         return {
             "status": "skipped",
             "reason": "transformers or peft is not installed (install the `bench` extra)",
@@ -587,7 +726,7 @@ WORKER_OPTIONS = ("device", "dtype", "compile", "compile_mode", "threads", "step
 
 # the run's size and length: by default, and with --quick (which refuses them given)
 RUN_DEFAULTS = {"sizes": "small", "steps": 10, "warmup": 3, "rounds": 1}
-QUICK = {"sizes": "tiny", "steps": 3, "warmup": 1, "rounds": 1}
+QUICK = {"sizes": ",".join(QUICK_SIZES), "steps": 3, "warmup": 1, "rounds": 1}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -637,7 +776,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--out", default="runs/benchmark", help="folder for results.{json,md,png}")
     p.add_argument("--quick", action="store_true",
-                   help="tiny model, 3 steps after 1, one round, 1 thread (unless --threads): seconds")  # fmt: skip
+                   help="tiny models (GPT-2's and Llama's layout), 3 steps after 1, one round, 1 thread (unless "
+                   "--threads): seconds")  # fmt: skip
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     settings = QUICK if args.quick else RUN_DEFAULTS
@@ -653,8 +793,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         if args.base_batch < 1:
             p.error(f"--base_batch must be >= 1, got {args.base_batch}")
         arch = resolve_base(args.base).architecture  # a bad folder: one line, exit 2
+        family = "llama" if arch.positions == "rotary" else "gpt2"
         SIZES["base"] = Shape(arch.d_model, arch.num_layers, arch.num_heads, min(128, arch.max_seq_len),
-                              args.base_batch, arch.vocab_size, str(Path(args.base).resolve()))  # fmt: skip
+                              args.base_batch, arch.vocab_size, str(Path(args.base).resolve()), family,
+                              arch.num_kv_heads, arch.d_ff, arch.rope_theta)  # fmt: skip
     elif "base" in args.sizes:
         p.error("--sizes base needs --base DIR")
     bad = [s for s in args.sizes if s not in SIZES]
@@ -695,7 +837,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print(json.dumps(run_config(shape, config, job["opts"])))
         return {}
     opts = {k: getattr(args, k) for k in WORKER_OPTIONS}
-    configs = [c for c in CONFIGS if not (args.skip_peer and c.impl == "peft")]
+    configs = [c for c in CONFIGS if not (args.skip_peer and c.impl != "ours")]
     if args.gradient_checkpointing:
         configs.insert(3, CHECKPOINTED)
     if args.configs:
@@ -705,7 +847,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     paired: dict[str, dict] = {}  # size -> paired_times' record (--paired)
     for size in args.sizes:
         # side by side first: on a machine lent for minutes (a GPU), a time limit then cuts rounds, not this
-        side = [c.name for c in configs if c.impl != "peft" or peer_installed()]
+        side = [c.name for c in configs if c.impl == "ours" or peer_installed()]
         if args.paired and len(side) > 1:
             job = {"shape": asdict(SIZES[size]), "paired": side, "passes": args.paired, "opts": opts}
             paired[size] = run_worker(job)

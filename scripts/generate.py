@@ -5,12 +5,16 @@ the base folder's own, else bytes (the built-in bases: token id = byte value; in
 U+FFFD). With a folder's own tokenizer the prompt starts with its BOS where the tokenizer adds one, and
 generation stops at its EOS (any of ``generation_config.json``'s ``eos_token_id``), read from the same folder
 as the tokenizer: a run folder keeps those files. Every variant starts from the same seed, so differences
-come from the adapters.
+come from the adapters. With ``--batched`` the base and every adapter answer in one batch, each row with its own
+adapter (``model.generate(..., adapter_names=[...])``, ``lora/multi_adapter.py``): greedy, the same text as one at
+a time; sampled, the rows draw from one random stream, so their text differs from the one-at-a-time runs'.
 
     python scripts/generate.py --base runs/bases/english-d256-h4-l2-s128-steps800-seed0 --prompt "The "
     python scripts/generate.py --base runs/bases/english-d256-h4-l2-s128-steps800-seed0 --adapter runs/code-lora-r8 --prompt "def " --top_k 40
     python scripts/generate.py --base runs/bases/caesar-d256-h4-l2-s128-steps300-seed0 --adapter runs/multitask-rot13 \\
         --adapter runs/multitask-atbash --prompt "h" --max_new_tokens 1 --temperature 0 --no_base
+    python scripts/generate.py --base runs/bases/caesar-d256-h4-l2-s128-steps300-seed0 --adapter runs/multitask-rot13 \\
+        --adapter runs/multitask-atbash --prompt "hello" --max_new_tokens 8 --temperature 0 --batched
     python scripts/generate.py --base path/to/gpt2 --adapter runs/my-text-run --prompt "Once upon a time"
 """
 
@@ -89,6 +93,29 @@ def sample(
     return text_of(out, tokenizer)
 
 
+def sample_batched(
+    model: LoRATransformer,
+    prompt: list[int],
+    rows: list[tuple[str, list[int]]],
+    names: list[str],
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    seed: int,
+    tokenizer: Tokenizer,
+) -> None:
+    """``prompt`` answered by every adapter of ``names`` (``"base"``: none) in one batch, row ``i`` with adapter
+    ``names[i]``; each step's tokens are appended to ``rows[i][1]`` as they come (a finished row's EOS repeats:
+    :func:`text_of` ends there)."""
+    device = model.wte.weight.device
+    g = torch.Generator(device=device).manual_seed(seed)
+    idx = torch.tensor([prompt] * len(names), device=device)  # (rows, T)
+    eos = list(tokenizer.special_tokens.eos_ids) or None
+    for step in model.stream(idx, max_new_tokens, temperature, top_k, g, eos, adapter_names=names):
+        for (_, ids), token in zip(rows, step.tolist(), strict=True):
+            ids.append(token)
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = CommandLineParser(prog="generate.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--base", required=True, help="model folder (config.json + model.safetensors)")
@@ -101,6 +128,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--top_k", type=int, default=None, help="sample among the k most likely tokens (>= 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no_base", action="store_true", help="show the adapters only")
+    p.add_argument("--batched", action="store_true",
+                   help="answer with the base and every adapter in one batch, a row each (lora/multi_adapter.py)")  # fmt: skip
     p.add_argument("--force", action="store_true", help="load adapters trained on other base weights")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     return p.parse_args(argv)
@@ -151,13 +180,19 @@ def run(
     gen = (args.max_new_tokens, args.temperature, args.top_k, args.seed)
     variants = [] if args.no_base else [("base", None)]
     variants += [(f"adapter {folder}", folder) for folder in args.adapter]
+    names = []
     for i, (label, folder) in enumerate(variants):
         if folder is not None:
             model.load_adapter(folder, f"adapter{i}", force=args.force)
             if model.cls_head is not None:
                 raise ValueError(f"{folder}: a classification adapter cannot generate text")
-        rows.append((label, []))
-        sample(model, prompt, *gen, out=rows[-1][1], tokenizer=tokenizer)
+        names.append("base" if folder is None else f"adapter{i}")
+        if not args.batched:
+            rows.append((label, []))
+            sample(model, prompt, *gen, out=rows[-1][1], tokenizer=tokenizer)
+    if args.batched:
+        rows += [(label, []) for label, _ in variants]
+        sample_batched(model, prompt, rows, names, *gen, tokenizer=tokenizer)
     return [(label, text_of(ids, tokenizer)) for label, ids in rows]
 
 

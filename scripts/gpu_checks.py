@@ -25,14 +25,19 @@ get through every stage at the GPU's shapes: the later stages are for a later ca
    inference (the issue's targets), and the levers of a LoRA q+v step one at a time (q, k, v unfused, a
    bfloat16 base, reading the loss every step, the chunked head); also side by side in one process
    (``--paired 30``), and each configuration's profiled step's share of matrix products (``--profile``).
-5. ``trainer_compiled``: stage 2 under ``--compile`` (its syncs counted from the first read, after the
+5. ``bench_llama``: the Llama family at SmolLM2-135M's shape (576 wide, 30 layers, 9 heads, 3 key/value heads,
+   gated MLP 1,536, vocabulary 49,152; random weights), sequence 1,024, batch 8 (``smollm2_1024x8``), bf16, the
+   chunked loss: full fine-tuning, LoRA q+v against transformers' ``LlamaForCausalLM`` + PEFT on
+   ``q_proj``/``v_proj``, inference, and greedy generation with the key/value cache against transformers'
+   ``generate`` (64 new tokens after 32; whether the tokens are the same).
+6. ``trainer_compiled``: stage 2 under ``--compile`` (its syncs counted from the first read, after the
    compilation).
-6. ``bench_compiled``: full, LoRA q+v and the peer at stage 4's shape, every model compiled alike.
-7. ``bench_graphs``: the same at the launch-bound ``small`` shape, compiled with CUDA graphs
+7. ``bench_compiled``: full, LoRA q+v and the peer at stage 4's shape, every model compiled alike.
+8. ``bench_graphs``: the same at the launch-bound ``small`` shape, compiled with CUDA graphs
    (``--compile_mode reduce-overhead``).
-8. ``bench_variants``: the nf4 base (checkpointed or not) and DoRA at the benchmark's ``gpt2`` shape, with
+9. ``bench_variants``: the nf4 base (checkpointed or not) and DoRA at the benchmark's ``gpt2`` shape, with
    the chunked loss.
-9. ``trainer_graphs``: stage 2 compiled with CUDA graphs.
+10. ``trainer_graphs``: stage 2 compiled with CUDA graphs.
 
 Prints a short table last and writes ``gpu_checks.json`` into ``--out``, the benchmarks' whole reports in it
 (``reports``), and the benchmarks' folders (``results.{json,md,png}``) into ``--bench_out`` (default: the
@@ -238,6 +243,8 @@ BENCHMARKS = {
     "bench_speed": ("gpt2_1024x8", "tiny",
                     ["--configs", "full,lora_qv,peft_qv,infer_base,infer_lora_unmerged,infer_lora_merged,"
                      "lora_qv_unfused,lora_qv_bf16,lora_qv_sync,lora_qv_chunked", "--paired", "30", "--profile"]),
+    "bench_llama": ("smollm2_1024x8", "tiny_llama",
+                    ["--loss", "chunked", "--configs", "full,lora_qv,peft_qv,infer_base,generate,hf_generate"]),
     "bench_compiled": ("gpt2_1024x8", "tiny", ["--compile", "--configs", "full,lora_qv,peft_qv"]),
     "bench_graphs": ("small", "tiny",
                      ["--compile", "--compile_mode", "reduce-overhead", "--configs", "full,lora_qv,peft_qv"]),
@@ -248,10 +255,11 @@ BENCHMARKS = {
 BENCH_KEYS = ("lora_qv_step_vs_full", "lora_qv_tokens_vs_peft", "lora_qv_mfu", "full_mfu", "unmerged_vs_base_latency",
               "merged_vs_base_latency", "lora_qv_mem_vs_full", "lora_qv_fused_vs_unfused", "bf16_base_step_vs_fp32",
               "bf16_base_mem_vs_fp32", "sync_free_vs_sync", "chunked_vs_full_loss", "chunked_vs_full_loss_mem",
-              "dora_step_vs_lora", "nf4_tensor_mem_vs_fp32", "nf4_ckpt_tensor_mem_vs_fp32")  # fmt: skip
+              "dora_step_vs_lora", "nf4_tensor_mem_vs_fp32", "nf4_ckpt_tensor_mem_vs_fp32", "generate_tokens_vs_hf",
+              "generate_same_tokens")  # fmt: skip
 # the stages in the order they run, most wanted first: a time budget that runs out cuts the last ones
-STAGES = ("checks", "trainer", "main_job", "bench_speed", "trainer_compiled", "bench_compiled", "bench_graphs",
-          "bench_variants", "trainer_graphs")  # fmt: skip
+STAGES = ("checks", "trainer", "main_job", "bench_speed", "bench_llama", "trainer_compiled", "bench_compiled",
+          "bench_graphs", "bench_variants", "trainer_graphs")  # fmt: skip
 MIN_STAGE_S = 45.0  # a stage is not started with less of the budget left (a process's start and one model)
 # a compiled trainer run cannot be stopped part way (it runs in this process), and compiling GPT-2 small's
 # step may take a minute (not yet measured on the GPU): such a run is not started with less than this left

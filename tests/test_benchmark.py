@@ -27,13 +27,19 @@ sys.modules["benchmark"] = benchmark  # its dataclasses look their module up the
 spec.loader.exec_module(benchmark)
 
 
+QUICK_CONFIGS = ("full", "lora_qv", "peft_qv", "infer_lora_merged", "generate", "hf_generate")
+
+
 def test_quick_run_writes_json_markdown_and_png(tmp_path):
-    cmd = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--quick", "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    """--quick times GPT-2's tiny layout and Llama's (a subset of the configurations here, to stay quick)."""
+    cmd = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--quick", "--configs", ",".join(QUICK_CONFIGS),
+           "--out", str(tmp_path)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr
     result = json.loads((tmp_path / "results.json").read_text())
+    assert list(result["results"]) == ["tiny", "tiny_llama"]
     rows = result["results"]["tiny"]
-    assert list(rows) == [c.name for c in benchmark.CONFIGS]
+    assert list(rows) == list(QUICK_CONFIGS)
     for name, r in rows.items():
         if name == "peft_qv" and r["status"] == "skipped":  # the `bench` extra is not installed
             assert "bench" in r["reason"]
@@ -54,6 +60,28 @@ def test_quick_run_writes_json_markdown_and_png(tmp_path):
     md = (tmp_path / "results.md").read_text()
     assert "| lora_qv |" in md and "| target |" in md
     assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    llama = result["results"]["tiny_llama"]  # 2 layers, d 64, 4 heads of 16, 2 key/value heads (kv width 32)
+    assert all(r["status"] == "ok" for r in llama.values()), llama
+    assert llama["lora_qv"]["trainable_params"] == 2 * 8 * ((64 + 64) + (64 + 32))  # q: d -> d; v: d -> 32
+    assert (
+        llama["peft_qv"]["trainable_params"] == llama["lora_qv"]["trainable_params"]
+    )  # PEFT's q_proj, v_proj
+    assert llama["full"]["trainable_params"] == llama["full"]["total_params"]
+    # no learned positions; per layer q, k, v, o (64 x (64 + 32 + 32 + 64)), gate, up, down (3 x 64 x 96),
+    # two RMSNorm weights (2 x 64); the tied embeddings (256 x 64) and the final norm (64)
+    assert llama["full"]["total_params"] == 2 * (64 * 192 + 3 * 64 * 96 + 2 * 64) + 256 * 64 + 64
+    assert llama["infer_lora_merged"]["merged_vs_unmerged_max_abs_diff"] < 1e-4
+    for size, new in (("tiny", 64), ("tiny_llama", 8)):  # the same weights, so the same greedy tokens
+        ours, hf = result["results"][size]["generate"], result["results"][size]["hf_generate"]
+        assert len(ours["generated"]) == new and ours["generated"] == hf["generated"], size
+        assert ours["tokens_per_s"] > 0 and hf["tokens_per_s"] > 0
+        assert result["summary"][size]["generate_same_tokens"] is True
+        assert result["summary"][size]["generate_tokens_vs_hf"] > 0
+    assert (
+        "(Llama layout: RMSNorm, rotary, gated SiLU MLP 96, 2 key/value heads, tied head; random weights)"
+        in md
+    )
+    assert "Greedy generation with the key/value cache, 8 new tokens of one sequence" in md
 
 
 def test_profile_names_the_step_s_top_operators():
@@ -319,6 +347,21 @@ def test_flops_per_token_by_hand():
     assert benchmark.flops_per_token(shape, cfg["infer_base"]) == 2 * n + attn
     assert benchmark.flops_per_token(shape, cfg["infer_lora_unmerged"]) == 2 * n + attn + 2 * n_lora
     assert benchmark.flops_per_token(shape, cfg["infer_lora_merged"]) == 2 * n + attn
+    assert (
+        benchmark.flops_per_token(shape, cfg["generate"]) == 2 * n + 4 * 1 * (32 + 32) * 4
+    )  # context 32 + 64 / 2
+
+
+def test_flops_per_token_of_a_llama_shape_by_hand():
+    """Grouped-query attention narrows k and v, the gated MLP has three projections of d_ff."""
+    shape = benchmark.Shape(d_model=8, num_layers=1, num_heads=4, seq_len=2, batch=1, vocab_size=10,
+                            family="llama", num_kv_heads=2, d_ff=6)  # fmt: skip
+    n = 2 * 8 * 8 + 2 * 8 * 4 + 3 * 8 * 6 + 8 * 10  # q, o (d^2); k, v (d x 4); gate, up, down (d x 6); head
+    n_lora = 8 * ((8 + 8) + (8 + 4))  # r x (q: d + d, v: d + kv)
+    attn = 4 * 1 * 2 * 8
+    cfg = {c.name: c for c in benchmark.CONFIGS}
+    assert benchmark.flops_per_token(shape, cfg["full"]) == 6 * n + 3 * attn
+    assert benchmark.flops_per_token(shape, cfg["lora_qv"]) == 4 * n + 3 * attn + 6 * n_lora
 
 
 def test_peak_flops_known_gpus():
@@ -337,7 +380,7 @@ def test_peak_flops_known_gpus():
         (["--compile_mode", "reduce-overhead"], "--compile_mode has no effect without --compile"),
         (["--compile", "--compile_mode", "graphs"], "invalid choice: 'graphs'"),
         (["--quick", "--steps", "-1"], "--quick sets --steps itself (3): drop one of them"),
-        (["--quick", "--sizes", "huge"], "--quick sets --sizes itself (tiny)"),
+        (["--quick", "--sizes", "huge"], "--quick sets --sizes itself (tiny,tiny_llama)"),
         (["--quick", "--rounds", "5"], "--quick sets --rounds itself (1)"),
         (["--quick", "--threads", "0"], "--threads >= 1"),
     ],
@@ -415,7 +458,9 @@ def test_a_gpt2_folder_is_timed_with_its_own_weights_against_peft_on_the_same_fo
     assert proc.returncode == 0, proc.stderr
     result = json.loads((tmp_path / "results.json").read_text())
     assert result["shapes"]["base"] == {"d_model": 32, "num_layers": 2, "num_heads": 4, "seq_len": 64, "batch": 4,
-                                        "vocab_size": 300, "base": str(gpt2_folder.resolve())}  # fmt: skip
+                                        "vocab_size": 300, "base": str(gpt2_folder.resolve()), "family": "gpt2",
+                                        "num_kv_heads": 4, "d_ff": 128, "rope_theta": 10000.0, "prompt": 32,
+                                        "new_tokens": 64}  # fmt: skip
     rows = result["results"]["base"]
     assert rows["lora_qv"]["status"] == "ok" and rows["peft_qv"]["status"] == "ok", rows
     # the same weights: the first step's loss on the same random batch agrees (PEFT's c_attn adapter starts at 0)
@@ -642,3 +687,49 @@ def test_the_gpu_check_script_refuses_a_budget_it_could_not_keep(argv, tmp_path,
     err = capsys.readouterr().err
     assert "--budget_s a finite number >= 0" in err and err.count("\n") == 1, err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_llama_folder_is_timed_with_its_own_weights_against_peft_on_the_same_folder(tmp_path):
+    """--base with a Llama-family folder: ours loads it, the peer is transformers' own model of that folder with
+    PEFT on q_proj and v_proj; the same weights give the same first loss on the same batch."""
+    from conftest import make_llama_folder
+
+    folder = make_llama_folder(tmp_path / "tiny-llama")
+    cmd = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--base", str(folder), "--sizes", "base",
+           "--configs", "lora_qv,peft_qv", "--steps", "1", "--warmup", "0", "--threads", "1", "--out",
+           str(tmp_path / "out")]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "out" / "results.json").read_text())
+    shape = result["shapes"]["base"]
+    assert (shape["family"], shape["num_kv_heads"], shape["d_ff"], shape["rope_theta"]) == (
+        "llama",
+        2,
+        96,
+        500.0,
+    )
+    rows = result["results"]["base"]
+    assert rows["lora_qv"]["status"] == "ok" and rows["peft_qv"]["status"] == "ok", rows
+    assert rows["lora_qv"]["trainable_params"] == rows["peft_qv"]["trainable_params"] == 2 * 8 * (128 + 96)
+    assert rows["lora_qv"]["final_loss"] == pytest.approx(rows["peft_qv"]["final_loss"], rel=1e-3)
+
+
+def test_every_gpu_benchmark_stage_names_sizes_and_configurations_the_benchmark_takes():
+    """Each benchmark stage of scripts/gpu_checks.py, at the GPU's size and the dry run's, is a command line the
+    benchmark accepts (checked here, as the GPU session would find out too late); the Llama family's stage times
+    SmolLM2's shape against transformers + PEFT and transformers' generate."""
+    import scripts.gpu_checks as gpu_checks
+
+    assert set(gpu_checks.BENCHMARKS) <= set(gpu_checks.STAGES)
+    for gpu_size, dry_size, extra in gpu_checks.BENCHMARKS.values():
+        for size in (gpu_size, dry_size):
+            args = benchmark.parse_args(["--sizes", size, *extra])
+            assert args.sizes == [size]
+    gpu_size, dry_size, extra = gpu_checks.BENCHMARKS["bench_llama"]
+    shape = benchmark.SIZES[gpu_size]
+    assert (shape.family, shape.d_model, shape.num_layers, shape.num_heads, shape.num_kv_heads, shape.d_ff,
+            shape.vocab_size) == ("llama", 576, 30, 9, 3, 1536, 49152)  # fmt: skip
+    assert benchmark.SIZES[dry_size].family == "llama"
+    configs = benchmark.parse_args(["--sizes", gpu_size, *extra]).configs
+    assert {"lora_qv", "peft_qv", "full", "generate", "hf_generate"} <= set(configs)
+    assert gpu_checks.STAGES.index("bench_llama") == gpu_checks.STAGES.index("bench_speed") + 1

@@ -35,6 +35,7 @@ LAYERS = [
     "plotting",  # the training-curve figure
     "figures",  # pictures of weights, spectra, similarity; comparison and sweep charts
     "adapter",  # one adapter as data
+    "multi_adapter",  # several adapters in one batch: each row its own adapter's update
     "analysis",  # spectra, subspace similarity, amplification
     "formats",  # model and adapter folders on disk
     "peft_names",  # where PEFT's LoRA modules sit in each family: module names, fused projections
