@@ -20,7 +20,15 @@ import yaml
 from tqdm.auto import tqdm
 
 from lora.base_model import ensure_base
-from lora.config import TrainConfig
+from lora.chat_task import (
+    ChatTask,
+    LengthGroupedLoader,
+    chat_samples,
+    exact_match,
+    generated_answers,
+    load_chat_task,
+)
+from lora.config import CHAT_TASKS, TrainConfig
 from lora.data import IGNORE, BatchLoader, Task, load_task
 from lora.distributed import (
     Distributed,
@@ -204,7 +212,13 @@ def execute(
         reset_peak_memory(device)
     tell = say if place.is_main else _silent
     torch.manual_seed(cfg.seed)
-    task = load_task(cfg, tokenizer=plan.tokenizer)
+    if cfg.task in CHAT_TASKS:  # conversations through the plan's chat template
+        task = load_chat_task(cfg, plan.tokenizer, plan.chat_template)
+        if task.dropped:
+            tell(f"dropped {task.dropped} of {task.total} conversations longer than seq_len {cfg.seq_len} before "
+                 "their first answer")  # fmt: skip
+    else:
+        task = load_task(cfg, tokenizer=plan.tokenizer)
     assert task.train.x.shape[1] == cfg.sequence_width, (task.train.x.shape, cfg.sequence_width)
     if place.is_main:  # rank 0 pretrains a missing default base; the others wait for it, then load it
         if plan.make_base:
@@ -293,7 +307,21 @@ def _train_and_write(cfg: TrainConfig, task: Task, model: LoRATransformer, devic
     else:
         kind, label = Trainer, f"{name}: full fine-tuning"
     shard = {"rank": place.rank, "world_size": place.world_size}
-    trainer = kind(model, BatchLoader(task.train, cfg.batch_size, seed=cfg.seed, **shard),
+    chat = isinstance(task, ChatTask)
+    train_loader = (LengthGroupedLoader if chat else BatchLoader)(
+        task.train, cfg.batch_size, seed=cfg.seed, **shard
+    )
+    chat_info: dict[str, Any] = {}
+    if chat:
+        padding, total = train_loader.padding()
+        share = 100 * padding / max(total, 1)
+        tell(f"padding: {share:.1f} % of the tokens" + (" (packed rows)" if cfg.packing else "") +
+             f"; chat template: {task.template.source}")  # fmt: skip
+        chat_info = {"padding_percent": share, "chat_template": task.template.source, "packing": cfg.packing,
+                     "dropped_conversations": task.dropped, "conversations": task.total}  # fmt: skip
+        if writes and resume is None:
+            out.write("chat_template.jinja", task.template.text)
+    trainer = kind(model, train_loader,
                    BatchLoader(task.val, cfg.batch_size, shuffle=False, **shard), cfg, device=str(device),
                    metric_name=task.metric_name, run_dir=folder, label=label, quiet=not writes,
                    distributed=place)  # fmt: skip
@@ -303,6 +331,11 @@ def _train_and_write(cfg: TrainConfig, task: Task, model: LoRATransformer, devic
     trainer.run_info.update(base_fingerprint=fingerprint, world_size=place.world_size)
     base_eval = trainer.evaluate(max_batches=0)
     tell(f"frozen base on '{task.name}': {task.metric_name} {base_eval['metric']:.4f}")
+    if chat and writes:  # the frozen base's answers, generated (before training moves the adapter)
+        model.eval()
+        with model.disable_adapter():
+            base_answers = generated_answers(model, task, tokenizer, device)
+        chat_info["base_generated_exact_match"] = exact_match(base_answers, task)
     if resume is not None:
         trainer.resume_from(resume)
     try:
@@ -353,7 +386,15 @@ def _train_and_write(cfg: TrainConfig, task: Task, model: LoRATransformer, devic
         "peak_memory_mb": _round(peak_memory_mb(device)), "world_size": place.world_size,
         "global_batch_size": cfg.batch_size * place.world_size, **trainer.summary(),
     }  # fmt: skip
+    if chat:  # the adapted model's answers beside the base's
+        model.eval()
+        answers = generated_answers(model, task, tokenizer, device)
+        chat_info["generated_exact_match"] = exact_match(answers, task)
+        tell(f"held-out answers generated: exact match {chat_info['generated_exact_match']:.1%} (frozen base "
+             f"{chat_info['base_generated_exact_match']:.1%})")  # fmt: skip
+        metrics.update(chat_info)
+        out.write("samples.txt", chat_samples(base_answers, answers, task))
     out.write("metrics.json", metrics)
-    if not task.is_classification:
+    if not task.is_classification and not chat:
         out.write("samples.txt", samples(model, task, device, tokenizer))
     return metrics

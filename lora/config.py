@@ -38,10 +38,13 @@ __all__ = [
 ]
 
 # Every task, and the task its default base is pretrained on (the one list of tasks).
-TASKS = {"rot13": "caesar", "atbash": "caesar", "code": "english", "text": "english", "jsonl": "english"}
+TASKS = {"rot13": "caesar", "atbash": "caesar", "code": "english", "text": "english", "jsonl": "english",
+         "chat": "english", "instruct": "english"}  # fmt: skip
 GENERATED_TASKS = ("rot13", "atbash")  # data made here, sized by num_examples
 CIPHER_WIDTH = 15  # tokens in a sequence of the generated tasks (8 letters and their cipher, less one)
-FILE_TASKS = ("text", "jsonl")  # the user's own data in train_file (and val_file)
+FILE_TASKS = ("text", "jsonl", "chat")  # the user's own data in train_file (and val_file)
+CHAT_TASKS = ("chat", "instruct")  # conversations through a chat template (lora/chat_task.py)
+SIZED_TASKS = (*GENERATED_TASKS, "instruct")  # made here, sized by num_examples
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile's modes
 # how the frozen base's linear weights are stored (lora/quantize.py); auto: bf16 under bf16 autocast
 QUANTIZATIONS = ("auto", "none", "bf16", "nf4")
@@ -51,7 +54,12 @@ SAME_ADAPTER_STORAGES = {"auto", "none", "bf16"}
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")  # cuda:1 picks a GPU
 ARCHITECTURE_KEYS = ("d_model", "num_heads", "num_layers", "max_seq_len")  # of a base pretrained here
 LORA_KEYS = tuple(f.name for f in fields(LoRAConfig))
-PATH_KEYS = ("train_file", "val_file", "base_checkpoint")  # saved absolute in a run's config.yaml
+PATH_KEYS = (
+    "train_file",
+    "val_file",
+    "base_checkpoint",
+    "chat_template",
+)  # saved absolute in a run's config.yaml
 # what a resumed run may change: how long it trains, how often it reports and saves, where it runs
 RESUME_MAY_CHANGE = ("max_steps", "epochs", "eval_every", "eval_batches", "log_every", "save_every", "keep_checkpoints",
                      "device", "precision", "compile", "compile_mode", "gradient_checkpointing", "debug", "resume", "overwrite",
@@ -106,7 +114,22 @@ class TrainConfig:
     val_fraction: float = field(default=0.1, metadata=_help("share of train_file held out when no val_file"))
     seq_len: int = field(default=128, metadata=_help("tokens per training sequence (<= max_seq_len)"))
     num_examples: int = field(
-        default=20000, metadata=_help("generated training examples (algorithmic tasks)")
+        default=20000, metadata=_help("generated training examples (algorithmic tasks, instruct)")
+    )
+    chat_template: str | None = field(
+        default=None,
+        metadata=_help("a Jinja chat template file (tasks chat, instruct; default: the base folder's, else "
+                       "the built-in <|user|> ... <|end|> one)"),
+    )  # fmt: skip
+    train_on_prompt: bool = field(
+        default=False,
+        metadata=_help("score every token of a conversation, not only the answers (tasks chat, instruct)"),
+    )
+    packing: bool = field(
+        default=False,
+        metadata=_help(
+            "several conversations in one row, attention and positions kept apart (chat, instruct)"
+        ),
     )
     # --- model (used when a base is pretrained; a fine-tune takes the base's architecture)
     d_model: int = field(default=256, metadata=_help("model width (pretraining a base)"))
@@ -257,7 +280,7 @@ class TrainConfig:
         ):  # fmt: skip
             raise ConfigError(f"run_name must be a plain folder name (printable, no '/' or '\\', no leading '.' "
                               f"or spaces at either end), got {quote(name)}")  # fmt: skip
-        for key in ("train_file", "val_file", "base_checkpoint"):
+        for key in ("train_file", "val_file", "base_checkpoint", "chat_template"):
             if getattr(self, key) == "":
                 raise ConfigError(f"{key} is empty: name a file, or drop --{key}")
         for key, why in self._ignored():
@@ -284,9 +307,12 @@ class TrainConfig:
         if task in GENERATED_TASKS:
             rules.append((["seq_len"], f"has no effect on task {task}: its sequences are {CIPHER_WIDTH} tokens "
                                        "long; drop it"))
-        else:
+        elif task not in SIZED_TASKS:
             rules.append((["num_examples"], f"has no effect on task {task}: it sizes the generated data of "
-                                            f"{' and '.join(GENERATED_TASKS)}; drop it"))
+                                            f"{', '.join(SIZED_TASKS)}; drop it"))
+        if task not in CHAT_TASKS:
+            rules.append((["chat_template", "train_on_prompt", "packing"],
+                          f"has no effect on task {task}: it is for conversations; drop it, or use --task chat or instruct"))
         if task not in FILE_TASKS:
             rules.append((["train_file", "val_file", "val_fraction"],
                           f"has no effect on task {task}, which uses built-in data: for your own file use "

@@ -44,7 +44,15 @@ from lora.lora_layer import LORA_LEAVES, LoRALinear
 from lora.model_config import PROJECTIONS, LoRAConfig, ModelConfig
 from lora.quantize import frozen_linear
 
-__all__ = ["ACTIVATION_FUNCTIONS", "MLP", "Block", "CausalSelfAttention", "Decoder", "KVCache"]
+__all__ = [
+    "ACTIVATION_FUNCTIONS",
+    "MLP",
+    "Block",
+    "CausalSelfAttention",
+    "Decoder",
+    "KVCache",
+    "packed_attention",
+]
 
 
 def _linear(config: ModelConfig, name: str, lora: LoRAConfig, adapted: bool) -> LoRALinear:
@@ -106,11 +114,11 @@ def rotary_frequencies(head_dim: int, theta: float, scaling: Mapping[str, Any] |
 
 
 def rotary_cos_sin(positions: torch.Tensor, freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary position embedding (RoFormer): for positions ``(T,)`` and frequencies ``(hs / 2,)``
-    (:func:`rotary_frequencies`) the ``cos`` ``(T, hs)`` of the angles ``p f_i``, each half of the head
-    repeated (the layout Llama's weights use), and the signed ``sin`` ``(T, hs)``: ``[-sin, sin]`` (the sign
-    :func:`rotate` needs), in float32. Computed once per forward, for every block."""
-    angles = positions.float()[:, None] * freq.to(positions.device)[None, :]  # (T, hs / 2)
+    """Rotary position embedding (RoFormer): for positions ``(T,)`` (or ``(B, T)``: packed rows) and frequencies
+    ``(hs / 2,)`` (:func:`rotary_frequencies`) the ``cos`` ``(..., T, hs)`` of the angles ``p f_i``, each half of
+    the head repeated (the layout Llama's weights use), and the signed ``sin`` ``(..., T, hs)``: ``[-sin, sin]``
+    (the sign :func:`rotate` needs), in float32. Computed once per forward, for every block."""
+    angles = positions.float()[..., None] * freq.to(positions.device)  # (..., T, hs / 2)
     sin = angles.sin()
     return torch.cat([angles, angles], dim=-1).cos(), torch.cat([-sin, sin], dim=-1)
 
@@ -122,6 +130,21 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torc
     ``x`` rolled by half a head: one copy, where negating ``b`` and concatenating take two (and the same
     products: ``-b s`` and ``b (-s)`` are the same float)."""
     return (x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin).to(x.dtype)
+
+
+def packed_attention(segment_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of several sequences, ``segment_ids`` ``(B, T)`` numbering them along each row (a sequence's tokens
+    are contiguous) -> ``(positions (B, T), mask (B, 1, T, T))``: each token's position from its sequence's
+    first token, and ``mask[b, 0, i, j] = j <= i and segment_ids[b, j] == segment_ids[b, i]`` (block-diagonal
+    causal: a token never sees another sequence's)."""
+    B, T = segment_ids.shape
+    index = torch.arange(T, device=segment_ids.device).expand(B, T)
+    first = torch.ones_like(segment_ids, dtype=torch.bool)
+    first[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]  # (B, T) where a sequence starts
+    starts = torch.cummax(torch.where(first, index, 0), dim=1).values  # (B, T) its sequence's first index
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]  # (B, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
+    return index - starts, (same & causal)[:, None]
 
 
 class KVCache:
@@ -177,6 +200,7 @@ class CausalSelfAttention(nn.Module):
         index: int = 0,
         start: int = 0,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``(B, T, C) -> (B, T, C)``; with ``num_kv_heads < num_heads`` each key/value head serves
         ``num_heads / num_kv_heads`` query heads (grouped-query attention, SDPA's ``enable_gqa``: the keys
@@ -184,7 +208,9 @@ class CausalSelfAttention(nn.Module):
         ``start ...`` and attend to the cached ones too (block ``index``'s keys and values, extended by
         theirs): a whole prompt from ``start = 0``, then one token at a time. ``rope``: rotary positions'
         ``cos`` and signed ``sin`` ``(T, hs)`` of those positions (:func:`rotary_cos_sin`, made once for all
-        the blocks by :meth:`Decoder.hidden_states`)."""
+        the blocks by :meth:`Decoder.hidden_states`; ``(B, 1, T, hs)`` for packed rows). ``mask`` ``(B, 1, T, T)``:
+        rows packed with several sequences (training only), True where a token may attend: its own sequence's
+        earlier tokens (:func:`packed_attention`); ``None``: causal."""
         B, T = x.shape[:2]
         nh, nkv, hs = self.num_heads, self.num_kv_heads, self.head_dim  # (nh hs = C unless head_dim is set)
         layers = (self.q_proj, self.k_proj, self.v_proj)
@@ -208,11 +234,13 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.extend(index, k, v)
         if start and T != 1:
             raise ValueError("a cached step takes one token at a time")
-        y = F.scaled_dot_product_attention(  # one new token attends to every cached one: no mask
+        # one new token attends to every cached one: no mask; packed rows: the block-diagonal causal mask
+        y = F.scaled_dot_product_attention(
             q,
             k,
             v,
-            is_causal=start == 0,
+            attn_mask=mask,
+            is_causal=start == 0 and mask is None,
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=nkv != nh,  # query head h reads key/value head h // (nh / nkv)
         )  # (B, nh, T, hs)
@@ -265,10 +293,11 @@ class Block(nn.Module):
         index: int = 0,
         start: int = 0,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``(B, T, C) -> (B, T, C)`` (``cache``, ``index``, ``start``, ``rope``:
+        """``(B, T, C) -> (B, T, C)`` (``cache``, ``index``, ``start``, ``rope``, ``mask``:
         :meth:`CausalSelfAttention.forward`)."""
-        x = x + self.attn(self.ln_1(x), cache, index, start, rope)
+        x = x + self.attn(self.ln_1(x), cache, index, start, rope, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -345,9 +374,12 @@ class Decoder(nn.Module):
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
 
-    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def hidden_states(
+        self, idx: torch.Tensor, cache: KVCache | None = None, segment_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Token ids ``(B, T)`` -> final hidden states ``(B, T, C)`` (after ``ln_f``). With a ``cache`` the
-        tokens follow the ones it holds (and are added to it): generation's prompt, then one at a time."""
+        tokens follow the ones it holds (and are added to it): generation's prompt, then one at a time.
+        ``segment_ids`` ``(B, T)``: packed rows (:func:`packed_attention`), each sequence on its own."""
         T = idx.shape[1]
         start = 0 if cache is None else cache.length
         if start + T > self.max_seq_len:
@@ -356,24 +388,35 @@ class Decoder(nn.Module):
         x = self.wte(idx).to(dtype)  # (B, T, C)
         if self.config.scale_embeddings:  # Gemma: sqrt(d_model), rounded to the computation's dtype first
             x = x * torch.tensor(self.config.d_model**0.5, dtype=x.dtype)
+        positions, mask = torch.arange(start, start + T, device=idx.device), None  # (T,)
+        if (
+            segment_ids is not None
+        ):  # packed rows: (B, T) positions from each sequence's start, (B, 1, T, T) mask
+            positions, mask = packed_attention(segment_ids.to(idx.device))
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(start, start + T, device=idx.device)).to(dtype)
+            x = x + self.wpe(positions).to(dtype)
         x = self.drop(x)
         rope = None  # rotary positions' cos and sin (T, hs), once for every block
         if self.rope_freq is not None:
-            rope = rotary_cos_sin(torch.arange(start, start + T, device=idx.device), self.rope_freq)
+            rope = rotary_cos_sin(positions, self.rope_freq)
+            if mask is not None:  # (B, 1, T, hs): one row's positions for all its heads
+                rope = (rope[0][:, None], rope[1][:, None])
         for i, block in enumerate(self.blocks):
             if cache is not None:
                 x = block(x, cache, i, start, rope)
             elif self.gradient_checkpointing and torch.is_grad_enabled():
                 # non-reentrant: LoRA grads flow even though x (frozen embeddings) needs no grad
-                x = checkpoint(block, x, None, 0, 0, rope, use_reentrant=False)
+                x = checkpoint(block, x, None, 0, 0, rope, mask, use_reentrant=False)
             else:
-                x = block(x, rope=rope)
+                x = block(x, rope=rope, mask=mask)
         return self.ln_f(x)
 
     def forward(
-        self, idx: torch.Tensor, lengths: torch.Tensor | None = None, targets: torch.Tensor | None = None
+        self,
+        idx: torch.Tensor,
+        lengths: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Language-model logits ``(B, T, vocab)``; with a classification head, class logits ``(B, classes)``.
 
@@ -381,11 +424,14 @@ class Decoder(nn.Module):
         the hidden state of the last real token (the causal mask means it has seen the whole sequence).
         With ``targets`` (B, T) a language model returns its mean loss instead, the head and cross-entropy
         computed ``loss_chunk_tokens`` tokens at a time (:meth:`lm_loss`): what training calls, through
-        whatever wraps the model (DDP, ``torch.compile``).
+        whatever wraps the model (DDP, ``torch.compile``). ``segment_ids`` ``(B, T)``: rows packed with several
+        sequences, numbered along each row; a token attends only to its own sequence's earlier tokens and its
+        position counts from its sequence's start (:func:`packed_attention`), so each sequence's logits are
+        the ones it has alone.
         """
         if targets is not None:
-            return self.lm_loss(idx, targets, self.loss_chunk_tokens)
-        h = self.hidden_states(idx)
+            return self.lm_loss(idx, targets, self.loss_chunk_tokens, segment_ids)
+        h = self.hidden_states(idx, segment_ids=segment_ids)
         if self.cls_head is None:
             return self.logits(h)
         last = (lengths - 1) if lengths is not None else torch.full((h.shape[0],), h.shape[1] - 1)
@@ -397,7 +443,13 @@ class Decoder(nn.Module):
         its own)."""
         return frozen_linear(h, self.lm_head.weight)
 
-    def lm_loss(self, idx: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = 1024) -> torch.Tensor:
+    def lm_loss(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor,
+        chunk_tokens: int = 1024,
+        segment_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Mean next-token cross-entropy of ``idx`` (B, T) against ``targets`` (B, T), ``-100`` not scored.
 
         Equal to ``F.cross_entropy(model(idx).float().reshape(-1, V), targets.reshape(-1))`` to float
@@ -406,7 +458,8 @@ class Decoder(nn.Module):
         """
         if self.cls_head is not None:
             raise RuntimeError("lm_loss() needs a language model; this one has a classification head")
-        return chunked_lm_loss(self.hidden_states(idx), self.lm_head.weight, targets, chunk_tokens)
+        hidden = self.hidden_states(idx, segment_ids=segment_ids)
+        return chunked_lm_loss(hidden, self.lm_head.weight, targets, chunk_tokens)
 
     def generate(
         self,

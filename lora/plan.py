@@ -6,7 +6,7 @@ order: the output folder, the data files (found, not opened), the checkpoint to 
 the base folder (its ``config.json`` parsed once, its header read once, checked on the meta device
 once), the LoRA targets against the base's family, the sequence width against the base, the base's
 storage, the memory the run needs, the tokenizer and its special tokens (a BOS or EOS the model does not
-have is refused here). Only then does ``lora/application.py`` tokenize the data, pretrain a missing default
+have is refused here), a chat task's template (rendered once: one that fails is refused). Only then does ``lora/application.py`` tokenize the data, pretrain a missing default
 base and load the weights. A typo costs one line and touches nothing.
 
 Under torchrun every process plans; the default base may exist only once rank 0 has pretrained it, so a
@@ -23,8 +23,9 @@ import torch
 
 from lora.base_model import base_dir_for, check_recipe, default_base_exists, require_folder
 from lora.base_storage import half_dtype
+from lora.chat_template import ChatTemplate, load_chat_template
 from lora.checkpoint import find_latest, read_trainer_state
-from lora.config import TrainConfig, load_yaml, resolve_config
+from lora.config import CHAT_TASKS, TrainConfig, load_yaml, resolve_config
 from lora.data import VOCAB_SIZE, check_data_files
 from lora.errors import CheckpointError, ConfigError, LoRAError
 from lora.memory import check_memory
@@ -61,6 +62,7 @@ class RunPlan:
     final: Path
     resume: Path | None = None
     resume_state: dict[str, Any] = field(default_factory=dict)
+    chat_template: ChatTemplate | None = None  # a chat task's (lora/chat_task.py), rendered once to check it
 
     @property
     def make_base(self) -> bool:
@@ -96,8 +98,16 @@ def plan_run(cfg: TrainConfig, device: torch.device, world_size: int = 1) -> Run
         tokenizer = load_tokenizer(
             base.folder, arch.vocab_size, base.hf_model, base.tokenizer_files, base.config
         )
+    template = None
+    if (
+        cfg.task in CHAT_TASKS
+    ):  # the file's, else the base folder's, else the built-in; one that fails: refused
+        folder = None if base is None or cfg.base_checkpoint == "auto" else base.folder
+        template = load_chat_template(folder, cfg.chat_template)
+        _ = template.end_of_turn  # renders a probe conversation: a broken template is refused here
     final = final_folder(cfg, resume)
-    return RunPlan(cfg, device, base_dir, base, arch, storage, tokenizer, memory, final, resume, resume_state)
+    return RunPlan(cfg, device, base_dir, base, arch, storage, tokenizer, memory, final, resume, resume_state,
+                   template)  # fmt: skip
 
 
 def _given_base(folder: Path) -> BaseSource:

@@ -126,17 +126,19 @@ def batch_loss(
     not ``-100``; float32, 0 when ``n`` is 0), ``n`` (an int64 tensor on ``device``, counted without a host
     sync) and the logits. Sums and counts, not means, so that batches add up: the mean over several
     (accumulated micro-batches, data-parallel shards) is ``Σ sums / Σ n``, not a mean of their means.
+    A batch's ``segment_ids`` (packed rows) are passed on: ``forward(x, segment_ids=...)``.
     ``chunked``: the loss alone (logits ``None``), from a language model's ``forward(x, targets=y)``, which
     never holds the whole logits and returns the mean (times ``n`` here, which is the sum to float rounding).
     """
     x = batch["x"].to(device, non_blocking=True).long()
     y = batch["y"].to(device, non_blocking=True).long()
     n = (y != IGNORE).sum()
+    # packed rows' segment ids (lora/chat_task.py), classification's lengths
+    extra = {k: batch[k].to(device) for k in ("segment_ids", "lengths") if k in batch}
     if chunked:
         with autocast():
-            mean = forward(x, targets=y).float()
+            mean = forward(x, targets=y, **extra).float()
         return torch.where(n > 0, mean, 0.0) * n, n, None  # no scored token: 0, not NaN x 0
-    extra = {"lengths": batch["lengths"].to(device)} if "lengths" in batch else {}
     with autocast():
         logits = forward(x, **extra).float()  # (B, T, vocab) or, classifying, (B, classes)
     total = F.cross_entropy(

@@ -31,6 +31,7 @@ LAYERS = [
     "chat_data",  # chat and instruction files read as conversations (messages, ShareGPT, prompt, Alpaca)
     "chat_template",  # a conversation rendered by a Jinja chat template, tokenized, its answers-only loss mask
     "data",  # tasks, BatchLoader
+    "chat_task",  # chat and instruct tasks: conversations as padded or packed rows, length-grouped batches
     "plotting",  # the training-curve figure
     "figures",  # pictures of weights, spectra, similarity; comparison and sweep charts
     "adapter",  # one adapter as data
