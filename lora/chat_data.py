@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lora.errors import DataError, quote
-from lora.files import MAX_DATA_BYTES, read_limited
+from lora.files import read_text_file
 
 __all__ = ["FORMATS", "ROLES", "ChatData", "Message", "read_chat_file"]
 
@@ -151,29 +151,6 @@ def check_conversation(turns: Conversation, where: str) -> None:
             raise DataError(f"{where}: turn {j} is an empty answer (assistant content is blank)")
 
 
-def _decode(path: Path) -> str:
-    """The file as UTF-8 text; missing, empty, binary, non-UTF-8, oversized or non-regular: :class:`DataError`."""
-    try:
-        raw = read_limited(path, MAX_DATA_BYTES, "data file")
-    except FileNotFoundError:
-        raise DataError(f"data file not found: {path}") from None
-    except IsADirectoryError:
-        raise DataError(f"data file is a folder, expected a file: {path}") from None
-    except ValueError as e:
-        raise DataError(str(e)) from None
-    except OSError as e:
-        raise DataError(f"cannot read data file {path}: {e.strerror}") from None
-    if not raw.strip():
-        raise DataError(f"data file is empty: {path}")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise DataError(
-            f"{path} line {line}: not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})"
-        ) from None
-
-
 def _jsonl_rows(text: str, path: Path) -> Iterator[tuple[int, object]]:
     """``(line, object)`` of each non-blank line."""
     for i, line in enumerate(text.splitlines(), start=1):
@@ -205,7 +182,7 @@ def _json_list_rows(text: str, path: Path) -> Iterator[tuple[int, object]]:
     else:
         while True:
             try:
-                row, end = decoder.raw_decode(text, i)
+                row, end = decoder.rawread_text_file(text, i)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path} line {e.lineno}: invalid JSON ({e.msg})") from None
             except RecursionError:
@@ -228,7 +205,7 @@ def read_chat_file(path: str | Path) -> ChatData:
     ``[``. The format is the first row's (see the module docstring); every row is checked by
     :func:`check_conversation`. Any problem: :class:`DataError` ``"<path> line <n>: ..."``."""
     path = Path(path)
-    text = _decode(path)
+    text = read_text_file(path)
     rows = _json_list_rows(text, path) if text.lstrip().startswith("[") else _jsonl_rows(text, path)
     fmt, first = None, 0
     conversations, lines = [], []

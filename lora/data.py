@@ -22,20 +22,17 @@ import json
 import math
 import random
 import sysconfig
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import torch
 
 from lora.config import CIPHER_WIDTH, TASKS, TrainConfig
 from lora.errors import DataError, quote
-from lora.files import MAX_DATA_BYTES, check_regular_file, read_limited
+from lora.files import MAX_DATA_BYTES, check_regular_file, data_file_errors, read_text_file
 from lora.special_tokens import SpecialTokens
 from lora.tokenizer import ByteTokenizer, Tokenizer
-
-T = TypeVar("T")
 
 __all__ = ["IGNORE", "VOCAB_SIZE", "BatchLoader", "Task", "TaskData", "base_task_of", "load_task"]
 
@@ -258,45 +255,12 @@ def lm_task(name: str, train: bytes, val: bytes, seq_len: int, description: str,
                 metric, False, description=description)  # fmt: skip
 
 
-def _data_file_errors(action: Callable[[], T], path: Path) -> T:
-    """``action()``, its errors about the data file ``path`` worded as one-line :class:`DataError` s."""
-    try:
-        return action()
-    except FileNotFoundError:
-        raise DataError(f"data file not found: {path}") from None
-    except IsADirectoryError:
-        raise DataError(f"data file is a folder, expected a file: {path}") from None
-    except ValueError as e:
-        raise DataError(str(e)) from None
-    except OSError as e:
-        raise DataError(f"cannot read data file {path}: {e.strerror}") from None
-
-
 def check_data_files(cfg: TrainConfig) -> None:
     """Refuse a ``train_file`` or ``val_file`` that is missing, a folder, oversized or not a regular file,
     without opening it (:class:`DataError`): what a run checks before anything else is read."""
     for path in (cfg.train_file, cfg.val_file):
         if path:
-            _data_file_errors(lambda p=path: check_regular_file(p, MAX_DATA_BYTES, "data file"), Path(path))
-
-
-def read_text_file(path: str | Path) -> str:
-    """A UTF-8 text file; missing, empty, binary, non-UTF-8, oversized or non-regular files raise
-    :class:`DataError` (a FIFO or a device is refused before it is opened: it could block or never end)."""
-    path = Path(path)
-    raw = _data_file_errors(lambda: read_limited(path, MAX_DATA_BYTES, "data file"), path)
-    if not raw.strip():
-        raise DataError(f"data file is empty: {path}")
-    if b"\x00" in raw:
-        line = raw[: raw.index(b"\x00")].count(b"\n") + 1
-        raise DataError(f"{path} line {line}: looks binary (NUL byte); expected UTF-8 text")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise DataError(
-            f"{path} line {line}: not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})"
-        ) from None
+            data_file_errors(lambda p=path: check_regular_file(p, MAX_DATA_BYTES, "data file"), Path(path))
 
 
 # ---------------------------------------------------------------------------------------------------------

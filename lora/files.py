@@ -16,13 +16,14 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
-from lora.errors import first_line, quote
+from lora.errors import DataError, first_line, quote
 
 __all__ = [
     "MAX_DATA_BYTES",
@@ -33,6 +34,7 @@ __all__ = [
     "atomic_write_files",
     "atomic_write_json",
     "check_regular_file",
+    "data_file_errors",
     "describe_mismatch",
     "existing_folder",
     "file_lock",
@@ -41,6 +43,7 @@ __all__ = [
     "read_limited",
     "read_safetensors",
     "read_safetensors_header",
+    "read_text_file",
     "safetensors_file_bytes",
     "tensors_fingerprint",
 ]
@@ -301,3 +304,39 @@ def tensors_fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
         h.update(f"{key}|{tuple(t.shape)}|{t.dtype}\n".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+T = TypeVar("T")
+
+
+def data_file_errors(action: Callable[[], T], path: Path) -> T:
+    """``action()``, its errors about the data file ``path`` worded as one-line :class:`DataError` s."""
+    try:
+        return action()
+    except FileNotFoundError:
+        raise DataError(f"data file not found: {path}") from None
+    except IsADirectoryError:
+        raise DataError(f"data file is a folder, expected a file: {path}") from None
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    except OSError as e:
+        raise DataError(f"cannot read data file {path}: {e.strerror}") from None
+
+
+def read_text_file(path: str | Path) -> str:
+    """A UTF-8 text file; missing, empty, binary, non-UTF-8, oversized or non-regular files raise
+    :class:`DataError` (a FIFO or a device is refused before it is opened: it could block or never end)."""
+    path = Path(path)
+    raw = data_file_errors(lambda: read_limited(path, MAX_DATA_BYTES, "data file"), path)
+    if not raw.strip():
+        raise DataError(f"data file is empty: {path}")
+    if b"\x00" in raw:
+        line = raw[: raw.index(b"\x00")].count(b"\n") + 1
+        raise DataError(f"{path} line {line}: looks binary (NUL byte); expected UTF-8 text")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(
+            f"{path} line {line}: not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})"
+        ) from None
