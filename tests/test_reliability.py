@@ -639,13 +639,12 @@ def finish(proc: subprocess.Popen, log: Path, expected: int) -> None:
     assert proc.wait(timeout=120) == expected, log.read_text()[-2000:]
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, base) -> Path:
-    """The uninterrupted run that every interrupted one must reproduce."""
-    root = tmp_path_factory.mktemp("reference")
+def uninterrupted(tmp_path_factory, base: Path, folder: str, flags: list[str]) -> Path:
+    """The run with ``flags`` on ``base``, not interrupted: what the interrupted ones must reproduce."""
+    root = tmp_path_factory.mktemp(folder)
     argv = [
         *ON_BASE_FLAGS,
-        *RESUME_FLAGS,
+        *flags,
         "--output_dir",
         str(root),
         "--base_checkpoint",
@@ -655,6 +654,12 @@ def reference(tmp_path_factory, base) -> Path:
     ]
     finish(start(argv, root / "log"), root / "log", 0)
     return root / "ref"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, base) -> Path:
+    """The uninterrupted run that every interrupted one must reproduce."""
+    return uninterrupted(tmp_path_factory, base, "reference", RESUME_FLAGS)
 
 
 def test_kill_9_at_random_steps_then_resume_is_bit_exact(reference, flags, tmp_path):
@@ -694,19 +699,7 @@ ACCUM_FLAGS = [*RESUME_FLAGS, "--batch_size", "16", "--grad_accum_steps", "2"]
 @pytest.fixture(scope="module")
 def accumulated(tmp_path_factory, base) -> Path:
     """The uninterrupted run with gradient accumulation that the interrupted ones must reproduce."""
-    root = tmp_path_factory.mktemp("accumulated")
-    argv = [
-        *ON_BASE_FLAGS,
-        *ACCUM_FLAGS,
-        "--output_dir",
-        str(root),
-        "--base_checkpoint",
-        str(base),
-        "--run_name",
-        "ref",
-    ]
-    finish(start(argv, root / "log"), root / "log", 0)
-    return root / "ref"
+    return uninterrupted(tmp_path_factory, base, "accumulated", ACCUM_FLAGS)
 
 
 def test_kill_9_mid_accumulation_then_resume_is_bit_exact(accumulated, flags, tmp_path, capsys):
