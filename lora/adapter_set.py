@@ -27,7 +27,7 @@ from lora.files import describe_mismatch
 from lora.formats import AdapterFolder, read_adapter_folder, write_adapter_folder
 from lora.lora_layer import BASE_DERIVED_INITS, LORA_LEAVES, LoRALinear, lora_modules
 from lora.model_config import LoRAConfig, ModelConfig, target_of
-from lora.multi_adapter import adapters_per_row
+from lora.multi_adapter import adapters_per_row, check_mixable
 from lora.peft_format import adapter_from_peft, is_peft_folder, write_peft_folder
 from lora.peft_names import PeftLayout, peft_layout
 
@@ -132,7 +132,8 @@ class AdapterSet:
     def per_row(self, names: Sequence[str | None]) -> AbstractContextManager:
         """A block where row ``i`` of every batch is computed with adapter ``names[i]`` (``None``, or ``"base"``
         where no adapter has that name: the base), as PEFT's ``adapter_names``: :mod:`lora.multi_adapter`. An
-        unknown name is refused before anything changes."""
+        unknown name, and adapters that cannot share a batch (:func:`~lora.multi_adapter.check_mixable`), are
+        refused before anything changes."""
         known = self.names()
         chosen: dict[str | None, Adapter | None] = {}
         for n in dict.fromkeys(names):
@@ -143,6 +144,7 @@ class AdapterSet:
             else:
                 raise ValueError(f"adapter_names: no adapter named {n!r}; the adapters are {known} "
                                  "(and 'base' or None for the base)")  # fmt: skip
+        check_mixable(self.model, chosen)  # now, not at the block's first step
         return adapters_per_row(self.model, chosen, names)
 
     def capture(self) -> Adapter:

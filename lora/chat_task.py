@@ -312,40 +312,34 @@ def load_chat_task(
 # Answers by generation
 
 
-def _encode(tokenizer: ByteTokenizer | HFTokenizer, text: str) -> list[int]:
-    """``text``'s ids as the template's text is tokenized: whole, no special tokens added."""
-    if isinstance(tokenizer, HFTokenizer):
-        return list(tokenizer.tokenizer.encode(text, add_special_tokens=False).ids)
-    return tokenizer.encode(text)
-
-
 @torch.no_grad()
 def answer(model: Any, conversation: Conversation, template: ChatTemplate, tokenizer: ByteTokenizer | HFTokenizer,
            max_new_tokens: int, device: torch.device) -> tuple[str, bool]:  # fmt: skip
     """The model's greedy answer to ``conversation`` less its last (assistant) turn, with the key/value cache:
     ``(text, stopped)``, the text cut at the template's end-of-turn, ``stopped`` whether it got there. The
     end-of-turn may be several tokens (``<|end|>`` is 7 bytes): the generated text is cut at its first one."""
-    prompt = _encode(tokenizer, template.render(conversation[:-1], add_generation_prompt=True))
+    prompt = tokenizer.encode(template.render(conversation[:-1], add_generation_prompt=True))
     prompt = prompt[-(model.max_seq_len - 1) :]
     new = max(1, min(max_new_tokens, model.max_seq_len - len(prompt)))
     stop = template.end_of_turn
-    single = _encode(tokenizer, stop) if stop else []
+    single = tokenizer.encode(stop) if stop else []
     eos = list(tokenizer.special_tokens.eos_ids) + (single if len(single) == 1 else [])
     out = model.generate(
         torch.tensor([prompt], device=device), new, temperature=0.0, eos_token_id=eos or None
     )
-    text = tokenizer.decode(out[0, len(prompt) :].tolist())
+    generated = out[0, len(prompt) :].tolist()
+    text = tokenizer.decode(generated)
     at = text.find(stop) if stop else -1
     if at >= 0:
         return text[:at], True
     # stopped at an EOS the text does not show
-    return text, any(e in out[0, len(prompt) :].tolist() for e in tokenizer.special_tokens.eos_ids)
+    return text, len(tokenizer.special_tokens.until_eos(generated)) < len(generated)
 
 
 def _budget(task: ChatTask, tokenizer: ByteTokenizer | HFTokenizer) -> int:
     """New tokens enough for the longest held-out answer and its end-of-turn, and a few more."""
-    longest = max((len(_encode(tokenizer, c[-1].content)) for c in task.val_conversations), default=16)
-    return longest + len(_encode(tokenizer, task.template.end_of_turn)) + 8
+    longest = max((len(tokenizer.encode(c[-1].content)) for c in task.val_conversations), default=16)
+    return longest + len(tokenizer.encode(task.template.end_of_turn)) + 8
 
 
 def generated_answers(model: Any, task: ChatTask, tokenizer: ByteTokenizer | HFTokenizer, device: torch.device,

@@ -119,8 +119,8 @@ def rotary_cos_sin(positions: torch.Tensor, freq: torch.Tensor) -> tuple[torch.T
     the head repeated (the layout Llama's weights use), and the signed ``sin`` ``(..., T, hs)``: ``[-sin, sin]``
     (the sign :func:`rotate` needs), in float32. Computed once per forward, for every block."""
     angles = positions.float()[..., None] * freq.to(positions.device)  # (..., T, hs / 2)
-    sin = angles.sin()
-    return torch.cat([angles, angles], dim=-1).cos(), torch.cat([-sin, sin], dim=-1)
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
@@ -228,7 +228,7 @@ class CausalSelfAttention(nn.Module):
         if self.rotary:
             if rope is None:
                 raise ValueError("rotary positions need rope: the cos and sin of the tokens' positions")
-            cos, sin = rope  # (T, hs)
+            cos, sin = rope  # (T, hs), or (B, 1, T, hs) for packed rows
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         if cache is not None:  # (B, nkv, start + T, hs): the keys and values so far
             k, v = cache.extend(index, k, v)
