@@ -182,7 +182,7 @@ def _json_list_rows(text: str, path: Path) -> Iterator[tuple[int, object]]:
     else:
         while True:
             try:
-                row, end = decoder.rawread_text_file(text, i)
+                row, end = decoder.raw_decode(text, i)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path} line {e.lineno}: invalid JSON ({e.msg})") from None
             except RecursionError:

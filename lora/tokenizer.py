@@ -1,4 +1,4 @@
-"""Text <-> token ids: bytes for the bases made here, a GPT-2 folder's own tokenizer for an imported one.
+"""Text <-> token ids: bytes for the bases made here, a model folder's own tokenizer for an imported one (any family).
 
 * :class:`ByteTokenizer`: token id = UTF-8 byte value (vocabulary 256), the built-in tasks' tokenizer.
 * :class:`HFTokenizer`: a base folder's ``tokenizer.json`` (or GPT-2's ``vocab.json`` + ``merges.txt``),
