@@ -68,6 +68,8 @@ def summarise(rows: dict[str, dict], paired: dict | None = None) -> dict:
         "nf4_ckpt_train_mem_vs_fp32": ("lora_qv_nf4_ckpt", "lora_qv_ckpt", "train_peak_mem_mb"),
         "nf4_ckpt_tensor_mem_vs_fp32": ("lora_qv_nf4_ckpt", "lora_qv_ckpt", "train_tensor_peak_mb"),
         "generate_tokens_vs_hf": ("hf_generate", "generate", "step_ms"),  # tokens/s: ours over transformers'
+        # tokens/s of one mixed batch of 4 adapters over one adapter at a time
+        "multi_adapter_vs_separate": ("multi_adapter_separate", "multi_adapter", "step_ms"),
     }
     out: dict = {}
     for name, config in (("lora_qv_mfu", "lora_qv"), ("full_mfu", "full")):  # values, not ratios
@@ -85,6 +87,9 @@ def summarise(rows: dict[str, dict], paired: dict | None = None) -> dict:
     ours, hf = rows.get("generate", {}), rows.get("hf_generate", {})
     both = ours.get("status") == hf.get("status") == "ok" and "generated" in ours and "generated" in hf
     out["generate_same_tokens"] = ours["generated"] == hf["generated"] if both else None
+    mixed, alone = rows.get("multi_adapter", {}), rows.get("multi_adapter_separate", {})
+    both = all(r.get("status") == "ok" and "generated" in r for r in (mixed, alone))
+    out["multi_adapter_same_tokens"] = mixed["generated"] == alone["generated"] if both else None
     return out
 
 
@@ -102,11 +107,31 @@ SPEED_TARGETS = (
 )
 
 
+def multi_adapter_lines(rows: dict, summary: dict) -> list[str]:
+    """One size's multi-adapter generation: one mixed batch against one adapter at a time (else no lines)."""
+    mixed, alone = rows.get("multi_adapter", {}), rows.get("multi_adapter_separate", {})
+    if mixed.get("status") != "ok" or alone.get("status") != "ok":
+        return []
+    same = {True: "yes", False: "no", None: "-"}[summary.get("multi_adapter_same_tokens")]
+    key = "multi_adapter_vs_separate"
+    ratio, rounds = summary.get(key), summary.get(f"{key}_rounds", [])
+    spread = f" (rounds {min(rounds):.2f}-{max(rounds):.2f})" if len(rounds) > 1 else ""
+    shown = "-" if ratio is None else f"{ratio:.2f}x{spread}"
+    side = summary.get(f"{key}_paired")
+    if side is not None:
+        low, high = summary[f"{key}_paired_range"]
+        shown += f", side by side {side:.2f}x (passes {low:.2f}-{high:.2f})"
+    return ["", "Several adapters of one base, 4 prompts of 4 random adapters (q, k, v, o) answered greedily: one "
+            f"mixed batch (`generate(adapter_names=...)`) {mixed['tokens_per_s']:,.1f} tokens/s, one adapter at a "
+            f"time {alone['tokens_per_s']:,.1f} tokens/s; mixed over separate: {shown}; the same tokens: {same}."]  # fmt: skip
+
+
 def generation_lines(rows: dict, summary: dict) -> list[str]:
-    """One size's greedy generation with the key/value cache, ours against transformers' (else no lines)."""
+    """One size's greedy generation with the key/value cache, ours against transformers', then
+    :func:`multi_adapter_lines` (each only when both of its configurations ran)."""
     ours, hf = rows.get("generate", {}), rows.get("hf_generate", {})
     if ours.get("status") != "ok" or hf.get("status") != "ok":
-        return []
+        return multi_adapter_lines(rows, summary)
     same = {True: "yes", False: "no", None: "-"}[summary.get("generate_same_tokens")]
     ratio, rounds = summary.get("generate_tokens_vs_hf"), summary.get("generate_tokens_vs_hf_rounds", [])
     spread = f" (rounds {min(rounds):.3f}-{max(rounds):.3f})" if len(rounds) > 1 else ""
@@ -119,7 +144,7 @@ def generation_lines(rows: dict, summary: dict) -> list[str]:
             "one sequence: ours (`model.generate`) "
             f"{ours['tokens_per_s']:,.1f} tokens/s, transformers' `generate(do_sample=False)` "
             f"{hf['tokens_per_s']:,.1f} tokens/s; ours over transformers' (within rounds): {shown}; "
-            f"the same tokens: {same}."]  # fmt: skip
+            f"the same tokens: {same}.", *multi_adapter_lines(rows, summary)]  # fmt: skip
 
 
 COMPILED_PEFT_LIMIT = (

@@ -155,6 +155,8 @@ class Config:
     quantize: str | None = None  # "nf4" or "bf16": how the frozen block weights are stored (lora/quantize.py)
     loss: str | None = None  # "chunked" or "full": this configuration's loss, whatever --loss says
     sync: bool = False  # the step reads its loss back (loss.item(), as a plain training loop logs every step)
+    adapters: int = 0  # generate: this many prompts, row i with its own random adapter i (multi_adapter.py)
+    separate: bool = False  # ... answered one adapter at a time instead of in one mixed batch
 
 
 SIZES = {
@@ -175,6 +177,7 @@ SIZES = {
 }  # fmt: skip
 # the sizes --quick runs (and the Llama family's in tests)
 QUICK_SIZES = ("tiny", "tiny_llama")
+MULTI_TARGETS = ("q", "k", "v", "o")  # the multi-adapter configurations' adapted projections
 CONFIGS = (
     Config("full", "train"),
     Config("lora_qv", "train", targets=("q", "v")),
@@ -186,6 +189,9 @@ CONFIGS = (
     # greedy generation with a key/value cache: ours (model.generate) and transformers' generate, same weights
     Config("generate", "generate"),
     Config("hf_generate", "generate", impl="hf"),
+    # several adapters of one base: 4 prompts in one batch, row i with adapter i, against one adapter at a time
+    Config("multi_adapter", "generate", targets=MULTI_TARGETS, adapters=4),
+    Config("multi_adapter_separate", "generate", targets=MULTI_TARGETS, adapters=4, separate=True),
 )
 CHECKPOINTED = Config("lora_qv_ckpt", "train", targets=("q", "v"), checkpointing=True)
 # timed only when --configs names them: all four projections adapted, and the unfused q/k/v layout
@@ -384,7 +390,7 @@ def build_ours(shape: Shape, config: Config, device: torch.device) -> nn.Module:
     torch.manual_seed(0)
     lora = {"lora_r": LORA_R if config.targets else 0, "lora_alpha": LORA_ALPHA, "use_dora": config.dora,
             "lora_targets": config.targets or ("q",), "adapt_attention": bool(config.targets)}  # fmt: skip
-    if config.task == "generate" and not shape.base and peer_installed():  # the peer's weights, loaded
+    if config.task == "generate" and not config.adapters and not shape.base and peer_installed():
         with tempfile.TemporaryDirectory(prefix="benchmark-") as folder:
             build_hf(shape, device).save_pretrained(folder)
             return LoRATransformer.from_pretrained(folder, dropout=0.0, lora_r=0).to(device).eval()
@@ -408,6 +414,8 @@ def build_ours(shape: Shape, config: Config, device: torch.device) -> nn.Module:
         model = LoRATransformer(shape.vocab_size, shape.d_model, shape.num_heads, shape.num_layers,
                                 d_ff=shape.ff, max_seq_len=shape.positions, dropout=0.0, **lora,
                                 **family).to(device)  # fmt: skip
+    if config.adapters:
+        return with_random_adapters(model, config.adapters).eval()
     if config.task == "generate":
         return model.eval()
     model.gradient_checkpointing = config.checkpointing
@@ -415,6 +423,24 @@ def build_ours(shape: Shape, config: Config, device: torch.device) -> nn.Module:
     if config.targets or config.task == "train":  # a LoRA run's model, or a full fine-tune's
         model.prepare_training("lora" if config.targets else "full", config.quantize or "none")
     # (inference: the base stays frozen, as the merged model's, so both take the fused q/k/v path)
+    return model
+
+
+def adapter_names(n: int) -> list[str]:
+    """The names of the multi-adapter configurations' ``n`` adapters."""
+    return [f"adapter{i}" for i in range(n)]
+
+
+def with_random_adapters(model: LoRATransformer, n: int) -> LoRATransformer:
+    """``model`` holding ``n`` adapters (:func:`adapter_names`) of random ``B`` (std 0.05, so each changes the
+    greedy tokens): all parked, the last one also active."""
+    names = adapter_names(n)
+    for name in names:
+        with torch.no_grad():
+            for _, layer in model.lora_layers():
+                nn.init.normal_(layer.lora_B, std=0.05)
+        model.adapters.parked[name] = model.adapters.capture()
+    model.set_adapter(names[-1])
     return model
 
 
@@ -569,13 +595,29 @@ def make_step(model: nn.Module, shape: Shape, config: Config, opts: dict, device
 
 def generation_step(model: nn.Module, shape: Shape, config: Config, device: torch.device) -> Step:
     """One greedy generation of ``shape.new_tokens`` tokens after a random ``shape.prompt``-token prompt (one
-    sequence), each with the key/value cache: ours ``model.generate(temperature=0)``, transformers'
-    ``generate(do_sample=False)``. ``extra["generated"]``: the new tokens of the last call (with the same
-    weights, ours and the peer's are the same tokens)."""
+    sequence; ``config.adapters`` of them for the multi-adapter configurations), each with the key/value cache:
+    ours ``model.generate(temperature=0)``, transformers' ``generate(do_sample=False)``. Multi-adapter: one
+    ``generate(adapter_names=...)`` over the batch, row i with adapter i, or (``separate``) each row alone after
+    ``set_adapter``. ``extra["generated"]``: the new tokens of the last call, rows joined (with the same weights,
+    ours and the peer's, or mixed and separate, are the same tokens)."""
     g = torch.Generator().manual_seed(2)
-    prompt = torch.randint(0, shape.vocab_size, (1, shape.prompt), generator=g).to(device)
+    rows = config.adapters or 1
+    prompt = torch.randint(0, shape.vocab_size, (rows, shape.prompt), generator=g).to(device)
     extra: dict = {}
-    if config.impl == "hf":
+    names = adapter_names(config.adapters)
+    if config.adapters and config.separate:
+
+        def generate() -> torch.Tensor:
+            out = []
+            for i, name in enumerate(names):
+                model.set_adapter(name)
+                out.append(model.generate(prompt[i : i + 1], shape.new_tokens, temperature=0.0))
+            return torch.cat(out)
+    elif config.adapters:
+
+        def generate() -> torch.Tensor:
+            return model.generate(prompt, shape.new_tokens, temperature=0.0, adapter_names=names)
+    elif config.impl == "hf":
         mask = torch.ones_like(prompt)
 
         def generate() -> torch.Tensor:
@@ -591,7 +633,7 @@ def generation_step(model: nn.Module, shape: Shape, config: Config, device: torc
         if out.shape[1] != shape.prompt + shape.new_tokens:  # (no end-of-text token stops it early)
             raise RuntimeError(f"{config.name} generated {out.shape[1] - shape.prompt} tokens, not "
                                f"{shape.new_tokens}")  # fmt: skip
-        extra["generated"] = out[0, shape.prompt :].tolist()
+        extra["generated"] = [t for row in out[:, shape.prompt :].tolist() for t in row]
 
     return Step(step, extra=extra)
 
@@ -622,7 +664,8 @@ def run_config(shape: Shape, config: Config, opts: dict) -> dict:
     reset_peak_memory(device)  # from here: the peak of the steps (VmHWM / CUDA's statistics), not of building
     made = make_step(model, shape, config, opts, device)
     step, opt, extra = made.fn, made.optimizer, made.extra
-    B, T = (1, shape.new_tokens) if config.task == "generate" else (shape.batch, shape.seq_len)
+    generating = config.task == "generate"
+    B, T = (config.adapters or 1, shape.new_tokens) if generating else (shape.batch, shape.seq_len)
     bf16 = opts["dtype"] == "bf16"
 
     times, device_times = time_steps(step, opts["warmup"], opts["steps"], device)

@@ -133,6 +133,29 @@ def test_on_cuda_the_profile_s_shares_are_of_the_kernels_time_each_counted_once(
         ("aten::mm", 6.0, pytest.approx(0.4)), ("aten::gelu", 4.0, pytest.approx(4 / 15))]  # fmt: skip
 
 
+def test_several_adapters_in_one_batch_against_one_adapter_at_a_time(tmp_path):
+    """multi_adapter: 4 prompts, row i with random adapter i, in one batch; multi_adapter_separate: the same rows
+    one adapter at a time. Both make 4 x new_tokens tokens, the same ones; the report gives mixed / separate."""
+    names = ["multi_adapter", "multi_adapter_separate"]
+    argv = ["--sizes", "tiny_llama", "--configs", ",".join(names), "--steps", "1", "--warmup", "0", "--threads",
+            "1", "--paired", "2", "--out", str(tmp_path)]  # fmt: skip
+    result = benchmark.main(argv)
+    rows, summary = result["results"]["tiny_llama"], result["summary"]["tiny_llama"]
+    mixed, alone = rows["multi_adapter"], rows["multi_adapter_separate"]
+    assert mixed["status"] == alone["status"] == "ok", rows
+    assert len(mixed["generated"]) == 4 * 8 and mixed["generated"] == alone["generated"]
+    assert len({tuple(mixed["generated"][i * 8 : (i + 1) * 8]) for i in range(4)}) > 1  # the adapters differ
+    for r in (mixed, alone):  # tokens/s counts the 4 rows' new tokens
+        assert r["tokens_per_s"] == pytest.approx(4 * 8 / (r["step_ms"] / 1e3), rel=1e-6)
+    assert summary["multi_adapter_same_tokens"] is True
+    ratio = alone["step_ms"] / mixed["step_ms"]
+    assert summary["multi_adapter_vs_separate"] == pytest.approx(ratio, rel=1e-6)
+    assert summary["multi_adapter_vs_separate_paired"] > 0
+    md = (tmp_path / "results.md").read_text()
+    line = next(ln for ln in md.splitlines() if ln.startswith("Several adapters of one base, 4 prompts"))
+    assert line.endswith("the same tokens: yes.") and f"{ratio:.2f}x" in line, line
+
+
 def test_paired_steps_give_each_target_ratio_within_passes_in_one_process(tmp_path, monkeypatch):
     """--paired: the configurations built side by side in one process, each pass running every step once; a
     target's ratio is also taken within each pass (its median and range beside the rounds' in the report). The

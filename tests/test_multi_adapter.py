@@ -168,25 +168,8 @@ def test_generate_batched_answers_as_one_adapter_at_a_time(tmp_path, one_thread)
     assert len({text for _, text in one_at_a_time}) == 3  # the adapters change the answer
 
 
-def test_the_benchmark_runs_and_its_tokens_agree(capsys):
-    bench = script("bench_multi_adapter")
-    argv = [
-        "--d_model",
-        "32",
-        "--num_layers",
-        "1",
-        "--prompt_len",
-        "4",
-        "--new_tokens",
-        "4",
-        "--repeats",
-        "1",
-    ]
-    assert bench.main([*argv, "--threads", "1"]) == 0
-    out = capsys.readouterr().out
-    assert "mixed batch:" in out and "separate runs:" in out and "greedy tokens equal: True" in out
-    for name in ("bench_multi_adapter", "chat"):
-        with pytest.raises(SystemExit) as e:
-            script(name).main(["--no-such-option"])
-        err = capsys.readouterr().err
-        assert e.value.code == 2 and err.count("\n") == 1 and err.endswith("(see --help)\n"), err
+def test_a_bad_flag_of_the_chat_command_is_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        script("chat").main(["--no-such-option"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.endswith("(see --help)\n"), err
