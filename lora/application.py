@@ -4,7 +4,7 @@
 folder, base, sequence width, checkpoint to resume, storage, memory, tokenizer), and only then does this
 module act: tokenize the data, pretrain a missing default base, build the model from the resolved base,
 take its fingerprint once, create the run folder, train (LoRA, or full fine-tuning), and write
-config.yaml, history.json, metrics.json, training_curves.png, the adapter or model, and samples.txt.
+config.yaml, history.json (and .csv), metrics.json, training_curves.png, the adapter or model, and samples.txt.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ from lora.plan import RunPlan, plan_run, resolve_or_refuse, storage_for
 from lora.pretrained import BaseSource
 from lora.run_folder import RunFolder, discard_unless_resumable, prepare_run_folder, publish, run_lock
 from lora.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
+from lora.tracking import history_csv
 from lora.trainer import LoRATrainer, Trainer, resolve_device
 
 __all__ = ["RankError", "build_model", "execute", "run", "say"]
@@ -372,6 +373,7 @@ def _train_and_write(cfg: TrainConfig, task: Task, model: LoRATransformer, devic
             else:
                 out.write_model(model, "best")
     out.write("history.json", trainer.history)
+    out.write("history.csv", history_csv(trainer.history))
     trainer.plot_training_history(base_metric=base_eval["metric"])
     tps = trainer.history["tokens_per_s"]
     metrics = {

@@ -58,6 +58,7 @@ def pretrain_base(cfg: TrainConfig, device: torch.device, say: Callable[[str], N
         device=str(device), metric_name=base_task.metric_name, label=f"pretraining base ({base_task.name})",
         lora_plus_ratio=1.0,  # the fine-tune's LoRA+ is for its adapter's B; the base has none
         grad_accum_steps=1, early_stopping_patience=0,  # the fine-tune's: one base for any of them
+        log_to="none",  # the fine-tune's tracking (its run folder); the base has no run folder
     )  # fmt: skip
     try:
         trainer.train()

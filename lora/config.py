@@ -25,6 +25,7 @@ from lora.errors import ConfigError, did_you_mean, first_line, quote, shorten
 from lora.files import MAX_SETTINGS_BYTES, read_limited
 from lora.lora_layer import LORA_INITS
 from lora.model_config import LoRAConfig, ModelConfig, parse_targets
+from lora.tracking import TRACKERS, check_installed
 
 __all__ = [
     "TASKS",
@@ -63,7 +64,7 @@ PATH_KEYS = (
 # what a resumed run may change: how long it trains, how often it reports and saves, where it runs
 RESUME_MAY_CHANGE = ("max_steps", "epochs", "eval_every", "eval_batches", "log_every", "save_every", "keep_checkpoints",
                      "device", "precision", "compile", "compile_mode", "gradient_checkpointing", "debug", "resume", "overwrite",
-                     "run_name", "output_dir")  # fmt: skip
+                     "run_name", "output_dir", "log_to")  # fmt: skip
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -206,6 +207,11 @@ class TrainConfig:
     log_every: int | None = field(
         default=None, metadata=_help("read the loss every N steps (default: 1 on CPU, 10 on a GPU)")
     )
+    log_to: str = field(
+        default="none",
+        metadata=_help(f"follow the run live: {', '.join(TRACKERS)} (tensorboard: event files in "
+                       "<run>/tensorboard/; needs the tensorboard package)"),
+    )  # fmt: skip
     # --- checkpoints
     save_every: int = field(default=0, metadata=_help("write a training checkpoint every N steps (0: off)"))
     keep_checkpoints: int = field(default=2, metadata=_help("how many recent checkpoints to keep"))
@@ -252,6 +258,7 @@ class TrainConfig:
             (self.eval_every >= 1, f"eval_every must be >= 1, got {self.eval_every}"),
             (self.eval_batches >= 0, f"eval_batches must be >= 0, got {self.eval_batches}"),
             (self.log_every is None or self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
+            (self.log_to in TRACKERS, f"log_to must be one of {', '.join(TRACKERS)}, got {quote(self.log_to)}"),
             (self.save_every >= 0, f"save_every must be >= 0, got {self.save_every}"),
             (self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}"),
         ]  # fmt: skip
@@ -293,6 +300,7 @@ class TrainConfig:
         ):
             raise ConfigError(f"quantize_base {self.quantize_base} needs torchao, which is not installed: "
                               "pip install 'lora-transformer[quant]' (or pip install torchao)")  # fmt: skip
+        check_installed(self.log_to)  # (its package found, not imported: cheap)
         return self
 
     def _ignored(self) -> list[tuple[str, str]]:

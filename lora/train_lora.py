@@ -5,11 +5,12 @@
     python lora/train_lora.py --config configs/code.yaml --max_steps 200
     python lora/train_lora.py --task text --train_file my.txt
     python lora/train_lora.py --resume runs/rot13-lora-r8   # continue an interrupted run exactly
+    python lora/train_lora.py --log_to tensorboard          # follow it live: tensorboard --logdir runs
     torchrun --nproc_per_node 2 lora/train_lora.py --batch_size 32   # data parallel: global batch 2 x 32
     cd lora && python train_lora.py --lora_r 16            # the same, from inside lora/ (runs go to ../runs)
 
 The first run pretrains the task's base model (full training, once) under ``runs/bases/``; every later run
-reuses it. Each run writes ``runs/<run_name>/``: config.yaml, history.json, metrics.json,
+reuses it. Each run writes ``runs/<run_name>/``: config.yaml, history.json, history.csv, metrics.json,
 training_curves.png, the adapter, samples.txt (language models) and checkpoints if asked for.
 Every option given either takes effect or is refused: an option the run would ignore is an error.
 

@@ -41,6 +41,7 @@ from lora.errors import CheckpointError, ConfigError, DivergenceError, Interrupt
 from lora.files import atomic_write_bytes
 from lora.lora_layer import fixed_dora_norms, mark_only_lora_as_trainable
 from lora.plotting import render_history
+from lora.tracking import Tracker, open_tracker
 
 __all__ = [
     "TRAINER_SETTINGS",
@@ -59,7 +60,7 @@ __all__ = [
 TRAINER_SETTINGS = (
     "learning_rate", "weight_decay", "epochs", "max_steps", "warmup_steps", "lr_schedule", "grad_clip",
     "eval_every", "eval_batches", "log_every", "device", "precision", "compile", "compile_mode", "save_every",
-    "keep_checkpoints", "lora_plus_ratio", "grad_accum_steps", "early_stopping_patience",
+    "keep_checkpoints", "lora_plus_ratio", "grad_accum_steps", "early_stopping_patience", "log_to",
 )  # fmt: skip
 HISTORY_KEYS = ("step", "epoch", "train_loss", "val_loss", "metric", "lr", "tokens_per_s", "elapsed_s")
 
@@ -265,7 +266,8 @@ class Trainer:
     ``model(x)`` maps token ids ``(B, T)`` to logits ``(B, T, vocab)`` (or ``(B, classes)``; classification
     batches with ``lengths`` call ``model(x, lengths=...)``). Settings are :class:`TrainConfig` fields
     (:data:`TRAINER_SETTINGS`), from ``config`` and keyword arguments, with ``TrainConfig``'s defaults.
-    ``run_dir``: where checkpoints and the training-curve PNG go (``None``: no checkpoints).
+    ``run_dir``: where checkpoints, the training-curve PNG and ``log_to``'s event files go (``None``: no
+    checkpoints).
 
     A step is one optimizer update, from ``grad_accum_steps`` batches of the loader (micro-batches): the
     learning-rate schedule, ``max_steps``, ``eval_every``, ``save_every``, the history and the checkpoints
@@ -332,6 +334,9 @@ class Trainer:
         self.stopped_early_at: int | None = None  # the step after which early stopping ended training
         if self.early_stopping is not None:
             self._check_evaluations(patience)
+        if cfg.log_to != "none" and self.run_dir is None and self.distributed.is_main:
+            raise ValueError(f"log_to {cfg.log_to} writes into the run folder: give run_dir")
+        self.tracker = Tracker()  # log_to's, while train() runs (lora/tracking.py); rank 0's alone writes
 
     # ----------------------------------------------------------------------------------------------------
 
@@ -503,6 +508,9 @@ class Trainer:
             self.say(f"warning: max_steps {max_steps} is more than {self.config.epochs} epoch(s) of {per_epoch} "
                      f"steps: training stops at step {self.total_steps}; --epochs "
                      f"{math.ceil(max_steps / per_epoch)} reaches it")  # fmt: skip
+        kind = self.config.log_to if self.distributed.is_main else "none"
+        self.tracker = open_tracker(kind, self.run_dir, self.step)
+        self.tracker.settings(self.step, self.config.to_saved())
         handlers = {}
         if torch.multiprocessing.current_process().name == "MainProcess":
             with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
@@ -510,6 +518,7 @@ class Trainer:
         try:
             self._train_loop()
         finally:
+            self.tracker.close()
             for s, h in handlers.items():
                 signal.signal(s, h)
         return self.history
@@ -560,6 +569,8 @@ class Trainer:
                             evaluation = self.evaluate()
                             self.history["val_loss"][-1] = evaluation["val_loss"]
                             self.history["metric"][-1] = evaluation["metric"]
+                            self.tracker.evaluation(self.step, evaluation["val_loss"], self.metric_name,
+                                                    evaluation["metric"])  # fmt: skip
                             self._observe(evaluation["val_loss"])
                             self._window["t0"] = time.perf_counter()  # evaluation is not training time
                         if save:
@@ -634,6 +645,7 @@ class Trainer:
             if not math.isfinite(norm):
                 raise self._diverged("gradient norm", norm, step)
             self._record(step, epoch, loss, lr, tps, window["elapsed"])
+            self.tracker.train_step(step, loss, lr, norm, tps)
             stop = stop or asked > 0
         bar.update(len(pending))
         bar.set_postfix(self._postfix(loss, lr, tps), refresh=False)

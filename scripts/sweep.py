@@ -3,11 +3,13 @@
     python scripts/sweep.py --mode rank --seeds 0,1        # q+v and q+k+v+o at r = 1 ... 64 (the paper's Table 6)
     python scripts/sweep.py --mode budget --seeds 0,1      # one budget over 1, 2 or 4 matrix types (Table 5)
     python scripts/sweep.py --mode grid --ranks 1,2,4,8 --targets q,v,qv,qkvo --mlp both
+    python scripts/sweep.py --mode grid --ranks 8 --targets qv --learning_rates 1e-3,3e-3,1e-2
     python scripts/sweep.py --mode rank --config configs/code.yaml --max_steps 100
     python scripts/sweep.py --mode variants --max_steps 100   # LoRA, Gaussian, PiSSA, OLoRA, DoRA, LoRA+, nf4
 
 Any ``train_lora.py`` option sets the shared settings. ``lora_alpha`` follows the rank (``alpha = 2 r``,
-the default's scaling of 2), so cells differ in rank and targets only. Every cell is a normal run (its
+the default's scaling of 2), so cells differ in rank and targets only; grid mode's ``--learning_rates`` adds
+the peak learning rate as an axis (every rank and target set at each). Every cell is a normal run (its
 folder under ``<output_dir>/sweep-<mode>/runs/``, on the shared base); results.json is written after
 each cell, and an interrupted sweep resumes where it stopped (finished cells are not run again; a sweep
 with other shared settings is refused rather than mixed in).
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import statistics
 import sys
 import warnings
@@ -63,26 +66,29 @@ VARIANT_DEFAULTS = {k: getattr(TrainConfig(), k) for settings in VARIANTS.values
 
 @dataclasses.dataclass(frozen=True)
 class Cell:
-    """One configuration of the sweep: target set (letters of q, k, v, o), MLP too or not, rank, seed."""
+    """One configuration of the sweep: target set (letters of q, k, v, o), MLP too or not, rank, seed, and the
+    learning rate (``None``: the shared one)."""
 
     targets: str
     mlp: bool
     r: int
     seed: int
     variant: str | None = None  # a key of VARIANTS (the variants mode)
+    lr: float | None = None  # grid mode's --learning_rates
 
     @property
     def key(self) -> str:
         kind = "" if self.variant is None else "-" + "".join(c for c in self.variant if c.isalnum()).lower()
-        return f"{self.targets}{'+mlp' if self.mlp else ''}-r{self.r}{kind}-s{self.seed}"
+        lr = "" if self.lr is None else f"-lr{self.lr:g}"
+        return f"{self.targets}{'+mlp' if self.mlp else ''}-r{self.r}{lr}{kind}-s{self.seed}"
 
     @property
     def label(self) -> str:
         return self.variant or "+".join(self.targets) + (" + MLP" if self.mlp else "")
 
 
-def cells(mode: str, ranks: Sequence[int], targets: Sequence[str], mlp: Sequence[bool],
-          seeds: Sequence[int], shared: TrainConfig | None = None) -> list[Cell]:  # fmt: skip
+def cells(mode: str, ranks: Sequence[int], targets: Sequence[str], mlp: Sequence[bool], seeds: Sequence[int],
+          shared: TrainConfig | None = None, learning_rates: Sequence[float | None] = (None,)) -> list[Cell]:  # fmt: skip
     if mode == "variants":  # at the shared rank and targets
         t, m, r = "".join(shared.lora_targets), shared.adapt_feedforward, shared.lora_r
         return [Cell(t, m, r, s, v) for v in VARIANTS for s in seeds]
@@ -90,14 +96,17 @@ def cells(mode: str, ranks: Sequence[int], targets: Sequence[str], mlp: Sequence
         return [Cell(t, False, r, s) for t in ("qv", "qkvo") for r in ranks for s in seeds]
     if mode == "budget":
         return [Cell(t, False, r, s) for t, r in BUDGET for s in seeds]
-    return [Cell(t, m, r, s) for t in targets for m in mlp for r in ranks for s in seeds]
+    return [Cell(t, m, r, s, lr=lr) for t in targets for m in mlp for r in ranks for lr in learning_rates
+            for s in seeds]  # fmt: skip
 
 
 def cell_config(shared: TrainConfig, cell: Cell, root: Path, base: Path) -> TrainConfig:
-    """The run of one cell: the shared settings with the cell's targets, rank (alpha = 2 r) and seed; a variant
-    cell keeps the shared alpha and adds its variant's settings."""
+    """The run of one cell: the shared settings with the cell's targets, rank (alpha = 2 r), seed and learning
+    rate if it has one; a variant cell keeps the shared alpha and adds its variant's settings."""
     alpha = shared.lora_alpha if cell.variant is not None else 2.0 * cell.r
     variant = {**VARIANT_DEFAULTS, **VARIANTS[cell.variant]} if cell.variant is not None else {}
+    if cell.lr is not None:
+        variant["learning_rate"] = cell.lr
     return dataclasses.replace(
         shared, lora_targets=list(cell.targets), adapt_feedforward=cell.mlp, lora_r=cell.r,
         lora_alpha=alpha, seed=cell.seed, run_name=cell.key, output_dir=str(root / "runs"),
@@ -105,13 +114,16 @@ def cell_config(shared: TrainConfig, cell: Cell, root: Path, base: Path) -> Trai
     ).validate()  # fmt: skip
 
 
-def summarise(results: dict[str, dict], todo: list[Cell]) -> dict[tuple[str, int], tuple[float, float, int]]:
-    """``(label, r) -> (mean, spread, params)`` of the metric over the seeds (spread: the standard deviation, 0
-    for one)."""
-    groups: dict[tuple[str, int], list[dict]] = {}
+Summary = dict[tuple[str, int, float | None], tuple[float, float, int]]
+
+
+def summarise(results: dict[str, dict], todo: list[Cell]) -> Summary:
+    """``(label, r, lr) -> (mean, spread, params)`` of the metric over the seeds (spread: the standard deviation, 0
+    for one; ``lr`` the cell's learning rate, ``None`` for the shared one)."""
+    groups: dict[tuple[str, int, float | None], list[dict]] = {}
     for cell in todo:
         if cell.key in results:
-            groups.setdefault((cell.label, cell.r), []).append(results[cell.key])
+            groups.setdefault((cell.label, cell.r, cell.lr), []).append(results[cell.key])
     out = {}
     for key, found in groups.items():
         values = [f["metric"] for f in found]
@@ -144,32 +156,40 @@ def write_variants_table(folder: Path, results: dict[str, dict], todo: list[Cell
     atomic_write_bytes(folder / "table.md", ("\n".join(rows) + "\n").encode())
 
 
-def write_reports(folder: Path, summary: dict, metric: str, mode: str, seeds: int) -> None:
-    labels = list(dict.fromkeys(label for label, _ in summary))
-    ranks = sorted({r for _, r in summary})
+def write_reports(
+    folder: Path, summary: Summary, metric: str, mode: str, seeds: int, learning_rate: float
+) -> None:
+    """table.md (a row per target set, rank and learning rate: ``learning_rate`` where a cell has none of its
+    own), and metric_vs_rank.png and heatmap.png with a line and a row per target set (and learning rate)."""
     lines_md = [
-        f"| targets | r | trainable | {metric} (mean) | spread over {seeds} seeds |",
-        "|---|---:|---:|---:|---:|",
+        f"| targets | r | learning rate | trainable | {metric} (mean) | spread over {seeds} seeds |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
-    for (label, r), (mean, spread, params) in summary.items():
-        lines_md.append(f"| {label} | {r} | {params:,} | {mean:.4f} | {spread:.4f} |")
+    for (label, r, lr), (mean, spread, params) in summary.items():
+        lines_md.append(f"| {label} | {r} | {learning_rate if lr is None else lr:g} | {params:,} | {mean:.4f} | "
+                        f"{spread:.4f} |")  # fmt: skip
     atomic_write_bytes(folder / "table.md", ("\n".join(lines_md) + "\n").encode())
+    # a line (and a heatmap row) per target set, and learning rate where the sweep has several
+    by_line = {(lab if lr is None else f"{lab}, lr {lr:g}", r): v for (lab, r, lr), v in summary.items()}
+    labels = list(dict.fromkeys(label for label, _ in by_line))
+    ranks = sorted({r for _, r in by_line})
     series = {}
     for label in labels:
-        points = sorted((r, m, s) for (lab, r), (m, s, _) in summary.items() if lab == label)
+        points = sorted((r, m, s) for (lab, r), (m, s, _) in by_line.items() if lab == label)
         series[label] = ([p[0] for p in points], [p[1] for p in points], [p[2] for p in points])
     atomic_write_bytes(folder / "metric_vs_rank.png", lines(
         series, f"sweep ({mode}): {metric} against rank, mean and spread over {seeds} seeds", "rank r (log scale)",
         f"{metric} (validation)", logx=True))  # fmt: skip
-    grid = [[summary.get((label, r), (float("nan"),))[0] for r in ranks] for label in labels]
+    grid = [[by_line.get((label, r), (float("nan"),))[0] for r in ranks] for label in labels]
     atomic_write_bytes(folder / "heatmap.png", heatmap(
         grid, labels, [str(r) for r in ranks], f"sweep ({mode}): {metric}, mean over {seeds} seeds",
         "rank r", "adapted matrices", metric))  # fmt: skip
 
 
-# what a cell sets itself; every other setting is the sweep's, recorded in results.json
+# what a cell sets itself (or what changes no result: debug, log_to); every other setting is the sweep's,
+# recorded in results.json (and learning_rate too, unless the cells set it: --learning_rates)
 PER_CELL = ("lora_r", "lora_alpha", "lora_targets", "adapt_feedforward", "seed", "run_name", "output_dir",
-            "overwrite", "resume", "base_checkpoint", "debug",
+            "overwrite", "resume", "base_checkpoint", "debug", "log_to",
             *{k for settings in VARIANTS.values() for k in settings})  # fmt: skip
 
 
@@ -177,7 +197,8 @@ def sweep(shared: TrainConfig, mode: str, todo: list[Cell]) -> Path:
     root = output_root(shared.output_dir)
     folder = root / f"sweep-{mode}"
     results_path = folder / "results.json"
-    settings = {k: v for k, v in shared.to_saved().items() if k not in PER_CELL}
+    per_cell = (*PER_CELL, "learning_rate") if any(c.lr is not None for c in todo) else PER_CELL
+    settings = {k: v for k, v in shared.to_saved().items() if k not in per_cell}
     saved = (
         json.loads(results_path.read_text())
         if results_path.is_file()
@@ -194,8 +215,10 @@ def sweep(shared: TrainConfig, mode: str, todo: list[Cell]) -> Path:
             if cell.key in results:  # finished before an interruption: not run again
                 continue
             bar.set_postfix_str(cell.key)
-            metrics = run(cell_config(shared, cell, folder, base))
+            cfg = cell_config(shared, cell, folder, base)
+            metrics = run(cfg)
             results[cell.key] = {"metric": metrics["final_metric"], "metric_name": metrics["metric_name"],
+                                 "learning_rate": cfg.learning_rate,
                                  "trainable_params": metrics["trainable_params"], "steps": metrics["steps"],
                                  "val_loss": metrics.get("final_val_loss"),
                                  "peak_memory_mb": metrics.get("peak_memory_mb")}  # fmt: skip
@@ -204,18 +227,19 @@ def sweep(shared: TrainConfig, mode: str, todo: list[Cell]) -> Path:
     if mode == "variants":
         write_variants_table(folder, results, todo, metric)
     else:
-        write_reports(folder, summarise(results, todo), metric, mode, len({c.seed for c in todo}))
+        write_reports(folder, summarise(results, todo), metric, mode, len({c.seed for c in todo}),
+                      shared.learning_rate)  # fmt: skip
     return folder
 
 
 # the sweep's own flags, and the modes that use each
-MODE_FLAGS = {"ranks": ("rank", "grid"), "targets": ("grid",), "mlp": ("grid",)}
+MODE_FLAGS = {"ranks": ("rank", "grid"), "targets": ("grid",), "mlp": ("grid",), "learning_rates": ("grid",)}
 # what each mode's cells set themselves (so the same option given for the runs would be ignored)
 MODE_SETS = {
     "rank": "its cells set the rank (alpha = 2 r) and targets (q+v, q+k+v+o) and take the seeds of --seeds",
     "budget": "its cells set the rank (alpha = 2 r) and targets of one budget and take the seeds of --seeds",
-    "grid": "its cells set the rank (alpha = 2 r) and targets (--ranks, --targets, --mlp) and take the seeds "
-            "of --seeds",
+    "grid": "its cells set the rank (alpha = 2 r) and targets (--ranks, --targets, --mlp), with --learning_rates "
+            "the learning rate, and take the seeds of --seeds",
     "variants": "its cells set the variants themselves at the shared --lora_r and --lora_targets and take the "
                 "seeds of --seeds",
 }  # fmt: skip
@@ -229,6 +253,8 @@ def ignored_options(mode: str, shared: TrainConfig, flags: frozenset[str],
     default = TrainConfig()
     cell = list(VARIANT_DEFAULTS) if mode == "variants" else list(CELL_KEYS)
     keys = ["seed", "run_name", "resume", *cell]
+    if own_given.get("learning_rates") and mode in MODE_FLAGS["learning_rates"]:
+        keys.append("learning_rate")
     refused = [f"--{k}" for k in keys if k in flags]
     refused += [f"--{k}" for k, modes in MODE_FLAGS.items() if own_given[k] and mode not in modes]
     moot = [k for k in keys if k not in flags and getattr(shared, k) != getattr(default, k)]
@@ -246,6 +272,20 @@ def _ints(text: str, name: str, low: int) -> list[int]:
     return values
 
 
+def _learning_rates(text: str | None) -> list[float | None]:
+    """``"1e-3,3e-3"`` -> ``[0.001, 0.003]``: at least one, each once, every one a finite number > 0; ``None``
+    (not given) -> ``[None]``: the shared learning rate."""
+    if text is None:
+        return [None]
+    try:
+        values = list(dict.fromkeys(float(v) for v in text.split(",") if v.strip()))
+    except ValueError:
+        raise LoRAError(f"--learning_rates must be comma-separated numbers, got {quote(text)}") from None
+    if not values or not all(math.isfinite(v) and v > 0 for v in values):
+        raise LoRAError(f"--learning_rates must list finite numbers > 0, got {quote(text)}")
+    return values
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = CommandLineParser(prog="sweep.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                           epilog="Any option of train_lora.py applies too: python lora/train_lora.py --help")  # fmt: skip
@@ -257,6 +297,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--mlp", choices=("no", "yes", "both"), default="no", help="grid mode: the MLP adapted too"
     )
+    p.add_argument("--learning_rates", default=None,
+                   help="grid mode: peak learning rates, each cell at each, e.g. 1e-3,3e-3,1e-2 (default: the "
+                        "shared --learning_rate)")  # fmt: skip
     p.add_argument("--seeds", default="0,1,2")
     own, rest = p.parse_known_args(argv)
 
@@ -277,9 +320,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if moot:  # a preset's (configs/code.yaml sets the targets): the sweep's cells are the experiment
             warnings.warn(f"the config sets {', '.join(moot)}, which --mode {own.mode} sets per cell; ignored",
                           stacklevel=1)  # fmt: skip
-        todo = cells(
-            own.mode, _ints(own.ranks, "ranks", 1), targets, mlp, _ints(own.seeds, "seeds", 0), shared
-        )
+        todo = cells(own.mode, _ints(own.ranks, "ranks", 1), targets, mlp, _ints(own.seeds, "seeds", 0), shared,
+                     _learning_rates(own.learning_rates))  # fmt: skip
         folder = sweep(shared, own.mode, todo)
         print((folder / "table.md").read_text(), end="")
         pictures = "" if own.mode == "variants" else ", metric_vs_rank.png and heatmap.png"

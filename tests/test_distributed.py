@@ -108,11 +108,13 @@ def one_process(base, tmp_path_factory) -> Path:
 
 
 def test_two_processes_train_the_single_process_adapter_and_rank_0_alone_writes(base, one_process, tmp_path):
-    res = torchrun(tmp_path, flags(base, tmp_path / "runs", 16, "two"))
+    res = torchrun(tmp_path, [*flags(base, tmp_path / "runs", 16, "two"), "--log_to", "tensorboard"])
     assert res.returncode == 0, res.stderr
     assert "data parallel: 2 processes (gloo), global batch 16 x 2 = 32 sequences a step" in res.stderr
     assert res.stderr.count("done in") == 1  # one voice
     assert [p.name for p in (tmp_path / "runs").glob("[!.]*")] == ["two"]
+    # and one writer of TensorBoard's events (the file names hold the writing process's id)
+    assert len(list((tmp_path / "runs" / "two" / "tensorboard").glob("events.out.tfevents.*"))) == 1
     assert_close_adapters(tmp_path / "runs" / "two", one_process)
     metrics = json.loads((tmp_path / "runs" / "two" / "metrics.json").read_text())
     assert (metrics["world_size"], metrics["global_batch_size"]) == (2, 32)

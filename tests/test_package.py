@@ -16,6 +16,7 @@ LAYERS = [
     "_version",  # the version, written once
     "errors",  # errors and exit codes
     "files",  # atomic writes, checked reads
+    "tracking",  # following a run: TensorBoard events (log_to), the history as CSV
     "distributed",  # torchrun's processes: the process group, sums over processes, failures
     "quantize",  # a frozen weight in 4-bit NF4 (QLoRA), dequantized on the fly (torchao)
     "versions",  # the optional libraries' versions, as reports record them

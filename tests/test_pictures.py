@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from lora.train_lora import main as train
 from tests.conftest import TINY_FLAGS
@@ -188,6 +189,46 @@ def test_sweep_writes_its_tables_and_resumes_without_rerunning_finished_cells(tm
                         (["--targets", "qq"], "each letter once")):  # fmt: skip
         assert sweep([*argv, *bad]) == 2, bad
         assert needle in capsys.readouterr().err, bad
+
+
+def test_a_learning_rate_sweep_trains_each_cell_at_each_rate(tmp_path, capsys):
+    """grid mode's --learning_rates: a cell per rate, each run's config.yaml and first step at its own rate (the
+    warmup's first step is rate / 20), the table with a learning-rate column; bad lists and a --learning_rate
+    that the cells would override are one line, before anything is written."""
+    out = tmp_path / "runs"
+    argv = ["--mode", "grid", "--ranks", "2", "--targets", "v", "--learning_rates", "1e-3,1e-2", "--seeds", "0",
+            *TINY_FLAGS, "--max_steps", "2", "--output_dir", str(out)]  # fmt: skip
+    assert script("sweep")(argv) == 0
+    folder = out / "sweep-grid"
+    saved = json.loads((folder / "results.json").read_text())
+    assert sorted(saved["cells"]) == ["v-r2-lr0.001-s0", "v-r2-lr0.01-s0"]
+    assert "learning_rate" not in saved["settings"]  # the cells' own, not a shared setting
+    losses = []
+    for key, lr in (("v-r2-lr0.001-s0", 1e-3), ("v-r2-lr0.01-s0", 1e-2)):
+        run = folder / "runs" / key
+        assert yaml.safe_load((run / "config.yaml").read_text())["learning_rate"] == lr
+        assert saved["cells"][key]["learning_rate"] == lr
+        history = json.loads((run / "history.json").read_text())
+        assert history["lr"] == pytest.approx([lr / 20, 2 * lr / 20], rel=1e-12)  # warmup_steps 20
+        losses.append(history["train_loss"][1])
+    assert losses[0] != losses[1]  # the second step follows a first update of another size
+    table = (folder / "table.md").read_text()
+    assert "| targets | r | learning rate |" in table
+    assert "| v | 2 | 0.001 |" in table and "| v | 2 | 0.01 |" in table
+    sweep = script("sweep")
+    capsys.readouterr()
+    fresh = ["--output_dir", str(tmp_path / "other")]
+    for bad, needle in ((["--learning_rates", "1e-3,x"], "--learning_rates must be comma-separated numbers"),
+                        (["--learning_rates", "1e-3,0"], "--learning_rates must list finite numbers > 0"),
+                        (["--learning_rates", "inf"], "--learning_rates must list finite numbers > 0"),
+                        (["--learning_rates", "1e-3", "--learning_rate", "0.1"],
+                         "--learning_rate has no effect with --mode grid"),
+                        (["--mode", "rank", "--learning_rates", "1e-3"], "--learning_rates has no effect with --mode rank"),
+                        ):  # fmt: skip
+        assert sweep([*argv, *bad, *fresh]) == 2, bad
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and needle in err, (bad, err)
+    assert not (tmp_path / "other").exists()
 
 
 def test_a_preset_s_targets_are_reported_and_left_to_the_sweep_s_cells(tmp_path, capsys):
