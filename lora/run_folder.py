@@ -2,7 +2,7 @@
 the one it replaces (``--overwrite`` builds aside and swaps on success).
 
 ``runs/<run_name>/`` holds config.yaml, history.json, metrics.json, training_curves.png, the adapter (or,
-for full fine-tuning, ``model/``), samples.txt and checkpoints. A relative ``output_dir`` counts from the
+for full fine-tuning, ``model/``), samples.txt, report.html and checkpoints. A relative ``output_dir`` counts from the
 working directory, except from inside the package folder ``lora/`` (``cd lora && python train_lora.py``),
 where it counts from the project folder, so runs land in the top-level ``runs/`` either way.
 """
