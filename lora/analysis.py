@@ -18,6 +18,7 @@ __all__ = [
     "relative_update",
     "singular_values",
     "subspace_similarity",
+    "update_norm",
 ]
 
 
@@ -33,6 +34,14 @@ def numerical_rank(m: torch.Tensor) -> int:
         return 0
     tol = max(m.shape) * torch.finfo(torch.float32).eps * s[0]
     return int((s > tol).sum())
+
+
+def update_norm(a: torch.Tensor, b: torch.Tensor, scaling: float) -> float:
+    """``||scaling B A||_F`` for ``A: (r, k)``, ``B: (d, r)``, without forming the ``(d, k)`` product:
+    ``||B A||_F^2 = tr(A^T B^T B A) = sum((B^T B) * (A A^T))``, two ``(r, r)`` Gram matrices."""
+    a, b = a.detach().double(), b.detach().double()
+    squared = ((b.T @ b) * (a @ a.T)).sum().clamp_min(0.0)  # rounding can take an exact 0 below it
+    return abs(scaling) * float(squared.sqrt())
 
 
 def relative_update(delta: torch.Tensor, w0: torch.Tensor) -> float:

@@ -4,7 +4,8 @@
 folder, base, sequence width, checkpoint to resume, storage, memory, tokenizer), and only then does this
 module act: tokenize the data, pretrain a missing default base, build the model from the resolved base,
 take its fingerprint once, create the run folder, train (LoRA, or full fine-tuning), and write
-config.yaml, history.json (and .csv), metrics.json, training_curves.png, the adapter or model, and samples.txt.
+config.yaml, history.json (and .csv), metrics.json, training_curves.png, the adapter or model, samples.txt,
+and report.html (``lora/report.py``), the page that shows them together.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from lora.lora_transformer import LoRATransformer
 from lora.memory import peak_memory_mb, reset_peak_memory
 from lora.plan import RunPlan, plan_run, resolve_or_refuse, storage_for
 from lora.pretrained import BaseSource
+from lora.report import write_run_report
 from lora.run_folder import RunFolder, discard_unless_resumable, prepare_run_folder, publish, run_lock
 from lora.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 from lora.tracking import history_csv
@@ -89,7 +91,9 @@ def samples(
             adapted = model(x).argmax(-1)
         lines.append(f"{'input':<10} {'expected':<10} {'base':<10} {'adapted':<10}")
         for i in range(x.shape[0]):
-            row = [bytes(t[i][scored[i]].tolist()).decode("utf-8", "replace") for t in (x, y, base, adapted)]
+            # one line a row: a predicted newline or control byte shows as U+FFFD, as an invalid byte does
+            row = ["".join(c if c.isprintable() else "\ufffd" for c in bytes(t[i][scored[i]].tolist()).decode("utf-8", "replace"))
+                   for t in (x, y, base, adapted)]  # fmt: skip
             lines.append(" ".join(f"{c:<10}" for c in row) + (" ok" if row[1] == row[3] else ""))
         return "\n".join(lines) + "\n"
     # about 160 characters either way: 160 bytes, or 48 tokens of a BPE tokenizer (~4 characters each)
@@ -399,4 +403,5 @@ def _train_and_write(cfg: TrainConfig, task: Task, model: LoRATransformer, devic
     out.write("metrics.json", metrics)
     if not task.is_classification and not chat:
         out.write("samples.txt", samples(model, task, device, tokenizer))
+    write_run_report(folder, final)  # last: a view of the files above
     return metrics

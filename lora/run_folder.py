@@ -2,8 +2,8 @@
 the one it replaces (``--overwrite`` builds aside and swaps on success).
 
 ``runs/<run_name>/`` holds config.yaml, history.json and history.csv, metrics.json, training_curves.png, the
-adapter (or, for full fine-tuning, ``model/``), samples.txt, checkpoints, and with ``--log_to tensorboard``
-TensorBoard's event files in ``tensorboard/``. A relative ``output_dir`` counts from the
+adapter (or, for full fine-tuning, ``model/``), samples.txt, report.html, checkpoints, and with ``--log_to
+tensorboard`` TensorBoard's event files in ``tensorboard/``. A relative ``output_dir`` counts from the
 working directory, except from inside the package folder ``lora/`` (``cd lora && python train_lora.py``),
 where it counts from the project folder, so runs land in the top-level ``runs/`` either way.
 """

@@ -8,7 +8,8 @@ seed, side by side.
 Any ``train_lora.py`` option applies to both runs (LoRA options only to LoRA); full fine-tuning takes
 ``--full_learning_rate`` (default 1e-3, as configs/full_finetune.yaml: every weight moves, so a gentler
 rate). Each run is a fresh process, so its peak memory is its own. Writes ``<output_dir>/compare/``:
-comparison.md, comparison.csv and comparison.png (the validation curves overlaid), and the two run
+comparison.md, comparison.csv, comparison.png (the validation curves overlaid) and report.html (linking to
+each run's own report), and the two run
 folders ``<output_dir>/compare-lora`` and ``<output_dir>/compare-full`` (an earlier comparison is replaced
 only with ``--overwrite``). Every setting of both runs is checked before either starts.
 """
@@ -41,6 +42,7 @@ from lora.errors import LoRAError, guarded
 from lora.figures import lines
 from lora.files import atomic_write_bytes
 from lora.formats import ADAPTER_WEIGHTS_NAME, WEIGHTS_NAME
+from lora.report import write_summary_report
 from lora.run_folder import output_root, refuse_replacing, refuse_uncreatable
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,6 +164,9 @@ def compare(cfg: TrainConfig, full_learning_rate: float,
     atomic_write_bytes(out / "comparison.md", md.encode())
     atomic_write_bytes(out / "comparison.csv", buffer.getvalue().encode())
     atomic_write_bytes(out / "comparison.png", png)
+    write_summary_report(out, f"{lora['metrics']['task']}: the frozen base, LoRA and full fine-tuning",
+                         {"LoRA": root / "compare-lora", "full fine-tuning": root / "compare-full"},
+                         ["comparison.png"], md.split("\n\n")[-1].strip())  # fmt: skip
     return rows, out
 
 
@@ -175,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg, flags = load_config_and_flags(rest, prog="compare_methods.py")
         _, out = compare(cfg, own.full_learning_rate, flags)
         print((out / "comparison.md").read_text(), end="")
-        print(f"wrote comparison.md, comparison.csv and comparison.png to {out}")
+        print(f"wrote comparison.md, comparison.csv, comparison.png and report.html to {out}")
         return 0
 
     return guarded("compare_methods.py", body, "--debug" in rest)

@@ -14,7 +14,8 @@ folder under ``<output_dir>/sweep-<mode>/runs/``, on the shared base); results.j
 each cell, and an interrupted sweep resumes where it stopped (finished cells are not run again; a sweep
 with other shared settings is refused rather than mixed in).
 Writes ``<output_dir>/sweep-<mode>/``: results.json, table.md (mean and spread over seeds),
-metric_vs_rank.png and heatmap.png (target set x rank). The variants mode compares the LoRA variants
+metric_vs_rank.png and heatmap.png (target set x rank), and report.html (every cell's run, linking to its
+own report). The variants mode compares the LoRA variants
 (:data:`VARIANTS`) at the shared rank and targets (``lora_alpha`` as given): table.md only.
 """
 
@@ -45,6 +46,7 @@ from lora.config import CommandLineParser, TrainConfig, load_config_and_flags
 from lora.errors import LoRAError, guarded, quote
 from lora.figures import heatmap, lines
 from lora.files import atomic_write_bytes
+from lora.report import write_summary_report
 from lora.run_folder import output_root
 from lora.trainer import resolve_device
 
@@ -229,6 +231,8 @@ def sweep(shared: TrainConfig, mode: str, todo: list[Cell]) -> Path:
     else:
         write_reports(folder, summarise(results, todo), metric, mode, len({c.seed for c in todo}),
                       shared.learning_rate)  # fmt: skip
+    write_summary_report(folder, f"sweep ({mode})", {c.key: folder / "runs" / c.key for c in todo},
+                         ["metric_vs_rank.png", "heatmap.png"])  # fmt: skip
     return folder
 
 
@@ -324,8 +328,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                      _learning_rates(own.learning_rates))  # fmt: skip
         folder = sweep(shared, own.mode, todo)
         print((folder / "table.md").read_text(), end="")
-        pictures = "" if own.mode == "variants" else ", metric_vs_rank.png and heatmap.png"
-        print(f"wrote results.json, table.md{pictures} to {folder}")
+        pictures = "" if own.mode == "variants" else ", metric_vs_rank.png, heatmap.png"
+        print(f"wrote results.json, table.md{pictures} and report.html to {folder}")
         return 0
 
     return guarded("sweep.py", body, "--debug" in rest)

@@ -7,7 +7,8 @@ base, and (given a second adapter on the same base) how much the two adapters' s
     python scripts/visualize_lora.py --run runs/rot13-lora-r8 --other runs/rot13-lora-r64 --proj v
 
 Writes into ``<run>/pictures/`` (or ``--out``): weights.png (W0, A, B and ΔW of one module), spectrum.png,
-update_size.png, amplification.png, subspace_similarity.png (with ``--other``), and analysis.json.
+update_size.png, amplification.png, subspace_similarity.png (with ``--other``), and analysis.json; a run
+folder's report.html is written again to show them.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from lora.files import atomic_write_bytes
 from lora.formats import ADAPTER_CONFIG_NAME, read_adapter_folder
 from lora.lora_transformer import LoRATransformer
 from lora.model_config import TARGET_MODULES
+from lora.report import write_run_report
 
 # a projection's name (q, ..., o, fc1, fc2, gate, up, down; or its module's, q_proj ... down_proj) -> its module
 PROJ_NAMES = {**TARGET_MODULES, **{m.rsplit(".", 1)[1]: m for m in TARGET_MODULES.values()}}
@@ -164,6 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{name:<24} {v['r']:>3} {v['rank_of_delta']:>8} {v['relative_update']:>14.4f} {v['amplification']:>13.2f}"
             )
         print(f"wrote {', '.join(result['files'])} and analysis.json to {out}")
+        if args.out is None and (run / "metrics.json").is_file():  # a run folder: its report shows them now
+            print(f"updated {write_run_report(run)}")
         return 0
 
     with torch.no_grad():

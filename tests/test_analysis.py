@@ -9,6 +9,7 @@ from lora.analysis import (
     relative_update,
     singular_values,
     subspace_similarity,
+    update_norm,
 )
 
 
@@ -60,3 +61,13 @@ def test_amplification_factor_of_a_scaled_weight_by_hand():
 def test_relative_update():
     w0 = torch.full((3, 4), 2.0)
     assert relative_update(0.1 * w0, w0) == pytest.approx(0.1)
+
+
+def test_update_norm_equals_the_norm_of_the_formed_product():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4, 7, generator=g), torch.randn(5, 4, generator=g)
+    expected = float(torch.linalg.matrix_norm(2.5 * (b.double() @ a.double())))
+    assert update_norm(a, b, 2.5) == pytest.approx(expected, rel=1e-12)
+    # by hand: A = [[1, 0]], B = [[3], [4]]: B A = [[3, 0], [4, 0]], ||.||_F = 5
+    assert update_norm(torch.tensor([[1.0, 0.0]]), torch.tensor([[3.0], [4.0]]), 0.5) == pytest.approx(2.5)
+    assert update_norm(a, torch.zeros(5, 4), 2.0) == 0.0  # LoRA's B at init

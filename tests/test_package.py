@@ -53,6 +53,7 @@ LAYERS = [
     "early_stopping",  # the best validation loss, its weights, and when to stop
     "trainer",  # Trainer, LoRATrainer
     "run_folder",  # where a run's outputs go
+    "report",  # report.html: a run (or several) on one self-contained page
     "base_model",  # the default base, pretrained once
     "plan",  # a run's plan: every input resolved and checked, cheapest first, nothing written
     "application",  # one run from a TrainConfig
