@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 import lora.train_lora as train_lora_module
-from lora.config import TASKS, TrainConfig, load_config
+from lora.config import TASKS, TrainConfig, load_config, load_yaml, resolve_config
 from lora.run_folder import run_folder_name
 from lora.train_lora import main
 from tests.conftest import ON_BASE_FLAGS, TINY_FLAGS, task_flags
@@ -157,6 +157,30 @@ def test_own_jsonl_classification(tiny_flags, tmp_path):
     adapter = json.loads((folder / "adapter_config.json").read_text())
     assert adapter["num_classes"] == 2 and adapter["labels"] == ["neg", "pos"]
     assert not (folder / "samples.txt").exists()
+
+
+MAIN_SETTINGS = ("task", "method", "seed", "device", "precision", "num_examples", "seq_len", "base_checkpoint",
+                 "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "adapt_feedforward", "epochs", "max_steps",
+                 "batch_size", "learning_rate", "weight_decay", "warmup_steps", "lr_schedule", "grad_clip",
+                 "eval_every", "eval_batches", "save_every")  # fmt: skip
+
+
+def test_default_yaml_spells_out_the_main_settings_at_their_defaults():
+    """configs/default.yaml is where a user starts a config: each main setting at TrainConfig's default (so
+    it cannot drift from the dataclass), each on its own line with a comment."""
+    path = ROOT / "configs" / "default.yaml"
+    values = load_yaml(path)
+    defaults = TrainConfig().to_dict()
+    missing = [key for key in MAIN_SETTINGS if key not in values]
+    assert not missing, f"default.yaml lacks {missing}"
+    for key, value in values.items():
+        assert key in defaults, key
+        assert resolve_config({key: value}) == TrainConfig(), f"{key}: {value!r} is not the default {defaults[key]!r}"
+        assert value == defaults[key], (key, value, defaults[key])
+    lines = [line for line in path.read_text().splitlines() if line and not line.startswith("#")]
+    assert len(lines) == len(values)  # one setting a line
+    for line in lines:
+        assert re.fullmatch(r"\w+: \S.* +# \S.*", line), f"no comment: {line!r}"
 
 
 def test_default_yaml_is_the_main_job_and_every_config_loads():
