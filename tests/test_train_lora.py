@@ -70,6 +70,21 @@ def test_help_lists_every_flag_with_its_default():
     assert "projections to adapt: q,k,v,o (attention); gate,up,down" in text
 
 
+def test_usage_names_the_command_as_it_was_started(tmp_path):
+    """``lora-train --help`` says lora-train, ``python lora/train_lora.py --help`` train_lora.py; the console
+    script is the wrapper pip writes: a file named lora-train that calls main()."""
+    script = tmp_path / "lora-train"
+    script.write_text("import sys\nfrom lora.train_lora import main\nsys.exit(main())\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for command, name in (([str(script)], "lora-train"), (["lora/train_lora.py"], "train_lora.py")):
+        shown = subprocess.run([sys.executable, *command, "--help"], cwd=ROOT, env=env, capture_output=True,
+                               text=True, timeout=60)  # fmt: skip
+        assert shown.returncode == 0 and shown.stdout.startswith(f"usage: {name} [-h] [--config CONFIG]")
+    wrong = subprocess.run([sys.executable, str(script), "--lora_rank", "4"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert wrong.returncode == 2 and wrong.stderr.startswith("lora-train: error: unrecognized arguments")
+
+
 def test_precedence_defaults_then_yaml_then_flags(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("lora_r: 4\nlora_alpha: 8\nlearning_rate: 1e-4\nlora_targets: [q, k]\n")
@@ -175,7 +190,9 @@ def test_default_yaml_spells_out_the_main_settings_at_their_defaults():
     assert not missing, f"default.yaml lacks {missing}"
     for key, value in values.items():
         assert key in defaults, key
-        assert resolve_config({key: value}) == TrainConfig(), f"{key}: {value!r} is not the default {defaults[key]!r}"
+        assert resolve_config({key: value}) == TrainConfig(), (
+            f"{key}: {value!r} is not the default {defaults[key]!r}"
+        )
         assert value == defaults[key], (key, value, defaults[key])
     lines = [line for line in path.read_text().splitlines() if line and not line.startswith("#")]
     assert len(lines) == len(values)  # one setting a line
