@@ -114,12 +114,14 @@ def test_unknown_key_and_wrong_type_are_one_line_errors(tmp_path, capsys):
     assert "lora_r must be int, got 'four'" in capsys.readouterr().err
 
 
-def test_method_full_trains_every_parameter(tiny_flags, tmp_path):
+def test_method_full_trains_every_parameter(tiny_flags, tmp_path, capsys):
     assert main([*tiny_flags, "--method", "full", "--run_name", "full"]) == 0
     folder = tmp_path / "runs" / "full"
     metrics = json.loads((folder / "metrics.json").read_text())
     assert metrics["method"] == "full" and metrics["trainable_params"] == metrics["total_params"]
     assert metrics["reduction_factor"] == 1.0
+    err = capsys.readouterr().err
+    assert f"full: training all {metrics['total_params']:,} parameters on cpu\n" in err and "fewer" not in err
     assert (folder / "model" / "model.safetensors").is_file()
 
 
