@@ -68,6 +68,7 @@ def test_help_lists_every_flag_with_its_default():
     text = " ".join(proc.stdout.split())  # argparse wraps lines
     assert "LoRA rank r (default: 8)" in text and "all-linear) (default: q,v)" in text
     assert "projections to adapt: q,k,v,o (attention); gate,up,down" in text
+    assert "run folder name (default: <task>-lora-r<r> or <task>-full) --output_dir" in text  # one default
 
 
 def test_usage_names_the_command_as_it_was_started(tmp_path):
