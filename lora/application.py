@@ -20,6 +20,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from lora.adapter_set import describe_trainable
 from lora.base_model import ensure_base
 from lora.chat_task import (
     ChatTask,
@@ -331,8 +332,7 @@ def _train_and_write(cfg: TrainConfig, task: Task, model: LoRATransformer, devic
                    metric_name=task.metric_name, run_dir=folder, label=label, quiet=not writes,
                    distributed=place)  # fmt: skip
     stats = model.get_parameter_stats()
-    tell(f"{cfg.method}: training {stats['trainable_params']:,} of {stats['total_params']:,} parameters "
-        f"({stats['trainable_percent']:.2f}%, {stats['reduction_factor']:.0f}x fewer) on {device}")  # fmt: skip
+    tell(f"{cfg.method}: training {describe_trainable(stats)} on {device}")
     trainer.run_info.update(base_fingerprint=fingerprint, world_size=place.world_size)
     base_eval = trainer.evaluate(max_batches=0)
     tell(f"frozen base on '{task.name}': {task.metric_name} {base_eval['metric']:.4f}")

@@ -581,7 +581,10 @@ def build_parser(prog: str = "train_lora.py", description: str | None = None) ->
     for f in fields(TrainConfig):
         default = getattr(defaults, f.name)
         shown = ",".join(default) if isinstance(default, list) else default
-        text = f"{f.metadata.get('help', '')} (default: {shown})".replace("%", "%%")
+        text = f.metadata.get("help", "")
+        if "default:" not in text:  # (a help that says its default in words keeps those)
+            text += f" (default: {shown})"
+        text = text.replace("%", "%%")
         kind = str(f.type).replace(" | None", "")
         if kind == "bool":
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=text)

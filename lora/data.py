@@ -34,7 +34,17 @@ from lora.files import MAX_DATA_BYTES, check_regular_file, data_file_errors, rea
 from lora.special_tokens import SpecialTokens
 from lora.tokenizer import ByteTokenizer, Tokenizer
 
-__all__ = ["IGNORE", "VOCAB_SIZE", "BatchLoader", "Task", "TaskData", "base_task_of", "load_task"]
+__all__ = [
+    "IGNORE",
+    "VOCAB_SIZE",
+    "BatchLoader",
+    "Task",
+    "TaskData",
+    "base_task_of",
+    "cipher_prompt",
+    "is_cipher_prompt",
+    "load_task",
+]
 
 VOCAB_SIZE = 256
 N_LETTERS = (CIPHER_WIDTH + 1) // 2  # 8: a word and its cipher, interleaved, less the last letter
@@ -144,6 +154,33 @@ CIPHERS = {"caesar": "each letter + 1", "rot13": "each letter + 13", "atbash": "
 def encipher(kind: str, letters: torch.Tensor) -> torch.Tensor:
     """Letters as 0..25 -> their cipher: ``caesar`` (+1), ``rot13`` (+13) or ``atbash`` (25 - x)."""
     return {"caesar": (letters + 1) % 26, "rot13": (letters + 13) % 26, "atbash": 25 - letters}[kind]
+
+
+def cipher_text(kind: str, word: str) -> str:
+    """``word`` (letters a-z) as the cipher task ``kind`` writes it: each letter followed by its cipher,
+    ``cipher_text("rot13", "hello") == "huerlylyob"``."""
+    if kind not in CIPHERS:
+        raise ValueError(f"no cipher {quote(kind)}: one of {', '.join(CIPHERS)}")
+    if not word or any(not "a" <= c <= "z" for c in word):
+        raise ValueError(f"a cipher task's text is made of the letters a-z, got {quote(word)}")
+    plain = torch.tensor([ord(c) - ord("a") for c in word])
+    pairs = zip(plain.tolist(), encipher(kind, plain).tolist(), strict=True)
+    return "".join(chr(ord("a") + p) + chr(ord("a") + c) for p, c in pairs)
+
+
+def cipher_prompt(kind: str, word: str) -> str:
+    """What a model of the cipher task ``kind`` reads to write the cipher of ``word``'s last letter: its
+    :func:`cipher_text` less that last cipher letter, which is the answer. ``cipher_prompt("rot13", "hello")
+    == "huerlylyo"``, answered by ``b``; a training row's input ``x`` is the ``cipher_prompt`` of its 8 plain
+    letters. ``word`` itself is no such prompt: ``hello`` reads as the pairs h e, l l and a plain o."""
+    return cipher_text(kind, word)[:-1]
+
+
+def is_cipher_prompt(kind: str, text: str) -> bool:
+    """Whether ``text`` is in the format of the cipher task ``kind`` (:func:`cipher_prompt` of its plain
+    letters): letters interleaved with their cipher, ending on a plain letter."""
+    plain = text[::2]
+    return bool(text) and all("a" <= c <= "z" for c in text) and cipher_prompt(kind, plain) == text
 
 
 def _cipher_task(kind: str, n: int, seed: int) -> TaskData:

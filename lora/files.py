@@ -14,7 +14,7 @@ import shutil
 import stat
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TypeVar
 
@@ -182,9 +182,17 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
 
 @contextmanager
 def file_lock(path: str | Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
-    """Hold an exclusive lock on the file ``path`` (created if missing) for the block; another process
-    asking for it waits (``on_wait`` is called once when it has to). Released when the process dies.
-    Where ``fcntl`` does not exist (Windows) there is no lock."""
+    """Hold an exclusive lock on the file ``path`` for the block; another process asking for it waits
+    (``on_wait`` is called once when it has to). Released when the process dies. The file is created for
+    the block and removed at its end, so that no empty lock files are left behind. Where ``fcntl`` does not
+    exist (Windows) there is no lock.
+
+    Removing a lock file others may have opened is safe this way: the holder unlinks it while it still holds
+    the ``flock``, and a process counts the lock as its own only once, holding the ``flock``, it finds that
+    ``path`` still names the file it locked (the same device and inode). One that locked a file already
+    unlinked, or since replaced, lets go and opens ``path`` afresh; so at any time at most one process holds
+    the lock of the file ``path`` names.
+    """
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX
@@ -192,17 +200,39 @@ def file_lock(path: str | Path, on_wait: Callable[[], None] | None = None) -> It
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
+    waited = False
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if on_wait is not None:
-                on_wait()
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if on_wait is not None and not waited:
+                    on_wait()
+                waited = True
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            if _names(path, os.fstat(fd)):
+                break
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)  # its holder removed it while we waited: lock the file path names now
+    try:
         yield
     finally:
+        with suppress(OSError):  # remove it while it is still ours, then let go
+            if _names(path, os.fstat(fd)):
+                os.unlink(path)
         os.close(fd)  # closing releases the lock
+
+
+def _names(path: Path, held: os.stat_result) -> bool:
+    """Whether ``path`` is (still) the file ``held`` describes."""
+    try:
+        now = os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
 
 
 def existing_folder(path: str | Path, what: str) -> Path:

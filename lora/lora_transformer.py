@@ -413,6 +413,10 @@ class LoRATransformer(Decoder):
         (``lora/base_storage.py``): its linear weights, embeddings and head in its dtype, the norms and the
         adapter float32; ``base_dtype=torch.float32`` widens it (a float32 copy; what full fine-tuning needs,
         whose AdamW would lose updates on half-precision weights). Other files are read as float32.
+
+        As loaded, only the block projections' base weights are frozen (each LoRA layer freezes its own): the
+        embeddings, norms and an untied LM head still require grad, and :meth:`get_parameter_stats` counts them
+        as trainable until :meth:`configure_lora_training` (or ``prepare_training``) freezes all but the adapter.
         """
         _refuse_unknown(lora_options)  # before the folder is read
         if base_dtype not in (None, torch.float32):

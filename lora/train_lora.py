@@ -8,6 +8,7 @@
     python lora/train_lora.py --log_to tensorboard          # follow it live: tensorboard --logdir runs
     torchrun --nproc_per_node 2 lora/train_lora.py --batch_size 32   # data parallel: global batch 2 x 32
     cd lora && python train_lora.py --lora_r 16            # the same, from inside lora/ (runs go to ../runs)
+    lora-train --lora_r 16                                 # the same, as the installed console script
 
 The first run pretrains the task's base model (full training, once) under ``runs/bases/``; every later run
 reuses it. Each run writes ``runs/<run_name>/``: config.yaml, history.json, history.csv, metrics.json,
@@ -64,6 +65,13 @@ def resume_command(folder: Path, processes: int = 1) -> str:
     return f"{launcher} {shlex.quote(str(script))} --resume {shlex.quote(str(folder))}"
 
 
+def invoked_name(default: str = "train_lora.py") -> str:
+    """The name the command was started by, for its usage and error lines: ``lora-train`` (the console
+    script) or ``train_lora.py``; ``default`` where it was not started from a file (``python -c``)."""
+    path = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    return path.name if path is not None and path.is_file() else default
+
+
 def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt  # SIGTERM before (or after) training: the same clean stop as Ctrl-C
 
@@ -71,13 +79,14 @@ def _terminate(signum: int, frame: object) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit code (0 ok, 1 a write failed, 2 bad input, 3 diverged,
     4 an unexpected error, 130 interrupted). Every error is one line; ``--debug`` shows the traceback."""
+    prog = invoked_name() if argv is None else "train_lora.py"
     argv = list(sys.argv[1:] if argv is None else argv)
 
     place = from_environment()
 
     def body() -> int:
         try:
-            run(load_config(argv, description=__doc__))
+            run(load_config(argv, description=__doc__, prog=prog))
             return 0
         except PeerFailedError as e:  # another process failed and said so itself: this one only stops
             return e.exit_code

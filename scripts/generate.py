@@ -9,12 +9,21 @@ come from the adapters. With ``--batched`` the base and every adapter answer in 
 adapter (``model.generate(..., adapter_names=[...])``, ``lora/multi_adapter.py``): greedy, the same text as one at
 a time; sampled, the rows draw from one random stream, so their text differs from the one-at-a-time runs'.
 
+An adapter continues text in the format it was trained on. The cipher tasks (rot13, atbash) read and write
+each letter followed by its cipher (``lora/data.py``), so a prompt is letters interleaved with their cipher
+that ends on a plain letter, and the answer is that letter's cipher: to encipher the o of hello with the main
+job's adapter, ``--prompt huerlylyo --max_new_tokens 1`` (ROT13 answers b; the Caesar base p). A plain word is
+no such prompt: ``hello`` reads as the pairs h e and l l, then o. ``--help`` lists a prompt for each task, and
+an adapter of a cipher task given a prompt in another format is run with a one-line warning.
+
+    python scripts/generate.py --base runs/bases/caesar-d256-h4-l2-s128-steps300-seed0 --adapter runs/rot13-lora-r8 \\
+        --prompt huerlylyo --max_new_tokens 1 --temperature 0
+    python scripts/generate.py --base runs/bases/caesar-d256-h4-l2-s128-steps300-seed0 --adapter runs/multitask-rot13 \\
+        --adapter runs/multitask-atbash --prompt h --max_new_tokens 1 --temperature 0 --no_base
+    python scripts/generate.py --base runs/bases/caesar-d256-h4-l2-s128-steps300-seed0 --adapter runs/multitask-rot13 \\
+        --adapter runs/multitask-atbash --prompt h --max_new_tokens 1 --temperature 0 --batched
     python scripts/generate.py --base runs/bases/english-d256-h4-l2-s128-steps800-seed0 --prompt "The "
     python scripts/generate.py --base runs/bases/english-d256-h4-l2-s128-steps800-seed0 --adapter runs/code-lora-r8 --prompt "def " --top_k 40
-    python scripts/generate.py --base runs/bases/caesar-d256-h4-l2-s128-steps300-seed0 --adapter runs/multitask-rot13 \\
-        --adapter runs/multitask-atbash --prompt "h" --max_new_tokens 1 --temperature 0 --no_base
-    python scripts/generate.py --base runs/bases/caesar-d256-h4-l2-s128-steps300-seed0 --adapter runs/multitask-rot13 \\
-        --adapter runs/multitask-atbash --prompt "hello" --max_new_tokens 8 --temperature 0 --batched
     python scripts/generate.py --base path/to/gpt2 --adapter runs/my-text-run --prompt "Once upon a time"
 """
 
@@ -24,6 +33,7 @@ import argparse
 import math
 import signal
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -36,12 +46,50 @@ if __package__ in (None, ""):  # `python scripts/generate.py` from a checkout
 
 import torch
 
-from lora.config import CommandLineParser
-from lora.errors import guarded
+from lora.config import GENERATED_TASKS, TASKS, CommandLineParser
+from lora.data import base_task_of, cipher_prompt, cipher_text, is_cipher_prompt
+from lora.errors import guarded, quote
 from lora.lora_transformer import LoRATransformer
 from lora.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer, tokenizer_files
 
 MIN_TEMPERATURE = 1e-4
+EXAMPLE_WORD = "hello"  # the word the prompts of the cipher tasks encipher
+# the other tasks' prompts, in words (the cipher tasks' are made from their data format: task_prompts)
+PROMPTS = {
+    "code": '--prompt "def " (Python source; on the English base)',
+    "text": "the start of a text like your train_file",
+    "jsonl": "none: a classifier, which generate.py refuses",
+    "chat": "use scripts/chat.py: it puts the conversation through the run's chat template",
+    "instruct": "use scripts/chat.py, as for chat",
+}
+
+
+def task_prompts() -> str:
+    """What ``--help`` says about prompts: one that works for each built-in task, the cipher tasks' made by
+    their own data format (:func:`lora.data.cipher_prompt`)."""
+    lines = ["prompts that work, task by task (an adapter continues text in the format it was trained on):"]
+    for task in TASKS:
+        if task not in GENERATED_TASKS:
+            lines.append(f"  {task:<9} {PROMPTS[task]}")
+            continue
+        base = base_task_of(task)
+        answer, base_answer = cipher_text(task, EXAMPLE_WORD)[-1], cipher_text(base, EXAMPLE_WORD)[-1]
+        lines += [f"  {task:<9} --prompt {cipher_prompt(task, EXAMPLE_WORD)} --max_new_tokens 1 --temperature 0",
+                  f"  {'':<9} ({EXAMPLE_WORD}: each letter, then its cipher, up to the {EXAMPLE_WORD[-1]}; the adapter "
+                  f"answers {answer}, the {base} base {base_answer})"]  # fmt: skip
+    lines.append(f"  (a plain word is no cipher prompt: {EXAMPLE_WORD} reads as the pairs "
+                 f"{'-'.join(EXAMPLE_WORD[:2])} and {'-'.join(EXAMPLE_WORD[2:4])}, then {EXAMPLE_WORD[4:]})")  # fmt: skip
+    return "\n".join(lines)
+
+
+def check_prompt(prompt: str, task: object, folder: str) -> str | None:
+    """A one-line warning when the adapter in ``folder``, trained on ``task``, is a cipher task's and
+    ``prompt`` is not in its format; else ``None``."""
+    if task not in GENERATED_TASKS or is_cipher_prompt(str(task), prompt):
+        return None
+    return (f"the adapter {folder} was trained on {task}: each letter followed by its cipher, ending on a "
+            f"plain letter; {quote(prompt)} is not in that format (e.g. --prompt "
+            f"{cipher_prompt(str(task), EXAMPLE_WORD)} --max_new_tokens 1 for {EXAMPLE_WORD}'s last letter)")  # fmt: skip
 
 
 def encode(text: str, tokenizer: Tokenizer) -> list[int]:
@@ -117,16 +165,19 @@ def sample_batched(
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = CommandLineParser(prog="generate.py", description=__doc__.split("\n\n")[0])
+    p = CommandLineParser(prog="generate.py", description=__doc__.split("\n\n")[0], epilog=task_prompts(),
+                          formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--base", required=True, help="model folder (config.json + model.safetensors)")
     p.add_argument("--adapter", action="append", default=[], help="adapter folder; repeat for several")
-    p.add_argument("--prompt", required=True, help="UTF-8 text to continue")
+    p.add_argument(
+        "--prompt", required=True, help="UTF-8 text to continue, in the adapter's format (see below)"
+    )
     p.add_argument(
         "--max_new_tokens", type=int, default=64, help="at most the model's context less the prompt"
     )
     p.add_argument("--temperature", type=float, default=0.8, help="0 decodes greedily")
     p.add_argument("--top_k", type=int, default=None, help="sample among the k most likely tokens (>= 1)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling (default: 0)")
     p.add_argument("--no_base", action="store_true", help="show the adapters only")
     p.add_argument("--batched", action="store_true",
                    help="answer with the base and every adapter in one batch, a row each (lora/multi_adapter.py)")  # fmt: skip
@@ -186,6 +237,9 @@ def run(
             model.load_adapter(folder, f"adapter{i}", force=args.force)
             if model.cls_head is not None:
                 raise ValueError(f"{folder}: a classification adapter cannot generate text")
+            warning = check_prompt(args.prompt, model.adapters.get(f"adapter{i}").extra.get("task"), folder)
+            if warning is not None:
+                warnings.warn(warning, stacklevel=1)
         names.append("base" if folder is None else f"adapter{i}")
         if not args.batched:
             rows.append((label, []))

@@ -12,6 +12,8 @@ import pytest
 import torch
 from conftest import assert_close_scaled
 
+from lora.config import GENERATED_TASKS, TASKS
+from lora.data import cipher_prompt, cipher_task, cipher_text, is_cipher_prompt
 from lora.files import read_safetensors
 from lora.lora_transformer import LoRATransformer
 
@@ -124,6 +126,62 @@ def test_a_warning_is_one_line_too(folders, capsys):
         and "loaded anyway" in warning[0]
     )
     assert "UserWarning" not in err and "warnings.warn" not in err, err
+
+
+@pytest.mark.parametrize("kind", GENERATED_TASKS)
+def test_a_cipher_prompt_is_what_the_training_data_looks_like(kind):
+    """Each training row's input is the cipher_prompt of its plain letters, and its last target the answer."""
+    data = cipher_task(kind, 64, seed=3).train
+    for x, y in zip(data.x.tolist(), data.y.tolist(), strict=True):
+        text, plain = bytes(x).decode(), bytes(x).decode()[::2]
+        assert len(plain) == 8 and cipher_prompt(kind, plain) == text and is_cipher_prompt(kind, text)
+        assert cipher_text(kind, plain) == text + chr(y[-1])
+    assert not is_cipher_prompt(kind, "hello") and not is_cipher_prompt(kind, "")
+    with pytest.raises(ValueError, match="made of the letters a-z, got 'Hello'"):
+        cipher_prompt(kind, "Hello")
+
+
+def help_prompts(capsys) -> dict[str, str]:
+    """``{task: what generate.py --help says to prompt it with}``."""
+    with pytest.raises(SystemExit):
+        script("generate").parse_args(["--help"])
+    epilog = capsys.readouterr().out.split("prompts that work, task by task")[1]
+    return dict(re.findall(r"^  (\w+) +(\S.*)$", epilog, flags=re.M))
+
+
+def test_generate_help_shows_a_prompt_in_each_task_s_own_format(capsys):
+    """--help names every task; the prompt it shows a cipher task is in the format of that task's training
+    rows: letter pairs each of the data's own (plain, cipher) pairs, ending on a plain letter."""
+    shown = help_prompts(capsys)
+    assert set(TASKS) <= set(shown)
+    for kind in GENERATED_TASKS:
+        prompt = re.fullmatch(r"--prompt ([a-z]+) --max_new_tokens 1 --temperature 0", shown[kind]).group(1)
+        rows = [bytes(x).decode() for x in cipher_task(kind, 512, seed=0).train.x.tolist()]
+        pairs = {row[i : i + 2] for row in rows for i in range(0, 14, 2)}  # the data's (plain, cipher) pairs
+        assert len(prompt) % 2 == 1 and all(prompt[i : i + 2] in pairs for i in range(0, len(prompt) - 1, 2))
+    lines = script("generate").__doc__.replace("\\\n", " ").splitlines()  # the module docstring's commands
+    checked = 0
+    for command in (line for line in lines if line.strip().startswith("python scripts/generate.py")):
+        adapters = " ".join(re.findall(r"--adapter (\S+)", command))
+        prompt = re.search(r"--prompt (\S+)", command).group(1)
+        for kind in (t for t in GENERATED_TASKS if t in adapters):
+            assert is_cipher_prompt(kind, prompt), command
+            checked += 1
+    assert checked == 5  # rot13-lora-r8; multitask-rot13 and multitask-atbash, twice
+
+
+def test_a_cipher_adapter_given_a_prompt_in_another_format_warns_in_one_line(folders, tmp_path, capsys):
+    model = LoRATransformer.from_pretrained(folders / "base")
+    model.save_adapter(tmp_path / "rot13", extra={"task": "rot13"})
+    argv = ["--base", str(folders / "base"), "--adapter", str(tmp_path / "rot13"), "--max_new_tokens", "1",
+            "--temperature", "0"]  # fmt: skip
+    assert script("generate").main([*argv, "--prompt", "hello"]) == 0
+    warning = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warning) == 1 and warning[0].startswith("generate.py: warning: the adapter ")
+    assert "was trained on rot13" in warning[0] and "'hello' is not in that format" in warning[0]
+    assert f"--prompt {cipher_prompt('rot13', 'hello')} --max_new_tokens 1" in warning[0]
+    assert script("generate").main([*argv, "--prompt", "huerlylyo"]) == 0
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_merge_adapter_writes_an_equivalent_plain_model(folders, tmp_path):

@@ -5,6 +5,7 @@ import torch
 from conftest import assert_close_scaled
 from torch import nn
 
+from lora.adapter_set import describe_trainable
 from lora.lora_layer import LoRALinear
 from lora.lora_transformer import LoRATransformer
 
@@ -96,6 +97,18 @@ def test_trainable_count_matches_formula(targets, ff, r):
     assert by["fc1"] == by["fc2"] == (TINY["num_layers"] * r * (d + d_ff) if ff else 0)
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     assert all(n.endswith(("lora_A", "lora_B")) for n in names)
+
+
+def test_what_trains_in_words_for_lora_and_for_full_fine_tuning():
+    model = tiny(lora_r=4)
+    stats = model.configure_lora_training()
+    n, total = stats["trainable_params"], stats["total_params"]
+    assert n == TINY["num_layers"] * 2 * 4 * (2 * TINY["d_model"]) < total
+    assert (
+        describe_trainable(stats)
+        == f"{n:,} of {total:,} parameters ({100 * n / total:.2f}%, {total / n:.0f}x fewer)"
+    )
+    assert describe_trainable(model.prepare_training("full")) == f"all {total:,} parameters"  # not "1x fewer"
 
 
 def test_classification_head_is_trainable_and_in_lora_state_dict():

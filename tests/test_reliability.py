@@ -7,6 +7,7 @@ uninterrupted run ends. Runs use a random (not pretrained) tiny base, so nothing
 
 import importlib.util
 import json
+import multiprocessing
 import os
 import pickle
 import random
@@ -26,7 +27,7 @@ import yaml
 import lora.train_lora as tl
 import lora.trainer as trainer_module
 from lora.checkpoint import find_latest, read_trainer_state
-from lora.files import read_safetensors
+from lora.files import file_lock, read_safetensors
 from lora.lora_transformer import LoRATransformer
 from lora.train_lora import main
 from tests.conftest import ON_BASE_FLAGS, TINY_FLAGS, task_flags
@@ -795,9 +796,7 @@ def test_an_interrupt_while_pretraining_the_base_exits_130_and_keeps_no_base(
     )
     assert "interrupted; no checkpoint was written" in err
     bases = tmp_path / "runs" / "bases"
-    assert not bases.exists() or [p.name for p in bases.iterdir()] == [
-        f".{name}.lock" for name in ["caesar-d32-h2-l1-s32-steps30-seed0"]
-    ]
+    assert not bases.exists() or list(bases.iterdir()) == []  # (nor its lock file)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -876,6 +875,7 @@ def test_two_first_runs_at_once_pretrain_one_base_and_both_finish(tmp_path):
     bases = out / "bases"
     assert [p.name for p in bases.glob("[!.]*")] == ["caesar-d32-h2-l1-s32-steps60-seed0"]
     assert not list(bases.glob("*.tmp")) and not list(out.glob("*.incomplete-*"))
+    assert not list(out.rglob("*.lock"))  # the base's and the runs' lock files went with their locks
     for i in (1, 2):
         assert (out / f"run{i}" / "metrics.json").is_file()
 
@@ -894,8 +894,46 @@ def test_two_runs_of_one_name_at_once_never_mix_their_files(overwrite, flags, tm
         assert folders == ["same"]
     else:  # the plain run claims a name of its own (or, one of each, is replaced after it has finished)
         assert folders in (["same"], ["same", "same-2"]) if overwrite[1] else folders == ["same", "same-2"]
+    assert not list(out.rglob("*.lock"))
     for name in folders:  # each folder holds one run: its config, history and metrics agree
         steps = yaml.safe_load((out / name / "config.yaml").read_text())["max_steps"]
         assert json.loads((out / name / "history.json").read_text())["step"][-1] == steps
         assert json.loads((out / name / "metrics.json").read_text())["steps"] == steps
         assert (out / name / "adapter_model.safetensors").is_file()
+
+
+def _locker(path: str, counter: str, rounds: int, clash: str) -> None:
+    """``rounds`` times: take the lock, then read, pause and rewrite ``counter`` (a lost update if another
+    process is inside at the same time), with ``clash`` created exclusively while inside."""
+    for _ in range(rounds):
+        with file_lock(path):
+            try:
+                fd = os.open(clash, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                os._exit(3)  # two processes hold the lock at once
+            value = int(Path(counter).read_text())
+            time.sleep(0.0005)
+            Path(counter).write_text(str(value + 1))
+            os.close(fd)
+            os.unlink(clash)
+    os._exit(0)
+
+
+def test_a_lock_file_goes_with_its_lock_and_still_excludes(tmp_path):
+    """The lock file exists while the lock is held and is gone after; processes racing for it (some waiting
+    on a file the holder then removes) still hold it one at a time: no update of the counter is lost."""
+    path, counter, clash = tmp_path / ".run.lock", tmp_path / "counter", tmp_path / "inside"
+    waited = []
+    with file_lock(path, on_wait=lambda: waited.append(1)):
+        assert path.is_file()
+    assert not path.exists() and not waited
+    counter.write_text("0")
+    fork = multiprocessing.get_context("fork")
+    procs = [fork.Process(target=_locker, args=(str(path), str(counter), 40, str(clash))) for _ in range(4)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=60)
+    assert [proc.exitcode for proc in procs] == [0, 0, 0, 0]
+    assert int(counter.read_text()) == 4 * 40
+    assert not path.exists() and not clash.exists()

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 import lora.train_lora as train_lora_module
-from lora.config import TASKS, TrainConfig, load_config
+from lora.config import TASKS, TrainConfig, load_config, load_yaml, resolve_config
 from lora.run_folder import run_folder_name
 from lora.train_lora import main
 from tests.conftest import ON_BASE_FLAGS, TINY_FLAGS, task_flags
@@ -68,6 +68,22 @@ def test_help_lists_every_flag_with_its_default():
     text = " ".join(proc.stdout.split())  # argparse wraps lines
     assert "LoRA rank r (default: 8)" in text and "all-linear) (default: q,v)" in text
     assert "projections to adapt: q,k,v,o (attention); gate,up,down" in text
+    assert "run folder name (default: <task>-lora-r<r> or <task>-full) --output_dir" in text  # one default
+
+
+def test_usage_names_the_command_as_it_was_started(tmp_path):
+    """``lora-train --help`` says lora-train, ``python lora/train_lora.py --help`` train_lora.py; the console
+    script is the wrapper pip writes: a file named lora-train that calls main()."""
+    script = tmp_path / "lora-train"
+    script.write_text("import sys\nfrom lora.train_lora import main\nsys.exit(main())\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for command, name in (([str(script)], "lora-train"), (["lora/train_lora.py"], "train_lora.py")):
+        shown = subprocess.run([sys.executable, *command, "--help"], cwd=ROOT, env=env, capture_output=True,
+                               text=True, timeout=60)  # fmt: skip
+        assert shown.returncode == 0 and shown.stdout.startswith(f"usage: {name} [-h] [--config CONFIG]")
+    wrong = subprocess.run([sys.executable, str(script), "--lora_rank", "4"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert wrong.returncode == 2 and wrong.stderr.startswith("lora-train: error: unrecognized arguments")
 
 
 def test_precedence_defaults_then_yaml_then_flags(tmp_path):
@@ -99,12 +115,14 @@ def test_unknown_key_and_wrong_type_are_one_line_errors(tmp_path, capsys):
     assert "lora_r must be int, got 'four'" in capsys.readouterr().err
 
 
-def test_method_full_trains_every_parameter(tiny_flags, tmp_path):
+def test_method_full_trains_every_parameter(tiny_flags, tmp_path, capsys):
     assert main([*tiny_flags, "--method", "full", "--run_name", "full"]) == 0
     folder = tmp_path / "runs" / "full"
     metrics = json.loads((folder / "metrics.json").read_text())
     assert metrics["method"] == "full" and metrics["trainable_params"] == metrics["total_params"]
     assert metrics["reduction_factor"] == 1.0
+    err = capsys.readouterr().err
+    assert f"full: training all {metrics['total_params']:,} parameters on cpu\n" in err and "fewer" not in err
     assert (folder / "model" / "model.safetensors").is_file()
 
 
@@ -157,6 +175,32 @@ def test_own_jsonl_classification(tiny_flags, tmp_path):
     adapter = json.loads((folder / "adapter_config.json").read_text())
     assert adapter["num_classes"] == 2 and adapter["labels"] == ["neg", "pos"]
     assert not (folder / "samples.txt").exists()
+
+
+MAIN_SETTINGS = ("task", "method", "seed", "device", "precision", "num_examples", "seq_len", "base_checkpoint",
+                 "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "adapt_feedforward", "epochs", "max_steps",
+                 "batch_size", "learning_rate", "weight_decay", "warmup_steps", "lr_schedule", "grad_clip",
+                 "eval_every", "eval_batches", "save_every")  # fmt: skip
+
+
+def test_default_yaml_spells_out_the_main_settings_at_their_defaults():
+    """configs/default.yaml is where a user starts a config: each main setting at TrainConfig's default (so
+    it cannot drift from the dataclass), each on its own line with a comment."""
+    path = ROOT / "configs" / "default.yaml"
+    values = load_yaml(path)
+    defaults = TrainConfig().to_dict()
+    missing = [key for key in MAIN_SETTINGS if key not in values]
+    assert not missing, f"default.yaml lacks {missing}"
+    for key, value in values.items():
+        assert key in defaults, key
+        assert resolve_config({key: value}) == TrainConfig(), (
+            f"{key}: {value!r} is not the default {defaults[key]!r}"
+        )
+        assert value == defaults[key], (key, value, defaults[key])
+    lines = [line for line in path.read_text().splitlines() if line and not line.startswith("#")]
+    assert len(lines) == len(values)  # one setting a line
+    for line in lines:
+        assert re.fullmatch(r"\w+: \S.* +# \S.*", line), f"no comment: {line!r}"
 
 
 def test_default_yaml_is_the_main_job_and_every_config_loads():
