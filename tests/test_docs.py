@@ -24,6 +24,7 @@ import importlib
 import re
 import shlex
 import unicodedata
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
@@ -256,50 +257,59 @@ def hint(flag: str, known: frozenset[str]) -> str:
     return f" (did you mean {close[0]}?)" if close else ""
 
 
-def test_every_flag_in_a_command_line_is_a_flag_of_that_command() -> None:
+def shown(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else path.name
+
+
+def flag_problems(pages: Iterable[Page]) -> tuple[list[str], int]:
+    """``page:line: --flag is not a flag of command`` for each flag a command line gives that its command lacks,
+    and how many flags were checked."""
     problems = []
     checked = 0
-    for page in pages():
+    for page in pages:
         for snippet in page.snippets:
             if snippet.kind == "span" and not starts_with_command(snippet.text):
                 continue
             for command, args in commands(snippet.text):
                 if command != "torchrun" and not (ROOT / command).is_file():
-                    continue  # a missing script is test_every_named_file_exists's
+                    continue  # a missing script is named by file_problems
                 known = flags_of(command)
+                where = f"{shown(snippet.page)}:{snippet.line}"
                 if known is None:
-                    problems.append(f"{snippet.where()}: {command} has no command line, but is run as one")
+                    problems.append(f"{where}: {command} has no command line, but is run as one")
                     continue
                 for flag in flag_words(args):
                     checked += 1
                     if flag not in known:
-                        problems.append(f"{snippet.where()}: {flag} is not a flag of {command}{hint(flag, known)}")
-    assert not problems, "\n".join(problems)
-    assert checked > 200, f"only {checked} flags found in command lines: is the parsing of the pages broken?"
+                        problems.append(f"{where}: {flag} is not a flag of {command}{hint(flag, known)}")
+    return problems, checked
 
 
-def test_every_flag_quoted_alone_is_some_commands_flag() -> None:
+def lone_flag_problems(pages: Iterable[Page]) -> list[str]:
     """```--lora_r 16``` in a sentence: a flag of train_lora.py, a script, torchrun or the install's pip."""
     known = all_flags()
     problems = []
-    for page in pages():
+    for page in pages:
         for snippet in page.snippets:
-            if snippet.kind != "span" or starts_with_command(snippet.text) or not snippet.text.startswith("--"):
+            if snippet.kind != "span" or not snippet.text.startswith("--"):
                 continue
             for flag in flag_words(snippet.text.split()):
                 if flag not in known:
-                    problems.append(f"{snippet.where()}: {flag} is no command's flag{hint(flag, known)}")
-    assert not problems, "\n".join(problems)
+                    problems.append(
+                        f"{shown(snippet.page)}:{snippet.line}: {flag} is no command's flag{hint(flag, known)}"
+                    )
+    return problems
 
 
-def test_every_named_file_exists() -> None:
+def file_problems(pages: Iterable[Page]) -> list[str]:
+    """``page:line: scripts/x.py does not exist`` for each script, config, module or test named that is not."""
     problems = []
-    for page in pages():
+    for page in pages:
         for number, line in enumerate(page.lines, 1):
             for name in NAMED_FILE.findall(line):
                 if not (ROOT / name).is_file():
-                    problems.append(f"{page.path.relative_to(ROOT)}:{number}: {name} does not exist")
-    assert not problems, "\n".join(problems)
+                    problems.append(f"{shown(page.path)}:{number}: {name} does not exist")
+    return problems
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -330,22 +340,49 @@ def anchors(path: Path) -> frozenset[str]:
     return frozenset(out)
 
 
-def test_every_link_and_picture_points_at_something_that_exists() -> None:
+def link_problems(pages: Iterable[Page]) -> tuple[list[str], int]:
+    """``page:line: target does not exist`` (or has no such anchor) for each relative link and picture, and
+    how many were checked; web addresses are not followed."""
     problems = []
     links = 0
-    for page in pages():
+    for page in pages:
         for number, text in page.prose:
             for target in LINK.findall(text):
                 if re.match(r"^[a-z][a-z0-9+.-]*:", target):  # https:, mailto:
                     continue
                 links += 1
-                where = f"{page.path.relative_to(ROOT)}:{number}"
+                where = f"{shown(page.path)}:{number}"
                 path_part, _, anchor = target.partition("#")
                 file = (page.path.parent / path_part).resolve() if path_part else page.path
                 if not file.exists():
                     problems.append(f"{where}: {target} does not exist")
                 elif anchor and file.suffix == ".md" and anchor not in anchors(file):
                     problems.append(f"{where}: {target}: no heading of {file.name} has the anchor #{anchor}")
+    return problems, links
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The pages
+
+
+def test_every_flag_in_a_command_line_is_a_flag_of_that_command() -> None:
+    problems, checked = flag_problems(pages())
+    assert not problems, "\n".join(problems)
+    assert checked > 200, f"only {checked} flags found in command lines: is the parsing of the pages broken?"
+
+
+def test_every_flag_quoted_alone_is_some_commands_flag() -> None:
+    problems = lone_flag_problems(pages())
+    assert not problems, "\n".join(problems)
+
+
+def test_every_named_script_config_module_and_test_exists() -> None:
+    problems = file_problems(pages())
+    assert not problems, "\n".join(problems)
+
+
+def test_every_link_and_picture_points_at_something_that_exists() -> None:
+    problems, links = link_problems(pages())
     assert not problems, "\n".join(problems)
     assert links > 30, f"only {links} links found: is the parsing of the pages broken?"
 
@@ -377,24 +414,53 @@ def test_commands_are_found_with_their_words(text: str, expected: list) -> None:
     assert commands(text) == expected
 
 
+def test_sweep_takes_train_lora_flags_and_generate_only_its_own() -> None:
+    assert {"--mode", "--seeds", "--lora_r", "--max_steps"} <= flags_of("scripts/sweep.py")
+    assert "--lora_r" not in flags_of("scripts/generate.py")
+    assert {"--adapter", "--prompt", "--batched"} <= flags_of("scripts/generate.py")
+    assert flags_of("scripts/bench_report.py") is None  # a module of the benchmark's, no command line
+
+
 def test_a_wrong_flag_a_missing_file_and_a_broken_link_are_named(tmp_path: Path) -> None:
+    (tmp_path / "other.md").write_text("# Other page\n\n## A section\n", encoding="utf-8")
     page = tmp_path / "page.md"
     page.write_text(
-        "# Title\n\nRun `python lora/train_lora.py --lora_rank\n8` and then\n\n"
-        "```bash\npython scripts/generate.py --base B \\\n    --adapters A\n```\n\n"
-        "See [there](missing.md), [here](#title) and [gone](#nowhere).\n",
+        "# Title\n\n"
+        "Run `python lora/train_lora.py --lora_rank\n8` and then `--top_k 40`, not `--topk 40`.\n\n"  # lines 3-4
+        "```bash\n"
+        "python scripts/generate.py --base B \\\n"  # line 7, continued on line 8
+        "    --adapters A --prompt x   # --comment\n"
+        "torchrun --nproc_per_node 2 --bogus 1 lora/train_lora.py --seed 1\n"  # line 9
+        "python scripts/no_such_script.py --x 1\n"  # line 10
+        "```\n\n"
+        "See [there](missing.md), [here](#title), [gone](#nowhere), [that](other.md#a-section) and\n"
+        "![a picture](other.md#nothing) in `configs/nothing.yaml`.\n",
         encoding="utf-8",
     )
     got = read_page(page)
-    spans = [s for s in got.snippets if s.kind == "span"]
-    assert [(s.line, s.text) for s in spans] == [(3, "python lora/train_lora.py --lora_rank 8")]
-    (fenced,) = [s for s in got.snippets if s.kind == "fence"]
-    assert fenced.line == 7 and commands(fenced.text) == [("scripts/generate.py", ["--base", "B", "--adapters", "A"])]
-    assert "--lora_rank" not in flags_of(TRAIN) and "--lora_r" in hint("--lora_rank", flags_of(TRAIN))
-    assert "--adapters" not in flags_of("scripts/generate.py") and "--adapter" in flags_of("scripts/generate.py")
-    found = [LINK.findall(text) for _, text in got.prose]
-    assert [t for f in found for t in f] == ["missing.md", "#title", "#nowhere"]
-    assert anchors(page) == {"title"}
+    assert [(s.line, s.text) for s in got.snippets if s.kind == "span"] == [
+        (3, "python lora/train_lora.py --lora_rank 8"), (4, "--top_k 40"), (4, "--topk 40"),
+        (14, "configs/nothing.yaml"),
+    ]  # fmt: skip
+    flags, checked = flag_problems([got])
+    assert flags == [
+        "page.md:3: --lora_rank is not a flag of lora/train_lora.py (did you mean --lora_r?)",
+        "page.md:7: --adapters is not a flag of scripts/generate.py (did you mean --adapter?)",
+        "page.md:9: --bogus is not a flag of torchrun",
+    ]
+    assert checked == 7  # --lora_rank; --base --adapters --prompt; --nproc_per_node --bogus --seed
+    assert lone_flag_problems([got]) == ["page.md:4: --topk is no command's flag (did you mean --top_k?)"]
+    assert file_problems([got]) == [
+        "page.md:10: scripts/no_such_script.py does not exist",
+        "page.md:14: configs/nothing.yaml does not exist",
+    ]
+    links, count = link_problems([got])
+    assert count == 5
+    assert links == [
+        "page.md:13: missing.md does not exist",
+        "page.md:13: #nowhere: no heading of page.md has the anchor #nowhere",
+        "page.md:14: other.md#nothing: no heading of other.md has the anchor #nothing",
+    ]
     assert slug("Talking to a model: `scripts/chat.py`") == "talking-to-a-model-scriptschatpy"
     assert slug("LoRA variants: DoRA, PiSSA, OLoRA, LoRA+ and a 4-bit base") == (
         "lora-variants-dora-pissa-olora-lora-and-a-4-bit-base"
