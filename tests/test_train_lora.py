@@ -134,10 +134,10 @@ def test_lora_run_leaves_the_base_file_untouched(tiny_flags, tmp_path):
     assert (base.read_bytes(), os.stat(base).st_mtime_ns) == before
 
 
-def test_readme_configuration_table_lists_every_key():
-    readme = (ROOT / "README.md").read_text()
+def test_the_configuration_page_lists_every_key():
+    page = (ROOT / "docs" / "configuration.md").read_text()
     for name in TrainConfig().to_dict():
-        assert f"| `{name}` / `--{name}` |" in readme, name
+        assert f"| `{name}` / `--{name}` |" in page, name
 
 
 def test_own_text_file_language_modelling(tiny_flags, tmp_path):
