@@ -92,7 +92,7 @@ class ChatTask(Task):
 
 class LengthGroupedLoader(BatchLoader):
     """A :class:`BatchLoader` whose training batches hold rows of like length (see the module docstring); an
-    evaluation loader is a plain one (its rows are already sorted by length)."""
+    evaluation loader is a plain one (its rows in a fixed random order: a partial evaluation is a fair sample)."""
 
     def _groups(self, epoch: int) -> list[torch.Tensor]:
         """Epoch ``epoch``'s global batches (row indices, ``batch_size x world_size`` each), in order."""
@@ -208,9 +208,11 @@ def encode_split(
     return _rows(groups, cfg.seq_len, dtype, packed), kept
 
 
-def _sorted_by_length(rows: ChatRows) -> ChatRows:
-    """The rows, shortest first (evaluation batches of like length)."""
-    order = torch.argsort(rows.sizes, stable=True)
+def _shuffled(rows: ChatRows, seed: int) -> ChatRows:
+    """The rows in the seed's random order. An evaluation during training reads only the first
+    ``eval_batches`` batches, which must be a fair sample of the held-out set: sorted by length (as they once
+    were, to save padding) they were its shortest conversations, all of one or two kinds of instruction."""
+    order = torch.randperm(len(rows.sizes), generator=torch.Generator().manual_seed(seed))
     segments = None if rows.segments is None else rows.segments[order]
     return ChatRows(rows.x[order], rows.y[order], sizes=rows.sizes[order], segments=segments)
 
@@ -298,7 +300,7 @@ def load_chat_task(
     byte = isinstance(tokenizer, ByteTokenizer)
     instruct = cfg.task == "instruct"
     metric = "exact_match" if instruct else ("bits_per_byte" if byte else "bits_per_token")
-    task = ChatTask(cfg.task, train_rows, _sorted_by_length(val_rows), metric, instruct, description=description,
+    task = ChatTask(cfg.task, train_rows, _shuffled(val_rows, cfg.seed), metric, instruct, description=description,
                     template=template, val_conversations=[val[i] for i in val_kept],
                     dropped=len(train) - len(kept), total=len(train))  # fmt: skip
     accum = cfg.batch_size * cfg.grad_accum_steps

@@ -15,7 +15,7 @@ from conftest import assert_close_scaled, make_llama_folder
 from safetensors.torch import load_file
 
 from lora.chat_data import Message
-from lora.chat_task import ChatRows, LengthGroupedLoader, encode_split, instructions, pack
+from lora.chat_task import ChatRows, LengthGroupedLoader, encode_split, instructions, load_chat_task, pack
 from lora.chat_template import load_chat_template
 from lora.config import TrainConfig
 from lora.data import IGNORE
@@ -240,6 +240,18 @@ def test_instructions_are_held_out_and_answerable():
     answers = {c[0].content: c[1].content for c in train}
     assert all(len(a) >= 1 for a in answers.values())
     assert answers.get("Reverse the word 'cat'.", "tac") == "tac"
+
+
+def test_a_partial_evaluation_reads_a_fair_sample_of_the_held_out_set():
+    """The held-out rows are in the seed's random order, not shortest first: the first eval_batches batches,
+    all an evaluation during training reads, hold every kind of instruction, in about their shares."""
+    task = load_chat_task(cfg(num_examples=2000, batch_size=16), ByteTokenizer(), load_chat_template(None))
+    first = task.val.x[:32]  # the first 2 batches of 16
+    prompts = [bytes(row.tolist()).decode("utf-8", "replace") for row in first]
+    kinds = {k: sum(k in p for p in prompts) for k in ("Reverse", "Uppercase", "larger", "last letter")}
+    assert all(n >= 3 for n in kinds.values()), kinds  # 8 of each expected
+    sizes = task.val.sizes.tolist()
+    assert sizes != sorted(sizes) and sorted(sizes) != sizes[::-1]
 
 
 def test_chat_file_packed_run_reports_dropped_conversations(tmp_path, chat_base, capsys):
