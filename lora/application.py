@@ -27,6 +27,7 @@ from lora.chat_task import (
     LengthGroupedLoader,
     chat_samples,
     exact_match,
+    exact_match_by_kind,
     generated_answers,
     load_chat_task,
 )
@@ -398,6 +399,9 @@ def _train_and_write(cfg: TrainConfig, task: Task, model: LoRATransformer, devic
         chat_info["generated_exact_match"] = exact_match(answers, task)
         tell(f"held-out answers generated: exact match {chat_info['generated_exact_match']:.1%} (frozen base "
              f"{chat_info['base_generated_exact_match']:.1%})")  # fmt: skip
+        if kinds := exact_match_by_kind(answers, task):  # the built-in instructions, kind by kind
+            chat_info["generated_exact_match_by_kind"] = kinds
+            tell("  by kind: " + ", ".join(f"{k} {v:.0%}" for k, v in kinds.items()))
         metrics.update(chat_info)
         out.write("samples.txt", chat_samples(base_answers, answers, task))
     out.write("metrics.json", metrics)

@@ -46,13 +46,16 @@ from lora.tokenizer import ByteTokenizer, HFTokenizer
 
 __all__ = [
     "GROUP",
+    "PROMPTS",
     "ChatRows",
     "ChatTask",
     "LengthGroupedLoader",
     "answer",
     "chat_samples",
     "exact_match",
+    "exact_match_by_kind",
     "generated_answers",
+    "instruction_kind",
     "instructions",
     "load_chat_task",
     "pack",
@@ -227,20 +230,30 @@ def _word(rng: random.Random, low: int, high: int) -> str:
     return "".join(rng.choice(_LETTERS) for _ in range(rng.randint(low, high)))
 
 
+# the kinds of instruction and how each is asked
+PROMPTS = {"reverse": "Reverse the word '{}'.", "uppercase": "Uppercase '{}'.",
+           "larger": "Which is larger, {} or {}?", "last_letter": "What is the last letter of '{}'?"}  # fmt: skip
+
+
 def _instruction(rng: random.Random) -> tuple[str, str]:
     """One instruction and its answer, of one of four kinds."""
     kind = rng.randrange(4)
     if kind == 0:
         w = _word(rng, 3, 4)
-        return f"Reverse the word '{w}'.", w[::-1]
+        return PROMPTS["reverse"].format(w), w[::-1]
     if kind == 1:
         w = _word(rng, 3, 5)
-        return f"Uppercase '{w}'.", w.upper()
+        return PROMPTS["uppercase"].format(w), w.upper()
     if kind == 2:
         a, b = rng.sample(range(10, 100), 2)
-        return f"Which is larger, {a} or {b}?", str(max(a, b))
+        return PROMPTS["larger"].format(a, b), str(max(a, b))
     w = _word(rng, 3, 6)
-    return f"What is the last letter of '{w}'?", w[-1]
+    return PROMPTS["last_letter"].format(w), w[-1]
+
+
+def instruction_kind(prompt: str) -> str | None:
+    """The kind (a key of :data:`PROMPTS`) of a built-in instruction, else ``None``."""
+    return next((k for k, form in PROMPTS.items() if prompt.startswith(form.split("{}")[0])), None)
 
 
 def instructions(n: int, seed: int, exclude: set[str] | frozenset[str] = frozenset()) -> list[Conversation]:
@@ -359,6 +372,17 @@ def exact_match(answers: Sequence[tuple[str, bool]], task: ChatTask) -> float:
     right = sum(stopped and text.strip() == c[-1].content.strip()
                 for (text, stopped), c in zip(answers, task.val_conversations, strict=False))  # fmt: skip
     return right / max(len(answers), 1)
+
+
+def exact_match_by_kind(answers: Sequence[tuple[str, bool]], task: ChatTask) -> dict[str, float]:
+    """:func:`exact_match` of the built-in instructions' answers, kind by kind (the kinds asked, in
+    :data:`PROMPTS`' order); empty for conversations that are not built-in instructions."""
+    tally: dict[str, list[bool]] = {}
+    for (text, stopped), c in zip(answers, task.val_conversations, strict=False):
+        kind = instruction_kind(c[0].content) if task.name == "instruct" else None
+        if kind is not None:
+            tally.setdefault(kind, []).append(stopped and text.strip() == c[-1].content.strip())
+    return {k: sum(tally[k]) / len(tally[k]) for k in PROMPTS if k in tally}
 
 
 def chat_samples(base: Sequence[tuple[str, bool]], adapted: Sequence[tuple[str, bool]], task: ChatTask,

@@ -7,6 +7,7 @@ import json
 import signal
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import tokenizers
@@ -15,7 +16,16 @@ from conftest import assert_close_scaled, make_llama_folder
 from safetensors.torch import load_file
 
 from lora.chat_data import Message
-from lora.chat_task import ChatRows, LengthGroupedLoader, encode_split, instructions, load_chat_task, pack
+from lora.chat_task import (
+    ChatRows,
+    LengthGroupedLoader,
+    encode_split,
+    exact_match_by_kind,
+    instruction_kind,
+    instructions,
+    load_chat_task,
+    pack,
+)
 from lora.chat_template import load_chat_template
 from lora.config import TrainConfig
 from lora.data import IGNORE
@@ -227,6 +237,9 @@ def test_instruct_trains_through_the_command_line(tmp_path, chat_base, capsys):
     assert metrics["metric_name"] == "exact_match" and metrics["chat_template"] == "built-in"
     assert 0 <= metrics["padding_percent"] < 50 and metrics["steps"] == 6
     assert 0 <= metrics["generated_exact_match"] <= 1 and "base_generated_exact_match" in metrics
+    kinds = metrics["generated_exact_match_by_kind"]  # the same answers, kind by kind
+    assert set(kinds) == {"reverse", "uppercase", "larger", "last_letter"} and "  by kind: reverse " in err
+    assert all(0 <= v <= 1 for v in kinds.values())
     assert (folder / "chat_template.jinja").read_text() == load_chat_template(None).text
     samples = (folder / "samples.txt").read_text()
     assert "--- expected: " in samples and "--- base: " in samples and "--- adapted: " in samples
@@ -240,6 +253,19 @@ def test_instructions_are_held_out_and_answerable():
     answers = {c[0].content: c[1].content for c in train}
     assert all(len(a) >= 1 for a in answers.values())
     assert answers.get("Reverse the word 'cat'.", "tac") == "tac"
+
+
+def test_exact_match_by_kind_counted_by_hand():
+    convs = [[Message("user", "Reverse the word 'cat'."), Message("assistant", "tac")],
+             [Message("user", "Uppercase 'dog'."), Message("assistant", "DOG")],
+             [Message("user", "Uppercase 'ox'."), Message("assistant", "OX")],
+             [Message("user", "Which is larger, 12 or 40?"), Message("assistant", "40")]]  # fmt: skip
+    task = SimpleNamespace(name="instruct", val_conversations=convs)
+    answers = [("tac", True), ("DOG", True), ("OX", False), ("41", True)]  # OX right but never stopped
+    assert exact_match_by_kind(answers, task) == {"reverse": 1.0, "uppercase": 0.5, "larger": 0.0}
+    assert [instruction_kind(c[0].content) for c in instructions(40, 0)].count(None) == 0
+    assert instruction_kind("Tell me a joke.") is None
+    assert exact_match_by_kind(answers, SimpleNamespace(name="chat", val_conversations=convs)) == {}
 
 
 def test_a_partial_evaluation_reads_a_fair_sample_of_the_held_out_set():
