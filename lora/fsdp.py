@@ -32,8 +32,12 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from torch import nn
-from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
+
+try:  # torch 2.6 on; 2.5 keeps FSDP2 under _composable
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+except ImportError:  # pragma: no cover - torch 2.5
+    from torch.distributed._composable.fsdp import FSDPModule, fully_shard
 
 from lora.base_storage import freeze_half, half_dtype, kept_as
 from lora.config import TrainConfig
