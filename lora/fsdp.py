@@ -3,10 +3,12 @@
 Data parallel (``lora/distributed.py``) keeps the whole model in every process. With ``--fsdp`` PyTorch's FSDP2
 (``torch.distributed.fsdp.fully_shard``) keeps in each of the ``N`` processes only its rows of every tensor:
 rows ``[r c, (r + 1) c)`` of dimension 0 in process ``r``, ``c = ceil(rows / N)`` (a ``DTensor`` placed
-``Shard(0)``). Each decoder block is one unit and the rest (embeddings, final norm, heads) the root: a unit's
-tensors are all-gathered before its forward (and again for its backward) and freed after it, and the
-gradients of its trainable tensors are reduce-scattered, each process keeping, clipping and updating (AdamW)
-its own rows. The batches, the loss and the update are data parallel's, so the adapter is the one of a
+``Shard(0)``). Each decoder block is one unit: its tensors are all-gathered before its forward (and again for
+its backward) and freed after it, and the gradients of its trainable tensors are reduce-scattered, each
+process keeping, clipping and updating (AdamW) its own rows. The frozen tensors outside the blocks (the
+embeddings, the final norm, the LM head) stay whole in every process, since a step needs them whole from its
+first operation (the embedding) to its last (the head's backward): sharded, a process would hold its shard
+and the gathered copy. The model's root unit holds what trains outside the blocks (a classification head). The batches, the loss and the update are data parallel's, so the adapter is the one of a
 single process with the same global batch, to float rounding.
 
 Loading (:func:`build_sharded_model`) never holds the whole base in a process: the model is built on the
@@ -24,6 +26,7 @@ resumes on another number of processes, or on one without ``--fsdp``, and the re
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import math
 from collections.abc import Iterator, Mapping
@@ -61,7 +64,8 @@ __all__ = [
     "streamed_fingerprint",
 ]
 
-READ_BYTES = 64 << 20  # bytes of a tensor read (and hashed) at a time: what a read adds to the process
+READ_BYTES = 16 << 20  # bytes of a tensor read (and hashed) at a time: what a read adds to the process
+M_MMAP_THRESHOLD, MMAP_THRESHOLD = -3, 128 << 10  # glibc's mallopt parameter, and the value set on a CPU
 
 
 def check_fsdp(cfg: TrainConfig, world_size: int) -> None:
@@ -76,9 +80,9 @@ def check_fsdp(cfg: TrainConfig, world_size: int) -> None:
         raise ConfigError("--fsdp shards the frozen base of a LoRA run; method full trains every weight: drop "
                           "--fsdp (data parallel), or use --method lora")  # fmt: skip
     if cfg.quantize_base == "nf4":
-        raise ConfigError("--fsdp with quantize_base nf4: a 4-bit weight's blocks and their scales are not "
-                          "split by rows the way FSDP shards it; use --quantize_base bf16 (half the memory of "
-                          "float32) with --fsdp, or nf4 without it")  # fmt: skip
+        raise ConfigError("--fsdp with quantize_base nf4: a 4-bit weight's double quantization takes the mean of "
+                          "all its block scales, so a process cannot quantize its rows alone into the base one "
+                          "process makes; use --quantize_base bf16 with --fsdp, or nf4 without it")  # fmt: skip
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -113,16 +117,15 @@ def _shard_like(full: torch.Tensor, like: DTensor) -> DTensor:
     )
 
 
-class _Concatenated:
-    """:class:`~lora.fused_qkv.FrozenConcat`'s interface without its cache: a sharded block's q, k and v
-    weights are gathered for its forward and freed after it, so they are stacked again each time (a kept
-    stack would hold them whole, and adopting it would move FSDP's gathered tensors)."""
-
-    def clear(self) -> None:
-        """Nothing is kept."""
-
-    def __call__(self, *groups: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        return tuple(torch.cat(group) for group in groups)
+def _return_large_frees() -> None:
+    """Have the C allocator (glibc) map every block of 128 KiB or more on its own, and so give it back to the
+    system when it is freed: its initial threshold, without the raise that follows the first such block freed
+    (to up to 32 MiB), after which glibc serves those blocks from its heap and keeps their pages when they are
+    freed. FSDP gathers each transformer block and frees it, twice a step: without this, the resident set of
+    a process grew step after step, to a peak of 1,296 MiB against 995 MiB with it (6 steps on a 175 M base:
+    ``scripts/fsdp_memory.py``'s --fsdp run), at the same step time."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -218,6 +221,8 @@ def build_sharded_model(
     every tensor, read from ``source``'s files (the module docstring). ``storage`` is how the frozen base is
     kept (``none``: float32, ``half``: a half-precision file's dtype, ``bf16``); the adapter is float32 and
     trains, its base-dependent start (DoRA, PiSSA, OLoRA) derived from each whole weight, one at a time."""
+    if device.type == "cpu":
+        _return_large_frees()
     lora = cfg.lora_config().to_dict()
     options = {**source.architecture.to_dict(), **lora, "num_classes": num_classes, "dropout": cfg.dropout}
     try:
@@ -249,10 +254,23 @@ def build_sharded_model(
     if storage == "bf16":  # (on the meta device: the dtypes only; the values are read so below)
         model.quantize_base(storage, fingerprint=fingerprint)
     for block in model.blocks:
-        block.attn._frozen_qkv = _Concatenated()
+        # q, k and v as three products, each of its own gathered weight: the fused path stacks them into a copy
+        # that autograd keeps for the backward of every block, and that FSDP does not free with the block
+        block.attn.fused_qkv = False
         fully_shard(block)
-    fully_shard(model)
+        if device.type == "cpu":  # a CPU collective runs in the caller's thread: a block gathered ahead for
+            # backward overlaps nothing and holds a second block; each gathers only itself
+            block.set_modules_to_backward_prefetch([block])
+    # the frozen tensors outside the blocks (embeddings, final norm, LM head) stay whole in every process: a
+    # step needs them whole throughout (the embedding at its start, the head at its end), so sharding them
+    # would add a gathered copy to each process's shard, and a gather to each step
+    kept = {
+        p for name, p in model.named_parameters() if not name.startswith("blocks.") and not p.requires_grad
+    }
+    fully_shard(model, ignored_params=kept)
     model.to_empty(device=device)
+    if model.config.tied_head:  # (to_empty makes each module's tensor of its own)
+        model.lm_head.weight = model.wte.weight
     _fill(model, reader, fresh)
     _derive_adapter_start(model, reader, fresh, header, half)
     if model.rope_freq is not None:  # a plain attribute, made on the meta device too

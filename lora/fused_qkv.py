@@ -137,20 +137,17 @@ def fused_lora_linear(
         # (M, N); a bfloat16 stack is widened outside autocast
         y = frozen_linear(x2, weight, None if dora else bias)
     if adapted:
-        # (A_p (r_p, C), B_p (out_p, r_p)) of each layer, None without an adapter; by position, not by id(m),
-        # which torch.compile would guard on: one graph per block where FSDP2 compiles each on its own
-        factors = [m.factors() if m.adapter_active else None for m in layers]
-        pairs = [(m, f) for m, f in zip(layers, factors, strict=True) if f is not None]
+        factors = {id(m): m.factors() for m in adapted}  # (A_p (r_p, C), B_p (out_p, r_p))
         if any(m.dropout_active for m in adapted):
-            h = torch.cat([F.linear(m.lora_dropout(x2), a) for m, (a, _) in pairs], dim=1)  # (M, R)
+            h = torch.cat([F.linear(m.lora_dropout(x2), factors[id(m)][0]) for m in adapted], dim=1)  # (M, R)
         else:
-            h = F.linear(x2, torch.cat([a for _, (a, _) in pairs]))  # (M, R)
+            h = F.linear(x2, torch.cat([factors[id(m)][0] for m in adapted]))  # (M, R)
         s = adapted[0].scaling
         blocks = [
-            (f[1] if m.scaling == s else f[1] * (m.scaling / s))  # (out_p, r_p)
-            if f is not None
-            else pairs[0][1][1].new_zeros(m.out_features, 0)  # rows of a layer without an adapter
-            for m, f in zip(layers, factors, strict=True)
+            (factors[id(m)][1] if m.scaling == s else factors[id(m)][1] * (m.scaling / s))  # (out_p, r_p)
+            if m.adapter_active
+            else factors[id(adapted[0])][1].new_zeros(m.out_features, 0)  # rows of a layer without an adapter
+            for m in layers
         ]
         d = torch.block_diag(*blocks)  # (N, R)
         if torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling():

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 TWO = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
-# The command line, reporting how much of the base each process holds; TEST_KILL_RANK kills itself (SIGKILL)
+# The command line, reporting how much of the blocks' base each process holds; TEST_KILL_RANK kills itself (SIGKILL)
 # once it has recorded step TEST_KILL_AT.
 HARNESS = r"""
 import os, signal, sys
@@ -35,9 +35,9 @@ rank = os.environ["RANK"]
 build = app.build_sharded_model
 def report(*args, **kwargs):
     model, fingerprint = build(*args, **kwargs)
-    frozen = [p for p in model.parameters() if not p.requires_grad]
-    held, total = sum(p.to_local().numel() for p in frozen), sum(p.numel() for p in frozen)
-    print(f"rank {rank} holds {held} of {total} base values", file=sys.stderr)
+    blocks = [p for n, p in model.named_parameters() if n.startswith("blocks.") and not p.requires_grad]
+    held, total = sum(p.to_local().numel() for p in blocks), sum(p.numel() for p in blocks)
+    print(f"rank {rank} holds {held} of {total} block base values", file=sys.stderr)
     return model, fingerprint
 app.build_sharded_model = report
 if rank == os.environ.get("TEST_KILL_RANK"):
@@ -53,10 +53,12 @@ sys.exit(main(sys.argv[1:]))
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory) -> tuple[Path, Path]:
-    """A 3-block Llama folder whose rows do not split evenly (vocabulary 301, 2 key/value heads), its own LM
-    head, and a text to train on."""
+    """A 3-block Llama folder whose MLP rows do not split evenly in two (97), its LM head tied to the
+    embedding, and a text to train on."""
     root = tmp_path_factory.mktemp("fsdp")
-    folder = make_llama_folder(root / "llama", vocab_size=301, num_hidden_layers=3, tie_word_embeddings=False)
+    folder = make_llama_folder(
+        root / "llama", intermediate_size=97, num_hidden_layers=3, tie_word_embeddings=True
+    )
     text = root / "my.txt"
     text.write_text(GPT2_TEXT)
     return folder, text
@@ -101,7 +103,7 @@ def test_fsdp_trains_the_one_process_adapter_with_each_process_holding_its_rows(
     assert "fully sharded (FSDP2): 2 processes (gloo), global batch 4 x 2 = 8 sequences a step" in res.stderr
     held = [int(res.stderr.split(f"rank {r} holds ")[1].split()[0]) for r in (0, 1)]
     total = int(res.stderr.split("rank 0 holds ")[1].split()[2])
-    assert sum(held) == total and max(held) <= total // 2 + 400  # each its rows (an odd row count: one more)
+    assert sum(held) == total and max(held) <= total // 2 + 3 * 2 * 64  # each its rows (97: one more row)
     assert res.stderr.count("done in") == 1 and [p.name for p in (tmp_path / "runs").glob("[!.]*")] == ["two"]
     folder = tmp_path / "runs" / "two"
     assert_same_adapter(folder, one_process)
