@@ -340,6 +340,9 @@ def _swap_in(
 ) -> tuple[dict, dict, list, dict | None]:
     """Gather every sharded trainable parameter (and its optimizer state) and put the whole ones in their
     place; returns what :func:`_swap_out` needs to put the shards back."""
+    for module in model.modules():  # the root stays gathered after a forward without backward (evaluation)
+        if isinstance(module, FSDPModule):
+            module.reshard()
     owners = _trainable(model)
     whole = {id(p): nn.Parameter(p.full_tensor(), requires_grad=True) for _, _, p in owners.values()}
     for module, leaf, p in owners.values():

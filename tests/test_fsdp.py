@@ -1,6 +1,7 @@
 """--fsdp through torchrun (Gloo, 2 CPU processes) on a Llama-layout base: the adapter of one process with the
 same global batch while each process holds only its rows of the base; kill -9 of one process, then the run
-resumed on one process without --fsdp; the refusals."""
+resumed on one process without --fsdp; the refusals. And in this process (a process group of one): the sharded
+model is the loaded one, and what trains is gathered whole."""
 
 import json
 import os
@@ -12,10 +13,12 @@ import pytest
 import torch
 from conftest import GPT2_TEXT, assert_close_scaled, make_llama_folder
 
+from lora.application import build_model
 from lora.config import TrainConfig
 from lora.errors import ConfigError
 from lora.files import read_safetensors
-from lora.fsdp import check_fsdp
+from lora.fsdp import build_sharded_model, check_fsdp, gathered, is_sharded
+from lora.pretrained import resolve_base
 from lora.train_lora import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,3 +150,39 @@ def test_fsdp_is_refused_where_it_cannot_work(llama, tmp_path, capsys):
         check_fsdp(TrainConfig(fsdp=True, quantize_base="nf4"), 2)
     check_fsdp(TrainConfig(fsdp=True, quantize_base="bf16", gradient_checkpointing=True, compile=True), 2)
     assert torch.distributed.is_available()
+
+
+@pytest.fixture
+def process_group_of_one():
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    yield
+    torch.distributed.destroy_process_group()
+
+
+def test_the_sharded_model_is_the_loaded_one_and_gathers_what_trains(llama, process_group_of_one):
+    """Built on the meta device and read row by row (a classifier: its head trains in the root unit; PiSSA and
+    DoRA: a start derived from each whole weight), it has the fingerprint, the random draws, the trainable
+    tensors and the outputs of the model loaded whole. After an evaluation, which leaves the root gathered,
+    the trainable tensors are gathered whole, and the shards put back after."""
+    cfg = TrainConfig(task="jsonl", train_file="x.jsonl", base_checkpoint=str(llama[0]), lora_init="pissa",
+                      use_dora=True, lora_r=4)  # fmt: skip
+    source = resolve_base(llama[0])
+    torch.manual_seed(0)
+    plain = build_model(cfg, source, 3)
+    drawn = torch.get_rng_state()
+    torch.manual_seed(0)
+    model, fingerprint = build_sharded_model(cfg, source, 3, torch.device("cpu"), "none")
+    assert is_sharded(model) and fingerprint == plain.base_fingerprint()
+    assert torch.equal(torch.get_rng_state(), drawn)  # the same random draws: the same batches and dropout
+    x = torch.randint(0, 300, (2, 8))
+    model.eval()
+    with torch.no_grad():
+        assert_close_scaled(model(x), plain.eval()(x), 1e-6)
+    with gathered(model):
+        trains = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        want = {n: p for n, p in plain.named_parameters() if p.requires_grad}
+        assert trains.keys() == want.keys() and "cls_head.weight" in trains
+        for n, p in trains.items():
+            assert type(p) is torch.nn.Parameter
+            assert_close_scaled(p, want[n], 0, msg=n)
+    assert type(model.cls_head.weight).__name__ == "DTensor"  # the shards back in place
