@@ -338,6 +338,8 @@ def _train_and_write(cfg: TrainConfig, task: Task, model: LoRATransformer, devic
     tell(f"frozen base on '{task.name}': {task.metric_name} {base_eval['metric']:.4f}")
     # generating goes through the whole base: a sharded one would need every process at each token
     generates = not is_sharded(model)
+    if not generates and (chat or not task.is_classification):
+        tell("--fsdp: no samples.txt and no generated answers (each token would take every process)")
     # the frozen base's answers, generated (before training moves the adapter)
     if chat and writes and generates:
         model.eval()
