@@ -4,7 +4,7 @@ Writes two Llama folders with RANDOM weights (transformers' initialisation, floa
 here: nothing is downloaded; the numbers are about memory and time, not text): the base, shaped as
 SmolLM2-360M reduced to 13 layers (hidden 960, 15 heads, 5 key/value heads, MLP 2,560, vocabulary 49,152,
 tied embeddings: 175 M parameters, 700 MB in float32), and a tiny one (2 layers of width 64, vocabulary 512).
-Then it trains LoRA (r 8 on q and v, batch 2 x 64 tokens a process, ``--steps`` steps) with
+Then it trains LoRA (r 8 on q and v, ``--batch`` rows of ``--seq_len`` tokens a process, ``--steps`` steps) with
 ``lora/train_lora.py`` on 2 processes (``torch.distributed.run``, Gloo), on each base: data parallel, data
 parallel with the C allocator's setting that ``--fsdp`` makes on a CPU (glibc gives back every block of
 128 KiB or more when it is freed: ``MALLOC_MMAP_THRESHOLD_=131072``), and ``--fsdp``. Each process reports its
@@ -14,6 +14,7 @@ time is the median of rank 0's steps after the first.
 
     python scripts/fsdp_memory.py                                   # temporary folders, the table printed
     python scripts/fsdp_memory.py --folder /tmp/llama-175m --out runs/fsdp_memory.json --steps 6
+    python scripts/fsdp_memory.py --folder /tmp/llama-175m --batch 8 --seq_len 128 --steps 4   # more tokens a step
 
 The resident set counts the file's pages a process has mapped and read (data parallel's base is the file
 itself, memory-mapped) as well as what it allocated; other processes on the machine do not change it, but
@@ -75,10 +76,13 @@ def write_folder(folder: Path, shape: dict) -> Path:
     return folder
 
 
-def run(work: Path, folder: Path, name: str, fsdp: bool, steps: int, env: dict[str, str]) -> dict:
+def run(
+    work: Path, folder: Path, name: str, fsdp: bool, shape: argparse.Namespace, env: dict[str, str]
+) -> dict:
     """One 2-process run (``env`` added to its environment); its processes' peaks (MiB), its step time (s)."""
     argv = ["--task", "text", "--train_file", str(work / "text.txt"), "--base_checkpoint", str(folder),
-            "--seq_len", "64", "--batch_size", "2", "--max_steps", str(steps), "--eval_every", str(steps),
+            "--seq_len", str(shape.seq_len), "--batch_size", str(shape.batch), "--max_steps", str(shape.steps),
+            "--eval_every", str(shape.steps),
             "--eval_batches", "1", "--lora_targets", "q,v", "--device", "cpu", "--output_dir", str(work / "runs"),
             "--run_name", name, "--overwrite", *(["--fsdp"] if fsdp else [])]  # fmt: skip
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -104,7 +108,7 @@ STRATEGIES = (("data parallel", False, {}),
               ("--fsdp", True, {}))  # fmt: skip
 
 
-def measure(folder: Path, tiny: Path, work: Path, steps: int) -> list[dict]:
+def measure(folder: Path, tiny: Path, work: Path, shape: argparse.Namespace) -> list[dict]:
     """Each strategy on the tiny base then on the base."""
     (work / "harness.py").write_text(HARNESS)
     (work / "text.txt").write_text(TEXT)
@@ -112,7 +116,7 @@ def measure(folder: Path, tiny: Path, work: Path, steps: int) -> list[dict]:
     for base, label in ((tiny, "tiny"), (folder, "base")):
         for i, (strategy, fsdp, env) in enumerate(STRATEGIES):
             rows.append(
-                {"base": label, "strategy": strategy, **run(work, base, f"{label}-{i}", fsdp, steps, env)}
+                {"base": label, "strategy": strategy, **run(work, base, f"{label}-{i}", fsdp, shape, env)}
             )
     for row in rows:  # what the base adds to each process: its peak less the tiny run's of the same strategy
         tiny_row = next(r for r in rows if r["base"] == "tiny" and r["strategy"] == row["strategy"])
@@ -148,6 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, help="write the measurements as JSON here")
     parser.add_argument("--steps", type=int, default=6, help="LoRA steps of each run (default: 6)")
+    parser.add_argument("--batch", type=int, default=2, help="rows a process in a step (default: 2)")
+    parser.add_argument("--seq_len", type=int, default=64, help="tokens a row (default: 64)")
     args = parser.parse_args(argv)
     if args.steps < 2:
         parser.error(f"--steps must be >= 2 (the first step is not timed), got {args.steps}")
@@ -157,12 +163,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not (folder / "model.safetensors").is_file():
             write_folder(folder, BASE)
         tiny = write_folder(work / "llama-tiny", TINY)
-        rows = measure(folder, tiny, work, args.steps)
+        rows = measure(folder, tiny, work, args)
         file_bytes = (folder / "model.safetensors").stat().st_size
     print(table(rows, file_bytes))
     if args.out is not None:
         report = {"shape": BASE, "tiny": TINY, "weights": "random, float32", "file_bytes": file_bytes,
-                  "steps": args.steps, "batch": [2, 64], "processes": 2, "runs": rows}  # fmt: skip
+                  "steps": args.steps, "batch": [args.batch, args.seq_len], "processes": 2, "runs": rows}  # fmt: skip
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")
     return 0
