@@ -8,14 +8,15 @@ its backward) and freed after it, and the gradients of its trainable tensors are
 process keeping, clipping and updating (AdamW) its own rows. The frozen tensors outside the blocks (the
 embeddings, the final norm, the LM head) stay whole in every process, since a step needs them whole from its
 first operation (the embedding) to its last (the head's backward): sharded, a process would hold its shard
-and the gathered copy. The model's root unit holds what trains outside the blocks (a classification head). The batches, the loss and the update are data parallel's, so the adapter is the one of a
-single process with the same global batch, to float rounding.
+and the gathered copy. The model's root unit holds what trains outside the blocks (a classification head).
+The batches, the loss and the update are data parallel's, so the adapter is the one of a single process
+with the same global batch, to float rounding.
 
 Loading (:func:`build_sharded_model`) never holds the whole base in a process: the model is built on the
 ``meta`` device (nothing allocated) with the dtypes a single-process run stores its tensors in, the random
 draws of its construction are made again (``lora/skeleton.py``), FSDP2 shards it, and each process reads
-from the safetensors files only its rows of each tensor (the file mapped for one read at a time, so that the
-pages read leave the process with the mapping). The base's fingerprint is hashed from the files a few
+from the safetensors files only its rows of each block tensor (the file mapped for one read at a time, so that
+the pages read leave the process with the mapping). The base's fingerprint is hashed from the files a few
 rows at a time (:func:`streamed_fingerprint`): the one the whole base would give.
 
 Outputs (:func:`gathered`): every process gathers the whole trainable tensors (the adapter: megabytes) and
@@ -218,7 +219,7 @@ def build_sharded_model(
 ) -> tuple[LoRATransformer, str]:
     """``(model, base fingerprint)``: the model :func:`~lora.application.build_model` makes for ``cfg``, sharded
     by FSDP2 across the processes (each block a unit, then the root), each process holding only its rows of
-    every tensor, read from ``source``'s files (the module docstring). ``storage`` is how the frozen base is
+    every block tensor, read from ``source``'s files (the module docstring). ``storage`` is how the frozen base is
     kept (``none``: float32, ``half``: a half-precision file's dtype, ``bf16``); the adapter is float32 and
     trains, its base-dependent start (DoRA, PiSSA, OLoRA) derived from each whole weight, one at a time."""
     if device.type == "cpu":
@@ -272,7 +273,7 @@ def build_sharded_model(
     if model.config.tied_head:  # (to_empty makes each module's tensor of its own)
         model.lm_head.weight = model.wte.weight
     _fill(model, reader, fresh)
-    _derive_adapter_start(model, reader, fresh, header, half)
+    _derive_adapter_start(model, reader, fresh, half)
     if model.rope_freq is not None:  # a plain attribute, made on the meta device too
         config = model.config
         model.rope_freq = rotary_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
@@ -294,8 +295,9 @@ def _fill(model: nn.Module, reader: _Reader, fresh: Mapping[str, torch.Tensor]) 
 
 
 @torch.no_grad()
-def _derive_adapter_start(model: LoRATransformer, reader: _Reader, fresh: Mapping[str, torch.Tensor],
-                          header: Mapping[str, torch.Tensor], half: torch.dtype | None) -> None:  # fmt: skip
+def _derive_adapter_start(
+    model: LoRATransformer, reader: _Reader, fresh: Mapping[str, torch.Tensor], half: torch.dtype | None
+) -> None:
     """The base-dependent start of each adapted layer (DoRA's magnitudes, PiSSA's and OLoRA's factors): derived
     as a single process derives it (``LoRALinear.init_from_base``), from the whole weight as loaded, read for
     one layer at a time, then this process's rows kept."""
