@@ -46,6 +46,7 @@ from lora.distributed import (
 )
 from lora.errors import CheckpointError, ConfigError, Interrupted, LoRAError, exit_code, one_line
 from lora.files import atomic_folder
+from lora.fsdp import build_sharded_model, gather_trainable, is_sharded
 from lora.lora_transformer import LoRATransformer
 from lora.memory import peak_memory_mb, reset_peak_memory
 from lora.plan import RunPlan, plan_run, resolve_or_refuse, storage_for
@@ -235,16 +236,20 @@ def execute(
     barrier()  # every process has its data, and the base exists
     source = plan.base or resolve_or_refuse(plan.base_dir)  # the default base rank 0 has just made
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, source, task.num_classes, device, plan.storage)
+    if cfg.fsdp:  # each process reads and keeps only its rows of the base (lora/fsdp.py)
+        model, fingerprint = build_sharded_model(cfg, source, task.num_classes, device, plan.storage)
+    else:
+        model = build_model(cfg, source, task.num_classes, device, plan.storage)
+        fingerprint = model.base_fingerprint()
     resume, resume_state, tokenizer, base_dir = plan.resume, plan.resume_state, plan.tokenizer, plan.base_dir
-    fingerprint = model.base_fingerprint()
     check_same(fingerprint, "the base's fingerprint")  # every process holds the same frozen base
     saved = resume_state.get("base_fingerprint")
     if saved not in (None, fingerprint):
         raise CheckpointError(f"checkpoint {resume} was trained on other base weights (fingerprint {saved}, "
                               f"this base {fingerprint}); resume with the run's own base_checkpoint")  # fmt: skip
     if place.enabled:
-        tell(f"data parallel: {place.world_size} processes ({backend}), global batch {cfg.batch_size} x "
+        how = "fully sharded (FSDP2)" if cfg.fsdp else "data parallel"
+        tell(f"{how}: {place.world_size} processes ({backend}), global batch {cfg.batch_size} x "
              f"{place.world_size} = {cfg.batch_size * place.world_size} sequences a step")  # fmt: skip
     if cfg.grad_accum_steps > 1:
         rows = cfg.batch_size * place.world_size
@@ -337,7 +342,12 @@ def _train_and_write(cfg: TrainConfig, task: Task, model: LoRATransformer, devic
     trainer.run_info.update(base_fingerprint=fingerprint, world_size=place.world_size)
     base_eval = trainer.evaluate(max_batches=0)
     tell(f"frozen base on '{task.name}': {task.metric_name} {base_eval['metric']:.4f}")
-    if chat and writes:  # the frozen base's answers, generated (before training moves the adapter)
+    # generating goes through the whole base: a sharded one would need every process at each token
+    generates = not is_sharded(model)
+    if not generates and (chat or not task.is_classification):
+        tell("--fsdp: no samples.txt and no generated answers (each token would take every process)")
+    # the frozen base's answers, generated (before training moves the adapter)
+    if chat and writes and generates:
         model.eval()
         with model.disable_adapter():
             base_answers = generated_answers(model, task, tokenizer, device)
@@ -352,6 +362,7 @@ def _train_and_write(cfg: TrainConfig, task: Task, model: LoRATransformer, devic
     result = trainer.evaluate(max_batches=0)
     tell(f"adapted on '{task.name}': {task.metric_name} {result['metric']:.4f} "
         f"(frozen base {base_eval['metric']:.4f})")  # fmt: skip
+    gather_trainable(model)  # sharded: the adapter whole in every process (a collective), for rank 0 to write
     if not writes:
         return {"final_metric": result["metric"], "steps": trainer.step}
     extra = {
@@ -393,7 +404,9 @@ def _train_and_write(cfg: TrainConfig, task: Task, model: LoRATransformer, devic
         "peak_memory_mb": _round(peak_memory_mb(device)), "world_size": place.world_size,
         "global_batch_size": cfg.batch_size * place.world_size, **trainer.summary(),
     }  # fmt: skip
-    if chat:  # the adapted model's answers beside the base's
+    if chat and not generates:
+        metrics.update(chat_info)
+    if chat and generates:  # the adapted model's answers beside the base's
         model.eval()
         answers = generated_answers(model, task, tokenizer, device)
         chat_info["generated_exact_match"] = exact_match(answers, task)
@@ -405,7 +418,7 @@ def _train_and_write(cfg: TrainConfig, task: Task, model: LoRATransformer, devic
         metrics.update(chat_info)
         out.write("samples.txt", chat_samples(base_answers, answers, task))
     out.write("metrics.json", metrics)
-    if not task.is_classification and not chat:
+    if not task.is_classification and not chat and generates:
         out.write("samples.txt", samples(model, task, device, tokenizer))
     write_run_report(folder, final)  # last: a view of the files above
     return metrics

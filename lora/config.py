@@ -63,7 +63,7 @@ PATH_KEYS = (
 )  # saved absolute in a run's config.yaml
 # what a resumed run may change: how long it trains, how often it reports and saves, where it runs
 RESUME_MAY_CHANGE = ("max_steps", "epochs", "eval_every", "eval_batches", "log_every", "save_every", "keep_checkpoints",
-                     "device", "precision", "compile", "compile_mode", "gradient_checkpointing", "debug", "resume", "overwrite",
+                     "device", "precision", "compile", "compile_mode", "gradient_checkpointing", "fsdp", "debug", "resume", "overwrite",
                      "run_name", "output_dir", "log_to")  # fmt: skip
 
 
@@ -108,6 +108,11 @@ class TrainConfig:
     gradient_checkpointing: bool = field(
         default=False, metadata=_help("recompute block activations in backward: less memory, ~1 more forward")
     )
+    fsdp: bool = field(
+        default=False,
+        metadata=_help("under torchrun: shard the frozen base and the adapter across the processes (FSDP2), "
+                       "for a base larger than one device"),
+    )  # fmt: skip
     debug: bool = field(default=False, metadata=_help("show full tracebacks on errors"))
     # --- data
     train_file: str | None = field(default=None, metadata=_help("your data: UTF-8 text (task text) or JSONL"))

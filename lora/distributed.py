@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from lora.errors import ConfigError, LoRAError
 
-__all__ = ["Distributed", "PeerFailedError", "all_sum", "barrier", "check_same", "from_environment", "peer_failure",
+__all__ = ["Distributed", "PeerFailedError", "all_max", "all_sum", "barrier", "check_same", "from_environment", "peer_failure",
            "post_failure", "start", "stop"]  # fmt: skip
 
 FAILURE_KEY = "lora/failure"
@@ -96,6 +96,13 @@ def all_sum(t: torch.Tensor) -> torch.Tensor:
     """``t`` summed over every process, in place (one process: ``t`` itself)."""
     if _joined():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_max(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s largest value over every process, in place (one process: ``t`` itself)."""
+    if _joined():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t
 
 

@@ -147,22 +147,24 @@ class LoRATransformer(Decoder):
 
     QUANTIZATIONS = QUANTIZATIONS
 
-    def quantize_base(self, kind: str = "nf4") -> LoRATransformer:
+    def quantize_base(self, kind: str = "nf4", fingerprint: str | None = None) -> LoRATransformer:
         """Store the frozen base narrower than the adapter, which stays float32 and trains as before: ``"nf4"``
         (QLoRA's 4-bit NormalFloat blocks, bfloat16 embeddings) or ``"bf16"`` (``lora/base_storage.py`` says
         what each stores and computes). Returns the model.
 
-        The base fingerprint is taken first, of the full-precision weights: an adapter trained on the narrow
-        base loads on the full-precision one and the other way round. The weights must be frozen (call
-        :meth:`configure_lora_training` first) and unmerged; merging into the narrow base is refused.
+        The base fingerprint is taken first, of the full-precision weights (``fingerprint``: taken already, by
+        a caller whose model is on the ``meta`` device, its values read later: ``lora/fsdp.py``): an adapter
+        trained on the narrow base loads on the full-precision one and the other way round. The weights must
+        be frozen (call :meth:`configure_lora_training` first) and unmerged; merging into the narrow base is
+        refused.
         """
         if self._quantization is not None and kind in QUANTIZATIONS:
             if self._quantization[0] != kind:
                 raise ValueError(f"the base is already stored in {self._quantization[0]}, not {kind}")
             return self
         check_narrowable(self, kind)  # before any layer changes
-        fingerprint = self.base_fingerprint()
-        self._full_precision_norms = self.fused_row_norms()
+        fingerprint = self.base_fingerprint() if fingerprint is None else fingerprint
+        self._full_precision_norms = None if self.wte.weight.is_meta else self.fused_row_norms()
         narrow_base_(self, kind)
         self._quantization = (kind, fingerprint)
         return self

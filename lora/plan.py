@@ -28,6 +28,7 @@ from lora.checkpoint import find_latest, read_trainer_state
 from lora.config import CHAT_TASKS, TrainConfig, load_yaml, resolve_config
 from lora.data import VOCAB_SIZE, check_data_files
 from lora.errors import CheckpointError, ConfigError, LoRAError
+from lora.fsdp import check_fsdp
 from lora.memory import check_memory
 from lora.model_config import ModelConfig
 from lora.pretrained import BaseSource, resolve_base
@@ -73,6 +74,7 @@ class RunPlan:
 def plan_run(cfg: TrainConfig, device: torch.device, world_size: int = 1) -> RunPlan:
     """Resolve and check everything a run of ``cfg`` needs (see the module docstring); raises a one-line
     :class:`~lora.errors.LoRAError` for the first problem found."""
+    check_fsdp(cfg, world_size)
     check_run_folder(cfg)
     check_data_files(cfg)  # (found, files, not too large: read only when the plan holds)
     resume, resume_state = find_resume(cfg, world_size)  # its settings, before the base's are read

@@ -35,10 +35,11 @@ from tqdm.auto import tqdm
 from lora.checkpoint import load_checkpoint, save_checkpoint
 from lora.config import TrainConfig
 from lora.data import IGNORE
-from lora.distributed import Distributed, all_sum
+from lora.distributed import Distributed, all_max, all_sum
 from lora.early_stopping import EarlyStopping
 from lora.errors import CheckpointError, ConfigError, DivergenceError, Interrupted, did_you_mean
 from lora.files import atomic_write_bytes
+from lora.fsdp import gathered, is_sharded, no_gradient_sync, replicated
 from lora.lora_layer import fixed_dora_norms, mark_only_lora_as_trainable
 from lora.plotting import render_history
 from lora.tracking import Tracker, open_tracker
@@ -167,6 +168,7 @@ def evaluate_model(
     forward: Callable[..., torch.Tensor] | None = None,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    lockstep: bool = False,
 ) -> dict[str, float]:
     """``val_loss`` (nats per scored token) and ``metric`` over ``loader`` (``max_batches`` 0: all).
 
@@ -178,6 +180,10 @@ def evaluate_model(
     too); ``accuracy`` counts right labels; ``bits_per_byte`` (byte-level tokens) and ``bits_per_token`` are the loss over ln 2.
     For those two a language model's loss is its chunked one (``model(x, targets=y)``, equal within float
     rounding): an evaluation batch never holds the whole ``(B, T, vocab)`` logits, as training does not.
+
+    ``lockstep``: every process runs as many forwards, as a model sharded by FSDP2 needs (each forward gathers
+    its weights from every process): one with fewer batches than another runs empty ones (0 rows, which add
+    nothing).
     """
     device = torch.device(device)
     was_training = model.training
@@ -185,8 +191,14 @@ def evaluate_model(
     # a loss-only metric of a language model: its chunked loss, never the whole (B, T, vocab) logits
     loss_only = metric_name in LOSS_METRICS and has_chunked_loss(model)
     loss_sum, tokens, correct, rows = 0.0, 0, 0, 0
+    source = loader
     if hasattr(loader, "batches") and hasattr(loader, "world_size"):  # sharded by global batch number
         loader, max_batches = loader.batches(limit=max_batches or None), 0
+    if lockstep:
+        own = [as_batch(raw) for raw in itertools.islice(loader, max_batches or None)]
+        most = int(all_max(torch.tensor(len(own), device=device)))
+        empty = {k: v[:0] for k, v in own[0].items()} if own else source.data.batch(torch.arange(0))
+        loader, max_batches = own + [empty] * (most - len(own)), 0
     with fixed_dora_norms(model):  # no weight changes here: DoRA's norms once, not once per batch
         for b, raw in enumerate(loader):
             if max_batches and b >= max_batches:
@@ -315,7 +327,9 @@ class Trainer:
         self.distributed = distributed or Distributed()
         forward: nn.Module = model
         self.ddp: DistributedDataParallel | None = None
-        if self.distributed.enabled:  # the trainable tensors start equal everywhere; only their grads sync
+        # the trainable tensors start equal everywhere; only their grads sync (a model sharded by FSDP2,
+        # lora/fsdp.py, is loaded equal everywhere and reduce-scatters its own grads)
+        if self.distributed.enabled and not is_sharded(model):
             with torch.no_grad():
                 for p in self.params:
                     torch.distributed.broadcast(p, 0)
@@ -400,7 +414,8 @@ class Trainer:
         total = count = None
         for i, batch in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
-            sync = self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext()
+            sync = (contextlib.nullcontext() if last else self.ddp.no_sync() if self.ddp is not None
+                    else no_gradient_sync(self.model))  # fmt: skip
             with sync:
                 loss_sum, n, _ = batch_loss(
                     self.forward, batch, self.device, self._autocast, self.chunked_loss
@@ -421,14 +436,15 @@ class Trainer:
         torch._foreach_div_(grads, count)
         # with clipping off, max_norm inf only measures (the grads are scaled by exactly 1)
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip or math.inf)
-        return (total / count).float(), norm, stop
+        return (total / count).float(), replicated(norm), stop
 
     def evaluate(self, max_batches: int | None = None) -> dict[str, float]:
         """Validation loss (mean nats per scored token) and the task metric."""
         limit = self.config.eval_batches if max_batches is None else max_batches
         return evaluate_model(self.model, self.val_loader, self.metric_name, self.device, limit,
                               forward=self.forward, autocast=self._autocast,
-                              reduce=all_sum if self.distributed.enabled else None)  # fmt: skip
+                              reduce=all_sum if self.distributed.enabled else None,
+                              lockstep=is_sharded(self.model))  # fmt: skip
 
     def _epoch_batches(self) -> Iterator[Any]:
         """This epoch's batches from update ``batch_in_epoch`` on (exactly reproducible with a
@@ -460,18 +476,20 @@ class Trainer:
 
     def save_checkpoint(self) -> Path | None:
         """Write a checkpoint into ``run_dir`` (none without one); return its path."""
-        if self.run_dir is None:
-            return None
-        best = self.early_stopping.weights if self.early_stopping is not None else None
-        path = save_checkpoint(
-            self.run_dir, self.model, self.optimizer, self._state(), self.config.keep_checkpoints, best
-        )
+        with gathered(self.model, self.optimizer):  # sharded: every process gathers, rank 0 writes
+            if self.run_dir is None:
+                return None
+            best = self.early_stopping.weights if self.early_stopping is not None else None
+            path = save_checkpoint(
+                self.run_dir, self.model, self.optimizer, self._state(), self.config.keep_checkpoints, best
+            )
         self.last_checkpoint = path
         return path
 
     def resume_from(self, path: Path) -> None:
         """Continue exactly where the checkpoint at ``path`` left off."""
-        state = load_checkpoint(path, self.model, self.optimizer)
+        with gathered(self.model, self.optimizer, write_back=True):  # sharded: whole, then each its rows
+            state = load_checkpoint(path, self.model, self.optimizer)
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.history = state["history"]
         self.last_checkpoint = path
@@ -594,7 +612,8 @@ class Trainer:
         early = self.early_stopping
         if early is None:
             return
-        early.observe(self.step, val_loss, self.trainable_weights())
+        with gathered(self.model):  # sharded: the best weights are kept whole
+            early.observe(self.step, val_loss, self.trainable_weights())
         if early.should_stop:
             self.stopped_early_at = self.step
             self.say(f"early stopping after step {self.step}: validation loss {early.best_loss:.4f} at step "

@@ -49,6 +49,7 @@ LAYERS = [
     "hf_export",  # the merged model written as a Hugging Face folder (config.json, shards, tokenizer files)
     "lora_transformer",  # the model: decoder + adapters + base storage, delegating to the rooms below
     "memory",  # what a run will allocate, checked first
+    "fsdp",  # the base and the adapter sharded across torchrun's processes (FSDP2): loading, gathering
     "checkpoint",  # training checkpoints
     "early_stopping",  # the best validation loss, its weights, and when to stop
     "trainer",  # Trainer, LoRATrainer
