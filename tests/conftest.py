@@ -5,6 +5,8 @@ run: the architecture and ``base_steps`` only when a base is pretrained here, ``
 the generated tasks, ``seq_len`` only for tasks that read text.
 """
 
+import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -161,3 +163,14 @@ def make_llama_folder(folder: Path, kind: str = "llama", seed: int = 0, **config
 def gpt2_folder(tmp_path_factory) -> Path:
     """A tiny random GPT-2 folder (transformers' own files) with a tokenizer trained here."""
     return make_gpt2_folder(tmp_path_factory.mktemp("gpt2") / "tiny-gpt2")
+
+
+def load_script(name: str):
+    """``scripts/<name>.py`` imported as a module (registered in ``sys.modules``, where its dataclasses look
+    their module up), to call its functions and ``main`` in-process."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -1,6 +1,5 @@
 """scripts/generate.py, merge_adapter.py, inspect_adapter.py end to end on a tiny model."""
 
-import importlib.util
 import os
 import re
 import signal
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_close_scaled
+from conftest import assert_close_scaled, load_script
 
 from lora.config import GENERATED_TASKS, TASKS
 from lora.data import cipher_prompt, cipher_task, cipher_text, is_cipher_prompt
@@ -23,11 +22,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models; thread start-up wou
 
 
 def script(name: str):
-    """Import ``scripts/<name>.py`` as a module, to call its ``main`` in-process."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(name)
 
 
 def run(name: str, *args: str | Path) -> subprocess.CompletedProcess:

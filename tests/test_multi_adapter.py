@@ -1,12 +1,11 @@
 """Several adapters in one batch (lora/multi_adapter.py): each row equals its adapter run alone."""
 
 import dataclasses
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_close_scaled, make_llama_folder
+from conftest import assert_close_scaled, load_script, make_llama_folder
 from torch import nn
 
 from lora.decoder import Decoder
@@ -138,10 +137,7 @@ def test_stream_yields_generate_s_tokens_one_at_a_time():
 
 
 def script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(name)
 
 
 def test_generate_batched_answers_as_one_adapter_at_a_time(tmp_path, one_thread):

@@ -2,13 +2,13 @@
 tiny configurations, and their refusals of bad input (one line, exit 2)."""
 
 import csv
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import load_script
 
 from lora.train_lora import main as train
 from tests.conftest import TINY_FLAGS
@@ -19,11 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module.main
+    return load_script(name).main
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ again; compare_methods.py and sweep.py write one for their runs; text from the r
 
 import base64
 import dataclasses
-import importlib.util
 import json
 import shutil
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import load_script
 from safetensors.torch import load_file
 
 from lora.application import run as run_training
@@ -91,11 +91,7 @@ def self_contained(text: str) -> None:
 
 
 def script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module.main
+    return load_script(name).main
 
 
 @pytest.fixture(scope="module")
