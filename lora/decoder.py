@@ -39,6 +39,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lora.chunked_loss import chunked_lm_loss
+from lora.decoder_ops import RMSNorm
 from lora.fused_qkv import FrozenConcat, can_fuse, fused_lora_linear
 from lora.lora_layer import LORA_LEAVES, LoRALinear
 from lora.model_config import PROJECTIONS, LoRAConfig, ModelConfig
@@ -85,7 +86,7 @@ def _norm(config: ModelConfig) -> nn.Module:
     """The family's normalisation over ``d_model``: LayerNorm (weight, bias), RMSNorm (weight only), or
     Gemma's (scaled by ``1 + weight``)."""
     if config.norm == "rmsnorm":
-        return nn.RMSNorm(config.d_model, eps=config.layer_norm_eps)
+        return RMSNorm(config.d_model, eps=config.layer_norm_eps)
     if config.norm == "rmsnorm_plus_one":
         return RMSNormPlusOne(config.d_model, config.layer_norm_eps)
     return nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
@@ -186,8 +187,8 @@ class CausalSelfAttention(nn.Module):
         for name in PROJECTIONS.values():
             setattr(self, name, _linear(config, f"attn.{name}", lora, lora.adapts(f"attn.{name}")))
         if config.qk_norm:  # Qwen3: each head of q and of k normalised (RMSNorm over head_dim), then rotated
-            self.q_norm = nn.RMSNorm(config.head_dim, eps=config.layer_norm_eps)
-            self.k_norm = nn.RMSNorm(config.head_dim, eps=config.layer_norm_eps)
+            self.q_norm = RMSNorm(config.head_dim, eps=config.layer_norm_eps)
+            self.k_norm = RMSNorm(config.head_dim, eps=config.layer_norm_eps)
         self.resid_drop = nn.Dropout(config.dropout)
         self.fused_qkv = True
         # the stacked frozen q/k/v weights and biases; the layers' own become views of it
