@@ -1,4 +1,4 @@
-"""The decoder's token-wise operations with their backward written out: RMSNorm.
+"""The decoder's token-wise operations with their backward written out: RMSNorm and the rotary rotation.
 
 Autograd differentiates a composite operation by the pieces it was made of: ``torch.nn.functional.rms_norm``
 on the CPU is a square, a mean, a reciprocal square root and two products forward (torch's "fused" kernel
@@ -14,6 +14,13 @@ RMSNorm over the last dimension, ``x`` (..., C), ``w`` (C,)::
 (``d r / d x_j = -r^3 x_j / C``). The computation is in float32 for a narrower ``x`` and the result in
 ``x``'s dtype, as ``torch.nn.functional.rms_norm``'s, whose results it gives to float rounding.
 
+The rotary rotation of a head ``x = [a, b]`` (two halves of ``hs / 2``) by angles with ``cos`` ``c`` and
+``sin`` ``s`` (each ``hs / 2``) is ``x cos + rotate_half(x) sin`` in Llama's layout, that is::
+
+    y = [a c - b s,  b c + a s]          dx = [g_a c + g_b s,  g_b c - g_a s]
+
+(the rotation by the opposite angles), written half by half into one output: no rotated copy, no
+concatenation, and only ``c``, ``s`` kept for backward.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["RMSNorm", "rms_norm"]
+__all__ = ["RMSNorm", "rms_norm", "rotate"]
 
 
 def _computation_dtype(x: torch.Tensor) -> torch.dtype:
@@ -85,3 +92,47 @@ class RMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+def _rotate_into(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor, sign: float
+) -> None:
+    """``out = [a c - sign b s, b c + sign a s]`` for ``x = [a, b]``: the rotation (``sign`` 1) or its inverse."""
+    h = x.shape[-1] // 2
+    a, b, out_a, out_b = x[..., :h], x[..., h:], out[..., :h], out[..., h:]
+    torch.mul(a, cos, out=out_a).addcmul_(b, sin, value=-sign)
+    torch.mul(b, cos, out=out_b).addcmul_(a, sin, value=sign)
+
+
+class _RotaryFunction(torch.autograd.Function):
+    """The module docstring's rotation forward and its inverse backward; ``cos`` and ``sin`` get no gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(cos, sin)
+        out = torch.empty_like(x)  # (x's strides: a transposed (B, nh, T, hs) view stays so)
+        _rotate_into(x, cos, sin, out, 1.0)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        cos, sin = ctx.saved_tensors
+        dx = torch.empty_like(grad)
+        _rotate_into(grad, cos, sin, dx, -1.0)
+        return dx, None, None
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x`` (B, nh, T, hs) rotated by the angles whose ``cos`` and ``sin`` are ``(T, hs / 2)`` (or
+    broadcastable to ``(B, nh, T, hs / 2)``): ``x cos + rotate_half(x) sin`` of Llama's layout, ``(B, nh, T,
+    hs)`` in ``x``'s dtype. A float32 ``x`` takes the module docstring's form; another dtype (bfloat16 under
+    autocast) is rotated in float32 and rounded once, as autograd's plain operations."""
+    if x.dtype == cos.dtype == sin.dtype:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _RotaryFunction.apply(x, cos, sin)
+        out = torch.empty_like(x)
+        _rotate_into(x, cos, sin, out, 1.0)
+        return out
+    h = x.shape[-1] // 2
+    a, b = x[..., :h], x[..., h:]
+    return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1).to(x.dtype)

@@ -1,5 +1,6 @@
 """lora/decoder_ops.py: RMSNorm with its backward written out gives nn.RMSNorm's outputs and gradients (for the
-input and for a weight that trains), in float32, float64 and bfloat16, with gradients and without."""
+input and for a weight that trains), in float32, float64 and bfloat16, with gradients and without; the rotary
+rotation gives Llama's, and its gradient the inverse rotation."""
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ import torch.nn.functional as F
 from conftest import assert_close_scaled
 from torch import nn
 
-from lora.decoder_ops import RMSNorm, rms_norm
+from lora.decoder_ops import RMSNorm, rms_norm, rotate
 
 
 def reference_and_ours(dtype, weight_trains, shape=(3, 5, 24), eps=1e-5):
@@ -64,3 +65,45 @@ def test_the_module_has_nn_rmsnorms_state_and_numbers():
     with torch.no_grad():  # without gradients: the same forward, no autograd node
         assert torch.equal(ours(x), y.detach())
     assert repr(ours) == "RMSNorm(16, eps=1e-06)"
+
+
+def rotate_half_reference(x, cos, sin):
+    """transformers' Llama rotation: ``x cos + rotate_half(x) sin``, ``cos``/``sin`` each half repeated."""
+    h = x.shape[-1] // 2
+    cos, sin = torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
+    return x * cos + torch.cat([-x[..., h:], x[..., :h]], dim=-1) * sin
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_rotate_equals_llamas_rotation_and_its_gradient(packed):
+    """On a transposed (B, nh, T, hs) view, as attention passes q and k; ``packed``: each row its own angles."""
+    g = torch.Generator().manual_seed(0)
+    B, nh, T, hs = 2, 3, 5, 8
+    angles = torch.rand((B, 1, T, hs // 2) if packed else (T, hs // 2), generator=g) * 10
+    cos, sin = angles.cos(), angles.sin()
+    x0 = torch.randn(B, T, nh, hs, generator=g).transpose(1, 2)  # (B, nh, T, hs), not contiguous
+    grad = torch.randn(B, nh, T, hs, generator=g)
+    results = []
+    for fn in (rotate_half_reference, rotate):
+        x = x0.clone().requires_grad_()
+        y = fn(x, cos, sin)
+        y.backward(grad)
+        results.append((y.detach(), x.grad))
+    (y0, dx0), (y1, dx1) = results
+    assert y1.stride() == x0.stride()  # the layout attention was given stays
+    assert_close_scaled(y1, y0, 1e-6)
+    assert_close_scaled(dx1, dx0, 1e-6)
+    # the backward is the inverse rotation: rotating the gradient back by -angle
+    assert_close_scaled(dx1, rotate_half_reference(grad, cos, -sin), 1e-6)
+    with torch.no_grad():
+        assert torch.equal(rotate(x0, cos, sin), y1)
+
+
+def test_rotate_a_bfloat16_input_in_float32_rounded_once():
+    g = torch.Generator().manual_seed(0)
+    angles = torch.rand(5, 4, generator=g) * 10
+    x = torch.randn(2, 3, 5, 8, generator=g).to(torch.bfloat16)
+    y = rotate(x, angles.cos(), angles.sin())
+    assert y.dtype == torch.bfloat16
+    expected = rotate_half_reference(x.float(), angles.cos(), angles.sin()).to(torch.bfloat16)
+    assert torch.equal(y, expected)
