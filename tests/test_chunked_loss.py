@@ -206,3 +206,26 @@ def test_the_softmax_a_block_of_rows_at_a_time_changes_nothing(monkeypatch, rows
         strict=True,
     ):
         assert_close_scaled(a, b, 1e-6)
+
+
+def test_a_cpu_keeps_one_logits_buffer_from_call_to_call(monkeypatch):
+    """The float32 logits of a chunk go into one buffer kept between calls (no fresh block, no page faults, each
+    step), grown for a larger chunk, usable under inference mode and after it; the results stay exact."""
+    monkeypatch.setattr(chunked_loss._KEPT, "logits", None, raising=False)  # (earlier tests' buffer)
+    hidden, weight, targets = inputs(5)
+    chunked_lm_loss(hidden, weight, targets, 16)
+    kept = chunked_loss._KEPT.logits
+    assert kept.numel() == 16 * V and not kept.is_inference()
+    with torch.inference_mode():  # (an evaluation): the same buffer
+        chunked_lm_loss(hidden, weight, targets, 8)
+    assert chunked_loss._KEPT.logits is kept
+    plain = plain_loss(hidden, weight, targets)
+    chunked = chunked_lm_loss(hidden, weight, targets, B * T)  # 48 rows: grown once
+    assert chunked_loss._KEPT.logits.numel() == B * T * V
+    assert_close_scaled(chunked, plain, 1e-6)
+    for a, b in zip(
+        torch.autograd.grad(chunked, (hidden, weight)),
+        torch.autograd.grad(plain, (hidden, weight)),
+        strict=True,
+    ):
+        assert_close_scaled(a, b, 1e-6)
