@@ -39,6 +39,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lora.chunked_loss import chunked_lm_loss
+from lora.decoder_ops import RMSNorm, rotate
 from lora.fused_qkv import FrozenConcat, can_fuse, fused_lora_linear
 from lora.lora_layer import LORA_LEAVES, LoRALinear
 from lora.model_config import PROJECTIONS, LoRAConfig, ModelConfig
@@ -85,7 +86,7 @@ def _norm(config: ModelConfig) -> nn.Module:
     """The family's normalisation over ``d_model``: LayerNorm (weight, bias), RMSNorm (weight only), or
     Gemma's (scaled by ``1 + weight``)."""
     if config.norm == "rmsnorm":
-        return nn.RMSNorm(config.d_model, eps=config.layer_norm_eps)
+        return RMSNorm(config.d_model, eps=config.layer_norm_eps)
     if config.norm == "rmsnorm_plus_one":
         return RMSNormPlusOne(config.d_model, config.layer_norm_eps)
     return nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
@@ -115,21 +116,11 @@ def rotary_frequencies(head_dim: int, theta: float, scaling: Mapping[str, Any] |
 
 def rotary_cos_sin(positions: torch.Tensor, freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary position embedding (RoFormer): for positions ``(T,)`` (or ``(B, T)``: packed rows) and frequencies
-    ``(hs / 2,)`` (:func:`rotary_frequencies`) the ``cos`` ``(..., T, hs)`` of the angles ``p f_i``, each half of
-    the head repeated (the layout Llama's weights use), and the signed ``sin`` ``(..., T, hs)``: ``[-sin, sin]``
-    (the sign :func:`rotate` needs), in float32. Computed once per forward, for every block."""
+    ``(hs / 2,)`` (:func:`rotary_frequencies`) the ``cos`` and ``sin`` ``(..., T, hs / 2)`` of the angles
+    ``p f_i``, in float32, for :func:`~lora.decoder_ops.rotate` (which pairs element ``i`` of a head with
+    ``i + hs / 2``, the layout Llama's weights use). Computed once per forward, for every block."""
     angles = positions.float()[..., None] * freq.to(positions.device)  # (..., T, hs / 2)
-    cos, sin = angles.cos(), angles.sin()
-    return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """``x`` (B, nh, T, hs) rotated: ``x cos + rotate_half(x) sin``, ``rotate_half([a, b]) = [-b, a]``.
-
-    ``rotate_half(x) sin = [b, a] [-sin, sin]`` (:func:`rotary_cos_sin`'s signed sine), and ``[b, a]`` is
-    ``x`` rolled by half a head: one copy, where negating ``b`` and concatenating take two (and the same
-    products: ``-b s`` and ``b (-s)`` are the same float)."""
-    return (x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin).to(x.dtype)
+    return angles.cos(), angles.sin()
 
 
 def packed_attention(segment_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,8 +177,8 @@ class CausalSelfAttention(nn.Module):
         for name in PROJECTIONS.values():
             setattr(self, name, _linear(config, f"attn.{name}", lora, lora.adapts(f"attn.{name}")))
         if config.qk_norm:  # Qwen3: each head of q and of k normalised (RMSNorm over head_dim), then rotated
-            self.q_norm = nn.RMSNorm(config.head_dim, eps=config.layer_norm_eps)
-            self.k_norm = nn.RMSNorm(config.head_dim, eps=config.layer_norm_eps)
+            self.q_norm = RMSNorm(config.head_dim, eps=config.layer_norm_eps)
+            self.k_norm = RMSNorm(config.head_dim, eps=config.layer_norm_eps)
         self.resid_drop = nn.Dropout(config.dropout)
         self.fused_qkv = True
         # the stacked frozen q/k/v weights and biases; the layers' own become views of it
@@ -207,8 +198,8 @@ class CausalSelfAttention(nn.Module):
         and values are not copied per group). With a ``cache`` (generation) the ``T`` tokens sit at positions
         ``start ...`` and attend to the cached ones too (block ``index``'s keys and values, extended by
         theirs): a whole prompt from ``start = 0``, then one token at a time. ``rope``: rotary positions'
-        ``cos`` and signed ``sin`` ``(T, hs)`` of those positions (:func:`rotary_cos_sin`, made once for all
-        the blocks by :meth:`Decoder.hidden_states`; ``(B, 1, T, hs)`` for packed rows). ``mask`` ``(B, 1, T, T)``:
+        ``cos`` and ``sin`` ``(T, hs / 2)`` of those positions (:func:`rotary_cos_sin`, made once for all
+        the blocks by :meth:`Decoder.hidden_states`; ``(B, 1, T, hs / 2)`` for packed rows). ``mask`` ``(B, 1, T, T)``:
         rows packed with several sequences (training only), True where a token may attend: its own sequence's
         earlier tokens (:func:`packed_attention`); ``None``: causal."""
         B, T = x.shape[:2]
@@ -228,7 +219,7 @@ class CausalSelfAttention(nn.Module):
         if self.rotary:
             if rope is None:
                 raise ValueError("rotary positions need rope: the cos and sin of the tokens' positions")
-            cos, sin = rope  # (T, hs), or (B, 1, T, hs) for packed rows
+            cos, sin = rope  # (T, hs / 2), or (B, 1, T, hs / 2) for packed rows
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         if cache is not None:  # (B, nkv, start + T, hs): the keys and values so far
             k, v = cache.extend(index, k, v)
@@ -324,7 +315,7 @@ class Decoder(nn.Module):
         learned = config.positions == "learned"  # (else rotary: q and k rotated in each attention)
         self.wpe = nn.Embedding(config.max_seq_len, config.d_model) if learned else None
         # rotary frequencies (hs / 2,): a plain attribute, not a buffer: no state-dict key, and
-        # model.to(bfloat16) does not round it; moved to the input's device when used
+        # model.to(bfloat16) does not round it; moved to the input's device at its first forward there
         self.rope_freq = (None if learned else
                           rotary_frequencies(config.head_dim, config.rope_theta, config.rope_scaling))  # fmt: skip
         self.drop = nn.Dropout(config.dropout)
@@ -396,10 +387,12 @@ class Decoder(nn.Module):
         if self.wpe is not None:
             x = x + self.wpe(positions).to(dtype)
         x = self.drop(x)
-        rope = None  # rotary positions' cos and sin (T, hs), once for every block
+        rope = None  # rotary positions' cos and sin (T, hs / 2), once for every block
         if self.rope_freq is not None:
+            if self.rope_freq.device != idx.device:  # moved once, not copied to the device every forward
+                self.rope_freq = self.rope_freq.to(idx.device)
             rope = rotary_cos_sin(positions, self.rope_freq)
-            if mask is not None:  # (B, 1, T, hs): one row's positions for all its heads
+            if mask is not None:  # (B, 1, T, hs / 2): one row's positions for all its heads
                 rope = (rope[0][:, None], rope[1][:, None])
         for i, block in enumerate(self.blocks):
             if cache is not None:

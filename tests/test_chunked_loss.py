@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from conftest import assert_close_scaled
 from torch import nn
 
+from lora import chunked_loss
 from lora.chunked_loss import chunked_lm_loss
 from lora.lora_transformer import LoRATransformer
 from lora.memory import tensor_peak
@@ -186,3 +187,45 @@ def test_model_lm_loss_equals_cross_entropy_of_its_logits():
     classifier = LoRATransformer(V, 16, 2, 1, max_seq_len=T, num_classes=3)
     with pytest.raises(RuntimeError, match="needs a language model"):
         classifier.lm_loss(idx, targets)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("ignored", [0, 5])
+def test_the_softmax_a_block_of_rows_at_a_time_changes_nothing(monkeypatch, rows, ignored):
+    """On a CPU the softmax takes a cache-sized block of rows at a time (``SOFTMAX_BYTES``): blocks of 1 and 3
+    rows (3 does not divide a chunk of 16) give the plain loss and gradients, ignored rows included."""
+    monkeypatch.setattr(chunked_loss, "SOFTMAX_BYTES", rows * V * 4)
+    assert chunked_loss._softmax_rows(torch.zeros(16, V)) == rows
+    hidden, weight, targets = inputs(ignored)
+    plain = plain_loss(hidden, weight, targets)
+    chunked = chunked_lm_loss(hidden, weight, targets, 16)
+    assert_close_scaled(chunked, plain, 1e-6)
+    for a, b in zip(
+        torch.autograd.grad(chunked, (hidden, weight)),
+        torch.autograd.grad(plain, (hidden, weight)),
+        strict=True,
+    ):
+        assert_close_scaled(a, b, 1e-6)
+
+
+def test_a_cpu_keeps_one_logits_buffer_from_call_to_call(monkeypatch):
+    """The float32 logits of a chunk go into one buffer kept between calls (no fresh block, no page faults, each
+    step), grown for a larger chunk, usable under inference mode and after it; the results stay exact."""
+    monkeypatch.setattr(chunked_loss._KEPT, "logits", None, raising=False)  # (earlier tests' buffer)
+    hidden, weight, targets = inputs(5)
+    chunked_lm_loss(hidden, weight, targets, 16)
+    kept = chunked_loss._KEPT.logits
+    assert kept.numel() == 16 * V and not kept.is_inference()
+    with torch.inference_mode():  # (an evaluation): the same buffer
+        chunked_lm_loss(hidden, weight, targets, 8)
+    assert chunked_loss._KEPT.logits is kept
+    plain = plain_loss(hidden, weight, targets)
+    chunked = chunked_lm_loss(hidden, weight, targets, B * T)  # 48 rows: grown once
+    assert chunked_loss._KEPT.logits.numel() == B * T * V
+    assert_close_scaled(chunked, plain, 1e-6)
+    for a, b in zip(
+        torch.autograd.grad(chunked, (hidden, weight)),
+        torch.autograd.grad(plain, (hidden, weight)),
+        strict=True,
+    ):
+        assert_close_scaled(a, b, 1e-6)

@@ -23,6 +23,7 @@ LAYERS = [
     "lora_layer",  # LoRA for one linear layer; helpers for any nn.Module
     "fused_qkv",  # LoRA layers sharing one input (q, k, v) computed in one product
     "chunked_loss",  # the LM loss with the head applied a chunk of tokens at a time
+    "decoder_ops",  # the decoder's token-wise operations with their backward written out: RMSNorm, rotary
     "model_config",  # ModelConfig, LoRAConfig
     "config",  # TrainConfig: YAML and flags
     "gpt2",  # the GPT-2 importer: a Hugging Face GPT-2 config and tensors converted to this model's
