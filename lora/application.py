@@ -420,5 +420,8 @@ def _train_and_write(cfg: TrainConfig, task: Task, model: LoRATransformer, devic
     out.write("metrics.json", metrics)
     if not task.is_classification and not chat and generates:
         out.write("samples.txt", samples(model, task, device, tokenizer))
-    write_run_report(folder, final)  # last: a view of the files above
+    try:  # last: a view of the files above, whose failure must not cost the run they hold
+        write_run_report(folder, final)
+    except Exception as e:  # any failure: the run is done, so say so in one line
+        tell(f"warning: report.html not written: {one_line(e)}")
     return metrics

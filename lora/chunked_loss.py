@@ -66,6 +66,7 @@ def _logits(h: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = No
 
 
 _KEPT = threading.local()  # the CPU's logits buffer, kept between calls (per thread)
+KEPT_MAX_BYTES = 256 * 2**20  # a larger chunk's logits are allocated for the call, not kept
 
 
 def _float_logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -73,10 +74,12 @@ def _float_logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     from call to call (grown when a chunk needs more): the C allocator gives a block this large back to the
     system when it is freed, and a new one costs a page fault per 4 KiB at first touch (SmolLM2's 512 x
     49,152 logits: 24,576 faults, about 50 ms of kernel time a step). The buffer never leaves this module:
-    each chunk is done with it before the next one starts."""
-    if h.device.type != "cpu" or not h.dtype == weight.dtype == torch.float32:
-        return _logits(h, weight).float()
+    each chunk is done with it before the next one starts. Chunks above ``KEPT_MAX_BYTES`` of logits (a
+    vocabulary of 150,000 and more at 1,024 tokens a chunk) get a buffer of their own, freed after the call."""
     n = h.shape[0] * weight.shape[0]
+    cpu32 = h.device.type == "cpu" and h.dtype == weight.dtype == torch.float32
+    if not cpu32 or 4 * n > KEPT_MAX_BYTES:
+        return _logits(h, weight).float()
     kept = getattr(_KEPT, "logits", None)
     if kept is None or kept.numel() < n:
         _KEPT.logits = None  # the old buffer freed before the new one is made

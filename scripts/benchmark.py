@@ -433,7 +433,7 @@ def adapter_names(n: int) -> list[str]:
 
 def with_random_adapters(model: LoRATransformer, n: int) -> LoRATransformer:
     """``model`` holding ``n`` adapters (:func:`adapter_names`) of random ``B`` (std 0.05, so each changes the
-    greedy tokens): all parked, the last one also active."""
+    greedy tokens): the first ``n - 1`` parked, the last one active (each one ``set_adapter`` can name)."""
     names = adapter_names(n)
     for name in names:
         with torch.no_grad():

@@ -287,6 +287,10 @@ def _learning_rates(text: str | None) -> list[float | None]:
         raise LoRAError(f"--learning_rates must be comma-separated numbers, got {quote(text)}") from None
     if not values or not all(math.isfinite(v) and v > 0 for v in values):
         raise LoRAError(f"--learning_rates must list finite numbers > 0, got {quote(text)}")
+    shown = [f"{v:g}" for v in values]  # as the cells' names write them: two alike would share one cell
+    if same := next((s for s in shown if shown.count(s) > 1), None):
+        raise LoRAError(f"--learning_rates lists two rates that both read {same} (6 significant digits): "
+                        f"give rates that differ there")  # fmt: skip
     return values
 
 

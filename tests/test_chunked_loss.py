@@ -229,3 +229,16 @@ def test_a_cpu_keeps_one_logits_buffer_from_call_to_call(monkeypatch):
         strict=True,
     ):
         assert_close_scaled(a, b, 1e-6)
+
+
+def test_a_chunk_too_large_to_keep_gets_a_buffer_of_its_own(monkeypatch):
+    """Above KEPT_MAX_BYTES of logits (a huge vocabulary) nothing is kept after the call, and the loss is exact."""
+    monkeypatch.setattr(chunked_loss._KEPT, "logits", None, raising=False)
+    monkeypatch.setattr(chunked_loss, "KEPT_MAX_BYTES", 4 * 8 * V)  # room for 8 rows of logits
+    hidden, weight, targets = inputs(5)
+    chunked_lm_loss(hidden, weight, targets, 8)
+    kept = chunked_loss._KEPT.logits
+    assert kept.numel() == 8 * V
+    chunked = chunked_lm_loss(hidden, weight, targets, 16)  # 16 rows: over the cap, not kept, not grown
+    assert chunked_loss._KEPT.logits is kept and kept.numel() == 8 * V
+    assert_close_scaled(chunked, plain_loss(hidden, weight, targets), 1e-6)

@@ -217,6 +217,7 @@ def test_a_learning_rate_sweep_trains_each_cell_at_each_rate(tmp_path, capsys):
     for bad, needle in ((["--learning_rates", "1e-3,x"], "--learning_rates must be comma-separated numbers"),
                         (["--learning_rates", "1e-3,0"], "--learning_rates must list finite numbers > 0"),
                         (["--learning_rates", "inf"], "--learning_rates must list finite numbers > 0"),
+                        (["--learning_rates", "1e-3,0.0010000001"], "two rates that both read 0.001"),
                         (["--learning_rates", "1e-3", "--learning_rate", "0.1"],
                          "--learning_rate has no effect with --mode grid"),
                         (["--mode", "rank", "--learning_rates", "1e-3"], "--learning_rates has no effect with --mode rank"),

@@ -295,3 +295,19 @@ def test_sweep_writes_a_report_of_its_runs(tmp_path, base):
     assert [row[2] for row in rows] == ["1", "2"]
     assert [row[6] for row in rows] == [f"{results[k]['metric']:.4f}" for k in ("v-r1-s0", "v-r2-s0")]
     assert pngs(page) == [(folder / name).read_bytes() for name in ("metric_vs_rank.png", "heatmap.png")]
+
+
+def test_a_report_that_fails_costs_the_run_nothing(tiny_flags, tmp_path, monkeypatch, capsys):
+    """report.html is a view of the run's files: if it cannot be written, the run stays, with one warning line."""
+    import lora.application as application
+    from lora.train_lora import main
+
+    def broken(*args, **kwargs):
+        raise ValueError("no page today\nsecond line")
+
+    monkeypatch.setattr(application, "write_run_report", broken)
+    assert main([*tiny_flags, "--run_name", "r", "--max_steps", "2"]) == 0
+    folder = tmp_path / "runs" / "r"
+    assert (folder / "adapter_model.safetensors").is_file() and (folder / "metrics.json").is_file()
+    assert not (folder / "report.html").exists()
+    assert "warning: report.html not written: no page today\n" in capsys.readouterr().err
