@@ -74,8 +74,9 @@ def _float_logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     from call to call (grown when a chunk needs more): the C allocator gives a block this large back to the
     system when it is freed, and a new one costs a page fault per 4 KiB at first touch (SmolLM2's 512 x
     49,152 logits: 24,576 faults, about 50 ms of kernel time a step). The buffer never leaves this module:
-    each chunk is done with it before the next one starts. Chunks above ``KEPT_MAX_BYTES`` of logits (a
-    vocabulary of 150,000 and more at 1,024 tokens a chunk) get a buffer of their own, freed after the call."""
+    each chunk is done with it before the next one starts. Chunks above ``KEPT_MAX_BYTES`` of logits (at
+    1,024 tokens a chunk, a vocabulary above 65,536: Llama 3's, Qwen's, Gemma's) get a buffer of their own,
+    freed after the call, so that no process keeps hundreds of MiB it no longer needs."""
     n = h.shape[0] * weight.shape[0]
     cpu32 = h.device.type == "cpu" and h.dtype == weight.dtype == torch.float32
     if not cpu32 or 4 * n > KEPT_MAX_BYTES:
