@@ -149,7 +149,9 @@ def test_several_adapters_in_one_batch_against_one_adapter_at_a_time(tmp_path):
         assert r["tokens_per_s"] == pytest.approx(4 * 8 / (r["step_ms"] / 1e3), rel=1e-6)
     assert summary["multi_adapter_same_tokens"] is True
     ratio = alone["step_ms"] / mixed["step_ms"]
-    assert summary["multi_adapter_vs_separate"] == pytest.approx(ratio, rel=1e-6)
+    assert summary["multi_adapter_vs_separate"] == pytest.approx(
+        ratio, rel=1e-4
+    )  # (rounds keep 4 decimals of ms)
     assert summary["multi_adapter_vs_separate_paired"] > 0
     md = (tmp_path / "results.md").read_text()
     line = next(ln for ln in md.splitlines() if ln.startswith("Several adapters of one base, 4 prompts"))

@@ -150,7 +150,7 @@ def test_linear_with_lora_wraps_and_keeps_weights():
     assert trainable == 4 * (512 + 256)
 
 
-def test_linear_with_lora_scales_by_alpha_over_rank_and_the_readme_says_so():
+def test_linear_with_lora_scales_by_alpha_over_rank_and_the_docs_say_so():
     """The seed document that named LinearWithLoRA multiplied by alpha itself; the paper's alpha / r is kept."""
     torch.manual_seed(0)
     base = nn.Linear(512, 256)
@@ -160,8 +160,8 @@ def test_linear_with_lora_scales_by_alpha_over_rank_and_the_readme_says_so():
     by_hand = base(x) + 2.0 * (x @ layer.lora_A.T @ layer.lora_B.T)  # alpha / r = 8 / 4
     assert_close_scaled(layer(x), by_hand, 1e-5, rtol=1e-5)
     assert not torch.allclose(layer(x), base(x) + 8.0 * (x @ layer.lora_A.T @ layer.lora_B.T), atol=1e-3)
-    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
-    assert "`LinearWithLoRA(nn.Linear(512, 256), rank=4, alpha=8)` has scaling 2, not 8" in readme
+    page = " ".join((Path(__file__).resolve().parents[1] / "docs" / "library.md").read_text().split())
+    assert "`LinearWithLoRA(nn.Linear(512, 256), rank=4, alpha=8)` has scaling 2, not 8" in page
 
 
 def test_rank_zero_is_a_plain_linear_layer():

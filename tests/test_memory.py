@@ -27,8 +27,12 @@ def test_counts_what_existed_and_was_used_and_the_most_allocated_at_once():
     assert peak == pytest.approx(8 * MiB, abs=64)  # and the Python numbers' 4-byte scalar tensors
 
 
-def test_sees_the_temporaries_inside_a_custom_operation():
-    """The chunked loss is one custom operation; its logits exist only inside it, one chunk at a time."""
+def test_sees_the_temporaries_inside_a_custom_operation(monkeypatch):
+    """The chunked loss is one custom operation; its logits exist only inside it, one chunk at a time (on a
+    CPU in a buffer kept for the next call: made here, as no earlier call's is)."""
+    import lora.chunked_loss
+
+    monkeypatch.setattr(lora.chunked_loss._KEPT, "logits", None, raising=False)  # (earlier tests' buffer)
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(256, 64, generator=g, requires_grad=True)
     weight = torch.randn(5000, 64, generator=g)
