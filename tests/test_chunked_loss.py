@@ -28,17 +28,22 @@ def plain_loss(hidden, weight, targets):
     return F.cross_entropy(F.linear(hidden, weight).float().reshape(-1, V), targets.reshape(-1))
 
 
+def assert_equals_plain(chunked, hidden, weight, targets) -> tuple[torch.Tensor, torch.Tensor]:
+    """``chunked`` is the plain loss of the inputs to float rounding, its gradients for ``hidden`` and
+    ``weight`` too; returns those gradients."""
+    plain = plain_loss(hidden, weight, targets)
+    assert_close_scaled(chunked, plain, 1e-6)
+    got = torch.autograd.grad(chunked, (hidden, weight))
+    for a, b in zip(got, torch.autograd.grad(plain, (hidden, weight)), strict=True):
+        assert_close_scaled(a, b, 1e-6)
+    return got
+
+
 @pytest.mark.parametrize("chunk_tokens", [1, 7, 16, 48, 1000])  # 7 and 1000 do not divide 48
 @pytest.mark.parametrize("ignored", [0, 5])
 def test_equals_the_plain_loss_and_its_gradients(chunk_tokens, ignored):
     hidden, weight, targets = inputs(ignored)
-    plain = plain_loss(hidden, weight, targets)
-    chunked = chunked_lm_loss(hidden, weight, targets, chunk_tokens)
-    assert_close_scaled(chunked, plain, 1e-6)
-    expected = torch.autograd.grad(plain, (hidden, weight))
-    got = torch.autograd.grad(chunked, (hidden, weight))
-    for a, b in zip(got, expected, strict=True):
-        assert_close_scaled(a, b, 1e-6)
+    got = assert_equals_plain(chunked_lm_loss(hidden, weight, targets, chunk_tokens), hidden, weight, targets)
     if ignored:  # an ignored token's hidden state gets no gradient
         rows = (targets.reshape(-1) == -100).nonzero().squeeze(1)
         assert torch.equal(got[0].reshape(-1, C)[rows], torch.zeros(ignored, C))
@@ -197,15 +202,7 @@ def test_the_softmax_a_block_of_rows_at_a_time_changes_nothing(monkeypatch, rows
     monkeypatch.setattr(chunked_loss, "SOFTMAX_BYTES", rows * V * 4)
     assert chunked_loss._softmax_rows(torch.zeros(16, V)) == rows
     hidden, weight, targets = inputs(ignored)
-    plain = plain_loss(hidden, weight, targets)
-    chunked = chunked_lm_loss(hidden, weight, targets, 16)
-    assert_close_scaled(chunked, plain, 1e-6)
-    for a, b in zip(
-        torch.autograd.grad(chunked, (hidden, weight)),
-        torch.autograd.grad(plain, (hidden, weight)),
-        strict=True,
-    ):
-        assert_close_scaled(a, b, 1e-6)
+    assert_equals_plain(chunked_lm_loss(hidden, weight, targets, 16), hidden, weight, targets)
 
 
 def test_a_cpu_keeps_one_logits_buffer_from_call_to_call(monkeypatch):
@@ -219,16 +216,9 @@ def test_a_cpu_keeps_one_logits_buffer_from_call_to_call(monkeypatch):
     with torch.inference_mode():  # (an evaluation): the same buffer
         chunked_lm_loss(hidden, weight, targets, 8)
     assert chunked_loss._KEPT.logits is kept
-    plain = plain_loss(hidden, weight, targets)
     chunked = chunked_lm_loss(hidden, weight, targets, B * T)  # 48 rows: grown once
     assert chunked_loss._KEPT.logits.numel() == B * T * V
-    assert_close_scaled(chunked, plain, 1e-6)
-    for a, b in zip(
-        torch.autograd.grad(chunked, (hidden, weight)),
-        torch.autograd.grad(plain, (hidden, weight)),
-        strict=True,
-    ):
-        assert_close_scaled(a, b, 1e-6)
+    assert_equals_plain(chunked, hidden, weight, targets)
 
 
 def test_a_chunk_too_large_to_keep_gets_a_buffer_of_its_own(monkeypatch):
@@ -241,4 +231,4 @@ def test_a_chunk_too_large_to_keep_gets_a_buffer_of_its_own(monkeypatch):
     assert kept.numel() == 8 * V
     chunked = chunked_lm_loss(hidden, weight, targets, 16)  # 16 rows: over the cap, not kept, not grown
     assert chunked_loss._KEPT.logits is kept and kept.numel() == 8 * V
-    assert_close_scaled(chunked, plain_loss(hidden, weight, targets), 1e-6)
+    assert_equals_plain(chunked, hidden, weight, targets)
