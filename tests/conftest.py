@@ -6,6 +6,8 @@ the generated tasks, ``seq_len`` only for tasks that read text.
 """
 
 import importlib.util
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -174,3 +176,26 @@ def load_script(name: str):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+# two processes under torchrun (Gloo on the CPU), one thread each, the checkout importable
+TORCHRUN_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+
+def torchrun_two(tmp_path: Path, harness: str, argv: list[str], **env: str) -> subprocess.CompletedProcess:
+    """``harness`` (a Python script's text, written to ``tmp_path``) run by ``torchrun --standalone
+    --nproc_per_node 2`` with ``argv``, from the checkout, ``env`` added to :data:`TORCHRUN_ENV`."""
+    script = tmp_path / "harness.py"
+    script.write_text(harness)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(script),
+        *argv,
+    ]
+    return subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env={**TORCHRUN_ENV, **env},
+                          capture_output=True, text=True, timeout=180)  # fmt: skip

@@ -3,7 +3,6 @@ global batch, rank 0 alone writing, a failure in one rank stopping both with its
 rank checkpointing once, then resuming on one process."""
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ON_BASE_FLAGS, assert_close_scaled
+from conftest import ON_BASE_FLAGS, TORCHRUN_ENV, assert_close_scaled, torchrun_two
 
 from lora.data import BatchLoader, TaskData
 from lora.distributed import Distributed, from_environment
@@ -20,8 +19,6 @@ from lora.files import read_safetensors
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-TWO = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 # The command line with planted trouble: TEST_FAIL_RANK fails at TEST_FAIL_AT ("data": a corrupt file seen by
 # that rank only, or step N: a write error); TEST_STOP_RANK gets a Ctrl-C of its own after step TEST_STOP_AT.
@@ -80,10 +77,7 @@ def flags(base: Path, out: Path, batch: int, name: str) -> list[str]:
 
 
 def torchrun(tmp_path: Path, argv: list[str], **env: str) -> subprocess.CompletedProcess:
-    harness = tmp_path / "harness.py"
-    harness.write_text(HARNESS)
-    return subprocess.run([*TWO, str(harness), *argv], cwd=ROOT, env={**ENV, **env}, capture_output=True,
-                          text=True, timeout=180)  # fmt: skip
+    return torchrun_two(tmp_path, HARNESS, argv, **env)
 
 
 def adapter(folder: Path) -> dict[str, torch.Tensor]:
@@ -101,7 +95,7 @@ def assert_close_adapters(a: Path, b: Path, tol: float = 1e-5) -> None:
 def one_process(base, tmp_path_factory) -> Path:
     """The single-process run with a global batch of 32: what the data-parallel runs must reproduce."""
     out = tmp_path_factory.mktemp("one")
-    res = subprocess.run([sys.executable, "lora/train_lora.py", *flags(base, out, 32, "one")], cwd=ROOT, env=ENV,
+    res = subprocess.run([sys.executable, "lora/train_lora.py", *flags(base, out, 32, "one")], cwd=ROOT, env=TORCHRUN_ENV,
                          capture_output=True, text=True, timeout=180)  # fmt: skip
     assert res.returncode == 0, res.stderr
     return out / "one"

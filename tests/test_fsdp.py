@@ -4,14 +4,12 @@ resumed on one process without --fsdp; the refusals. And in this process (a proc
 model is the loaded one, and what trains is gathered whole."""
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import GPT2_TEXT, assert_close_scaled, make_llama_folder
+from conftest import GPT2_TEXT, assert_close_scaled, make_llama_folder, torchrun_two
 
 from lora.application import build_model
 from lora.config import TrainConfig
@@ -23,8 +21,6 @@ from lora.train_lora import main
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-TWO = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 # The command line, reporting how much of the blocks' base each process holds; TEST_KILL_RANK kills itself (SIGKILL)
 # once it has recorded step TEST_KILL_AT.
@@ -76,10 +72,7 @@ def flags(llama: tuple[Path, Path], out: Path, batch: int, name: str) -> list[st
 
 
 def torchrun(tmp_path: Path, argv: list[str], **env: str) -> subprocess.CompletedProcess:
-    harness = tmp_path / "harness.py"
-    harness.write_text(HARNESS)
-    return subprocess.run([*TWO, str(harness), *argv], cwd=ROOT, env={**ENV, **env}, capture_output=True,
-                          text=True, timeout=180)  # fmt: skip
+    return torchrun_two(tmp_path, HARNESS, argv, **env)
 
 
 @pytest.fixture(scope="module")
