@@ -366,11 +366,16 @@ def generated_answers(model: Any, task: ChatTask, tokenizer: ByteTokenizer | HFT
     ]
 
 
+def _right(answer: tuple[str, bool], conversation: Conversation) -> bool:
+    """Whether a generated ``(text, stopped)`` is the conversation's last answer (whitespace at the ends aside)
+    and stopped at the end-of-turn."""
+    text, stopped = answer
+    return stopped and text.strip() == conversation[-1].content.strip()
+
+
 def exact_match(answers: Sequence[tuple[str, bool]], task: ChatTask) -> float:
-    """The share of ``answers`` that are the expected ones (whitespace at the ends aside) and stop at the
-    end-of-turn."""
-    right = sum(stopped and text.strip() == c[-1].content.strip()
-                for (text, stopped), c in zip(answers, task.val_conversations, strict=False))  # fmt: skip
+    """The share of ``answers`` that are right (:func:`_right`)."""
+    right = sum(_right(a, c) for a, c in zip(answers, task.val_conversations, strict=False))
     return right / max(len(answers), 1)
 
 
@@ -378,10 +383,10 @@ def exact_match_by_kind(answers: Sequence[tuple[str, bool]], task: ChatTask) -> 
     """:func:`exact_match` of the built-in instructions' answers, kind by kind (the kinds asked, in
     :data:`PROMPTS`' order); empty for conversations that are not built-in instructions."""
     tally: dict[str, list[bool]] = {}
-    for (text, stopped), c in zip(answers, task.val_conversations, strict=False):
+    for a, c in zip(answers, task.val_conversations, strict=False):
         kind = instruction_kind(c[0].content) if task.name == "instruct" else None
         if kind is not None:
-            tally.setdefault(kind, []).append(stopped and text.strip() == c[-1].content.strip())
+            tally.setdefault(kind, []).append(_right(a, c))
     return {k: sum(tally[k]) / len(tally[k]) for k in PROMPTS if k in tally}
 
 
